@@ -1,0 +1,8 @@
+# Exports the addresses of the local components for tests and tools.
+# Usage: source e2e/local/env.sh
+# shellcheck source=e2e/local/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+export KUBECHAT_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+export KUBECHAT_CQL_NODE="127.0.0.1:$CQL_PORT"
+export KUBECONFIG="$KUBECHAT_RUN/kube/admin.kubeconfig"
+export PATH="$KUBECHAT_BIN:$PATH"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs (if missing) and starts every local component in parallel:
+# Redis, Cassandra and the Kubernetes control plane. Fails naming each
+# component that did not come up.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+HERE="$(dirname "${BASH_SOURCE[0]}")"
+
+components=(redis cassandra control-plane)
+declare -A pids
+for c in "${components[@]}"; do
+  bash "$HERE/$c.sh" start &
+  pids[$c]=$!
+done
+
+failed=()
+for c in "${components[@]}"; do
+  wait "${pids[$c]}" || failed+=("$c")
+done
+((${#failed[@]} == 0)) || die "could not start: ${failed[*]} (the lines above say why)"
+log "all components up in ${SECONDS}s"

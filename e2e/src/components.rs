@@ -1,0 +1,98 @@
+//! Connections to the real services the tests run against.
+//!
+//! Every `connect_*` function panics with a message that names the component,
+//! the address tried, the underlying error and the command that starts it:
+//! a test that needs a service fails loudly instead of skipping.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long a connection attempt may take before the component counts as down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn env_or(name: &str, default: impl FnOnce() -> String) -> String {
+    std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(default)
+}
+
+fn missing(component: &str, address: &str, error: impl std::fmt::Display, start: &str) -> ! {
+    panic!(
+        "{component} is not reachable at {address}: {error}\n\
+         Start it with `{start}`, or run the whole suite with `./e2e/test.sh`."
+    )
+}
+
+/// `redis://` URL of the test Redis (`KUBECHAT_REDIS_URL`).
+pub fn redis_url() -> String {
+    env_or("KUBECHAT_REDIS_URL", || "redis://127.0.0.1:16379".into())
+}
+
+/// `host:port` of the test Cassandra node (`KUBECHAT_CQL_NODE`).
+pub fn cql_node() -> String {
+    env_or("KUBECHAT_CQL_NODE", || "127.0.0.1:19042".into())
+}
+
+/// Runtime folder of the local components (`KUBECHAT_RUN`).
+pub fn run_dir() -> PathBuf {
+    let cache = env_or("KUBECHAT_CACHE", || {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        format!("{home}/.cache/kubechat")
+    });
+    PathBuf::from(env_or("KUBECHAT_RUN", || format!("{cache}/run")))
+}
+
+/// Admin kubeconfig of the local control plane (`KUBECONFIG`).
+pub fn kubeconfig_path() -> PathBuf {
+    std::env::var_os("KUBECONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| run_dir().join("kube/admin.kubeconfig"))
+}
+
+/// A multiplexed connection to the test Redis, checked with a PING.
+pub async fn connect_redis() -> redis::aio::MultiplexedConnection {
+    let url = redis_url();
+    let start = "e2e/local/redis.sh start";
+    let client = redis::Client::open(url.as_str()).unwrap_or_else(|e| missing("Redis", &url, e, start));
+    let attempt = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        Ok::<_, redis::RedisError>(conn)
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => missing("Redis", &url, e, start),
+        Err(_) => missing("Redis", &url, "timed out", start),
+    }
+}
+
+/// A CQL session to the test Cassandra node (the ScyllaDB stand-in).
+pub async fn connect_cql() -> scylla::client::session::Session {
+    let node = cql_node();
+    let start = "e2e/local/cassandra.sh start";
+    let mut builder = scylla::client::session_builder::SessionBuilder::new();
+    builder = builder.known_node(&node).connection_timeout(CONNECT_TIMEOUT);
+    match tokio::time::timeout(CONNECT_TIMEOUT * 2, builder.build()).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => missing("Cassandra (CQL)", &node, e, start),
+        Err(_) => missing("Cassandra (CQL)", &node, "timed out", start),
+    }
+}
+
+/// A client for the local kube-apiserver, checked with a version request.
+pub async fn connect_kube() -> kube::Client {
+    let path = kubeconfig_path();
+    let shown = path.display().to_string();
+    let start = "e2e/local/control-plane.sh start";
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&path).unwrap_or_else(|e| missing("Kubernetes API", &shown, e, start));
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap_or_else(|e| missing("Kubernetes API", &shown, e, start));
+    let server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).unwrap_or_else(|e| missing("Kubernetes API", &server, e, start));
+    match tokio::time::timeout(CONNECT_TIMEOUT, client.apiserver_version()).await {
+        Ok(Ok(_)) => client,
+        Ok(Err(e)) => missing("Kubernetes API", &server, e, start),
+        Err(_) => missing("Kubernetes API", &server, "timed out", start),
+    }
+}

@@ -1,0 +1,25 @@
+//! Test support for suites that drive the real components.
+//!
+//! Layout:
+//! - [`components`]: where Redis, Cassandra (the CQL stand-in for ScyllaDB) and
+//!   the local Kubernetes control plane are, and connections to them that fail
+//!   with a message naming the missing component and the script that starts it.
+//! - [`tools`]: the pinned `kubectl` and `helm` binaries built by `e2e/local`.
+//!
+//! The addresses come from the environment `e2e/test.sh` exports (see
+//! `e2e/local/env.sh`); the defaults match the ports in `e2e/local/lib.sh`, so
+//! `cargo test` also works against components started by hand.
+
+pub mod components;
+pub mod tools;
+
+/// A name unique to this test process and call, for namespaces, keys and
+/// keyspaces, so concurrent tests and repeated runs never collide.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{prefix}-{}-{n}-{:x}", std::process::id(), nanos & 0xffff)
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: lint, bring up the real
+# components (Redis, Cassandra, a local Kubernetes control plane), run every
+# test (unit, integration, e2e against the local control plane), tear down.
+# Exits non-zero on any failure.
+#
+#   KUBECHAT_KEEP_UP=1   leave the components running afterwards
+#   KUBECHAT_NO_UP=1     use components that are already running (do not start or stop them)
+#   extra arguments      are passed to `cargo test` (e.g. a test name filter)
+source "$(dirname "${BASH_SOURCE[0]}")/local/lib.sh"
+cd "$REPO_ROOT"
+
+# The cargo target dir lives in the cache: CI's fresh clone builds warm.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KUBECHAT_CACHE/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
+
+up_pid=""
+cleanup() {
+  local code=$?
+  [[ -n "$up_pid" ]] && kill "$up_pid" 2>/dev/null
+  if [[ -z "${KUBECHAT_NO_UP:-}" && -z "${KUBECHAT_KEEP_UP:-}" ]]; then
+    step "tearing down components"
+    bash e2e/local/down.sh || true
+  fi
+  step "finished with exit code $code"
+  exit "$code"
+}
+trap cleanup EXIT
+
+if [[ -z "${KUBECHAT_NO_UP:-}" ]]; then
+  step "starting components in the background (log: $KUBECHAT_RUN/up.log)"
+  bash e2e/local/up.sh >"$KUBECHAT_RUN/up.log" 2>&1 &
+  up_pid=$!
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "building tests"
+cargo test --workspace --locked --no-run
+
+if [[ -n "$up_pid" ]]; then
+  step "waiting for components"
+  if ! wait "$up_pid"; then
+    up_pid=""
+    cat "$KUBECHAT_RUN/up.log" >&2
+    echo "ERROR: the components above could not be started; no test was run" >&2
+    exit 1
+  fi
+  up_pid=""
+  cat "$KUBECHAT_RUN/up.log" >&2
+fi
+
+# shellcheck source=e2e/local/env.sh
+source e2e/local/env.sh
+bash e2e/local/status.sh
+
+step "cargo test"
+cargo test --workspace --locked --no-fail-fast -- "$@"
