@@ -1,2 +1,553 @@
-//! The `ChatCluster` custom resource: Rust types from which the CRD YAML under
-//! `crds/` is generated.
+//! The `ChatCluster` custom resource (`kubechat.dev/v1alpha1`).
+//!
+//! Layout:
+//! - this file: the spec and status types. The CRD's OpenAPI schema, its
+//!   defaults and its CEL validation rules are all generated from them.
+//! - [`generate`]: renders the CRD YAML that is checked in under `crds/` and
+//!   `charts/kubechat/crds/` (`cargo run -p kubechat-crds --bin crdgen`).
+//!
+//! Every field has a default where one makes sense, so `metadata.name` alone
+//! is a valid ChatCluster. The defaults are written into the stored object by
+//! the apiserver, so `kubectl get chatcluster -o yaml` shows the effective
+//! configuration.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub mod generate;
+
+/// The API group of every kubechat resource.
+pub const API_GROUP: &str = "kubechat.dev";
+/// The image that runs both the gateway and the push workers.
+pub const DEFAULT_GATEWAY_IMAGE: &str = "ghcr.io/kubechat/kubechat:0.1.0";
+pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.4-alpine";
+pub const DEFAULT_SCYLLA_IMAGE: &str = "scylladb/scylla:2025.1";
+
+/// A chat platform: WebSocket gateways, their Redis and ScyllaDB, and the push workers.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "kubechat.dev",
+    version = "v1alpha1",
+    kind = "ChatCluster",
+    namespaced,
+    status = "ChatClusterStatus",
+    shortname = "chat",
+    category = "kubechat",
+    derive = "PartialEq",
+    doc = "A chat platform: WebSocket gateways, their Redis and ScyllaDB, and the push workers.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Gateways", type_ = "string", json_path = ".status.gatewaysReady"),
+    printcolumn(name = "Connections", type_ = "integer", json_path = ".status.connections"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatClusterSpec {
+    /// The WebSocket gateways (a StatefulSet: the ordinal is each gateway's worker id).
+    #[serde(default)]
+    pub gateway: GatewaySpec,
+    /// Redis: session routing, presence and the push queue.
+    #[serde(default)]
+    pub redis: RedisSpec,
+    /// ScyllaDB (any CQL store): durable history, inboxes and membership.
+    #[serde(default)]
+    pub scylla: ScyllaSpec,
+    /// Workers that deliver push notifications to offline devices.
+    #[serde(default)]
+    pub push_workers: PushWorkersSpec,
+    /// Limits and timings of the chat protocol.
+    #[serde(default)]
+    pub chat: ChatLimits,
+    /// Where the gateways find the key that signs client tokens.
+    #[serde(default)]
+    pub auth: AuthSpec,
+}
+
+// ---------------------------------------------------------------- gateway --
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.autoscale) || self.autoscale.targetConnectionsPerPod <= self.maxConnectionsPerPod")
+    .message("gateway.autoscale.targetConnectionsPerPod must not exceed gateway.maxConnectionsPerPod"))]
+pub struct GatewaySpec {
+    /// Number of gateway pods when autoscaling is off.
+    #[serde(default = "default_gateway_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+    /// Container image (the same image runs the push workers).
+    #[serde(default = "default_gateway_image")]
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Compute resources of each gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Connections one gateway accepts before refusing new ones; discovery
+    /// recommends gateways by their load relative to this.
+    #[serde(default = "default_max_connections_per_pod")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub max_connections_per_pod: i64,
+    /// Container ports.
+    #[serde(default)]
+    pub ports: GatewayPorts,
+    /// How a gateway sheds its connections before it is replaced.
+    #[serde(default)]
+    pub drain: DrainSpec,
+    /// Scale the gateways by their connection count instead of `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleSpec>,
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_gateway_replicas(),
+            image: default_gateway_image(),
+            resources: None,
+            max_connections_per_pod: default_max_connections_per_pod(),
+            ports: GatewayPorts::default(),
+            drain: DrainSpec::default(),
+            autoscale: None,
+        }
+    }
+}
+
+fn default_gateway_replicas() -> i32 {
+    2
+}
+fn default_gateway_image() -> String {
+    DEFAULT_GATEWAY_IMAGE.into()
+}
+fn default_max_connections_per_pod() -> i64 {
+    50_000
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.websocket != self.admin").message("gateway.ports.websocket and gateway.ports.admin must differ"))]
+pub struct GatewayPorts {
+    /// Port of the WebSocket endpoint (`/ws`).
+    #[serde(default = "default_websocket_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub websocket: i32,
+    /// Port of health, readiness, metrics, load and drain endpoints.
+    #[serde(default = "default_admin_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin: i32,
+}
+
+impl Default for GatewayPorts {
+    fn default() -> Self {
+        Self { websocket: default_websocket_port(), admin: default_admin_port() }
+    }
+}
+
+fn default_websocket_port() -> i32 {
+    8080
+}
+fn default_admin_port() -> i32 {
+    9090
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSpec {
+    /// Seconds over which a draining gateway spreads its clients' reconnects.
+    #[serde(default = "default_drain_window_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub window_seconds: i32,
+    /// Upper bound on the reconnects per second one draining gateway causes.
+    #[serde(default = "default_max_reconnects_per_second")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub max_reconnects_per_second: i32,
+}
+
+impl Default for DrainSpec {
+    fn default() -> Self {
+        Self { window_seconds: default_drain_window_seconds(), max_reconnects_per_second: default_max_reconnects_per_second() }
+    }
+}
+
+fn default_drain_window_seconds() -> i32 {
+    60
+}
+fn default_max_reconnects_per_second() -> i32 {
+    500
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("gateway.autoscale.minReplicas must be less than or equal to maxReplicas"))]
+pub struct AutoscaleSpec {
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average connections per gateway the autoscaler aims for.
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub target_connections_per_pod: i64,
+}
+
+// ------------------------------------------------------------ backends --
+
+/// Persistent storage of a managed component.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each pod's volume, e.g. `10Gi`.
+    pub size: Quantity,
+    /// StorageClass of the volumes; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+/// A key of a Secret in the ChatCluster's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)")
+    .message("redis: set exactly one of managed or external"))]
+pub struct RedisSpec {
+    /// A single Redis pod with persistent storage, run by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedRedis>,
+    /// A Redis the operator does not run (for high availability, use a
+    /// managed service or Sentinel-fronted Redis here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalRedis>,
+}
+
+impl Default for RedisSpec {
+    fn default() -> Self {
+        Self { managed: Some(ManagedRedis::default()), external: None }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedRedis {
+    #[serde(default = "default_redis_image")]
+    #[schemars(length(min = 1))]
+    pub image: String,
+    #[serde(default = "default_redis_storage")]
+    pub storage: StorageSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for ManagedRedis {
+    fn default() -> Self {
+        Self { image: default_redis_image(), storage: default_redis_storage(), resources: None }
+    }
+}
+
+fn default_redis_image() -> String {
+    DEFAULT_REDIS_IMAGE.into()
+}
+fn default_redis_storage() -> StorageSpec {
+    StorageSpec { size: Quantity("1Gi".into()), storage_class_name: None }
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalRedis {
+    /// `redis://host:port[/db]` or `rediss://…` for TLS; no password here.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('redis://') || self.startsWith('rediss://')")
+        .message("redis.external.url must start with redis:// or rediss://"))]
+    pub url: String,
+    /// Secret key holding the Redis password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretKeyRef>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)")
+    .message("scylla: set exactly one of managed or external"))]
+pub struct ScyllaSpec {
+    /// ScyllaDB nodes run by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedScylla>,
+    /// A ScyllaDB (or Cassandra) cluster the operator does not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalScylla>,
+    /// Keyspace of the chat tables.
+    #[serde(default = "default_keyspace")]
+    #[schemars(length(min = 1, max = 48), regex(pattern = r"^[a-z][a-z0-9_]*$"))]
+    pub keyspace: String,
+    /// Replication factor of the keyspace; `min(nodes, 3)` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 15))]
+    pub replication_factor: Option<i32>,
+}
+
+impl Default for ScyllaSpec {
+    fn default() -> Self {
+        Self {
+            managed: Some(ManagedScylla::default()),
+            external: None,
+            keyspace: default_keyspace(),
+            replication_factor: None,
+        }
+    }
+}
+
+fn default_keyspace() -> String {
+    "kubechat".into()
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedScylla {
+    /// Number of ScyllaDB nodes. Defaults suit a laptop; use 3 for production.
+    #[serde(default = "default_scylla_nodes")]
+    #[schemars(range(min = 1, max = 100))]
+    pub nodes: i32,
+    #[serde(default = "default_scylla_image")]
+    #[schemars(length(min = 1))]
+    pub image: String,
+    #[serde(default = "default_scylla_storage")]
+    pub storage: StorageSpec,
+    /// Resources of each node; `--smp` and `--memory` are derived from the limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Skip ScyllaDB's production checks (needed on kind and laptops).
+    #[serde(default = "default_true")]
+    pub developer_mode: bool,
+}
+
+impl Default for ManagedScylla {
+    fn default() -> Self {
+        Self {
+            nodes: default_scylla_nodes(),
+            image: default_scylla_image(),
+            storage: default_scylla_storage(),
+            resources: None,
+            developer_mode: true,
+        }
+    }
+}
+
+fn default_scylla_nodes() -> i32 {
+    1
+}
+fn default_scylla_image() -> String {
+    DEFAULT_SCYLLA_IMAGE.into()
+}
+fn default_scylla_storage() -> StorageSpec {
+    StorageSpec { size: Quantity("10Gi".into()), storage_class_name: None }
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalScylla {
+    /// `host:port` of one or more nodes.
+    #[schemars(length(min = 1, max = 64))]
+    pub contact_points: Vec<String>,
+    /// Secret with `username` and `password` keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// Datacenter to prefer for load balancing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_datacenter: Option<String>,
+}
+
+// ---------------------------------------------------------- push workers --
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PushWorkersSpec {
+    #[serde(default = "default_push_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Attempts per notification before it goes to the dead-letter stream.
+    #[serde(default = "default_push_max_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: i32,
+    /// Where notifications go; a device registers for one of these.
+    #[serde(default)]
+    pub providers: PushProviders,
+}
+
+impl Default for PushWorkersSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_push_replicas(),
+            resources: None,
+            max_attempts: default_push_max_attempts(),
+            providers: PushProviders::default(),
+        }
+    }
+}
+
+fn default_push_replicas() -> i32 {
+    1
+}
+fn default_push_max_attempts() -> i32 {
+    8
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PushProviders {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fcm: Option<FcmProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apns: Option<ApnsProvider>,
+}
+
+/// HTTPS POST of a JSON notification, signed with HMAC-SHA256.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookProvider {
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')")
+        .message("pushWorkers.providers.webhook.url must be an http(s) URL"))]
+    pub url: String,
+    /// Secret key holding the HMAC signing key.
+    pub signing_key_secret: SecretKeyRef,
+    /// Include the message text in the notification (off: a summary only).
+    #[serde(default)]
+    pub include_text: bool,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FcmProvider {
+    #[schemars(length(min = 1))]
+    pub project_id: String,
+    /// Secret key holding the service-account JSON.
+    pub credentials_secret: SecretKeyRef,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApnsProvider {
+    #[schemars(length(min = 1))]
+    pub team_id: String,
+    #[schemars(length(min = 1))]
+    pub key_id: String,
+    /// The app's bundle id (`apns-topic`).
+    #[schemars(length(min = 1))]
+    pub topic: String,
+    /// Secret key holding the `.p8` signing key.
+    pub signing_key_secret: SecretKeyRef,
+    /// Send to the sandbox environment.
+    #[serde(default)]
+    pub sandbox: bool,
+}
+
+// ------------------------------------------------------------------ chat --
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.heartbeatSeconds < self.offlineAfterSeconds")
+    .message("chat.heartbeatSeconds must be less than chat.offlineAfterSeconds"))]
+pub struct ChatLimits {
+    /// Largest group, sender included.
+    #[serde(default = "default_max_group_members")]
+    #[schemars(range(min = 2, max = 500))]
+    pub max_group_members: i32,
+    /// Longest message, in Unicode characters.
+    #[serde(default = "default_max_message_chars")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_message_chars: i32,
+    /// How often clients send a heartbeat.
+    #[serde(default = "default_heartbeat_seconds")]
+    #[schemars(range(min = 1, max = 300))]
+    pub heartbeat_seconds: i32,
+    /// A user is offline when no device sent a heartbeat for this long.
+    #[serde(default = "default_offline_after_seconds")]
+    #[schemars(range(min = 2, max = 3600))]
+    pub offline_after_seconds: i32,
+}
+
+impl Default for ChatLimits {
+    fn default() -> Self {
+        Self {
+            max_group_members: default_max_group_members(),
+            max_message_chars: default_max_message_chars(),
+            heartbeat_seconds: default_heartbeat_seconds(),
+            offline_after_seconds: default_offline_after_seconds(),
+        }
+    }
+}
+
+fn default_max_group_members() -> i32 {
+    100
+}
+fn default_max_message_chars() -> i32 {
+    100_000
+}
+fn default_heartbeat_seconds() -> i32 {
+    5
+}
+fn default_offline_after_seconds() -> i32 {
+    30
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Secret key holding the HS256 key that signs client tokens. When unset
+    /// the operator generates a Secret `<name>-auth` with key `signing-key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_secret: Option<SecretKeyRef>,
+}
+
+// ---------------------------------------------------------------- status --
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub gateway: ComponentStatus,
+    #[serde(default)]
+    pub redis: ComponentStatus,
+    #[serde(default)]
+    pub scylla: ComponentStatus,
+    #[serde(default)]
+    pub push_workers: ComponentStatus,
+    /// `ready/desired` gateways, for `kubectl get`.
+    #[serde(default)]
+    pub gateways_ready: String,
+    /// Open WebSocket connections over all gateways.
+    #[serde(default)]
+    pub connections: i64,
+    /// ConfigMap that lists the gateways for service discovery.
+    #[serde(default)]
+    pub endpoint_config_map: String,
+}
+
+/// Desired and ready pods of one component (both 0 for an external one).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentStatus {
+    pub desired: i32,
+    pub ready: i32,
+}
