@@ -1,5 +1,102 @@
 //! kubechat operator: reconciles ChatCluster resources.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("the operator's reconcile loop is not built yet (tracked by the operator issue)")
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kubechat_operator::leader::LeaderConfig;
+use kubechat_operator::metrics::Metrics;
+use kubechat_operator::reconcile::Scope;
+use kubechat_operator::run::{Options, run};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Reconciles ChatCluster resources into running chat clusters")]
+struct Args {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "KUBECHAT_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "KUBECHAT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: std::net::SocketAddr,
+    /// Elect a leader through a Lease, so several replicas can run.
+    #[arg(long, env = "KUBECHAT_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    #[arg(long, env = "KUBECHAT_LEASE_NAME", default_value = "kubechat-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, env = "KUBECHAT_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+    /// This replica's identity (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "KUBECHAT_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
+    log_json: bool,
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json { builder.json().init() } else { builder.init() }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let options = Options {
+        scope: args.namespace.clone().map_or(Scope::All, Scope::Namespace),
+        leader: args.leader_election.then(|| LeaderConfig {
+            lease_name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone(),
+            identity: identity.clone(),
+            lease_duration: Duration::from_secs(args.lease_seconds.max(2)),
+            renew_every: Duration::from_secs((args.lease_seconds / 3).max(1)),
+        }),
+        instance: Some(identity),
+    };
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
+    tokio::spawn(kubechat_operator::admin::serve(listener, metrics.clone(), ready.clone(), shutdown.clone()));
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        on_signal.cancel();
+    });
+    tracing::info!(?options, "starting");
+    run(client, options, metrics, ready, shutdown).await.context("operator stopped")?;
+    Ok(())
 }

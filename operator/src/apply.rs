@@ -1,0 +1,118 @@
+//! Applying desired objects with server-side apply, but only when the live
+//! object differs: an idle reconcile makes no write requests at all.
+//!
+//! "Differs" means some field we set is missing or has another value in the
+//! live object ([`is_subset`]); fields the apiserver or other controllers
+//! add (defaults, status, other managers' fields) never count. A manual edit
+//! of a field we own is therefore undone at the next reconcile.
+
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::desired::DesiredObject;
+use crate::{Error, FIELD_MANAGER, Result};
+
+/// What applying one object did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// True when every field set in `desired` has the same value in `live`.
+/// Arrays must have the same length and match element by element.
+pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d.iter().all(|(key, dv)| match l.get(key) {
+            Some(lv) => is_subset(dv, lv),
+            None => dv.is_null(),
+        }),
+        (Value::Array(d), Value::Array(l)) => d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| is_subset(dv, lv)),
+        (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
+        _ => desired == live,
+    }
+}
+
+/// Applies one desired object unless the live one already matches.
+pub async fn apply(client: &Client, namespace: &str, object: &DesiredObject) -> Result<Outcome> {
+    match object {
+        DesiredObject::StatefulSet(o) => apply_typed(client, namespace, o).await,
+        DesiredObject::Deployment(o) => apply_typed(client, namespace, o).await,
+        DesiredObject::Service(o) => apply_typed(client, namespace, o).await,
+        DesiredObject::ConfigMap(o) => apply_typed(client, namespace, o).await,
+        DesiredObject::PodDisruptionBudget(o) => apply_typed(client, namespace, o).await,
+    }
+}
+
+async fn apply_typed<K>(client: &Client, namespace: &str, desired: &K) -> Result<Outcome>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug
+        + Send
+        + Sync,
+{
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let what = format!("{} {namespace}/{name}", K::kind(&()));
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let live = api.get_opt(&name).await.map_err(Error::kube(format!("reading {what}")))?;
+    let desired_json =
+        serde_json::to_value(desired).map_err(|source| Error::Serialize { what: what.clone(), source })?;
+    let outcome = match &live {
+        None => Outcome::Created,
+        Some(live) => {
+            let live_json =
+                serde_json::to_value(live).map_err(|source| Error::Serialize { what: what.clone(), source })?;
+            if is_subset(&desired_json, &live_json) {
+                return Ok(Outcome::Unchanged);
+            }
+            Outcome::Updated
+        }
+    };
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(desired))
+        .await
+        .map_err(Error::kube(format!("applying {what}")))?;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn extra_live_fields_do_not_count() {
+        let desired = json!({"spec": {"replicas": 3, "template": {"containers": [{"name": "a"}]}}});
+        let live = json!({
+            "spec": {"replicas": 3, "revisionHistoryLimit": 10,
+                     "template": {"containers": [{"name": "a", "imagePullPolicy": "IfNotPresent"}]}},
+            "status": {"readyReplicas": 1}
+        });
+        assert!(is_subset(&desired, &live));
+    }
+
+    #[test]
+    fn changed_or_missing_fields_count() {
+        let live = json!({"spec": {"replicas": 3, "ports": [{"port": 80}, {"port": 81}]}});
+        assert!(!is_subset(&json!({"spec": {"replicas": 5}}), &live));
+        assert!(!is_subset(&json!({"spec": {"paused": true}}), &live));
+        assert!(!is_subset(&json!({"spec": {"ports": [{"port": 80}]}}), &live), "a removed list item counts");
+        assert!(is_subset(&json!({"spec": {"ports": [{"port": 80}, {"port": 81}]}}), &live));
+    }
+
+    #[test]
+    fn null_matches_absent_and_numbers_compare_by_value() {
+        assert!(is_subset(&json!({"a": null}), &json!({})));
+        assert!(is_subset(&json!({"a": 1}), &json!({"a": 1.0})));
+        assert!(!is_subset(&json!({"a": "1"}), &json!({"a": 1})));
+    }
+}

@@ -1,0 +1,412 @@
+//! The gateways: a StatefulSet (the ordinal is each gateway's worker id), a
+//! client Service, a headless Service for per-pod addresses, the config they
+//! mount, the endpoint ConfigMap for discovery and a PodDisruptionBudget.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::Affinity;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe,
+    SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use kubechat_crds::ChatCluster;
+use serde_json::json;
+
+use super::{
+    CONFIG_HASH_ANNOTATION, DesiredObject, Names, content_hash, owned_meta, resources_or,
+    restricted_container_security, restricted_pod_security, selector_labels,
+};
+use crate::desired::{auth, redis, scylla};
+
+pub const COMPONENT: &str = "gateway";
+/// Where the gateway reads its config file.
+pub const CONFIG_DIR: &str = "/etc/kubechat";
+pub const CONFIG_FILE: &str = "gateway.json";
+/// Where the token-signing key is mounted.
+pub const AUTH_DIR: &str = "/var/run/kubechat/auth";
+/// Key of the endpoint ConfigMap that lists the gateways.
+pub const ENDPOINTS_KEY: &str = "endpoints.json";
+/// Non-root uid of the kubechat image.
+pub const KUBECHAT_UID: i64 = 65532;
+
+pub fn objects(cc: &ChatCluster) -> Vec<DesiredObject> {
+    let config = config_map(cc);
+    vec![
+        DesiredObject::StatefulSet(stateful_set(cc, &config)),
+        DesiredObject::ConfigMap(config),
+        DesiredObject::ConfigMap(endpoints_config_map(cc)),
+        DesiredObject::Service(client_service(cc)),
+        DesiredObject::Service(headless_service(cc)),
+        DesiredObject::PodDisruptionBudget(disruption_budget(cc)),
+    ]
+}
+
+/// Gateways wanted now: `replicas`, kept within the autoscale bounds when
+/// autoscaling is on.
+pub fn desired_replicas(cc: &ChatCluster) -> i32 {
+    let gateway = &cc.spec.gateway;
+    match &gateway.autoscale {
+        Some(a) => gateway.replicas.clamp(a.min_replicas, a.max_replicas.max(a.min_replicas)),
+        None => gateway.replicas,
+    }
+}
+
+/// The config every gateway and push worker reads (no secrets: those are
+/// mounted files or environment variables from Secrets).
+pub fn config_json(cc: &ChatCluster) -> serde_json::Value {
+    let spec = &cc.spec;
+    let ns = cc.namespace().unwrap_or_default();
+    json!({
+        "listen": {"websocket": spec.gateway.ports.websocket, "admin": spec.gateway.ports.admin},
+        "maxConnections": spec.gateway.max_connections_per_pod,
+        "drain": {
+            "windowSeconds": spec.gateway.drain.window_seconds,
+            "maxReconnectsPerSecond": spec.gateway.drain.max_reconnects_per_second,
+        },
+        "chat": {
+            "maxGroupMembers": spec.chat.max_group_members,
+            "maxMessageChars": spec.chat.max_message_chars,
+            "heartbeatSeconds": spec.chat.heartbeat_seconds,
+            "offlineAfterSeconds": spec.chat.offline_after_seconds,
+        },
+        "redis": {"url": redis::url(cc), "passwordEnv": redis::password_secret(cc).map(|_| redis::PASSWORD_ENV)},
+        "scylla": {
+            "contactPoints": scylla::contact_points(cc),
+            "keyspace": spec.scylla.keyspace,
+            "replicationFactor": scylla::replication_factor(cc),
+            "localDatacenter": spec.scylla.external.as_ref().and_then(|e| e.local_datacenter.clone()),
+            "credentialsEnv": spec.scylla.external.as_ref().and_then(|e| e.credentials_secret.as_ref())
+                .map(|_| json!({"username": scylla::USERNAME_ENV, "password": scylla::PASSWORD_ENV})),
+        },
+        "auth": {"signingKeyFile": format!("{AUTH_DIR}/{}", auth::SIGNING_KEY_KEY)},
+        "push": {
+            "maxAttempts": spec.push_workers.max_attempts,
+            "providers": spec.push_workers.providers,
+        },
+        "discovery": {"endpointConfigMap": Names(&cc.name_any()).endpoints(), "namespace": ns},
+    })
+}
+
+pub fn config_map(cc: &ChatCluster) -> ConfigMap {
+    // Pretty and key-sorted (serde_json's map is a BTreeMap): stable text, stable hash.
+    let text = serde_json::to_string_pretty(&config_json(cc)).unwrap_or_default();
+    ConfigMap {
+        metadata: owned_meta(cc, Names(&cc.name_any()).gateway_config(), COMPONENT),
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), text)])),
+        ..Default::default()
+    }
+}
+
+/// The discovery list starts empty; the discovery loop fills it.
+pub fn endpoints_config_map(cc: &ChatCluster) -> ConfigMap {
+    ConfigMap {
+        metadata: owned_meta(cc, Names(&cc.name_any()).endpoints(), COMPONENT),
+        data: Some(BTreeMap::from([(ENDPOINTS_KEY.to_string(), "[]".to_string())])),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Environment shared by gateways and push workers: identity and secrets.
+pub fn common_env(cc: &ChatCluster) -> Vec<EnvVar> {
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        EnvVar {
+            name: "KUBECHAT_CONFIG".into(),
+            value: Some(format!("{CONFIG_DIR}/{CONFIG_FILE}")),
+            ..Default::default()
+        },
+    ];
+    let secret_env = |name: &str, secret: &str, key: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: secret.into(), key: key.into(), optional: Some(false) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    if let Some(secret) = redis::password_secret(cc) {
+        env.push(secret_env(redis::PASSWORD_ENV, &secret.name, &secret.key));
+    }
+    if let Some(secret) = cc.spec.scylla.external.as_ref().and_then(|e| e.credentials_secret.as_ref()) {
+        env.push(secret_env(scylla::USERNAME_ENV, secret, "username"));
+        env.push(secret_env(scylla::PASSWORD_ENV, secret, "password"));
+    }
+    env
+}
+
+/// Config, auth key and a writable /tmp: the root filesystem is read-only.
+pub fn common_volumes(cc: &ChatCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let signing = auth::signing_key_ref(cc);
+    let volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: Names(&cc.name_any()).gateway_config(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "auth".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(signing.name),
+                items: Some(vec![KeyToPath {
+                    key: signing.key,
+                    path: auth::SIGNING_KEY_KEY.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+    ];
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(name != "tmp"),
+        ..Default::default()
+    };
+    let mounts = vec![mount("config", CONFIG_DIR), mount("auth", AUTH_DIR), mount("tmp", "/tmp")];
+    (volumes, mounts)
+}
+
+fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(port.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap) -> StatefulSet {
+    let names = Names(&cc.name_any());
+    let gateway = &cc.spec.gateway;
+    let selector = selector_labels(cc, COMPONENT);
+    let config_hash = content_hash(serde_json::to_string(&config.data).unwrap_or_default().as_bytes());
+    let mut env = common_env(cc);
+    // The StatefulSet controller labels each pod with its ordinal: a unique,
+    // stable worker id for message-id generation.
+    env.push(field_env("KUBECHAT_WORKER_ID", "metadata.labels['apps.kubernetes.io/pod-index']"));
+    let (volumes, volume_mounts) = common_volumes(cc);
+    let container = Container {
+        name: "gateway".into(),
+        image: Some(gateway.image.clone()),
+        args: Some(vec!["gateway".into()]),
+        env: Some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("websocket".into()),
+                container_port: gateway.ports.websocket,
+                ..Default::default()
+            },
+            ContainerPort { name: Some("admin".into()), container_port: gateway.ports.admin, ..Default::default() },
+        ]),
+        readiness_probe: Some(http_probe("/readyz", "admin", 5, 2)),
+        liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
+        resources: Some(resources_or(gateway.resources.as_ref(), "250m", "256Mi", "2Gi")),
+        security_context: Some(restricted_container_security()),
+        volume_mounts: Some(volume_mounts),
+        ..Default::default()
+    };
+    StatefulSet {
+        metadata: owned_meta(cc, names.gateway(), COMPONENT),
+        spec: StatefulSetSpec {
+            replicas: Some(desired_replicas(cc)),
+            service_name: Some(names.gateway_headless()),
+            // Gateways are independent: start and stop them in parallel.
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector { match_labels: Some(selector.clone()), ..Default::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(super::labels(cc, COMPONENT)),
+                    annotations: Some(BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_string(), config_hash)])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    security_context: Some(restricted_pod_security(KUBECHAT_UID)),
+                    // Room to drain: the drain window plus time to finish in-flight writes.
+                    termination_grace_period_seconds: Some(i64::from(gateway.drain.window_seconds) + 30),
+                    automount_service_account_token: Some(false),
+                    affinity: Some(spread_over_nodes(selector)),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Prefer one gateway per node, so a node failure drops fewer connections.
+fn spread_over_nodes(selector: BTreeMap<String, String>) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(LabelSelector { match_labels: Some(selector), ..Default::default() }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..Default::default()
+                },
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn port(name: &str, number: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: number,
+        target_port: Some(IntOrString::String(name.into())),
+        ..Default::default()
+    }
+}
+
+/// What clients connect to (after discovery recommends a pod, they may also
+/// connect to that pod directly through the headless Service).
+pub fn client_service(cc: &ChatCluster) -> Service {
+    Service {
+        metadata: owned_meta(cc, Names(&cc.name_any()).gateway(), COMPONENT),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(cc, COMPONENT)),
+            ports: Some(vec![port("websocket", cc.spec.gateway.ports.websocket)]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Stable per-pod DNS names; lists pods before they are ready so the
+/// operator can read a starting or draining gateway's load.
+pub fn headless_service(cc: &ChatCluster) -> Service {
+    Service {
+        metadata: owned_meta(cc, Names(&cc.name_any()).gateway_headless(), COMPONENT),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(cc, COMPONENT)),
+            ports: Some(vec![
+                port("websocket", cc.spec.gateway.ports.websocket),
+                port("admin", cc.spec.gateway.ports.admin),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Voluntary disruptions (node drains) take one gateway at a time.
+pub fn disruption_budget(cc: &ChatCluster) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: owned_meta(cc, Names(&cc.name_any()).gateway(), COMPONENT),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(cc, COMPONENT)), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::fixtures::ChatClusterExt;
+    use kubechat_crds::AutoscaleSpec;
+
+    #[test]
+    fn replicas_follow_the_spec() {
+        let cc = ChatCluster::test().with_gateway_replicas(5);
+        assert_eq!(stateful_set(&cc, &config_map(&cc)).spec.replicas, Some(5));
+    }
+
+    #[test]
+    fn autoscale_bounds_clamp_replicas() {
+        let autoscaled = |replicas, min, max| {
+            ChatCluster::test().with_gateway_replicas(replicas).with_spec(|s| {
+                s.gateway.autoscale =
+                    Some(AutoscaleSpec { min_replicas: min, max_replicas: max, target_connections_per_pod: 1000 })
+            })
+        };
+        assert_eq!(desired_replicas(&autoscaled(1, 3, 6)), 3);
+        assert_eq!(desired_replicas(&autoscaled(9, 3, 6)), 6);
+        assert_eq!(desired_replicas(&autoscaled(4, 3, 6)), 4);
+    }
+
+    #[test]
+    fn config_change_changes_the_pod_template() {
+        let a = ChatCluster::test();
+        let b = ChatCluster::test().with_spec(|s| s.chat.max_group_members = 200);
+        let hash = |cc: &ChatCluster| {
+            stateful_set(cc, &config_map(cc)).spec.template.metadata.and_then(|m| m.annotations).unwrap_or_default()
+                [CONFIG_HASH_ANNOTATION]
+                .clone()
+        };
+        assert_ne!(hash(&a), hash(&b));
+        assert_eq!(hash(&a), hash(&ChatCluster::test()));
+    }
+
+    #[test]
+    fn config_carries_limits_and_backend_addresses() {
+        let cc = ChatCluster::test().with_spec(|s| s.chat.max_message_chars = 5000);
+        let config = config_json(&cc);
+        assert_eq!(config["chat"]["maxMessageChars"], 5000);
+        assert_eq!(config["chat"]["maxGroupMembers"], 100);
+        assert_eq!(config["redis"]["url"], "redis://chat-redis.team-a.svc:6379");
+        assert_eq!(config["scylla"]["contactPoints"][0], "chat-scylla.team-a.svc:9042");
+        assert_eq!(config["scylla"]["replicationFactor"], 1);
+    }
+
+    #[test]
+    fn pods_run_hardened_and_mount_the_signing_key() {
+        let cc = ChatCluster::test();
+        let sts = stateful_set(&cc, &config_map(&cc));
+        let pod = sts.spec.template.spec.expect("pod spec");
+        let container = &pod.containers[0];
+        let security = container.security_context.clone().expect("security context");
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(pod.termination_grace_period_seconds, Some(90));
+        let auth_volume = pod.volumes.unwrap_or_default().into_iter().find(|v| v.name == "auth").expect("auth volume");
+        assert_eq!(auth_volume.secret.and_then(|s| s.secret_name).as_deref(), Some("chat-auth"));
+        let env: Vec<String> = container.env.clone().unwrap_or_default().into_iter().map(|e| e.name).collect();
+        assert!(env.contains(&"KUBECHAT_WORKER_ID".to_string()), "{env:?}");
+    }
+
+    #[test]
+    fn headless_service_publishes_unready_pods() {
+        let svc = headless_service(&ChatCluster::test()).spec.expect("spec");
+        assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(svc.publish_not_ready_addresses, Some(true));
+    }
+}

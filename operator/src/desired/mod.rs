@@ -1,0 +1,296 @@
+//! Desired state: pure functions from a `ChatCluster` to the Kubernetes
+//! objects that should exist for it. Nothing here talks to the apiserver, so
+//! every builder is unit-tested without a cluster.
+//!
+//! - [`gateway`]: gateway StatefulSet, its Services, config and PDB.
+//! - [`redis`] and [`scylla`]: the managed backends (nothing when external).
+//! - [`push`]: the push-worker Deployment.
+//! - [`auth`]: the generated token-signing Secret.
+
+pub mod auth;
+pub mod gateway;
+pub mod push;
+pub mod redis;
+pub mod scylla;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, PodSecurityContext, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use kubechat_crds::ChatCluster;
+
+/// Label keys shared by every object the operator creates.
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
+/// Pod-template annotation that changes whenever the mounted config changes,
+/// so a config change rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "kubechat.dev/config-hash";
+
+/// One object the operator keeps in place.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DesiredObject {
+    StatefulSet(StatefulSet),
+    Deployment(Deployment),
+    Service(Service),
+    ConfigMap(ConfigMap),
+    PodDisruptionBudget(PodDisruptionBudget),
+}
+
+impl DesiredObject {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DesiredObject::StatefulSet(_) => "StatefulSet",
+            DesiredObject::Deployment(_) => "Deployment",
+            DesiredObject::Service(_) => "Service",
+            DesiredObject::ConfigMap(_) => "ConfigMap",
+            DesiredObject::PodDisruptionBudget(_) => "PodDisruptionBudget",
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            DesiredObject::StatefulSet(o) => o.name_any(),
+            DesiredObject::Deployment(o) => o.name_any(),
+            DesiredObject::Service(o) => o.name_any(),
+            DesiredObject::ConfigMap(o) => o.name_any(),
+            DesiredObject::PodDisruptionBudget(o) => o.name_any(),
+        }
+    }
+}
+
+/// Every object a ChatCluster should have, in apply order (config before the
+/// workloads that mount it). The generated auth Secret is separate: it is
+/// created once and never re-applied (see [`auth`]).
+pub fn desired_objects(cc: &ChatCluster) -> Vec<DesiredObject> {
+    let mut objects = Vec::new();
+    objects.extend(redis::objects(cc));
+    objects.extend(scylla::objects(cc));
+    objects.extend(gateway::objects(cc));
+    objects.push(DesiredObject::Deployment(push::deployment(cc)));
+    objects
+}
+
+/// Names of the objects of one ChatCluster, in one place.
+pub struct Names<'a>(pub &'a str);
+
+impl Names<'_> {
+    pub fn gateway(&self) -> String {
+        format!("{}-gateway", self.0)
+    }
+    pub fn gateway_headless(&self) -> String {
+        format!("{}-gateway-pods", self.0)
+    }
+    pub fn gateway_config(&self) -> String {
+        format!("{}-gateway-config", self.0)
+    }
+    pub fn endpoints(&self) -> String {
+        format!("{}-endpoints", self.0)
+    }
+    pub fn redis(&self) -> String {
+        format!("{}-redis", self.0)
+    }
+    pub fn scylla(&self) -> String {
+        format!("{}-scylla", self.0)
+    }
+    pub fn push(&self) -> String {
+        format!("{}-push", self.0)
+    }
+    pub fn auth_secret(&self) -> String {
+        format!("{}-auth", self.0)
+    }
+}
+
+/// Labels that select one component's pods (stable: a selector is immutable).
+pub fn selector_labels(cc: &ChatCluster, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_NAME.to_string(), "kubechat".to_string()),
+        (LABEL_INSTANCE.to_string(), cc.name_any()),
+        (LABEL_COMPONENT.to_string(), component.to_string()),
+    ])
+}
+
+/// All labels of one component's objects.
+pub fn labels(cc: &ChatCluster, component: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(cc, component);
+    labels.insert(LABEL_MANAGED_BY.to_string(), crate::FIELD_MANAGER.to_string());
+    labels.insert(LABEL_PART_OF.to_string(), "kubechat".to_string());
+    labels
+}
+
+/// Metadata of an owned object: name, namespace, labels and the controller
+/// owner reference that lets the garbage collector delete it with the
+/// ChatCluster.
+pub fn owned_meta(cc: &ChatCluster, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: cc.namespace(),
+        labels: Some(labels(cc, component)),
+        owner_references: cc.controller_owner_ref(&()).map(|r| vec![r]),
+        ..Default::default()
+    }
+}
+
+/// Hardened container settings: non-root, read-only root filesystem, no
+/// privilege escalation, no capabilities.
+pub fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Pod security settings for a non-root image running as `uid`.
+pub fn restricted_pod_security(uid: i64) -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        fs_group: Some(uid),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// The user's resources, or the given requests and memory limit.
+pub fn resources_or(
+    given: Option<&ResourceRequirements>,
+    cpu_request: &str,
+    memory_request: &str,
+    memory_limit: &str,
+) -> ResourceRequirements {
+    given.cloned().unwrap_or_else(|| ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(cpu_request.into())),
+            ("memory".to_string(), Quantity(memory_request.into())),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), Quantity(memory_limit.into()))])),
+        ..Default::default()
+    })
+}
+
+/// Hex SHA-256 of `data`: stable across operator versions, unlike std's hasher.
+pub fn content_hash(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    //! Chained builders for test ChatClusters.
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kubechat_crds::{ChatCluster, ChatClusterSpec};
+
+    pub trait ChatClusterExt {
+        fn test() -> Self;
+        fn with_gateway_replicas(self, n: i32) -> Self;
+        fn with_spec(self, f: impl FnOnce(&mut ChatClusterSpec)) -> Self;
+    }
+
+    impl ChatClusterExt for ChatCluster {
+        fn test() -> Self {
+            let mut cc = ChatCluster::new("chat", ChatClusterSpec::default());
+            cc.metadata = ObjectMeta {
+                name: Some("chat".into()),
+                namespace: Some("team-a".into()),
+                uid: Some("00000000-0000-0000-0000-000000000001".into()),
+                generation: Some(1),
+                ..Default::default()
+            };
+            cc
+        }
+        fn with_gateway_replicas(mut self, n: i32) -> Self {
+            self.spec.gateway.replicas = n;
+            self
+        }
+        fn with_spec(mut self, f: impl FnOnce(&mut ChatClusterSpec)) -> Self {
+            f(&mut self.spec);
+            self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::ChatClusterExt;
+    use super::*;
+    use kubechat_crds::{ExternalRedis, ExternalScylla};
+
+    #[test]
+    fn minimal_cluster_gets_every_component() {
+        let kinds: Vec<(String, &str)> =
+            desired_objects(&ChatCluster::test()).iter().map(|o| (o.name(), o.kind())).collect();
+        for expected in [
+            ("chat-redis", "StatefulSet"),
+            ("chat-redis", "Service"),
+            ("chat-scylla", "StatefulSet"),
+            ("chat-scylla", "Service"),
+            ("chat-gateway-config", "ConfigMap"),
+            ("chat-endpoints", "ConfigMap"),
+            ("chat-gateway", "StatefulSet"),
+            ("chat-gateway", "Service"),
+            ("chat-gateway-pods", "Service"),
+            ("chat-gateway", "PodDisruptionBudget"),
+            ("chat-push", "Deployment"),
+        ] {
+            assert!(kinds.contains(&(expected.0.to_string(), expected.1)), "missing {expected:?} in {kinds:?}");
+        }
+        assert_eq!(kinds.len(), 11, "{kinds:?}");
+    }
+
+    #[test]
+    fn external_backends_get_no_objects() {
+        let cc = ChatCluster::test().with_spec(|s| {
+            s.redis.managed = None;
+            s.redis.external = Some(ExternalRedis { url: "redis://redis.example:6379".into(), password_secret: None });
+            s.scylla.managed = None;
+            s.scylla.external = Some(ExternalScylla {
+                contact_points: vec!["scylla.example:9042".into()],
+                credentials_secret: None,
+                local_datacenter: None,
+            });
+        });
+        let names: Vec<String> = desired_objects(&cc).iter().map(DesiredObject::name).collect();
+        assert!(!names.iter().any(|n| n.contains("redis") || n.contains("scylla")), "{names:?}");
+    }
+
+    #[test]
+    fn every_object_is_owned_by_the_cluster_and_labelled() {
+        for object in desired_objects(&ChatCluster::test()) {
+            let meta = match &object {
+                DesiredObject::StatefulSet(o) => &o.metadata,
+                DesiredObject::Deployment(o) => &o.metadata,
+                DesiredObject::Service(o) => &o.metadata,
+                DesiredObject::ConfigMap(o) => &o.metadata,
+                DesiredObject::PodDisruptionBudget(o) => &o.metadata,
+            };
+            let owners = meta.owner_references.as_deref().unwrap_or_default();
+            assert_eq!(owners.len(), 1, "{} {}", object.kind(), object.name());
+            assert_eq!(owners[0].kind, "ChatCluster");
+            assert_eq!(owners[0].controller, Some(true));
+            assert_eq!(meta.namespace.as_deref(), Some("team-a"));
+            let labels = meta.labels.clone().unwrap_or_default();
+            assert_eq!(labels.get(LABEL_INSTANCE).map(String::as_str), Some("chat"));
+            assert_eq!(labels.get(LABEL_MANAGED_BY).map(String::as_str), Some(crate::FIELD_MANAGER));
+        }
+    }
+
+    #[test]
+    fn content_hash_is_stable() {
+        assert_eq!(content_hash(b"kubechat"), content_hash(b"kubechat"));
+        assert_ne!(content_hash(b"kubechat"), content_hash(b"kubechat2"));
+        assert_eq!(content_hash(b"").len(), 16);
+    }
+}

@@ -1,0 +1,71 @@
+//! Prometheus metrics of the operator, in a registry of their own.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: IntCounter,
+    pub errors: IntCounterVec,
+    pub duration: Histogram,
+    /// Write requests for owned objects, by kind and outcome (created/updated).
+    pub objects_applied: IntCounterVec,
+    pub status_updates: IntCounter,
+    /// Every write request the reconciler made: applies, creates, status updates.
+    pub writes: IntCounter,
+    pub leader: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("kubechat_operator".into()), None).unwrap_or_default();
+        let reconciles = IntCounter::new("reconciles_total", "Reconciles started").expect("valid metric");
+        let errors = IntCounterVec::new(Opts::new("reconcile_errors_total", "Reconciles that failed"), &["error"])
+            .expect("valid metric");
+        let duration = Histogram::with_opts(
+            HistogramOpts::new("reconcile_duration_seconds", "Time per reconcile")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        )
+        .expect("valid metric");
+        let objects_applied = IntCounterVec::new(
+            Opts::new("objects_applied_total", "Owned objects created or updated by server-side apply"),
+            &["kind", "outcome"],
+        )
+        .expect("valid metric");
+        let status_updates =
+            IntCounter::new("status_updates_total", "ChatCluster status writes").expect("valid metric");
+        let writes =
+            IntCounter::new("api_writes_total", "Write requests made by the reconciler").expect("valid metric");
+        let leader = IntGauge::new("leader", "1 while this replica holds the leader lease").expect("valid metric");
+        for collector in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(duration.clone()),
+            Box::new(objects_applied.clone()),
+            Box::new(status_updates.clone()),
+            Box::new(writes.clone()),
+            Box::new(leader.clone()),
+        ] {
+            // Registration only fails on duplicate names, which these are not.
+            let _ = registry.register(collector);
+        }
+        Self { registry, reconciles, errors, duration, objects_applied, status_updates, writes, leader }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buffer = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buffer).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,87 @@
+//! Runs the controller while this replica leads (or always, without
+//! leader election), until shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kube::Client;
+use kube::runtime::events::Reporter;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::leader::{LeaderConfig, LeaderElector};
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, Scope, check_crd_installed, run_controller};
+use crate::{Error, FIELD_MANAGER};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub scope: Scope,
+    /// `None`: reconcile without leader election (a single replica).
+    pub leader: Option<LeaderConfig>,
+    /// This replica's name in Events.
+    pub instance: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Startup(#[from] Error),
+    /// Exiting lets the pod restart as a clean standby.
+    #[error("lost the leader Lease; stopping so a fresh replica can stand by")]
+    LostLeadership,
+}
+
+/// Runs until `shutdown` is cancelled. `ready` turns true once the
+/// operator is watching (as leader) or standing by.
+pub async fn run(
+    client: Client,
+    options: Options,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    check_crd_installed(&client, &options.scope).await?;
+    let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: options.instance.clone() };
+    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), reporter));
+
+    let Some(leader_config) = options.leader else {
+        metrics.leader.set(1);
+        ready.store(true, Ordering::Relaxed);
+        let stop = shutdown.clone();
+        run_controller(ctx, options.scope, async move { stop.cancelled().await }).await;
+        return Ok(());
+    };
+
+    let (leading_tx, mut leading) = watch::channel(false);
+    let elector_stop = shutdown.child_token();
+    let elector = LeaderElector::new(client, leader_config).run(leading_tx, elector_stop.clone());
+    let work = async {
+        ready.store(true, Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                changed = leading.wait_for(|l| *l) => if changed.is_err() { return Ok(()) },
+            }
+            tracing::info!("leading: starting the controller");
+            metrics.leader.set(1);
+            let mut lost = leading.clone();
+            let stop = shutdown.clone();
+            run_controller(ctx.clone(), options.scope.clone(), async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    _ = lost.wait_for(|l| !*l) => {}
+                }
+            })
+            .await;
+            metrics.leader.set(0);
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            elector_stop.cancel();
+            return Err(RunError::LostLeadership);
+        }
+    };
+    let ((), result) = tokio::join!(elector, work);
+    result
+}

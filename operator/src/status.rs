@@ -1,0 +1,230 @@
+//! The ChatCluster status, computed from what was observed. Pure: the same
+//! observation gives the same status, so an idle reconcile writes nothing.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus};
+
+use crate::desired::{Names, gateway};
+use crate::observe::{Observed, Workload};
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// One component's wanted pods and what was observed of it (`None`: not created yet).
+struct Component<'a> {
+    name: &'static str,
+    desired: i32,
+    observed: Option<&'a Workload>,
+}
+
+impl Component<'_> {
+    fn status(&self) -> ComponentStatus {
+        ComponentStatus { desired: self.desired, ready: self.observed.map_or(0, |w| w.ready.min(self.desired)) }
+    }
+
+    /// Settled: the controller saw the newest spec and every pod is updated and ready.
+    fn settled(&self) -> bool {
+        match self.observed {
+            None => self.desired == 0,
+            Some(w) => w.current && w.desired == self.desired && w.ready >= self.desired && w.updated >= self.desired,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let s = self.status();
+        format!("{} {}/{} ready", self.name, s.ready, s.desired)
+    }
+}
+
+fn components<'a>(cc: &ChatCluster, observed: &'a Observed) -> [Component<'a>; 4] {
+    let spec = &cc.spec;
+    [
+        Component { name: "gateway", desired: gateway::desired_replicas(cc), observed: observed.gateway.as_ref() },
+        Component {
+            name: "redis",
+            desired: i32::from(spec.redis.managed.is_some()),
+            observed: observed.redis.as_ref(),
+        },
+        Component {
+            name: "scylla",
+            desired: spec.scylla.managed.as_ref().map_or(0, |m| m.nodes),
+            observed: observed.scylla.as_ref(),
+        },
+        Component {
+            name: "push workers",
+            desired: spec.push_workers.replicas,
+            observed: observed.push_workers.as_ref(),
+        },
+    ]
+}
+
+/// The status for `observed`; conditions keep their `lastTransitionTime`
+/// from `previous` while their value does not change.
+pub fn compute(
+    cc: &ChatCluster,
+    observed: &Observed,
+    previous: Option<&ChatClusterStatus>,
+    now: &Time,
+) -> ChatClusterStatus {
+    let generation = cc.metadata.generation;
+    let parts = components(cc, observed);
+    let unsettled: Vec<String> = parts.iter().filter(|c| !c.settled()).map(Component::describe).collect();
+    let degraded = !observed.missing_secrets.is_empty();
+
+    let degraded_condition = if degraded {
+        ("True", "SecretNotFound", observed.missing_secrets.join("; "))
+    } else {
+        ("False", "AsExpected", "all referenced Secrets exist".to_string())
+    };
+    let progressing_condition = if unsettled.is_empty() {
+        ("False", "Stable", "every component is up to date and ready".to_string())
+    } else {
+        ("True", "RollingOut", unsettled.join(", "))
+    };
+    let ready_condition = match (degraded, unsettled.is_empty()) {
+        (false, true) => ("True", "AllComponentsReady", "every component is ready".to_string()),
+        (true, _) => ("False", "SecretNotFound", observed.missing_secrets.join("; ")),
+        (false, false) => ("False", "ComponentsNotReady", unsettled.join(", ")),
+    };
+
+    let previous_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let condition = |type_: &str, (status, reason, message): (&str, &str, String)| {
+        let last_transition_time = previous_conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time,
+        }
+    };
+
+    let [gateway, redis, scylla, push_workers] = parts.map(|c| c.status());
+    ChatClusterStatus {
+        observed_generation: generation,
+        conditions: vec![
+            condition(READY, ready_condition),
+            condition(PROGRESSING, progressing_condition),
+            condition(DEGRADED, degraded_condition),
+        ],
+        gateways_ready: format!("{}/{}", gateway.ready, gateway.desired),
+        gateway,
+        redis,
+        scylla,
+        push_workers,
+        connections: previous.map_or(0, |p| p.connections),
+        endpoint_config_map: Names(&cc.name_any()).endpoints(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::fixtures::ChatClusterExt;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn time(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).expect("timestamp"))
+    }
+
+    fn ready(n: i32) -> Option<Workload> {
+        Some(Workload { desired: n, ready: n, updated: n, current: true })
+    }
+
+    fn all_ready(cc: &ChatCluster) -> Observed {
+        Observed {
+            gateway: ready(cc.spec.gateway.replicas),
+            redis: ready(1),
+            scylla: ready(1),
+            push_workers: ready(1),
+            missing_secrets: vec![],
+        }
+    }
+
+    fn condition<'a>(status: &'a ChatClusterStatus, type_: &str) -> &'a Condition {
+        status.conditions.iter().find(|c| c.type_ == type_).expect("condition present")
+    }
+
+    #[test]
+    fn nothing_created_yet_is_progressing_not_ready() {
+        let cc = ChatCluster::test();
+        let status = compute(&cc, &Observed::default(), None, &time(1));
+        assert_eq!(condition(&status, READY).status, "False");
+        assert_eq!(condition(&status, READY).reason, "ComponentsNotReady");
+        assert_eq!(condition(&status, PROGRESSING).status, "True");
+        assert_eq!(condition(&status, DEGRADED).status, "False");
+        assert_eq!(status.gateways_ready, "0/2");
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(status.endpoint_config_map, "chat-endpoints");
+    }
+
+    #[test]
+    fn all_ready_is_ready_and_stable() {
+        let cc = ChatCluster::test();
+        let status = compute(&cc, &all_ready(&cc), None, &time(1));
+        assert_eq!(condition(&status, READY).status, "True");
+        assert_eq!(condition(&status, PROGRESSING).status, "False");
+        assert_eq!(status.gateways_ready, "2/2");
+        assert_eq!(status.gateway, ComponentStatus { desired: 2, ready: 2 });
+    }
+
+    #[test]
+    fn scaling_up_shows_progress() {
+        let cc = ChatCluster::test().with_gateway_replicas(5);
+        let mut observed = all_ready(&cc);
+        observed.gateway = Some(Workload { desired: 5, ready: 3, updated: 5, current: true });
+        let status = compute(&cc, &observed, None, &time(1));
+        assert_eq!(status.gateways_ready, "3/5");
+        let progressing = condition(&status, PROGRESSING);
+        assert_eq!(progressing.status, "True");
+        assert!(progressing.message.contains("gateway 3/5 ready"), "{}", progressing.message);
+    }
+
+    #[test]
+    fn missing_secret_is_degraded_with_its_name() {
+        let cc = ChatCluster::test();
+        let mut observed = all_ready(&cc);
+        observed.missing_secrets = vec!["Secret jwt not found in namespace team-a".into()];
+        let status = compute(&cc, &observed, None, &time(1));
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "SecretNotFound"));
+        assert!(degraded.message.contains("jwt"));
+        assert_eq!(condition(&status, READY).status, "False");
+    }
+
+    #[test]
+    fn same_observation_gives_the_same_status() {
+        let cc = ChatCluster::test();
+        let first = compute(&cc, &all_ready(&cc), None, &time(1));
+        let second = compute(&cc, &all_ready(&cc), Some(&first), &time(99));
+        assert_eq!(first, second, "transition times must be kept while nothing changes");
+    }
+
+    #[test]
+    fn a_transition_updates_the_time() {
+        let cc = ChatCluster::test();
+        let first = compute(&cc, &Observed::default(), None, &time(1));
+        let second = compute(&cc, &all_ready(&cc), Some(&first), &time(99));
+        assert_eq!(condition(&second, READY).last_transition_time, time(99));
+        assert_eq!(condition(&second, DEGRADED).last_transition_time, time(1));
+    }
+
+    #[test]
+    fn external_backends_count_as_zero_pods() {
+        let cc = ChatCluster::test().with_spec(|s| {
+            s.redis.managed = None;
+            s.redis.external = Some(kubechat_crds::ExternalRedis { url: "redis://x:1".into(), password_secret: None });
+        });
+        let mut observed = all_ready(&cc);
+        observed.redis = None;
+        let status = compute(&cc, &observed, None, &time(1));
+        assert_eq!(status.redis, ComponentStatus { desired: 0, ready: 0 });
+        assert_eq!(condition(&status, READY).status, "True");
+    }
+}
