@@ -4,12 +4,14 @@
 //! - [`components`]: where Redis, Cassandra (the CQL stand-in for ScyllaDB) and
 //!   the local Kubernetes control plane are, and connections to them that fail
 //!   with a message naming the missing component and the script that starts it.
+//! - [`cluster`]: the CRD, throw-away namespaces, an in-process operator and polling.
 //! - [`tools`]: the pinned `kubectl` and `helm` binaries built by `e2e/local`.
 //!
 //! The addresses come from the environment `e2e/test.sh` exports (see
 //! `e2e/local/env.sh`); the defaults match the ports in `e2e/local/lib.sh`, so
 //! `cargo test` also works against components started by hand.
 
+pub mod cluster;
 pub mod components;
 pub mod tools;
 
