@@ -60,8 +60,18 @@ wait_until() {
 # port_open PORT: something accepts TCP connections on 127.0.0.1:PORT.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# pid_running PID: PID is a running process. An exited process that its
+# parent or init has not reaped yet (a zombie; some sandboxes' init reaps only
+# every couple of seconds) does not count.
+pid_running() {
+  kill -0 "$1" 2>/dev/null || return 1
+  local stat; stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  stat="${stat##*) }"
+  [[ "${stat%% *}" != Z ]]
+}
+
 # pid_alive FILE: the pid in FILE names a running process.
-pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pid_alive() { [[ -f "$1" ]] && pid_running "$(cat "$1")"; }
 
 # stop_pid FILE NAME: TERM the process, then KILL it if it lingers.
 stop_pid() {
@@ -69,7 +79,7 @@ stop_pid() {
   if pid_alive "$file"; then
     local pid; pid="$(cat "$file")"
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    for _ in $(seq 1 40); do pid_running "$pid" || break; sleep 0.25; done
     kill -9 "$pid" 2>/dev/null || true
     log "stopped $name (pid $pid)"
   fi

@@ -37,6 +37,13 @@ where
     }
 }
 
+/// Operator logs in the test output (shown for failing tests), filtered by `RUST_LOG`.
+pub fn init_test_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("kubechat_operator=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
 /// Installs (server-side applies) the ChatCluster CRD generated from the
 /// Rust types and waits until the apiserver serves it.
 pub async fn install_crd(client: &Client) {
@@ -89,6 +96,7 @@ impl RunningOperator {
     /// Starts an operator watching `namespace`, with leader election when
     /// `leader` is given.
     pub fn start(client: &Client, namespace: &str, leader: Option<LeaderConfig>) -> Self {
+        init_test_logs();
         let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
         let options = Options {

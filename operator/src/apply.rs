@@ -29,14 +29,26 @@ pub enum Outcome {
 /// True when every field set in `desired` has the same value in `live`.
 /// Arrays must have the same length and match element by element.
 pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    first_difference(desired, live).is_none()
+}
+
+/// The path of the first field set in `desired` that `live` lacks or holds
+/// another value for (`None`: `desired` is a subset of `live`).
+pub fn first_difference(desired: &Value, live: &Value) -> Option<String> {
     match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d.iter().all(|(key, dv)| match l.get(key) {
-            Some(lv) => is_subset(dv, lv),
-            None => dv.is_null(),
+        (Value::Object(d), Value::Object(l)) => d.iter().find_map(|(key, dv)| match l.get(key) {
+            Some(lv) => first_difference(dv, lv).map(|path| format!(".{key}{path}")),
+            None if dv.is_null() => None,
+            None => Some(format!(".{key}")),
         }),
-        (Value::Array(d), Value::Array(l)) => d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| is_subset(dv, lv)),
-        (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
-        _ => desired == live,
+        (Value::Array(d), Value::Array(l)) if d.len() == l.len() => d
+            .iter()
+            .zip(l)
+            .enumerate()
+            .find_map(|(i, (dv, lv))| first_difference(dv, lv).map(|path| format!("[{i}]{path}"))),
+        (Value::Number(d), Value::Number(l)) if d.as_f64() == l.as_f64() => None,
+        _ if desired == live => None,
+        _ => Some(String::new()),
     }
 }
 
@@ -72,10 +84,13 @@ where
         Some(live) => {
             let live_json =
                 serde_json::to_value(live).map_err(|source| Error::Serialize { what: what.clone(), source })?;
-            if is_subset(&desired_json, &live_json) {
-                return Ok(Outcome::Unchanged);
+            match first_difference(&desired_json, &live_json) {
+                None => return Ok(Outcome::Unchanged),
+                Some(path) => {
+                    tracing::info!(object = %what, field = %path, "live object differs from the desired state");
+                    Outcome::Updated
+                }
             }
-            Outcome::Updated
         }
     };
     api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(desired))
@@ -107,6 +122,14 @@ mod tests {
         assert!(!is_subset(&json!({"spec": {"paused": true}}), &live));
         assert!(!is_subset(&json!({"spec": {"ports": [{"port": 80}]}}), &live), "a removed list item counts");
         assert!(is_subset(&json!({"spec": {"ports": [{"port": 80}, {"port": 81}]}}), &live));
+    }
+
+    #[test]
+    fn the_first_difference_is_named_by_path() {
+        let live = json!({"spec": {"template": {"containers": [{"name": "a", "image": "x:1"}]}}});
+        let desired = json!({"spec": {"template": {"containers": [{"name": "a", "image": "x:2"}]}}});
+        assert_eq!(first_difference(&desired, &live).as_deref(), Some(".spec.template.containers[0].image"));
+        assert_eq!(first_difference(&live, &live), None);
     }
 
     #[test]

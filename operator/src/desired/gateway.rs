@@ -184,7 +184,8 @@ pub fn common_volumes(cc: &ChatCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mount = |name: &str, path: &str| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
-        read_only: Some(name != "tmp"),
+        // `readOnly: false` is omitted by the apiserver: leave it unset so the live object matches.
+        read_only: (name != "tmp").then_some(true),
         ..Default::default()
     };
     let mounts = vec![mount("config", CONFIG_DIR), mount("auth", AUTH_DIR), mount("tmp", "/tmp")];
