@@ -39,10 +39,10 @@ pub const DEFAULT_SCYLLA_IMAGE: &str = "scylladb/scylla:2025.1";
     category = "kubechat",
     derive = "PartialEq",
     doc = "A chat platform: WebSocket gateways, their Redis and ScyllaDB, and the push workers.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Gateways", type_ = "string", json_path = ".status.gatewaysReady"),
-    printcolumn(name = "Connections", type_ = "integer", json_path = ".status.connections"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Gateways", "type": "string", "jsonPath": ".status.gatewaysReady"}"#,
+    printcolumn = r#"{"name": "Connections", "type": "integer", "jsonPath": ".status.connections"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChatClusterSpec {
@@ -166,7 +166,10 @@ pub struct DrainSpec {
 
 impl Default for DrainSpec {
     fn default() -> Self {
-        Self { window_seconds: default_drain_window_seconds(), max_reconnects_per_second: default_max_reconnects_per_second() }
+        Self {
+            window_seconds: default_drain_window_seconds(),
+            max_reconnects_per_second: default_max_reconnects_per_second(),
+        }
     }
 }
 

@@ -58,29 +58,27 @@ pub async fn run(
     let elector = LeaderElector::new(client, leader_config).run(leading_tx, elector_stop.clone());
     let work = async {
         ready.store(true, Ordering::Relaxed);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                changed = leading.wait_for(|l| *l) => if changed.is_err() { return Ok(()) },
-            }
-            tracing::info!("leading: starting the controller");
-            metrics.leader.set(1);
-            let mut lost = leading.clone();
-            let stop = shutdown.clone();
-            run_controller(ctx.clone(), options.scope.clone(), async move {
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    _ = lost.wait_for(|l| !*l) => {}
-                }
-            })
-            .await;
-            metrics.leader.set(0);
-            if shutdown.is_cancelled() {
-                return Ok(());
-            }
-            elector_stop.cancel();
-            return Err(RunError::LostLeadership);
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            changed = leading.wait_for(|l| *l) => if changed.is_err() { return Ok(()) },
         }
+        tracing::info!("leading: starting the controller");
+        metrics.leader.set(1);
+        let mut lost = leading.clone();
+        let stop = shutdown.clone();
+        run_controller(ctx.clone(), options.scope.clone(), async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = lost.wait_for(|l| !*l) => {}
+            }
+        })
+        .await;
+        metrics.leader.set(0);
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        elector_stop.cancel();
+        Err(RunError::LostLeadership)
     };
     let ((), result) = tokio::join!(elector, work);
     result

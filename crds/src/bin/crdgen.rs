@@ -18,10 +18,8 @@ fn main() -> ExitCode {
         Some("--write") => {
             for path in CHECKED_IN_PATHS {
                 let full = workspace_root().join(path);
-                let written = full
-                    .parent()
-                    .map_or(Ok(()), std::fs::create_dir_all)
-                    .and_then(|()| std::fs::write(&full, &yaml));
+                let written =
+                    full.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&full, &yaml));
                 if let Err(e) = written {
                     eprintln!("crdgen: cannot write {}: {e}", full.display());
                     return ExitCode::FAILURE;
