@@ -1,0 +1,137 @@
+//! Durable storage of chat data behind one trait, with two implementations:
+//! [`scylla::ScyllaStore`] (ScyllaDB or any CQL store, for clusters) and
+//! [`embedded::EmbeddedStore`] (redb in a local folder, for the standalone
+//! gateway). The chat layer only sees [`Store`].
+//!
+//! Data model (wide-column, after Discord's):
+//! - channel history: partition `(channel, month bucket of the id)`,
+//!   clustered by message id, newest first; no TTL: kept forever.
+//! - inbox ("message sync queue"): partition `(user, month bucket of the
+//!   position)`, clustered by position; one entry per recipient and message.
+//! - sends: `(sender, idempotency key) → message id`, so a retried send is
+//!   stored once.
+//! - groups and memberships, both directions (members of a group; channels of a user).
+//!
+//! Contract shared by both implementations (and checked by one test suite
+//! run against each): a write returns only once it is durable; reads see
+//! every write that returned before they started.
+
+pub mod embedded;
+pub mod scylla;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// A stored chat message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Unique, time-ordered (see [`crate::ids`]).
+    pub id: u64,
+    pub channel: String,
+    pub sender: String,
+    pub sender_device: String,
+    pub text: String,
+    /// Milliseconds since the Unix epoch (not an order: two messages may share it).
+    pub created_at_ms: i64,
+}
+
+/// One message in one user's inbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxEntry {
+    /// The user's sync cursor moves over positions: unique per user and
+    /// time-ordered, assigned when the entry is written.
+    pub position: u64,
+    pub message: Message,
+}
+
+/// A recipient of a message and the inbox position it gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub user: String,
+    pub position: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Channel id of the group (`g:<id>`).
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub created_at_ms: i64,
+}
+
+/// What a send with an idempotency key found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// First time this key is seen: the candidate id is now reserved for it.
+    New,
+    /// The key was used before, for this message id in this channel.
+    Existing { id: u64, channel: String },
+}
+
+/// Which side of a message id a history page lies on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Page {
+    /// The newest messages.
+    Latest,
+    /// Messages with a smaller id, newest first.
+    Before(u64),
+    /// Messages with a larger id, oldest first.
+    After(u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached or did not answer in time: the
+    /// operation may be retried and nothing was acknowledged.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Data in the store could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records `(sender, key) → (candidate, channel)` unless the key was used
+    /// before, in which case the earlier message id is returned.
+    async fn reserve_send(&self, sender: &str, key: &str, candidate: u64, channel: &str) -> StoreResult<Reservation>;
+
+    /// Stores `message` in its channel's history and in each recipient's
+    /// inbox at the given position. Idempotent: writing the same message id
+    /// again overwrites the same history row.
+    async fn write_message(&self, message: &Message, deliveries: &[Delivery]) -> StoreResult<()>;
+
+    /// Inbox entries of `user` with position greater than `after`, oldest
+    /// first, at most `limit`.
+    async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>>;
+
+    /// One page of a channel's history: `Latest` and `Before` newest first,
+    /// `After` oldest first; at most `limit` messages.
+    async fn history(&self, channel: &str, page: Page, limit: usize) -> StoreResult<Vec<Message>>;
+
+    /// Looks a message up by channel and id.
+    async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>>;
+
+    async fn create_group(&self, group: &Group, members: &[String]) -> StoreResult<()>;
+    async fn group(&self, id: &str) -> StoreResult<Option<Group>>;
+    async fn add_member(&self, group: &str, user: &str) -> StoreResult<()>;
+    async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()>;
+    /// Members of a group, sorted.
+    async fn members(&self, group: &str) -> StoreResult<Vec<String>>;
+    /// Channels a user takes part in (groups and direct chats), sorted.
+    async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>>;
+    /// Records that `user` takes part in the direct channel `channel`.
+    async fn add_direct_channel(&self, user: &str, channel: &str) -> StoreResult<()>;
+}
+
+/// Month-long buckets keep partitions bounded however long a channel lives.
+pub const BUCKET_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// The bucket of a time-ordered id.
+pub fn bucket_of(id: u64) -> i32 {
+    let ms = crate::ids::timestamp_ms(id);
+    i32::try_from(ms / BUCKET_MS).unwrap_or(i32::MAX)
+}
