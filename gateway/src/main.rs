@@ -1,18 +1,182 @@
-//! kubechat gateway: WebSocket chat server and push worker (one binary).
+//! kubechat gateway: WebSocket chat server, push worker and a small client.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kubechat_gateway::app::{self, GatewayOptions};
+use kubechat_gateway::chat::push::RedisPushQueue;
+use kubechat_gateway::config::FileConfig;
+use kubechat_gateway::store::embedded::EmbeddedStore;
+use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
+use kubechat_gateway::transport::auth::Authenticator;
+use kubechat_gateway::transport::connection::ConnectionLimits;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "kubechat WebSocket gateway and push worker")]
-enum Command {
-    /// Run one gateway with the embedded durable store: no cluster, Redis or Cassandra needed.
-    Standalone,
+#[command(version, about = "kubechat WebSocket gateway, push worker and client")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Command::parse() {
-        Command::Standalone => {
-            anyhow::bail!("the standalone gateway is not built yet (tracked by the gateway chat issue)")
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One gateway with the embedded durable store: no cluster, Redis or Cassandra.
+    Standalone {
+        /// Where messages are kept (created if missing; survives restarts).
+        #[arg(long, default_value = "kubechat-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Serve GET /dev/token?user=…&device=… (development only).
+        #[arg(long)]
+        dev_tokens: bool,
+    },
+    /// A gateway of a ChatCluster (ScyllaDB + Redis), configured by the operator's file.
+    Gateway {
+        #[arg(long, env = "KUBECHAT_CONFIG", default_value = "/etc/kubechat/gateway.json")]
+        config: PathBuf,
+        /// Unique per running gateway (the StatefulSet ordinal).
+        #[arg(long, env = "KUBECHAT_WORKER_ID", default_value_t = 0)]
+        worker_id: u16,
+    },
+    /// Prints a token signed with a key file (development and tests).
+    Token {
+        #[arg(long)]
+        key_file: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long, default_value_t = 86_400)]
+        ttl_seconds: u64,
+    },
+    /// A line-based chat client (try it against `standalone`).
+    Chat {
+        #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
+        url: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "terminal")]
+        device: String,
+        /// A token; without one it is minted from the standalone gateway's key file.
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long, default_value = "kubechat-data")]
+        data_dir: PathBuf,
+    },
+}
+
+/// The standalone gateway's signing key: created once in the data folder.
+fn local_signing_key(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = data_dir.join("signing-key");
+    if let Ok(key) = std::fs::read(&path) {
+        return Ok(key);
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness for a signing key: {e}"))?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, &hex).with_context(|| format!("writing {}", path.display()))?;
+    Ok(hex.into_bytes())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
         }
     }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Standalone { data_dir, listen, dev_tokens } => {
+            let key = local_signing_key(&data_dir)?;
+            let store = Arc::new(EmbeddedStore::open(&data_dir).context("opening the embedded store")?);
+            let floor = store.max_id().await.context("reading the newest stored id")?;
+            let options = GatewayOptions { listen, dev_tokens, ..GatewayOptions::default() };
+            let auth = Authenticator::new(&key).context("loading the signing key")?;
+            let running = app::start(store.clone(), Arc::new(store), auth, floor, options)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            println!("kubechat standalone gateway on {} (data in {})", running.ws_url(), data_dir.display());
+            println!("chat from two terminals:");
+            println!("  cargo run -p kubechat-gateway -- chat --user alice");
+            println!("  cargo run -p kubechat-gateway -- chat --user bob");
+            wait_for_signal().await;
+            running.stop(Duration::from_secs(10)).await;
+        }
+        Command::Gateway { config, worker_id } => {
+            let file = FileConfig::load(&config)?;
+            let key = std::fs::read(&file.auth.signing_key_file)
+                .with_context(|| format!("reading the signing key {}", file.auth.signing_key_file.display()))?;
+            let env = |name: &Option<String>| name.as_ref().and_then(|n| std::env::var(n).ok());
+            let credentials = file.scylla.credentials_env.as_ref();
+            let store = ScyllaStore::connect(ScyllaConfig {
+                contact_points: file.scylla.contact_points.clone(),
+                keyspace: file.scylla.keyspace.clone(),
+                replication_factor: file.scylla.replication_factor,
+                local_datacenter: file.scylla.local_datacenter.clone(),
+                username: credentials.and_then(|c| std::env::var(&c.username).ok()),
+                password: credentials.and_then(|c| std::env::var(&c.password).ok()),
+                ..ScyllaConfig::default()
+            })
+            .await
+            .context("connecting to ScyllaDB")?;
+            let mut redis_info: redis::ConnectionInfo =
+                redis::IntoConnectionInfo::into_connection_info(file.redis.url.as_str())
+                    .context("parsing the Redis URL")?;
+            if let Some(password) = env(&file.redis.password_env) {
+                let settings = redis_info.redis_settings().clone().set_password(password);
+                redis_info = redis_info.set_redis_settings(settings);
+            }
+            let redis = redis::Client::open(redis_info).context("configuring Redis")?;
+            let redis = redis::aio::ConnectionManager::new(redis).await.context("connecting to Redis")?;
+            let options = GatewayOptions {
+                listen: SocketAddr::from(([0, 0, 0, 0], file.listen.websocket)),
+                admin: Some(SocketAddr::from(([0, 0, 0, 0], file.listen.admin))),
+                chat: file.chat.chat_config(),
+                limits: ConnectionLimits { idle_timeout: file.chat.idle_timeout(), ..ConnectionLimits::default() },
+                max_connections: file.max_connections,
+                dev_tokens: false,
+                worker_id,
+            };
+            let auth = Authenticator::new(&key).context("loading the signing key")?;
+            // Worker ids are unique per pod and clocks are NTP-synced: see docs/ids.md.
+            let floor = 0;
+            let running =
+                app::start(Arc::new(store), Arc::new(RedisPushQueue::new(redis, 1_000_000)), auth, floor, options)
+                    .await?;
+            wait_for_signal().await;
+            running.stop(Duration::from_secs(30)).await;
+        }
+        Command::Token { key_file, user, device, ttl_seconds } => {
+            let key = std::fs::read(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
+            let token = Authenticator::new(&key)?.mint(&user, &device, ttl_seconds)?;
+            println!("{token}");
+        }
+        Command::Chat { url, user, device, token, data_dir } => {
+            let token = match token {
+                Some(token) => token,
+                None => Authenticator::new(&local_signing_key(&data_dir)?)?.mint(&user, &device, 86_400)?,
+            };
+            kubechat_gateway::client::interactive(&url, &token).await?;
+        }
+    }
+    Ok(())
 }

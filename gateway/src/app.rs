@@ -1,0 +1,127 @@
+//! Wiring: builds a gateway from a store, a push queue and a key, and runs
+//! it until shutdown. Used by `main` and by the tests, so both run the same
+//! server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::chat::hub::Hub;
+use crate::chat::push::PushQueue;
+use crate::chat::{ChatConfig, ChatService};
+use crate::ids::IdGenerator;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::transport::auth::Authenticator;
+use crate::transport::connection::ConnectionLimits;
+use crate::transport::{Gateway, serve};
+
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// WebSocket (and health) address.
+    pub listen: SocketAddr,
+    /// Health, readiness and metrics on a separate address (Kubernetes probes).
+    pub admin: Option<SocketAddr>,
+    pub chat: ChatConfig,
+    pub limits: ConnectionLimits,
+    pub max_connections: usize,
+    pub dev_tokens: bool,
+    /// Unique among running gateways (the StatefulSet ordinal).
+    pub worker_id: u16,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin: None,
+            chat: ChatConfig::default(),
+            limits: ConnectionLimits::default(),
+            max_connections: 100_000,
+            dev_tokens: false,
+            worker_id: 0,
+        }
+    }
+}
+
+/// A started gateway.
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics: Metrics,
+    pub chat: Arc<ChatService>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl RunningGateway {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}{}", self.addr, crate::transport::WS_PATH)
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Closes every connection (telling clients to reconnect) and waits for
+    /// in-flight work, at most `grace`.
+    pub async fn stop(self, grace: Duration) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+            tracing::warn!("connections still open after {grace:?}; exiting anyway");
+        }
+    }
+}
+
+pub async fn start(
+    store: Arc<dyn Store>,
+    push: Arc<dyn PushQueue>,
+    auth: Authenticator,
+    id_floor: u64,
+    options: GatewayOptions,
+) -> std::io::Result<RunningGateway> {
+    let metrics = Metrics::new();
+    let chat = Arc::new(ChatService::new(
+        store,
+        push,
+        Hub::new(),
+        IdGenerator::new(options.worker_id, id_floor),
+        options.chat.clone(),
+        metrics.clone(),
+    ));
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let gateway = Arc::new(Gateway {
+        chat: chat.clone(),
+        auth: Arc::new(auth),
+        metrics: metrics.clone(),
+        limits: options.limits.clone(),
+        max_frame_bytes: Gateway::frame_limit_for(options.chat.limits.max_message_chars),
+        dev_tokens: options.dev_tokens,
+        ready: Arc::new(AtomicBool::new(true)),
+        connection_slots: Arc::new(Semaphore::new(options.max_connections)),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+    });
+    let listener = TcpListener::bind(options.listen).await?;
+    let addr = listener.local_addr()?;
+    tasks.spawn(serve(listener, gateway.clone()));
+    let admin_addr = match options.admin {
+        Some(admin) => {
+            let listener = TcpListener::bind(admin).await?;
+            let admin_addr = listener.local_addr()?;
+            tasks.spawn(serve(listener, gateway));
+            Some(admin_addr)
+        }
+        None => None,
+    };
+    tracing::info!(%addr, ?admin_addr, "gateway listening");
+    Ok(RunningGateway { addr, admin_addr, metrics, chat, shutdown, tasks })
+}

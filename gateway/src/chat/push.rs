@@ -1,0 +1,108 @@
+//! Push jobs: notifications owed to recipients with no connected device.
+//! The gateway only enqueues; push workers deliver. Two queues: a Redis
+//! Stream (clusters; consumed by a consumer group) and the embedded store
+//! (the standalone gateway).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{Message, StoreError};
+
+/// Stream the push workers consume.
+pub const PUSH_STREAM: &str = "kubechat:push";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushJob {
+    pub user: String,
+    /// Decimal message id (JSON-safe).
+    pub message_id: String,
+    pub channel: String,
+    pub sender: String,
+    /// The start of the text only: notifications travel through third parties.
+    pub summary: String,
+}
+
+impl PushJob {
+    pub fn new(user: &str, message: &Message, summary_chars: usize) -> Self {
+        let mut summary: String = message.text.chars().take(summary_chars).collect();
+        if message.text.chars().count() > summary_chars {
+            summary.push('…');
+        }
+        Self {
+            user: user.to_string(),
+            message_id: message.id.to_string(),
+            channel: message.channel.clone(),
+            sender: message.sender.clone(),
+            summary,
+        }
+    }
+}
+
+#[async_trait]
+pub trait PushQueue: Send + Sync + 'static {
+    async fn enqueue(&self, job: &PushJob) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+impl PushQueue for Arc<EmbeddedStore> {
+    async fn enqueue(&self, job: &PushJob) -> Result<(), StoreError> {
+        let value = serde_json::to_value(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.enqueue_push(value).await.map(|_| ())
+    }
+}
+
+/// XADD to [`PUSH_STREAM`], capped (approximately) so an absent consumer
+/// cannot grow Redis without bound.
+pub struct RedisPushQueue {
+    connection: redis::aio::ConnectionManager,
+    max_len: usize,
+}
+
+impl RedisPushQueue {
+    pub fn new(connection: redis::aio::ConnectionManager, max_len: usize) -> Self {
+        Self { connection, max_len }
+    }
+}
+
+#[async_trait]
+impl PushQueue for RedisPushQueue {
+    async fn enqueue(&self, job: &PushJob) -> Result<(), StoreError> {
+        let payload = serde_json::to_string(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut connection = self.connection.clone();
+        redis::cmd("XADD")
+            .arg(PUSH_STREAM)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.max_len)
+            .arg("*")
+            .arg("job")
+            .arg(payload)
+            .query_async::<String>(&mut connection)
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(format!("push queue (Redis XADD): {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_is_cut_short() {
+        let message = Message {
+            id: 7,
+            channel: "dm:a:b".into(),
+            sender: "a".into(),
+            sender_device: "phone".into(),
+            text: "héllo wörld".into(),
+            created_at_ms: 0,
+        };
+        assert_eq!(PushJob::new("b", &message, 5).summary, "héllo…");
+        assert_eq!(PushJob::new("b", &message, 50).summary, "héllo wörld");
+        assert_eq!(PushJob::new("b", &message, 5).message_id, "7");
+    }
+}

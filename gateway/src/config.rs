@@ -1,0 +1,120 @@
+//! The config file the operator mounts (`/etc/kubechat/gateway.json`, from
+//! the gateway ConfigMap). Secrets are not in it: they come from files and
+//! environment variables it names.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::chat::ChatConfig;
+use crate::protocol::Limits;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileConfig {
+    pub listen: Listen,
+    pub max_connections: usize,
+    pub chat: ChatLimits,
+    pub redis: RedisConfig,
+    pub scylla: ScyllaSettings,
+    pub auth: AuthConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Listen {
+    pub websocket: u16,
+    pub admin: u16,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatLimits {
+    pub max_group_members: usize,
+    pub max_message_chars: usize,
+    pub heartbeat_seconds: u32,
+    pub offline_after_seconds: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisConfig {
+    pub url: String,
+    /// Environment variable holding the password, if any.
+    pub password_env: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScyllaSettings {
+    pub contact_points: Vec<String>,
+    pub keyspace: String,
+    pub replication_factor: u32,
+    pub local_datacenter: Option<String>,
+    pub credentials_env: Option<CredentialsEnv>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CredentialsEnv {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthConfig {
+    pub signing_key_file: PathBuf,
+}
+
+impl ChatLimits {
+    pub fn chat_config(&self) -> ChatConfig {
+        ChatConfig {
+            limits: Limits {
+                max_message_chars: self.max_message_chars,
+                max_group_members: self.max_group_members,
+                ..Limits::default()
+            },
+            heartbeat_seconds: self.heartbeat_seconds,
+            ..ChatConfig::default()
+        }
+    }
+
+    /// A client silent for the offline timeout is gone (heartbeats keep it open).
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.offline_after_seconds.max(self.heartbeat_seconds * 2)))
+    }
+}
+
+impl FileConfig {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operators_config_parses() {
+        let text = r#"{
+            "listen": {"websocket": 8080, "admin": 9090},
+            "maxConnections": 50000,
+            "drain": {"windowSeconds": 60, "maxReconnectsPerSecond": 500},
+            "chat": {"maxGroupMembers": 100, "maxMessageChars": 100000, "heartbeatSeconds": 5, "offlineAfterSeconds": 30},
+            "redis": {"url": "redis://chat-redis.ns.svc:6379", "passwordEnv": null},
+            "scylla": {"contactPoints": ["chat-scylla.ns.svc:9042"], "keyspace": "kubechat", "replicationFactor": 1,
+                       "localDatacenter": null, "credentialsEnv": null},
+            "auth": {"signingKeyFile": "/var/run/kubechat/auth/signing-key"},
+            "push": {"maxAttempts": 8, "providers": {}},
+            "discovery": {"endpointConfigMap": "chat-endpoints", "namespace": "ns"}
+        }"#;
+        let config: FileConfig = serde_json::from_str(text).expect("parse");
+        assert_eq!(config.listen.admin, 9090);
+        assert_eq!(config.chat.chat_config().limits.max_message_chars, 100_000);
+        assert_eq!(config.chat.idle_timeout(), Duration::from_secs(30));
+        assert_eq!(config.scylla.contact_points.len(), 1);
+    }
+}

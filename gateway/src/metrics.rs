@@ -1,0 +1,78 @@
+//! Prometheus metrics of the gateway, in a registry of their own.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections: IntGauge,
+    pub frames_in: IntCounter,
+    pub frames_out: IntCounter,
+    pub messages_stored: IntCounter,
+    /// Send outcomes: `ok`, `duplicate`, or the error code.
+    pub acks: IntCounterVec,
+    /// From receiving a send to handing the message to a recipient's connection.
+    pub delivery_seconds: Histogram,
+    pub store_seconds: Histogram,
+    pub push_jobs: IntCounter,
+    /// Connections closed because they could not keep up.
+    pub slow_consumers: IntCounter,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("kubechat_gateway".into()), None).unwrap_or_default();
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric name");
+        let histogram = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets())).expect("valid metric name")
+        };
+        let metrics = Self {
+            connections: IntGauge::new("connections", "Open WebSocket connections").expect("valid metric name"),
+            frames_in: counter("frames_in_total", "Frames received from clients"),
+            frames_out: counter("frames_out_total", "Frames sent to clients"),
+            messages_stored: counter("messages_stored_total", "Messages durably stored"),
+            acks: IntCounterVec::new(Opts::new("acks_total", "Send outcomes by result"), &["result"])
+                .expect("valid metric name"),
+            delivery_seconds: histogram("delivery_seconds", "Send received to live delivery queued"),
+            store_seconds: histogram("store_seconds", "Durable write latency"),
+            push_jobs: counter("push_jobs_total", "Push jobs enqueued for offline recipients"),
+            slow_consumers: counter("slow_consumers_total", "Connections closed for not reading fast enough"),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.connections.clone()),
+            Box::new(metrics.frames_in.clone()),
+            Box::new(metrics.frames_out.clone()),
+            Box::new(metrics.messages_stored.clone()),
+            Box::new(metrics.acks.clone()),
+            Box::new(metrics.delivery_seconds.clone()),
+            Box::new(metrics.store_seconds.clone()),
+            Box::new(metrics.push_jobs.clone()),
+            Box::new(metrics.slow_consumers.clone()),
+        ];
+        for collector in collectors {
+            // Only duplicate names fail, and these are distinct.
+            let _ = metrics.registry.register(collector);
+        }
+        metrics
+    }
+
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buffer = Vec::new();
+        if prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buffer).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,357 @@
+//! Frame types. Ids and cursors travel as decimal strings: they are 64-bit
+//! and JavaScript numbers are not. Clients may send them as numbers too.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::errors::{ErrorCode, ProtocolError};
+use super::{Limits, MAX_KEY_LEN, is_group_channel, valid_name};
+use crate::store::{InboxEntry, Message};
+
+/// Every `type` a client may send.
+pub const CLIENT_TYPES: [&str; 11] = [
+    "send",
+    "sync",
+    "history",
+    "create_group",
+    "add_member",
+    "remove_member",
+    "list_members",
+    "list_channels",
+    "presence",
+    "heartbeat",
+    "logout",
+];
+
+/// Longest group name, in characters.
+pub const MAX_GROUP_NAME_CHARS: usize = 100;
+/// Most users one `presence` request may ask about.
+pub const MAX_PRESENCE_USERS: usize = 500;
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recipient {
+    User(String),
+    Group(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Send {
+        req: Option<String>,
+        to: Recipient,
+        text: String,
+        /// Client-chosen idempotency key: a retry with the same key is stored once.
+        key: String,
+    },
+    Sync {
+        req: Option<String>,
+        /// Inbox position to continue after (`"0"`: from the beginning).
+        #[serde(default, deserialize_with = "id_or_string")]
+        after: u64,
+        limit: Option<usize>,
+    },
+    History {
+        req: Option<String>,
+        channel: String,
+        #[serde(default, deserialize_with = "opt_id_or_string")]
+        before: Option<u64>,
+        #[serde(default, deserialize_with = "opt_id_or_string")]
+        after: Option<u64>,
+        limit: Option<usize>,
+    },
+    CreateGroup {
+        req: Option<String>,
+        name: String,
+        /// Members besides the creator.
+        #[serde(default)]
+        members: Vec<String>,
+    },
+    AddMember {
+        req: Option<String>,
+        group: String,
+        user: String,
+    },
+    RemoveMember {
+        req: Option<String>,
+        group: String,
+        user: String,
+    },
+    ListMembers {
+        req: Option<String>,
+        group: String,
+    },
+    ListChannels {
+        req: Option<String>,
+    },
+    /// Presence of users the sender shares a channel with, or of a group's members.
+    Presence {
+        req: Option<String>,
+        #[serde(default)]
+        users: Vec<String>,
+        group: Option<String>,
+    },
+    Heartbeat {
+        req: Option<String>,
+    },
+    Logout {
+        req: Option<String>,
+    },
+}
+
+impl ClientFrame {
+    pub fn req(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Send { req, .. }
+            | ClientFrame::Sync { req, .. }
+            | ClientFrame::History { req, .. }
+            | ClientFrame::CreateGroup { req, .. }
+            | ClientFrame::AddMember { req, .. }
+            | ClientFrame::RemoveMember { req, .. }
+            | ClientFrame::ListMembers { req, .. }
+            | ClientFrame::ListChannels { req }
+            | ClientFrame::Presence { req, .. }
+            | ClientFrame::Heartbeat { req }
+            | ClientFrame::Logout { req } => req.as_deref(),
+        }
+    }
+
+    /// Checks values against the limits (shape was checked by serde).
+    pub fn validate(&self, limits: &Limits) -> Result<(), ProtocolError> {
+        let invalid = |message: String| Err(ProtocolError::new(ErrorCode::InvalidArgument, message));
+        let check_page = |limit: &Option<usize>| match limit {
+            Some(0) => invalid("limit must be at least 1".into()),
+            Some(n) if *n > limits.max_page => invalid(format!("limit must be at most {}", limits.max_page)),
+            _ => Ok(()),
+        };
+        let check_user = |user: &str| {
+            if valid_name(user) { Ok(()) } else { invalid(format!("{user:?} is not a valid user id")) }
+        };
+        let check_group = |group: &str| {
+            if is_group_channel(group) && group.len() <= 64 {
+                Ok(())
+            } else {
+                invalid(format!("{group:?} is not a group id (groups are \"g:<id>\")"))
+            }
+        };
+        match self {
+            ClientFrame::Send { to, text, key, .. } => {
+                match to {
+                    Recipient::User(user) => check_user(user)?,
+                    Recipient::Group(group) => check_group(group)?,
+                }
+                if key.is_empty() || key.len() > MAX_KEY_LEN {
+                    return invalid(format!("key must be 1 to {MAX_KEY_LEN} bytes"));
+                }
+                // Characters are Unicode scalar values, not bytes or UTF-16 units.
+                let chars = text.chars().count();
+                if chars > limits.max_message_chars {
+                    return Err(ProtocolError::new(
+                        ErrorCode::MessageTooLong,
+                        format!("text has {chars} characters; the limit is {}", limits.max_message_chars),
+                    ));
+                }
+                if text.trim().is_empty() {
+                    return Err(ProtocolError::new(ErrorCode::EmptyMessage, "text is empty"));
+                }
+                Ok(())
+            }
+            ClientFrame::Sync { limit, .. } => check_page(limit),
+            ClientFrame::History { channel, before, after, limit, .. } => {
+                if before.is_some() && after.is_some() {
+                    return invalid("give before or after, not both".into());
+                }
+                if channel.is_empty() || channel.len() > 160 {
+                    return invalid("channel must be 1 to 160 bytes".into());
+                }
+                check_page(limit)
+            }
+            ClientFrame::CreateGroup { name, members, .. } => {
+                let chars = name.chars().count();
+                if chars == 0 || chars > MAX_GROUP_NAME_CHARS {
+                    return invalid(format!("name must be 1 to {MAX_GROUP_NAME_CHARS} characters"));
+                }
+                members.iter().try_for_each(|m| check_user(m))?;
+                if members.len() + 1 > limits.max_group_members {
+                    return Err(ProtocolError::new(
+                        ErrorCode::GroupFull,
+                        format!("a group has at most {} members", limits.max_group_members),
+                    ));
+                }
+                Ok(())
+            }
+            ClientFrame::AddMember { group, user, .. } | ClientFrame::RemoveMember { group, user, .. } => {
+                check_group(group)?;
+                check_user(user)
+            }
+            ClientFrame::ListMembers { group, .. } => check_group(group),
+            ClientFrame::Presence { users, group, .. } => {
+                if users.len() > MAX_PRESENCE_USERS {
+                    return invalid(format!("at most {MAX_PRESENCE_USERS} users per request"));
+                }
+                users.iter().try_for_each(|u| check_user(u))?;
+                group.as_deref().map_or(Ok(()), check_group)
+            }
+            ClientFrame::ListChannels { .. } | ClientFrame::Heartbeat { .. } | ClientFrame::Logout { .. } => Ok(()),
+        }
+    }
+}
+
+fn parse_id<E: serde::de::Error>(value: serde_json::Value) -> Result<u64, E> {
+    match value {
+        serde_json::Value::String(s) => s.parse().map_err(|_| E::custom(format!("{s:?} is not an id"))),
+        serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| E::custom(format!("{n} is not an id"))),
+        other => Err(E::custom(format!("{other} is not an id"))),
+    }
+}
+
+fn id_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    parse_id(serde_json::Value::deserialize(d)?)
+}
+
+fn opt_id_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => parse_id(v).map(Some),
+    }
+}
+
+fn id_string<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&id.to_string())
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WireMessage {
+    #[serde(serialize_with = "id_string")]
+    pub id: u64,
+    pub channel: String,
+    pub from: String,
+    pub from_device: String,
+    pub text: String,
+    pub created_at_ms: i64,
+}
+
+impl From<&Message> for WireMessage {
+    fn from(m: &Message) -> Self {
+        Self {
+            id: m.id,
+            channel: m.channel.clone(),
+            from: m.sender.clone(),
+            from_device: m.sender_device.clone(),
+            text: m.text.clone(),
+            created_at_ms: m.created_at_ms,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WireInboxEntry {
+    #[serde(serialize_with = "id_string")]
+    pub position: u64,
+    pub message: WireMessage,
+}
+
+impl From<&InboxEntry> for WireInboxEntry {
+    fn from(e: &InboxEntry) -> Self {
+        Self { position: e.position, message: WireMessage::from(&e.message) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WireGroup {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub members: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WirePresence {
+    pub user: String,
+    pub online: bool,
+    pub last_active_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame on every connection.
+    Hello {
+        protocol: u32,
+        user: String,
+        device: String,
+        heartbeat_seconds: u32,
+        max_message_chars: usize,
+        server_time_ms: i64,
+    },
+    /// The message is durably stored (or was already, for a retried key).
+    Ack {
+        req: Option<String>,
+        #[serde(serialize_with = "id_string")]
+        id: u64,
+        channel: String,
+        created_at_ms: i64,
+        /// True when this key was seen before and nothing new was stored.
+        duplicate: bool,
+    },
+    /// A live message for this user (also the sender's other devices).
+    Message {
+        #[serde(serialize_with = "id_string")]
+        position: u64,
+        message: WireMessage,
+    },
+    Synced {
+        req: Option<String>,
+        entries: Vec<WireInboxEntry>,
+        /// Send this as `after` to fetch the next page while `has_more`.
+        #[serde(serialize_with = "id_string")]
+        next: u64,
+        /// Store this and send it as `after` next time (it may lag the last
+        /// entry: see docs/protocol.md, "Sync").
+        #[serde(serialize_with = "id_string")]
+        cursor: u64,
+        has_more: bool,
+    },
+    History {
+        req: Option<String>,
+        channel: String,
+        messages: Vec<WireMessage>,
+        has_more: bool,
+    },
+    Group {
+        req: Option<String>,
+        group: WireGroup,
+    },
+    Channels {
+        req: Option<String>,
+        channels: Vec<String>,
+    },
+    Presence {
+        req: Option<String>,
+        users: Vec<WirePresence>,
+    },
+    /// A presence change of someone the user shares a channel with.
+    PresenceChanged {
+        user: String,
+        online: bool,
+        last_active_ms: Option<i64>,
+    },
+    Ok {
+        req: Option<String>,
+    },
+    Error {
+        req: Option<String>,
+        code: ErrorCode,
+        message: String,
+    },
+    /// Live delivery may have skipped messages: sync from your cursor.
+    Resync {
+        reason: String,
+    },
+}
+
+impl From<ProtocolError> for ServerFrame {
+    fn from(e: ProtocolError) -> Self {
+        ServerFrame::Error { req: e.req, code: e.code, message: e.message }
+    }
+}

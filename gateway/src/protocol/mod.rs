@@ -1,0 +1,97 @@
+//! The wire protocol (version 1): JSON text frames, each an object with a
+//! `"type"`. Pure: decoding, validation and encoding, no I/O. The reference
+//! for client authors is `docs/protocol.md`; tests keep the two in step.
+//!
+//! - [`frames`]: what clients send ([`ClientFrame`]) and what they receive ([`ServerFrame`]).
+//! - [`errors`]: stable error codes.
+
+pub mod errors;
+pub mod frames;
+
+pub use errors::{ErrorCode, ProtocolError};
+pub use frames::{ClientFrame, Recipient, ServerFrame, WireInboxEntry, WireMessage};
+
+/// Version spoken on `/v1/ws`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request id echoed back (`req`).
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+/// Longest idempotency key.
+pub const MAX_KEY_LEN: usize = 128;
+/// Longest user, device or group name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Limits the decoder enforces (from the ChatCluster's `chat` settings).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_message_chars: usize,
+    pub max_group_members: usize,
+    pub max_page: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_message_chars: 100_000, max_group_members: 100, max_page: 200 }
+    }
+}
+
+/// Decodes and validates one text frame. Never panics: every malformed
+/// input becomes a [`ProtocolError`] with a stable code and, when the frame
+/// named one, its request id so the client can match the error.
+pub fn decode(text: &str, limits: &Limits) -> Result<ClientFrame, ProtocolError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ProtocolError::new(ErrorCode::BadFrame, format!("not JSON: {e}")))?;
+    let req = value.get("req").and_then(|r| r.as_str()).map(|r| r.chars().take(MAX_REQUEST_ID_LEN).collect::<String>());
+    let with_req = |e: ProtocolError| e.with_req(req.clone());
+    let Some(kind) = value.get("type").and_then(|t| t.as_str()).map(str::to_owned) else {
+        return Err(with_req(ProtocolError::new(
+            ErrorCode::BadFrame,
+            "a frame is a JSON object with a string \"type\"",
+        )));
+    };
+    if !frames::CLIENT_TYPES.contains(&kind.as_str()) {
+        return Err(with_req(ProtocolError::new(ErrorCode::UnknownType, format!("unknown frame type {kind:?}"))));
+    }
+    let frame: ClientFrame = serde_json::from_value(value).map_err(|e| {
+        let message = e.to_string();
+        let code = if message.starts_with("missing field") { ErrorCode::MissingField } else { ErrorCode::BadFrame };
+        with_req(ProtocolError::new(code, format!("{kind}: {message}")))
+    })?;
+    frame.validate(limits).map_err(with_req)?;
+    Ok(frame)
+}
+
+/// Encodes a server frame as JSON text.
+pub fn encode(frame: &ServerFrame) -> String {
+    // Serializing plain data structs cannot fail; an empty object keeps the
+    // connection alive if it ever did.
+    serde_json::to_string(frame).unwrap_or_else(|_| "{}".into())
+}
+
+/// Whether `name` is a valid user or device id: 1–64 of `[A-Za-z0-9_.@-]`.
+/// (`:` is excluded so direct channel ids `dm:<a>:<b>` are unambiguous.)
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
+}
+
+/// The channel of a direct conversation: derived from the sorted pair, so
+/// both users name the same channel.
+pub fn direct_channel(a: &str, b: &str) -> String {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    format!("dm:{first}:{second}")
+}
+
+/// The two users of a direct channel id.
+pub fn direct_members(channel: &str) -> Option<(&str, &str)> {
+    let rest = channel.strip_prefix("dm:")?;
+    let (a, b) = rest.split_once(':')?;
+    (valid_name(a) && valid_name(b)).then_some((a, b))
+}
+
+pub fn is_group_channel(channel: &str) -> bool {
+    channel.starts_with("g:")
+}
+
+#[cfg(test)]
+mod tests;
