@@ -1,1 +1,709 @@
-//! Placeholder: being written.
+//! [`Store`] on ScyllaDB, or any CQL database (Cassandra 5 stands in for it
+//! in local runs), for clustered gateways.
+//!
+//! Schema (all created by [`ScyllaStore::connect`] with `IF NOT EXISTS`, no
+//! TTL anywhere: history is kept forever):
+//!
+//! ```text
+//! messages      ((channel_id, bucket), id DESC)   sender, sender_device, body, created_at_ms
+//! inbox         ((user_id, bucket), position DESC) channel_id, message_id, sender, sender_device, body, created_at_ms
+//! sends         ((sender, idem_key))               message_id, channel_id
+//! groups        ((group_id))                       name, owner, created_at_ms
+//! members       ((group_id), user_id)
+//! user_channels ((user_id), channel_id)
+//! ```
+//!
+//! `bucket` is [`bucket_of`] the id (history) or the position (inbox), so a
+//! partition holds one month of one channel or one user and stays bounded.
+//! Ids and positions are `u64` stored as CQL `bigint` (see [`to_cql`]).
+//!
+//! Consistency: every statement runs at [`ScyllaConfig::consistency`]
+//! (QUORUM by default). Writes and reads at QUORUM overlap, which is what
+//! gives the trait's "reads see completed writes"; a write returns `Ok` only
+//! once the coordinator acknowledged it at that level.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
+use scylla::response::query_result::QueryResult;
+use scylla::serialize::SerializationError;
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::{Consistency, Statement};
+
+use super::{Delivery, Group, InboxEntry, Message, Page, Reservation, Store, StoreError, StoreResult, bucket_of};
+use crate::ids;
+
+/// How far ahead of this gateway's clock another gateway's ids may be: reads
+/// that scan buckets "up to now" look this much further so that an id minted
+/// by a slightly fast clock just after a month boundary is not skipped.
+const CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// Connection and schema settings.
+#[derive(Clone)]
+pub struct ScyllaConfig {
+    /// `host:port` of one or more nodes; the driver discovers the rest.
+    pub contact_points: Vec<String>,
+    /// Created if missing. Lower-case letters, digits and `_`, starting with
+    /// a letter, at most 48 characters (it is spliced into DDL).
+    pub keyspace: String,
+    /// Only used when the keyspace is created; an existing keyspace keeps its
+    /// replication (change it with `ALTER KEYSPACE` and a repair).
+    pub replication_factor: u32,
+    /// Level of every read and write. QUORUM (default) for reads to see
+    /// completed writes; `LocalQuorum` when `local_datacenter` is set.
+    pub consistency: Consistency,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// When set: the keyspace uses `NetworkTopologyStrategy` with
+    /// `replication_factor` replicas in this datacenter, and the driver
+    /// prefers its nodes.
+    pub local_datacenter: Option<String>,
+    /// Client-side limit of one request (and of establishing a connection).
+    pub request_timeout: Duration,
+    /// Upper bound of the estimated payload of one logged batch. A message to a
+    /// big group is split into several batches below it, because the server
+    /// rejects larger ones (`batch_size_fail_threshold`: 50 KiB on Cassandra,
+    /// 1 MiB on ScyllaDB by default).
+    pub max_batch_bytes: usize,
+}
+
+impl Default for ScyllaConfig {
+    fn default() -> Self {
+        Self {
+            contact_points: vec!["127.0.0.1:9042".to_owned()],
+            keyspace: "kubechat".to_owned(),
+            replication_factor: 3,
+            consistency: Consistency::Quorum,
+            username: None,
+            password: None,
+            local_datacenter: None,
+            request_timeout: Duration::from_secs(10),
+            max_batch_bytes: 40 * 1024,
+        }
+    }
+}
+
+/// Hand-written so that the password never reaches a log line.
+impl fmt::Debug for ScyllaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScyllaConfig")
+            .field("contact_points", &self.contact_points)
+            .field("keyspace", &self.keyspace)
+            .field("replication_factor", &self.replication_factor)
+            .field("consistency", &self.consistency)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("local_datacenter", &self.local_datacenter)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .finish()
+    }
+}
+
+/// Every statement the store runs, prepared once at connect time so each
+/// request only ships an id and the bound values.
+struct Prepared {
+    insert_message: PreparedStatement,
+    insert_inbox: PreparedStatement,
+    history_before: PreparedStatement,
+    history_after: PreparedStatement,
+    message: PreparedStatement,
+    inbox_after: PreparedStatement,
+    select_send: PreparedStatement,
+    insert_send: PreparedStatement,
+    insert_group: PreparedStatement,
+    select_group: PreparedStatement,
+    insert_member: PreparedStatement,
+    delete_member: PreparedStatement,
+    select_members: PreparedStatement,
+    insert_user_channel: PreparedStatement,
+    delete_user_channel: PreparedStatement,
+    select_user_channels: PreparedStatement,
+}
+
+/// The CQL implementation of [`Store`]. Cheap to share behind an `Arc`: the
+/// driver session multiplexes requests over its connection pool.
+pub struct ScyllaStore {
+    session: Session,
+    prepared: Prepared,
+    consistency: Consistency,
+    max_batch_bytes: usize,
+}
+
+/// A `u64` id or position as a CQL `bigint`, bit for bit. Ids are below 2^63
+/// for about 70 years after [`ids::EPOCH_MS`] (41 bits of milliseconds), so
+/// they stay positive and keep their order; beyond that they would wrap to
+/// negative numbers and sort first.
+pub fn to_cql(id: u64) -> i64 {
+    id.cast_signed()
+}
+
+/// Inverse of [`to_cql`].
+pub fn from_cql(value: i64) -> u64 {
+    value.cast_unsigned()
+}
+
+/// The error of a failed request: the backend could not do it now.
+fn unavailable<E: fmt::Display>(what: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Unavailable(format!("{what}: {e}"))
+}
+
+/// The error of a response whose rows are not what the schema promises.
+fn corrupt<E: fmt::Display>(what: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// CQL `LIMIT` of a `usize` (a limit beyond `i32::MAX` means "all").
+fn cql_limit(limit: usize) -> i32 {
+    i32::try_from(limit).unwrap_or(i32::MAX)
+}
+
+/// The newest bucket that may hold data now (see [`CLOCK_SKEW_MS`]).
+fn newest_bucket() -> i32 {
+    bucket_of(ids::first_id_at(ids::now_ms().saturating_add(CLOCK_SKEW_MS)))
+}
+
+/// The oldest bucket that may hold data: nothing is older than the id epoch.
+fn oldest_bucket() -> i32 {
+    bucket_of(0)
+}
+
+/// Decodes all rows of a result into `R`.
+fn decode<R>(result: QueryResult, what: &'static str) -> StoreResult<Vec<R>>
+where
+    R: for<'f> DeserializeRow<'f, 'f>,
+{
+    let rows = result.into_rows_result().map_err(corrupt(what))?;
+    let typed = rows.rows::<R>().map_err(corrupt(what))?;
+    typed.map(|row| row.map_err(corrupt(what))).collect()
+}
+
+/// Checks a keyspace name before it is spliced into DDL text.
+fn valid_keyspace(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 48
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// A CQL string literal.
+fn cql_string(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+type MessageRow = (i64, String, String, String, i64);
+type InboxRow = (i64, String, i64, String, String, String, i64);
+
+/// The bound values of one statement in a batch. Batches mix statements of
+/// different shapes, and the driver wants one `SerializeRow` type per batch.
+enum BatchRow<'a> {
+    /// `insert_message`: channel, bucket, id, sender, device, body, created_at.
+    Message((&'a str, i32, i64, &'a str, &'a str, &'a str, i64)),
+    /// `insert_inbox`: user, bucket, position, channel, message id, sender, device, body, created_at.
+    Inbox((&'a str, i32, i64, &'a str, i64, &'a str, &'a str, &'a str, i64)),
+    /// `insert_group`: id, name, owner, created_at.
+    Group((&'a str, &'a str, &'a str, i64)),
+    /// `insert_member` / `insert_user_channel` and their deletes.
+    Pair((&'a str, &'a str)),
+}
+
+impl BatchRow<'_> {
+    /// Upper estimate of the size the server counts against its batch limit,
+    /// for splitting big batches: the strings plus an allowance per cell for
+    /// numbers, timestamps and row overhead (Cassandra 5 measures about 20
+    /// bytes per cell on top of the strings; 32 keeps a margin).
+    fn estimated_bytes(&self) -> usize {
+        const CELL: usize = 32;
+        match self {
+            Self::Message((c, _, _, s, d, b, _)) => c.len() + s.len() + d.len() + b.len() + 7 * CELL,
+            Self::Inbox((u, _, _, c, _, s, d, b, _)) => u.len() + c.len() + s.len() + d.len() + b.len() + 9 * CELL,
+            Self::Group((i, n, o, _)) => i.len() + n.len() + o.len() + 4 * CELL,
+            Self::Pair((a, b)) => a.len() + b.len() + 2 * CELL,
+        }
+    }
+}
+
+impl SerializeRow for BatchRow<'_> {
+    fn serialize(&self, ctx: &RowSerializationContext<'_>, writer: &mut RowWriter) -> Result<(), SerializationError> {
+        match self {
+            Self::Message(v) => v.serialize(ctx, writer),
+            Self::Inbox(v) => v.serialize(ctx, writer),
+            Self::Group(v) => v.serialize(ctx, writer),
+            Self::Pair(v) => v.serialize(ctx, writer),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl ScyllaStore {
+    /// Connects, creates the keyspace and tables if missing (idempotent, so
+    /// every gateway does it at start) and prepares all statements.
+    pub async fn connect(config: ScyllaConfig) -> StoreResult<Self> {
+        if !valid_keyspace(&config.keyspace) {
+            return Err(StoreError::Unavailable(format!(
+                "invalid keyspace name {:?}: lower-case letters, digits and _, starting with a letter, at most 48",
+                config.keyspace
+            )));
+        }
+        if config.contact_points.is_empty() {
+            return Err(StoreError::Unavailable("no CQL contact points configured".to_owned()));
+        }
+
+        let profile = ExecutionProfile::builder()
+            .consistency(config.consistency)
+            .request_timeout(Some(config.request_timeout))
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&config.contact_points)
+            .connection_timeout(config.request_timeout)
+            .hostname_resolution_timeout(Some(config.request_timeout))
+            .default_execution_profile_handle(profile.into_handle());
+        // A user without a password still authenticates (with an empty one), so
+        // a half-configured secret fails loudly instead of connecting anonymously.
+        if let Some(user) = &config.username {
+            builder = builder.user(user, config.password.clone().unwrap_or_default());
+        }
+        if let Some(dc) = &config.local_datacenter {
+            builder = builder.prefer_datacenter(dc.clone());
+        }
+        // The driver's own timeouts bound each step; this guard bounds the
+        // whole handshake so a black-holed contact point cannot hang startup.
+        let guard = config.request_timeout.saturating_mul(3);
+        let session = tokio::time::timeout(guard, builder.build())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("connect to {:?}: no session after {guard:?}", config.contact_points))
+            })?
+            .map_err(|e| StoreError::Unavailable(format!("connect to {:?}: {e}", config.contact_points)))?;
+
+        create_schema(&session, &config).await?;
+        let prepared = prepare_all(&session, &config.keyspace, config.consistency).await?;
+        Ok(Self { session, prepared, consistency: config.consistency, max_batch_bytes: config.max_batch_bytes })
+    }
+
+    /// Runs `rows` as logged batches (each all-or-nothing once accepted), in
+    /// order, split so that none exceeds `max_batch_bytes`. Everything written
+    /// this way is idempotent, so a caller retrying after a failure in a later
+    /// batch just rewrites the earlier ones.
+    async fn write_batched(
+        &self,
+        what: &'static str,
+        rows: Vec<(&PreparedStatement, BatchRow<'_>)>,
+    ) -> StoreResult<()> {
+        let mut batch = self.new_batch();
+        let mut values: Vec<BatchRow<'_>> = Vec::new();
+        let mut bytes = 0;
+        for (statement, row) in rows {
+            let size = row.estimated_bytes();
+            if !values.is_empty() && bytes + size > self.max_batch_bytes {
+                self.session.batch(&batch, &values).await.map_err(unavailable(what))?;
+                batch = self.new_batch();
+                values.clear();
+                bytes = 0;
+            }
+            batch.append_statement(statement.clone());
+            values.push(row);
+            bytes += size;
+        }
+        if !values.is_empty() {
+            self.session.batch(&batch, &values).await.map_err(unavailable(what))?;
+        }
+        Ok(())
+    }
+
+    fn new_batch(&self) -> Batch {
+        let mut batch = Batch::new(BatchType::Logged);
+        batch.set_consistency(self.consistency);
+        // Upserts and deletes of fixed values: safe for the driver to retry.
+        batch.set_is_idempotent(true);
+        batch
+    }
+
+    /// History page scan over `buckets`, newest-first or oldest-first
+    /// depending on `statement`, until `limit` messages are found.
+    async fn scan_history(
+        &self,
+        channel: &str,
+        statement: &PreparedStatement,
+        bound: i64,
+        buckets: impl Iterator<Item = i32>,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let mut out = Vec::new();
+        for bucket in buckets {
+            if out.len() >= limit {
+                break;
+            }
+            let result = self
+                .session
+                .execute_unpaged(statement, (channel, bucket, bound, cql_limit(limit - out.len())))
+                .await
+                .map_err(unavailable("read history"))?;
+            let rows: Vec<MessageRow> = decode(result, "decode history")?;
+            out.extend(rows.into_iter().map(|row| message_of(channel, row)));
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+}
+
+fn message_of(channel: &str, (id, sender, sender_device, text, created_at_ms): MessageRow) -> Message {
+    Message { id: from_cql(id), channel: channel.to_owned(), sender, sender_device, text, created_at_ms }
+}
+
+/// Creates the keyspace and tables unless they exist. Concurrent runs from
+/// several gateways are fine on ScyllaDB (Raft schema); on Cassandra < 5.1
+/// truly simultaneous `CREATE TABLE` on different coordinators can race, so
+/// the first start of a fresh cluster is best done by one gateway.
+async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<()> {
+    let ks = &config.keyspace;
+    let rf = config.replication_factor.max(1);
+    let replication = match &config.local_datacenter {
+        Some(dc) => format!("{{'class': 'NetworkTopologyStrategy', {}: {rf}}}", cql_string(dc)),
+        None => format!("{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}"),
+    };
+    // Explicit `default_time_to_live = 0`: chat history is kept forever.
+    let ddl = [
+        format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.messages (channel_id text, bucket int, id bigint, sender text, \
+             sender_device text, body text, created_at_ms bigint, PRIMARY KEY ((channel_id, bucket), id)) \
+             WITH CLUSTERING ORDER BY (id DESC) AND default_time_to_live = 0"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.inbox (user_id text, bucket int, position bigint, channel_id text, \
+             message_id bigint, sender text, sender_device text, body text, created_at_ms bigint, \
+             PRIMARY KEY ((user_id, bucket), position)) \
+             WITH CLUSTERING ORDER BY (position DESC) AND default_time_to_live = 0"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.sends (sender text, idem_key text, message_id bigint, channel_id text, \
+             PRIMARY KEY ((sender, idem_key))) WITH default_time_to_live = 0"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.groups (group_id text PRIMARY KEY, name text, owner text, \
+             created_at_ms bigint) WITH default_time_to_live = 0"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.members (group_id text, user_id text, PRIMARY KEY ((group_id), user_id)) \
+             WITH default_time_to_live = 0"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.user_channels (user_id text, channel_id text, \
+             PRIMARY KEY ((user_id), channel_id)) WITH default_time_to_live = 0"
+        ),
+    ];
+    // Schema changes are slow (every node applies them), hence a longer timeout.
+    let ddl_timeout = config.request_timeout.max(Duration::from_secs(60));
+    for text in ddl {
+        let mut statement = Statement::new(text);
+        statement.set_request_timeout(Some(ddl_timeout));
+        session.query_unpaged(statement, ()).await.map_err(unavailable("create schema"))?;
+    }
+    // The driver already waits after each DDL statement; waiting once more
+    // makes "all nodes know every table" explicit before statements are prepared.
+    session.await_schema_agreement().await.map_err(unavailable("schema agreement"))?;
+    Ok(())
+}
+
+async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> StoreResult<Prepared> {
+    let prepare = |text: String| async move {
+        let mut statement = session.prepare(text).await.map_err(unavailable("prepare statement"))?;
+        statement.set_consistency(consistency);
+        statement.set_is_idempotent(true);
+        Ok::<_, StoreError>(statement)
+    };
+    let message_columns = "id, sender, sender_device, body, created_at_ms";
+    Ok(Prepared {
+        insert_message: prepare(format!(
+            "INSERT INTO {ks}.messages (channel_id, bucket, id, sender, sender_device, body, created_at_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .await?,
+        insert_inbox: prepare(format!(
+            "INSERT INTO {ks}.inbox (user_id, bucket, position, channel_id, message_id, sender, sender_device, body, \
+             created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .await?,
+        history_before: prepare(format!(
+            "SELECT {message_columns} FROM {ks}.messages WHERE channel_id = ? AND bucket = ? AND id < ? \
+             ORDER BY id DESC LIMIT ?"
+        ))
+        .await?,
+        history_after: prepare(format!(
+            "SELECT {message_columns} FROM {ks}.messages WHERE channel_id = ? AND bucket = ? AND id > ? \
+             ORDER BY id ASC LIMIT ?"
+        ))
+        .await?,
+        message: prepare(format!(
+            "SELECT {message_columns} FROM {ks}.messages WHERE channel_id = ? AND bucket = ? AND id = ?"
+        ))
+        .await?,
+        inbox_after: prepare(format!(
+            "SELECT position, channel_id, message_id, sender, sender_device, body, created_at_ms FROM {ks}.inbox \
+             WHERE user_id = ? AND bucket = ? AND position > ? ORDER BY position ASC LIMIT ?"
+        ))
+        .await?,
+        select_send: prepare(format!(
+            "SELECT message_id, channel_id FROM {ks}.sends WHERE sender = ? AND idem_key = ?"
+        ))
+        .await?,
+        insert_send: prepare(format!(
+            "INSERT INTO {ks}.sends (sender, idem_key, message_id, channel_id) VALUES (?, ?, ?, ?)"
+        ))
+        .await?,
+        insert_group: prepare(format!(
+            "INSERT INTO {ks}.groups (group_id, name, owner, created_at_ms) VALUES (?, ?, ?, ?)"
+        ))
+        .await?,
+        select_group: prepare(format!("SELECT name, owner, created_at_ms FROM {ks}.groups WHERE group_id = ?")).await?,
+        insert_member: prepare(format!("INSERT INTO {ks}.members (group_id, user_id) VALUES (?, ?)")).await?,
+        delete_member: prepare(format!("DELETE FROM {ks}.members WHERE group_id = ? AND user_id = ?")).await?,
+        select_members: prepare(format!("SELECT user_id FROM {ks}.members WHERE group_id = ?")).await?,
+        insert_user_channel: prepare(format!("INSERT INTO {ks}.user_channels (user_id, channel_id) VALUES (?, ?)"))
+            .await?,
+        delete_user_channel: prepare(format!("DELETE FROM {ks}.user_channels WHERE user_id = ? AND channel_id = ?"))
+            .await?,
+        select_user_channels: prepare(format!("SELECT channel_id FROM {ks}.user_channels WHERE user_id = ?")).await?,
+    })
+}
+
+#[async_trait]
+impl Store for ScyllaStore {
+    async fn reserve_send(&self, sender: &str, key: &str, candidate: u64, channel: &str) -> StoreResult<Reservation> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_send, (sender, key))
+            .await
+            .map_err(unavailable("read send key"))?;
+        let found: Vec<(i64, String)> = decode(result, "decode send key")?;
+        if let Some((id, channel)) = found.into_iter().next() {
+            return Ok(Reservation::Existing { id: from_cql(id), channel });
+        }
+        // Read-then-insert, not a lightweight transaction (`IF NOT EXISTS`
+        // would cost a Paxos round on every send): two retries of the same
+        // key from the same sender racing on two gateways may both get `New`,
+        // and the later insert wins the key. Accepted: a client retries one
+        // send at a time, so this needs a retry to overtake its own original.
+        self.session
+            .execute_unpaged(&self.prepared.insert_send, (sender, key, to_cql(candidate), channel))
+            .await
+            .map_err(unavailable("reserve send key"))?;
+        Ok(Reservation::New)
+    }
+
+    async fn write_message(&self, message: &Message, deliveries: &[Delivery]) -> StoreResult<()> {
+        let id = to_cql(message.id);
+        let mut rows: Vec<(&PreparedStatement, BatchRow<'_>)> = deliveries
+            .iter()
+            .map(|d| {
+                let row = BatchRow::Inbox((
+                    d.user.as_str(),
+                    bucket_of(d.position),
+                    to_cql(d.position),
+                    message.channel.as_str(),
+                    id,
+                    message.sender.as_str(),
+                    message.sender_device.as_str(),
+                    message.text.as_str(),
+                    message.created_at_ms,
+                ));
+                (&self.prepared.insert_inbox, row)
+            })
+            .collect();
+        // History last: if a big delivery is split over several batches and
+        // one fails, the message is not in history before every inbox has it.
+        rows.push((
+            &self.prepared.insert_message,
+            BatchRow::Message((
+                message.channel.as_str(),
+                bucket_of(message.id),
+                id,
+                message.sender.as_str(),
+                message.sender_device.as_str(),
+                message.text.as_str(),
+                message.created_at_ms,
+            )),
+        ));
+        self.write_batched("write message", rows).await
+    }
+
+    async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
+        let mut out = Vec::new();
+        let first = bucket_of(after);
+        for bucket in first..=newest_bucket().max(first) {
+            if out.len() >= limit {
+                break;
+            }
+            let result = self
+                .session
+                .execute_unpaged(
+                    &self.prepared.inbox_after,
+                    (user, bucket, to_cql(after), cql_limit(limit - out.len())),
+                )
+                .await
+                .map_err(unavailable("read inbox"))?;
+            let rows: Vec<InboxRow> = decode(result, "decode inbox")?;
+            out.extend(rows.into_iter().map(|(position, channel, id, sender, sender_device, text, created_at_ms)| {
+                InboxEntry {
+                    position: from_cql(position),
+                    message: Message { id: from_cql(id), channel, sender, sender_device, text, created_at_ms },
+                }
+            }));
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn history(&self, channel: &str, page: Page, limit: usize) -> StoreResult<Vec<Message>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let oldest = oldest_bucket();
+        match page {
+            Page::Latest => {
+                let buckets = (oldest..=newest_bucket()).rev();
+                self.scan_history(channel, &self.prepared.history_before, i64::MAX, buckets, limit).await
+            }
+            Page::Before(id) => {
+                let buckets = (oldest..=bucket_of(id)).rev();
+                self.scan_history(channel, &self.prepared.history_before, to_cql(id), buckets, limit).await
+            }
+            Page::After(id) => {
+                let first = bucket_of(id);
+                let buckets = first..=newest_bucket().max(first);
+                self.scan_history(channel, &self.prepared.history_after, to_cql(id), buckets, limit).await
+            }
+        }
+    }
+
+    async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.message, (channel, bucket_of(id), to_cql(id)))
+            .await
+            .map_err(unavailable("read message"))?;
+        let rows: Vec<MessageRow> = decode(result, "decode message")?;
+        Ok(rows.into_iter().next().map(|row| message_of(channel, row)))
+    }
+
+    async fn create_group(&self, group: &Group, members: &[String]) -> StoreResult<()> {
+        let mut rows = Vec::with_capacity(2 * members.len() + 1);
+        for user in members {
+            rows.push((&self.prepared.insert_member, BatchRow::Pair((group.id.as_str(), user.as_str()))));
+            rows.push((&self.prepared.insert_user_channel, BatchRow::Pair((user.as_str(), group.id.as_str()))));
+        }
+        // Group row last: once `group()` finds it, every member is stored.
+        rows.push((
+            &self.prepared.insert_group,
+            BatchRow::Group((group.id.as_str(), group.name.as_str(), group.owner.as_str(), group.created_at_ms)),
+        ));
+        self.write_batched("create group", rows).await
+    }
+
+    async fn group(&self, id: &str) -> StoreResult<Option<Group>> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_group, (id,))
+            .await
+            .map_err(unavailable("read group"))?;
+        let rows: Vec<(String, String, i64)> = decode(result, "decode group")?;
+        Ok(rows.into_iter().next().map(|(name, owner, created_at_ms)| Group {
+            id: id.to_owned(),
+            name,
+            owner,
+            created_at_ms,
+        }))
+    }
+
+    async fn add_member(&self, group: &str, user: &str) -> StoreResult<()> {
+        let rows = vec![
+            (&self.prepared.insert_member, BatchRow::Pair((group, user))),
+            (&self.prepared.insert_user_channel, BatchRow::Pair((user, group))),
+        ];
+        self.write_batched("add member", rows).await
+    }
+
+    async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
+        let rows = vec![
+            (&self.prepared.delete_member, BatchRow::Pair((group, user))),
+            (&self.prepared.delete_user_channel, BatchRow::Pair((user, group))),
+        ];
+        self.write_batched("remove member", rows).await
+    }
+
+    async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_members, (group,))
+            .await
+            .map_err(unavailable("read members"))?;
+        let rows: Vec<(String,)> = decode(result, "decode members")?;
+        // Clustering order is byte order already; sorting keeps the contract
+        // independent of the server's collation.
+        let mut members: Vec<String> = rows.into_iter().map(|(user,)| user).collect();
+        members.sort();
+        Ok(members)
+    }
+
+    async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_user_channels, (user,))
+            .await
+            .map_err(unavailable("read channels"))?;
+        let rows: Vec<(String,)> = decode(result, "decode channels")?;
+        let mut channels: Vec<String> = rows.into_iter().map(|(channel,)| channel).collect();
+        channels.sort();
+        Ok(channels)
+    }
+
+    async fn add_direct_channel(&self, user: &str, channel: &str) -> StoreResult<()> {
+        self.session
+            .execute_unpaged(&self.prepared.insert_user_channel, (user, channel))
+            .await
+            .map_err(unavailable("add direct channel"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_through_bigint() {
+        for id in [0, 1, (1 << 63) - 1, 1 << 63, u64::MAX] {
+            assert_eq!(from_cql(to_cql(id)), id);
+        }
+        assert!(to_cql((1 << 63) - 1) > to_cql(1));
+    }
+
+    #[test]
+    fn keyspace_names_are_checked() {
+        assert!(valid_keyspace("kubechat"));
+        assert!(valid_keyspace("t_1"));
+        assert!(!valid_keyspace(""));
+        assert!(!valid_keyspace("1abc"));
+        assert!(!valid_keyspace("Kube"));
+        assert!(!valid_keyspace("a; DROP"));
+        assert!(!valid_keyspace(&"a".repeat(49)));
+    }
+
+    #[test]
+    fn buckets_cover_now() {
+        assert!(oldest_bucket() <= newest_bucket());
+        assert!(bucket_of(ids::first_id_at(ids::now_ms())) <= newest_bucket());
+    }
+}
