@@ -30,6 +30,23 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code (a test checks each is documented in docs/protocol.md).
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownType,
+        ErrorCode::MissingField,
+        ErrorCode::InvalidArgument,
+        ErrorCode::MessageTooLong,
+        ErrorCode::EmptyMessage,
+        ErrorCode::NotMember,
+        ErrorCode::NoSuchGroup,
+        ErrorCode::GroupFull,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::StorageUnavailable,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadFrame => "bad_frame",
@@ -68,5 +85,34 @@ impl ProtocolError {
             self.req = req;
         }
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_code_once() {
+        // Adding a variant breaks this match until ALL (and the docs) include it.
+        let index = |code: ErrorCode| match code {
+            ErrorCode::BadFrame => 0,
+            ErrorCode::UnknownType => 1,
+            ErrorCode::MissingField => 2,
+            ErrorCode::InvalidArgument => 3,
+            ErrorCode::MessageTooLong => 4,
+            ErrorCode::EmptyMessage => 5,
+            ErrorCode::NotMember => 6,
+            ErrorCode::NoSuchGroup => 7,
+            ErrorCode::GroupFull => 8,
+            ErrorCode::Forbidden => 9,
+            ErrorCode::RateLimited => 10,
+            ErrorCode::StorageUnavailable => 11,
+            ErrorCode::Internal => 12,
+        };
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(index(*code), i);
+            assert_eq!(serde_json::to_value(code).expect("JSON"), code.as_str());
+        }
     }
 }

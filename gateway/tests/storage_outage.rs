@@ -1,0 +1,102 @@
+//! When storage fails, a send gets `storage_unavailable`, nothing is
+//! acknowledged, and a retry with the same key after recovery is stored
+//! once. The outage is simulated by a store wrapper (the real embedded store
+//! underneath) whose writes fail while a switch is on.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{Client, KEY};
+use kubechat_gateway::app::{self, GatewayOptions};
+use kubechat_gateway::store::embedded::EmbeddedStore;
+use kubechat_gateway::store::{
+    Delivery, Group, InboxEntry, Message, Page, Reservation, Store, StoreError, StoreResult,
+};
+use kubechat_gateway::transport::auth::Authenticator;
+use serde_json::json;
+
+struct FlakyStore {
+    inner: Arc<EmbeddedStore>,
+    down: AtomicBool,
+}
+
+impl FlakyStore {
+    fn check(&self) -> StoreResult<()> {
+        if self.down.load(Ordering::Relaxed) { Err(StoreError::Unavailable("simulated outage".into())) } else { Ok(()) }
+    }
+}
+
+#[async_trait]
+impl Store for FlakyStore {
+    async fn reserve_send(&self, sender: &str, key: &str, candidate: u64, channel: &str) -> StoreResult<Reservation> {
+        self.inner.reserve_send(sender, key, candidate, channel).await
+    }
+    async fn write_message(&self, message: &Message, deliveries: &[Delivery]) -> StoreResult<()> {
+        self.check()?;
+        self.inner.write_message(message, deliveries).await
+    }
+    async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
+        self.check()?;
+        self.inner.inbox_after(user, after, limit).await
+    }
+    async fn history(&self, channel: &str, page: Page, limit: usize) -> StoreResult<Vec<Message>> {
+        self.inner.history(channel, page, limit).await
+    }
+    async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>> {
+        self.inner.message(channel, id).await
+    }
+    async fn create_group(&self, group: &Group, members: &[String]) -> StoreResult<()> {
+        self.inner.create_group(group, members).await
+    }
+    async fn group(&self, id: &str) -> StoreResult<Option<Group>> {
+        self.inner.group(id).await
+    }
+    async fn add_member(&self, group: &str, user: &str) -> StoreResult<()> {
+        self.inner.add_member(group, user).await
+    }
+    async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
+        self.inner.remove_member(group, user).await
+    }
+    async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
+        self.inner.members(group).await
+    }
+    async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
+        self.inner.channels_of(user).await
+    }
+    async fn add_direct_channel(&self, user: &str, channel: &str) -> StoreResult<()> {
+        self.inner.add_direct_channel(user, channel).await
+    }
+}
+
+#[tokio::test]
+async fn a_storage_outage_acks_nothing_and_a_retry_stores_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let inner = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+    let store = Arc::new(FlakyStore { inner: inner.clone(), down: AtomicBool::new(true) });
+    let options = GatewayOptions { listen: "127.0.0.1:0".parse().expect("addr"), ..GatewayOptions::default() };
+    let gateway = app::start(store.clone(), Arc::new(inner.clone()), Authenticator::new(KEY).expect("key"), 0, options)
+        .await
+        .expect("start");
+    let mut alice = Client::connect(&gateway, "alice", "phone").await;
+    let mut bob = Client::connect(&gateway, "bob", "phone").await;
+
+    let refused = alice.send_to_user("bob", "during the outage", "retry-me").await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "storage_unavailable");
+    bob.expect_no_message(Duration::from_millis(300)).await;
+    let sync = bob.request(json!({"type": "sync"})).await;
+    assert_eq!(sync["code"], "storage_unavailable", "reads fail clearly too: {sync}");
+
+    store.down.store(false, Ordering::Relaxed);
+    let ack = alice.send_to_user("bob", "during the outage", "retry-me").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["duplicate"], false, "the first attempt stored nothing");
+    assert_eq!(bob.expect_message().await["message"]["id"], ack["id"]);
+    let history = bob.request(json!({"type": "history", "channel": "dm:alice:bob"})).await;
+    assert_eq!(history["messages"].as_array().map(Vec::len), Some(1));
+    gateway.stop(Duration::from_secs(5)).await;
+}
