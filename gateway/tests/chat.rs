@@ -348,3 +348,29 @@ async fn connecting_without_a_valid_token_is_refused_with_401() {
     assert_eq!(status_of(format!("{}?token=not.a.jwt", gateway.ws_url())).await.0, 401);
     gateway.stop(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn an_expiring_token_ends_the_session_with_4003() {
+    use futures::StreamExt;
+    let backend = Backend::embedded();
+    let (gateway, _) = backend.start().await;
+    let short = kubechat_gateway::transport::auth::Authenticator::new(common::KEY)
+        .expect("key")
+        .mint("alice", "phone", 1)
+        .expect("mint");
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("{}?token={short}", gateway.ws_url())).await.expect("connect");
+    let close = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if let tokio_tungstenite::tungstenite::Message::Close(frame) = message {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("the session should end when the token expires");
+    let frame = close.expect("a close frame with a code");
+    assert_eq!(u16::from(frame.code), 4003, "{frame:?}");
+    gateway.stop(Duration::from_secs(5)).await;
+}
