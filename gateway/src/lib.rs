@@ -5,19 +5,23 @@
 //! - [`app`]: wiring of the parts into a running gateway.
 //! - [`config`]: the config file the operator mounts.
 //! - [`client`]: a line-based terminal client.
+//! - [`broker`]: cross-gateway routing and presence state (trait; local and Redis).
 //! - [`chat`]: sending, sync, history, groups, presence; the local connection hub (no sockets).
 //! - [`transport`]: hyper + WebSocket, auth, per-connection limits.
 //! - [`ids`]: time-ordered 64-bit ids for messages and inbox positions.
+//! - [`push`]: push workers: Redis Stream consumer group → webhook/FCM/APNs.
 //! - [`protocol`]: frames, validation and error codes (pure, no I/O).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`store`]: the durable storage trait, with ScyllaDB and embedded (redb) implementations.
 
 pub mod app;
+pub mod broker;
 pub mod chat;
 pub mod client;
 pub mod config;
 pub mod ids;
 pub mod metrics;
 pub mod protocol;
+pub mod push;
 pub mod store;
 pub mod transport;

@@ -379,7 +379,6 @@ impl<'t> Tables<'t> {
 /// default is `Durability::Immediate`).
 fn apply(db: &Database, ops: &[&Op]) -> Result<Vec<Done>, Failure> {
     let txn = db.begin_write().map_err(|err| Failure::Apply(storage("starting a write")(err)))?;
-    let t0 = std::time::Instant::now();
     let done = {
         let mut tables = Tables::open(&txn).map_err(Failure::Apply)?;
         let mut max_id = 0;
@@ -392,9 +391,7 @@ fn apply(db: &Database, ops: &[&Op]) -> Result<Vec<Done>, Failure> {
         });
         done.map_err(Failure::Apply)?
     };
-    let t1 = t0.elapsed();
     txn.commit().map_err(|err| Failure::Commit(storage("committing")(err)))?;
-    eprintln!("BATCH {} {} {}", ops.len(), t1.as_micros(), (t0.elapsed() - t1).as_micros());
     Ok(done)
 }
 

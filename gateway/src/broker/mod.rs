@@ -1,0 +1,136 @@
+//! Cross-gateway routing and presence state: who is connected where, live
+//! forwarding of frames to other gateways, and online/offline transitions.
+//!
+//! - [`Broker`]: the seam the chat layer uses.
+//! - [`LocalBroker`]: one gateway alone (standalone mode): nothing to forward.
+//! - [`redis::RedisBroker`]: many gateways sharing Redis.
+//!
+//! Contract: forwarding is **at most once** and best effort. The durable
+//! inbox is the source of truth; a lost forward costs latency (the device
+//! syncs on `resync` or reconnect), never a message. Back-ends call back into
+//! the chat layer through [`LocalDelivery`] instead of holding it.
+
+pub mod redis;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+/// An encoded frame, shared by every connection it goes to.
+pub type Frame = std::sync::Arc<str>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("broker unavailable: {0}")]
+pub struct BrokerError(pub String);
+
+/// What the chat layer offers the broker's background work.
+pub trait LocalDelivery: Send + Sync + 'static {
+    /// Queues `frame` on every connection here of each of `users`.
+    fn deliver_local(&self, users: &[String], frame: &Frame);
+    /// Live delivery may have been interrupted: tell every connection to sync.
+    fn resync_all(&self, reason: &str);
+    /// `(user, device)` of every session this gateway holds (re-registered after Redis restarts).
+    fn local_sessions(&self) -> Vec<(String, String)>;
+    /// `user` went offline because the gateway holding them died.
+    fn remote_user_offline(&self, user: String);
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Forwards `frame` to the devices of `users` connected to other
+    /// gateways; returns the users with no device connected anywhere.
+    async fn route(&self, users: &[String], frame: &Frame) -> Result<HashSet<String>, BrokerError>;
+    /// A device of `user` now has a session here. True when the user was
+    /// offline everywhere before (an online transition).
+    async fn session_added(&self, user: &str, device: &str) -> Result<bool, BrokerError>;
+    /// The device's session here ended. True when the user is now offline
+    /// everywhere (an offline transition).
+    async fn session_removed(&self, user: &str, device: &str) -> Result<bool, BrokerError>;
+    /// Which of `users` are online anywhere.
+    async fn online(&self, users: &[String]) -> Result<HashSet<String>, BrokerError>;
+    /// When each of `users` was last seen connecting or leaving (ms since the epoch).
+    async fn last_active(&self, users: &[String]) -> Result<Vec<Option<i64>>, BrokerError>;
+    /// False while routing or presence may be incomplete (Redis unreachable).
+    fn healthy(&self) -> bool;
+}
+
+/// The standalone gateway's broker: every session is here.
+#[derive(Default)]
+pub struct LocalBroker {
+    state: Mutex<LocalState>,
+}
+
+#[derive(Default)]
+struct LocalState {
+    sessions: HashMap<String, HashSet<String>>,
+    last_active: HashMap<String, i64>,
+}
+
+impl LocalBroker {
+    fn with_state<T>(&self, f: impl FnOnce(&mut LocalState) -> T) -> T {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut state)
+    }
+}
+
+#[async_trait]
+impl Broker for LocalBroker {
+    async fn route(&self, users: &[String], _frame: &Frame) -> Result<HashSet<String>, BrokerError> {
+        Ok(self.with_state(|s| users.iter().filter(|u| !s.sessions.contains_key(*u)).cloned().collect()))
+    }
+
+    async fn session_added(&self, user: &str, device: &str) -> Result<bool, BrokerError> {
+        Ok(self.with_state(|s| {
+            s.last_active.insert(user.to_string(), crate::ids::now_ms());
+            let devices = s.sessions.entry(user.to_string()).or_default();
+            let was_offline = devices.is_empty();
+            devices.insert(device.to_string());
+            was_offline
+        }))
+    }
+
+    async fn session_removed(&self, user: &str, device: &str) -> Result<bool, BrokerError> {
+        Ok(self.with_state(|s| {
+            s.last_active.insert(user.to_string(), crate::ids::now_ms());
+            let Some(devices) = s.sessions.get_mut(user) else { return false };
+            devices.remove(device);
+            if devices.is_empty() {
+                s.sessions.remove(user);
+                true
+            } else {
+                false
+            }
+        }))
+    }
+
+    async fn online(&self, users: &[String]) -> Result<HashSet<String>, BrokerError> {
+        Ok(self.with_state(|s| users.iter().filter(|u| s.sessions.contains_key(*u)).cloned().collect()))
+    }
+
+    async fn last_active(&self, users: &[String]) -> Result<Vec<Option<i64>>, BrokerError> {
+        Ok(self.with_state(|s| users.iter().map(|u| s.last_active.get(u).copied()).collect()))
+    }
+
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_transitions() {
+        let broker = LocalBroker::default();
+        assert!(broker.session_added("alice", "phone").await.expect("add"));
+        assert!(!broker.session_added("alice", "laptop").await.expect("add"));
+        assert!(!broker.session_removed("alice", "phone").await.expect("remove"));
+        let frame: Frame = std::sync::Arc::from("x");
+        let offline = broker.route(&["alice".into(), "bob".into()], &frame).await.expect("route");
+        assert_eq!(offline, HashSet::from(["bob".to_string()]));
+        assert!(broker.session_removed("alice", "laptop").await.expect("remove"));
+        assert!(broker.last_active(&["alice".into()]).await.expect("seen")[0].is_some());
+    }
+}

@@ -1,0 +1,94 @@
+//! The Redis broker against a real Redis: forwarding between gateways,
+//! online/offline transitions, and reaping a gateway that stopped renewing
+//! its lease.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kubechat_gateway::broker::redis::{RedisBroker, RedisBrokerConfig};
+use kubechat_gateway::broker::{Broker, Frame, LocalDelivery};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Default)]
+struct Recorder {
+    delivered: Mutex<Vec<(Vec<String>, String)>>,
+    offline: Mutex<Vec<String>>,
+}
+
+impl LocalDelivery for Recorder {
+    fn deliver_local(&self, users: &[String], frame: &Frame) {
+        self.delivered.lock().expect("lock").push((users.to_vec(), frame.to_string()));
+    }
+    fn resync_all(&self, _reason: &str) {}
+    fn local_sessions(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    fn remote_user_offline(&self, user: String) {
+        self.offline.lock().expect("lock").push(user);
+    }
+}
+
+fn redis_client() -> redis::Client {
+    let url = std::env::var("KUBECHAT_REDIS_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:16379".into());
+    redis::Client::open(url).expect("Redis URL")
+}
+
+async fn broker(id: &str, lease: Duration, recorder: Arc<Recorder>, shutdown: &CancellationToken) -> Arc<RedisBroker> {
+    let config = RedisBrokerConfig { gateway_id: id.into(), lease, command_timeout: Duration::from_secs(2) };
+    RedisBroker::start(redis_client(), config, recorder, &TaskTracker::new(), shutdown.clone())
+        .await
+        .unwrap_or_else(|e| panic!("Redis is not reachable: {e}; start it with `e2e/local/redis.sh start`"))
+}
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} did not happen within 10 s");
+}
+
+#[tokio::test]
+async fn forwards_tracks_presence_and_reaps_dead_gateways() {
+    let run = format!("{}-{}", std::process::id(), kubechat_gateway::ids::now_ms());
+    let (a_id, b_id, c_id) = (format!("a-{run}"), format!("b-{run}"), format!("c-{run}"));
+    let (alice, bob, carol) = (format!("alice-{run}"), format!("bob-{run}"), format!("carol-{run}"));
+    let shutdown = CancellationToken::new();
+    let (rec_a, rec_b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    let a = broker(&a_id, Duration::from_secs(30), rec_a.clone(), &shutdown).await;
+    let b = broker(&b_id, Duration::from_secs(30), rec_b.clone(), &shutdown).await;
+    eventually("both subscribed", || a.healthy() && b.healthy()).await;
+
+    assert!(b.session_added(&bob, "phone").await.expect("add"), "bob's first session is an online transition");
+    assert!(!b.session_added(&bob, "laptop").await.expect("add"), "a second device is not");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the live-gateway cache
+    let frame: Frame = Arc::from(r#"{"type":"message"}"#);
+    let offline = a.route(&[bob.clone(), alice.clone()], &frame).await.expect("route");
+    assert_eq!(offline, [alice.clone()].into_iter().collect(), "alice has no session anywhere");
+    eventually("the forward reaches gateway b", || !rec_b.delivered.lock().expect("lock").is_empty()).await;
+    assert_eq!(rec_b.delivered.lock().expect("lock")[0], (vec![bob.clone()], frame.to_string()));
+    assert!(rec_a.delivered.lock().expect("lock").is_empty(), "nothing forwarded to the sender's gateway");
+
+    assert_eq!(a.online(&[bob.clone(), alice.clone()]).await.expect("online"), [bob.clone()].into_iter().collect());
+    assert!(!b.session_removed(&bob, "phone").await.expect("remove"));
+    assert!(b.session_removed(&bob, "laptop").await.expect("remove"), "last device gone: offline transition");
+    assert!(a.last_active(&[bob.clone()]).await.expect("seen")[0].is_some());
+
+    // Gateway c holds carol, then stops renewing its lease (as if killed).
+    let c_shutdown = CancellationToken::new();
+    let c = broker(&c_id, Duration::from_secs(1), Arc::new(Recorder::default()), &c_shutdown).await;
+    assert!(c.session_added(&carol, "phone").await.expect("add"));
+    c_shutdown.cancel();
+    eventually("carol reaped as offline", || {
+        rec_a.offline.lock().expect("lock").contains(&carol) || rec_b.offline.lock().expect("lock").contains(&carol)
+    })
+    .await;
+    assert!(a.online(&[carol.clone()]).await.expect("online").is_empty());
+    shutdown.cancel();
+}
