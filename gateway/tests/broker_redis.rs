@@ -78,7 +78,7 @@ async fn forwards_tracks_presence_and_reaps_dead_gateways() {
     assert_eq!(a.online(&[bob.clone(), alice.clone()]).await.expect("online"), [bob.clone()].into_iter().collect());
     assert!(!b.session_removed(&bob, "phone").await.expect("remove"));
     assert!(b.session_removed(&bob, "laptop").await.expect("remove"), "last device gone: offline transition");
-    assert!(a.last_active(&[bob.clone()]).await.expect("seen")[0].is_some());
+    assert!(a.last_active(std::slice::from_ref(&bob)).await.expect("seen")[0].is_some());
 
     // Gateway c holds carol, then stops renewing its lease (as if killed).
     let c_shutdown = CancellationToken::new();
@@ -89,6 +89,6 @@ async fn forwards_tracks_presence_and_reaps_dead_gateways() {
         rec_a.offline.lock().expect("lock").contains(&carol) || rec_b.offline.lock().expect("lock").contains(&carol)
     })
     .await;
-    assert!(a.online(&[carol.clone()]).await.expect("online").is_empty());
+    assert!(a.online(std::slice::from_ref(&carol)).await.expect("online").is_empty());
     shutdown.cancel();
 }
