@@ -1,0 +1,265 @@
+//! Push workers: notifications for recipients with no connected device.
+//!
+//! The gateway XADDs a [`PushJob`] to the stream [`PUSH_STREAM`] (field
+//! `job`, JSON). Push workers (the same binary in `push-worker` mode) read it
+//! through a consumer group and send one notification per registered device
+//! of the recipient, through a webhook, FCM or APNs.
+//!
+//! Layout:
+//! - this file: device registration ([`PushTarget`], [`register_target`]).
+//! - [`config`]: [`PushWorkerConfig`] and its loading from the operator's config file.
+//! - [`worker`]: the consumer-group loop ([`run_push_worker`]).
+//! - [`provider`]: the [`Provider`] trait, the webhook/FCM/APNs request shapes and senders.
+//! - [`credentials`]: the APNs provider token (ES256 JWT) and the FCM OAuth access token.
+//! - [`metrics`]: the Prometheus metrics ([`PushMetrics`]).
+//!
+//! Redis keys:
+//! - `kubechat:push-targets:{user}`: hash, device id → `{"platform":"webhook"|"fcm"|"apns","token":"…"}`.
+//! - `kubechat:push` ([`PushWorkerConfig::stream`]): the job stream, consumer group `push-workers`.
+//! - `kubechat:push:dead` ([`PushWorkerConfig::dead_letter_stream`]): jobs given up on, one entry
+//!   per (job, device) with the error and the attempt count.
+//! - `{stream}-attempts:{entry id}` (`kubechat:push-attempts:{entry id}`): hash per stream entry,
+//!   fields `{device}` (attempts made), `{device}:error` (last error), `{device}:dead` (dead-lettered).
+//!   Deleted when the entry is acked; expires after 7 days otherwise.
+//! - `kubechat:pushed:{message id}:{device}`: set (NX, 7 days) after a successful send; checked
+//!   before every send, so a redelivered or re-enqueued job notifies each device at most once
+//!   (barring a crash between the provider's acceptance and this SET).
+//!
+//! [`PushJob`]: crate::chat::push::PushJob
+//! [`PUSH_STREAM`]: crate::chat::push::PUSH_STREAM
+
+pub mod config;
+pub mod credentials;
+pub mod metrics;
+pub mod provider;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+pub use config::{ApnsConfig, FcmConfig, ProvidersConfig, PushWorkerConfig, SecretSource, WebhookConfig};
+pub use metrics::PushMetrics;
+pub use provider::{ApnsProvider, FcmProvider, HttpRequest, Provider, ProviderError, Providers, WebhookProvider};
+pub use worker::{run_push_worker, run_push_worker_with};
+
+use crate::protocol::valid_name;
+
+/// Devices one user may register; more are refused.
+pub const MAX_TARGETS_PER_USER: usize = 32;
+/// Longest device token accepted (FCM tokens are ~160 bytes, APNs 64 hex chars; webhooks may
+/// use longer opaque values).
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// Redis hash of a user's push targets.
+pub fn targets_key(user: &str) -> String {
+    format!("kubechat:push-targets:{user}")
+}
+
+/// Marker set once `message_id` was delivered to `device`.
+pub fn pushed_key(message_id: &str, device: &str) -> String {
+    format!("kubechat:pushed:{message_id}:{device}")
+}
+
+/// How a device is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Webhook,
+    Fcm,
+    Apns,
+}
+
+impl Platform {
+    pub const ALL: [Platform; 3] = [Platform::Webhook, Platform::Fcm, Platform::Apns];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Webhook => "webhook",
+            Platform::Fcm => "fcm",
+            Platform::Apns => "apns",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Platform {
+    type Err = PushTargetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "webhook" => Ok(Platform::Webhook),
+            "fcm" => Ok(Platform::Fcm),
+            "apns" => Ok(Platform::Apns),
+            other => Err(PushTargetError::Invalid(format!("unknown platform {other:?}"))),
+        }
+    }
+}
+
+/// One registered device of a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushTarget {
+    /// The device id (as in the client's token).
+    pub device: String,
+    pub platform: Platform,
+    /// FCM registration token, APNs device token (hex), or an opaque value passed to the webhook.
+    pub token: String,
+}
+
+/// The value stored in the targets hash.
+#[derive(Serialize, Deserialize)]
+struct StoredTarget {
+    platform: Platform,
+    token: String,
+}
+
+impl PushTarget {
+    pub fn new(device: impl Into<String>, platform: Platform, token: impl Into<String>) -> Self {
+        Self { device: device.into(), platform, token: token.into() }
+    }
+
+    pub fn validate(&self) -> Result<(), PushTargetError> {
+        if !valid_name(&self.device) {
+            return Err(PushTargetError::Invalid("device ids are 1–64 of [A-Za-z0-9_.@-]".into()));
+        }
+        if self.token.is_empty() || self.token.len() > MAX_TOKEN_LEN {
+            return Err(PushTargetError::Invalid(format!("the token must be 1–{MAX_TOKEN_LEN} bytes")));
+        }
+        if self.token.chars().any(char::is_control) {
+            return Err(PushTargetError::Invalid("the token must not contain control characters".into()));
+        }
+        Ok(())
+    }
+
+    fn to_json(&self) -> String {
+        let stored = StoredTarget { platform: self.platform, token: self.token.clone() };
+        // A struct of a plain enum and a string always serializes.
+        serde_json::to_string(&stored).unwrap_or_default()
+    }
+
+    fn from_json(device: &str, value: &str) -> Result<Self, PushTargetError> {
+        let stored: StoredTarget = serde_json::from_str(value)
+            .map_err(|e| PushTargetError::Invalid(format!("stored target of device {device}: {e}")))?;
+        Ok(Self { device: device.to_string(), platform: stored.platform, token: stored.token })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushTargetError {
+    #[error("invalid push target: {0}")]
+    Invalid(String),
+    #[error("too many push targets: at most {MAX_TARGETS_PER_USER} devices per user")]
+    TooMany,
+    #[error("push targets (Redis): {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+fn check_user(user: &str) -> Result<(), PushTargetError> {
+    if valid_name(user) {
+        Ok(())
+    } else {
+        Err(PushTargetError::Invalid("user ids are 1–64 of [A-Za-z0-9_.@-]".into()))
+    }
+}
+
+/// Registers (or replaces) `target` for `user`: notifications for the user go to this device
+/// from now on. Refuses a new device beyond [`MAX_TARGETS_PER_USER`].
+pub async fn register_target<C>(conn: &mut C, user: &str, target: &PushTarget) -> Result<(), PushTargetError>
+where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
+    check_user(user)?;
+    target.validate()?;
+    let key = targets_key(user);
+    // Check-then-set: two concurrent registrations of new devices may overshoot the limit by
+    // one, which is harmless; the worker reads at most the limit anyway.
+    let (exists, len): (bool, usize) = redis::pipe().hexists(&key, &target.device).hlen(&key).query_async(conn).await?;
+    if !exists && len >= MAX_TARGETS_PER_USER {
+        return Err(PushTargetError::TooMany);
+    }
+    let _: () = conn.hset(&key, &target.device, target.to_json()).await?;
+    Ok(())
+}
+
+/// Forgets `device` of `user`; returns whether it was registered.
+pub async fn unregister_target<C>(conn: &mut C, user: &str, device: &str) -> Result<bool, PushTargetError>
+where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
+    check_user(user)?;
+    let removed: usize = conn.hdel(targets_key(user), device).await?;
+    Ok(removed > 0)
+}
+
+/// Forgets `target` only if the device is still registered with the same platform and token
+/// (a device that re-registered meanwhile keeps its new token). For tokens a provider rejected
+/// as unregistered.
+pub async fn unregister_stale_target<C>(conn: &mut C, user: &str, target: &PushTarget) -> Result<bool, PushTargetError>
+where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
+    let script = redis::Script::new(
+        r"if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+          return 0",
+    );
+    let removed: usize =
+        script.key(targets_key(user)).arg(&target.device).arg(target.to_json()).invoke_async(conn).await?;
+    Ok(removed > 0)
+}
+
+/// The user's registered targets, sorted by device id. Entries that do not parse are skipped
+/// (and logged); at most [`MAX_TARGETS_PER_USER`] are returned.
+pub async fn targets<C>(conn: &mut C, user: &str) -> Result<Vec<PushTarget>, PushTargetError>
+where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
+    check_user(user)?;
+    let raw: HashMap<String, String> = conn.hgetall(targets_key(user)).await?;
+    let mut targets: Vec<PushTarget> = raw
+        .iter()
+        .filter_map(|(device, value)| match PushTarget::from_json(device, value) {
+            Ok(target) => Some(target),
+            Err(e) => {
+                tracing::warn!(user, device, error = %e, "skipping an unreadable push target");
+                None
+            }
+        })
+        .collect();
+    targets.sort_by(|a, b| a.device.cmp(&b.device));
+    targets.truncate(MAX_TARGETS_PER_USER);
+    Ok(targets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_round_trip_through_their_stored_form() {
+        let target = PushTarget::new("phone", Platform::Fcm, "tok-1");
+        let json = target.to_json();
+        assert_eq!(json, r#"{"platform":"fcm","token":"tok-1"}"#);
+        assert_eq!(PushTarget::from_json("phone", &json).expect("parse"), target);
+        assert!(PushTarget::from_json("phone", r#"{"platform":"pager","token":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn targets_are_validated() {
+        assert!(PushTarget::new("phone", Platform::Apns, "ab12").validate().is_ok());
+        assert!(PushTarget::new("", Platform::Apns, "ab12").validate().is_err());
+        assert!(PushTarget::new("a:b", Platform::Apns, "ab12").validate().is_err());
+        assert!(PushTarget::new("phone", Platform::Apns, "").validate().is_err());
+        assert!(PushTarget::new("phone", Platform::Apns, "a\nb").validate().is_err());
+        assert!(PushTarget::new("phone", Platform::Apns, "x".repeat(MAX_TOKEN_LEN + 1)).validate().is_err());
+        assert_eq!("apns".parse::<Platform>().expect("parse"), Platform::Apns);
+        assert!("sms".parse::<Platform>().is_err());
+    }
+}

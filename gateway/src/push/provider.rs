@@ -1,0 +1,616 @@
+//! Push providers: a signed webhook, FCM (HTTP v1) and APNs (HTTP/2, token auth).
+//!
+//! Each request is built by a pure function returning an [`HttpRequest`] (unit-tested for
+//! shape); the providers add credentials, send it with a timeout and classify the answer:
+//! 2xx is success; 408, 429, 5xx and network errors are transient (retried with backoff);
+//! other statuses are permanent (dead-lettered at once), and a provider saying the device
+//! token is gone is [`ProviderError::InvalidTarget`] (dead-lettered, and the target is
+//! forgotten). Redirects are not followed (a 3xx is permanent).
+
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::config::{ApnsConfig, FcmConfig, ProvidersConfig, WebhookConfig};
+use super::credentials::{ApnsTokenSigner, FcmTokenSource};
+use super::{Platform, PushTarget};
+use crate::chat::push::PushJob;
+
+pub const SIGNATURE_HEADER: &str = "X-Kubechat-Signature";
+pub const DELIVERY_HEADER: &str = "X-Kubechat-Delivery";
+/// Most of an error response kept for the error message.
+const MAX_ERROR_BODY: usize = 2048;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// Worth retrying: network trouble, timeouts, 408/429/5xx.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help (4xx, missing or rejected credentials).
+    #[error("{0}")]
+    Permanent(String),
+    /// The provider says the device token is no longer valid: permanent, and the target
+    /// should be unregistered.
+    #[error("{0}")]
+    InvalidTarget(String),
+}
+
+impl ProviderError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProviderError::Transient(_))
+    }
+
+    /// Label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderError::Transient(_) => "transient",
+            ProviderError::Permanent(_) => "permanent",
+            ProviderError::InvalidTarget(_) => "invalid_target",
+        }
+    }
+}
+
+/// Sends one notification of `job` to one device.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    async fn send(&self, job: &PushJob, target: &PushTarget) -> Result<(), ProviderError>;
+}
+
+/// The provider for each platform; a platform without one fails permanently.
+#[derive(Clone, Default)]
+pub struct Providers {
+    webhook: Option<Arc<dyn Provider>>,
+    fcm: Option<Arc<dyn Provider>>,
+    apns: Option<Arc<dyn Provider>>,
+}
+
+impl Providers {
+    /// The HTTP providers of `config`. Fails if a configured provider's secret is missing or
+    /// unusable (better a crash-looping pod than silently dead-lettered notifications).
+    pub fn from_config(config: &ProvidersConfig) -> anyhow::Result<Self> {
+        let mut providers = Self::default();
+        if config.webhook.is_none() && config.fcm.is_none() && config.apns.is_none() {
+            return Ok(providers);
+        }
+        let client = http_client().map_err(|e| anyhow::anyhow!("push: building the HTTP client: {e}"))?;
+        if let Some(webhook) = &config.webhook {
+            let provider = WebhookProvider::new(webhook, client.clone()).map_err(|e| anyhow::anyhow!("push: {e}"))?;
+            providers = providers.with(Platform::Webhook, Arc::new(provider));
+        }
+        if let Some(fcm) = &config.fcm {
+            let provider = FcmProvider::new(fcm, client.clone()).map_err(|e| anyhow::anyhow!("push: {e}"))?;
+            providers = providers.with(Platform::Fcm, Arc::new(provider));
+        }
+        if let Some(apns) = &config.apns {
+            let provider = ApnsProvider::new(apns, client).map_err(|e| anyhow::anyhow!("push: {e}"))?;
+            providers = providers.with(Platform::Apns, Arc::new(provider));
+        }
+        Ok(providers)
+    }
+
+    /// Sets (or replaces) the provider of `platform`.
+    pub fn with(mut self, platform: Platform, provider: Arc<dyn Provider>) -> Self {
+        match platform {
+            Platform::Webhook => self.webhook = Some(provider),
+            Platform::Fcm => self.fcm = Some(provider),
+            Platform::Apns => self.apns = Some(provider),
+        }
+        self
+    }
+
+    pub fn get(&self, platform: Platform) -> Option<&Arc<dyn Provider>> {
+        match platform {
+            Platform::Webhook => self.webhook.as_ref(),
+            Platform::Fcm => self.fcm.as_ref(),
+            Platform::Apns => self.apns.as_ref(),
+        }
+    }
+}
+
+// ------------------------------------------------------------------- HTTP --
+
+/// An outgoing request, before credentials are attached or after (for the providers'
+/// pure request builders).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRequest {
+    pub method: reqwest::Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    /// The value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json_body(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// Status and (the start of) the body of a response.
+#[derive(Clone, Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+/// The shared HTTPS client: rustls with the `ring` provider (installed as the process default
+/// if none is), the platform's CA roots, no redirects, HTTP/2 where the server offers it.
+pub fn http_client() -> Result<reqwest::Client, String> {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            // Fails only if another thread installed one first, which is as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    });
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("kubechat-push/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Sends `request`, all of it (connect, send, response body) within `timeout`. Network
+/// errors and timeouts are transient; a request that cannot be built is permanent.
+pub async fn execute(
+    client: &reqwest::Client,
+    request: &HttpRequest,
+    timeout: Duration,
+) -> Result<HttpResponse, ProviderError> {
+    let mut builder = client.request(request.method.clone(), &request.url).timeout(timeout);
+    for (name, value) in &request.headers {
+        builder = builder.header(name.as_str(), value.as_str());
+    }
+    let describe = |e: reqwest::Error| {
+        // The URL may carry a device token: leave it out of errors (they end up in logs and
+        // the dead-letter stream).
+        let e = e.without_url();
+        if e.is_builder() || e.is_redirect() {
+            ProviderError::Permanent(format!("invalid request: {e}"))
+        } else if e.is_timeout() {
+            ProviderError::Transient(format!("timed out after {timeout:?}"))
+        } else {
+            ProviderError::Transient(format!("network: {}", error_chain(&e)))
+        }
+    };
+    let mut response = builder.body(request.body.clone()).send().await.map_err(describe)?;
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    // Only the start of the body matters (error reasons); stop reading after that.
+    while body.len() < MAX_ERROR_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => break,
+            // A status arrived; a broken body does not change what it says.
+            Err(_) => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY);
+    Ok(HttpResponse { status, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn status_error(what: &str, response: &HttpResponse) -> String {
+    let body = response.body.trim();
+    if body.is_empty() {
+        format!("{what}: HTTP {}", response.status)
+    } else {
+        format!("{what}: HTTP {}: {body}", response.status)
+    }
+}
+
+/// The generic classification: 2xx ok; 408, 429, 5xx transient; anything else permanent.
+fn classify_status(what: &str, response: &HttpResponse) -> Result<(), ProviderError> {
+    match response.status {
+        200..=299 => Ok(()),
+        408 | 429 | 500..=599 => Err(ProviderError::Transient(status_error(what, response))),
+        _ => Err(ProviderError::Permanent(status_error(what, response))),
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------- webhook --
+
+/// The webhook's JSON body: a summary of the message, never its full text.
+pub fn webhook_body(job: &PushJob, target: &PushTarget) -> Vec<u8> {
+    let body = json!({
+        "user": job.user,
+        "device": target.device,
+        "message_id": job.message_id,
+        "channel": job.channel,
+        "sender": job.sender,
+        "summary": job.summary,
+    });
+    // A JSON value of strings always serializes.
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// `sha256=<hex HMAC-SHA256 of body>`: the receiver recomputes it over the exact bytes.
+pub fn webhook_signature(key: &[u8], body: &[u8]) -> String {
+    // HMAC takes keys of any length.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(body);
+    format!("sha256={}", hex(&mac.finalize().into_bytes()))
+}
+
+/// The signed webhook POST.
+pub fn webhook_request(url: &str, key: &[u8], job: &PushJob, target: &PushTarget) -> HttpRequest {
+    let body = webhook_body(job, target);
+    HttpRequest {
+        method: reqwest::Method::POST,
+        url: url.to_string(),
+        headers: vec![
+            ("Content-Type".into(), "application/json".into()),
+            (SIGNATURE_HEADER.into(), webhook_signature(key, &body)),
+            (DELIVERY_HEADER.into(), format!("{}:{}", job.message_id, target.device)),
+        ],
+        body,
+    }
+}
+
+pub struct WebhookProvider {
+    client: reqwest::Client,
+    url: String,
+    key: Vec<u8>,
+    timeout: Duration,
+}
+
+impl WebhookProvider {
+    /// Reads the signing key now (restart the worker to rotate it).
+    pub fn new(config: &WebhookConfig, client: reqwest::Client) -> Result<Self, String> {
+        let key = config.signing_key.load().map_err(|e| format!("webhook signing key: {e}"))?;
+        let key = key.trim_ascii().to_vec();
+        if key.len() < 16 {
+            return Err("webhook signing key: must be at least 16 bytes".into());
+        }
+        Ok(Self { client, url: config.url.clone(), key, timeout: config.timeout })
+    }
+}
+
+#[async_trait]
+impl Provider for WebhookProvider {
+    async fn send(&self, job: &PushJob, target: &PushTarget) -> Result<(), ProviderError> {
+        let request = webhook_request(&self.url, &self.key, job, target);
+        let response = execute(&self.client, &request, self.timeout).await?;
+        classify_status("webhook", &response)
+    }
+}
+
+// -------------------------------------------------------------------- FCM --
+
+/// The FCM HTTP v1 send request.
+pub fn fcm_request(
+    base_url: &str,
+    project_id: &str,
+    access_token: &str,
+    job: &PushJob,
+    target: &PushTarget,
+) -> HttpRequest {
+    let body = json!({
+        "message": {
+            "token": target.token,
+            "notification": {"title": job.sender, "body": job.summary},
+            "data": {"channel": job.channel, "message_id": job.message_id},
+        }
+    });
+    HttpRequest {
+        method: reqwest::Method::POST,
+        url: format!("{}/v1/projects/{project_id}/messages:send", base_url.trim_end_matches('/')),
+        headers: vec![
+            ("Authorization".into(), format!("Bearer {access_token}")),
+            ("Content-Type".into(), "application/json; charset=utf-8".into()),
+        ],
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+    }
+}
+
+/// FCM's answer: 404 (`UNREGISTERED`) and an `UNREGISTERED`/invalid-token 400 mean the token
+/// is gone; 401 is transient (the access token is fetched anew; revoked credentials then fail
+/// permanently at the token endpoint).
+pub fn classify_fcm(response: &HttpResponse) -> Result<(), ProviderError> {
+    if response.status == 401 {
+        return Err(ProviderError::Transient(status_error("FCM", response)));
+    }
+    let body = &response.body;
+    let token_gone = response.status == 404
+        || (response.status == 400
+            && (body.contains("UNREGISTERED") || body.contains("registration token is not a valid")));
+    if token_gone {
+        return Err(ProviderError::InvalidTarget(status_error("FCM", response)));
+    }
+    classify_status("FCM", response)
+}
+
+pub struct FcmProvider {
+    client: reqwest::Client,
+    base_url: String,
+    project_id: String,
+    tokens: FcmTokenSource,
+    timeout: Duration,
+}
+
+impl FcmProvider {
+    /// Checks now that the service account parses (the access token is fetched on first use).
+    pub fn new(config: &FcmConfig, client: reqwest::Client) -> Result<Self, String> {
+        let valid_project = !config.project_id.is_empty()
+            && config.project_id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'_'));
+        if !valid_project {
+            return Err(format!("FCM: invalid project id {:?}", config.project_id));
+        }
+        let tokens = FcmTokenSource::new(config, client.clone());
+        tokens.check().map_err(|e| format!("FCM credentials: {e}"))?;
+        Ok(Self {
+            client,
+            base_url: config.base_url.clone(),
+            project_id: config.project_id.clone(),
+            tokens,
+            timeout: config.timeout,
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for FcmProvider {
+    async fn send(&self, job: &PushJob, target: &PushTarget) -> Result<(), ProviderError> {
+        let token = self.tokens.access_token().await?;
+        let request = fcm_request(&self.base_url, &self.project_id, &token, job, target);
+        let response = execute(&self.client, &request, self.timeout).await?;
+        if response.status == 401 {
+            // The access token expired or was revoked early: fetch a new one next time.
+            self.tokens.invalidate().await;
+        }
+        classify_fcm(&response)
+    }
+}
+
+// ------------------------------------------------------------------- APNs --
+
+/// A stable UUID for `apns-id` from the (message, device) pair, so retries carry the same id.
+pub fn apns_id(message_id: &str, device: &str) -> String {
+    let digest = Sha256::digest(format!("{message_id}:{device}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    b[6] = (b[6] & 0x0f) | 0x80; // version 8: custom (RFC 9562)
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let h = hex(&b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Whether `token` looks like an APNs device token (hex).
+pub fn valid_apns_token(token: &str) -> bool {
+    !token.is_empty() && token.len() <= 200 && token.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The APNs alert request.
+pub fn apns_request(
+    base_url: &str,
+    topic: &str,
+    provider_token: &str,
+    job: &PushJob,
+    target: &PushTarget,
+) -> HttpRequest {
+    let body = json!({
+        "aps": {"alert": {"title": job.sender, "body": job.summary}},
+        "channel": job.channel,
+        "message_id": job.message_id,
+    });
+    HttpRequest {
+        method: reqwest::Method::POST,
+        url: format!("{}/3/device/{}", base_url.trim_end_matches('/'), target.token),
+        headers: vec![
+            ("authorization".into(), format!("bearer {provider_token}")),
+            ("apns-topic".into(), topic.to_string()),
+            ("apns-push-type".into(), "alert".into()),
+            ("apns-priority".into(), "10".into()),
+            ("apns-id".into(), apns_id(&job.message_id, &target.device)),
+            ("content-type".into(), "application/json".into()),
+        ],
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+    }
+}
+
+/// The `reason` of an APNs error body (`{"reason":"BadDeviceToken"}`).
+fn apns_reason(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// APNs' answer: 410 and a bad/foreign device token mean the token is gone; an expired
+/// provider token is transient (a fresh one is signed).
+pub fn classify_apns(response: &HttpResponse) -> Result<(), ProviderError> {
+    let reason = apns_reason(&response.body);
+    match (response.status, reason.as_str()) {
+        (410, _) | (400, "BadDeviceToken" | "DeviceTokenNotForTopic") => {
+            Err(ProviderError::InvalidTarget(status_error("APNs", response)))
+        }
+        (403, "ExpiredProviderToken") => Err(ProviderError::Transient(status_error("APNs", response))),
+        _ => classify_status("APNs", response),
+    }
+}
+
+pub struct ApnsProvider {
+    client: reqwest::Client,
+    base_url: String,
+    topic: String,
+    signer: ApnsTokenSigner,
+    timeout: Duration,
+}
+
+impl ApnsProvider {
+    /// Signs a provider token now, to fail early on a missing or unusable key.
+    pub fn new(config: &ApnsConfig, client: reqwest::Client) -> Result<Self, String> {
+        if config.topic.is_empty() || config.topic.contains(['\r', '\n']) {
+            return Err("APNs: invalid topic".into());
+        }
+        let signer = ApnsTokenSigner::new(config);
+        signer.token().map_err(|e| format!("APNs: {e}"))?;
+        Ok(Self {
+            client,
+            base_url: config.endpoint().to_string(),
+            topic: config.topic.clone(),
+            signer,
+            timeout: config.timeout,
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for ApnsProvider {
+    async fn send(&self, job: &PushJob, target: &PushTarget) -> Result<(), ProviderError> {
+        if !valid_apns_token(&target.token) {
+            return Err(ProviderError::InvalidTarget("APNs: the device token is not hex".into()));
+        }
+        let token = self.signer.token()?;
+        let request = apns_request(&self.base_url, &self.topic, &token, job, target);
+        let response = execute(&self.client, &request, self.timeout).await?;
+        if response.status == 403 {
+            self.signer.invalidate();
+        }
+        classify_apns(&response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> PushJob {
+        PushJob {
+            user: "bob".into(),
+            message_id: "29443212804096000".into(),
+            channel: "dm:alice:bob".into(),
+            sender: "alice".into(),
+            summary: "hi bob…".into(),
+        }
+    }
+
+    fn response(status: u16, body: &str) -> HttpResponse {
+        HttpResponse { status, body: body.into() }
+    }
+
+    #[test]
+    fn the_webhook_signature_is_hmac_sha256_hex() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            webhook_signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn the_webhook_request_carries_a_summary_signed() {
+        let target = PushTarget::new("phone", Platform::Webhook, "opaque");
+        let request = webhook_request("https://hooks.example/p", b"0123456789abcdef", &job(), &target);
+        assert_eq!(request.method, reqwest::Method::POST);
+        assert_eq!(request.url, "https://hooks.example/p");
+        assert_eq!(
+            request.json_body().expect("json"),
+            json!({"user": "bob", "device": "phone", "message_id": "29443212804096000",
+                   "channel": "dm:alice:bob", "sender": "alice", "summary": "hi bob…"})
+        );
+        assert_eq!(
+            request.header("x-kubechat-signature"),
+            Some(webhook_signature(b"0123456789abcdef", &request.body).as_str())
+        );
+        assert_eq!(request.header(DELIVERY_HEADER), Some("29443212804096000:phone"));
+        assert_eq!(request.header("content-type"), Some("application/json"));
+    }
+
+    #[test]
+    fn the_fcm_request_has_the_http_v1_shape() {
+        let target = PushTarget::new("pixel", Platform::Fcm, "fcm-token-1");
+        let request = fcm_request("https://fcm.googleapis.com/", "my-proj", "ya29.token", &job(), &target);
+        assert_eq!(request.method, reqwest::Method::POST);
+        assert_eq!(request.url, "https://fcm.googleapis.com/v1/projects/my-proj/messages:send");
+        assert_eq!(request.header("authorization"), Some("Bearer ya29.token"));
+        assert_eq!(
+            request.json_body().expect("json"),
+            json!({"message": {
+                "token": "fcm-token-1",
+                "notification": {"title": "alice", "body": "hi bob…"},
+                "data": {"channel": "dm:alice:bob", "message_id": "29443212804096000"},
+            }})
+        );
+    }
+
+    #[test]
+    fn the_apns_request_has_the_alert_shape() {
+        let target = PushTarget::new("iphone", Platform::Apns, "a1b2c3");
+        let request = apns_request("https://api.sandbox.push.apple.com", "com.example.chat", "jwt", &job(), &target);
+        assert_eq!(request.method, reqwest::Method::POST);
+        assert_eq!(request.url, "https://api.sandbox.push.apple.com/3/device/a1b2c3");
+        assert_eq!(request.header("authorization"), Some("bearer jwt"));
+        assert_eq!(request.header("apns-topic"), Some("com.example.chat"));
+        assert_eq!(request.header("apns-push-type"), Some("alert"));
+        let id = request.header("apns-id").expect("apns-id");
+        assert_eq!(id, apns_id("29443212804096000", "iphone"), "stable across retries");
+        assert_eq!(id.len(), 36);
+        assert_eq!(id.split('-').map(str::len).collect::<Vec<_>>(), [8, 4, 4, 4, 12]);
+        assert_ne!(id, apns_id("29443212804096000", "ipad"));
+        assert_eq!(
+            request.json_body().expect("json"),
+            json!({"aps": {"alert": {"title": "alice", "body": "hi bob…"}},
+                   "channel": "dm:alice:bob", "message_id": "29443212804096000"})
+        );
+        assert!(valid_apns_token("a1B2c3") && !valid_apns_token("zz") && !valid_apns_token(""));
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        assert_eq!(classify_status("x", &response(204, "")), Ok(()));
+        for transient in [408, 429, 500, 502, 503] {
+            assert!(classify_status("x", &response(transient, "")).is_err_and(|e| e.is_transient()), "{transient}");
+        }
+        for permanent in [301, 400, 401, 403, 404, 410, 413] {
+            assert!(
+                matches!(classify_status("x", &response(permanent, "")), Err(ProviderError::Permanent(_))),
+                "{permanent}"
+            );
+        }
+        let unregistered = r#"{"error":{"code":404,"status":"NOT_FOUND","details":[{"errorCode":"UNREGISTERED"}]}}"#;
+        assert!(matches!(classify_fcm(&response(404, unregistered)), Err(ProviderError::InvalidTarget(_))));
+        assert!(matches!(classify_fcm(&response(400, "INVALID_ARGUMENT")), Err(ProviderError::Permanent(_))));
+        assert!(classify_fcm(&response(503, "")).is_err_and(|e| e.is_transient()));
+        assert!(classify_fcm(&response(401, "")).is_err_and(|e| e.is_transient()));
+        assert!(matches!(classify_fcm(&response(403, "SENDER_ID_MISMATCH")), Err(ProviderError::Permanent(_))));
+        assert!(matches!(
+            classify_apns(&response(410, r#"{"reason":"Unregistered"}"#)),
+            Err(ProviderError::InvalidTarget(_))
+        ));
+        assert!(matches!(
+            classify_apns(&response(400, r#"{"reason":"BadDeviceToken"}"#)),
+            Err(ProviderError::InvalidTarget(_))
+        ));
+        assert!(classify_apns(&response(403, r#"{"reason":"ExpiredProviderToken"}"#)).is_err_and(|e| e.is_transient()));
+        assert!(matches!(
+            classify_apns(&response(403, r#"{"reason":"InvalidProviderToken"}"#)),
+            Err(ProviderError::Permanent(_))
+        ));
+        assert_eq!(classify_apns(&response(200, "")), Ok(()));
+    }
+}
