@@ -43,6 +43,14 @@ enum Command {
         #[arg(long, env = "KUBECHAT_WORKER_ID", default_value_t = 0)]
         worker_id: u16,
     },
+    /// A push worker: delivers notifications queued for offline devices.
+    PushWorker {
+        #[arg(long, env = "KUBECHAT_CONFIG", default_value = "/etc/kubechat/gateway.json")]
+        config: PathBuf,
+        /// Unique among running workers (the pod name).
+        #[arg(long, env = "POD_NAME", default_value = "push-worker")]
+        consumer: String,
+    },
     /// Prints a token signed with a key file (development and tests).
     Token {
         #[arg(long)]
@@ -164,6 +172,14 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
             wait_for_signal().await;
             running.stop(Duration::from_secs(30)).await;
+        }
+        Command::PushWorker { config, consumer } => {
+            let config = kubechat_gateway::push::PushWorkerConfig::load(&config, &consumer)?;
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let worker = tokio::spawn(kubechat_gateway::push::run_push_worker(config, shutdown.clone()));
+            wait_for_signal().await;
+            shutdown.cancel();
+            worker.await.context("push worker task")??;
         }
         Command::Token { key_file, user, device, ttl_seconds } => {
             let key = std::fs::read(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
