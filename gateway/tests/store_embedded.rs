@@ -123,7 +123,8 @@ async fn inbox_pages_cover_every_entry_once_in_order() {
     let mut cursor = 0;
     let mut got = Vec::new();
     let mut pages = Vec::new();
-    loop {
+    // Bounded, so a cursor that does not advance fails instead of hanging.
+    for _ in 0..10 {
         let page = store.inbox_after("u", cursor, 100).await.expect("page");
         pages.push(page.len());
         let Some(last) = page.last() else { break };
@@ -156,14 +157,17 @@ async fn history_pages_both_ways() {
 
     let mut got = ids(&store.history("g:1", Page::Latest, 50).await.expect("latest"));
     assert_eq!(got.len(), 50);
-    loop {
+    let mut pages = vec![got.len()];
+    for _ in 0..10 {
         let before = *got.last().expect("non-empty");
         let page = ids(&store.history("g:1", Page::Before(before), 50).await.expect("before"));
+        pages.push(page.len());
         if page.is_empty() {
             break;
         }
         got.extend(page);
     }
+    assert_eq!(pages, vec![50, 50, 20, 0]);
     assert_eq!(got, newest_first);
 
     let after = ids(&store.history("g:1", Page::After(written[59]), 1000).await.expect("after"));
