@@ -62,12 +62,8 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        use prometheus::Encoder;
-        let mut buffer = Vec::new();
-        if prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buffer).is_err() {
-            return String::new();
-        }
-        String::from_utf8(buffer).unwrap_or_default()
+        // Encoding gathered families only fails on malformed metrics, which registration rules out.
+        prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
     }
 }
 

@@ -10,8 +10,9 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// An encoded frame, shared by every connection it goes to.
-pub type Outbound = Arc<str>;
+/// An encoded frame, shared by every connection it goes to: cloning it and
+/// handing it to the WebSocket writer copies no bytes.
+pub type Outbound = tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Why a connection was closed by the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,7 +148,7 @@ mod tests {
         let (tx2, mut rx2) = mpsc::channel(4);
         let phone = hub.register("alice", "phone", tx1);
         let _laptop = hub.register("alice", "laptop", tx2);
-        let frame: Outbound = Arc::from("hi");
+        let frame = Outbound::from_static("hi");
         assert_eq!(hub.deliver("alice", &frame, Some(phone.connection)).queued, 1);
         assert_eq!(rx2.recv().await.as_deref(), Some("hi"));
         assert!(rx1.try_recv().is_err());
@@ -159,7 +160,7 @@ mod tests {
         let hub = Hub::new();
         let (tx, _rx) = mpsc::channel(1);
         let registration = hub.register("bob", "phone", tx);
-        let frame: Outbound = Arc::from("x");
+        let frame = Outbound::from_static("x");
         assert_eq!(hub.deliver("bob", &frame, None).queued, 1);
         assert_eq!(hub.deliver("bob", &frame, None).overflowed, 1);
         assert!(registration.kicked.is_cancelled());

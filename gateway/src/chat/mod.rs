@@ -293,8 +293,7 @@ impl ChatService {
         members: &[String],
         received: Instant,
     ) {
-        let frame: Outbound =
-            Arc::from(encode(&ServerFrame::Message { position, message: WireMessage::from(message) }));
+        let frame = Outbound::from(encode(&ServerFrame::Message { position, message: WireMessage::from(message) }));
         for member in members {
             let delivered = self.hub.deliver(member, &frame, Some(session.connection));
             self.metrics.slow_consumers.inc_by(delivered.overflowed as u64);

@@ -177,7 +177,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                     }
                 }
-                Some(frame) = outbound.recv() => Some(WsMessage::Text(frame.as_ref().into())),
+                Some(frame) = outbound.recv() => Some(WsMessage::Text(frame)),
                 () = registration.kicked.cancelled() => {
                     let close = match registration.kick_reason() {
                         Some(Kick::LoggedOut) => close_frame(close::LOGGED_OUT, "logged out"),
