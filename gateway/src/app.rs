@@ -12,9 +12,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::redis::{RedisBroker, RedisBrokerConfig};
+use crate::broker::{Broker, LocalBroker};
 use crate::chat::hub::Hub;
+use crate::chat::presence::PresenceTracker;
 use crate::chat::push::PushQueue;
-use crate::chat::{ChatConfig, ChatService};
+use crate::chat::{ChatConfig, ChatParts, ChatService, GatewayLocal};
 use crate::ids::IdGenerator;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -50,6 +53,15 @@ impl Default for GatewayOptions {
     }
 }
 
+/// How this gateway finds the others.
+#[derive(Clone, Debug)]
+pub enum BrokerSetup {
+    /// Alone (standalone mode): every session is here.
+    Local,
+    /// One of many sharing Redis.
+    Redis { client: Box<redis::Client>, config: RedisBrokerConfig },
+}
+
 /// A started gateway.
 pub struct RunningGateway {
     pub addr: SocketAddr,
@@ -83,23 +95,37 @@ impl RunningGateway {
 pub async fn start(
     store: Arc<dyn Store>,
     push: Arc<dyn PushQueue>,
+    broker: BrokerSetup,
     auth: Authenticator,
     id_floor: u64,
     options: GatewayOptions,
-) -> std::io::Result<RunningGateway> {
+) -> anyhow::Result<RunningGateway> {
     let metrics = Metrics::new();
-    let chat = Arc::new(ChatService::new(
-        store,
-        push,
-        Hub::new(),
-        IdGenerator::new(options.worker_id, id_floor),
-        options.chat.clone(),
-        metrics.clone(),
-    ));
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let hub = Hub::new();
+    let presence = Arc::new(PresenceTracker::new(options.chat.offline_after));
+    let (local, remote_offline) = GatewayLocal::new(hub.clone(), presence.clone());
+    let broker: Arc<dyn Broker> = match broker {
+        BrokerSetup::Local => Arc::new(LocalBroker::default()),
+        BrokerSetup::Redis { client, config } => {
+            RedisBroker::start(*client, config, local, &tasks, shutdown.clone()).await?
+        }
+    };
+    let parts = ChatParts {
+        store,
+        push,
+        hub,
+        presence,
+        broker: broker.clone(),
+        ids: IdGenerator::new(options.worker_id, id_floor),
+        config: options.chat.clone(),
+        metrics: metrics.clone(),
+    };
+    let chat = ChatService::start(parts, remote_offline, &tasks, shutdown.clone());
     let gateway = Arc::new(Gateway {
         chat: chat.clone(),
+        broker,
         auth: Arc::new(auth),
         metrics: metrics.clone(),
         limits: options.limits.clone(),

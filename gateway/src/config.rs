@@ -34,6 +34,13 @@ pub struct ChatLimits {
     pub max_message_chars: usize,
     pub heartbeat_seconds: u32,
     pub offline_after_seconds: u32,
+    /// Groups up to this size get presence changes pushed; larger ones ask.
+    #[serde(default = "default_presence_fanout")]
+    pub presence_fanout_max_members: usize,
+}
+
+fn default_presence_fanout() -> usize {
+    ChatConfig::default().presence_fanout_max_members
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -75,8 +82,14 @@ impl ChatLimits {
                 ..Limits::default()
             },
             heartbeat_seconds: self.heartbeat_seconds,
+            offline_after: self.offline_after(),
+            presence_fanout_max_members: self.presence_fanout_max_members,
             ..ChatConfig::default()
         }
+    }
+
+    pub fn offline_after(&self) -> Duration {
+        Duration::from_secs(u64::from(self.offline_after_seconds))
     }
 
     /// A client silent for the offline timeout is gone (heartbeats keep it open).
@@ -116,5 +129,7 @@ mod tests {
         assert_eq!(config.chat.chat_config().limits.max_message_chars, 100_000);
         assert_eq!(config.chat.idle_timeout(), Duration::from_secs(30));
         assert_eq!(config.scylla.contact_points.len(), 1);
+        assert_eq!(config.chat.chat_config().offline_after, Duration::from_secs(30));
+        assert_eq!(config.chat.presence_fanout_max_members, 50, "the default when the operator does not set it");
     }
 }

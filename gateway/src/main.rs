@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use kubechat_gateway::app::{self, GatewayOptions};
+use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions};
+use kubechat_gateway::broker::redis::RedisBrokerConfig;
 use kubechat_gateway::chat::push::RedisPushQueue;
 use kubechat_gateway::config::FileConfig;
 use kubechat_gateway::store::embedded::EmbeddedStore;
@@ -42,6 +43,9 @@ enum Command {
         /// Unique per running gateway (the StatefulSet ordinal).
         #[arg(long, env = "KUBECHAT_WORKER_ID", default_value_t = 0)]
         worker_id: u16,
+        /// Unique among running gateways: where other gateways forward to (the pod name).
+        #[arg(long, env = "POD_NAME")]
+        gateway_id: String,
     },
     /// A push worker: delivers notifications queued for offline devices.
     PushWorker {
@@ -119,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
             let floor = store.max_id().await.context("reading the newest stored id")?;
             let options = GatewayOptions { listen, dev_tokens, ..GatewayOptions::default() };
             let auth = Authenticator::new(&key).context("loading the signing key")?;
-            let running = app::start(store.clone(), Arc::new(store), auth, floor, options)
+            let running = app::start(store.clone(), Arc::new(store), BrokerSetup::Local, auth, floor, options)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             println!("kubechat standalone gateway on {} (data in {})", running.ws_url(), data_dir.display());
@@ -129,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
             wait_for_signal().await;
             running.stop(Duration::from_secs(10)).await;
         }
-        Command::Gateway { config, worker_id } => {
+        Command::Gateway { config, worker_id, gateway_id } => {
             let file = FileConfig::load(&config)?;
             let key = std::fs::read(&file.auth.signing_key_file)
                 .with_context(|| format!("reading the signing key {}", file.auth.signing_key_file.display()))?;
@@ -153,8 +157,18 @@ async fn main() -> anyhow::Result<()> {
                 let settings = redis_info.redis_settings().clone().set_password(password);
                 redis_info = redis_info.set_redis_settings(settings);
             }
-            let redis = redis::Client::open(redis_info).context("configuring Redis")?;
-            let redis = redis::aio::ConnectionManager::new(redis).await.context("connecting to Redis")?;
+            let redis_client = redis::Client::open(redis_info).context("configuring Redis")?;
+            let redis =
+                redis::aio::ConnectionManager::new(redis_client.clone()).await.context("connecting to Redis")?;
+            let broker = BrokerSetup::Redis {
+                client: Box::new(redis_client),
+                config: RedisBrokerConfig {
+                    gateway_id,
+                    // A dead gateway's users go offline when its lease runs out.
+                    lease: file.chat.offline_after(),
+                    command_timeout: Duration::from_secs(2),
+                },
+            };
             let options = GatewayOptions {
                 listen: SocketAddr::from(([0, 0, 0, 0], file.listen.websocket)),
                 admin: Some(SocketAddr::from(([0, 0, 0, 0], file.listen.admin))),
@@ -167,9 +181,9 @@ async fn main() -> anyhow::Result<()> {
             let auth = Authenticator::new(&key).context("loading the signing key")?;
             // Worker ids are unique per pod and clocks are NTP-synced: see docs/ids.md.
             let floor = 0;
-            let running =
-                app::start(Arc::new(store), Arc::new(RedisPushQueue::new(redis, 1_000_000)), auth, floor, options)
-                    .await?;
+            let push = Arc::new(RedisPushQueue::new(redis, 1_000_000));
+            let running = app::start(Arc::new(store), push, broker, auth, floor, options).await?;
+            tracing::info!(gateway = %running.ws_url(), "gateway of the cluster started");
             wait_for_signal().await;
             running.stop(Duration::from_secs(30)).await;
         }

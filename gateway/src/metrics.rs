@@ -17,6 +17,12 @@ pub struct Metrics {
     pub push_jobs: IntCounter,
     /// Connections closed because they could not keep up.
     pub slow_consumers: IntCounter,
+    /// Live forwards to other gateways that failed (Redis unreachable).
+    pub forward_failures: IntCounter,
+    /// Presence transitions announced, by `online`/`offline`.
+    pub presence_changes: IntCounterVec,
+    /// 1 while Redis routing and presence work, 0 while degraded.
+    pub broker_healthy: IntGauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -41,6 +47,17 @@ impl Metrics {
             store_seconds: histogram("store_seconds", "Durable write latency"),
             push_jobs: counter("push_jobs_total", "Push jobs enqueued for offline recipients"),
             slow_consumers: counter("slow_consumers_total", "Connections closed for not reading fast enough"),
+            forward_failures: counter("forward_failures_total", "Live forwards to other gateways that failed"),
+            presence_changes: IntCounterVec::new(
+                Opts::new("presence_changes_total", "Presence transitions announced to friends"),
+                &["status"],
+            )
+            .expect("valid metric name"),
+            broker_healthy: IntGauge::new(
+                "broker_healthy",
+                "1 while cross-gateway routing and presence work; 0 while Redis is unreachable",
+            )
+            .expect("valid metric name"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -53,6 +70,9 @@ impl Metrics {
             Box::new(metrics.store_seconds.clone()),
             Box::new(metrics.push_jobs.clone()),
             Box::new(metrics.slow_consumers.clone()),
+            Box::new(metrics.forward_failures.clone()),
+            Box::new(metrics.presence_changes.clone()),
+            Box::new(metrics.broker_healthy.clone()),
         ];
         for collector in collectors {
             // Only duplicate names fail, and these are distinct.

@@ -68,7 +68,7 @@ async fn forwards_tracks_presence_and_reaps_dead_gateways() {
     assert!(b.session_added(&bob, "phone").await.expect("add"), "bob's first session is an online transition");
     assert!(!b.session_added(&bob, "laptop").await.expect("add"), "a second device is not");
     tokio::time::sleep(Duration::from_millis(1100)).await; // past the live-gateway cache
-    let frame: Frame = Arc::from(r#"{"type":"message"}"#);
+    let frame = Frame::from_static(r#"{"type":"message"}"#);
     let offline = a.route(&[bob.clone(), alice.clone()], &frame).await.expect("route");
     assert_eq!(offline, [alice.clone()].into_iter().collect(), "alice has no session anywhere");
     eventually("the forward reaches gateway b", || !rec_b.delivered.lock().expect("lock").is_empty()).await;

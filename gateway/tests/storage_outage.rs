@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::{Client, KEY};
-use kubechat_gateway::app::{self, GatewayOptions};
+use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions};
 use kubechat_gateway::store::embedded::EmbeddedStore;
 use kubechat_gateway::store::{
     Delivery, Group, InboxEntry, Message, Page, Reservation, Store, StoreError, StoreResult,
@@ -78,9 +78,16 @@ async fn a_storage_outage_acks_nothing_and_a_retry_stores_once() {
     let inner = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
     let store = Arc::new(FlakyStore { inner: inner.clone(), down: AtomicBool::new(true) });
     let options = GatewayOptions { listen: "127.0.0.1:0".parse().expect("addr"), ..GatewayOptions::default() };
-    let gateway = app::start(store.clone(), Arc::new(inner.clone()), Authenticator::new(KEY).expect("key"), 0, options)
-        .await
-        .expect("start");
+    let gateway = app::start(
+        store.clone(),
+        Arc::new(inner.clone()),
+        BrokerSetup::Local,
+        Authenticator::new(KEY).expect("key"),
+        0,
+        options,
+    )
+    .await
+    .expect("start");
     let mut alice = Client::connect(&gateway, "alice", "phone").await;
     let mut bob = Client::connect(&gateway, "bob", "phone").await;
 

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 /// An encoded frame, shared by every connection it goes to.
-pub type Frame = std::sync::Arc<str>;
+pub type Frame = crate::chat::hub::Outbound;
 
 #[derive(Debug, thiserror::Error)]
 #[error("broker unavailable: {0}")]
@@ -127,7 +127,7 @@ mod tests {
         assert!(broker.session_added("alice", "phone").await.expect("add"));
         assert!(!broker.session_added("alice", "laptop").await.expect("add"));
         assert!(!broker.session_removed("alice", "phone").await.expect("remove"));
-        let frame: Frame = std::sync::Arc::from("x");
+        let frame = Frame::from_static("x");
         let offline = broker.route(&["alice".into(), "bob".into()], &frame).await.expect("route");
         assert_eq!(offline, HashSet::from(["bob".to_string()]));
         assert!(broker.session_removed("alice", "laptop").await.expect("remove"));

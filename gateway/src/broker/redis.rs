@@ -9,8 +9,9 @@
 //!   never per heartbeat. Entries of dead gateways are ignored, then reaped.
 //! - `gateway-sessions:{gateway}`: set of users with sessions there (for reaping).
 //! - `seen:{user}`: last time a session of the user started or ended (ms).
-//! - Pub/sub channel `deliver:{gateway}`: `{"users":[…],"frame":"…"}`, each
-//!   gateway subscribed to its own.
+//! - Pub/sub channel `deliver:{gateway}`: `user1,user2,…\n{frame}`, each
+//!   gateway subscribed to its own. User ids never hold `,` or a newline, and
+//!   the frame travels as is (no second JSON encoding).
 //!
 //! Losing Redis degrades, never corrupts: commands time out and fail (the
 //! chat layer still stores and acks), the subscription is re-established
@@ -26,7 +27,6 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,10 +48,18 @@ fn deliver_channel(gateway: &str) -> String {
     format!("kubechat:deliver:{gateway}")
 }
 
-#[derive(Serialize, Deserialize)]
-struct Forward {
-    users: Vec<String>,
-    frame: String,
+/// A forward on the wire: the recipients, a newline, the encoded frame.
+fn encode_forward(users: &[String], frame: &Frame) -> String {
+    let mut payload = users.join(",");
+    payload.push('\n');
+    payload.push_str(frame.as_str());
+    payload
+}
+
+fn decode_forward(payload: String) -> Option<(Vec<String>, Frame)> {
+    let (users, frame) = payload.split_once('\n')?;
+    let users = users.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect();
+    Some((users, Frame::from(frame.to_string())))
 }
 
 #[derive(Clone, Debug)]
@@ -74,6 +82,9 @@ pub struct RedisBroker {
     connection: ConnectionManager,
     subscribed: AtomicBool,
     lease_ok: AtomicBool,
+    /// A session change failed to reach Redis: this gateway's sessions there
+    /// must be reconciled with the local ones once Redis answers again.
+    sessions_dirty: AtomicBool,
     /// Live gateways, refreshed at most every second.
     alive: RwLock<(tokio::time::Instant, HashSet<String>)>,
 }
@@ -101,13 +112,20 @@ impl RedisBroker {
             connection,
             subscribed: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
+            sessions_dirty: AtomicBool::new(false),
             alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), HashSet::new())),
         });
         broker.renew_lease().await?;
-        tasks.spawn(broker.clone().keep_lease(shutdown.clone()));
+        tasks.spawn(broker.clone().keep_lease(local.clone(), shutdown.clone()));
         tasks.spawn(broker.clone().subscribe_loop(client, local.clone(), shutdown.clone()));
         tasks.spawn(broker.clone().reap_loop(local, shutdown));
         Ok(broker)
+    }
+
+    /// Remembers that Redis missed a session change.
+    fn dirty(&self, error: BrokerError) -> BrokerError {
+        self.sessions_dirty.store(true, Ordering::Relaxed);
+        error
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -121,15 +139,17 @@ impl RedisBroker {
         result.map_err(unavailable("renewing the gateway lease"))
     }
 
-    async fn keep_lease(self: Arc<Self>, shutdown: CancellationToken) {
-        let every = self.config.lease / 3;
+    async fn keep_lease(self: Arc<Self>, local: Arc<dyn LocalDelivery>, shutdown: CancellationToken) {
+        let every = (self.config.lease / 3).min(Duration::from_secs(5));
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(every) => {}
             }
-            if let Err(e) = self.renew_lease().await {
-                tracing::warn!(error = %e, "gateway lease not renewed");
+            match self.renew_lease().await {
+                Err(e) => tracing::warn!(error = %e, "gateway lease not renewed"),
+                Ok(()) if self.sessions_dirty.load(Ordering::Relaxed) => self.reregister(local.as_ref()).await,
+                Ok(()) => {}
             }
         }
         // The lease is left to expire: the reaper then ends this gateway's
@@ -182,9 +202,9 @@ impl RedisBroker {
                     message = messages.next() => match message {
                         Some(message) => {
                             let Ok(payload) = message.get_payload::<String>() else { continue };
-                            match serde_json::from_str::<Forward>(&payload) {
-                                Ok(forward) => local.deliver_local(&forward.users, &Frame::from(forward.frame)),
-                                Err(e) => tracing::warn!(error = %e, "malformed forward ignored"),
+                            match decode_forward(payload) {
+                                Some((users, frame)) => local.deliver_local(&users, &frame),
+                                None => tracing::warn!("malformed forward ignored"),
                             }
                         }
                         None => break,
@@ -196,15 +216,64 @@ impl RedisBroker {
         }
     }
 
-    /// After Redis lost data (a restart), put this gateway's sessions back.
+    /// Makes this gateway's sessions in Redis match the local ones: after
+    /// Redis lost data (a restart) or missed changes (an outage). Sessions
+    /// that ended meanwhile are removed, and users left with none anywhere
+    /// are announced offline.
     async fn reregister(&self, local: &dyn LocalDelivery) {
-        let _ = self.renew_lease().await;
-        for (user, device) in local.local_sessions() {
-            if let Err(e) = self.session_added(&user, &device).await {
-                tracing::warn!(error = %e, "could not re-register sessions");
-                return;
-            }
+        self.sessions_dirty.store(false, Ordering::Relaxed);
+        if let Err(e) = self.reconcile_sessions(local).await {
+            self.sessions_dirty.store(true, Ordering::Relaxed);
+            tracing::warn!(error = %e, "could not re-register sessions; will retry");
         }
+    }
+
+    async fn reconcile_sessions(&self, local: &dyn LocalDelivery) -> Result<(), BrokerError> {
+        self.renew_lease().await?;
+        let mine = format!("{}|", self.config.gateway_id);
+        let mut devices_here: HashMap<String, HashSet<String>> = HashMap::new();
+        for (user, device) in local.local_sessions() {
+            devices_here.entry(user).or_default().insert(device);
+        }
+        let mut users: HashSet<String> = self
+            .conn()
+            .smembers(gateway_sessions_key(&self.config.gateway_id))
+            .await
+            .map_err(unavailable("reading this gateway's sessions"))?;
+        users.extend(devices_here.keys().cloned());
+        let users: Vec<String> = users.into_iter().collect();
+        let alive = self.alive_gateways().await?;
+        let now = now_ms();
+        for chunk in users.chunks(500) {
+            let sessions = self.sessions_of(chunk).await?;
+            let mut pipe = redis::pipe();
+            let mut gone = Vec::new();
+            for (user, fields) in chunk.iter().zip(&sessions) {
+                let here = devices_here.get(user);
+                let is_here = |device: &str| here.is_some_and(|devices| devices.contains(device));
+                let (stale, left): (Vec<&String>, Vec<&String>) =
+                    fields.iter().partition(|f| f.strip_prefix(&mine).is_some_and(|device| !is_here(device)));
+                if !stale.is_empty() {
+                    pipe.hdel(sessions_key(user), stale).ignore();
+                }
+                for device in here.into_iter().flatten() {
+                    pipe.hset(sessions_key(user), format!("{mine}{device}"), now).ignore();
+                }
+                if here.is_some() {
+                    pipe.sadd(gateway_sessions_key(&self.config.gateway_id), user).ignore();
+                } else {
+                    pipe.srem(gateway_sessions_key(&self.config.gateway_id), user).ignore();
+                    let left: Vec<String> = left.into_iter().cloned().collect();
+                    if fields.len() != left.len() && Self::live_gateways(&left, &alive).is_empty() {
+                        pipe.set(seen_key(user), now).ignore();
+                        gone.push(user.clone());
+                    }
+                }
+            }
+            let _: () = pipe.query_async(&mut self.conn()).await.map_err(unavailable("re-registering sessions"))?;
+            gone.into_iter().for_each(|user| local.remote_user_offline(user));
+        }
+        Ok(())
     }
 
     async fn alive_gateways(&self) -> Result<HashSet<String>, BrokerError> {
@@ -319,9 +388,7 @@ impl Broker for RedisBroker {
         if !by_gateway.is_empty() {
             let mut pipe = redis::pipe();
             for (gateway, users) in by_gateway {
-                let payload = serde_json::to_string(&Forward { users, frame: frame.to_string() })
-                    .map_err(|e| BrokerError(e.to_string()))?;
-                pipe.publish(deliver_channel(gateway), payload).ignore();
+                pipe.publish(deliver_channel(gateway), encode_forward(&users, frame)).ignore();
             }
             let _: () = pipe.query_async(&mut self.conn()).await.map_err(unavailable("forwarding"))?;
         }
@@ -341,7 +408,7 @@ impl Broker for RedisBroker {
             .ignore()
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable("registering a session"))?;
+            .map_err(|e| self.dirty(unavailable("registering a session")(e)))?;
         let alive = self.alive_gateways().await?;
         let others: Vec<String> = fields.into_iter().filter(|f| *f != field).collect();
         Ok(Self::live_gateways(&others, &alive).is_empty())
@@ -357,14 +424,14 @@ impl Broker for RedisBroker {
             .ignore()
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable("removing a session"))?;
+            .map_err(|e| self.dirty(unavailable("removing a session")(e)))?;
         let prefix = format!("{}|", self.config.gateway_id);
         if !fields.iter().any(|f| f.starts_with(&prefix)) {
             let _: () = self
                 .conn()
                 .srem(gateway_sessions_key(&self.config.gateway_id), user)
                 .await
-                .map_err(unavailable("removing a session"))?;
+                .map_err(|e| self.dirty(unavailable("removing a session")(e)))?;
         }
         let alive = self.alive_gateways().await?;
         Ok(Self::live_gateways(&fields, &alive).is_empty())

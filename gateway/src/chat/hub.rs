@@ -65,6 +65,22 @@ fn kick(device: &Device, why: Kick) {
     device.kick.cancel();
 }
 
+fn queue_on(devices: &[Device], frame: &Outbound, skip: Option<u64>) -> Delivered {
+    let mut result = Delivered::default();
+    for device in devices.iter().filter(|d| Some(d.connection) != skip) {
+        match device.tx.try_send(frame.clone()) {
+            Ok(()) => result.queued += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                kick(device, Kick::SlowConsumer);
+                result.overflowed += 1;
+            }
+            // The connection is closing; it unregisters itself.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+    result
+}
+
 /// What one delivery attempt did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Delivered {
@@ -99,18 +115,19 @@ impl Hub {
 
     /// Queues `frame` on every connection of `user` except `skip`.
     pub fn deliver(&self, user: &str, frame: &Outbound, skip: Option<u64>) -> Delivered {
+        self.users.get(user).map(|devices| queue_on(&devices, frame, skip)).unwrap_or_default()
+    }
+
+    /// Queues `frame` on every connection here (a `resync` after live
+    /// delivery was interrupted).
+    pub fn broadcast(&self, frame: &Outbound) -> Delivered {
         let mut result = Delivered::default();
-        let Some(devices) = self.users.get(user) else { return result };
-        for device in devices.iter().filter(|d| Some(d.connection) != skip) {
-            match device.tx.try_send(frame.clone()) {
-                Ok(()) => result.queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    kick(device, Kick::SlowConsumer);
-                    result.overflowed += 1;
-                }
-                // The connection is closing; it unregisters itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
+        // Delivering from inside the iteration: a second lookup of the same
+        // shard while iterating could wait behind a writer.
+        for devices in self.users.iter() {
+            let delivered = queue_on(&devices, frame, None);
+            result.queued += delivered.queued;
+            result.overflowed += delivered.overflowed;
         }
         result
     }

@@ -2,7 +2,14 @@
 //! fan out), sync from a cursor, history, groups, and local presence.
 //!
 //! - [`hub`]: this gateway's connections, by user and device.
+//! - [`presence`]: sessions for presence (heartbeat grace window), status
+//!   fan-out to friends and presence requests.
 //! - [`push`]: the queue of notifications for users with no connected device.
+//!
+//! Other gateways are reached through the [`Broker`]: after the durable
+//! write a message is queued on this gateway's connections and forwarded to
+//! the gateways holding the other recipients' devices; members with no
+//! device anywhere get a push job.
 //!
 //! Send path: a message id is reserved for `(sender, key)` (so a retry is
 //! stored once), the message is written durably to the channel history and
@@ -11,22 +18,28 @@
 //! other member gets a push job. If storage fails nothing is acknowledged.
 
 pub mod hub;
+pub mod presence;
 pub mod push;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashSet;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::broker::{Broker, Frame, LocalDelivery};
 use crate::ids::{self, IdGenerator};
 use crate::metrics::Metrics;
-use crate::protocol::frames::{WireGroup, WirePresence};
+use crate::protocol::frames::WireGroup;
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, ProtocolError, Recipient, ServerFrame, WireInboxEntry, WireMessage, direct_channel,
     direct_members, encode, is_group_channel,
 };
 use crate::store::{Delivery, Group, Message, Page, Reservation, Store, StoreError};
 use hub::{Hub, Kick, Outbound};
+use presence::{PresenceTracker, Transition};
 use push::{PushJob, PushQueue};
 
 /// Settings of the chat layer.
@@ -40,6 +53,11 @@ pub struct ChatConfig {
     /// Must exceed `write_deadline` plus the clock skew between gateways.
     pub sync_horizon: Duration,
     pub heartbeat_seconds: u32,
+    /// A user is offline once no device was heard from for this long.
+    pub offline_after: Duration,
+    /// Groups up to this size fan presence changes out to their members;
+    /// members of larger groups ask for presence when they open the group.
+    pub presence_fanout_max_members: usize,
     /// Characters of text a push notification previews.
     pub push_summary_chars: usize,
 }
@@ -51,6 +69,8 @@ impl Default for ChatConfig {
             write_deadline: Duration::from_secs(5),
             sync_horizon: Duration::from_secs(10),
             heartbeat_seconds: 5,
+            offline_after: Duration::from_secs(30),
+            presence_fanout_max_members: 50,
             push_summary_chars: 80,
         }
     }
@@ -85,35 +105,114 @@ pub struct ChatService {
     store: Arc<dyn Store>,
     push: Arc<dyn PushQueue>,
     hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+    presence: Arc<PresenceTracker>,
+    /// Session transitions for the broker, sharded by user: each shard is
+    /// applied in order, so a user's transitions reach Redis in order.
+    transitions: Vec<mpsc::UnboundedSender<Transition>>,
     ids: IdGenerator,
     config: ChatConfig,
     metrics: Metrics,
     known_direct: KnownDirectChannels,
 }
 
+const TRANSITION_SHARDS: usize = 8;
+
 fn storage_error(e: StoreError) -> ProtocolError {
     tracing::warn!(error = %e, "storage operation failed");
     ProtocolError::new(ErrorCode::StorageUnavailable, format!("{e}; nothing was stored, retry with the same key"))
 }
 
+fn push_target_error(e: crate::push::PushTargetError) -> ProtocolError {
+    use crate::push::PushTargetError;
+    let code = match e {
+        PushTargetError::Invalid(_) | PushTargetError::TooMany => ErrorCode::InvalidArgument,
+        PushTargetError::NotConfigured | PushTargetError::Redis(_) => ErrorCode::Unavailable,
+    };
+    ProtocolError::new(code, e.to_string())
+}
+
+/// What the broker's background work may touch of this gateway: its
+/// connections and sessions, and a queue for offline announcements (which
+/// need the whole chat service, built after the broker).
+pub struct GatewayLocal {
+    hub: Arc<Hub>,
+    presence: Arc<PresenceTracker>,
+    remote_offline: mpsc::UnboundedSender<String>,
+}
+
+impl GatewayLocal {
+    /// The local side of a broker, and the queue [`ChatService::start`] drains.
+    pub fn new(hub: Arc<Hub>, presence: Arc<PresenceTracker>) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+        let (remote_offline, rx) = mpsc::unbounded_channel();
+        (Arc::new(Self { hub, presence, remote_offline }), rx)
+    }
+}
+
+impl LocalDelivery for GatewayLocal {
+    fn deliver_local(&self, users: &[String], frame: &Frame) {
+        for user in users {
+            self.hub.deliver(user, frame, None);
+        }
+    }
+
+    fn resync_all(&self, reason: &str) {
+        let frame = Outbound::from(encode(&ServerFrame::Resync { reason: reason.to_string() }));
+        let delivered = self.hub.broadcast(&frame);
+        tracing::info!(connections = delivered.queued, reason, "asked every connection to resync");
+    }
+
+    fn local_sessions(&self) -> Vec<(String, String)> {
+        self.presence.sessions()
+    }
+
+    fn remote_user_offline(&self, user: String) {
+        let _ = self.remote_offline.send(user);
+    }
+}
+
+/// Everything a chat service is made of.
+pub struct ChatParts {
+    pub store: Arc<dyn Store>,
+    pub push: Arc<dyn PushQueue>,
+    pub hub: Arc<Hub>,
+    pub presence: Arc<PresenceTracker>,
+    pub broker: Arc<dyn Broker>,
+    pub ids: IdGenerator,
+    pub config: ChatConfig,
+    pub metrics: Metrics,
+}
+
 impl ChatService {
-    pub fn new(
-        store: Arc<dyn Store>,
-        push: Arc<dyn PushQueue>,
-        hub: Arc<Hub>,
-        ids: IdGenerator,
-        config: ChatConfig,
-        metrics: Metrics,
-    ) -> Self {
-        Self {
+    /// Builds the service and starts its background work on `tasks`: the
+    /// transition shards, the sweeper of lingering sessions and the
+    /// announcer of users another gateway's death left offline.
+    pub fn start(
+        parts: ChatParts,
+        remote_offline: mpsc::UnboundedReceiver<String>,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..TRANSITION_SHARDS).map(|_| mpsc::unbounded_channel()).unzip();
+        let ChatParts { store, push, hub, presence, broker, ids, config, metrics } = parts;
+        let service = Arc::new(Self {
             store,
             push,
             hub,
+            broker,
+            presence,
+            transitions: senders,
             ids,
             config,
             metrics,
             known_direct: KnownDirectChannels { set: DashSet::new(), capacity: 100_000 },
+        });
+        for receiver in receivers {
+            tasks.spawn(presence::apply_transitions(Arc::downgrade(&service), receiver, shutdown.clone()));
         }
+        tasks.spawn(presence::sweep_lingering(Arc::downgrade(&service), shutdown.clone()));
+        tasks.spawn(presence::announce_remote_offline(Arc::downgrade(&service), remote_offline, shutdown));
+        service
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -152,12 +251,22 @@ impl ChatService {
                 .await
                 .map(|channels| ServerFrame::Channels { req: req.clone(), channels })
                 .map_err(storage_error),
-            ClientFrame::Presence { users, group, .. } => self.presence(session, req.clone(), users, group).await,
-            // Heartbeats keep presence fresh; they need no reply.
+            ClientFrame::Presence { users, group, .. } => self.presence_of(session, req.clone(), users, group).await,
+            // The connection notes when it last heard from the client; nothing else to do.
             ClientFrame::Heartbeat { .. } => return None,
             ClientFrame::Logout { .. } => {
+                if let Err(e) = self.push.unregister_target(&session.user, &session.device).await {
+                    tracing::warn!(user = %session.user, error = %e, "push target not removed at logout");
+                }
                 self.hub.kick_device(&session.user, &session.device, Kick::LoggedOut);
                 Ok(ServerFrame::Ok { req: req.clone() })
+            }
+            ClientFrame::RegisterPush { platform, token, .. } => {
+                let target = crate::push::PushTarget::new(session.device.clone(), platform, token);
+                match self.push.register_target(&session.user, &target).await {
+                    Ok(()) => Ok(ServerFrame::Ok { req: req.clone() }),
+                    Err(e) => Err(push_target_error(e)),
+                }
             }
         };
         Some(result.unwrap_or_else(|e| e.with_req(req).into()))
@@ -300,13 +409,22 @@ impl ChatService {
             if delivered.queued > 0 {
                 self.metrics.delivery_seconds.observe(received.elapsed().as_secs_f64());
             }
-            if *member != session.user && !self.hub.is_online(member) {
-                let job = PushJob::new(member, message, self.config.push_summary_chars);
-                match self.push.enqueue(&job).await {
-                    Ok(()) => self.metrics.push_jobs.inc(),
-                    // The message is stored and will sync; only the notification is lost.
-                    Err(e) => tracing::warn!(user = %member, error = %e, "could not enqueue a push job"),
-                }
+        }
+        let offline = match self.broker.route(members, &frame).await {
+            Ok(offline) => offline,
+            Err(e) => {
+                // Stored and acked: remote devices catch up on resync or reconnect.
+                self.metrics.forward_failures.inc();
+                tracing::warn!(error = %e, "live forwarding to other gateways failed");
+                return;
+            }
+        };
+        for member in members.iter().filter(|m| **m != session.user && offline.contains(*m)) {
+            let job = PushJob::new(member, message, self.config.push_summary_chars);
+            match self.push.enqueue(&job).await {
+                Ok(()) => self.metrics.push_jobs.inc(),
+                // The message is stored and will sync; only the notification is lost.
+                Err(e) => tracing::warn!(user = %member, error = %e, "could not enqueue a push job"),
             }
         }
     }
@@ -437,42 +555,5 @@ impl ChatService {
         let group = self.existing_group(&group_id).await?;
         self.channel_members(&session.user, &group_id).await?;
         self.group_reply(req, group).await
-    }
-
-    /// Presence as this gateway knows it: online while a device is connected here.
-    async fn presence(
-        &self,
-        session: &Session,
-        req: Option<String>,
-        mut users: Vec<String>,
-        group: Option<String>,
-    ) -> Result<ServerFrame, ProtocolError> {
-        if let Some(group) = group {
-            users.extend(self.channel_members(&session.user, &group).await?);
-        }
-        let shared: std::collections::HashSet<String> = {
-            let channels = self.store.channels_of(&session.user).await.map_err(storage_error)?;
-            let mut peers = std::collections::HashSet::new();
-            for channel in channels {
-                if let Some((a, b)) = direct_members(&channel) {
-                    peers.insert(a.to_string());
-                    peers.insert(b.to_string());
-                } else {
-                    peers.extend(self.store.members(&channel).await.map_err(storage_error)?);
-                }
-            }
-            peers
-        };
-        users.sort();
-        users.dedup();
-        // Only people the asker shares a channel with: no watching strangers.
-        if let Some(stranger) = users.iter().find(|u| !shared.contains(*u)) {
-            return Err(ProtocolError::new(ErrorCode::NotMember, format!("you share no channel with {stranger}")));
-        }
-        let users = users
-            .into_iter()
-            .map(|user| WirePresence { online: self.hub.is_online(&user), last_active_ms: None, user })
-            .collect();
-        Ok(ServerFrame::Presence { req, users })
     }
 }

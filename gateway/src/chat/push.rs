@@ -8,6 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::push::{PushTarget, PushTargetError};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Message, StoreError};
 
@@ -41,16 +42,32 @@ impl PushJob {
     }
 }
 
+/// Where push jobs and the devices' push targets go.
 #[async_trait]
 pub trait PushQueue: Send + Sync + 'static {
     async fn enqueue(&self, job: &PushJob) -> Result<(), StoreError>;
+    /// Offline notifications for `user` go to `target` from now on.
+    async fn register_target(&self, user: &str, target: &PushTarget) -> Result<(), PushTargetError>;
+    /// The device logged out: no more notifications for it.
+    async fn unregister_target(&self, user: &str, device: &str) -> Result<(), PushTargetError>;
 }
 
+/// The standalone gateway keeps jobs (for inspection) but has no push
+/// workers, so it refuses registrations instead of accepting tokens it
+/// would never use.
 #[async_trait]
 impl PushQueue for Arc<EmbeddedStore> {
     async fn enqueue(&self, job: &PushJob) -> Result<(), StoreError> {
         let value = serde_json::to_value(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.enqueue_push(value).await.map(|_| ())
+    }
+
+    async fn register_target(&self, _user: &str, _target: &PushTarget) -> Result<(), PushTargetError> {
+        Err(PushTargetError::NotConfigured)
+    }
+
+    async fn unregister_target(&self, _user: &str, _device: &str) -> Result<(), PushTargetError> {
+        Ok(())
     }
 }
 
@@ -84,6 +101,14 @@ impl PushQueue for RedisPushQueue {
             .await
             .map(|_| ())
             .map_err(|e| StoreError::Unavailable(format!("push queue (Redis XADD): {e}")))
+    }
+
+    async fn register_target(&self, user: &str, target: &PushTarget) -> Result<(), PushTargetError> {
+        crate::push::register_target(&mut self.connection.clone(), user, target).await
+    }
+
+    async fn unregister_target(&self, user: &str, device: &str) -> Result<(), PushTargetError> {
+        crate::push::unregister_target(&mut self.connection.clone(), user, device).await.map(|_| ())
     }
 }
 

@@ -26,12 +26,16 @@ pub enum ErrorCode {
     RateLimited,
     /// Storage is unreachable: nothing was stored or acknowledged; retry with the same key.
     StorageUnavailable,
+    /// Something this request needs is unreachable or not part of this
+    /// deployment (presence while Redis is down, push registration on a
+    /// standalone gateway). The message says which.
+    Unavailable,
     Internal,
 }
 
 impl ErrorCode {
     /// Every code (a test checks each is documented in docs/protocol.md).
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -44,6 +48,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::RateLimited,
         ErrorCode::StorageUnavailable,
+        ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
 
@@ -61,6 +66,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -108,7 +114,8 @@ mod tests {
             ErrorCode::Forbidden => 9,
             ErrorCode::RateLimited => 10,
             ErrorCode::StorageUnavailable => 11,
-            ErrorCode::Internal => 12,
+            ErrorCode::Unavailable => 12,
+            ErrorCode::Internal => 13,
         };
         for (i, code) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(index(*code), i);

@@ -5,10 +5,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::errors::{ErrorCode, ProtocolError};
 use super::{Limits, MAX_KEY_LEN, is_group_channel, valid_name};
+use crate::push::{Platform, PushTarget};
 use crate::store::{InboxEntry, Message};
 
 /// Every `type` a client may send.
-pub const CLIENT_TYPES: [&str; 11] = [
+pub const CLIENT_TYPES: [&str; 12] = [
     "send",
     "sync",
     "history",
@@ -20,6 +21,7 @@ pub const CLIENT_TYPES: [&str; 11] = [
     "presence",
     "heartbeat",
     "logout",
+    "register_push",
 ];
 
 /// Longest group name, in characters.
@@ -97,6 +99,13 @@ pub enum ClientFrame {
     Logout {
         req: Option<String>,
     },
+    /// Notifications for this device while it is offline go to `token` on
+    /// `platform` (replaces an earlier registration of the device).
+    RegisterPush {
+        req: Option<String>,
+        platform: Platform,
+        token: String,
+    },
 }
 
 impl ClientFrame {
@@ -112,7 +121,8 @@ impl ClientFrame {
             | ClientFrame::ListChannels { req }
             | ClientFrame::Presence { req, .. }
             | ClientFrame::Heartbeat { req }
-            | ClientFrame::Logout { req } => req.as_deref(),
+            | ClientFrame::Logout { req }
+            | ClientFrame::RegisterPush { req, .. } => req.as_deref(),
         }
     }
 
@@ -191,6 +201,10 @@ impl ClientFrame {
                 }
                 users.iter().try_for_each(|u| check_user(u))?;
                 group.as_deref().map_or(Ok(()), check_group)
+            }
+            ClientFrame::RegisterPush { platform, token, .. } => {
+                // The device id comes from the token, which was checked at connect.
+                PushTarget::new("device", *platform, token.as_str()).validate().or_else(|e| invalid(e.to_string()))
             }
             ClientFrame::ListChannels { .. } | ClientFrame::Heartbeat { .. } | ClientFrame::Logout { .. } => Ok(()),
         }

@@ -158,6 +158,8 @@ pub enum PushTargetError {
     Invalid(String),
     #[error("too many push targets: at most {MAX_TARGETS_PER_USER} devices per user")]
     TooMany,
+    #[error("push notifications need a cluster gateway (Redis and push workers); this gateway is standalone")]
+    NotConfigured,
     #[error("push targets (Redis): {0}")]
     Redis(#[from] redis::RedisError),
 }

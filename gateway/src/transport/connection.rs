@@ -122,6 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let Connection { socket, chat, metrics, user, device, expires_at, limits, shutdown } = self;
         let (tx, mut outbound) = mpsc::channel(limits.outbound_queue);
         let registration = chat.hub().register(&user, &device, tx);
+        chat.session_opened(&user, &device);
         metrics.connections.inc();
         let session = Session { user, device, connection: registration.connection };
         let (mut sink, mut stream) = socket.split();
@@ -140,12 +141,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         let mut open =
             send_frame(&mut sink, WsMessage::Text(protocol::encode(&hello).into()), timeout, &metrics_out).await;
-        let mut idle_deadline = Instant::now() + limits.idle_timeout;
+        // Any frame counts as a heartbeat; presence only needs the latest.
+        let mut last_heard = Instant::now();
 
         while open {
             let reply: Option<WsMessage> = tokio::select! {
                 incoming = stream.next() => {
-                    idle_deadline = Instant::now() + limits.idle_timeout;
+                    last_heard = Instant::now();
                     match incoming {
                         Some(Ok(WsMessage::Text(text))) => {
                             metrics.frames_in.inc();
@@ -190,7 +192,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     let _ = send_frame(&mut sink, close_frame(close::TOKEN_EXPIRED, "token expired"), timeout, &metrics_out).await;
                     break;
                 }
-                () = sleep_until(idle_deadline) => {
+                () = sleep_until(last_heard + limits.idle_timeout) => {
                     let _ = send_frame(&mut sink, close_frame(close::IDLE, "no frame or heartbeat received in time"), timeout, &metrics_out).await;
                     break;
                 }
@@ -204,7 +206,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         metrics.connections.dec();
+        let logged_out = registration.kick_reason() == Some(Kick::LoggedOut);
         drop(registration);
+        chat.session_closed(&session.user, &session.device, last_heard.into_std(), logged_out);
     }
 }
 

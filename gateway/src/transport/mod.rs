@@ -30,6 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::Broker;
 use crate::chat::ChatService;
 use crate::metrics::Metrics;
 use auth::{AuthError, Authenticator, query_param, token_from};
@@ -40,6 +41,8 @@ pub const WS_PATH: &str = "/v1/ws";
 
 pub struct Gateway {
     pub chat: Arc<ChatService>,
+    /// Its health is this gateway's degraded state.
+    pub broker: Arc<dyn Broker>,
     pub auth: Arc<Authenticator>,
     pub metrics: Metrics,
     pub limits: ConnectionLimits,
@@ -139,13 +142,25 @@ async fn route(request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
         (&Method::GET, WS_PATH) => upgrade(request, gateway),
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
-            if gateway.ready.load(Ordering::Relaxed) && !gateway.shutdown.is_cancelled() {
-                respond(StatusCode::OK, "text/plain", "ready\n")
-            } else {
+            if !gateway.ready.load(Ordering::Relaxed) || gateway.shutdown.is_cancelled() {
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+            } else if !gateway.broker.healthy() {
+                // Still ready: sends are stored and acked, and every gateway
+                // shares the same Redis, so failing readiness would take the
+                // whole cluster out of its Service at once.
+                respond(
+                    StatusCode::OK,
+                    "text/plain",
+                    "ready, degraded: Redis unreachable (no cross-gateway live delivery, presence unknown)\n",
+                )
+            } else {
+                respond(StatusCode::OK, "text/plain", "ready\n")
             }
         }
-        (&Method::GET, "/metrics") => respond(StatusCode::OK, "text/plain; version=0.0.4", gateway.metrics.render()),
+        (&Method::GET, "/metrics") => {
+            gateway.metrics.broker_healthy.set(i64::from(gateway.broker.healthy()));
+            respond(StatusCode::OK, "text/plain; version=0.0.4", gateway.metrics.render())
+        }
         (&Method::GET, "/dev/token") if gateway.dev_tokens => dev_token(&request, &gateway),
         _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use kubechat_gateway::app::{self, GatewayOptions, RunningGateway};
+use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions, RunningGateway};
 use kubechat_gateway::chat::push::{PushQueue, RedisPushQueue};
 use kubechat_gateway::store::Store;
 use kubechat_gateway::store::embedded::EmbeddedStore;
@@ -105,9 +105,10 @@ impl Backend {
         let limits = ConnectionLimits { frames_per_second: 100_000.0, burst: 100_000.0, ..ConnectionLimits::default() };
         let options =
             GatewayOptions { listen: "127.0.0.1:0".parse().expect("addr"), limits, ..GatewayOptions::default() };
-        let gateway = app::start(store, push, Authenticator::new(KEY).expect("key"), floor, options)
-            .await
-            .expect("start gateway");
+        let gateway =
+            app::start(store, push, BrokerSetup::Local, Authenticator::new(KEY).expect("key"), floor, options)
+                .await
+                .expect("start gateway");
         (gateway, inspector)
     }
 }

@@ -1,0 +1,363 @@
+//! This gateway's view of its sessions, for presence: which (user, device)
+//! pairs it has announced to the broker, and which of them are lingering
+//! after a dropped connection.
+//!
+//! Heartbeats never reach Redis: a connection remembers when it last heard
+//! from its client, and only transitions leave this module. A connection
+//! that drops without logging out keeps its session for `offline_after`
+//! counted from its last heartbeat, so a device that comes back in time
+//! (to this gateway or another) causes no offline/online flap. A logout
+//! ends the session at once.
+//!
+//! Transitions are handed to a callback while the lock is held, so their
+//! order matches the order of the state changes (a session removed by the
+//! sweeper and re-added by a reconnect reach the broker in that order).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::hub::Outbound;
+use super::{ChatService, Session, storage_error};
+use crate::protocol::frames::WirePresence;
+use crate::protocol::{ErrorCode, ProtocolError, ServerFrame, direct_members, encode};
+use crate::store::StoreError;
+
+/// A change the broker must hear about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transition {
+    Added { user: String, device: String },
+    Removed { user: String, device: String },
+}
+
+impl Transition {
+    pub fn user(&self) -> &str {
+        match self {
+            Transition::Added { user, .. } | Transition::Removed { user, .. } => user,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DeviceSession {
+    /// Open connections of this device here.
+    connections: u32,
+    /// Set while no connection is open: the session ends at this instant.
+    linger_until: Option<Instant>,
+}
+
+/// Sessions of this gateway by (user, device).
+pub struct PresenceTracker {
+    offline_after: Duration,
+    sessions: Mutex<HashMap<(String, String), DeviceSession>>,
+}
+
+impl PresenceTracker {
+    pub fn new(offline_after: Duration) -> Self {
+        Self { offline_after, sessions: Mutex::new(HashMap::new()) }
+    }
+
+    fn with_sessions<T>(&self, f: impl FnOnce(&mut HashMap<(String, String), DeviceSession>) -> T) -> T {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut sessions)
+    }
+
+    /// A connection of (user, device) opened here.
+    pub fn connected(&self, user: &str, device: &str, emit: impl FnOnce(Transition)) {
+        self.with_sessions(|sessions| {
+            let key = (user.to_string(), device.to_string());
+            match sessions.get_mut(&key) {
+                Some(session) => {
+                    session.connections += 1;
+                    session.linger_until = None;
+                }
+                None => {
+                    sessions.insert(key, DeviceSession { connections: 1, linger_until: None });
+                    emit(Transition::Added { user: user.to_string(), device: device.to_string() });
+                }
+            }
+        });
+    }
+
+    /// A connection of (user, device) closed; `last_heard` is when its
+    /// client last sent anything. A logout ends the session now.
+    pub fn disconnected(
+        &self,
+        user: &str,
+        device: &str,
+        last_heard: Instant,
+        logged_out: bool,
+        emit: impl FnOnce(Transition),
+    ) {
+        self.with_sessions(|sessions| {
+            let key = (user.to_string(), device.to_string());
+            let Some(session) = sessions.get_mut(&key) else { return };
+            session.connections = session.connections.saturating_sub(1);
+            if session.connections > 0 {
+                return;
+            }
+            let until = last_heard + self.offline_after;
+            if logged_out || until <= Instant::now() {
+                sessions.remove(&key);
+                emit(Transition::Removed { user: user.to_string(), device: device.to_string() });
+            } else {
+                session.linger_until = Some(until);
+            }
+        });
+    }
+
+    /// Ends lingering sessions whose time is up.
+    pub fn sweep(&self, now: Instant, mut emit: impl FnMut(Transition)) {
+        self.with_sessions(|sessions| {
+            sessions.retain(|(user, device), session| {
+                let expired = session.linger_until.is_some_and(|until| until <= now);
+                if expired {
+                    emit(Transition::Removed { user: user.clone(), device: device.clone() });
+                }
+                !expired
+            });
+        });
+    }
+
+    /// Every session this gateway holds, lingering ones included.
+    pub fn sessions(&self) -> Vec<(String, String)> {
+        self.with_sessions(|sessions| sessions.keys().cloned().collect())
+    }
+}
+
+/// How often lingering sessions are checked for expiry.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+impl ChatService {
+    /// A connection of `user`'s `device` opened on this gateway.
+    pub fn session_opened(&self, user: &str, device: &str) {
+        self.presence.connected(user, device, |t| self.queue_transition(t));
+    }
+
+    /// A connection closed; `last_heard` is when its client last sent a frame.
+    pub fn session_closed(&self, user: &str, device: &str, last_heard: Instant, logged_out: bool) {
+        self.presence.disconnected(user, device, last_heard, logged_out, |t| self.queue_transition(t));
+    }
+
+    fn queue_transition(&self, transition: Transition) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        transition.user().hash(&mut hasher);
+        let shard = (hasher.finish() % self.transitions.len() as u64) as usize;
+        // Closed only while shutting down, when sessions no longer matter.
+        let _ = self.transitions[shard].send(transition);
+    }
+
+    /// Tells the broker; an online or offline transition of the user is
+    /// announced to their friends.
+    async fn apply(&self, transition: Transition) {
+        let (result, online) = match &transition {
+            Transition::Added { user, device } => (self.broker.session_added(user, device).await, true),
+            Transition::Removed { user, device } => (self.broker.session_removed(user, device).await, false),
+        };
+        match result {
+            Ok(true) => self.announce(transition.user(), online).await,
+            Ok(false) => {}
+            // The broker reconciles its sessions when Redis is back.
+            Err(e) => tracing::warn!(user = transition.user(), error = %e, "presence change not recorded"),
+        }
+    }
+
+    /// Users who share a channel with `user` and hear of their presence
+    /// changes: direct peers and members of groups small enough to fan out.
+    async fn friends_of(&self, user: &str, max_group: usize) -> Result<HashSet<String>, StoreError> {
+        let mut friends = HashSet::new();
+        for channel in self.store.channels_of(user).await? {
+            if let Some((a, b)) = direct_members(&channel) {
+                friends.extend([a.to_string(), b.to_string()]);
+            } else {
+                let members = self.store.members(&channel).await?;
+                if members.len() <= max_group {
+                    friends.extend(members);
+                }
+            }
+        }
+        friends.remove(user);
+        Ok(friends)
+    }
+
+    /// Sends a `presence_changed` to the online friends of `user`, wherever they are connected.
+    async fn announce(&self, user: &str, online: bool) {
+        self.metrics.presence_changes.with_label_values(&[if online { "online" } else { "offline" }]).inc();
+        let friends = match self.friends_of(user, self.config.presence_fanout_max_members).await {
+            Ok(friends) => friends.into_iter().collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "presence change not announced: channels unreadable");
+                return;
+            }
+        };
+        if friends.is_empty() {
+            return;
+        }
+        let frame = Outbound::from(encode(&ServerFrame::PresenceChanged {
+            user: user.to_string(),
+            online,
+            last_active_ms: Some(crate::ids::now_ms()),
+        }));
+        for friend in &friends {
+            self.hub.deliver(friend, &frame, None);
+        }
+        if let Err(e) = self.broker.route(&friends, &frame).await {
+            self.metrics.forward_failures.inc();
+            tracing::warn!(%user, error = %e, "presence change not forwarded to other gateways");
+        }
+    }
+
+    /// Presence of `users` and of `group`'s members, for someone who shares
+    /// a channel with each (no watching strangers). One batched lookup.
+    pub(super) async fn presence_of(
+        &self,
+        session: &Session,
+        req: Option<String>,
+        mut users: Vec<String>,
+        group: Option<String>,
+    ) -> Result<ServerFrame, ProtocolError> {
+        if let Some(group) = group {
+            users.extend(self.channel_members(&session.user, &group).await?);
+        }
+        users.sort();
+        users.dedup();
+        let mut shared = self.friends_of(&session.user, usize::MAX).await.map_err(storage_error)?;
+        shared.insert(session.user.clone());
+        if let Some(stranger) = users.iter().find(|u| !shared.contains(*u)) {
+            return Err(ProtocolError::new(ErrorCode::NotMember, format!("you share no channel with {stranger}")));
+        }
+        let unavailable = |e: crate::broker::BrokerError| {
+            ProtocolError::new(ErrorCode::Unavailable, format!("presence unknown: {e}"))
+        };
+        let online = self.broker.online(&users).await.map_err(unavailable)?;
+        let last_active = self.broker.last_active(&users).await.map_err(unavailable)?;
+        let users = users
+            .into_iter()
+            .zip(last_active)
+            .map(|(user, last_active_ms)| WirePresence { online: online.contains(&user), last_active_ms, user })
+            .collect();
+        Ok(ServerFrame::Presence { req, users })
+    }
+}
+
+/// Applies one shard's transitions in order until shutdown.
+pub(super) async fn apply_transitions(
+    service: Weak<ChatService>,
+    mut transitions: mpsc::UnboundedReceiver<Transition>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let transition = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = transitions.recv() => match next {
+                Some(transition) => transition,
+                None => return,
+            },
+        };
+        let Some(service) = service.upgrade() else { return };
+        service.apply(transition).await;
+    }
+}
+
+/// Ends lingering sessions whose grace window ran out.
+pub(super) async fn sweep_lingering(service: Weak<ChatService>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        let Some(service) = service.upgrade() else { return };
+        service.presence.sweep(Instant::now(), |t| service.queue_transition(t));
+    }
+}
+
+/// Announces users who went offline because the gateway holding them died.
+pub(super) async fn announce_remote_offline(
+    service: Weak<ChatService>,
+    mut users: mpsc::UnboundedReceiver<String>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let user = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = users.recv() => match next {
+                Some(user) => user,
+                None => return,
+            },
+        };
+        let Some(service) = service.upgrade() else { return };
+        service.announce(&user, false).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(tracker: &PresenceTracker, f: impl FnOnce(&PresenceTracker, &mut Vec<Transition>)) -> Vec<Transition> {
+        let mut out = Vec::new();
+        f(tracker, &mut out);
+        out
+    }
+
+    fn added(user: &str, device: &str) -> Transition {
+        Transition::Added { user: user.into(), device: device.into() }
+    }
+
+    fn removed(user: &str, device: &str) -> Transition {
+        Transition::Removed { user: user.into(), device: device.into() }
+    }
+
+    #[test]
+    fn a_second_connection_of_a_device_is_no_transition() {
+        let tracker = PresenceTracker::new(Duration::from_secs(30));
+        let now = Instant::now();
+        let first = collect(&tracker, |t, out| t.connected("a", "phone", |e| out.push(e)));
+        let second = collect(&tracker, |t, out| t.connected("a", "phone", |e| out.push(e)));
+        assert_eq!(first, vec![added("a", "phone")]);
+        assert!(second.is_empty());
+        let one_closed = collect(&tracker, |t, out| t.disconnected("a", "phone", now, true, |e| out.push(e)));
+        assert!(one_closed.is_empty(), "the other connection is still open");
+        let both_closed = collect(&tracker, |t, out| t.disconnected("a", "phone", now, true, |e| out.push(e)));
+        assert_eq!(both_closed, vec![removed("a", "phone")]);
+    }
+
+    #[test]
+    fn a_dropped_connection_lingers_from_its_last_heartbeat() {
+        let tracker = PresenceTracker::new(Duration::from_secs(30));
+        let heard = Instant::now();
+        tracker.connected("a", "phone", |_| {});
+        let dropped = collect(&tracker, |t, out| t.disconnected("a", "phone", heard, false, |e| out.push(e)));
+        assert!(dropped.is_empty(), "no offline at once");
+        assert_eq!(collect(&tracker, |t, out| t.sweep(heard + Duration::from_secs(29), |e| out.push(e))), vec![]);
+        assert_eq!(tracker.sessions(), vec![("a".to_string(), "phone".to_string())]);
+        let expired = collect(&tracker, |t, out| t.sweep(heard + Duration::from_secs(30), |e| out.push(e)));
+        assert_eq!(expired, vec![removed("a", "phone")]);
+        assert!(tracker.sessions().is_empty());
+    }
+
+    #[test]
+    fn coming_back_within_the_window_cancels_the_linger() {
+        let tracker = PresenceTracker::new(Duration::from_secs(30));
+        let heard = Instant::now();
+        tracker.connected("a", "phone", |_| {});
+        tracker.disconnected("a", "phone", heard, false, |_| {});
+        let back = collect(&tracker, |t, out| t.connected("a", "phone", |e| out.push(e)));
+        assert!(back.is_empty(), "still registered: no online transition");
+        let swept = collect(&tracker, |t, out| t.sweep(heard + Duration::from_secs(60), |e| out.push(e)));
+        assert!(swept.is_empty(), "the new connection keeps the session");
+    }
+
+    #[test]
+    fn a_connection_silent_past_the_window_ends_at_once() {
+        let tracker = PresenceTracker::new(Duration::from_secs(1));
+        tracker.connected("a", "phone", |_| {});
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(5)).expect("monotonic clock past 5 s");
+        let closed = collect(&tracker, |t, out| t.disconnected("a", "phone", long_ago, false, |e| out.push(e)));
+        assert_eq!(closed, vec![removed("a", "phone")]);
+    }
+}
