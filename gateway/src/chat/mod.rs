@@ -39,7 +39,7 @@ use crate::protocol::{
 };
 use crate::store::{Delivery, Group, Message, Page, Reservation, Store, StoreError};
 use hub::{Hub, Kick, Outbound};
-use presence::{PresenceTracker, Transition};
+use presence::PresenceTracker;
 use push::{PushJob, PushQueue};
 
 /// Settings of the chat layer.
@@ -109,7 +109,7 @@ pub struct ChatService {
     presence: Arc<PresenceTracker>,
     /// Session transitions for the broker, sharded by user: each shard is
     /// applied in order, so a user's transitions reach Redis in order.
-    transitions: Vec<mpsc::UnboundedSender<Transition>>,
+    transitions: Vec<mpsc::UnboundedSender<presence::ShardWork>>,
     ids: IdGenerator,
     config: ChatConfig,
     metrics: Metrics,

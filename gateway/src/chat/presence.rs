@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::hub::Outbound;
@@ -128,13 +128,29 @@ impl PresenceTracker {
     }
 }
 
+/// What a transition shard works through, in order.
+pub(super) enum ShardWork {
+    Apply(Transition),
+    /// Answered once everything queued before it was applied.
+    Barrier(oneshot::Sender<()>),
+}
+
 /// How often lingering sessions are checked for expiry.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 impl ChatService {
-    /// A connection of `user`'s `device` opened on this gateway.
-    pub fn session_opened(&self, user: &str, device: &str) {
+    /// A connection of `user`'s `device` opened on this gateway. Resolves
+    /// once the broker knows the session (or `wait` passed, when Redis is
+    /// slow or down): a client that syncs after that misses nothing, since
+    /// every later message is forwarded to it and every earlier one is in
+    /// the store.
+    pub async fn session_opened(&self, user: &str, device: &str, wait: Duration) {
         self.presence.connected(user, device, |t| self.queue_transition(t));
+        let (done, registered) = oneshot::channel();
+        self.queue(user, ShardWork::Barrier(done));
+        if tokio::time::timeout(wait, registered).await.is_err() {
+            tracing::debug!(%user, "session not yet registered with the broker; continuing");
+        }
     }
 
     /// A connection closed; `last_heard` is when its client last sent a frame.
@@ -143,12 +159,17 @@ impl ChatService {
     }
 
     fn queue_transition(&self, transition: Transition) {
+        let user = transition.user().to_string();
+        self.queue(&user, ShardWork::Apply(transition));
+    }
+
+    fn queue(&self, user: &str, work: ShardWork) {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        transition.user().hash(&mut hasher);
+        user.hash(&mut hasher);
         let shard = (hasher.finish() % self.transitions.len() as u64) as usize;
         // Closed only while shutting down, when sessions no longer matter.
-        let _ = self.transitions[shard].send(transition);
+        let _ = self.transitions[shard].send(work);
     }
 
     /// Tells the broker; an online or offline transition of the user is
@@ -247,19 +268,26 @@ impl ChatService {
 /// Applies one shard's transitions in order until shutdown.
 pub(super) async fn apply_transitions(
     service: Weak<ChatService>,
-    mut transitions: mpsc::UnboundedReceiver<Transition>,
+    mut work: mpsc::UnboundedReceiver<ShardWork>,
     shutdown: CancellationToken,
 ) {
     loop {
-        let transition = tokio::select! {
+        let next = tokio::select! {
             () = shutdown.cancelled() => return,
-            next = transitions.recv() => match next {
-                Some(transition) => transition,
+            next = work.recv() => match next {
+                Some(next) => next,
                 None => return,
             },
         };
-        let Some(service) = service.upgrade() else { return };
-        service.apply(transition).await;
+        match next {
+            ShardWork::Apply(transition) => {
+                let Some(service) = service.upgrade() else { return };
+                service.apply(transition).await;
+            }
+            ShardWork::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
     }
 }
 

@@ -122,7 +122,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let Connection { socket, chat, metrics, user, device, expires_at, limits, shutdown } = self;
         let (tx, mut outbound) = mpsc::channel(limits.outbound_queue);
         let registration = chat.hub().register(&user, &device, tx);
-        chat.session_opened(&user, &device);
+        // Before `hello`: a client syncs after it, so nothing sent meanwhile is missed.
+        chat.session_opened(&user, &device, Duration::from_secs(2)).await;
         metrics.connections.inc();
         let session = Session { user, device, connection: registration.connection };
         let (mut sink, mut stream) = socket.split();

@@ -1,0 +1,447 @@
+//! Harness for the gateway-cluster suite: several real `kubechat-gateway
+//! gateway` processes on loopback sharing a private Redis (a `redis-server`
+//! the test starts, so it can kill and restart it) and a Cassandra keyspace,
+//! and clients that heartbeat, notice closes and can reconnect elsewhere.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{KEY, cql_node, token};
+
+/// A free port on loopback (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+
+async fn wait_until<F: Fn() -> bool>(what: &str, timeout: Duration, check: F) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < timeout, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `redis-server` of this test only, on its own port, without persistence
+/// (a restart loses everything, the hardest case for the gateways).
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let mut redis = PrivateRedis { port: free_port(), dir: tempfile::tempdir().expect("temp dir"), child: None };
+        redis.spawn().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run redis-server ({e}); install it with `e2e/local/redis.sh start` (Debian's redis-server)"
+                )
+            });
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("private redis-server answering", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+    }
+
+    /// SIGKILL: the data is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Settings shared by every gateway of a test cluster.
+pub struct ClusterSpec {
+    pub redis_url: String,
+    pub keyspace: String,
+    pub heartbeat_seconds: u32,
+    pub offline_after_seconds: u32,
+    pub dir: tempfile::TempDir,
+}
+
+impl ClusterSpec {
+    /// Creates the keyspace once, before gateways start (concurrent schema
+    /// changes from several processes would race).
+    pub async fn new(redis_url: String, offline_after_seconds: u32) -> Self {
+        let keyspace = format!("cluster_{}_{}", std::process::id(), kubechat_gateway::ids::now_ms() % 1_000_000);
+        let config = kubechat_gateway::store::scylla::ScyllaConfig {
+            contact_points: vec![cql_node()],
+            keyspace: keyspace.clone(),
+            replication_factor: 1,
+            ..Default::default()
+        };
+        kubechat_gateway::store::scylla::ScyllaStore::connect(config).await.unwrap_or_else(|e| {
+            panic!(
+                "Cassandra (CQL) is not reachable at {}: {e}; start it with `e2e/local/cassandra.sh start`",
+                cql_node()
+            )
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("signing-key"), KEY).expect("write the signing key");
+        ClusterSpec { redis_url, keyspace, heartbeat_seconds: 1, offline_after_seconds, dir }
+    }
+}
+
+/// One gateway process.
+pub struct GatewayProcess {
+    pub name: String,
+    pub ws_port: u16,
+    pub admin_port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl GatewayProcess {
+    pub async fn start(spec: &ClusterSpec, ordinal: u16) -> Self {
+        let (ws_port, admin_port) = (free_port(), free_port());
+        let name = format!("gw-{ordinal}");
+        let config = json!({
+            "listen": {"websocket": ws_port, "admin": admin_port},
+            "maxConnections": 10_000,
+            "chat": {
+                "maxGroupMembers": 100,
+                "maxMessageChars": 100_000,
+                "heartbeatSeconds": spec.heartbeat_seconds,
+                "offlineAfterSeconds": spec.offline_after_seconds,
+            },
+            "redis": {"url": spec.redis_url, "passwordEnv": null},
+            "scylla": {"contactPoints": [cql_node()], "keyspace": spec.keyspace, "replicationFactor": 1,
+                       "localDatacenter": null, "credentialsEnv": null},
+            "auth": {"signingKeyFile": spec.dir.path().join("signing-key")},
+        });
+        let config_path = spec.dir.path().join(format!("{name}.json"));
+        std::fs::write(&config_path, config.to_string()).expect("write the gateway config");
+        let log = spec.dir.path().join(format!("{name}.log"));
+        let log_file = std::fs::File::create(&log).expect("gateway log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_kubechat-gateway"))
+            .args(["gateway", "--config"])
+            .arg(&config_path)
+            .args(["--worker-id", &ordinal.to_string(), "--gateway-id", &name])
+            .env("RUST_LOG", "info,kubechat_gateway=debug")
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn the kubechat-gateway binary");
+        let gateway = GatewayProcess { name, ws_port, admin_port, log, child: Some(child) };
+        gateway.wait_ready().await;
+        gateway
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v1/ws", self.ws_port)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// GET on the admin port: (status, body).
+    pub async fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await.ok()?.ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Some((status, body))
+    }
+
+    /// Waits until `/readyz` says fully ready (not degraded).
+    pub async fn wait_ready(&self) {
+        let started = Instant::now();
+        loop {
+            if let Some((200, body)) = self.admin_get("/readyz").await
+                && body == "ready\n"
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} not ready within 30 s; log:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a cluster client sees.
+#[derive(Debug)]
+pub enum Event {
+    Frame(Value),
+    /// The connection ended: the close code if the server sent one.
+    Closed(Option<u16>),
+}
+
+/// A client that heartbeats every second from a task of its own. Frames
+/// arrive on a channel; a dropped connection shows up as [`Event::Closed`].
+pub struct ClusterClient {
+    pub user: String,
+    pub device: String,
+    outgoing: mpsc::UnboundedSender<String>,
+    events: mpsc::UnboundedReceiver<Event>,
+    task: tokio::task::JoinHandle<()>,
+    next_req: u64,
+    /// Frames received while waiting for something else.
+    pub backlog: Vec<Value>,
+    pub closed: Option<Option<u16>>,
+}
+
+impl ClusterClient {
+    pub async fn connect(url: &str, user: &str, device: &str) -> ClusterClient {
+        Self::try_connect(url, user, device)
+            .await
+            .unwrap_or_else(|e| panic!("{user}/{device} connecting to {url}: {e}"))
+    }
+
+    pub async fn try_connect(url: &str, user: &str, device: &str) -> Result<ClusterClient, String> {
+        let url = format!("{url}?token={}", token(user, device));
+        let (socket, _) = tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let (outgoing, mut to_send) = mpsc::unbounded_channel::<String>();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let (mut sink, mut stream) = socket.split();
+            let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = heartbeat.tick() => {
+                        if sink.send(Message::Text(r#"{"type":"heartbeat"}"#.into())).await.is_err() {
+                            let _ = events_tx.send(Event::Closed(None));
+                            return;
+                        }
+                    }
+                    Some(text) = to_send.recv() => {
+                        if sink.send(Message::Text(text.into())).await.is_err() {
+                            let _ = events_tx.send(Event::Closed(None));
+                            return;
+                        }
+                    }
+                    incoming = stream.next() => match incoming {
+                        Some(Ok(Message::Text(text))) => {
+                            let frame = serde_json::from_str(&text).expect("server frames are JSON");
+                            let _ = events_tx.send(Event::Frame(frame));
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let _ = events_tx.send(Event::Closed(frame.map(|f| u16::from(f.code))));
+                            return;
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => {
+                            let _ = events_tx.send(Event::Closed(None));
+                            return;
+                        }
+                    },
+                }
+            }
+        });
+        let mut client = ClusterClient {
+            user: user.into(),
+            device: device.into(),
+            outgoing,
+            events,
+            task,
+            next_req: 0,
+            backlog: Vec::new(),
+            closed: None,
+        };
+        match client.next_event(Duration::from_secs(5)).await {
+            Some(Event::Frame(hello)) if hello["type"] == "hello" => Ok(client),
+            other => Err(format!("expected hello, got {other:?}")),
+        }
+    }
+
+    async fn next_event(&mut self, wait: Duration) -> Option<Event> {
+        if self.closed.is_some() {
+            return None;
+        }
+        match tokio::time::timeout(wait, self.events.recv()).await {
+            Ok(Some(Event::Closed(code))) => {
+                self.closed = Some(code);
+                Some(Event::Closed(code))
+            }
+            Ok(Some(event)) => Some(event),
+            Ok(None) => {
+                self.closed = Some(None);
+                Some(Event::Closed(None))
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Drops the connection without a close frame or logout (a lost network).
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+
+    pub fn send(&self, frame: Value) {
+        let _ = self.outgoing.send(frame.to_string());
+    }
+
+    /// Sends a frame with a fresh `req`; the reply, or `None` if the
+    /// connection closed or nothing came within `wait`.
+    pub async fn try_request(&mut self, mut frame: Value, wait: Duration) -> Option<Value> {
+        self.next_req += 1;
+        let req = format!("r{}", self.next_req);
+        frame["req"] = json!(req);
+        self.send(frame);
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.next_event(left).await? {
+                Event::Frame(reply) if reply["req"] == json!(req) => return Some(reply),
+                Event::Frame(other) => self.backlog.push(other),
+                Event::Closed(_) => return None,
+            }
+        }
+    }
+
+    pub async fn request(&mut self, frame: Value) -> Value {
+        let what = frame.to_string();
+        self.try_request(frame, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("{}/{}: no reply to {what}", self.user, self.device))
+    }
+
+    /// Waits for a frame matching `pred` (looking at the backlog first).
+    pub async fn wait_for(&mut self, wait: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        if let Some(i) = self.backlog.iter().position(&pred) {
+            return Some(self.backlog.remove(i));
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.next_event(left).await? {
+                Event::Frame(frame) if pred(&frame) => return Some(frame),
+                Event::Frame(frame) => self.backlog.push(frame),
+                Event::Closed(_) => return None,
+            }
+        }
+    }
+
+    /// Collects frames for `wait` into the backlog (or until the connection closes).
+    pub async fn drain_for(&mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.next_event(left).await {
+                Some(Event::Frame(frame)) => self.backlog.push(frame),
+                Some(Event::Closed(_)) | None => return,
+            }
+        }
+    }
+
+    /// Removes and returns the backlog's frames of `kind`.
+    pub fn take(&mut self, kind: &str) -> Vec<Value> {
+        let (taken, rest): (Vec<Value>, Vec<Value>) = self.backlog.drain(..).partition(|f| f["type"] == kind);
+        self.backlog = rest;
+        taken
+    }
+
+    /// Every inbox entry after `cursor`, paged; returns them and the cursor to keep.
+    pub async fn sync_all(&mut self, cursor: &str) -> Option<(Vec<Value>, String)> {
+        let mut entries = Vec::new();
+        let mut after = cursor.to_string();
+        loop {
+            let reply = self
+                .try_request(json!({"type": "sync", "after": after, "limit": 100}), Duration::from_secs(10))
+                .await?;
+            assert_eq!(reply["type"], "synced", "{reply}");
+            entries.extend(reply["entries"].as_array().cloned().unwrap_or_default());
+            if reply["has_more"] != json!(true) {
+                return Some((entries, reply["cursor"].as_str().unwrap_or("0").to_string()));
+            }
+            after = reply["next"].as_str().unwrap_or("0").to_string();
+        }
+    }
+}
+
+impl Drop for ClusterClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Message ids a device has, from live frames and syncs, by how they came.
+#[derive(Default)]
+pub struct Received {
+    pub live: HashMap<String, usize>,
+    pub synced: std::collections::HashSet<String>,
+}
+
+impl Received {
+    pub fn note_live(&mut self, frames: Vec<Value>) {
+        for frame in frames {
+            let id = frame["message"]["id"].as_str().expect("message id").to_string();
+            *self.live.entry(id).or_default() += 1;
+        }
+    }
+
+    pub fn note_synced(&mut self, entries: &[Value]) {
+        for entry in entries {
+            self.synced.insert(entry["message"]["id"].as_str().expect("message id").to_string());
+        }
+    }
+
+    pub fn has(&self, id: &str) -> bool {
+        self.live.contains_key(id) || self.synced.contains(id)
+    }
+}
