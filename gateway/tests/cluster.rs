@@ -158,3 +158,66 @@ async fn messages_cross_gateways_once_and_in_order() {
         3 * DIRECT
     );
 }
+
+fn is_presence_of(user: &'static str, online: bool) -> impl Fn(&Value) -> bool {
+    move |f| f["type"] == "presence_changed" && f["user"] == user && f["online"] == json!(online)
+}
+
+/// Test 2: bob (on another gateway, sharing a channel with alice) sees her
+/// online on connect, offline at once on logout; a killed connection makes
+/// her offline only after the timeout; a reconnect within the window (even
+/// to a third gateway) shows no change at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presence_follows_heartbeats_and_the_grace_window() {
+    const OFFLINE_AFTER: u32 = 3;
+    let redis = PrivateRedis::start().await;
+    let (_spec, gateways) = start_cluster(&redis, 3, OFFLINE_AFTER).await;
+    let window = Duration::from_secs(u64::from(OFFLINE_AFTER));
+
+    let mut bob = ClusterClient::connect(&gateways[1].url(), "bob", "phone").await;
+    let mut alice = ClusterClient::connect(&gateways[0].url(), "alice", "phone").await;
+    let ack = alice.request(json!({"type":"send","to":{"user":"bob"},"text":"hi","key":"k1"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    // A stranger may not watch either of them.
+    let mut eve = ClusterClient::connect(&gateways[2].url(), "eve", "phone").await;
+    let refused = eve.request(json!({"type":"presence","users":["alice"]})).await;
+    assert_eq!(refused["code"], "not_member", "{refused}");
+
+    // Logout: offline at once (well inside the window).
+    alice.request(json!({"type":"logout"})).await;
+    let started = Instant::now();
+    bob.wait_for(window, is_presence_of("alice", false)).await.expect("offline after logout");
+    let logout_took = started.elapsed();
+    assert!(logout_took < window, "logout took {logout_took:?}");
+
+    // Connect: online, with last_active.
+    let alice = ClusterClient::connect(&gateways[0].url(), "alice", "phone").await;
+    let online = bob.wait_for(Duration::from_secs(5), is_presence_of("alice", true)).await.expect("online on connect");
+    assert!(online["last_active_ms"].as_i64().is_some(), "{online}");
+    let asked = bob.request(json!({"type":"presence","users":["alice"]})).await;
+    assert_eq!(asked["users"][0]["online"], true, "{asked}");
+    assert!(asked["users"][0]["last_active_ms"].as_i64().is_some(), "{asked}");
+
+    // Connection lost without logout: nothing before the window, offline after it.
+    alice.kill();
+    let killed = Instant::now();
+    let offline = bob.wait_for(window + Duration::from_secs(5), is_presence_of("alice", false)).await;
+    let took = killed.elapsed();
+    assert!(offline.is_some(), "alice never went offline after her connection was killed");
+    assert!(took >= window - Duration::from_millis(1100), "offline after {took:?}: before the {window:?} window");
+    let asked = bob.request(json!({"type":"presence","users":["alice"]})).await;
+    assert_eq!(asked["users"][0]["online"], false, "{asked}");
+
+    // Back online, then a drop and a reconnect to another gateway within the window: no flap.
+    let alice = ClusterClient::connect(&gateways[0].url(), "alice", "phone").await;
+    bob.wait_for(Duration::from_secs(5), is_presence_of("alice", true)).await.expect("online again");
+    alice.kill();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let _alice = ClusterClient::connect(&gateways[2].url(), "alice", "phone").await;
+    bob.drain_for(window * 2 + Duration::from_secs(1)).await;
+    let changes = bob.take("presence_changed");
+    assert!(changes.is_empty(), "a reconnect within the window must not flap: {changes:?}");
+    let asked = bob.request(json!({"type":"presence","users":["alice"]})).await;
+    assert_eq!(asked["users"][0]["online"], true, "{asked}");
+    println!("presence: logout offline in {logout_took:?}; killed connection offline after {took:?} (window {window:?})");
+}
