@@ -5,11 +5,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use common::cluster::{ClusterClient, ClusterSpec, GatewayProcess, PrivateRedis, Received};
 use serde_json::{Value, json};
+
+/// A hung scenario fails instead of stalling CI.
+async fn within(limit: Duration, scenario: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(limit, scenario).await.unwrap_or_else(|_| panic!("scenario did not finish within {limit:?}"));
+}
 
 fn id_of(frame: &Value) -> u64 {
     frame["message"]["id"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no id in {frame}"))
@@ -42,8 +47,7 @@ async fn start_cluster(redis: &PrivateRedis, gateways: u16, offline_after: u32) 
 /// Test 1: users on three gateways; 1:1 traffic and a 100-member group.
 /// Every recipient device gets every message exactly once, each sender's
 /// messages in the order sent (their ids rising), and nothing goes to push.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn messages_cross_gateways_once_and_in_order() {
+async fn messages_cross_gateways_once_and_in_order_scenario() {
     let redis = PrivateRedis::start().await;
     let (_spec, gateways) = start_cluster(&redis, 3, 5).await;
     let url = |i: usize| gateways[i % gateways.len()].url();
@@ -167,8 +171,7 @@ fn is_presence_of(user: &'static str, online: bool) -> impl Fn(&Value) -> bool {
 /// online on connect, offline at once on logout; a killed connection makes
 /// her offline only after the timeout; a reconnect within the window (even
 /// to a third gateway) shows no change at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn presence_follows_heartbeats_and_the_grace_window() {
+async fn presence_follows_heartbeats_and_the_grace_window_scenario() {
     const OFFLINE_AFTER: u32 = 3;
     let redis = PrivateRedis::start().await;
     let (_spec, gateways) = start_cluster(&redis, 3, OFFLINE_AFTER).await;
@@ -219,5 +222,273 @@ async fn presence_follows_heartbeats_and_the_grace_window() {
     assert!(changes.is_empty(), "a reconnect within the window must not flap: {changes:?}");
     let asked = bob.request(json!({"type":"presence","users":["alice"]})).await;
     assert_eq!(asked["users"][0]["online"], true, "{asked}");
-    println!("presence: logout offline in {logout_took:?}; killed connection offline after {took:?} (window {window:?})");
+    println!(
+        "presence: logout offline in {logout_took:?}; killed connection offline after {took:?} (window {window:?})"
+    );
+}
+
+/// Connects to the first gateway that answers, trying `urls` from `first` on.
+async fn connect_any(urls: &[String], first: usize, user: &str, device: &str) -> ClusterClient {
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        let url = &urls[(first + attempt) % urls.len()];
+        match ClusterClient::try_connect(url, user, device).await {
+            Ok(client) => return client,
+            Err(e) => {
+                assert!(started.elapsed() < Duration::from_secs(30), "{user}/{device}: no gateway accepts ({e})");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What one sender did: keys tried and the ids acked for them.
+struct Sent {
+    sent: usize,
+    acked: Vec<String>,
+    retries: usize,
+}
+
+/// Sends `count` messages to `to`, one at a time; on a lost connection or
+/// an error, reconnects (to another gateway if its own is gone) and retries
+/// with the same key, as a real client does.
+async fn send_loop(urls: Vec<String>, home: usize, user: String, to: String, count: usize) -> Sent {
+    let mut client = connect_any(&urls, home, &user, "phone").await;
+    let mut result = Sent { sent: 0, acked: Vec::new(), retries: 0 };
+    let mut next_gateway = home + 1;
+    for n in 0..count {
+        result.sent += 1;
+        let frame = json!({"type":"send","to":{"user":to},"text":format!("{user} #{n}"),"key":format!("{user}-{n}")});
+        loop {
+            match client.try_request(frame.clone(), Duration::from_secs(8)).await {
+                Some(ack) if ack["type"] == "ack" => {
+                    result.acked.push(ack["id"].as_str().expect("ack id").to_string());
+                    break;
+                }
+                reply => {
+                    result.retries += 1;
+                    if client.closed.is_some() || reply.is_none() {
+                        client = connect_any(&urls, next_gateway, &user, "phone").await;
+                        next_gateway += 1;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    result
+}
+
+/// What one receiving device got.
+struct Got {
+    received: Received,
+    reconnects: usize,
+    resyncs: usize,
+}
+
+/// Receives until `stop`: live messages, a sync on `resync`, a reconnect
+/// (elsewhere) and a sync from its cursor when the connection drops; then a
+/// last sync from the cursor it kept, as a device does on its next start.
+async fn receive_loop(urls: Vec<String>, home: usize, user: String, stop: tokio_util::sync::CancellationToken) -> Got {
+    let mut client = connect_any(&urls, home, &user, "phone").await;
+    let mut got = Got { received: Received::default(), reconnects: 0, resyncs: 0 };
+    let (entries, mut cursor) = client.sync_all("0").await.expect("first sync");
+    got.received.note_synced(&entries);
+    let mut next_gateway = home + 1;
+    let mut finishing = false;
+    loop {
+        if stop.is_cancelled() && !finishing {
+            finishing = true;
+            client.drain_for(Duration::from_secs(1)).await;
+        }
+        if !finishing {
+            client.receive_one(Duration::from_millis(200)).await;
+        }
+        got.received.note_live(client.take("message"));
+        let resync = !client.take("resync").is_empty();
+        // Presence changes and late replies are of no interest here.
+        client.backlog.clear();
+        got.resyncs += usize::from(resync);
+        if client.closed.is_some() {
+            got.reconnects += 1;
+            client = connect_any(&urls, next_gateway, &user, "phone").await;
+            next_gateway += 1;
+        } else if !resync && !finishing {
+            continue;
+        }
+        match client.sync_all(&cursor).await {
+            Some((entries, next)) => {
+                got.received.note_synced(&entries);
+                cursor = next;
+                if finishing {
+                    return got;
+                }
+            }
+            None => continue,
+        }
+    }
+}
+
+/// Traffic between pairs across gateways while `disrupt` runs; returns the
+/// totals (sent, acked, delivered live, recovered by sync, lost).
+async fn traffic_through<F: std::future::Future<Output = ()>>(
+    urls: &[String],
+    pairs: &[(usize, usize)],
+    per_sender: usize,
+    disrupt: F,
+) -> (usize, usize, usize, usize, usize) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for (i, &(from, to)) in pairs.iter().enumerate() {
+        receivers.push(tokio::spawn(receive_loop(urls.to_vec(), to, format!("rcpt{i}"), stop.clone())));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        senders.push(tokio::spawn(send_loop(urls.to_vec(), from, format!("sndr{i}"), format!("rcpt{i}"), per_sender)));
+    }
+    disrupt.await;
+    let mut sent = Vec::new();
+    for sender in senders {
+        sent.push(sender.await.expect("sender task"));
+    }
+    stop.cancel();
+    let (mut total_sent, mut acked, mut live, mut recovered, mut lost) = (0, 0, 0, 0, 0);
+    for (i, receiver) in receivers.into_iter().enumerate() {
+        let got = receiver.await.expect("receiver task");
+        let sender = &sent[i];
+        total_sent += sender.sent;
+        acked += sender.acked.len();
+        for id in &sender.acked {
+            if got.received.live.contains_key(id) {
+                live += 1;
+            } else if got.received.synced.contains(id) {
+                recovered += 1;
+            } else {
+                lost += 1;
+            }
+        }
+        println!(
+            "pair {i}: sent {}, acked {}, sender retries {}, receiver reconnects {}, resyncs {}",
+            sender.sent,
+            sender.acked.len(),
+            sender.retries,
+            got.reconnects,
+            got.resyncs
+        );
+    }
+    (total_sent, acked, live, recovered, lost)
+}
+
+/// Test 3: a gateway SIGKILLed under traffic. Its clients reconnect to the
+/// others and sync; no acked message is lost; its users' presence expires.
+async fn a_killed_gateway_loses_no_acked_message_and_its_users_go_offline_scenario() {
+    const OFFLINE_AFTER: u32 = 3;
+    let redis = PrivateRedis::start().await;
+    let (_spec, mut gateways) = start_cluster(&redis, 3, OFFLINE_AFTER).await;
+    let urls: Vec<String> = gateways.iter().map(GatewayProcess::url).collect();
+
+    // carol lives on the victim and will not come back; dave watches her from gateway 0.
+    let mut dave = ClusterClient::connect(&urls[0], "dave", "phone").await;
+    let carol = ClusterClient::connect(&urls[2], "carol", "phone").await;
+    let mut carol = carol;
+    assert_eq!(carol.request(json!({"type":"send","to":{"user":"dave"},"text":"hi","key":"c1"})).await["type"], "ack");
+    wait_all_online(&mut dave, json!({"type":"presence","users":["carol"]})).await;
+
+    let victim = &mut gateways[2];
+    let pairs = [(0, 1), (1, 2), (2, 0), (2, 1)];
+    let (sent, acked, live, recovered, lost) = traffic_through(&urls, &pairs, 150, async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        victim.kill();
+    })
+    .await;
+    println!("SIGKILL: sent {sent}, acked {acked}, delivered live {live}, recovered by sync {recovered}, lost {lost}");
+    assert_eq!(acked, sent, "every send is acked in the end (retried with its key)");
+    assert!(recovered + live == acked && lost == 0, "acked messages lost: {lost}");
+
+    // carol's gateway is gone: dave hears she is offline once its lease ran out.
+    let offline = dave.wait_for(Duration::from_secs(15), is_presence_of("carol", false)).await;
+    assert!(offline.is_some(), "carol stayed online after her gateway died");
+    let asked = dave.request(json!({"type":"presence","users":["carol"]})).await;
+    assert_eq!(asked["users"][0]["online"], false, "{asked}");
+    drop(carol);
+}
+
+/// Test 4: Redis restarted (losing everything) under traffic. Gateways
+/// report degraded, keep storing and acking, recover by themselves, and no
+/// acked message is lost; live delivery works again afterwards.
+async fn a_redis_restart_degrades_then_recovers_without_loss_scenario() {
+    let mut redis = PrivateRedis::start().await;
+    let (_spec, gateways) = start_cluster(&redis, 2, 5).await;
+    let urls: Vec<String> = gateways.iter().map(GatewayProcess::url).collect();
+
+    let pairs = [(0, 1), (1, 0), (0, 0)];
+    let gateways_ref = &gateways;
+    let redis_ref = &mut redis;
+    let (sent, acked, live, recovered, lost) = traffic_through(&urls, &pairs, 200, async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        redis_ref.kill();
+        for gateway in gateways_ref {
+            let started = Instant::now();
+            loop {
+                let readyz = gateway.admin_get("/readyz").await;
+                if let Some((200, body)) = &readyz
+                    && body.contains("degraded")
+                {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{} never reported degraded: {readyz:?}",
+                    gateway.name
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let (_, metrics) = gateway.admin_get("/metrics").await.expect("metrics");
+            assert!(metrics.contains("kubechat_gateway_broker_healthy 0"), "{}: {metrics}", gateway.name);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        redis_ref.restart().await;
+        for gateway in gateways_ref {
+            gateway.wait_ready().await;
+        }
+    })
+    .await;
+    println!(
+        "Redis restart: sent {sent}, acked {acked}, delivered live {live}, recovered by sync {recovered}, lost {lost}"
+    );
+    assert_eq!(acked, sent, "every send is acked in the end");
+    assert!(recovered + live == acked && lost == 0, "acked messages lost: {lost}");
+
+    // Recovered: live delivery across gateways again, sessions re-registered.
+    let mut erin = ClusterClient::connect(&urls[1], "erin", "phone").await;
+    let mut frank = ClusterClient::connect(&urls[0], "frank", "phone").await;
+    assert_eq!(frank.request(json!({"type":"send","to":{"user":"erin"},"text":"a","key":"a"})).await["type"], "ack");
+    erin.wait_for(Duration::from_secs(5), |f| f["type"] == "message").await.expect("first message");
+    wait_all_online(&mut frank, json!({"type":"presence","users":["erin"]})).await;
+    assert_eq!(frank.request(json!({"type":"send","to":{"user":"erin"},"text":"b","key":"b"})).await["type"], "ack");
+    let message = erin.wait_for(Duration::from_secs(3), |f| f["type"] == "message").await;
+    assert_eq!(message.map(|m| m["message"]["text"].clone()), Some(json!("b")), "live delivery after recovery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_cross_gateways_once_and_in_order() {
+    within(Duration::from_secs(240), messages_cross_gateways_once_and_in_order_scenario()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presence_follows_heartbeats_and_the_grace_window() {
+    within(Duration::from_secs(240), presence_follows_heartbeats_and_the_grace_window_scenario()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_gateway_loses_no_acked_message_and_its_users_go_offline() {
+    within(Duration::from_secs(240), a_killed_gateway_loses_no_acked_message_and_its_users_go_offline_scenario()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_degrades_then_recovers_without_loss() {
+    within(Duration::from_secs(240), a_redis_restart_degrades_then_recovers_without_loss_scenario()).await;
 }

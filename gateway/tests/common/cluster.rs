@@ -362,6 +362,18 @@ impl ClusterClient {
             .unwrap_or_else(|| panic!("{}/{}: no reply to {what}", self.user, self.device))
     }
 
+    /// The next frame off the connection into the backlog; false on a
+    /// timeout or a closed connection.
+    pub async fn receive_one(&mut self, wait: Duration) -> bool {
+        match self.next_event(wait).await {
+            Some(Event::Frame(frame)) => {
+                self.backlog.push(frame);
+                true
+            }
+            Some(Event::Closed(_)) | None => false,
+        }
+    }
+
     /// Waits for a frame matching `pred` (looking at the backlog first).
     pub async fn wait_for(&mut self, wait: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
         if let Some(i) = self.backlog.iter().position(&pred) {
