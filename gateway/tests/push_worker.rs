@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod common;
+
+use common::cluster::{ClusterClient, ClusterSpec, GatewayProcess, PrivateRedis, free_port, http_get};
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -695,4 +698,81 @@ async fn a_token_the_provider_rejects_is_unregistered() {
     assert!(push::targets(&mut conn, &bob).await.expect("targets").is_empty(), "the stale token is forgotten");
     worker.stop().await;
     fx.cleanup().await;
+}
+
+/// The whole path with real processes: a device registers its webhook
+/// target over the WebSocket, its connection drops, and once it is offline a
+/// message to it becomes exactly one signed notification from a
+/// `push-worker` process (which serves /healthz and /metrics meanwhile).
+/// While it was online, nothing was pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_and_a_push_worker_process_notify_an_offline_device() {
+    let redis = PrivateRedis::start().await;
+    let spec = ClusterSpec::new(redis.url(), 2).await;
+    let gateway = GatewayProcess::start(&spec, 0).await;
+    let receiver = Receiver::start().await;
+
+    let key_file = spec.dir.path().join("webhook-key");
+    std::fs::write(&key_file, KEY).expect("write the webhook key");
+    let admin = free_port();
+    let config = json!({
+        "listen": {"websocket": free_port(), "admin": admin},
+        "redis": {"url": redis.url()},
+        "push": {"providers": {"webhook": {"url": format!("{}/ok", receiver.url), "signingKeyFile": key_file}}},
+    });
+    let config_file = spec.dir.path().join("push.json");
+    std::fs::write(&config_file, config.to_string()).expect("write the push config");
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_kubechat-gateway"))
+        .args(["push-worker", "--config"])
+        .arg(&config_file)
+        .args(["--consumer", "worker-1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the push worker");
+    let healthy = async {
+        loop {
+            if let Some((200, body)) = http_get(admin, "/healthz").await {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let health = tokio::time::timeout(WAIT, healthy).await;
+    assert_eq!(health.as_deref().ok().map(str::trim), Some("ok"), "the push worker's /healthz");
+
+    let mut bob = ClusterClient::connect(&gateway.url(), "bob", "phone").await;
+    let registered = bob.request(json!({"type":"register_push","platform":"webhook","token":"bob-phone"})).await;
+    assert_eq!(registered["type"], "ok", "{registered}");
+    let refused = bob.request(json!({"type":"register_push","platform":"carrier-pigeon","token":"x"})).await;
+    assert_eq!(refused["code"], "bad_frame", "{refused}");
+
+    let mut alice = ClusterClient::connect(&gateway.url(), "alice", "phone").await;
+    let ack = alice.request(json!({"type":"send","to":{"user":"bob"},"text":"while you are here","key":"k1"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    bob.wait_for(WAIT, |f| f["type"] == "message").await.expect("bob online gets it live");
+
+    bob.kill();
+    let offline = alice.wait_for(WAIT, |f| f["type"] == "presence_changed" && f["online"] == false).await;
+    assert!(offline.is_some(), "bob never went offline");
+    let text = "a long message that only the first eighty characters of reach the notification, the rest stays private";
+    let ack = alice.request(json!({"type":"send","to":{"user":"bob"},"text":text,"key":"k2"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+
+    poll_until("one notification", || !receiver.delivered().is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let delivered = receiver.delivered();
+    assert_eq!(delivered.len(), 1, "exactly one push, none for the live message: {delivered:?}");
+    assert!(valid_signature(&delivered[0]), "signature");
+    let body = delivered[0].json();
+    assert_eq!(body["user"], "bob");
+    assert_eq!(body["device"], "phone");
+    assert_eq!(body["message_id"], ack["id"]);
+    let summary = body["summary"].as_str().unwrap_or_default();
+    assert!(summary.chars().count() <= 81 && text.starts_with(summary.trim_end_matches('…')), "{body}");
+
+    let (_, metrics) = http_get(admin, "/metrics").await.expect("the push worker's /metrics");
+    assert!(metrics.contains("kubechat_push_jobs_processed_total"), "{metrics}");
+    let _ = worker.kill();
+    let _ = worker.wait();
 }

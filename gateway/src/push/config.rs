@@ -163,6 +163,8 @@ pub struct ProvidersConfig {
 
 #[derive(Clone, Debug)]
 pub struct PushWorkerConfig {
+    /// `/healthz` and `/metrics` (the gateway config's admin port).
+    pub admin: Option<std::net::SocketAddr>,
     pub redis_url: String,
     /// Overrides the URL's password.
     pub redis_password: Option<SecretSource>,
@@ -205,6 +207,7 @@ pub struct PushWorkerConfig {
 impl Default for PushWorkerConfig {
     fn default() -> Self {
         Self {
+            admin: None,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_password: None,
             stream: PUSH_STREAM.into(),
@@ -233,9 +236,16 @@ impl Default for PushWorkerConfig {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct GatewayFile {
+    #[serde(default)]
+    listen: Option<ListenSection>,
     redis: RedisSection,
     #[serde(default)]
     push: PushSection,
+}
+
+#[derive(Deserialize)]
+struct ListenSection {
+    admin: u16,
 }
 
 #[derive(Deserialize)]
@@ -317,6 +327,7 @@ impl PushWorkerConfig {
             |explicit: Option<PathBuf>, name: &str| SecretSource::File(explicit.unwrap_or(secrets_dir.join(name)));
         let providers = file.push.providers;
         let config = Self {
+            admin: file.listen.map(|l| std::net::SocketAddr::from(([0, 0, 0, 0], l.admin))),
             redis_url: file.redis.url,
             redis_password: file.redis.password_env.as_deref().and_then(env).map(SecretSource::Value),
             consumer_name: consumer_name.to_string(),

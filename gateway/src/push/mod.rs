@@ -12,6 +12,7 @@
 //! - [`provider`]: the [`Provider`] trait, the webhook/FCM/APNs request shapes and senders.
 //! - [`credentials`]: the APNs provider token (ES256 JWT) and the FCM OAuth access token.
 //! - [`metrics`]: the Prometheus metrics ([`PushMetrics`]).
+//! - [`admin`]: `/healthz` and `/metrics` of a running worker.
 //!
 //! Redis keys:
 //! - `kubechat:push-targets:{user}`: hash, device id → `{"platform":"webhook"|"fcm"|"apns","token":"…"}`.
@@ -28,6 +29,7 @@
 //! [`PushJob`]: crate::chat::push::PushJob
 //! [`PUSH_STREAM`]: crate::chat::push::PUSH_STREAM
 
+pub mod admin;
 pub mod config;
 pub mod credentials;
 pub mod metrics;

@@ -57,9 +57,17 @@ const RENEW_CHUNK: usize = 500;
 /// Runs a push worker with the providers of `config.providers` and metrics of its own, until
 /// `shutdown` is cancelled. Fails only at start (bad settings, unusable provider secrets);
 /// Redis being unreachable is retried, not fatal.
+/// Serves `/healthz` and `/metrics` on `config.admin` meanwhile.
 pub async fn run_push_worker(config: PushWorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let providers = Providers::from_config(&config.providers)?;
-    run_push_worker_with(config, providers, PushMetrics::new(), shutdown).await
+    let metrics = PushMetrics::new();
+    if let Some(admin) = config.admin {
+        let listener = tokio::net::TcpListener::bind(admin)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the admin address {admin}: {e}"))?;
+        tokio::spawn(super::admin::serve_admin(listener, metrics.clone(), shutdown.clone()));
+    }
+    run_push_worker_with(config, providers, metrics, shutdown).await
 }
 
 /// [`run_push_worker`] with the caller's providers (`config.providers` is ignored) and metrics.
