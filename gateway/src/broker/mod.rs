@@ -17,8 +17,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-/// An encoded frame, shared by every connection it goes to.
-pub type Frame = crate::chat::hub::Outbound;
+/// What the broker forwards: an encoded frame.
+pub type Frame = crate::protocol::EncodedFrame;
 
 #[derive(Debug, thiserror::Error)]
 #[error("broker unavailable: {0}")]

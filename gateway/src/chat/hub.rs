@@ -10,9 +10,8 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// An encoded frame, shared by every connection it goes to: cloning it and
-/// handing it to the WebSocket writer copies no bytes.
-pub type Outbound = tokio_tungstenite::tungstenite::Utf8Bytes;
+/// What a connection's outbound queue holds.
+pub type Outbound = crate::protocol::EncodedFrame;
 
 /// Why a connection was closed by the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

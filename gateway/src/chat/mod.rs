@@ -35,10 +35,10 @@ use crate::metrics::Metrics;
 use crate::protocol::frames::WireGroup;
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, ProtocolError, Recipient, ServerFrame, WireInboxEntry, WireMessage, direct_channel,
-    direct_members, encode, is_group_channel,
+    direct_members, encode_shared, is_group_channel,
 };
 use crate::store::{Delivery, Group, Message, Page, Reservation, Store, StoreError};
-use hub::{Hub, Kick, Outbound};
+use hub::{Hub, Kick};
 use presence::PresenceTracker;
 use push::{PushJob, PushQueue};
 
@@ -157,7 +157,7 @@ impl LocalDelivery for GatewayLocal {
     }
 
     fn resync_all(&self, reason: &str) {
-        let frame = Outbound::from(encode(&ServerFrame::Resync { reason: reason.to_string() }));
+        let frame = encode_shared(&ServerFrame::Resync { reason: reason.to_string() });
         let delivered = self.hub.broadcast(&frame);
         tracing::info!(connections = delivered.queued, reason, "asked every connection to resync");
     }
@@ -402,7 +402,7 @@ impl ChatService {
         members: &[String],
         received: Instant,
     ) {
-        let frame = Outbound::from(encode(&ServerFrame::Message { position, message: WireMessage::from(message) }));
+        let frame = encode_shared(&ServerFrame::Message { position, message: WireMessage::from(message) });
         for member in members {
             let delivered = self.hub.deliver(member, &frame, Some(session.connection));
             self.metrics.slow_consumers.inc_by(delivered.overflowed as u64);

@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::hub::Outbound;
 use super::{ChatService, Session, storage_error};
 use crate::protocol::frames::WirePresence;
-use crate::protocol::{ErrorCode, ProtocolError, ServerFrame, direct_members, encode};
+use crate::protocol::{ErrorCode, ProtocolError, ServerFrame, direct_members, encode_shared};
 use crate::store::StoreError;
 
 /// A change the broker must hear about.
@@ -218,11 +217,11 @@ impl ChatService {
         if friends.is_empty() {
             return;
         }
-        let frame = Outbound::from(encode(&ServerFrame::PresenceChanged {
+        let frame = encode_shared(&ServerFrame::PresenceChanged {
             user: user.to_string(),
             online,
             last_active_ms: Some(crate::ids::now_ms()),
-        }));
+        });
         for friend in &friends {
             self.hub.deliver(friend, &frame, None);
         }

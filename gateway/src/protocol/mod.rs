@@ -60,6 +60,15 @@ pub fn decode(text: &str, limits: &Limits) -> Result<ClientFrame, ProtocolError>
     Ok(frame)
 }
 
+/// An encoded frame shared by every connection (and gateway) it goes to:
+/// cloning it copies no bytes, and the WebSocket writer takes it as is.
+pub type EncodedFrame = tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Encodes a server frame once, for many recipients.
+pub fn encode_shared(frame: &ServerFrame) -> EncodedFrame {
+    EncodedFrame::from(encode(frame))
+}
+
 /// Encodes a server frame as JSON text.
 pub fn encode(frame: &ServerFrame) -> String {
     // Serializing plain data structs cannot fail; an empty object keeps the
