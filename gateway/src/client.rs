@@ -14,6 +14,7 @@ const HELP: &str = "\
   /channels              list your channels
   /history dm:alice:bob  the newest messages of a channel
   /sync                  everything since this session started
+  /who bob carol         who is online (people you share a channel with)
   /quit";
 
 fn describe(frame: &Value) -> String {
@@ -26,6 +27,16 @@ fn describe(frame: &Value) -> String {
         "ack" => format!("  ✓ stored as {} in {}", text(&frame["id"]), text(&frame["channel"])),
         "error" => format!("  ✗ {}: {}", text(&frame["code"]), text(&frame["message"])),
         "hello" => format!("connected as {} ({})\n{HELP}", text(&frame["user"]), text(&frame["device"])),
+        "presence_changed" => {
+            format!("  · {} is {}", text(&frame["user"]), if frame["online"] == true { "online" } else { "offline" })
+        }
+        "presence" => frame["users"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|u| format!("  · {} is {}", text(&u["user"]), if u["online"] == true { "online" } else { "offline" }))
+            .collect::<Vec<_>>()
+            .join("\n"),
         _ => frame.to_string(),
     }
 }
@@ -54,6 +65,7 @@ pub fn line_to_frame(line: &str, counter: u64) -> Option<Value> {
         "/channels" => Some(json!({"type": "list_channels"})),
         "/history" => Some(json!({"type": "history", "channel": words.next()?})),
         "/sync" => Some(json!({"type": "sync", "after": "0"})),
+        "/who" => Some(json!({"type": "presence", "users": words.collect::<Vec<_>>()})),
         _ => None,
     }
 }
@@ -116,5 +128,14 @@ mod tests {
         assert_eq!(group["members"], json!(["bob", "carol"]));
         assert!(line_to_frame("hello", 3).is_none());
         assert!(line_to_frame("@bob", 4).is_none());
+        assert_eq!(line_to_frame("/who bob carol", 5).expect("frame")["users"], json!(["bob", "carol"]));
+    }
+
+    #[test]
+    fn presence_reads_as_a_sentence() {
+        let changed = json!({"type": "presence_changed", "user": "bob", "online": false, "last_active_ms": 1});
+        assert_eq!(describe(&changed), "  · bob is offline");
+        let asked = json!({"type": "presence", "req": "1", "users": [{"user": "bob", "online": true}]});
+        assert_eq!(describe(&asked), "  · bob is online");
     }
 }
