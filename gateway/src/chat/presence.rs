@@ -270,14 +270,7 @@ pub(super) async fn apply_transitions(
     mut work: mpsc::UnboundedReceiver<ShardWork>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let next = tokio::select! {
-            () = shutdown.cancelled() => return,
-            next = work.recv() => match next {
-                Some(next) => next,
-                None => return,
-            },
-        };
+    while let Some(next) = next_until(&shutdown, &mut work).await {
         match next {
             ShardWork::Apply(transition) => {
                 let Some(service) = service.upgrade() else { return };
@@ -308,16 +301,17 @@ pub(super) async fn announce_remote_offline(
     mut users: mpsc::UnboundedReceiver<String>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let user = tokio::select! {
-            () = shutdown.cancelled() => return,
-            next = users.recv() => match next {
-                Some(user) => user,
-                None => return,
-            },
-        };
+    while let Some(user) = next_until(&shutdown, &mut users).await {
         let Some(service) = service.upgrade() else { return };
         service.announce(&user, false).await;
+    }
+}
+
+/// The next item, or `None` once the queue closed or `shutdown` fired.
+async fn next_until<T>(shutdown: &CancellationToken, queue: &mut mpsc::UnboundedReceiver<T>) -> Option<T> {
+    tokio::select! {
+        () = shutdown.cancelled() => None,
+        next = queue.recv() => next,
     }
 }
 
