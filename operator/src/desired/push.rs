@@ -2,7 +2,10 @@
 //! same config. They serve no traffic, so a Deployment suffices.
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, HTTPGetAction, KeyToPath, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    SecretProjection, Volume, VolumeMount, VolumeProjection,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -13,9 +16,57 @@ use super::{Names, owned_meta, resources_or, restricted_container_security, rest
 
 pub const COMPONENT: &str = "push-worker";
 
+/// Where the worker reads provider secrets, and the file names it expects
+/// (the gateway's `push::config` constants: keep in step).
+pub const PUSH_SECRETS_DIR: &str = "/var/run/kubechat/push";
+pub const WEBHOOK_SIGNING_KEY_FILE: &str = "webhook-signing-key";
+pub const FCM_CREDENTIALS_FILE: &str = "fcm-credentials.json";
+pub const APNS_SIGNING_KEY_FILE: &str = "apns-signing-key.p8";
+
+/// One projected volume with the secret of each configured provider under
+/// the file name the worker reads; `None` without providers.
+fn provider_secrets(cc: &ChatCluster) -> Option<(Volume, VolumeMount)> {
+    let providers = &cc.spec.push_workers.providers;
+    let sources: Vec<VolumeProjection> = [
+        providers.webhook.as_ref().map(|w| (&w.signing_key_secret, WEBHOOK_SIGNING_KEY_FILE)),
+        providers.fcm.as_ref().map(|f| (&f.credentials_secret, FCM_CREDENTIALS_FILE)),
+        providers.apns.as_ref().map(|a| (&a.signing_key_secret, APNS_SIGNING_KEY_FILE)),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|(secret, file)| VolumeProjection {
+        secret: Some(SecretProjection {
+            name: secret.name.clone(),
+            items: Some(vec![KeyToPath { key: secret.key.clone(), path: file.into(), ..Default::default() }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .collect();
+    if sources.is_empty() {
+        return None;
+    }
+    let volume = Volume {
+        name: "push-secrets".into(),
+        projected: Some(ProjectedVolumeSource { sources: Some(sources), ..Default::default() }),
+        ..Default::default()
+    };
+    let mount = VolumeMount {
+        name: "push-secrets".into(),
+        mount_path: PUSH_SECRETS_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    Some((volume, mount))
+}
+
 pub fn deployment(cc: &ChatCluster) -> Deployment {
     let spec = &cc.spec;
-    let (volumes, volume_mounts) = common_volumes(cc);
+    let (mut volumes, mut volume_mounts) = common_volumes(cc);
+    if let Some((volume, mount)) = provider_secrets(cc) {
+        volumes.push(volume);
+        volume_mounts.push(mount);
+    }
     let container = Container {
         name: "push-worker".into(),
         image: Some(spec.gateway.image.clone()),
@@ -75,5 +126,44 @@ mod tests {
         let container = &pod.containers[0];
         assert_eq!(container.args.as_deref(), Some(&["push-worker".to_string()][..]));
         assert_eq!(container.image.as_deref(), Some(kubechat_crds::DEFAULT_GATEWAY_IMAGE));
+    }
+
+    #[test]
+    fn provider_secrets_are_mounted_under_the_names_the_worker_reads() {
+        use kubechat_crds::{FcmProvider, SecretKeyRef, WebhookProvider};
+        let none = deployment(&ChatCluster::test()).spec.template.spec.expect("pod");
+        assert!(none.volumes.iter().flatten().all(|v| v.name != "push-secrets"), "no providers, no volume");
+
+        let cc = ChatCluster::test().with_spec(|s| {
+            s.push_workers.providers.webhook = Some(WebhookProvider {
+                url: "https://hooks.example/push".into(),
+                signing_key_secret: SecretKeyRef { name: "hook".into(), key: "hmac".into() },
+                include_text: false,
+            });
+            s.push_workers.providers.fcm = Some(FcmProvider {
+                project_id: "p".into(),
+                credentials_secret: SecretKeyRef { name: "fcm".into(), key: "sa.json".into() },
+            });
+        });
+        let pod = deployment(&cc).spec.template.spec.expect("pod");
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == "push-secrets").expect("push-secrets volume");
+        let files: Vec<(String, String, String)> = volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten())
+            .filter_map(|source| source.secret.as_ref())
+            .flat_map(|secret| {
+                secret.items.iter().flatten().map(|item| (secret.name.clone(), item.key.clone(), item.path.clone()))
+            })
+            .collect();
+        assert_eq!(
+            files,
+            vec![
+                ("hook".into(), "hmac".into(), WEBHOOK_SIGNING_KEY_FILE.into()),
+                ("fcm".into(), "sa.json".into(), FCM_CREDENTIALS_FILE.into()),
+            ]
+        );
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap_or_default();
+        assert!(mounts.iter().any(|m| m.name == "push-secrets" && m.mount_path == PUSH_SECRETS_DIR), "{mounts:?}");
     }
 }
