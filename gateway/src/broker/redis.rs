@@ -119,7 +119,18 @@ impl RedisBroker {
         tasks.spawn(broker.clone().keep_lease(local.clone(), shutdown.clone()));
         tasks.spawn(broker.clone().subscribe_loop(client, local.clone(), shutdown.clone()));
         tasks.spawn(broker.clone().reap_loop(local, shutdown));
+        // Forwards published before the subscription exists would be lost.
+        let started = tokio::time::Instant::now();
+        while !broker.subscribed.load(Ordering::Relaxed) && started.elapsed() < broker.config.command_timeout {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(broker)
+    }
+
+    /// Fails at once while Redis is known to be unreachable, instead of
+    /// making every send and connect wait for a command timeout.
+    fn check_healthy(&self) -> Result<(), BrokerError> {
+        if self.healthy() { Ok(()) } else { Err(BrokerError("Redis unreachable (degraded)".into())) }
     }
 
     /// Remembers that Redis missed a session change.
@@ -222,18 +233,30 @@ impl RedisBroker {
     /// are announced offline.
     async fn reregister(&self, local: &dyn LocalDelivery) {
         self.sessions_dirty.store(false, Ordering::Relaxed);
-        if let Err(e) = self.reconcile_sessions(local).await {
-            self.sessions_dirty.store(true, Ordering::Relaxed);
-            tracing::warn!(error = %e, "could not re-register sessions; will retry");
+        let before: HashSet<(String, String)> = local.local_sessions().into_iter().collect();
+        match self.reconcile_sessions(local, &before).await {
+            Err(e) => {
+                self.sessions_dirty.store(true, Ordering::Relaxed);
+                tracing::warn!(error = %e, "could not re-register sessions; will retry");
+            }
+            // A session that ended while this ran may have been written back: go again.
+            Ok(()) if before != local.local_sessions().into_iter().collect() => {
+                self.sessions_dirty.store(true, Ordering::Relaxed);
+            }
+            Ok(()) => {}
         }
     }
 
-    async fn reconcile_sessions(&self, local: &dyn LocalDelivery) -> Result<(), BrokerError> {
+    async fn reconcile_sessions(
+        &self,
+        local: &dyn LocalDelivery,
+        sessions_here: &HashSet<(String, String)>,
+    ) -> Result<(), BrokerError> {
         self.renew_lease().await?;
         let mine = format!("{}|", self.config.gateway_id);
         let mut devices_here: HashMap<String, HashSet<String>> = HashMap::new();
-        for (user, device) in local.local_sessions() {
-            devices_here.entry(user).or_default().insert(device);
+        for (user, device) in sessions_here {
+            devices_here.entry(user.clone()).or_default().insert(device.clone());
         }
         let mut users: HashSet<String> = self
             .conn()
@@ -372,6 +395,7 @@ fn jittered(delay: Duration) -> Duration {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn route(&self, users: &[String], frame: &Frame) -> Result<HashSet<String>, BrokerError> {
+        self.check_healthy()?;
         let alive = self.alive_gateways().await?;
         let sessions = self.sessions_of(users).await?;
         let mut by_gateway: HashMap<&str, Vec<String>> = HashMap::new();
@@ -396,6 +420,7 @@ impl Broker for RedisBroker {
     }
 
     async fn session_added(&self, user: &str, device: &str) -> Result<bool, BrokerError> {
+        self.check_healthy().map_err(|e| self.dirty(e))?;
         let field = format!("{}|{device}", self.config.gateway_id);
         let now = now_ms();
         let (fields,): (Vec<String>,) = redis::pipe()
@@ -415,6 +440,7 @@ impl Broker for RedisBroker {
     }
 
     async fn session_removed(&self, user: &str, device: &str) -> Result<bool, BrokerError> {
+        self.check_healthy().map_err(|e| self.dirty(e))?;
         let field = format!("{}|{device}", self.config.gateway_id);
         let (fields,): (Vec<String>,) = redis::pipe()
             .hdel(sessions_key(user), &field)
@@ -438,6 +464,7 @@ impl Broker for RedisBroker {
     }
 
     async fn online(&self, users: &[String]) -> Result<HashSet<String>, BrokerError> {
+        self.check_healthy()?;
         let alive = self.alive_gateways().await?;
         let sessions = self.sessions_of(users).await?;
         Ok(users
@@ -449,6 +476,7 @@ impl Broker for RedisBroker {
     }
 
     async fn last_active(&self, users: &[String]) -> Result<Vec<Option<i64>>, BrokerError> {
+        self.check_healthy()?;
         if users.is_empty() {
             return Ok(Vec::new());
         }
