@@ -443,12 +443,13 @@ impl ChatService {
         let horizon_ms = ids::now_ms() - i64::try_from(self.config.sync_horizon.as_millis()).unwrap_or(i64::MAX);
         let horizon = ids::first_id_at(horizon_ms).saturating_sub(1);
         let last = entries.last().map(|e| e.position);
-        // Safe to store: every entry at or below it is already durable.
+        // Safe to store: every entry at or below it is already durable. Never
+        // raised to `after`: while paging, `after` is a recent position, and a
+        // write in flight may still land below it.
         let cursor = match (last, has_more) {
             (Some(last), true) => last.min(horizon),
             _ => horizon,
-        }
-        .max(after);
+        };
         Ok(ServerFrame::Synced {
             req,
             next: last.unwrap_or(after),
