@@ -288,6 +288,8 @@ struct Got {
     received: Received,
     reconnects: usize,
     resyncs: usize,
+    /// Every cursor stored, with when (for diagnosing a loss).
+    cursors: Vec<(String, u128)>,
 }
 
 /// Receives until `stop`: live messages, a sync on `resync`, a reconnect
@@ -295,7 +297,7 @@ struct Got {
 /// last sync from the cursor it kept, as a device does on its next start.
 async fn receive_loop(urls: Vec<String>, home: usize, user: String, stop: tokio_util::sync::CancellationToken) -> Got {
     let mut client = connect_any(&urls, home, &user, "phone").await;
-    let mut got = Got { received: Received::default(), reconnects: 0, resyncs: 0 };
+    let mut got = Got { received: Received::default(), reconnects: 0, resyncs: 0, cursors: Vec::new() };
     let (entries, mut cursor) = client.sync_all("0").await.expect("first sync");
     got.received.note_synced(&entries);
     let mut next_gateway = home + 1;
@@ -324,6 +326,10 @@ async fn receive_loop(urls: Vec<String>, home: usize, user: String, stop: tokio_
             Some((entries, next)) => {
                 got.received.note_synced(&entries);
                 cursor = next;
+                got.cursors.push((
+                    cursor.clone(),
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()),
+                ));
                 if finishing {
                     return got;
                 }
@@ -368,6 +374,10 @@ async fn traffic_through<F: std::future::Future<Output = ()>>(
                 recovered += 1;
             } else {
                 lost += 1;
+                let mut audit = ClusterClient::connect(&urls[0], &format!("rcpt{i}"), "audit").await;
+                let (all, _) = audit.sync_all("0").await.expect("audit sync");
+                let position = all.iter().find(|e| e["message"]["id"] == json!(id)).map(|e| e["position"].clone());
+                println!("LOST {id} for rcpt{i}: inbox position {position:?}; cursors stored: {:?}", got.cursors);
             }
         }
         println!(

@@ -114,7 +114,10 @@ impl ClusterSpec {
     /// Creates the keyspace once, before gateways start (concurrent schema
     /// changes from several processes would race).
     pub async fn new(redis_url: String, offline_after_seconds: u32) -> Self {
-        let keyspace = format!("cluster_{}_{}", std::process::id(), kubechat_gateway::ids::now_ms() % 1_000_000);
+        // Unique per test even when several start in the same millisecond.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let keyspace = format!("cluster_{}_{n}_{}", std::process::id(), kubechat_gateway::ids::now_ms() % 1_000_000);
         let config = kubechat_gateway::store::scylla::ScyllaConfig {
             contact_points: vec![cql_node()],
             keyspace: keyspace.clone(),
@@ -173,8 +176,17 @@ impl GatewayProcess {
             .stderr(log_file)
             .spawn()
             .expect("spawn the kubechat-gateway binary");
-        let gateway = GatewayProcess { name, ws_port, admin_port, log, child: Some(child) };
+        let mut gateway = GatewayProcess { name, ws_port, admin_port, log, child: Some(child) };
         gateway.wait_ready().await;
+        // A port taken meanwhile by another test would make it exit while
+        // that test's process answered the readiness check.
+        let exited = gateway.child.as_mut().map(|c| c.try_wait());
+        assert!(
+            matches!(exited, Some(Ok(None))),
+            "{} exited after starting ({exited:?}); log:\n{}",
+            gateway.name,
+            gateway.log_tail()
+        );
         gateway
     }
 
