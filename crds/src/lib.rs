@@ -482,6 +482,11 @@ pub struct ChatLimits {
     #[serde(default = "default_offline_after_seconds")]
     #[schemars(range(min = 2, max = 3600))]
     pub offline_after_seconds: i32,
+    /// Groups up to this size push presence changes to their members;
+    /// members of larger groups ask when they open the group.
+    #[serde(default = "default_presence_fanout_max_members")]
+    #[schemars(range(min = 0, max = 500))]
+    pub presence_fanout_max_members: i32,
 }
 
 impl Default for ChatLimits {
@@ -491,6 +496,7 @@ impl Default for ChatLimits {
             max_message_chars: default_max_message_chars(),
             heartbeat_seconds: default_heartbeat_seconds(),
             offline_after_seconds: default_offline_after_seconds(),
+            presence_fanout_max_members: default_presence_fanout_max_members(),
         }
     }
 }
@@ -506,6 +512,9 @@ fn default_heartbeat_seconds() -> i32 {
 }
 fn default_offline_after_seconds() -> i32 {
     30
+}
+fn default_presence_fanout_max_members() -> i32 {
+    50
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

@@ -75,6 +75,7 @@ pub fn config_json(cc: &ChatCluster) -> serde_json::Value {
             "maxMessageChars": spec.chat.max_message_chars,
             "heartbeatSeconds": spec.chat.heartbeat_seconds,
             "offlineAfterSeconds": spec.chat.offline_after_seconds,
+            "presenceFanoutMaxMembers": spec.chat.presence_fanout_max_members,
         },
         "redis": {"url": redis::url(cc), "passwordEnv": redis::password_secret(cc).map(|_| redis::PASSWORD_ENV)},
         "scylla": {
@@ -383,6 +384,7 @@ mod tests {
         let config = config_json(&cc);
         assert_eq!(config["chat"]["maxMessageChars"], 5000);
         assert_eq!(config["chat"]["maxGroupMembers"], 100);
+        assert_eq!(config["chat"]["presenceFanoutMaxMembers"], 50, "the gateway reads it; the default");
         assert_eq!(config["redis"]["url"], "redis://chat-redis.team-a.svc:6379");
         assert_eq!(config["scylla"]["contactPoints"][0], "chat-scylla.team-a.svc:9042");
         assert_eq!(config["scylla"]["replicationFactor"], 1);
