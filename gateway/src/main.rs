@@ -167,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
                     // A dead gateway's users go offline when its lease runs out.
                     lease: file.chat.offline_after(),
                     command_timeout: Duration::from_secs(2),
+                    worker_id: Some(worker_id),
                 },
             };
             let options = GatewayOptions {

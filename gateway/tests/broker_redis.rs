@@ -38,7 +38,8 @@ fn redis_client() -> redis::Client {
 }
 
 async fn broker(id: &str, lease: Duration, recorder: Arc<Recorder>, shutdown: &CancellationToken) -> Arc<RedisBroker> {
-    let config = RedisBrokerConfig { gateway_id: id.into(), lease, command_timeout: Duration::from_secs(2) };
+    let config =
+        RedisBrokerConfig { gateway_id: id.into(), lease, command_timeout: Duration::from_secs(2), worker_id: None };
     RedisBroker::start(redis_client(), config, recorder, &TaskTracker::new(), shutdown.clone())
         .await
         .unwrap_or_else(|e| panic!("Redis is not reachable: {e}; start it with `e2e/local/redis.sh start`"))

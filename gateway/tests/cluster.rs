@@ -483,6 +483,19 @@ async fn a_redis_restart_degrades_then_recovers_without_loss_scenario() {
     assert_eq!(message.map(|m| m["message"]["text"].clone()), Some(json!("b")), "live delivery after recovery");
 }
 
+/// Two gateways with one worker id would mint the same ids and overwrite
+/// each other's inbox rows: the second refuses to start, saying why. The
+/// same gateway (same name) restarting takes its id back.
+async fn a_worker_id_in_use_is_refused_scenario() {
+    let redis = PrivateRedis::start().await;
+    let (spec, mut gateways) = start_cluster(&redis, 1, 3).await;
+    let log = GatewayProcess::expect_refused(&spec, 0, "gw-imposter").await;
+    assert!(log.contains("worker id 0 is held by the live gateway \"gw-0\""), "{log}");
+    gateways[0].kill();
+    let restarted = GatewayProcess::start(&spec, 0).await;
+    assert!(restarted.admin_get("/readyz").await.is_some_and(|(status, _)| status == 200));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn messages_cross_gateways_once_and_in_order() {
     within(Duration::from_secs(240), messages_cross_gateways_once_and_in_order_scenario()).await;
@@ -501,4 +514,9 @@ async fn a_killed_gateway_loses_no_acked_message_and_its_users_go_offline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_degrades_then_recovers_without_loss() {
     within(Duration::from_secs(240), a_redis_restart_degrades_then_recovers_without_loss_scenario()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_id_in_use_is_refused() {
+    within(Duration::from_secs(120), a_worker_id_in_use_is_refused_scenario()).await;
 }

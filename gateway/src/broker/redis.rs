@@ -71,6 +71,14 @@ pub struct RedisBrokerConfig {
     pub lease: Duration,
     /// How long one Redis command may take.
     pub command_timeout: Duration,
+    /// The id generator's worker id, claimed in Redis for as long as the
+    /// lease: two gateways with one worker id would mint the same message
+    /// ids and inbox positions and overwrite each other's rows.
+    pub worker_id: Option<u16>,
+}
+
+fn worker_key(worker_id: u16) -> String {
+    format!("kubechat:worker-id:{worker_id}")
 }
 
 fn unavailable(what: &str) -> impl Fn(redis::RedisError) -> BrokerError + '_ {
@@ -115,6 +123,7 @@ impl RedisBroker {
             sessions_dirty: AtomicBool::new(false),
             alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), HashSet::new())),
         });
+        broker.claim_worker_id().await?;
         broker.renew_lease().await?;
         tasks.spawn(broker.clone().keep_lease(local.clone(), shutdown.clone()));
         tasks.spawn(broker.clone().subscribe_loop(client, local.clone(), shutdown.clone()));
@@ -143,9 +152,44 @@ impl RedisBroker {
         self.connection.clone()
     }
 
+    /// Refuses to start when a live gateway of another name holds the worker id.
+    async fn claim_worker_id(&self) -> Result<(), BrokerError> {
+        let Some(worker_id) = self.config.worker_id else { return Ok(()) };
+        let lease_ms = u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX);
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(worker_key(worker_id))
+            .arg(&self.config.gateway_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease_ms)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable("claiming the worker id"))?;
+        if claimed.is_some() {
+            return Ok(());
+        }
+        let holder: Option<String> =
+            self.conn().get(worker_key(worker_id)).await.map_err(unavailable("reading the worker id's holder"))?;
+        match holder {
+            // A restart of this same gateway (same pod name) takes its id back.
+            Some(holder) if holder != self.config.gateway_id => Err(BrokerError(format!(
+                "worker id {worker_id} is held by the live gateway {holder:?} (its claim lapses {:?} after it stops); \
+                 every gateway needs its own worker id (KUBECHAT_WORKER_ID)",
+                self.config.lease
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     async fn renew_lease(&self) -> Result<(), BrokerError> {
         let expiry = now_ms() + i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
-        let result: Result<(), _> = self.conn().zadd(GATEWAYS, &self.config.gateway_id, expiry).await;
+        let mut pipe = redis::pipe();
+        pipe.zadd(GATEWAYS, &self.config.gateway_id, expiry).ignore();
+        if let Some(worker_id) = self.config.worker_id {
+            let lease_ms = u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX);
+            pipe.cmd("SET").arg(worker_key(worker_id)).arg(&self.config.gateway_id).arg("PX").arg(lease_ms).ignore();
+        }
+        let result: Result<(), _> = pipe.query_async(&mut self.conn()).await;
         self.lease_ok.store(result.is_ok(), Ordering::Relaxed);
         result.map_err(unavailable("renewing the gateway lease"))
     }

@@ -147,8 +147,39 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     pub async fn start(spec: &ClusterSpec, ordinal: u16) -> Self {
+        let mut gateway = Self::spawn(spec, ordinal, &format!("gw-{ordinal}"));
+        gateway.wait_ready().await;
+        // A port taken meanwhile by another test would make it exit while
+        // that test's process answered the readiness check.
+        let exited = gateway.child.as_mut().map(|c| c.try_wait());
+        assert!(
+            matches!(exited, Some(Ok(None))),
+            "{} exited after starting ({exited:?}); log:\n{}",
+            gateway.name,
+            gateway.log_tail()
+        );
+        gateway
+    }
+
+    /// Starts a gateway named `name` with worker id `ordinal` that must refuse
+    /// to run; returns its log.
+    pub async fn expect_refused(spec: &ClusterSpec, ordinal: u16, name: &str) -> String {
+        let mut gateway = Self::spawn(spec, ordinal, name);
+        let started = Instant::now();
+        loop {
+            let status = gateway.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = status {
+                assert!(!status.success(), "{name} exited successfully; log:\n{}", gateway.log_tail());
+                return gateway.log_tail();
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{name} kept running; log:\n{}", gateway.log_tail());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn spawn(spec: &ClusterSpec, ordinal: u16, name: &str) -> Self {
         let (ws_port, admin_port) = (free_port(), free_port());
-        let name = format!("gw-{ordinal}");
+        let name = name.to_string();
         let config = json!({
             "listen": {"websocket": ws_port, "admin": admin_port},
             "maxConnections": 10_000,
@@ -176,18 +207,7 @@ impl GatewayProcess {
             .stderr(log_file)
             .spawn()
             .expect("spawn the kubechat-gateway binary");
-        let mut gateway = GatewayProcess { name, ws_port, admin_port, log, child: Some(child) };
-        gateway.wait_ready().await;
-        // A port taken meanwhile by another test would make it exit while
-        // that test's process answered the readiness check.
-        let exited = gateway.child.as_mut().map(|c| c.try_wait());
-        assert!(
-            matches!(exited, Some(Ok(None))),
-            "{} exited after starting ({exited:?}); log:\n{}",
-            gateway.name,
-            gateway.log_tail()
-        );
-        gateway
+        GatewayProcess { name, ws_port, admin_port, log, child: Some(child) }
     }
 
     pub fn url(&self) -> String {
