@@ -169,8 +169,10 @@ impl GatewayProcess {
         loop {
             let status = gateway.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = status {
-                assert!(!status.success(), "{name} exited successfully; log:\n{}", gateway.log_tail());
-                return gateway.log_tail();
+                let log = std::fs::read(&gateway.log).map(|b| String::from_utf8_lossy(&b).into_owned());
+                let log = log.unwrap_or_else(|e| format!("(log unreadable: {e})"));
+                assert!(!status.success(), "{name} exited successfully; log:\n{log}");
+                return format!("{name} exited with {status}; log:\n{log}");
             }
             assert!(started.elapsed() < Duration::from_secs(30), "{name} kept running; log:\n{}", gateway.log_tail());
             tokio::time::sleep(Duration::from_millis(100)).await;
