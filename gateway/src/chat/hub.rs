@@ -131,24 +131,26 @@ impl Hub {
         result
     }
 
-    pub fn is_online(&self, user: &str) -> bool {
+    // Presence is the broker's job now; these three only let tests look inside.
+    #[cfg(test)]
+    fn is_online(&self, user: &str) -> bool {
         self.users.get(user).is_some_and(|d| !d.is_empty())
     }
 
-    /// Devices of `user` connected here.
-    pub fn devices(&self, user: &str) -> Vec<String> {
+    #[cfg(test)]
+    fn devices(&self, user: &str) -> Vec<String> {
         self.users.get(user).map(|d| d.iter().map(|d| d.device.clone()).collect()).unwrap_or_default()
     }
 
-    /// Closes every connection of `user` (logout from all devices is not
-    /// offered; this closes one device's connections).
+    /// Closes the connections of one device of `user` (its logout).
     pub fn kick_device(&self, user: &str, device: &str, why: Kick) {
         if let Some(devices) = self.users.get(user) {
             devices.iter().filter(|d| d.device == device).for_each(|d| kick(d, why));
         }
     }
 
-    pub fn connection_count(&self) -> usize {
+    #[cfg(test)]
+    fn connection_count(&self) -> usize {
         self.users.iter().map(|d| d.len()).sum()
     }
 }
