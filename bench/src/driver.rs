@@ -106,14 +106,17 @@ pub async fn drive(conn: Conn, shared: Arc<Shared>) {
                 let (Some(n), Some(sender)) = (next.take(), sender.as_ref()) else { continue };
                 let step = &stats.steps[n.step];
                 let seq = if sender.shared_stream { n.k * sender.senders + sender.index } else { n.k };
-                let stamp = Stamp { step: n.step as u16, stream: sender.stream, seq, sent_ns: payload::epoch_ns(n.at) };
+                // Stamped with the actual send time: tokio's timers fire up to
+                // a millisecond late, which is the client's lag, not the server's.
+                let sent_at = Instant::now();
+                let stamp = Stamp { step: n.step as u16, stream: sender.stream, seq, sent_ns: payload::epoch_ns(sent_at) };
                 let frame = shared.client.send_frame(&sender.target, req, &sender.key_prefix, &stamp.text(shared.text_size));
-                record(&step.send_lag, n.at.elapsed().as_micros() as u64);
+                record(&step.send_lag, sent_at.duration_since(n.at).as_micros() as u64);
                 if let Err(e) = ws.send(Message::text(frame)).await {
                     break Some(format!("write error: {e}"));
                 }
                 step.sent.fetch_add(1, Relaxed);
-                pending.insert(req, (n.step, n.at));
+                pending.insert(req, (n.step, sent_at));
                 req = req.checked_add(1).unwrap_or(FIRST_REQ);
                 next = next_send(&stats, sender, n.step, n.k + 1);
             }
@@ -128,7 +131,7 @@ pub async fn drive(conn: Conn, shared: Arc<Shared>) {
         }
     };
     match ended {
-        Some(reason) => stats.closes.add(&reason),
+        Some(reason) => stats.closed(&reason),
         None => {
             let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
         }

@@ -2,7 +2,7 @@
 //!
 //! The text is `kcb1|STEP|STREAM|SEQ|NANOS|xxxx…`: the step of the run, the
 //! sequence stream (a sender for pairs, the group for fan-out), the number in
-//! that stream (for exactly-once checks) and the scheduled send time in ns
+//! that stream (for exactly-once checks) and the send time in ns
 //! since the Unix epoch. Only `[a-z0-9|]` is used, so it goes into JSON
 //! strings unescaped, and receivers find it with a substring search instead
 //! of decoding every delivered frame (the client must stay cheap at 500k

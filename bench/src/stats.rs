@@ -75,14 +75,16 @@ pub struct StepStats {
     /// Stamps received before the step's end (for deliveries/s).
     pub in_window: AtomicU64,
     pub duplicates: AtomicU64,
-    /// Receipt − scheduled send time (open loop: a late sender shows up here).
+    /// Receipt − send time.
     pub latency: Mutex<Histogram<u64>>,
-    /// Ack − scheduled send time.
+    /// Ack − send time.
     pub ack_latency: Mutex<Histogram<u64>>,
     /// Actual − scheduled send time: the client's own lag.
     pub send_lag: Mutex<Histogram<u64>>,
     pub server_before: Mutex<Option<Usage>>,
     pub server_after: Mutex<Option<Usage>>,
+    /// Connections the server closed (or lost) while this step was the latest.
+    pub closes: Counts,
 }
 
 impl StepStats {
@@ -103,6 +105,7 @@ impl StepStats {
             send_lag: Mutex::new(histogram()),
             server_before: Mutex::new(None),
             server_after: Mutex::new(None),
+            closes: Counts::default(),
         }
     }
 
@@ -135,6 +138,15 @@ pub struct RunStats {
 impl RunStats {
     pub fn closes_json(&self) -> Value {
         self.closes.to_json()
+    }
+
+    /// A connection ended before the run stopped it.
+    pub fn closed(&self, reason: &str) {
+        self.closes.add(reason);
+        let now = Instant::now();
+        if let Some(step) = self.steps.iter().rev().find(|s| s.start <= now) {
+            step.closes.add(reason);
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs (if missing) and starts every local component in parallel:
-# Redis, Cassandra and the Kubernetes control plane. Fails naming each
+# Redis, Cassandra, the Kubernetes control plane and the Centrifugo binary
+# (the benchmark's peer; the bench crate's tests run it). Fails naming each
 # component that did not come up.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 HERE="$(dirname "${BASH_SOURCE[0]}")"
 
-components=(redis cassandra control-plane)
+components=(redis cassandra control-plane centrifugo)
 declare -A pids
 for c in "${components[@]}"; do
   bash "$HERE/$c.sh" start &

@@ -116,7 +116,7 @@ pub async fn run(ctx: &Context, args: &GroupArgs) -> anyhow::Result<Value> {
         "params": {"members": m, "senders": senders, "rates": args.rates, "duration_s": args.duration,
                    "warmup_s": args.warmup, "gap_s": args.gap},
         "group": group,
-        "latency_from": "scheduled send time (open loop)",
+        "latency_from": super::LATENCY_FROM,
         "steps": steps,
         "run": run,
     }))

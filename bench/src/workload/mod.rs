@@ -118,6 +118,10 @@ where
     Ok(slots.into_iter().flatten().collect())
 }
 
+/// What the latency histograms measure, for the report.
+pub const LATENCY_FROM: &str = "receipt minus the send time stamped just before the write; sends follow an \
+     open-loop schedule and the client's own lag behind it is reported as send_lag";
+
 /// One step of a messaging workload.
 #[derive(Clone, Debug)]
 pub struct StepSpec {
@@ -214,6 +218,7 @@ fn step_report(step: &StepStats, recipients: u64) -> Value {
         "latency": summary(&step.latency),
         "ack_latency": summary(&step.ack_latency),
         "send_lag": summary(&step.send_lag),
+        "closes": step.closes.to_json(),
         "server": server,
     })
 }
@@ -221,8 +226,9 @@ fn step_report(step: &StepStats, recipients: u64) -> Value {
 /// One line per step, for stderr.
 pub fn print_steps(report: &Value) {
     let ms = |v: &Value| v.as_u64().map_or("-".into(), |us| format!("{:.2}", us as f64 / 1000.0));
+    let num = |v: &Value| v.as_f64().map_or("-".into(), |n| format!("{n:.0}"));
     eprintln!(
-        "{:>8} {:>8} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>12}",
+        "{:>8} {:>8} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>11}",
         "rate",
         "sent",
         "acked",
@@ -236,24 +242,26 @@ pub fn print_steps(report: &Value) {
         "deliv/cpu-s"
     );
     for step in report.as_array().into_iter().flatten() {
+        let mut errors = String::new();
+        for (what, key) in [("errors", "errors"), ("CLOSED", "closes")] {
+            if step[key].as_object().is_some_and(|e| !e.is_empty()) {
+                errors += &format!(" {what} {}", step[key]);
+            }
+        }
         eprintln!(
-            "{:>8} {:>8} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>12}{}{}",
-            step["offered_rate"],
-            step["sent"],
-            step["acked"],
-            step["unique_deliveries"],
-            step["missing"],
-            step["deliveries_per_s"],
+            "{:>8} {:>8} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>11}{}{errors}",
+            num(&step["offered_rate"]),
+            num(&step["sent"]),
+            num(&step["acked"]),
+            num(&step["unique_deliveries"]),
+            num(&step["missing"]),
+            num(&step["deliveries_per_s"]),
             ms(&step["latency"]["p50_us"]),
             ms(&step["latency"]["p99_us"]),
             ms(&step["latency"]["p999_us"]),
             ms(&step["latency"]["max_us"]),
-            step["server"]["deliveries_per_cpu_second"],
+            num(&step["server"]["deliveries_per_cpu_second"]),
             if step["warmup"] == true { " (warmup)" } else { "" },
-            match step["errors"].as_object() {
-                Some(e) if !e.is_empty() => format!(" errors {}", step["errors"]),
-                _ => String::new(),
-            }
         );
     }
 }

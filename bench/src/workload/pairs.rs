@@ -83,7 +83,7 @@ pub async fn run(ctx: &Context, args: &PairsArgs) -> anyhow::Result<Value> {
     Ok(json!({
         "params": {"pairs": args.pairs, "rate": args.rate, "duration_s": args.duration, "warmup_s": args.warmup,
                    "connections": n, "sends_per_connection_per_s": per_sender},
-        "latency_from": "scheduled send time (open loop)",
+        "latency_from": super::LATENCY_FROM,
         "steps": steps,
         "run": run,
     }))

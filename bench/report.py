@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Turns the raw results of bench/run.sh into latest.json and latest.md.
+
+Usage: report.py WORK_DIR OUT_DIR  (WORK_DIR holds SERVER-NAME.json files
+written by kubechat-bench; the environment carries the run's metadata).
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+SERVERS = ("kubechat", "centrifugo")
+NAMES = ("idle", "connect", "group", "pairs5k", "pairs20k", "cluster")
+
+
+def sh(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def load(work):
+    results = {s: {} for s in SERVERS}
+    for server in SERVERS:
+        for name in NAMES:
+            path = work / f"{server}-{name}.json"
+            if path.exists():
+                results[server][name] = json.loads(path.read_text())
+    return results
+
+
+def stored_bytes(work, results):
+    """Growth of the standalone gateway's data dir per acked group message."""
+    group = results["kubechat"].get("group")
+    try:
+        empty = int((work / "kubechat-empty.stored-bytes").read_text())
+        after = int((work / "kubechat-group.stored-bytes").read_text())
+    except (OSError, ValueError):
+        return None
+    if not group:
+        return None
+    acked = sum(s["acked"] for s in group["steps"])
+    if acked == 0:
+        return None
+    return {"data_dir_bytes_empty": empty, "data_dir_bytes_after": after, "group_messages_acked": acked,
+            "bytes_per_message": round((after - empty) / acked),
+            "members": group["params"]["members"], "message_text_bytes": group["message_bytes"]}
+
+
+def ms(us):
+    return "–" if us is None else (f"{us / 1000:.2f} ms" if us < 10_000 else f"{us / 1000:.0f} ms")
+
+
+def num(x, digits=0):
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def ratio(a, b, better):
+    if a is None or b is None or b == 0:
+        return "–"
+    r = a / b
+    return f"{r:.2f} ({better})"
+
+
+def measured_steps(result):
+    return [s for s in result.get("steps", []) if not s["warmup"]] if result else []
+
+
+def problems(step):
+    """What must never be hidden: closes (4008!), errors, missing deliveries."""
+    notes = []
+    if step.get("closes"):
+        notes.append("**closed " + ", ".join(f"{code}×{n}" for code, n in step["closes"].items()) + "**")
+    if step.get("errors"):
+        notes.append("errors " + ", ".join(f"{code}×{n}" for code, n in step["errors"].items()))
+    if step.get("missing"):
+        notes.append(f"{step['missing']:,} not delivered")
+    return ("; " + "; ".join(notes)) if notes else ""
+
+
+def rows(results, stored):
+    kc, cf = results["kubechat"], results["centrifugo"]
+    out = []
+
+    def idle(r, key):
+        return (r.get("idle") or {}).get("server", {}).get(key) if r.get("idle") else None
+
+    n = (kc.get("idle") or cf.get("idle") or {}).get("opened")
+    if n is not None:
+        a, b = idle(kc, "kib_per_connection"), idle(cf, "kib_per_connection")
+        out.append((f"RSS per idle authenticated connection, {n:,} connections",
+                    f"{num(a, 1)} KiB", f"{num(b, 1)} KiB", ratio(a, b, "lower is better")))
+        a, b = idle(kc, "cpu_us_per_connection_per_s"), idle(cf, "cpu_us_per_connection_per_s")
+        out.append(("idle CPU per connection (kubechat 5 s heartbeats, Centrifugo 25 s pings)",
+                    f"{num(a, 2)} µs/s", f"{num(b, 2)} µs/s", ratio(a, b, "lower is better")))
+    if kc.get("connect") or cf.get("connect"):
+        n = (kc.get("connect") or cf.get("connect"))["params"]["connections"]
+        a = (kc.get("connect") or {}).get("connections_per_s")
+        b = (cf.get("connect") or {}).get("connections_per_s")
+        out.append((f"connection setup, {n:,} clients", f"{num(a)} conn/s", f"{num(b)} conn/s",
+                    ratio(a, b, "higher is better")))
+    kc_steps, cf_steps = measured_steps(kc.get("group")), measured_steps(cf.get("group"))
+    members = (kc.get("group") or cf.get("group") or {}).get("params", {}).get("members")
+    for i in range(max(len(kc_steps), len(cf_steps))):
+        a = kc_steps[i] if i < len(kc_steps) else None
+        b = cf_steps[i] if i < len(cf_steps) else None
+        rate = (a or b)["offered_rate"]
+
+        def cell(s):
+            if s is None:
+                return "–"
+            dpc = (s.get("server") or {}).get("deliveries_per_cpu_second")
+            return (f"{num(s['deliveries_per_s'])} deliveries/s, p99 {ms(s['latency'].get('p99_us'))}, "
+                    f"{num(dpc)} per CPU-s{problems(s)}")
+
+        p99 = [s["latency"].get("p99_us") if s else None for s in (a, b)]
+        out.append((f"{members}-member group, {num(rate)} msg/s offered", cell(a), cell(b),
+                    ratio(p99[0], p99[1], "p99, lower is better")))
+
+    def best(steps):
+        values = [(s.get("server") or {}).get("deliveries_per_cpu_second") for s in steps]
+        values = [v for v in values if v is not None]
+        return max(values) if values else None
+
+    if kc_steps or cf_steps:
+        a, b = best(kc_steps), best(cf_steps)
+        out.append(("group deliveries per server CPU-second, best step", num(a), num(b),
+                    ratio(a, b, "higher is better")))
+    for name in ("pairs5k", "pairs20k"):
+        a = measured_steps(kc.get(name))
+        b = measured_steps(cf.get(name))
+        if not a and not b:
+            continue
+        params = (kc.get(name) or cf.get(name))["params"]
+
+        def cell(steps):
+            if not steps:
+                return "–"
+            s = steps[0]
+            cores = (s.get("server") or {}).get("cores")
+            return (f"p50 {ms(s['latency'].get('p50_us'))}, p99 {ms(s['latency'].get('p99_us'))}, "
+                    f"{num(cores, 2)} core{problems(s)}")
+
+        p99 = [s[0]["latency"].get("p99_us") if s else None for s in (a, b)]
+        out.append((f"1:1, {params['pairs']:,} pairs, {num(params['rate'])} msg/s total", cell(a), cell(b),
+                    ratio(p99[0], p99[1], "p99, lower is better")))
+    if stored:
+        out.append((f"stored bytes per group message ({stored['members']} members, "
+                    f"{stored['message_text_bytes']}-byte text)", f"{num(stored['bytes_per_message'])} B",
+                    "– (in memory)", ""))
+    cluster = measured_steps(kc.get("cluster"))
+    if cluster:
+        s = cluster[0]
+        params = kc["cluster"]["params"]
+        out.append((f"1:1 across two gateways (Redis + Cassandra), {params['pairs']:,} pairs, "
+                    f"{num(params['rate'])} msg/s",
+                    f"p50 {ms(s['latency'].get('p50_us'))}, p99 {ms(s['latency'].get('p99_us'))}{problems(s)}",
+                    "– (not run)", ""))
+    return out
+
+
+def main():
+    work, out = Path(sys.argv[1]), Path(sys.argv[2])
+    results = load(work)
+    stored = stored_bytes(work, results)
+    meta = {
+        "command": os.environ.get("BENCH_COMMAND", "bench/run.sh"),
+        "date": sh("date", "-u", "+%Y-%m-%dT%H:%M:%SZ"),
+        "quick": bool(os.environ.get("BENCH_QUICK")),
+        "failed": os.environ.get("BENCH_FAILED", "").split(),
+        "machine": {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
+                    "memory_kib": int(next((l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()
+                                            if l.startswith("MemTotal:")), "0"))},
+        "pinning": os.environ.get("BENCH_PINNING", ""),
+        "versions": {"kubechat": sh("git", "rev-parse", "--short", "HEAD")
+                     + ("" if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "gateway"]).returncode == 0
+                        else " (with uncommitted gateway/ changes)"),
+                     "rustc": sh("rustc", "--version"), "go": sh("go", "version"),
+                     "centrifugo": os.environ.get("BENCH_CENTRIFUGO_VERSION", "")},
+    }
+    table = rows(results, stored)
+    report = dict(meta, table=[dict(zip(("workload", "kubechat", "centrifugo", "ratio"), r)) for r in table],
+                  stored_bytes=stored, results=results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    m = meta["machine"]
+    lines = [
+        f"Measured {meta['date']} with `{meta['command']}`"
+        + (" (quick: small sizes, not comparable with the full run)" if meta["quick"] else "") + ".",
+        "",
+        f"Machine: {m['nproc']} cores ({m['cpu_model']}), {m['memory_kib'] // 1024 // 1024} GiB, "
+        f"Linux {m['kernel']}; {meta['pinning']}.",
+        f"Versions: kubechat {meta['versions']['kubechat']}, {meta['versions']['rustc']}; "
+        f"{meta['versions']['centrifugo']}.",
+        "",
+        "| workload | kubechat | Centrifugo | ratio kubechat ÷ Centrifugo |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {w} | {a} | {b} | {r} |" for w, a, b, r in table]
+    if meta["failed"]:
+        lines += ["", "Runs that failed: " + ", ".join(meta["failed"]) + "."]
+    (out / "latest.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
