@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::redis::{RedisBroker, RedisBrokerConfig};
 use crate::broker::{Broker, LocalBroker};
 use crate::chat::hub::Hub;
+use crate::chat::members::MemberCache;
 use crate::chat::presence::PresenceTracker;
 use crate::chat::push::PushQueue;
 use crate::chat::{ChatConfig, ChatParts, ChatService, GatewayLocal};
@@ -105,7 +106,8 @@ pub async fn start(
     let tasks = TaskTracker::new();
     let hub = Hub::new();
     let presence = Arc::new(PresenceTracker::new(options.chat.offline_after));
-    let (local, remote_offline) = GatewayLocal::new(hub.clone(), presence.clone());
+    let members = Arc::new(MemberCache::new(options.chat.members_ttl, 100_000));
+    let (local, remote_offline) = GatewayLocal::new(hub.clone(), presence.clone(), members.clone());
     let broker: Arc<dyn Broker> = match broker {
         BrokerSetup::Local => Arc::new(LocalBroker::default()),
         BrokerSetup::Redis { client, config } => {
@@ -118,6 +120,7 @@ pub async fn start(
         hub,
         presence,
         broker: broker.clone(),
+        members,
         ids: IdGenerator::new(options.worker_id, id_floor),
         config: options.chat.clone(),
         metrics: metrics.clone(),

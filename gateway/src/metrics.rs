@@ -17,6 +17,8 @@ pub struct Metrics {
     pub push_jobs: IntCounter,
     /// Connections closed because they could not keep up.
     pub slow_consumers: IntCounter,
+    /// Fan-outs that waited for a backlogged receiver (senders slowed down).
+    pub backpressure_waits: IntCounter,
     /// Live forwards to other gateways that failed (Redis unreachable).
     pub forward_failures: IntCounter,
     /// Presence transitions announced, by `online`/`offline`.
@@ -47,6 +49,10 @@ impl Metrics {
             store_seconds: histogram("store_seconds", "Durable write latency"),
             push_jobs: counter("push_jobs_total", "Push jobs enqueued for offline recipients"),
             slow_consumers: counter("slow_consumers_total", "Connections closed for not reading fast enough"),
+            backpressure_waits: counter(
+                "backpressure_waits_total",
+                "Fan-outs that waited for a backlogged receiver, slowing their sender",
+            ),
             forward_failures: counter("forward_failures_total", "Live forwards to other gateways that failed"),
             presence_changes: IntCounterVec::new(
                 Opts::new("presence_changes_total", "Presence transitions announced to friends"),
@@ -70,6 +76,7 @@ impl Metrics {
             Box::new(metrics.store_seconds.clone()),
             Box::new(metrics.push_jobs.clone()),
             Box::new(metrics.slow_consumers.clone()),
+            Box::new(metrics.backpressure_waits.clone()),
             Box::new(metrics.forward_failures.clone()),
             Box::new(metrics.presence_changes.clone()),
             Box::new(metrics.broker_healthy.clone()),

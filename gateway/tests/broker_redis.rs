@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 struct Recorder {
     delivered: Mutex<Vec<(Vec<String>, String)>>,
     offline: Mutex<Vec<String>>,
+    groups_changed: Mutex<Vec<String>>,
 }
 
 impl LocalDelivery for Recorder {
@@ -26,6 +27,9 @@ impl LocalDelivery for Recorder {
     }
     fn remote_user_offline(&self, user: String) {
         self.offline.lock().expect("lock").push(user);
+    }
+    fn group_changed(&self, group: &str) {
+        self.groups_changed.lock().expect("lock").push(group.to_string());
     }
 }
 
@@ -75,6 +79,15 @@ async fn forwards_tracks_presence_and_reaps_dead_gateways() {
     eventually("the forward reaches gateway b", || !rec_b.delivered.lock().expect("lock").is_empty()).await;
     assert_eq!(rec_b.delivered.lock().expect("lock")[0], (vec![bob.clone()], frame.to_string()));
     assert!(rec_a.delivered.lock().expect("lock").is_empty(), "nothing forwarded to the sender's gateway");
+
+    // A membership change reaches every gateway's member cache.
+    let group = format!("g:{run}");
+    a.group_changed(&group).await.expect("announce");
+    eventually("gateway b hears of the membership change", || {
+        rec_b.groups_changed.lock().expect("lock").contains(&group)
+    })
+    .await;
+    assert!(rec_b.delivered.lock().expect("lock").len() == 1, "a membership notice is not a forward");
 
     assert_eq!(a.online(&[bob.clone(), alice.clone()]).await.expect("online"), [bob.clone()].into_iter().collect());
     assert!(!b.session_removed(&bob, "phone").await.expect("remove"));

@@ -13,9 +13,7 @@ use async_trait::async_trait;
 use common::{Client, KEY};
 use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions};
 use kubechat_gateway::store::embedded::EmbeddedStore;
-use kubechat_gateway::store::{
-    Delivery, Group, InboxEntry, Message, Page, Reservation, Store, StoreError, StoreResult,
-};
+use kubechat_gateway::store::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
 use kubechat_gateway::transport::auth::Authenticator;
 use serde_json::json;
 
@@ -32,12 +30,9 @@ impl FlakyStore {
 
 #[async_trait]
 impl Store for FlakyStore {
-    async fn reserve_send(&self, sender: &str, key: &str, candidate: u64, channel: &str) -> StoreResult<Reservation> {
-        self.inner.reserve_send(sender, key, candidate, channel).await
-    }
-    async fn write_message(&self, message: &Message, deliveries: &[Delivery]) -> StoreResult<()> {
+    async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
         self.check()?;
-        self.inner.write_message(message, deliveries).await
+        self.inner.store_message(new).await
     }
     async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
         self.check()?;
@@ -66,9 +61,6 @@ impl Store for FlakyStore {
     }
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
         self.inner.channels_of(user).await
-    }
-    async fn add_direct_channel(&self, user: &str, channel: &str) -> StoreResult<()> {
-        self.inner.add_direct_channel(user, channel).await
     }
 }
 

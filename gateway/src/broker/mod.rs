@@ -34,6 +34,8 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn local_sessions(&self) -> Vec<(String, String)>;
     /// `user` went offline because the gateway holding them died.
     fn remote_user_offline(&self, user: String);
+    /// The members of `group` changed on some gateway.
+    fn group_changed(&self, group: &str);
 }
 
 #[async_trait]
@@ -51,6 +53,9 @@ pub trait Broker: Send + Sync + 'static {
     async fn online(&self, users: &[String]) -> Result<HashSet<String>, BrokerError>;
     /// When each of `users` was last seen connecting or leaving (ms since the epoch).
     async fn last_active(&self, users: &[String]) -> Result<Vec<Option<i64>>, BrokerError>;
+    /// Tells every other gateway that the members of `group` changed (at
+    /// most once, like forwards: their caches also expire).
+    async fn group_changed(&self, group: &str) -> Result<(), BrokerError>;
     /// False while routing or presence may be incomplete (Redis unreachable).
     fn healthy(&self) -> bool;
 }
@@ -110,6 +115,10 @@ impl Broker for LocalBroker {
 
     async fn last_active(&self, users: &[String]) -> Result<Vec<Option<i64>>, BrokerError> {
         Ok(self.with_state(|s| users.iter().map(|u| s.last_active.get(u).copied()).collect()))
+    }
+
+    async fn group_changed(&self, _group: &str) -> Result<(), BrokerError> {
+        Ok(())
     }
 
     fn healthy(&self) -> bool {

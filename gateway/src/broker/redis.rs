@@ -12,6 +12,8 @@
 //! - Pub/sub channel `deliver:{gateway}`: `user1,user2,…\n{frame}`, each
 //!   gateway subscribed to its own. User ids never hold `,` or a newline, and
 //!   the frame travels as is (no second JSON encoding).
+//! - Pub/sub channel `groups-changed`: a group id whose members changed;
+//!   every gateway subscribes and drops its cached members of that group.
 //!
 //! Losing Redis degrades, never corrupts: commands time out and fail (the
 //! chat layer still stores and acks), the subscription is re-established
@@ -47,6 +49,7 @@ fn seen_key(user: &str) -> String {
 fn deliver_channel(gateway: &str) -> String {
     format!("kubechat:deliver:{gateway}")
 }
+const GROUPS_CHANGED: &str = "kubechat:groups-changed";
 
 /// A forward on the wire: the recipients, a newline, the encoded frame.
 fn encode_forward(users: &[String], frame: &Frame) -> String {
@@ -226,7 +229,7 @@ impl RedisBroker {
         while !shutdown.is_cancelled() {
             let subscribed = async {
                 let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
+                pubsub.subscribe(&[channel.as_str(), GROUPS_CHANGED]).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let pubsub = match tokio::time::timeout(self.config.command_timeout, subscribed).await {
@@ -257,6 +260,10 @@ impl RedisBroker {
                     message = messages.next() => match message {
                         Some(message) => {
                             let Ok(payload) = message.get_payload::<String>() else { continue };
+                            if message.get_channel_name() == GROUPS_CHANGED {
+                                local.group_changed(&payload);
+                                continue;
+                            }
                             match decode_forward(payload) {
                                 Some((users, frame)) => local.deliver_local(&users, &frame),
                                 None => tracing::warn!("malformed forward ignored"),
@@ -531,6 +538,13 @@ impl Broker for RedisBroker {
             .await
             .map_err(unavailable("reading last seen"))?;
         Ok(values)
+    }
+
+    async fn group_changed(&self, group: &str) -> Result<(), BrokerError> {
+        self.check_healthy()?;
+        let _: () =
+            self.conn().publish(GROUPS_CHANGED, group).await.map_err(unavailable("announcing a membership change"))?;
+        Ok(())
     }
 
     fn healthy(&self) -> bool {

@@ -1,16 +1,24 @@
 //! The connections of this gateway, by user and device: where live
-//! messages go. Each connection has a bounded outbound queue; a connection
-//! whose queue is full is closed (it resyncs from its cursor after
-//! reconnecting, so nothing is lost) instead of growing memory.
+//! messages go.
+//!
+//! Each connection drains an [`Outbox`]. Past its soft limit an outbox
+//! still accepts frames but tells the producer to slow down: the fan-out of
+//! a send then waits for it to drain (so a busy group slows its senders
+//! instead of dropping its readers). A connection is closed as too slow
+//! only when it stops draining: its outbox reaches the hard limit, or stays
+//! over the soft limit for longer than a producer's deadline. It then
+//! resyncs from its cursor after reconnecting, so nothing is lost.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
-/// What a connection's outbound queue holds.
+/// What a connection's outbox holds: an encoded frame shared by every
+/// connection it goes to.
 pub type Outbound = crate::protocol::EncodedFrame;
 
 /// Why a connection was closed by the server.
@@ -20,13 +28,170 @@ pub enum Kick {
     LoggedOut,
 }
 
+/// How many frames an outbox holds before it pushes back, and before its
+/// connection counts as stalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutboxLimits {
+    pub soft: usize,
+    pub hard: usize,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        Self { soft: 256, hard: 1024 }
+    }
+}
+
+/// What queueing a frame on one connection did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued, below the soft limit.
+    Queued,
+    /// Queued, over the soft limit: the producer should wait for
+    /// [`Outbox::drained`] before queueing more.
+    Backlogged,
+    /// Not queued: the connection is closing (or was just closed for
+    /// reaching the hard limit).
+    Dropped,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    /// Empty outboxes hold no allocation: most connections are idle.
+    frames: VecDeque<Outbound>,
+    kick: Option<Kick>,
+    closed: bool,
+}
+
+/// One connection's queue of frames to write. Producers are the fan-outs of
+/// sends (and forwards from other gateways); the consumer is the connection.
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    /// Wakes the connection: frames were queued, or it was kicked.
+    wake: Notify,
+    /// Wakes producers waiting for the outbox to drain below its soft limit.
+    drained: Notify,
+    limits: OutboxLimits,
+}
+
+impl Outbox {
+    pub fn new(limits: OutboxLimits) -> Self {
+        Self { state: Mutex::default(), wake: Notify::new(), drained: Notify::new(), limits }
+    }
+
+    fn state(&self) -> MutexGuard<'_, OutboxState> {
+        // A panic while holding this lock cannot leave the queue inconsistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues `frame` for the connection.
+    pub fn push(&self, frame: &Outbound) -> Pushed {
+        let mut state = self.state();
+        if state.closed || state.kick.is_some() {
+            return Pushed::Dropped;
+        }
+        if state.frames.len() >= self.limits.hard {
+            state.kick = Some(Kick::SlowConsumer);
+            state.frames = VecDeque::new();
+            drop(state);
+            self.wake.notify_one();
+            self.drained.notify_waiters();
+            return Pushed::Dropped;
+        }
+        state.frames.push_back(frame.clone());
+        let backlogged = state.frames.len() > self.limits.soft;
+        let first = state.frames.len() == 1;
+        drop(state);
+        if first {
+            self.wake.notify_one();
+        }
+        if backlogged { Pushed::Backlogged } else { Pushed::Queued }
+    }
+
+    /// Closes the connection with `why` (the first reason wins).
+    pub fn kick(&self, why: Kick) {
+        let mut state = self.state();
+        state.kick.get_or_insert(why);
+        state.frames = VecDeque::new();
+        drop(state);
+        self.wake.notify_one();
+        self.drained.notify_waiters();
+    }
+
+    /// Waits until the outbox is at most at its soft limit (or closing).
+    /// False when `deadline` passed first: the connection is not reading.
+    pub async fn drained(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a drain right after it is not missed.
+            notified.as_mut().enable();
+            {
+                let state = self.state();
+                if state.closed || state.kick.is_some() || state.frames.len() <= self.limits.soft {
+                    return true;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Waits until there is something for the connection: frames or a kick.
+    pub async fn ready(&self) {
+        loop {
+            {
+                let state = self.state();
+                if !state.frames.is_empty() || state.kick.is_some() {
+                    return;
+                }
+            }
+            // `notify_one` keeps a permit when nobody waits, so no wake-up is lost.
+            self.wake.notified().await;
+        }
+    }
+
+    /// Moves up to `max` queued frames into `into`; returns the kick, if
+    /// the connection must close.
+    pub fn take(&self, into: &mut Vec<Outbound>, max: usize) -> Option<Kick> {
+        let mut state = self.state();
+        if let Some(kick) = state.kick {
+            return Some(kick);
+        }
+        let was_backlogged = state.frames.len() > self.limits.soft;
+        let n = state.frames.len().min(max);
+        into.extend(state.frames.drain(..n));
+        if state.frames.is_empty() && state.frames.capacity() > 64 {
+            // Give back what a burst grew; an idle connection holds nothing.
+            state.frames = VecDeque::new();
+        }
+        let drained = was_backlogged && state.frames.len() <= self.limits.soft;
+        drop(state);
+        if drained {
+            self.drained.notify_waiters();
+        }
+        None
+    }
+
+    pub fn kick_reason(&self) -> Option<Kick> {
+        self.state().kick
+    }
+
+    fn close(&self) {
+        let mut state = self.state();
+        state.closed = true;
+        state.frames = VecDeque::new();
+        drop(state);
+        self.drained.notify_waiters();
+    }
+}
+
 #[derive(Clone)]
 struct Device {
     device: String,
     connection: u64,
-    tx: mpsc::Sender<Outbound>,
-    kick: CancellationToken,
-    reason: Arc<std::sync::Mutex<Option<Kick>>>,
+    outbox: Arc<Outbox>,
 }
 
 #[derive(Default)]
@@ -40,53 +205,42 @@ pub struct Registration {
     hub: Arc<Hub>,
     user: String,
     pub connection: u64,
-    /// Cancelled when the server wants this connection closed.
-    pub kicked: CancellationToken,
-    reason: Arc<std::sync::Mutex<Option<Kick>>>,
-}
-
-impl Registration {
-    pub fn kick_reason(&self) -> Option<Kick> {
-        self.reason.lock().ok().and_then(|r| *r)
-    }
+    pub outbox: Arc<Outbox>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.outbox.close();
         self.hub.unregister(&self.user, self.connection);
     }
 }
 
-fn kick(device: &Device, why: Kick) {
-    if let Ok(mut reason) = device.reason.lock() {
-        reason.get_or_insert(why);
-    }
-    device.kick.cancel();
-}
-
-fn queue_on(devices: &[Device], frame: &Outbound, skip: Option<u64>) -> Delivered {
-    let mut result = Delivered::default();
-    for device in devices.iter().filter(|d| Some(d.connection) != skip) {
-        match device.tx.try_send(frame.clone()) {
-            Ok(()) => result.queued += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                kick(device, Kick::SlowConsumer);
-                result.overflowed += 1;
-            }
-            // The connection is closing; it unregisters itself.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-    }
-    result
-}
-
-/// What one delivery attempt did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What one delivery did, and the outboxes the producer should wait for.
+#[derive(Default)]
 pub struct Delivered {
     /// Connections the frame was queued on.
     pub queued: usize,
-    /// Connections closed because their queue was full.
+    /// Connections closed because their outbox was full.
     pub overflowed: usize,
+    /// Outboxes over their soft limit.
+    pub backlogged: Vec<Arc<Outbox>>,
+}
+
+impl Delivered {
+    fn add(&mut self, outbox: &Arc<Outbox>, pushed: Pushed) {
+        match pushed {
+            Pushed::Queued => self.queued += 1,
+            Pushed::Backlogged => {
+                self.queued += 1;
+                self.backlogged.push(Arc::clone(outbox));
+            }
+            Pushed::Dropped => {
+                if outbox.kick_reason() == Some(Kick::SlowConsumer) {
+                    self.overflowed += 1;
+                }
+            }
+        }
+    }
 }
 
 impl Hub {
@@ -94,13 +248,12 @@ impl Hub {
         Arc::new(Self::default())
     }
 
-    pub fn register(self: &Arc<Self>, user: &str, device: &str, tx: mpsc::Sender<Outbound>) -> Registration {
+    pub fn register(self: &Arc<Self>, user: &str, device: &str, limits: OutboxLimits) -> Registration {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        let kicked = CancellationToken::new();
-        let reason = Arc::new(std::sync::Mutex::new(None));
-        let entry = Device { device: device.to_string(), connection, tx, kick: kicked.clone(), reason: reason.clone() };
+        let outbox = Arc::new(Outbox::new(limits));
+        let entry = Device { device: device.to_string(), connection, outbox: Arc::clone(&outbox) };
         self.users.entry(user.to_string()).or_default().push(entry);
-        Registration { hub: self.clone(), user: user.to_string(), connection, kicked, reason }
+        Registration { hub: self.clone(), user: user.to_string(), connection, outbox }
     }
 
     fn unregister(&self, user: &str, connection: u64) {
@@ -112,87 +265,145 @@ impl Hub {
         }
     }
 
+    /// Queues `frame` on every connection of `user` except `skip`, adding
+    /// the outcome to `delivered`.
+    pub fn deliver_into(&self, user: &str, frame: &Outbound, skip: Option<u64>, delivered: &mut Delivered) {
+        if let Some(devices) = self.users.get(user) {
+            for device in devices.iter().filter(|d| Some(d.connection) != skip) {
+                delivered.add(&device.outbox, device.outbox.push(frame));
+            }
+        }
+    }
+
     /// Queues `frame` on every connection of `user` except `skip`.
     pub fn deliver(&self, user: &str, frame: &Outbound, skip: Option<u64>) -> Delivered {
-        self.users.get(user).map(|devices| queue_on(&devices, frame, skip)).unwrap_or_default()
+        let mut delivered = Delivered::default();
+        self.deliver_into(user, frame, skip, &mut delivered);
+        delivered
     }
 
     /// Queues `frame` on every connection here (a `resync` after live
     /// delivery was interrupted).
     pub fn broadcast(&self, frame: &Outbound) -> Delivered {
-        let mut result = Delivered::default();
+        let mut delivered = Delivered::default();
         // Delivering from inside the iteration: a second lookup of the same
         // shard while iterating could wait behind a writer.
         for devices in self.users.iter() {
-            let delivered = queue_on(&devices, frame, None);
-            result.queued += delivered.queued;
-            result.overflowed += delivered.overflowed;
+            for device in devices.iter() {
+                delivered.add(&device.outbox, device.outbox.push(frame));
+            }
         }
-        result
-    }
-
-    // Presence is the broker's job now; these three only let tests look inside.
-    #[cfg(test)]
-    fn is_online(&self, user: &str) -> bool {
-        self.users.get(user).is_some_and(|d| !d.is_empty())
-    }
-
-    #[cfg(test)]
-    fn devices(&self, user: &str) -> Vec<String> {
-        self.users.get(user).map(|d| d.iter().map(|d| d.device.clone()).collect()).unwrap_or_default()
+        delivered
     }
 
     /// Closes the connections of one device of `user` (its logout).
     pub fn kick_device(&self, user: &str, device: &str, why: Kick) {
         if let Some(devices) = self.users.get(user) {
-            devices.iter().filter(|d| d.device == device).for_each(|d| kick(d, why));
+            devices.iter().filter(|d| d.device == device).for_each(|d| d.outbox.kick(why));
         }
     }
 
-    #[cfg(test)]
-    fn connection_count(&self) -> usize {
+    /// Open connections here.
+    pub fn connection_count(&self) -> usize {
         self.users.iter().map(|d| d.len()).sum()
+    }
+
+    // Presence is the broker's job; this only lets tests look inside.
+    #[cfg(test)]
+    fn devices(&self, user: &str) -> Vec<String> {
+        self.users.get(user).map(|d| d.iter().map(|d| d.device.clone()).collect()).unwrap_or_default()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    const SMALL: OutboxLimits = OutboxLimits { soft: 2, hard: 4 };
+
+    fn take_all(outbox: &Outbox) -> Vec<String> {
+        let mut frames = Vec::new();
+        assert_eq!(outbox.take(&mut frames, usize::MAX), None);
+        frames.iter().map(|f| f.to_string()).collect()
+    }
 
     #[tokio::test]
     async fn delivers_to_every_device_but_the_sender() {
         let hub = Hub::new();
-        let (tx1, mut rx1) = mpsc::channel(4);
-        let (tx2, mut rx2) = mpsc::channel(4);
-        let phone = hub.register("alice", "phone", tx1);
-        let _laptop = hub.register("alice", "laptop", tx2);
+        let phone = hub.register("alice", "phone", SMALL);
+        let laptop = hub.register("alice", "laptop", SMALL);
         let frame = Outbound::from_static("hi");
         assert_eq!(hub.deliver("alice", &frame, Some(phone.connection)).queued, 1);
-        assert_eq!(rx2.recv().await.as_deref(), Some("hi"));
-        assert!(rx1.try_recv().is_err());
+        laptop.outbox.ready().await;
+        assert_eq!(take_all(&laptop.outbox), vec!["hi"]);
+        assert!(take_all(&phone.outbox).is_empty());
         assert_eq!(hub.devices("alice").len(), 2);
     }
 
     #[tokio::test]
-    async fn a_full_queue_kicks_the_connection() {
+    async fn past_the_soft_limit_the_producer_is_told_to_wait() {
         let hub = Hub::new();
-        let (tx, _rx) = mpsc::channel(1);
-        let registration = hub.register("bob", "phone", tx);
+        let bob = hub.register("bob", "phone", SMALL);
         let frame = Outbound::from_static("x");
-        assert_eq!(hub.deliver("bob", &frame, None).queued, 1);
+        let outcomes: Vec<usize> = (0..3).map(|_| hub.deliver("bob", &frame, None).backlogged.len()).collect();
+        assert_eq!(outcomes, vec![0, 0, 1], "the third frame is over the soft limit of 2");
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let waiter = {
+            let outbox = Arc::clone(&bob.outbox);
+            tokio::spawn(async move { outbox.drained(deadline).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(take_all(&bob.outbox).len(), 3);
+        assert!(waiter.await.expect("join"), "draining wakes the producer");
+        assert_eq!(bob.outbox.kick_reason(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_does_not_drain_is_reported_by_the_deadline() {
+        let hub = Hub::new();
+        let bob = hub.register("bob", "phone", SMALL);
+        let frame = Outbound::from_static("x");
+        for _ in 0..3 {
+            hub.deliver("bob", &frame, None);
+        }
+        assert!(!bob.outbox.drained(Instant::now() + Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test]
+    async fn reaching_the_hard_limit_kicks_the_connection() {
+        let hub = Hub::new();
+        let bob = hub.register("bob", "phone", SMALL);
+        let frame = Outbound::from_static("x");
+        for _ in 0..4 {
+            assert_eq!(hub.deliver("bob", &frame, None).overflowed, 0);
+        }
         assert_eq!(hub.deliver("bob", &frame, None).overflowed, 1);
-        assert!(registration.kicked.is_cancelled());
-        assert_eq!(registration.kick_reason(), Some(Kick::SlowConsumer));
+        bob.outbox.ready().await;
+        assert_eq!(bob.outbox.take(&mut Vec::new(), 10), Some(Kick::SlowConsumer));
+        assert_eq!(hub.deliver("bob", &frame, None).queued, 0, "a kicked connection gets nothing more");
+    }
+
+    #[tokio::test]
+    async fn logout_kicks_only_that_device() {
+        let hub = Hub::new();
+        let phone = hub.register("carol", "phone", SMALL);
+        let web = hub.register("carol", "web", SMALL);
+        hub.kick_device("carol", "phone", Kick::LoggedOut);
+        assert_eq!(phone.outbox.kick_reason(), Some(Kick::LoggedOut));
+        assert_eq!(web.outbox.kick_reason(), None);
     }
 
     #[test]
     fn dropping_the_registration_unregisters() {
         let hub = Hub::new();
-        let (tx, _rx) = mpsc::channel(1);
-        let registration = hub.register("carol", "web", tx);
-        assert!(hub.is_online("carol"));
+        let registration = hub.register("carol", "web", SMALL);
+        let outbox = Arc::clone(&registration.outbox);
+        assert_eq!(hub.connection_count(), 1);
         drop(registration);
-        assert!(!hub.is_online("carol"));
         assert_eq!(hub.connection_count(), 0);
+        assert_eq!(outbox.push(&Outbound::from_static("late")), Pushed::Dropped);
     }
 }

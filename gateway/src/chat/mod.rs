@@ -1,28 +1,24 @@
 //! Chat logic, independent of any socket: sending (store, then ack, then
 //! fan out), sync from a cursor, history, groups, and local presence.
 //!
-//! - [`hub`]: this gateway's connections, by user and device.
+//! - [`send`]: store, ack, then fan out (live delivery, forwarding, push
+//!   jobs) with backpressure to the sender.
+//! - [`hub`]: this gateway's connections and their outboxes.
+//! - [`members`]: group members cached, invalidated across gateways.
 //! - [`presence`]: sessions for presence (heartbeat grace window), status
 //!   fan-out to friends and presence requests.
 //! - [`push`]: the queue of notifications for users with no connected device.
 //!
-//! Other gateways are reached through the [`Broker`]: after the durable
-//! write a message is queued on this gateway's connections and forwarded to
-//! the gateways holding the other recipients' devices; members with no
-//! device anywhere get a push job.
-//!
-//! Send path: a message id is reserved for `(sender, key)` (so a retry is
-//! stored once), the message is written durably to the channel history and
-//! to every member's inbox (the sender's too, for their other devices), the
-//! sender gets an ack, then every connected device gets it live and every
-//! other member gets a push job. If storage fails nothing is acknowledged.
+//! Other gateways are reached through the [`Broker`].
 
 pub mod hub;
+pub mod members;
 pub mod presence;
 pub mod push;
+pub mod send;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashSet;
 use tokio::sync::mpsc;
@@ -34,13 +30,15 @@ use crate::ids::{self, IdGenerator};
 use crate::metrics::Metrics;
 use crate::protocol::frames::WireGroup;
 use crate::protocol::{
-    ClientFrame, ErrorCode, Limits, ProtocolError, Recipient, ServerFrame, WireInboxEntry, WireMessage, direct_channel,
-    direct_members, encode_shared, is_group_channel,
+    ClientFrame, ErrorCode, Limits, ProtocolError, ServerFrame, WireInboxEntry, WireMessage, direct_members,
+    encode_shared, is_group_channel,
 };
-use crate::store::{Delivery, Group, Message, Page, Reservation, Store, StoreError};
+use crate::store::{Group, Page, Store, StoreError};
 use hub::{Hub, Kick};
+use members::{MemberCache, Members};
 use presence::PresenceTracker;
-use push::{PushJob, PushQueue};
+use push::PushQueue;
+pub use send::FanOut;
 
 /// Settings of the chat layer.
 #[derive(Clone, Debug)]
@@ -60,6 +58,11 @@ pub struct ChatConfig {
     pub presence_fanout_max_members: usize,
     /// Characters of text a push notification previews.
     pub push_summary_chars: usize,
+    /// A receiver whose outbox stays backlogged this long while a fan-out
+    /// waits for it is closed as too slow (4008).
+    pub stall_timeout: Duration,
+    /// Cached group members are read again after this long at the latest.
+    pub members_ttl: Duration,
 }
 
 impl Default for ChatConfig {
@@ -72,6 +75,8 @@ impl Default for ChatConfig {
             offline_after: Duration::from_secs(30),
             presence_fanout_max_members: 50,
             push_summary_chars: 80,
+            stall_timeout: Duration::from_secs(5),
+            members_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -93,11 +98,15 @@ struct KnownDirectChannels {
 }
 
 impl KnownDirectChannels {
-    fn insert_new(&self, channel: &str) -> bool {
+    pub(crate) fn contains(&self, channel: &str) -> bool {
+        self.set.contains(channel)
+    }
+
+    pub(crate) fn insert(&self, channel: &str) {
         if self.set.len() >= self.capacity {
             self.set.clear();
         }
-        self.set.insert(channel.to_string())
+        self.set.insert(channel.to_string());
     }
 }
 
@@ -114,6 +123,15 @@ pub struct ChatService {
     config: ChatConfig,
     metrics: Metrics,
     known_direct: KnownDirectChannels,
+    members: Arc<MemberCache>,
+}
+
+/// What handling a client frame produced.
+pub struct Handled {
+    /// The reply to the frame (an ack, a page, an error), if it has one.
+    pub reply: Option<ServerFrame>,
+    /// Work owed after the reply: the live delivery of a stored message.
+    pub fan_out: Option<FanOut>,
 }
 
 const TRANSITION_SHARDS: usize = 8;
@@ -138,14 +156,19 @@ fn push_target_error(e: crate::push::PushTargetError) -> ProtocolError {
 pub struct GatewayLocal {
     hub: Arc<Hub>,
     presence: Arc<PresenceTracker>,
+    members: Arc<MemberCache>,
     remote_offline: mpsc::UnboundedSender<String>,
 }
 
 impl GatewayLocal {
     /// The local side of a broker, and the queue [`ChatService::start`] drains.
-    pub fn new(hub: Arc<Hub>, presence: Arc<PresenceTracker>) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+    pub fn new(
+        hub: Arc<Hub>,
+        presence: Arc<PresenceTracker>,
+        members: Arc<MemberCache>,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
         let (remote_offline, rx) = mpsc::unbounded_channel();
-        (Arc::new(Self { hub, presence, remote_offline }), rx)
+        (Arc::new(Self { hub, presence, members, remote_offline }), rx)
     }
 }
 
@@ -157,6 +180,8 @@ impl LocalDelivery for GatewayLocal {
     }
 
     fn resync_all(&self, reason: &str) {
+        // Membership notices may have been lost with the live frames.
+        self.members.clear();
         let frame = encode_shared(&ServerFrame::Resync { reason: reason.to_string() });
         let delivered = self.hub.broadcast(&frame);
         tracing::info!(connections = delivered.queued, reason, "asked every connection to resync");
@@ -169,6 +194,10 @@ impl LocalDelivery for GatewayLocal {
     fn remote_user_offline(&self, user: String) {
         let _ = self.remote_offline.send(user);
     }
+
+    fn group_changed(&self, group: &str) {
+        self.members.invalidate(group);
+    }
 }
 
 /// Everything a chat service is made of.
@@ -178,6 +207,8 @@ pub struct ChatParts {
     pub hub: Arc<Hub>,
     pub presence: Arc<PresenceTracker>,
     pub broker: Arc<dyn Broker>,
+    /// The cache the broker's [`GatewayLocal`] invalidates.
+    pub members: Arc<MemberCache>,
     pub ids: IdGenerator,
     pub config: ChatConfig,
     pub metrics: Metrics,
@@ -194,7 +225,7 @@ impl ChatService {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..TRANSITION_SHARDS).map(|_| mpsc::unbounded_channel()).unzip();
-        let ChatParts { store, push, hub, presence, broker, ids, config, metrics } = parts;
+        let ChatParts { store, push, hub, presence, broker, members, ids, config, metrics } = parts;
         let service = Arc::new(Self {
             store,
             push,
@@ -206,6 +237,7 @@ impl ChatService {
             config,
             metrics,
             known_direct: KnownDirectChannels { set: DashSet::new(), capacity: 100_000 },
+            members,
         });
         for receiver in receivers {
             tasks.spawn(presence::apply_transitions(Arc::downgrade(&service), receiver, shutdown.clone()));
@@ -223,11 +255,14 @@ impl ChatService {
         &self.config
     }
 
-    /// Handles one decoded frame; returns the reply (if the frame has one).
-    pub async fn handle(&self, session: &Session, frame: ClientFrame) -> Option<ServerFrame> {
+    /// Handles one decoded frame: its reply, and the fan-out owed after it.
+    pub async fn handle(&self, session: &Session, frame: ClientFrame) -> Handled {
         let req = frame.req().map(str::to_string);
         let result = match frame {
-            ClientFrame::Send { to, text, key, .. } => self.send(session, req.clone(), to, text, key).await,
+            ClientFrame::Send { to, text, key, .. } => match self.send(session, req.clone(), to, text, key).await {
+                Ok((ack, fan_out)) => return Handled { reply: Some(ack), fan_out },
+                Err(e) => Err(e),
+            },
             ClientFrame::Sync { after, limit, .. } => self.sync(session, req.clone(), after, limit).await,
             ClientFrame::History { channel, before, after, limit, .. } => {
                 let page = match (before, after) {
@@ -253,7 +288,7 @@ impl ChatService {
                 .map_err(storage_error),
             ClientFrame::Presence { users, group, .. } => self.presence_of(session, req.clone(), users, group).await,
             // The connection notes when it last heard from the client; nothing else to do.
-            ClientFrame::Heartbeat { .. } => return None,
+            ClientFrame::Heartbeat { .. } => return Handled { reply: None, fan_out: None },
             ClientFrame::Logout { .. } => {
                 if let Err(e) = self.push.unregister_target(&session.user, &session.device).await {
                     tracing::warn!(user = %session.user, error = %e, "push target not removed at logout");
@@ -269,14 +304,14 @@ impl ChatService {
                 }
             }
         };
-        Some(result.unwrap_or_else(|e| e.with_req(req).into()))
+        Handled { reply: Some(result.unwrap_or_else(|e| e.with_req(req).into())), fan_out: None }
     }
 
     /// Members of a channel the sender must belong to.
-    async fn channel_members(&self, user: &str, channel: &str) -> Result<Vec<String>, ProtocolError> {
+    async fn channel_members(&self, user: &str, channel: &str) -> Result<Members, ProtocolError> {
         if let Some((a, b)) = direct_members(channel) {
             return if user == a || user == b {
-                Ok(vec![a.to_string(), b.to_string()])
+                Ok(Arc::from([a.to_string(), b.to_string()]))
             } else {
                 Err(ProtocolError::new(ErrorCode::NotMember, format!("{user} is not part of {channel}")))
             };
@@ -284,7 +319,18 @@ impl ChatService {
         if !is_group_channel(channel) {
             return Err(ProtocolError::new(ErrorCode::InvalidArgument, format!("{channel:?} is not a channel id")));
         }
-        let members = self.store.members(channel).await.map_err(storage_error)?;
+        let members = match self.members.get(channel) {
+            Some(members) => members,
+            None => {
+                let ticket = self.members.ticket();
+                let members: Members = self.store.members(channel).await.map_err(storage_error)?.into();
+                // An unknown group is not cached: it may be created any moment.
+                if !members.is_empty() {
+                    self.members.insert(channel, Arc::clone(&members), ticket);
+                }
+                members
+            }
+        };
         if members.is_empty() {
             return Err(ProtocolError::new(ErrorCode::NoSuchGroup, format!("no group {channel}")));
         }
@@ -292,141 +338,6 @@ impl ChatService {
             return Err(ProtocolError::new(ErrorCode::NotMember, format!("{user} is not a member of {channel}")));
         }
         Ok(members)
-    }
-
-    async fn send(
-        &self,
-        session: &Session,
-        req: Option<String>,
-        to: Recipient,
-        text: String,
-        key: String,
-    ) -> Result<ServerFrame, ProtocolError> {
-        let received = Instant::now();
-        let (channel, members) = match to {
-            Recipient::User(peer) => {
-                if peer == session.user {
-                    return Err(ProtocolError::new(
-                        ErrorCode::InvalidArgument,
-                        "cannot send a direct message to yourself",
-                    ));
-                }
-                let channel = direct_channel(&session.user, &peer);
-                (channel.clone(), self.channel_members(&session.user, &channel).await?)
-            }
-            Recipient::Group(group) => {
-                let members = self.channel_members(&session.user, &group).await?;
-                (group, members)
-            }
-        };
-
-        let result = tokio::time::timeout(
-            self.config.write_deadline,
-            self.store_message(session, &channel, &members, &key, text),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!("write took longer than {:?}", self.config.write_deadline)))
-        });
-        let (message, position, duplicate) = match result {
-            Ok(stored) => stored,
-            Err(e) => {
-                self.metrics.acks.with_label_values(&[ErrorCode::StorageUnavailable.as_str()]).inc();
-                return Err(storage_error(e));
-            }
-        };
-        self.metrics.acks.with_label_values(&[if duplicate { "duplicate" } else { "ok" }]).inc();
-        let ack = ServerFrame::Ack {
-            req,
-            id: message.id,
-            channel: channel.clone(),
-            created_at_ms: message.created_at_ms,
-            duplicate,
-        };
-        if !duplicate {
-            self.metrics.messages_stored.inc();
-            self.fan_out(session, &message, position, &members, received).await;
-        }
-        Ok(ack)
-    }
-
-    /// Reserves the id, writes history and inboxes. Returns the message, its
-    /// inbox position and whether the key had already been stored.
-    async fn store_message(
-        &self,
-        session: &Session,
-        channel: &str,
-        members: &[String],
-        key: &str,
-        text: String,
-    ) -> Result<(Message, u64, bool), StoreError> {
-        let started = Instant::now();
-        let candidate = self.ids.next_id();
-        let id = match self.store.reserve_send(&session.user, key, candidate, channel).await? {
-            Reservation::New => candidate,
-            Reservation::Existing { id, channel: original } => {
-                if let Some(stored) = self.store.message(&original, id).await? {
-                    return Ok((stored, 0, true));
-                }
-                // The first attempt failed before its write: finish it under the same id.
-                id
-            }
-        };
-        if direct_members(channel).is_some() && self.known_direct.insert_new(channel) {
-            for member in members {
-                self.store.add_direct_channel(member, channel).await?;
-            }
-        }
-        let message = Message {
-            id,
-            channel: channel.to_string(),
-            sender: session.user.clone(),
-            sender_device: session.device.clone(),
-            text,
-            // The id's own time: a retried send keeps its original timestamp.
-            created_at_ms: ids::timestamp_ms(id),
-        };
-        // One position for every recipient: the live frame is encoded once.
-        let position = self.ids.next_id();
-        let deliveries: Vec<Delivery> = members.iter().map(|user| Delivery { user: user.clone(), position }).collect();
-        self.store.write_message(&message, &deliveries).await?;
-        self.metrics.store_seconds.observe(started.elapsed().as_secs_f64());
-        Ok((message, position, false))
-    }
-
-    async fn fan_out(
-        &self,
-        session: &Session,
-        message: &Message,
-        position: u64,
-        members: &[String],
-        received: Instant,
-    ) {
-        let frame = encode_shared(&ServerFrame::Message { position, message: WireMessage::from(message) });
-        for member in members {
-            let delivered = self.hub.deliver(member, &frame, Some(session.connection));
-            self.metrics.slow_consumers.inc_by(delivered.overflowed as u64);
-            if delivered.queued > 0 {
-                self.metrics.delivery_seconds.observe(received.elapsed().as_secs_f64());
-            }
-        }
-        let offline = match self.broker.route(members, &frame).await {
-            Ok(offline) => offline,
-            Err(e) => {
-                // Stored and acked: remote devices catch up on resync or reconnect.
-                self.metrics.forward_failures.inc();
-                tracing::warn!(error = %e, "live forwarding to other gateways failed");
-                return;
-            }
-        };
-        for member in members.iter().filter(|m| **m != session.user && offline.contains(*m)) {
-            let job = PushJob::new(member, message, self.config.push_summary_chars);
-            match self.push.enqueue(&job).await {
-                Ok(()) => self.metrics.push_jobs.inc(),
-                // The message is stored and will sync; only the notification is lost.
-                Err(e) => tracing::warn!(user = %member, error = %e, "could not enqueue a push job"),
-            }
-        }
     }
 
     async fn sync(
@@ -473,6 +384,14 @@ impl ChatService {
         let has_more = messages.len() > limit;
         messages.truncate(limit);
         Ok(ServerFrame::History { req, channel, messages: messages.iter().map(WireMessage::from).collect(), has_more })
+    }
+
+    /// Drops the cached members of `group` here and on every other gateway.
+    async fn members_changed(&self, group: &str) {
+        self.members.invalidate(group);
+        if let Err(e) = self.broker.group_changed(group).await {
+            tracing::warn!(%group, error = %e, "membership change not announced; other gateways see it within the cache TTL");
+        }
     }
 
     async fn group_reply(&self, req: Option<String>, group: Group) -> Result<ServerFrame, ProtocolError> {
@@ -526,6 +445,7 @@ impl ChatService {
                 ));
             }
             self.store.add_member(&group_id, &user).await.map_err(storage_error)?;
+            self.members_changed(&group_id).await;
         }
         self.group_reply(req, group).await
     }
@@ -544,6 +464,7 @@ impl ChatService {
             return Err(ProtocolError::new(ErrorCode::Forbidden, "only the group's owner removes other members"));
         }
         self.store.remove_member(&group_id, &user).await.map_err(storage_error)?;
+        self.members_changed(&group_id).await;
         self.group_reply(req, group).await
     }
 

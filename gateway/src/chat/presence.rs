@@ -241,7 +241,7 @@ impl ChatService {
         group: Option<String>,
     ) -> Result<ServerFrame, ProtocolError> {
         if let Some(group) = group {
-            users.extend(self.channel_members(&session.user, &group).await?);
+            users.extend(self.channel_members(&session.user, &group).await?.iter().cloned());
         }
         users.sort();
         users.dedup();

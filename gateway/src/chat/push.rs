@@ -45,7 +45,8 @@ impl PushJob {
 /// Where push jobs and the devices' push targets go.
 #[async_trait]
 pub trait PushQueue: Send + Sync + 'static {
-    async fn enqueue(&self, job: &PushJob) -> Result<(), StoreError>;
+    /// Queues the jobs of one message in one round trip.
+    async fn enqueue(&self, jobs: &[PushJob]) -> Result<(), StoreError>;
     /// Offline notifications for `user` go to `target` from now on.
     async fn register_target(&self, user: &str, target: &PushTarget) -> Result<(), PushTargetError>;
     /// The device logged out: no more notifications for it.
@@ -57,9 +58,12 @@ pub trait PushQueue: Send + Sync + 'static {
 /// would never use.
 #[async_trait]
 impl PushQueue for Arc<EmbeddedStore> {
-    async fn enqueue(&self, job: &PushJob) -> Result<(), StoreError> {
-        let value = serde_json::to_value(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.enqueue_push(value).await.map(|_| ())
+    async fn enqueue(&self, jobs: &[PushJob]) -> Result<(), StoreError> {
+        let values = jobs
+            .iter()
+            .map(|job| serde_json::to_value(job).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.enqueue_pushes(values).await.map(drop)
     }
 
     async fn register_target(&self, _user: &str, _target: &PushTarget) -> Result<(), PushTargetError> {
@@ -86,21 +90,26 @@ impl RedisPushQueue {
 
 #[async_trait]
 impl PushQueue for RedisPushQueue {
-    async fn enqueue(&self, job: &PushJob) -> Result<(), StoreError> {
-        let payload = serde_json::to_string(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut connection = self.connection.clone();
-        redis::cmd("XADD")
-            .arg(PUSH_STREAM)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.max_len)
-            .arg("*")
-            .arg("job")
-            .arg(payload)
-            .query_async::<String>(&mut connection)
+    async fn enqueue(&self, jobs: &[PushJob]) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for job in jobs {
+            let payload = serde_json::to_string(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            pipe.cmd("XADD")
+                .arg(PUSH_STREAM)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.max_len)
+                .arg("*")
+                .arg("job")
+                .arg(payload)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.connection.clone())
             .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Unavailable(format!("push queue (Redis XADD): {e}")))
+            .map_err(|e| StoreError::Unavailable(format!("push queue (Redis XADD × {}): {e}", jobs.len())))
     }
 
     async fn register_target(&self, user: &str, target: &PushTarget) -> Result<(), PushTargetError> {

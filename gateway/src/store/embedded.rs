@@ -6,14 +6,15 @@
 //! thousands of messages per second, every write goes to ONE writer thread
 //! that does group commit: it takes all requests already queued (up to
 //! [`MAX_BATCH`]), applies them in one write transaction, commits once and
-//! only then answers each of them. Reads run in their own read transactions
+//! only then answers each of them. A send is one request: its idempotency
+//! key, history row and inbox entries commit together or not at all. Reads run in their own read transactions
 //! on tokio's blocking pool; redb lets them run beside the writer and they
 //! see every commit that finished before they began.
 //!
 //! Tables (keys sort element by element, strings by bytes):
 //! - `messages`: `(channel, id) → Message JSON`, a channel's history in id order.
-//! - `inbox`: `(user, position) → Message JSON`; the position is in the key, so
-//!   a message fanned out to many members is serialized once.
+//! - `inbox_refs`: `(user, position) → (channel, id)`: a reference to the
+//!   history row, so a message to 100 members stores its text once.
 //! - `sends`: `(sender, idempotency key) → (id, channel)`.
 //! - `groups`: `group id → Group JSON`.
 //! - `members`: `(group, user) → ()`; `user_channels`: `(user, channel) → ()`.
@@ -27,10 +28,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction,
+};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Delivery, Group, InboxEntry, Message, Page, Reservation, Store, StoreError, StoreResult};
+use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
 
 /// File name of the database inside the store's folder.
 pub const DB_FILE: &str = "kubechat.redb";
@@ -49,7 +52,10 @@ type Pair = (&'static str, u64);
 type Link = (&'static str, &'static str);
 
 const MESSAGES: TableDefinition<Pair, &[u8]> = TableDefinition::new("messages");
-const INBOX: TableDefinition<Pair, &[u8]> = TableDefinition::new("inbox");
+const INBOX: TableDefinition<Pair, Pair> = TableDefinition::new("inbox_refs");
+/// Before inbox entries referred to history rows they held the message
+/// JSON; a store written then is converted when opened.
+const INBOX_V1: TableDefinition<Pair, &[u8]> = TableDefinition::new("inbox");
 const SENDS: TableDefinition<Link, (u64, &str)> = TableDefinition::new("sends");
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const MEMBERS: TableDefinition<Link, ()> = TableDefinition::new("members");
@@ -81,20 +87,42 @@ fn encode<T: serde::Serialize>(what: &'static str, value: &T) -> StoreResult<Vec
 /// One write, in owned form so it can cross to the writer thread. JSON is
 /// encoded by the caller so the single writer only does B-tree work.
 enum Op {
-    Reserve { sender: String, key: String, candidate: u64, channel: String },
-    WriteMessage { channel: String, id: u64, json: Vec<u8>, inbox: Vec<(String, u64)> },
-    CreateGroup { id: String, json: Vec<u8>, members: Vec<String> },
-    AddMember { group: String, user: String },
-    RemoveMember { group: String, user: String },
-    AddDirect { user: String, channel: String },
-    EnqueuePush { json: Vec<u8> },
-    AckPush { seq: u64 },
+    Send {
+        sender: String,
+        key: String,
+        channel: String,
+        id: u64,
+        json: Vec<u8>,
+        position: u64,
+        recipients: Vec<String>,
+        link_channel: bool,
+    },
+    CreateGroup {
+        id: String,
+        json: Vec<u8>,
+        members: Vec<String>,
+    },
+    AddMember {
+        group: String,
+        user: String,
+    },
+    RemoveMember {
+        group: String,
+        user: String,
+    },
+    EnqueuePush {
+        jsons: Vec<Vec<u8>>,
+    },
+    AckPush {
+        seq: u64,
+    },
 }
 
 /// What a committed write answers.
 enum Done {
     Unit,
-    Reserved(Reservation),
+    /// The send's key was stored before, for this message (JSON).
+    Duplicate(Vec<u8>),
     Seq(u64),
 }
 
@@ -136,8 +164,14 @@ impl EmbeddedStore {
     /// Appends a job to the push queue; returns its sequence number, which
     /// never repeats (even after the queue emptied or the process restarted).
     pub async fn enqueue_push(&self, job: serde_json::Value) -> StoreResult<u64> {
-        let json = encode("push job", &job)?;
-        match self.write(Op::EnqueuePush { json }).await? {
+        self.enqueue_pushes(vec![job]).await
+    }
+
+    /// Appends jobs to the push queue in one write; returns the sequence
+    /// number of the last.
+    pub async fn enqueue_pushes(&self, jobs: Vec<serde_json::Value>) -> StoreResult<u64> {
+        let jsons = jobs.iter().map(|job| encode("push job", job)).collect::<StoreResult<Vec<_>>>()?;
+        match self.write(Op::EnqueuePush { jsons }).await? {
             Done::Seq(seq) => Ok(seq),
             _ => Err(unexpected_answer()),
         }
@@ -234,7 +268,33 @@ fn create_tables(db: &Database) -> StoreResult<()> {
         txn.open_table(PUSH).map_err(storage("creating push"))?;
         txn.open_table(META).map_err(storage("creating meta"))?;
     }
+    convert_inbox_v1(&txn)?;
     txn.commit().map_err(storage("creating tables"))
+}
+
+/// Turns the inbox of a store written before inbox entries referred to
+/// history rows (each held the message JSON) into references, in the
+/// transaction that opens the store.
+fn convert_inbox_v1(txn: &WriteTransaction) -> StoreResult<()> {
+    let exists = txn.list_tables().map_err(storage("listing tables"))?.any(|t| t.name() == INBOX_V1.name());
+    if !exists {
+        return Ok(());
+    }
+    let mut converted = 0_usize;
+    {
+        let old = txn.open_table(INBOX_V1).map_err(storage("opening the old inbox"))?;
+        let mut inbox = txn.open_table(INBOX).map_err(storage("opening inbox"))?;
+        for row in old.iter().map_err(storage("reading the old inbox"))? {
+            let (key, json) = row.map_err(storage("reading the old inbox"))?;
+            let (user, position) = key.value();
+            let message: Message = decode("old inbox message", json.value())?;
+            inbox.insert((user, position), (message.channel.as_str(), message.id)).map_err(storage("writing inbox"))?;
+            converted += 1;
+        }
+    }
+    txn.delete_table(INBOX_V1).map_err(storage("removing the old inbox"))?;
+    tracing::info!(entries = converted, "converted the embedded store's inbox to references");
+    Ok(())
 }
 
 /// The writer thread: one group commit per turn until the store is dropped.
@@ -288,7 +348,7 @@ fn commit_batch(db: &Database, batch: &mut Vec<Request>) {
 /// The tables a batch writes, opened once per transaction.
 struct Tables<'t> {
     messages: Table<'t, Pair, &'static [u8]>,
-    inbox: Table<'t, Pair, &'static [u8]>,
+    inbox: Table<'t, Pair, Pair>,
     sends: Table<'t, Link, (u64, &'static str)>,
     groups: Table<'t, &'static str, &'static [u8]>,
     members: Table<'t, Link, ()>,
@@ -317,23 +377,33 @@ impl<'t> Tables<'t> {
 
     fn apply(&mut self, op: &Op, max_id: &mut u64) -> StoreResult<Done> {
         match op {
-            Op::Reserve { sender, key, candidate, channel } => {
+            Op::Send { sender, key, channel, id, json, position, recipients, link_channel } => {
                 // Atomic because only this thread writes and the check and
-                // the insert share one transaction.
+                // the inserts share one transaction.
                 let key = (sender.as_str(), key.as_str());
                 if let Some(found) = self.sends.get(key).map_err(storage("reading sends"))? {
-                    let (id, channel) = found.value();
-                    return Ok(Done::Reserved(Reservation::Existing { id, channel: channel.to_owned() }));
+                    let (first_id, first_channel) = found.value();
+                    let message = self.messages.get((first_channel, first_id)).map_err(storage("reading messages"))?;
+                    let message = message.ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "send key of message {first_channel}/{first_id} without the message"
+                        ))
+                    })?;
+                    return Ok(Done::Duplicate(message.value().to_vec()));
                 }
-                self.sends.insert(key, (*candidate, channel.as_str())).map_err(storage("writing sends"))?;
-                Ok(Done::Reserved(Reservation::New))
-            }
-            Op::WriteMessage { channel, id, json, inbox } => {
+                self.sends.insert(key, (*id, channel.as_str())).map_err(storage("writing sends"))?;
                 self.messages.insert((channel.as_str(), *id), json.as_slice()).map_err(storage("writing messages"))?;
-                for (user, position) in inbox {
-                    self.inbox.insert((user.as_str(), *position), json.as_slice()).map_err(storage("writing inbox"))?;
+                for user in recipients {
+                    self.inbox
+                        .insert((user.as_str(), *position), (channel.as_str(), *id))
+                        .map_err(storage("writing inbox"))?;
+                    if *link_channel {
+                        self.user_channels
+                            .insert((user.as_str(), channel.as_str()), ())
+                            .map_err(storage("writing user_channels"))?;
+                    }
                 }
-                *max_id = (*max_id).max(*id);
+                *max_id = (*max_id).max(*id).max(*position);
                 Ok(Done::Unit)
             }
             Op::CreateGroup { id, json, members } => {
@@ -349,16 +419,13 @@ impl<'t> Tables<'t> {
                 self.user_channels.remove((user.as_str(), group.as_str())).map_err(storage("writing user_channels"))?;
                 Ok(Done::Unit)
             }
-            Op::AddDirect { user, channel } => {
-                self.user_channels
-                    .insert((user.as_str(), channel.as_str()), ())
-                    .map_err(storage("writing user_channels"))?;
-                Ok(Done::Unit)
-            }
-            Op::EnqueuePush { json } => {
-                let seq = self.meta(META_PUSH_SEQ)?.saturating_add(1);
+            Op::EnqueuePush { jsons } => {
+                let mut seq = self.meta(META_PUSH_SEQ)?;
+                for json in jsons {
+                    seq = seq.saturating_add(1);
+                    self.push.insert(seq, json.as_slice()).map_err(storage("writing push"))?;
+                }
                 self.meta.insert(META_PUSH_SEQ, seq).map_err(storage("writing meta"))?;
-                self.push.insert(seq, json.as_slice()).map_err(storage("writing push"))?;
                 Ok(Done::Seq(seq))
             }
             Op::AckPush { seq } => {
@@ -415,22 +482,23 @@ fn second_keys<V: redb::Value + 'static>(
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn reserve_send(&self, sender: &str, key: &str, candidate: u64, channel: &str) -> StoreResult<Reservation> {
-        let op = Op::Reserve { sender: sender.into(), key: key.into(), candidate, channel: channel.into() };
-        match self.write(op).await? {
-            Done::Reserved(reservation) => Ok(reservation),
-            _ => Err(unexpected_answer()),
-        }
-    }
-
-    async fn write_message(&self, message: &Message, deliveries: &[Delivery]) -> StoreResult<()> {
-        let op = Op::WriteMessage {
+    async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
+        let NewMessage { message, key, recipients, position, link_channel } = new;
+        let op = Op::Send {
+            sender: message.sender.clone(),
+            key,
             channel: message.channel.clone(),
             id: message.id,
-            json: encode("message", message)?,
-            inbox: deliveries.iter().map(|d| (d.user.clone(), d.position)).collect(),
+            json: encode("message", &message)?,
+            position,
+            recipients,
+            link_channel,
         };
-        self.write(op).await.map(drop)
+        match self.write(op).await? {
+            Done::Unit => Ok(Stored { message, position, duplicate: false }),
+            Done::Duplicate(json) => Ok(Stored { message: decode("message", &json)?, position: 0, duplicate: true }),
+            Done::Seq(_) => Err(unexpected_answer()),
+        }
     }
 
     async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
@@ -439,13 +507,22 @@ impl Store for EmbeddedStore {
         }
         let user = user.to_owned();
         self.read(move |txn| {
-            let table = txn.open_table(INBOX).map_err(storage("opening inbox"))?;
+            let inbox = txn.open_table(INBOX).map_err(storage("opening inbox"))?;
+            let messages = txn.open_table(MESSAGES).map_err(storage("opening messages"))?;
             let range = (user.as_str(), after + 1)..=(user.as_str(), u64::MAX);
             let mut entries = Vec::new();
-            for row in table.range(range).map_err(storage("reading inbox"))?.take(limit) {
-                let (key, message) = row.map_err(storage("reading inbox"))?;
+            for row in inbox.range(range).map_err(storage("reading inbox"))?.take(limit) {
+                let (key, reference) = row.map_err(storage("reading inbox"))?;
                 let (_, position) = key.value();
-                entries.push(InboxEntry { position, message: decode("inbox message", message.value())? });
+                let (channel, id) = reference.value();
+                // Written in the same transaction as its inbox entries, so
+                // only a damaged file lacks it: skip it rather than wedge the sync.
+                match messages.get((channel, id)).map_err(storage("reading messages"))? {
+                    Some(message) => {
+                        entries.push(InboxEntry { position, message: decode("message", message.value())? })
+                    }
+                    None => tracing::error!(user, channel, id, "inbox entry refers to a missing message; skipped"),
+                }
             }
             Ok(entries)
         })
@@ -535,9 +612,5 @@ impl Store for EmbeddedStore {
             second_keys(&table, &user, "reading user_channels")
         })
         .await
-    }
-
-    async fn add_direct_channel(&self, user: &str, channel: &str) -> StoreResult<()> {
-        self.write(Op::AddDirect { user: user.into(), channel: channel.into() }).await.map(drop)
     }
 }

@@ -7,7 +7,9 @@
 //! - channel history: partition `(channel, month bucket of the id)`,
 //!   clustered by message id, newest first; no TTL: kept forever.
 //! - inbox ("message sync queue"): partition `(user, month bucket of the
-//!   position)`, clustered by position; one entry per recipient and message.
+//!   position)`, clustered by position; one small entry per recipient and
+//!   message that refers to the history row `(channel, id)` instead of
+//!   copying the text, so a message to 100 members is stored once.
 //! - sends: `(sender, idempotency key) → message id`, so a retried send is
 //!   stored once.
 //! - groups and memberships, both directions (members of a group; channels of a user).
@@ -44,11 +46,32 @@ pub struct InboxEntry {
     pub message: Message,
 }
 
-/// A recipient of a message and the inbox position it gets.
+/// One send, stored in one go: the message in its channel's history, an
+/// inbox entry at `position` for every recipient (the sender too, for their
+/// other devices), and the sender's idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Delivery {
-    pub user: String,
+pub struct NewMessage {
+    /// `id` is a freshly minted candidate; a retried key keeps the first id.
+    pub message: Message,
+    /// Client-chosen idempotency key of `message.sender`.
+    pub key: String,
+    pub recipients: Vec<String>,
+    /// One inbox position shared by every recipient (the live frame is encoded once).
     pub position: u64,
+    /// Also record the channel in every recipient's channel list (the first
+    /// message of a direct channel; groups record it when members join).
+    pub link_channel: bool,
+}
+
+/// What storing a [`NewMessage`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// The message as stored: for a retried key, the first one.
+    pub message: Message,
+    /// Its inbox position (meaningless for a duplicate).
+    pub position: u64,
+    /// The key had been stored before: nothing new was written.
+    pub duplicate: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,15 +81,6 @@ pub struct Group {
     pub name: String,
     pub owner: String,
     pub created_at_ms: i64,
-}
-
-/// What a send with an idempotency key found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reservation {
-    /// First time this key is seen: the candidate id is now reserved for it.
-    New,
-    /// The key was used before, for this message id in this channel.
-    Existing { id: u64, channel: String },
 }
 
 /// Which side of a message id a history page lies on.
@@ -95,14 +109,11 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Records `(sender, key) → (candidate, channel)` unless the key was used
-    /// before, in which case the earlier message id is returned.
-    async fn reserve_send(&self, sender: &str, key: &str, candidate: u64, channel: &str) -> StoreResult<Reservation>;
-
-    /// Stores `message` in its channel's history and in each recipient's
-    /// inbox at the given position. Idempotent: writing the same message id
-    /// again overwrites the same history row.
-    async fn write_message(&self, message: &Message, deliveries: &[Delivery]) -> StoreResult<()>;
+    /// Stores a send unless its `(sender, key)` was stored before, in which
+    /// case nothing is written and the first message comes back as a
+    /// duplicate. Returns once every part is durable; a failure may leave
+    /// parts written, and a retry with the same key completes them.
+    async fn store_message(&self, new: NewMessage) -> StoreResult<Stored>;
 
     /// Inbox entries of `user` with position greater than `after`, oldest
     /// first, at most `limit`.
@@ -123,8 +134,6 @@ pub trait Store: Send + Sync + 'static {
     async fn members(&self, group: &str) -> StoreResult<Vec<String>>;
     /// Channels a user takes part in (groups and direct chats), sorted.
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>>;
-    /// Records that `user` takes part in the direct channel `channel`.
-    async fn add_direct_channel(&self, user: &str, channel: &str) -> StoreResult<()>;
 }
 
 /// Month-long buckets keep partitions bounded however long a channel lives.

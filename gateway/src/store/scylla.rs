@@ -38,7 +38,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, Statement};
 
-use super::{Delivery, Group, InboxEntry, Message, Page, Reservation, Store, StoreError, StoreResult, bucket_of};
+use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored, bucket_of};
 use crate::ids;
 
 /// How far ahead of this gateway's clock another gateway's ids may be: reads
@@ -479,8 +479,13 @@ async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> S
     })
 }
 
-#[async_trait]
-impl Store for ScyllaStore {
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Reservation {
+    New,
+    Existing { id: u64, channel: String },
+}
+
+impl ScyllaStore {
     async fn reserve_send(&self, sender: &str, key: &str, candidate: u64, channel: &str) -> StoreResult<Reservation> {
         let result = self
             .session
@@ -503,15 +508,15 @@ impl Store for ScyllaStore {
         Ok(Reservation::New)
     }
 
-    async fn write_message(&self, message: &Message, deliveries: &[Delivery]) -> StoreResult<()> {
+    async fn write_message(&self, message: &Message, recipients: &[String], position: u64) -> StoreResult<()> {
         let id = to_cql(message.id);
-        let mut rows: Vec<(&PreparedStatement, BatchRow<'_>)> = deliveries
+        let mut rows: Vec<(&PreparedStatement, BatchRow<'_>)> = recipients
             .iter()
-            .map(|d| {
+            .map(|user| {
                 let row = BatchRow::Inbox((
-                    d.user.as_str(),
-                    bucket_of(d.position),
-                    to_cql(d.position),
+                    user.as_str(),
+                    bucket_of(position),
+                    to_cql(position),
                     message.channel.as_str(),
                     id,
                     message.sender.as_str(),
@@ -537,6 +542,38 @@ impl Store for ScyllaStore {
             )),
         ));
         self.write_batched("write message", rows).await
+    }
+
+    async fn add_direct_channel(&self, user: &str, channel: &str) -> StoreResult<()> {
+        self.session
+            .execute_unpaged(&self.prepared.insert_user_channel, (user, channel))
+            .await
+            .map_err(unavailable("add direct channel"))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for ScyllaStore {
+    async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
+        let NewMessage { mut message, key, recipients, position, link_channel } = new;
+        match self.reserve_send(&message.sender, &key, message.id, &message.channel).await? {
+            Reservation::New => {}
+            Reservation::Existing { id, channel } => {
+                if let Some(stored) = self.message(&channel, id).await? {
+                    return Ok(Stored { message: stored, position: 0, duplicate: true });
+                }
+                message.id = id;
+                message.created_at_ms = ids::timestamp_ms(id);
+            }
+        }
+        if link_channel {
+            for user in &recipients {
+                self.add_direct_channel(user, &message.channel).await?;
+            }
+        }
+        self.write_message(&message, &recipients, position).await?;
+        Ok(Stored { message, position, duplicate: false })
     }
 
     async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
@@ -669,13 +706,6 @@ impl Store for ScyllaStore {
         Ok(channels)
     }
 
-    async fn add_direct_channel(&self, user: &str, channel: &str) -> StoreResult<()> {
-        self.session
-            .execute_unpaged(&self.prepared.insert_user_channel, (user, channel))
-            .await
-            .map_err(unavailable("add direct channel"))?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]

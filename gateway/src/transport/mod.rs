@@ -239,6 +239,7 @@ fn upgrade(mut request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
             expires_at,
             limits: gateway.limits.clone(),
             shutdown: gateway.shutdown.clone(),
+            tasks: gateway.tasks.clone(),
         }
         .run()
         .await;

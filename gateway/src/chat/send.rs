@@ -1,0 +1,175 @@
+//! The send path: store, ack, then fan out.
+//!
+//! 1. The members are known (direct channel: from its id; group: the
+//!    [`MemberCache`](super::members::MemberCache)), the sender among them.
+//! 2. One durable write stores history, every member's inbox entry and the
+//!    idempotency key (a retry with the same key is stored once).
+//! 3. The sender gets its ack right away: nothing else is on the ack's path.
+//! 4. The [`FanOut`] runs afterwards, in the sender's order (the connection
+//!    runs its fan-outs one at a time): queue the frame on this gateway's
+//!    connections, forward it to the gateways holding other devices, queue
+//!    push jobs for members with no device anywhere (one round trip), then
+//!    wait for any receiver whose outbox is backlogged. That wait is the
+//!    backpressure: a sender's connection stops reading while its fan-outs
+//!    are behind, so a busy group slows its senders instead of dropping
+//!    readers. A receiver that does not drain by the deadline is closed
+//!    (4008) and syncs when it reconnects.
+//!
+//! If storage fails nothing is acknowledged; a lost forward or push job
+//! costs latency (the inbox is the source of truth), never a message.
+
+use std::time::Instant;
+
+use super::hub::{Delivered, Kick};
+use super::members::Members;
+use super::push::PushJob;
+use super::{ChatService, Session, storage_error};
+use crate::ids;
+use crate::protocol::{ErrorCode, ProtocolError, Recipient, ServerFrame, WireMessage, direct_channel, encode_shared};
+use crate::store::{Message, NewMessage, StoreError};
+
+/// What is left to do for a stored and acknowledged message.
+pub struct FanOut {
+    message: Message,
+    position: u64,
+    members: Members,
+    /// When the send arrived, for the delivery latency metric.
+    received: Instant,
+}
+
+impl ChatService {
+    /// Stores a message and returns its ack, and the fan-out still owed
+    /// unless the key had been stored before.
+    pub(super) async fn send(
+        &self,
+        session: &Session,
+        req: Option<String>,
+        to: Recipient,
+        text: String,
+        key: String,
+    ) -> Result<(ServerFrame, Option<FanOut>), ProtocolError> {
+        let received = Instant::now();
+        let channel = match to {
+            Recipient::User(peer) if peer == session.user => {
+                return Err(ProtocolError::new(ErrorCode::InvalidArgument, "cannot send a direct message to yourself"));
+            }
+            Recipient::User(peer) => direct_channel(&session.user, &peer),
+            Recipient::Group(group) => group,
+        };
+        let members = self.channel_members(&session.user, &channel).await?;
+
+        let stored = tokio::time::timeout(
+            self.config.write_deadline,
+            self.store_message(session, &channel, &members, key, text),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!("write took longer than {:?}", self.config.write_deadline)))
+        });
+        let (message, position, duplicate) = match stored {
+            Ok(stored) => stored,
+            Err(e) => {
+                self.metrics.acks.with_label_values(&[ErrorCode::StorageUnavailable.as_str()]).inc();
+                return Err(storage_error(e));
+            }
+        };
+        self.metrics.acks.with_label_values(&[if duplicate { "duplicate" } else { "ok" }]).inc();
+        let ack = ServerFrame::Ack {
+            req,
+            id: message.id,
+            channel,
+            created_at_ms: message.created_at_ms,
+            duplicate,
+        };
+        if duplicate {
+            return Ok((ack, None));
+        }
+        self.metrics.messages_stored.inc();
+        Ok((ack, Some(FanOut { message, position, members, received })))
+    }
+
+    /// Stores the message (history, inboxes, idempotency key in one write).
+    /// Returns the message, its inbox position and whether the key had
+    /// already been stored.
+    async fn store_message(
+        &self,
+        session: &Session,
+        channel: &str,
+        members: &[String],
+        key: String,
+        text: String,
+    ) -> Result<(Message, u64, bool), StoreError> {
+        let started = Instant::now();
+        let id = self.ids.next_id();
+        let link_channel = crate::protocol::direct_members(channel).is_some() && !self.known_direct.contains(channel);
+        let message = Message {
+            id,
+            channel: channel.to_string(),
+            sender: session.user.clone(),
+            sender_device: session.device.clone(),
+            text,
+            // The id's own time: a retried send keeps its original timestamp.
+            created_at_ms: ids::timestamp_ms(id),
+        };
+        let new = NewMessage { message, key, recipients: members.to_vec(), position: self.ids.next_id(), link_channel };
+        let stored = self.store.store_message(new).await?;
+        // Only once written: a failed write must be retried next time.
+        if link_channel {
+            self.known_direct.insert(channel);
+        }
+        self.metrics.store_seconds.observe(started.elapsed().as_secs_f64());
+        Ok((stored.message, stored.position, stored.duplicate))
+    }
+
+    /// Delivers a stored message live and queues its push jobs (see the
+    /// module docs); returns once no receiver here is backlogged by it.
+    pub async fn fan_out(&self, session: &Session, job: FanOut) {
+        let FanOut { message, position, members, received } = job;
+        let frame = encode_shared(&ServerFrame::Message { position, message: WireMessage::from(&message) });
+
+        let mut local = Delivered::default();
+        for member in members.iter() {
+            self.hub.deliver_into(member, &frame, Some(session.connection), &mut local);
+        }
+        self.metrics.slow_consumers.inc_by(local.overflowed as u64);
+        if local.queued > 0 {
+            self.metrics.delivery_seconds.observe(received.elapsed().as_secs_f64());
+        }
+
+        match self.broker.route(&members, &frame).await {
+            Ok(offline) => {
+                let jobs: Vec<PushJob> = members
+                    .iter()
+                    .filter(|m| **m != session.user && offline.contains(*m))
+                    .map(|m| PushJob::new(m, &message, self.config.push_summary_chars))
+                    .collect();
+                if !jobs.is_empty() {
+                    match self.push.enqueue(&jobs).await {
+                        Ok(()) => self.metrics.push_jobs.inc_by(jobs.len() as u64),
+                        // The message is stored and will sync; only the notifications are lost.
+                        Err(e) => tracing::warn!(jobs = jobs.len(), error = %e, "could not enqueue push jobs"),
+                    }
+                }
+            }
+            Err(e) => {
+                // Stored and acked: remote devices catch up on resync or reconnect.
+                self.metrics.forward_failures.inc();
+                tracing::warn!(error = %e, "live forwarding to other gateways failed");
+            }
+        }
+
+        if !local.backlogged.is_empty() {
+            let deadline = tokio::time::Instant::now() + self.config.stall_timeout;
+            let waits = local.backlogged.iter().map(|outbox| async move {
+                let drained = outbox.drained(deadline).await;
+                if !drained {
+                    outbox.kick(Kick::SlowConsumer);
+                }
+                u64::from(!drained)
+            });
+            let stalled: u64 = futures::future::join_all(waits).await.into_iter().sum();
+            self.metrics.slow_consumers.inc_by(stalled);
+            self.metrics.backpressure_waits.inc();
+        }
+    }
+}
