@@ -91,10 +91,7 @@ async fn a_group_message_stores_its_text_once() {
     }
     let per_message = (size() - before) / count;
     // Copies in every inbox would be 100 × 2 KB = 200 KB per message.
-    assert!(
-        per_message < 2 * 2000 + 100 * 200,
-        "{per_message} bytes stored per 2 KB message to 100 members"
-    );
+    assert!(per_message < 2 * 2000 + 100 * 200, "{per_message} bytes stored per 2 KB message to 100 members");
     assert_eq!(store.inbox_after("member-042", 999_999, 1000).await.expect("inbox").len(), 200);
 }
 
@@ -150,12 +147,10 @@ async fn an_older_inbox_is_converted_on_open() {
         let txn = db.begin_write().expect("write");
         {
             let json = serde_json::to_vec(&m).expect("json");
-            let mut messages = txn
-                .open_table(redb::TableDefinition::<(&str, u64), &[u8]>::new("messages"))
-                .expect("messages");
+            let mut messages =
+                txn.open_table(redb::TableDefinition::<(&str, u64), &[u8]>::new("messages")).expect("messages");
             messages.insert(("g:1", 700), json.as_slice()).expect("insert");
-            let mut inbox =
-                txn.open_table(redb::TableDefinition::<(&str, u64), &[u8]>::new("inbox")).expect("inbox");
+            let mut inbox = txn.open_table(redb::TableDefinition::<(&str, u64), &[u8]>::new("inbox")).expect("inbox");
             inbox.insert(("bob", 701), json.as_slice()).expect("insert");
             inbox.insert(("carol", 702), json.as_slice()).expect("insert");
         }

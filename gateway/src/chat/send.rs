@@ -74,13 +74,7 @@ impl ChatService {
             }
         };
         self.metrics.acks.with_label_values(&[if duplicate { "duplicate" } else { "ok" }]).inc();
-        let ack = ServerFrame::Ack {
-            req,
-            id: message.id,
-            channel,
-            created_at_ms: message.created_at_ms,
-            duplicate,
-        };
+        let ack = ServerFrame::Ack { req, id: message.id, channel, created_at_ms: message.created_at_ms, duplicate };
         if duplicate {
             return Ok((ack, None));
         }
