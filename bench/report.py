@@ -170,6 +170,19 @@ def rows(results, stored):
     return out
 
 
+def usages(results):
+    """Every /proc sample pair of the run: steps, idle holds, connect runs."""
+    for server in results.values():
+        for result in server.values():
+            for step in result.get("steps", []):
+                if step.get("server"):
+                    yield step["server"]
+            server_usage = result.get("server") or {}
+            for usage in (server_usage.get("hold"), server_usage if "other_cores" in server_usage else None):
+                if usage:
+                    yield usage
+
+
 def main():
     work, out = Path(sys.argv[1]), Path(sys.argv[2])
     results = load(work)
@@ -190,6 +203,9 @@ def main():
                      "centrifugo": os.environ.get("BENCH_CENTRIFUGO_VERSION", "")},
     }
     table = rows(results, stored)
+    samples = list(usages(results))
+    meta["max_other_cores"] = round(max((u["other_cores"] for u in samples), default=0), 2)
+    meta["max_client_cores"] = round(max((u["client_cores"] for u in samples), default=0), 2)
     report = dict(meta, table=[dict(zip(("workload", "kubechat", "centrifugo", "ratio"), r)) for r in table],
                   stored_bytes=stored, results=results)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,6 +219,9 @@ def main():
         f"Linux {m['kernel']}; {meta['pinning']}.",
         f"Versions: kubechat {meta['versions']['kubechat']}, {meta['versions']['rustc']}; "
         f"{meta['versions']['centrifugo']}.",
+        f"During the measured intervals the load client used at most {meta['max_client_cores']} core and other "
+        f"processes on the machine at most {meta['max_other_cores']} core"
+        + (" (a busy machine: treat the numbers with care)." if meta["max_other_cores"] > 0.2 else "."),
         "",
         "| workload | kubechat | Centrifugo | ratio kubechat ÷ Centrifugo |",
         "|---|---|---|---|",

@@ -97,6 +97,7 @@ pub async fn run(ctx: &Context, args: &IdleArgs) -> anyhow::Result<Value> {
             "hold_cpu_seconds": cpu,
             "hold_wall_seconds": wall,
             "cpu_us_per_connection_per_s": cpu * 1e6 / opened.max(1) as f64 / wall.max(1e-9),
+            "hold": procfs::to_json(&settled, &held),
         });
         eprintln!(
             "idle: server RSS {} → {} KiB: {:.2} KiB per connection; CPU {:.3} µs per connection per second",
