@@ -1,7 +1,12 @@
 //! [`ScyllaStore`] against a real CQL node (Cassandra 5 locally, started by
 //! `e2e/local/cassandra.sh start`; address in `KUBECHAT_CQL_NODE`, default
-//! `127.0.0.1:19042`). Every test works in its own random keyspace (RF 1)
-//! and drops it at the end, so runs never see each other's data.
+//! `127.0.0.1:19042`): the shared store contract (`store_suite`), then what
+//! only this store has (month buckets, batch limits, rows of earlier
+//! versions, inbox references whose message is missing). Every test works in
+//! its own random keyspace (RF 1) and drops it at the end, so runs never see
+//! each other's data.
+
+mod store_suite;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -9,10 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kubechat_gateway::ids::{self, IdGenerator};
-use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
-use kubechat_gateway::store::{BUCKET_MS, Delivery, Group, Message, Page, Reservation, Store, StoreError, bucket_of};
+use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore, to_cql};
+use kubechat_gateway::store::{BUCKET_MS, Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, bucket_of};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
+use scylla::serialize::row::SerializeRow;
+use store_suite::{message, send};
 
 fn cql_node() -> String {
     std::env::var("KUBECHAT_CQL_NODE").unwrap_or_else(|_| "127.0.0.1:19042".to_owned())
@@ -67,19 +75,55 @@ async fn connect(node: &str, keyspace: &str) -> ScyllaStore {
     ScyllaStore::connect(config(node, keyspace)).await.expect("connect to CQL")
 }
 
-fn message(id: u64, channel: &str, sender: &str, text: &str) -> Message {
-    Message {
-        id,
-        channel: channel.to_owned(),
-        sender: sender.to_owned(),
-        sender_device: format!("{sender}-phone"),
-        text: text.to_owned(),
-        created_at_ms: ids::timestamp_ms(id),
-    }
+/// Raw CQL, bypassing the store (to plant or inspect rows).
+async fn cql(admin: &Session, text: String, values: impl SerializeRow) {
+    admin.query_unpaged(text.clone(), values).await.unwrap_or_else(|e| panic!("{text}: {e}"));
 }
 
-fn delivery(user: &str, position: u64) -> Delivery {
-    Delivery { user: user.to_owned(), position }
+async fn cql_rows<R>(admin: &Session, text: String, values: impl SerializeRow) -> Vec<R>
+where
+    R: for<'f> DeserializeRow<'f, 'f>,
+{
+    let result = admin.query_unpaged(text.clone(), values).await.unwrap_or_else(|e| panic!("{text}: {e}"));
+    let rows = result.into_rows_result().expect("a query that returns rows");
+    rows.rows::<R>().expect("row type").map(|row| row.expect("decode row")).collect()
+}
+
+/// An inbox row as this version writes it: a reference to `(channel, id)`.
+async fn plant_reference(admin: &Session, ks: &str, user: &str, position: u64, channel: &str, id: u64) {
+    let text =
+        format!("INSERT INTO {ks}.inbox (user_id, bucket, position, channel_id, message_id) VALUES (?, ?, ?, ?, ?)");
+    cql(admin, text, (user, bucket_of(position), to_cql(position), channel, to_cql(id))).await;
+}
+
+/// An inbox row as earlier versions wrote it: a copy of the message.
+async fn plant_legacy(admin: &Session, ks: &str, user: &str, position: u64, m: &Message) {
+    let text = format!(
+        "INSERT INTO {ks}.inbox (user_id, bucket, position, channel_id, message_id, sender, sender_device, body, \
+         created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    );
+    let values = (
+        user,
+        bucket_of(position),
+        to_cql(position),
+        &m.channel,
+        to_cql(m.id),
+        &m.sender,
+        &m.sender_device,
+        &m.text,
+        m.created_at_ms,
+    );
+    cql(admin, text, values).await;
+}
+
+/// A history row, as the store writes it.
+async fn plant_history(admin: &Session, ks: &str, m: &Message) {
+    let text = format!(
+        "INSERT INTO {ks}.messages (channel_id, bucket, id, sender, sender_device, body, created_at_ms) \
+         VALUES (?, ?, ?, ?, ?, ?, ?)"
+    );
+    let values = (&m.channel, bucket_of(m.id), to_cql(m.id), &m.sender, &m.sender_device, &m.text, m.created_at_ms);
+    cql(admin, text, values).await;
 }
 
 /// `n` increasing ids spread evenly over the last `months` buckets, so
@@ -91,63 +135,72 @@ fn ids_over_months(n: usize, months: i64) -> Vec<u64> {
     (0..n).map(|i| ids::first_id_at(start + step * i64::try_from(i).expect("small n")) | 7).collect()
 }
 
-#[tokio::test]
-async fn direct_message_round_trip() {
+/// A position (or id) minted `ago_ms` before now, as gateway `worker` would.
+fn minted_ago(ago_ms: i64, worker: u64) -> u64 {
+    ids::first_id_at(ids::now_ms() - ago_ms) | (worker << ids::SEQUENCE_BITS)
+}
+
+// The shared contract, each case in a fresh keyspace.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_one_to_one_round_trip() {
     with_keyspace(|node, ks| async move {
-        let store = connect(&node, &ks).await;
-        let idgen = IdGenerator::new(1, 0);
-        let channel = "d:alice:bob";
-        let msg = message(idgen.next_id(), channel, "alice", "hello bob ✓ 'quoted'");
-        let (pa, pb) = (idgen.next_id(), idgen.next_id());
-        store.write_message(&msg, &[delivery("alice", pa), delivery("bob", pb)]).await.unwrap();
-        store.add_direct_channel("alice", channel).await.unwrap();
-        store.add_direct_channel("bob", channel).await.unwrap();
-
-        assert_eq!(store.history(channel, Page::Latest, 50).await.unwrap(), vec![msg.clone()]);
-        let alice = store.inbox_after("alice", 0, 10).await.unwrap();
-        let bob = store.inbox_after("bob", 0, 10).await.unwrap();
-        assert_eq!(alice.len(), 1);
-        assert_eq!((alice[0].position, &alice[0].message), (pa, &msg));
-        assert_eq!(bob.len(), 1);
-        assert_eq!((bob[0].position, &bob[0].message), (pb, &msg));
-        assert!(store.inbox_after("bob", pb, 10).await.unwrap().is_empty());
-        assert!(store.inbox_after("carol", 0, 10).await.unwrap().is_empty());
-
-        assert_eq!(store.message(channel, msg.id).await.unwrap(), Some(msg.clone()));
-        assert_eq!(store.message(channel, msg.id + 1).await.unwrap(), None);
-        assert_eq!(store.message("d:alice:carol", msg.id).await.unwrap(), None);
-        assert_eq!(store.channels_of("alice").await.unwrap(), vec![channel.to_owned()]);
-        assert_eq!(store.channels_of("bob").await.unwrap(), vec![channel.to_owned()]);
-        assert!(store.history("d:nobody", Page::Latest, 50).await.unwrap().is_empty());
+        store_suite::one_to_one_round_trip(&connect(&node, &ks).await).await;
     })
     .await;
 }
 
-#[tokio::test]
-async fn reservation_is_idempotent_and_rewrites_keep_one_row() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_a_retried_key_is_stored_once() {
     with_keyspace(|node, ks| async move {
-        let store = connect(&node, &ks).await;
-        let idgen = IdGenerator::new(2, 0);
-        let (first, second) = (idgen.next_id(), idgen.next_id());
-        assert_eq!(store.reserve_send("alice", "k1", first, "d:alice:bob").await.unwrap(), Reservation::New);
-        assert_eq!(
-            store.reserve_send("alice", "k1", second, "d:alice:carol").await.unwrap(),
-            Reservation::Existing { id: first, channel: "d:alice:bob".to_owned() }
-        );
-        assert_eq!(store.reserve_send("alice", "k2", second, "d:alice:bob").await.unwrap(), Reservation::New);
-        assert_eq!(store.reserve_send("bob", "k1", second, "d:alice:bob").await.unwrap(), Reservation::New);
-
-        let msg = message(first, "d:alice:bob", "alice", "once");
-        let deliveries = [delivery("alice", idgen.next_id()), delivery("bob", idgen.next_id())];
-        store.write_message(&msg, &deliveries).await.unwrap();
-        store.write_message(&msg, &deliveries).await.unwrap();
-        assert_eq!(store.history("d:alice:bob", Page::Latest, 50).await.unwrap(), vec![msg.clone()]);
-        assert_eq!(store.inbox_after("bob", 0, 50).await.unwrap().len(), 1);
+        store_suite::a_retried_key_is_stored_once(&connect(&node, &ks).await).await;
     })
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn suite_racing_retries_store_one_message() {
+    with_keyspace(|node, ks| async move {
+        store_suite::racing_retries_store_one_message(Arc::new(connect(&node, &ks).await)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_inbox_pages_cover_every_entry_once_in_order() {
+    with_keyspace(|node, ks| async move {
+        store_suite::inbox_pages_cover_every_entry_once_in_order(&connect(&node, &ks).await).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_history_pages_both_ways() {
+    with_keyspace(|node, ks| async move {
+        store_suite::history_pages_both_ways(&connect(&node, &ks).await).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_groups_members_and_channels() {
+    with_keyspace(|node, ks| async move {
+        store_suite::groups_members_and_channels(&connect(&node, &ks).await).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn suite_concurrent_senders_all_land() {
+    with_keyspace(|node, ks| async move {
+        store_suite::concurrent_senders_all_land(Arc::new(connect(&node, &ks).await), 50, 40).await;
+    })
+    .await;
+}
+
+// What only the CQL store has.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_pages_over_250_entries_across_buckets() {
     with_keyspace(|node, ks| async move {
         let store = connect(&node, &ks).await;
@@ -156,163 +209,340 @@ async fn inbox_pages_over_250_entries_across_buckets() {
         assert!(buckets.len() >= 3, "positions should span several buckets: {buckets:?}");
         for (i, position) in positions.iter().enumerate() {
             // The message id is the position here; any id would do.
-            let msg = message(*position, "g:club", "carol", &format!("m{i}"));
-            store.write_message(&msg, &[delivery("dave", *position), delivery("erin", *position)]).await.unwrap();
+            let m = message(*position, "g:club", "carol", &format!("m{i}"));
+            store.store_message(send(&m, &format!("k{i}"), &["dave", "erin"], *position)).await.expect("store");
         }
 
         let mut seen = Vec::new();
         let mut cursor = 0;
         let mut pages = Vec::new();
-        loop {
-            let page = store.inbox_after("dave", cursor, 100).await.unwrap();
-            if page.is_empty() {
-                break;
-            }
+        for _ in 0..10 {
+            let page = store.inbox_after("dave", cursor, 100).await.expect("page");
             pages.push(page.len());
-            cursor = page.last().map(|e| e.position).unwrap();
+            let Some(last) = page.last() else { break };
+            cursor = last.position;
             seen.extend(page.into_iter().map(|e| (e.position, e.message.text)));
         }
-        assert_eq!(pages, vec![100, 100, 50]);
+        assert_eq!(pages, vec![100, 100, 50, 0]);
         let expected: Vec<(u64, String)> = positions.iter().enumerate().map(|(i, p)| (*p, format!("m{i}"))).collect();
         assert_eq!(seen, expected, "every entry exactly once, oldest first");
         // A cursor in the middle of an older bucket.
-        let mid = store.inbox_after("erin", positions[120], 5).await.unwrap();
+        let mid = store.inbox_after("erin", positions[120], 5).await.expect("middle");
         assert_eq!(mid.iter().map(|e| e.position).collect::<Vec<_>>(), positions[121..126].to_vec());
     })
     .await;
 }
 
-#[tokio::test]
-async fn history_pages_latest_before_after() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_across_buckets() {
     with_keyspace(|node, ks| async move {
         let store = connect(&node, &ks).await;
         let channel = "g:history";
         let ids = ids_over_months(120, 2);
         for (i, id) in ids.iter().enumerate() {
-            store.write_message(&message(*id, channel, "frank", &format!("h{i}")), &[]).await.unwrap();
+            let m = message(*id, channel, "frank", &format!("h{i}"));
+            store.store_message(send(&m, &format!("k{i}"), &[], *id)).await.expect("store");
         }
         let newest_first: Vec<u64> = ids.iter().rev().copied().collect();
 
-        let latest = store.history(channel, Page::Latest, 50).await.unwrap();
-        assert_eq!(latest.iter().map(|m| m.id).collect::<Vec<_>>(), newest_first[..50].to_vec());
+        let latest = store.history(channel, Page::Latest, 50).await.expect("latest");
+        assert_eq!(store_suite::ids_of(&latest), newest_first[..50].to_vec());
         assert_eq!(latest[0].text, "h119");
 
-        // Walk backwards from Latest with Before.
-        let mut back: Vec<u64> = latest.iter().map(|m| m.id).collect();
-        loop {
-            let last = *back.last().unwrap();
-            let page = store.history(channel, Page::Before(last), 50).await.unwrap();
+        let mut back = store_suite::ids_of(&latest);
+        for _ in 0..10 {
+            let last = *back.last().expect("non-empty");
+            let page = store.history(channel, Page::Before(last), 50).await.expect("before");
             if page.is_empty() {
                 break;
             }
-            back.extend(page.iter().map(|m| m.id));
+            back.extend(store_suite::ids_of(&page));
         }
         assert_eq!(back, newest_first);
 
-        // Walk forwards from the start with After.
         let mut forward = Vec::new();
         let mut cursor = 0;
-        loop {
-            let page = store.history(channel, Page::After(cursor), 50).await.unwrap();
-            if page.is_empty() {
-                break;
-            }
-            cursor = page.last().unwrap().id;
-            forward.extend(page.iter().map(|m| m.id));
+        for _ in 0..10 {
+            let page = store.history(channel, Page::After(cursor), 50).await.expect("after");
+            let Some(last) = page.last() else { break };
+            cursor = last.id;
+            forward.extend(store_suite::ids_of(&page));
         }
         assert_eq!(forward, ids);
-
-        let before = store.history(channel, Page::Before(ids[60]), 3).await.unwrap();
-        assert_eq!(before.iter().map(|m| m.id).collect::<Vec<_>>(), vec![ids[59], ids[58], ids[57]]);
-        let after = store.history(channel, Page::After(ids[60]), 3).await.unwrap();
-        assert_eq!(after.iter().map(|m| m.id).collect::<Vec<_>>(), vec![ids[61], ids[62], ids[63]]);
-        assert!(store.history(channel, Page::After(ids[119]), 10).await.unwrap().is_empty());
-        assert!(store.history(channel, Page::Before(ids[0]), 10).await.unwrap().is_empty());
-        assert!(store.history(channel, Page::Latest, 0).await.unwrap().is_empty());
+        assert!(store.history(channel, Page::Latest, 0).await.expect("limit 0").is_empty());
     })
     .await;
 }
 
-#[tokio::test]
-async fn group_membership() {
-    with_keyspace(|node, ks| async move {
-        let store = connect(&node, &ks).await;
-        let group = Group {
-            id: "g:hundred".to_owned(),
-            name: "A hundred".to_owned(),
-            owner: "u000".to_owned(),
-            created_at_ms: ids::now_ms(),
-        };
-        // Unsorted input: results must come back sorted anyway.
-        let mut members: Vec<String> = (0..100).rev().map(|i| format!("u{i:03}")).collect();
-        store.create_group(&group, &members).await.unwrap();
-        members.sort();
-
-        assert_eq!(store.group("g:hundred").await.unwrap(), Some(group.clone()));
-        assert_eq!(store.group("g:none").await.unwrap(), None);
-        assert_eq!(store.members("g:hundred").await.unwrap(), members);
-        assert_eq!(store.channels_of("u042").await.unwrap(), vec!["g:hundred".to_owned()]);
-
-        store.add_direct_channel("u042", "d:u042:zed").await.unwrap();
-        store.add_member("g:hundred", "zed").await.unwrap();
-        store.add_member("g:hundred", "zed").await.unwrap();
-        assert_eq!(store.channels_of("u042").await.unwrap(), vec!["d:u042:zed".to_owned(), "g:hundred".to_owned()]);
-        assert_eq!(store.channels_of("zed").await.unwrap(), vec!["g:hundred".to_owned()]);
-        assert_eq!(store.members("g:hundred").await.unwrap().len(), 101);
-
-        store.remove_member("g:hundred", "u042").await.unwrap();
-        let now: Vec<String> = store.members("g:hundred").await.unwrap();
-        assert_eq!(now.len(), 100);
-        assert!(!now.contains(&"u042".to_owned()) && now.contains(&"zed".to_owned()));
-        assert_eq!(store.channels_of("u042").await.unwrap(), vec!["d:u042:zed".to_owned()]);
-        // Removing someone who is not a member is a no-op.
-        store.remove_member("g:hundred", "nobody").await.unwrap();
-        assert!(store.members("g:none").await.unwrap().is_empty());
-    })
-    .await;
-}
-
-/// 500 recipients of a 1 KiB message is ~0.5 MiB of inbox rows: far above
-/// Cassandra's 50 KiB batch limit, so the store must split the batches.
-#[tokio::test]
+/// 500 members: creating the group writes 1,000 membership rows, ~100 KB,
+/// twice Cassandra's 50 KiB batch limit, so its logged batches must be
+/// split; a 1 KiB message then reaches every one of the 500 inboxes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_group_message_is_written_to_every_inbox() {
     with_keyspace(|node, ks| async move {
         let store = connect(&node, &ks).await;
         let idgen = IdGenerator::new(3, 0);
-        let members: Vec<String> = (0..500).map(|i| format!("member{i:03}")).collect();
-        let group =
-            Group { id: "g:big".to_owned(), name: "big".to_owned(), owner: "member000".to_owned(), created_at_ms: 1 };
-        store.create_group(&group, &members).await.unwrap();
-        assert_eq!(store.members("g:big").await.unwrap(), members);
+        let members: Vec<String> = (0..500).map(|i| format!("member-with-a-longer-name-{i:03}")).collect();
+        let group = Group { id: "g:big".into(), name: "big".into(), owner: members[0].clone(), created_at_ms: 1 };
+        store.create_group(&group, &members).await.expect("create a 500-member group");
+        assert_eq!(store.members("g:big").await.expect("members"), members);
+        assert_eq!(store.channels_of(&members[499]).await.expect("channels"), vec!["g:big"]);
 
-        let msg = message(idgen.next_id(), "g:big", "member000", &"x".repeat(1024));
-        let deliveries: Vec<Delivery> = members.iter().map(|m| delivery(m, idgen.next_id())).collect();
-        store.write_message(&msg, &deliveries).await.unwrap();
-        for d in &deliveries {
-            let inbox = store.inbox_after(&d.user, 0, 10).await.unwrap();
-            assert_eq!(inbox.len(), 1, "inbox of {}", d.user);
-            assert_eq!((inbox[0].position, &inbox[0].message), (d.position, &msg));
+        let m = message(idgen.next_id(), "g:big", &members[0], &"x".repeat(1024));
+        let recipients: Vec<&str> = members.iter().map(String::as_str).collect();
+        let position = idgen.next_id();
+        let stored = store.store_message(send(&m, "k", &recipients, position)).await.expect("store");
+        assert!(!stored.duplicate);
+        for member in &members {
+            let inbox = store.inbox_after(member, 0, 10).await.expect("inbox");
+            assert_eq!(inbox, vec![InboxEntry { position, message: m.clone() }], "inbox of {member}");
         }
-        assert_eq!(store.history("g:big", Page::Latest, 10).await.unwrap(), vec![msg]);
+        assert_eq!(store.history("g:big", Page::Latest, 10).await.expect("history"), vec![m]);
     })
     .await;
 }
 
-#[tokio::test]
+/// The point of inbox references: a send to 100 members writes its text
+/// once (in history); each inbox row holds only where to find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_recipient_send_stores_its_text_once() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let admin = admin_session(&node).await;
+        let idgen = IdGenerator::new(8, 0);
+        let members: Vec<String> = (0..100).map(|i| format!("member-{i:03}")).collect();
+        let recipients: Vec<&str> = members.iter().map(String::as_str).collect();
+        let m = message(idgen.next_id(), "g:hundred", "member-000", &"y".repeat(2000));
+        let position = idgen.next_id();
+        store.store_message(send(&m, "k", &recipients, position)).await.expect("store");
+
+        // The reference, then the columns of the copy that earlier versions wrote.
+        type InboxRow = (String, i64, String, i64, Option<String>, Option<String>, Option<String>, Option<i64>);
+        let columns = "user_id, position, channel_id, message_id, sender, sender_device, body, created_at_ms";
+        let inbox: Vec<InboxRow> = cql_rows(&admin, format!("SELECT {columns} FROM {ks}.inbox"), ()).await;
+        assert_eq!(inbox.len(), 100, "one inbox row per recipient");
+        let users: HashSet<&str> = inbox.iter().map(|row| row.0.as_str()).collect();
+        assert_eq!(users, recipients.iter().copied().collect::<HashSet<_>>());
+        for (user, at, channel, id, sender, device, body, created) in &inbox {
+            assert_eq!((*at, channel.as_str(), *id), (to_cql(position), "g:hundred", to_cql(m.id)), "row of {user}");
+            let copied = (sender.is_some(), device.is_some(), body.is_some(), created.is_some());
+            assert_eq!(copied, (false, false, false, false), "row of {user} copies the message");
+        }
+        let history: Vec<(String,)> = cql_rows(&admin, format!("SELECT body FROM {ks}.messages"), ()).await;
+        assert_eq!(history, vec![(m.text.clone(),)], "the text is stored once, in history");
+
+        assert_eq!(
+            store.inbox_after("member-042", 0, 10).await.expect("inbox"),
+            vec![InboxEntry { position, message: m }]
+        );
+    })
+    .await;
+}
+
+/// Rows written before inbox entries became references carry the message
+/// (`body`, `sender`, ...): they are read as they are, in order with new
+/// ones, even where no history row backs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_inbox_rows_with_a_copy_are_read_as_they_are() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let admin = admin_session(&node).await;
+        let legacy = |id: u64, text: &str| message(id, "dm:alice:bob", "alice", text);
+        // An hour old, with no history row: a reference to nowhere would be skipped.
+        let (old_id, old_at) = (minted_ago(3_600_000, 1), minted_ago(3_600_000, 2));
+        let old = legacy(old_id, "from an earlier version ✓ 'quoted'");
+        plant_legacy(&admin, &ks, "bob", old_at, &old).await;
+        // Then a send of this version, then a fresh legacy row (a gateway of
+        // the earlier version still running during a rolling upgrade).
+        let idgen = IdGenerator::new(3, 0);
+        let new = legacy(idgen.next_id(), "from this version");
+        let new_at = idgen.next_id();
+        store.store_message(send(&new, "k", &["alice", "bob"], new_at)).await.expect("store");
+        let (late_id, late_at) = (idgen.next_id(), idgen.next_id());
+        let late = legacy(late_id, "from an old gateway, just now");
+        plant_legacy(&admin, &ks, "bob", late_at, &late).await;
+
+        let expected = vec![
+            InboxEntry { position: old_at, message: old },
+            InboxEntry { position: new_at, message: new },
+            InboxEntry { position: late_at, message: late },
+        ];
+        assert_eq!(store.inbox_after("bob", 0, 10).await.expect("inbox"), expected);
+        assert_eq!(store.inbox_after("bob", old_at, 1).await.expect("after the old row"), expected[1..2].to_vec());
+    })
+    .await;
+}
+
+/// A reference whose history row is missing, recent: a send still being
+/// written (history comes last). The page ends just before it, however
+/// much is stored after it; once the history row lands it reads normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recent_reference_without_its_message_ends_the_page() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let admin = admin_session(&node).await;
+        let idgen = IdGenerator::new(4, 0);
+        let channel = "g:flight";
+        let before = message(idgen.next_id(), channel, "alice", "before");
+        let before_at = idgen.next_id();
+        store.store_message(send(&before, "k1", &["bob"], before_at)).await.expect("store before");
+
+        // In flight: inbox row written, history row not yet.
+        let flying = message(idgen.next_id(), channel, "carol", "in flight");
+        let flying_at = idgen.next_id();
+        plant_reference(&admin, &ks, "bob", flying_at, channel, flying.id).await;
+
+        let after = message(idgen.next_id(), channel, "dave", "after");
+        let after_at = idgen.next_id();
+        store.store_message(send(&after, "k2", &["bob"], after_at)).await.expect("store after");
+
+        let only_before = vec![InboxEntry { position: before_at, message: before.clone() }];
+        assert_eq!(store.inbox_after("bob", 0, 10).await.expect("inbox"), only_before);
+        assert_eq!(store.inbox_after("bob", 0, 1).await.expect("limit 1"), only_before);
+        assert_eq!(store.inbox_after("bob", before_at, 10).await.expect("from before"), vec![]);
+        // Past it, the rest reads as usual.
+        let past = store.inbox_after("bob", flying_at, 10).await.expect("past");
+        assert_eq!(past, vec![InboxEntry { position: after_at, message: after.clone() }]);
+
+        // The write completes: everything reads, in order.
+        plant_history(&admin, &ks, &flying).await;
+        assert_eq!(
+            store.inbox_after("bob", 0, 10).await.expect("inbox once written"),
+            vec![
+                InboxEntry { position: before_at, message: before },
+                InboxEntry { position: flying_at, message: flying },
+                InboxEntry { position: after_at, message: after },
+            ]
+        );
+    })
+    .await;
+}
+
+/// A reference whose history row is missing and older than the pending
+/// window: that send failed (a retry writes fresh positions). It is skipped
+/// and the page still fills up with the entries after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_reference_without_its_message_is_skipped() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let admin = admin_session(&node).await;
+        let channel = "g:failed";
+        // A minute old: beyond the default 10 s window. Ids from another worker.
+        let (good_at, failed_at) = (minted_ago(61_000, 1), minted_ago(60_000, 1));
+        let good = message(minted_ago(61_000, 2), channel, "alice", "stored a minute ago");
+        store.store_message(send(&good, "k0", &["bob"], good_at)).await.expect("store");
+        plant_reference(&admin, &ks, "bob", failed_at, channel, minted_ago(60_000, 2)).await;
+        // More failed ones in a row, in an older bucket, so skipping has to read on across buckets.
+        let month_ago = |n: u64| ids::first_id_at(ids::now_ms() - BUCKET_MS - 60_000) + n;
+        for n in 0..5 {
+            plant_reference(&admin, &ks, "bob", month_ago(n), channel, month_ago(100 + n)).await;
+        }
+        let idgen = IdGenerator::new(5, 0);
+        let mut later = Vec::new();
+        for i in 0..3 {
+            let m = message(idgen.next_id(), channel, "carol", &format!("later {i}"));
+            let at = idgen.next_id();
+            store.store_message(send(&m, &format!("k{}", i + 1), &["bob"], at)).await.expect("store later");
+            later.push(InboxEntry { position: at, message: m });
+        }
+
+        let mut all = vec![InboxEntry { position: good_at, message: good }];
+        all.extend(later.iter().cloned());
+        assert_eq!(store.inbox_after("bob", 0, 10).await.expect("inbox"), all);
+        // The failed entries do not count against the limit.
+        assert_eq!(store.inbox_after("bob", 0, 2).await.expect("limit 2"), all[..2].to_vec());
+        assert_eq!(store.inbox_after("bob", 0, 1).await.expect("limit 1"), all[..1].to_vec());
+        assert_eq!(store.inbox_after("bob", good_at, 1).await.expect("after the good one"), all[1..2].to_vec());
+        assert_eq!(store.inbox_after("bob", month_ago(0), 10).await.expect("from the older bucket"), all);
+    })
+    .await;
+}
+
+/// The window is the store's setting: with none, even a recent dangling
+/// reference counts as failed and is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_window_is_configurable() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let no_wait = ScyllaStore::connect(ScyllaConfig { pending_window: Duration::ZERO, ..config(&node, &ks) })
+            .await
+            .expect("connect");
+        let admin = admin_session(&node).await;
+        let idgen = IdGenerator::new(6, 0);
+        let dangling_at = idgen.next_id();
+        plant_reference(&admin, &ks, "bob", dangling_at, "g:w", idgen.next_id()).await;
+        let m = message(idgen.next_id(), "g:w", "alice", "after it");
+        let at = idgen.next_id();
+        store.store_message(send(&m, "k", &["bob"], at)).await.expect("store");
+
+        assert_eq!(store.inbox_after("bob", 0, 10).await.expect("default window"), vec![]);
+        assert_eq!(
+            no_wait.inbox_after("bob", 0, 10).await.expect("no window"),
+            vec![InboxEntry { position: at, message: m }]
+        );
+    })
+    .await;
+}
+
+/// A first attempt that stopped after its reservation and part of its inbox
+/// rows (no history row): the retry finishes it under the reserved id, and
+/// the next retry is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_finishes_a_partial_send_under_its_id() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let admin = admin_session(&node).await;
+        let idgen = IdGenerator::new(7, 0);
+        let channel = "g:partial";
+        let (first_id, first_at) = (idgen.next_id(), idgen.next_id());
+        cql(
+            &admin,
+            format!("INSERT INTO {ks}.sends (sender, idem_key, message_id, channel_id) VALUES (?, ?, ?, ?)"),
+            ("alice", "k", to_cql(first_id), channel),
+        )
+        .await;
+        plant_reference(&admin, &ks, "bob", first_at, channel, first_id).await;
+
+        let retry = message(idgen.next_id(), channel, "alice", "again");
+        let retry_at = idgen.next_id();
+        let stored = store.store_message(send(&retry, "k", &["alice", "bob"], retry_at)).await.expect("retry");
+        assert!(!stored.duplicate, "nothing was stored completely before");
+        let expected = Message { id: first_id, created_at_ms: ids::timestamp_ms(first_id), ..retry.clone() };
+        assert_eq!((stored.message.clone(), stored.position), (expected.clone(), retry_at));
+        assert_eq!(store.history(channel, Page::Latest, 10).await.expect("history"), vec![expected.clone()]);
+        // The first attempt's entry resolves now too; clients drop the repeat by id.
+        assert_eq!(
+            store.inbox_after("bob", 0, 10).await.expect("bob"),
+            vec![
+                InboxEntry { position: first_at, message: expected.clone() },
+                InboxEntry { position: retry_at, message: expected.clone() },
+            ]
+        );
+        assert_eq!(
+            store.inbox_after("alice", 0, 10).await.expect("alice"),
+            vec![InboxEntry { position: retry_at, message: expected.clone() }]
+        );
+
+        let again = message(idgen.next_id(), channel, "alice", "again");
+        let third = store.store_message(send(&again, "k", &["alice", "bob"], idgen.next_id())).await.expect("third");
+        assert!(third.duplicate);
+        assert_eq!(third.message, expected);
+        assert_eq!(store.inbox_after("bob", 0, 10).await.expect("bob").len(), 2, "a duplicate writes nothing");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_have_no_default_ttl() {
     with_keyspace(|node, ks| async move {
         let _store = connect(&node, &ks).await;
         let admin = admin_session(&node).await;
-        let rows = admin
-            .query_unpaged(
-                "SELECT table_name, default_time_to_live FROM system_schema.tables WHERE keyspace_name = ?",
-                (ks.as_str(),),
-            )
-            .await
-            .unwrap()
-            .into_rows_result()
-            .unwrap();
-        let tables: Vec<(String, i32)> = rows.rows::<(String, i32)>().unwrap().map(Result::unwrap).collect();
+        let tables: Vec<(String, i32)> = cql_rows(
+            &admin,
+            "SELECT table_name, default_time_to_live FROM system_schema.tables WHERE keyspace_name = ?".to_owned(),
+            (ks.as_str(),),
+        )
+        .await;
         let mut names: Vec<&str> = tables.iter().map(|(name, _)| name.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["groups", "inbox", "members", "messages", "sends", "user_channels"]);
@@ -323,37 +553,44 @@ async fn tables_have_no_default_ttl() {
     .await;
 }
 
-#[tokio::test]
-async fn reconnecting_reuses_schema_and_sees_data() {
+/// A second gateway (another store on the same keyspace) sees the first's
+/// messages, inboxes and idempotency keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_store_sees_the_firsts_data() {
     with_keyspace(|node, ks| async move {
         let first = connect(&node, &ks).await;
         let idgen = IdGenerator::new(4, 0);
-        let msg = message(idgen.next_id(), "d:a:b", "a", "before restart");
+        let m = message(idgen.next_id(), "dm:a:b", "a", "before restart");
         let position = idgen.next_id();
-        first.write_message(&msg, &[delivery("b", position)]).await.unwrap();
-        first.reserve_send("a", "key", msg.id, "d:a:b").await.unwrap();
+        first
+            .store_message(NewMessage { link_channel: true, ..send(&m, "key", &["a", "b"], position) })
+            .await
+            .expect("store");
 
         let second = connect(&node, &ks).await;
-        assert_eq!(second.history("d:a:b", Page::Latest, 10).await.unwrap(), vec![msg.clone()]);
-        assert_eq!(second.inbox_after("b", 0, 10).await.unwrap()[0].position, position);
+        assert_eq!(second.history("dm:a:b", Page::Latest, 10).await.expect("history"), vec![m.clone()]);
         assert_eq!(
-            second.reserve_send("a", "key", idgen.next_id(), "d:a:b").await.unwrap(),
-            Reservation::Existing { id: msg.id, channel: "d:a:b".to_owned() }
+            second.inbox_after("b", 0, 10).await.expect("inbox"),
+            vec![InboxEntry { position, message: m.clone() }]
         );
-        // And the first session still works next to the second.
-        assert_eq!(first.message("d:a:b", msg.id).await.unwrap(), Some(msg));
+        assert_eq!(second.channels_of("b").await.expect("channels"), vec!["dm:a:b"]);
+        let retry = message(idgen.next_id(), "dm:a:b", "a", "before restart");
+        let again = second.store_message(send(&retry, "key", &["a", "b"], idgen.next_id())).await.expect("retry");
+        assert!(again.duplicate && again.message == m, "the key is known to the second store: {again:?}");
+        // And the first still works next to the second.
+        assert_eq!(first.message("dm:a:b", m.id).await.expect("lookup"), Some(m));
     })
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_first_starts_agree_on_schema() {
     with_keyspace(|node, ks| async move {
         let (a, b, c) = tokio::join!(connect(&node, &ks), connect(&node, &ks), connect(&node, &ks));
-        let msg = message(IdGenerator::new(5, 0).next_id(), "d:x:y", "x", "hi");
-        a.write_message(&msg, &[]).await.unwrap();
-        assert_eq!(b.message("d:x:y", msg.id).await.unwrap(), Some(msg.clone()));
-        assert_eq!(c.message("d:x:y", msg.id).await.unwrap(), Some(msg));
+        let m = message(IdGenerator::new(5, 0).next_id(), "dm:x:y", "x", "hi");
+        a.store_message(send(&m, "k", &["x", "y"], m.id + 1)).await.expect("store");
+        assert_eq!(b.message("dm:x:y", m.id).await.expect("b"), Some(m.clone()));
+        assert_eq!(c.inbox_after("y", 0, 10).await.expect("c"), vec![InboxEntry { position: m.id + 1, message: m }]);
     })
     .await;
 }
@@ -382,20 +619,22 @@ async fn unreachable_contact_point_is_unavailable_quickly() {
     assert!(matches!(ScyllaStore::connect(bad_name).await, Err(StoreError::Unavailable(_))));
 }
 
-/// Prints write throughput; asserts only that every write landed.
+/// Prints send throughput (direct messages, then 100-member group
+/// messages); asserts only that every send landed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn write_throughput() {
     with_keyspace(|node, ks| async move {
         const N: usize = 2_000;
         const TASKS: usize = 50;
+        const GROUP_SENDS: usize = 200;
         let store = Arc::new(connect(&node, &ks).await);
         let idgen = Arc::new(IdGenerator::new(6, 0));
         let text = "a typical chat message of about sixty bytes, give or take.";
 
         let started = Instant::now();
-        for _ in 0..N {
-            let msg = message(idgen.next_id(), "d:s:t", "s", text);
-            store.write_message(&msg, &[delivery("s", idgen.next_id()), delivery("t", idgen.next_id())]).await.unwrap();
+        for i in 0..N {
+            let m = message(idgen.next_id(), "dm:s:t", "s", text);
+            store.store_message(send(&m, &format!("k{i}"), &["s", "t"], idgen.next_id())).await.expect("store");
         }
         let sequential = started.elapsed();
 
@@ -404,34 +643,43 @@ async fn write_throughput() {
         for task in 0..TASKS {
             let (store, idgen) = (Arc::clone(&store), Arc::clone(&idgen));
             tasks.push(tokio::spawn(async move {
-                let channel = format!("d:c{task}:r{task}");
-                for _ in 0..N / TASKS {
-                    let msg = message(idgen.next_id(), &channel, "c", text);
-                    let deliveries = [
-                        delivery(&format!("c{task}"), idgen.next_id()),
-                        delivery(&format!("r{task}"), idgen.next_id()),
-                    ];
-                    store.write_message(&msg, &deliveries).await.unwrap();
+                let (sender, peer) = (format!("c{task}"), format!("r{task}"));
+                let channel = format!("dm:{sender}:{peer}");
+                for i in 0..N / TASKS {
+                    let m = message(idgen.next_id(), &channel, &sender, text);
+                    let new = send(&m, &format!("k{i}"), &[&sender, &peer], idgen.next_id());
+                    store.store_message(new).await.expect("store");
                 }
             }));
         }
         for task in tasks {
-            task.await.unwrap();
+            task.await.expect("join");
         }
         let concurrent = started.elapsed();
 
-        let per_sec = |d: Duration| N as f64 / d.as_secs_f64();
+        let members: Vec<String> = (0..100).map(|i| format!("m{i:03}")).collect();
+        let recipients: Vec<&str> = members.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        for i in 0..GROUP_SENDS {
+            let m = message(idgen.next_id(), "g:hundred", "m000", text);
+            store.store_message(send(&m, &format!("g{i}"), &recipients, idgen.next_id())).await.expect("store");
+        }
+        let group = started.elapsed();
+
+        let per_sec = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
         println!(
-            "write_message (2 deliveries, 1 logged batch each): {N} sequential in {sequential:?} = {:.0}/s; \
-             {N} over {TASKS} tasks in {concurrent:?} = {:.0}/s",
-            per_sec(sequential),
-            per_sec(concurrent)
+            "store_message, 2 recipients: {N} sequential in {sequential:?} = {:.0}/s; {N} over {TASKS} tasks in \
+             {concurrent:?} = {:.0}/s; 100 recipients: {GROUP_SENDS} sequential in {group:?} = {:.0}/s",
+            per_sec(N, sequential),
+            per_sec(N, concurrent),
+            per_sec(GROUP_SENDS, group),
         );
-        assert_eq!(store.history("d:s:t", Page::Latest, N + 10).await.unwrap().len(), N);
+        assert_eq!(store.history("dm:s:t", Page::Latest, N + 10).await.expect("history").len(), N);
         for task in 0..TASKS {
-            let inbox = store.inbox_after(&format!("r{task}"), 0, N).await.unwrap();
+            let inbox = store.inbox_after(&format!("r{task}"), 0, N).await.expect("inbox");
             assert_eq!(inbox.len(), N / TASKS);
         }
+        assert_eq!(store.inbox_after("m099", 0, N).await.expect("group inbox").len(), GROUP_SENDS);
     })
     .await;
 }

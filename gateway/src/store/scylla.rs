@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! messages      ((channel_id, bucket), id DESC)   sender, sender_device, body, created_at_ms
-//! inbox         ((user_id, bucket), position DESC) channel_id, message_id, sender, sender_device, body, created_at_ms
+//! inbox         ((user_id, bucket), position DESC) channel_id, message_id
+//!                                                  (+ sender, sender_device, body, created_at_ms: older rows only)
 //! sends         ((sender, idem_key))               message_id, channel_id
 //! groups        ((group_id))                       name, owner, created_at_ms
 //! members       ((group_id), user_id)
@@ -17,15 +18,54 @@
 //! partition holds one month of one channel or one user and stays bounded.
 //! Ids and positions are `u64` stored as CQL `bigint` (see [`to_cql`]).
 //!
+//! An inbox row refers to its message's history row `(channel_id,
+//! message_id)` instead of copying it, so a message to 100 members stores
+//! its text once. Rows written by earlier versions carry a copy (`body` and
+//! the sender columns); they are read as they are. The columns stay in the
+//! schema for them.
+//!
+//! ## Writing a send
+//!
+//! 1. Read the `sends` row of `(sender, key)`. Found, with a history row:
+//!    a duplicate, nothing is written. Found without one: an earlier attempt
+//!    failed part-way; this one finishes it under the reserved id.
+//! 2. Concurrently (at most [`WRITE_CONCURRENCY`] requests in flight): the
+//!    `sends` row, one inbox row per recipient, and with `link_channel` one
+//!    `user_channels` row per recipient.
+//! 3. The history row, last.
+//!
+//! So "the history row exists ⇒ every other row of the send exists", which
+//! is what step 1's duplicate check relies on. Every row is its own
+//! partition, so a multi-partition LOGGED batch would be the only way to
+//! make them atomic, and it buys nothing here: it costs a batchlog write and
+//! removal on other replicas per send, and a big group's batch must be split
+//! under the server's size limit (which gives up atomicity anyway). The
+//! reservation already makes a send retryable to completion: a retry with
+//! the same key finds it and writes whatever is missing under the same id.
+//!
+//! Reading an inbox resolves each reference with a point read of its
+//! history row (concurrently, [`READ_CONCURRENCY`] at a time, order kept).
+//! An entry without one is a send still in flight (its history row comes
+//! last) or one that failed. [`ScyllaConfig::pending_window`] tells them
+//! apart by the entry's position time: a recent one ends the page just
+//! before it, an older one is skipped (a retry writes a fresh position).
+//!
+//! Concurrent retries of one key on one gateway are serialised in the
+//! process (`InFlight`); across gateways the read-then-insert reservation
+//! may let two racing retries both be stored (`ScyllaStore::reservation`).
+//!
 //! Consistency: every statement runs at [`ScyllaConfig::consistency`]
 //! (QUORUM by default). Writes and reads at QUORUM overlap, which is what
 //! gives the trait's "reads see completed writes"; a write returns `Ok` only
 //! once the coordinator acknowledged it at that level.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt, stream};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -37,6 +77,7 @@ use scylla::serialize::writers::RowWriter;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, Statement};
+use tokio::sync::OwnedMutexGuard;
 
 use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored, bucket_of};
 use crate::ids;
@@ -45,6 +86,14 @@ use crate::ids;
 /// that scan buckets "up to now" look this much further so that an id minted
 /// by a slightly fast clock just after a month boundary is not skipped.
 const CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// Requests of one send in flight at once (a 100-member group is 100 inbox
+/// rows): enough to overlap their round trips, few enough that one big
+/// send does not monopolise the connection pool.
+pub const WRITE_CONCURRENCY: usize = 64;
+
+/// Point reads in flight at once while resolving one inbox page.
+pub const READ_CONCURRENCY: usize = 32;
 
 /// Connection and schema settings.
 #[derive(Clone)]
@@ -68,11 +117,20 @@ pub struct ScyllaConfig {
     pub local_datacenter: Option<String>,
     /// Client-side limit of one request (and of establishing a connection).
     pub request_timeout: Duration,
-    /// Upper bound of the estimated payload of one logged batch. A message to a
-    /// big group is split into several batches below it, because the server
-    /// rejects larger ones (`batch_size_fail_threshold`: 50 KiB on Cassandra,
-    /// 1 MiB on ScyllaDB by default).
+    /// Upper bound of the estimated payload of one logged batch (membership
+    /// changes; creating a big group is split into several batches below
+    /// it), because the server rejects larger ones
+    /// (`batch_size_fail_threshold`: 50 KiB on Cassandra, 1 MiB on ScyllaDB
+    /// by default).
     pub max_batch_bytes: usize,
+    /// How long an inbox entry whose message is not in history yet counts
+    /// as a send in flight, by the time of its position: such an entry ends
+    /// an inbox page just before it; an older one is a send that failed and
+    /// is skipped. Must be at least the chat layer's write deadline (5 s)
+    /// plus the clock skew between gateways, so no write still in flight is
+    /// skipped, and at most its sync horizon (`ChatConfig::sync_horizon`,
+    /// 10 s), so the cursor it hands out never passes a pending entry.
+    pub pending_window: Duration,
 }
 
 impl Default for ScyllaConfig {
@@ -87,6 +145,7 @@ impl Default for ScyllaConfig {
             local_datacenter: None,
             request_timeout: Duration::from_secs(10),
             max_batch_bytes: 40 * 1024,
+            pending_window: Duration::from_secs(10),
         }
     }
 }
@@ -104,6 +163,7 @@ impl fmt::Debug for ScyllaConfig {
             .field("local_datacenter", &self.local_datacenter)
             .field("request_timeout", &self.request_timeout)
             .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("pending_window", &self.pending_window)
             .finish()
     }
 }
@@ -136,6 +196,64 @@ pub struct ScyllaStore {
     prepared: Prepared,
     consistency: Consistency,
     max_batch_bytes: usize,
+    pending_window: Duration,
+    in_flight: InFlight,
+}
+
+/// Sends in progress in this process, by `(sender, key)`: a retry that
+/// overtakes its own original on the same gateway waits for it, then finds
+/// its history row and answers as a duplicate instead of storing a second
+/// message (the reservation is a plain read-then-insert, not a
+/// lightweight transaction). Entries live only while a send holds or awaits them.
+#[derive(Default)]
+struct InFlight(Mutex<HashMap<SendKey, InFlightEntry>>);
+
+/// `(sender, idempotency key)`.
+type SendKey = (String, String);
+
+/// The lock of one key and how many sends hold or await it.
+type InFlightEntry = (Arc<tokio::sync::Mutex<()>>, usize);
+
+/// Held for the whole of one send; dropping it (also by cancellation, e.g.
+/// the chat layer's write deadline) lets the next attempt of the key in.
+struct InFlightGuard<'a> {
+    owner: &'a InFlight,
+    key: SendKey,
+    held: Option<OwnedMutexGuard<()>>,
+}
+
+impl InFlight {
+    async fn acquire(&self, sender: &str, key: &str) -> InFlightGuard<'_> {
+        let key = (sender.to_owned(), key.to_owned());
+        let lock = {
+            let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = map.entry(key.clone()).or_default();
+            entry.1 += 1;
+            Arc::clone(&entry.0)
+        };
+        // The guard exists before the wait, so a cancelled wait still unregisters.
+        let mut guard = InFlightGuard { owner: self, key, held: None };
+        guard.held = Some(lock.lock_owned().await);
+        guard
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.held.take();
+        let mut map = self.owner.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = map.get_mut(&self.key) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// A `u64` id or position as a CQL `bigint`, bit for bit. Ids are below 2^63
@@ -200,22 +318,26 @@ fn cql_string(s: &str) -> String {
 }
 
 type MessageRow = (i64, String, String, String, i64);
-type InboxRow = (i64, String, i64, String, String, String, i64);
+/// position, channel, message id, then the copy that only rows written by
+/// earlier versions carry: sender, device, body, created_at.
+type InboxRow = (i64, String, i64, Option<String>, Option<String>, Option<String>, Option<i64>);
 
-/// The bound values of one statement in a batch. Batches mix statements of
-/// different shapes, and the driver wants one `SerializeRow` type per batch.
-enum BatchRow<'a> {
+/// The bound values of one write. Batches and concurrent write lists mix
+/// statements of different shapes, and the driver wants one `SerializeRow` type.
+enum Row<'a> {
     /// `insert_message`: channel, bucket, id, sender, device, body, created_at.
     Message((&'a str, i32, i64, &'a str, &'a str, &'a str, i64)),
-    /// `insert_inbox`: user, bucket, position, channel, message id, sender, device, body, created_at.
-    Inbox((&'a str, i32, i64, &'a str, i64, &'a str, &'a str, &'a str, i64)),
+    /// `insert_inbox`: user, bucket, position, channel, message id.
+    Inbox((&'a str, i32, i64, &'a str, i64)),
+    /// `insert_send`: sender, key, message id, channel.
+    Send((&'a str, &'a str, i64, &'a str)),
     /// `insert_group`: id, name, owner, created_at.
     Group((&'a str, &'a str, &'a str, i64)),
     /// `insert_member` / `insert_user_channel` and their deletes.
     Pair((&'a str, &'a str)),
 }
 
-impl BatchRow<'_> {
+impl Row<'_> {
     /// Upper estimate of the size the server counts against its batch limit,
     /// for splitting big batches: the strings plus an allowance per cell for
     /// numbers, timestamps and row overhead (Cassandra 5 measures about 20
@@ -224,18 +346,20 @@ impl BatchRow<'_> {
         const CELL: usize = 32;
         match self {
             Self::Message((c, _, _, s, d, b, _)) => c.len() + s.len() + d.len() + b.len() + 7 * CELL,
-            Self::Inbox((u, _, _, c, _, s, d, b, _)) => u.len() + c.len() + s.len() + d.len() + b.len() + 9 * CELL,
+            Self::Inbox((u, _, _, c, _)) => u.len() + c.len() + 5 * CELL,
+            Self::Send((s, k, _, c)) => s.len() + k.len() + c.len() + 4 * CELL,
             Self::Group((i, n, o, _)) => i.len() + n.len() + o.len() + 4 * CELL,
             Self::Pair((a, b)) => a.len() + b.len() + 2 * CELL,
         }
     }
 }
 
-impl SerializeRow for BatchRow<'_> {
+impl SerializeRow for Row<'_> {
     fn serialize(&self, ctx: &RowSerializationContext<'_>, writer: &mut RowWriter) -> Result<(), SerializationError> {
         match self {
             Self::Message(v) => v.serialize(ctx, writer),
             Self::Inbox(v) => v.serialize(ctx, writer),
+            Self::Send(v) => v.serialize(ctx, writer),
             Self::Group(v) => v.serialize(ctx, writer),
             Self::Pair(v) => v.serialize(ctx, writer),
         }
@@ -289,20 +413,40 @@ impl ScyllaStore {
 
         create_schema(&session, &config).await?;
         let prepared = prepare_all(&session, &config.keyspace, config.consistency).await?;
-        Ok(Self { session, prepared, consistency: config.consistency, max_batch_bytes: config.max_batch_bytes })
+        Ok(Self {
+            session,
+            prepared,
+            consistency: config.consistency,
+            max_batch_bytes: config.max_batch_bytes,
+            pending_window: config.pending_window,
+            in_flight: InFlight::default(),
+        })
+    }
+
+    /// Runs `rows` concurrently, at most [`WRITE_CONCURRENCY`] at a time,
+    /// each its own request (they are in different partitions). Stops at the
+    /// first failure, leaving some written: every write is an idempotent
+    /// upsert, so the caller's retry rewrites them.
+    async fn write_concurrently(
+        &self,
+        what: &'static str,
+        rows: Vec<(&PreparedStatement, Row<'_>)>,
+    ) -> StoreResult<()> {
+        stream::iter(rows.into_iter().map(Ok))
+            .try_for_each_concurrent(WRITE_CONCURRENCY, |(statement, row)| async move {
+                self.session.execute_unpaged(statement, row).await.map_err(unavailable(what))?;
+                Ok(())
+            })
+            .await
     }
 
     /// Runs `rows` as logged batches (each all-or-nothing once accepted), in
     /// order, split so that none exceeds `max_batch_bytes`. Everything written
     /// this way is idempotent, so a caller retrying after a failure in a later
     /// batch just rewrites the earlier ones.
-    async fn write_batched(
-        &self,
-        what: &'static str,
-        rows: Vec<(&PreparedStatement, BatchRow<'_>)>,
-    ) -> StoreResult<()> {
+    async fn write_batched(&self, what: &'static str, rows: Vec<(&PreparedStatement, Row<'_>)>) -> StoreResult<()> {
         let mut batch = self.new_batch();
-        let mut values: Vec<BatchRow<'_>> = Vec::new();
+        let mut values: Vec<Row<'_>> = Vec::new();
         let mut bytes = 0;
         for (statement, row) in rows {
             let size = row.estimated_bytes();
@@ -431,9 +575,9 @@ async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> S
              VALUES (?, ?, ?, ?, ?, ?, ?)"
         ))
         .await?,
+        // A reference only: the copy columns stay null in new rows.
         insert_inbox: prepare(format!(
-            "INSERT INTO {ks}.inbox (user_id, bucket, position, channel_id, message_id, sender, sender_device, body, \
-             created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO {ks}.inbox (user_id, bucket, position, channel_id, message_id) VALUES (?, ?, ?, ?, ?)"
         ))
         .await?,
         history_before: prepare(format!(
@@ -479,77 +623,80 @@ async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> S
     })
 }
 
+/// What the idempotency key of a send found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Reservation {
+    /// First time this key is seen.
     New,
+    /// The key was used before, for this message id in this channel.
     Existing { id: u64, channel: String },
 }
 
+/// An inbox entry whose message is not in history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unresolved {
+    /// Recent enough to be a send still being written (its history row comes
+    /// last): the page ends just before it.
+    Pending,
+    /// Older than any write may take: that attempt failed, and its retry
+    /// writes fresh positions. Skipped.
+    Failed,
+}
+
+/// Which [`Unresolved`] an entry at `position` is, read at `now_ms`.
+fn unresolved(position: u64, now_ms: i64, pending_window: Duration) -> Unresolved {
+    let window_ms = i64::try_from(pending_window.as_millis()).unwrap_or(i64::MAX);
+    if ids::timestamp_ms(position) > now_ms.saturating_sub(window_ms) {
+        Unresolved::Pending
+    } else {
+        Unresolved::Failed
+    }
+}
+
+/// One inbox row with its message looked up (`None`: not in history).
+struct Resolved {
+    position: u64,
+    channel: String,
+    id: u64,
+    message: Option<Message>,
+}
+
+/// The steps of a send and of reading an inbox.
 impl ScyllaStore {
-    async fn reserve_send(&self, sender: &str, key: &str, candidate: u64, channel: &str) -> StoreResult<Reservation> {
+    /// What `(sender, key)` was reserved for, if a send recorded it.
+    ///
+    /// Read-then-insert (the insert is one of the send's writes), not a
+    /// lightweight transaction (`IF NOT EXISTS` would cost a Paxos round on
+    /// every send): two retries of one key racing on two gateways may both
+    /// find nothing and both be stored, under two ids. Accepted: a client
+    /// retries one send at a time, so this needs a retry to overtake its own
+    /// original on another gateway; on one gateway [`InFlight`] serialises them.
+    async fn reservation(&self, sender: &str, key: &str) -> StoreResult<Reservation> {
         let result = self
             .session
             .execute_unpaged(&self.prepared.select_send, (sender, key))
             .await
             .map_err(unavailable("read send key"))?;
         let found: Vec<(i64, String)> = decode(result, "decode send key")?;
-        if let Some((id, channel)) = found.into_iter().next() {
-            return Ok(Reservation::Existing { id: from_cql(id), channel });
+        Ok(match found.into_iter().next() {
+            Some((id, channel)) => Reservation::Existing { id: from_cql(id), channel },
+            None => Reservation::New,
+        })
+    }
+
+    /// Looks up the message of one inbox row.
+    async fn resolve(&self, row: InboxRow) -> StoreResult<Resolved> {
+        let (position, channel, id, sender, sender_device, body, created_at_ms) = row;
+        let (position, id) = (from_cql(position), from_cql(id));
+        // Rows written by earlier versions carry a copy of the message.
+        if let (Some(text), Some(sender), Some(sender_device), Some(created_at_ms)) =
+            (body, sender, sender_device, created_at_ms)
+        {
+            let message = Message { id, channel: channel.clone(), sender, sender_device, text, created_at_ms };
+            return Ok(Resolved { position, channel, id, message: Some(message) });
         }
-        // Read-then-insert, not a lightweight transaction (`IF NOT EXISTS`
-        // would cost a Paxos round on every send): two retries of the same
-        // key from the same sender racing on two gateways may both get `New`,
-        // and the later insert wins the key. Accepted: a client retries one
-        // send at a time, so this needs a retry to overtake its own original.
-        self.session
-            .execute_unpaged(&self.prepared.insert_send, (sender, key, to_cql(candidate), channel))
-            .await
-            .map_err(unavailable("reserve send key"))?;
-        Ok(Reservation::New)
-    }
-
-    async fn write_message(&self, message: &Message, recipients: &[String], position: u64) -> StoreResult<()> {
-        let id = to_cql(message.id);
-        let mut rows: Vec<(&PreparedStatement, BatchRow<'_>)> = recipients
-            .iter()
-            .map(|user| {
-                let row = BatchRow::Inbox((
-                    user.as_str(),
-                    bucket_of(position),
-                    to_cql(position),
-                    message.channel.as_str(),
-                    id,
-                    message.sender.as_str(),
-                    message.sender_device.as_str(),
-                    message.text.as_str(),
-                    message.created_at_ms,
-                ));
-                (&self.prepared.insert_inbox, row)
-            })
-            .collect();
-        // History last: if a big delivery is split over several batches and
-        // one fails, the message is not in history before every inbox has it.
-        rows.push((
-            &self.prepared.insert_message,
-            BatchRow::Message((
-                message.channel.as_str(),
-                bucket_of(message.id),
-                id,
-                message.sender.as_str(),
-                message.sender_device.as_str(),
-                message.text.as_str(),
-                message.created_at_ms,
-            )),
-        ));
-        self.write_batched("write message", rows).await
-    }
-
-    async fn add_direct_channel(&self, user: &str, channel: &str) -> StoreResult<()> {
-        self.session
-            .execute_unpaged(&self.prepared.insert_user_channel, (user, channel))
-            .await
-            .map_err(unavailable("add direct channel"))?;
-        Ok(())
+        let message = self.message(&channel, id).await?;
+        Ok(Resolved { position, channel, id, message })
     }
 }
 
@@ -557,49 +704,98 @@ impl ScyllaStore {
 impl Store for ScyllaStore {
     async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
         let NewMessage { mut message, key, recipients, position, link_channel } = new;
-        match self.reserve_send(&message.sender, &key, message.id, &message.channel).await? {
-            Reservation::New => {}
+        let _in_flight = self.in_flight.acquire(&message.sender, &key).await;
+        let reserved = match self.reservation(&message.sender, &key).await? {
+            Reservation::New => false,
             Reservation::Existing { id, channel } => {
+                // History is written last, so a stored history row means every other row is stored.
                 if let Some(stored) = self.message(&channel, id).await? {
                     return Ok(Stored { message: stored, position: 0, duplicate: true });
                 }
+                // An earlier attempt failed before its history row: finish it under the same id.
                 message.id = id;
                 message.created_at_ms = ids::timestamp_ms(id);
+                true
+            }
+        };
+
+        let id = to_cql(message.id);
+        let channel = message.channel.as_str();
+        let (bucket, at) = (bucket_of(position), to_cql(position));
+        let mut rows = Vec::with_capacity(1 + recipients.len() * if link_channel { 2 } else { 1 });
+        if !reserved {
+            rows.push((&self.prepared.insert_send, Row::Send((message.sender.as_str(), key.as_str(), id, channel))));
+        }
+        for user in &recipients {
+            rows.push((&self.prepared.insert_inbox, Row::Inbox((user.as_str(), bucket, at, channel, id))));
+            if link_channel {
+                rows.push((&self.prepared.insert_user_channel, Row::Pair((user.as_str(), channel))));
             }
         }
-        if link_channel {
-            for user in &recipients {
-                self.add_direct_channel(user, &message.channel).await?;
-            }
-        }
-        self.write_message(&message, &recipients, position).await?;
+        self.write_concurrently("write message", rows).await?;
+
+        // Last, and only once everything above is acknowledged: see the module docs.
+        let history = Row::Message((
+            channel,
+            bucket_of(message.id),
+            id,
+            message.sender.as_str(),
+            message.sender_device.as_str(),
+            message.text.as_str(),
+            message.created_at_ms,
+        ));
+        self.session
+            .execute_unpaged(&self.prepared.insert_message, history)
+            .await
+            .map_err(unavailable("write history"))?;
         Ok(Stored { message, position, duplicate: false })
     }
 
     async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
+        let now = ids::now_ms();
         let mut out = Vec::new();
+        // The last position looked at: reads go on after it, in its bucket or later ones.
+        let mut cursor = after;
         let first = bucket_of(after);
-        for bucket in first..=newest_bucket().max(first) {
-            if out.len() >= limit {
-                break;
-            }
+        let last = newest_bucket().max(first);
+        let mut bucket = first;
+        while out.len() < limit {
+            let want = limit - out.len();
             let result = self
                 .session
-                .execute_unpaged(
-                    &self.prepared.inbox_after,
-                    (user, bucket, to_cql(after), cql_limit(limit - out.len())),
-                )
+                .execute_unpaged(&self.prepared.inbox_after, (user, bucket, to_cql(cursor), cql_limit(want)))
                 .await
                 .map_err(unavailable("read inbox"))?;
             let rows: Vec<InboxRow> = decode(result, "decode inbox")?;
-            out.extend(rows.into_iter().map(|(position, channel, id, sender, sender_device, text, created_at_ms)| {
-                InboxEntry {
-                    position: from_cql(position),
-                    message: Message { id: from_cql(id), channel, sender, sender_device, text, created_at_ms },
+            // Fewer rows than asked for: the bucket has nothing more after `cursor`.
+            let bucket_done = rows.len() < want;
+            let resolved: Vec<Resolved> =
+                stream::iter(rows).map(|row| self.resolve(row)).buffered(READ_CONCURRENCY).try_collect().await?;
+            for entry in resolved {
+                cursor = entry.position;
+                let Some(message) = entry.message else {
+                    match unresolved(entry.position, now, self.pending_window) {
+                        // The page ends here, so no cursor derived from it passes the entry.
+                        Unresolved::Pending => return Ok(out),
+                        Unresolved::Failed => tracing::debug!(
+                            user,
+                            position = entry.position,
+                            channel = %entry.channel,
+                            id = entry.id,
+                            "inbox entry of a send that never stored its message; skipped"
+                        ),
+                    }
+                    continue;
+                };
+                out.push(InboxEntry { position: entry.position, message });
+            }
+            if bucket_done {
+                if bucket >= last {
+                    break;
                 }
-            }));
+                bucket += 1;
+            }
         }
-        out.truncate(limit);
         Ok(out)
     }
 
@@ -638,13 +834,13 @@ impl Store for ScyllaStore {
     async fn create_group(&self, group: &Group, members: &[String]) -> StoreResult<()> {
         let mut rows = Vec::with_capacity(2 * members.len() + 1);
         for user in members {
-            rows.push((&self.prepared.insert_member, BatchRow::Pair((group.id.as_str(), user.as_str()))));
-            rows.push((&self.prepared.insert_user_channel, BatchRow::Pair((user.as_str(), group.id.as_str()))));
+            rows.push((&self.prepared.insert_member, Row::Pair((group.id.as_str(), user.as_str()))));
+            rows.push((&self.prepared.insert_user_channel, Row::Pair((user.as_str(), group.id.as_str()))));
         }
         // Group row last: once `group()` finds it, every member is stored.
         rows.push((
             &self.prepared.insert_group,
-            BatchRow::Group((group.id.as_str(), group.name.as_str(), group.owner.as_str(), group.created_at_ms)),
+            Row::Group((group.id.as_str(), group.name.as_str(), group.owner.as_str(), group.created_at_ms)),
         ));
         self.write_batched("create group", rows).await
     }
@@ -666,16 +862,16 @@ impl Store for ScyllaStore {
 
     async fn add_member(&self, group: &str, user: &str) -> StoreResult<()> {
         let rows = vec![
-            (&self.prepared.insert_member, BatchRow::Pair((group, user))),
-            (&self.prepared.insert_user_channel, BatchRow::Pair((user, group))),
+            (&self.prepared.insert_member, Row::Pair((group, user))),
+            (&self.prepared.insert_user_channel, Row::Pair((user, group))),
         ];
         self.write_batched("add member", rows).await
     }
 
     async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
         let rows = vec![
-            (&self.prepared.delete_member, BatchRow::Pair((group, user))),
-            (&self.prepared.delete_user_channel, BatchRow::Pair((user, group))),
+            (&self.prepared.delete_member, Row::Pair((group, user))),
+            (&self.prepared.delete_user_channel, Row::Pair((user, group))),
         ];
         self.write_batched("remove member", rows).await
     }
@@ -705,7 +901,6 @@ impl Store for ScyllaStore {
         channels.sort();
         Ok(channels)
     }
-
 }
 
 #[cfg(test)]
@@ -735,5 +930,57 @@ mod tests {
     fn buckets_cover_now() {
         assert!(oldest_bucket() <= newest_bucket());
         assert!(bucket_of(ids::first_id_at(ids::now_ms())) <= newest_bucket());
+    }
+
+    #[test]
+    fn a_missing_message_is_pending_only_within_the_window() {
+        let window = Duration::from_secs(10);
+        let now = ids::EPOCH_MS + 1_000_000_000;
+        let at = |ms: i64| ids::first_id_at(ms) | 0x3F_FFFF; // any worker and sequence
+        assert_eq!(unresolved(at(now), now, window), Unresolved::Pending);
+        assert_eq!(unresolved(at(now - 9_999), now, window), Unresolved::Pending);
+        // Exactly at the window's edge and beyond: older than any write may take.
+        assert_eq!(unresolved(at(now - 10_000), now, window), Unresolved::Failed);
+        assert_eq!(unresolved(at(now - 3_600_000), now, window), Unresolved::Failed);
+        assert_eq!(unresolved(0, now, window), Unresolved::Failed);
+        // A position from a gateway whose clock runs ahead is in flight too.
+        assert_eq!(unresolved(at(now + 60_000), now, window), Unresolved::Pending);
+        // No window: nothing is waited for; a huge one waits for everything.
+        assert_eq!(unresolved(at(now - 1), now, Duration::ZERO), Unresolved::Failed);
+        assert_eq!(unresolved(0, now, Duration::MAX), Unresolved::Pending);
+    }
+
+    #[test]
+    fn the_default_window_fits_between_the_chat_deadline_and_horizon() {
+        let chat = crate::chat::ChatConfig::default();
+        let window = ScyllaConfig::default().pending_window;
+        assert!(window >= chat.write_deadline + Duration::from_secs(2), "{window:?} leaves no room for clock skew");
+        assert!(window <= chat.sync_horizon, "{window:?} is longer than the sync horizon");
+    }
+
+    #[tokio::test]
+    async fn in_flight_serialises_one_key_only() {
+        let in_flight = InFlight::default();
+        let first = in_flight.acquire("alice", "k1").await;
+        // Another key, or the same key of another sender, does not wait.
+        let other_key = tokio::time::timeout(Duration::from_secs(5), in_flight.acquire("alice", "k2"))
+            .await
+            .expect("another key does not wait");
+        let other_sender = tokio::time::timeout(Duration::from_secs(5), in_flight.acquire("bob", "k1"))
+            .await
+            .expect("another sender does not wait");
+        assert_eq!(in_flight.len(), 3);
+
+        // The same key waits until the first holder is done.
+        let mut second = Box::pin(in_flight.acquire("alice", "k1"));
+        assert!(futures::poll!(second.as_mut()).is_pending(), "a second attempt of the key must wait");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), second).await.expect("runs once the first is done");
+
+        // A waiter that gives up (a deadline) unregisters; the map empties.
+        let waiting = tokio::time::timeout(Duration::from_millis(10), in_flight.acquire("alice", "k1")).await;
+        assert!(waiting.is_err(), "still held by the second attempt");
+        drop((second, other_key, other_sender));
+        assert_eq!(in_flight.len(), 0, "no entry outlives its sends");
     }
 }
