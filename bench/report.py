@@ -94,7 +94,7 @@ def rows(results, stored):
     out = []
 
     def idle(r, key):
-        return (r.get("idle") or {}).get("server", {}).get(key) if r.get("idle") else None
+        return ((r.get("idle") or {}).get("server_usage") or {}).get(key)
 
     n = (kc.get("idle") or cf.get("idle") or {}).get("opened")
     if n is not None:
@@ -120,7 +120,7 @@ def rows(results, stored):
         def cell(s):
             if s is None:
                 return "–"
-            dpc = (s.get("server") or {}).get("deliveries_per_cpu_second")
+            dpc = (s.get("server_usage") or {}).get("deliveries_per_cpu_second")
             return (f"{num(s['deliveries_per_s'])} deliveries/s, p99 {ms(s['latency'].get('p99_us'))}, "
                     f"{num(dpc)} per CPU-s{problems(s)}")
 
@@ -129,7 +129,7 @@ def rows(results, stored):
                     ratio(p99[0], p99[1], "p99, lower is better")))
 
     def best(steps):
-        values = [(s.get("server") or {}).get("deliveries_per_cpu_second") for s in steps]
+        values = [(s.get("server_usage") or {}).get("deliveries_per_cpu_second") for s in steps]
         values = [v for v in values if v is not None]
         return max(values) if values else None
 
@@ -148,7 +148,7 @@ def rows(results, stored):
             if not steps:
                 return "–"
             s = steps[0]
-            cores = (s.get("server") or {}).get("cores")
+            cores = (s.get("server_usage") or {}).get("cores")
             return (f"p50 {ms(s['latency'].get('p50_us'))}, p99 {ms(s['latency'].get('p99_us'))}, "
                     f"{num(cores, 2)} core{problems(s)}")
 
@@ -175,9 +175,9 @@ def usages(results):
     for server in results.values():
         for result in server.values():
             for step in result.get("steps", []):
-                if step.get("server"):
-                    yield step["server"]
-            server_usage = result.get("server") or {}
+                if step.get("server_usage"):
+                    yield step["server_usage"]
+            server_usage = result.get("server_usage") or {}
             for usage in (server_usage.get("hold"), server_usage if "other_cores" in server_usage else None):
                 if usage:
                     yield usage
@@ -215,13 +215,14 @@ def main():
         f"Measured {meta['date']} with `{meta['command']}`"
         + (" (quick: small sizes, not comparable with the full run)" if meta["quick"] else "") + ".",
         "",
-        f"Machine: {m['nproc']} cores ({m['cpu_model']}), {m['memory_kib'] // 1024 // 1024} GiB, "
+        f"Machine: {m['nproc']} cores ({m['cpu_model']}), {round(m['memory_kib'] / 1024 / 1024)} GiB, "
         f"Linux {m['kernel']}; {meta['pinning']}.",
         f"Versions: kubechat {meta['versions']['kubechat']}, {meta['versions']['rustc']}; "
         f"{meta['versions']['centrifugo']}.",
-        f"During the measured intervals the load client used at most {meta['max_client_cores']} core and other "
-        f"processes on the machine at most {meta['max_other_cores']} core"
-        + (" (a busy machine: treat the numbers with care)." if meta["max_other_cores"] > 0.2 else "."),
+        (f"During the measured intervals the load client used at most {meta['max_client_cores']} core and other "
+         f"processes on the machine at most {meta['max_other_cores']} core"
+         + (" (a busy machine: treat the numbers with care)." if meta["max_other_cores"] > 0.2 else ".")
+         if samples else ""),
         "",
         "| workload | kubechat | Centrifugo | ratio kubechat ÷ Centrifugo |",
         "|---|---|---|---|",

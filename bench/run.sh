@@ -203,7 +203,9 @@ EOF
     urls+=(--url "ws://127.0.0.1:$ws_port/v1/ws")
   done
   log "pairs across two gateways (Redis + Cassandra)"
-  taskset -c "$CLIENT_CPU" "$BENCH" --server kubechat "${urls[@]}" --key-file "$dir/signing-key" \
+  local pids=()
+  for pid in "${EXTRA_PIDS[@]}"; do pids+=(--server-pid "$pid"); done
+  taskset -c "$CLIENT_CPU" "$BENCH" --server kubechat "${urls[@]}" --key-file "$dir/signing-key" "${pids[@]}" \
     --json "$WORK/kubechat-cluster.json" pairs --pairs "$PAIRS" --rate 5000 --duration "$PAIRS_S" \
     || FAILED+=(kubechat-cluster)
   for pid in "${EXTRA_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done

@@ -40,9 +40,10 @@ struct Cli {
     /// File holding the key (the standalone gateway's `<data-dir>/signing-key`); whitespace around it is ignored.
     #[arg(long, global = true)]
     key_file: Option<PathBuf>,
-    /// Server process to sample from /proc (CPU time, RSS) during measured intervals.
-    #[arg(long, global = true)]
-    server_pid: Option<u32>,
+    /// Server process to sample from /proc (CPU time, RSS) during measured
+    /// intervals; repeat for several gateways (their usage is summed).
+    #[arg(long = "server-pid", global = true)]
+    server_pids: Vec<u32>,
     /// Write the JSON result here instead of stdout.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
@@ -132,7 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         endpoints,
         sources: net::SourcePool::new(cli.source_base, cli.per_source_ip),
         concurrency: cli.concurrency,
-        server_pid: cli.server_pid,
+        server_pids: cli.server_pids.clone(),
         text_size: cli.size,
         run_id: run_id.clone(),
     };
@@ -152,7 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "message_bytes": cli.size,
         "client_threads": cli.threads,
         "client_fd_limit": fd_limit,
-        "server_pid": cli.server_pid,
+        "server_pids": cli.server_pids,
     });
     if let (Some(report), Some(result)) = (report.as_object_mut(), result.as_object()) {
         report.extend(result.clone());

@@ -47,19 +47,28 @@ fn machine_ticks() -> anyhow::Result<u64> {
     Ok(busy)
 }
 
-pub fn sample(pid: u32) -> anyhow::Result<Usage> {
-    let dir = PathBuf::from(format!("/proc/{pid}"));
-    let cpu_ticks = process_ticks(&dir)?;
-    let client_ticks = process_ticks(Path::new("/proc/self"))?;
-    let machine_ticks = machine_ticks()?;
-    let status = std::fs::read_to_string(dir.join("status")).with_context(|| format!("reading /proc/{pid}/status"))?;
-    let rss_kib = status
+fn rss_kib(dir: &Path) -> anyhow::Result<u64> {
+    let path = dir.join("status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS in /proc/PID/status")?;
-    Ok(Usage { cpu_ticks, rss_kib, client_ticks, machine_ticks, at: std::time::Instant::now() })
+        .context("no VmRSS in /proc/PID/status")
+}
+
+/// The server processes (summed: several gateways count as one server).
+pub fn sample(pids: &[u32]) -> anyhow::Result<Usage> {
+    let (mut cpu_ticks, mut rss) = (0, 0);
+    for pid in pids {
+        let dir = PathBuf::from(format!("/proc/{pid}"));
+        cpu_ticks += process_ticks(&dir)?;
+        rss += rss_kib(&dir)?;
+    }
+    let client_ticks = process_ticks(Path::new("/proc/self"))?;
+    let machine_ticks = machine_ticks()?;
+    Ok(Usage { cpu_ticks, rss_kib: rss, client_ticks, machine_ticks, at: std::time::Instant::now() })
 }
 
 /// CPU seconds and wall seconds between two samples.
@@ -88,7 +97,7 @@ pub fn to_json(before: &Usage, after: &Usage) -> Value {
 mod tests {
     #[test]
     fn samples_this_process() {
-        let usage = super::sample(std::process::id()).expect("own /proc entry");
+        let usage = super::sample(&[std::process::id()]).expect("own /proc entry");
         assert!(usage.rss_kib > 0);
         assert!(usage.machine_ticks >= usage.client_ticks);
     }

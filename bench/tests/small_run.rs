@@ -180,7 +180,7 @@ fn small_workloads(server: &Server) {
     let idle = server.run(&["idle", "--connections", "20", "--hold", "1", "--settle", "0.2"]);
     assert_eq!(idle["opened"], 20, "{idle}");
     assert_eq!(idle["still_open_at_end"], 20, "{idle}");
-    assert!(idle["server"]["rss_kib_end"].as_u64().is_some_and(|r| r > 0), "server sampled from /proc: {idle}");
+    assert!(idle["server_usage"]["rss_kib_end"].as_u64().is_some_and(|r| r > 0), "server sampled from /proc: {idle}");
 
     let connect = server.run(&["connect", "--connections", "30"]);
     assert_eq!(connect["opened"], 30, "{connect}");

@@ -55,6 +55,6 @@ pub async fn run(ctx: &Context, args: &ConnectArgs) -> anyhow::Result<Value> {
         "seconds": seconds,
         "connections_per_s": rate.round(),
         "setup_latency": setup_summary(&setup),
-        "server": server,
+        "server_usage": server,
     }))
 }

@@ -117,7 +117,7 @@ pub async fn run(ctx: &Context, args: &IdleArgs) -> anyhow::Result<Value> {
         "failed": failures.to_json(),
         "open_seconds": open_seconds,
         "still_open_at_end": still_open,
-        "server": server,
+        "server_usage": server,
         "run": run,
     }))
 }

@@ -29,7 +29,7 @@ pub struct Context {
     pub endpoints: Vec<Endpoint>,
     pub sources: SourcePool,
     pub concurrency: usize,
-    pub server_pid: Option<u32>,
+    pub server_pids: Vec<u32>,
     pub text_size: usize,
     /// Unique per invocation: user names and idempotency keys start with it.
     pub run_id: String,
@@ -46,11 +46,13 @@ impl Context {
     }
 
     pub fn sample(&self) -> Option<procfs::Usage> {
-        let pid = self.server_pid?;
-        match procfs::sample(pid) {
+        if self.server_pids.is_empty() {
+            return None;
+        }
+        match procfs::sample(&self.server_pids) {
             Ok(usage) => Some(usage),
             Err(e) => {
-                eprintln!("warning: cannot sample the server (pid {pid}): {e:#}");
+                eprintln!("warning: cannot sample the server (pids {:?}): {e:#}", self.server_pids);
                 None
             }
         }
@@ -219,7 +221,7 @@ fn step_report(step: &StepStats, recipients: u64) -> Value {
         "ack_latency": summary(&step.ack_latency),
         "send_lag": summary(&step.send_lag),
         "closes": step.closes.to_json(),
-        "server": server,
+        "server_usage": server,
     })
 }
 
@@ -260,7 +262,7 @@ pub fn print_steps(report: &Value) {
             ms(&step["latency"]["p99_us"]),
             ms(&step["latency"]["p999_us"]),
             ms(&step["latency"]["max_us"]),
-            num(&step["server"]["deliveries_per_cpu_second"]),
+            num(&step["server_usage"]["deliveries_per_cpu_second"]),
             if step["warmup"] == true { " (warmup)" } else { "" },
         );
     }
