@@ -148,18 +148,20 @@ async fn create_group(gateway: &RunningGateway, owner: &str, members: &[String])
 async fn readers_that_keep_reading_are_never_closed_under_overload() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gateway = gateway(&dir, Duration::from_secs(5)).await;
-    let members: Vec<String> = (0..20).map(|i| format!("m{i:02}")).collect();
+    let members: Vec<String> = (0..10).map(|i| format!("m{i:02}")).collect();
     let group = create_group(&gateway, "m00", &members).await;
     // Eight senders at the store's pace (hundreds of messages a second) into
-    // readers that take 10 ms per message: several times more than they read.
+    // readers that take 20 ms per message: several times more than they
+    // read, and 32 KB each so that the 10 MB each reader is owed outgrow
+    // the kernel's socket buffers (up to 4 MB) and reach the outboxes.
     let (senders, per_sender) = (8, 40);
     let total = senders * per_sender;
 
     let mut readers = Vec::new();
     for member in &members {
-        readers.push((member.clone(), reader(&gateway, member, total, Duration::from_millis(10)).await));
+        readers.push((member.clone(), reader(&gateway, member, total, Duration::from_millis(20)).await));
     }
-    let floods = members[..senders].iter().map(|sender| flood(&gateway, sender, &group, per_sender, 1000));
+    let floods = members[..senders].iter().map(|sender| flood(&gateway, sender, &group, per_sender, 32_000));
     let acks = futures::future::join_all(floods).await;
     assert!(acks.iter().all(|a| *a == per_sender), "every send acked: {acks:?}");
 
