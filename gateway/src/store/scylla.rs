@@ -46,9 +46,13 @@
 //! Reading an inbox resolves each reference with a point read of its
 //! history row (concurrently, [`READ_CONCURRENCY`] at a time, order kept).
 //! An entry without one is a send still in flight (its history row comes
-//! last) or one that failed. [`ScyllaConfig::pending_window`] tells them
-//! apart by the entry's position time: a recent one ends the page just
-//! before it, an older one is skipped (a retry writes a fresh position).
+//! last) or one that failed; either way it is skipped and the page goes on.
+//! Skipping loses nothing: a send in flight reaches a device that is
+//! syncing live (the device registered before it synced, and the fan-out
+//! follows the write), and the cursor a sync hands out to store lags "now"
+//! by the chat layer's sync horizon, longer than any write may take, so the
+//! entry is read on the device's next sync after a reconnect. A failed send
+//! was never acked (its retry writes a fresh position).
 //!
 //! Concurrent retries of one key on one gateway are serialised in the
 //! process (`InFlight`); across gateways the read-then-insert reservation
@@ -123,14 +127,6 @@ pub struct ScyllaConfig {
     /// (`batch_size_fail_threshold`: 50 KiB on Cassandra, 1 MiB on ScyllaDB
     /// by default).
     pub max_batch_bytes: usize,
-    /// How long an inbox entry whose message is not in history yet counts
-    /// as a send in flight, by the time of its position: such an entry ends
-    /// an inbox page just before it; an older one is a send that failed and
-    /// is skipped. Must be at least the chat layer's write deadline (5 s)
-    /// plus the clock skew between gateways, so no write still in flight is
-    /// skipped, and at most its sync horizon (`ChatConfig::sync_horizon`,
-    /// 10 s), so the cursor it hands out never passes a pending entry.
-    pub pending_window: Duration,
 }
 
 impl Default for ScyllaConfig {
@@ -145,7 +141,6 @@ impl Default for ScyllaConfig {
             local_datacenter: None,
             request_timeout: Duration::from_secs(10),
             max_batch_bytes: 40 * 1024,
-            pending_window: Duration::from_secs(10),
         }
     }
 }
@@ -163,7 +158,6 @@ impl fmt::Debug for ScyllaConfig {
             .field("local_datacenter", &self.local_datacenter)
             .field("request_timeout", &self.request_timeout)
             .field("max_batch_bytes", &self.max_batch_bytes)
-            .field("pending_window", &self.pending_window)
             .finish()
     }
 }
@@ -196,7 +190,6 @@ pub struct ScyllaStore {
     prepared: Prepared,
     consistency: Consistency,
     max_batch_bytes: usize,
-    pending_window: Duration,
     in_flight: InFlight,
 }
 
@@ -418,7 +411,6 @@ impl ScyllaStore {
             prepared,
             consistency: config.consistency,
             max_batch_bytes: config.max_batch_bytes,
-            pending_window: config.pending_window,
             in_flight: InFlight::default(),
         })
     }
@@ -632,27 +624,6 @@ enum Reservation {
     Existing { id: u64, channel: String },
 }
 
-/// An inbox entry whose message is not in history.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Unresolved {
-    /// Recent enough to be a send still being written (its history row comes
-    /// last): the page ends just before it.
-    Pending,
-    /// Older than any write may take: that attempt failed, and its retry
-    /// writes fresh positions. Skipped.
-    Failed,
-}
-
-/// Which [`Unresolved`] an entry at `position` is, read at `now_ms`.
-fn unresolved(position: u64, now_ms: i64, pending_window: Duration) -> Unresolved {
-    let window_ms = i64::try_from(pending_window.as_millis()).unwrap_or(i64::MAX);
-    if ids::timestamp_ms(position) > now_ms.saturating_sub(window_ms) {
-        Unresolved::Pending
-    } else {
-        Unresolved::Failed
-    }
-}
-
 /// One inbox row with its message looked up (`None`: not in history).
 struct Resolved {
     position: u64,
@@ -752,7 +723,6 @@ impl Store for ScyllaStore {
     }
 
     async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
-        let now = ids::now_ms();
         let mut out = Vec::new();
         // The last position looked at: reads go on after it, in its bucket or later ones.
         let mut cursor = after;
@@ -774,17 +744,14 @@ impl Store for ScyllaStore {
             for entry in resolved {
                 cursor = entry.position;
                 let Some(message) = entry.message else {
-                    match unresolved(entry.position, now, self.pending_window) {
-                        // The page ends here, so no cursor derived from it passes the entry.
-                        Unresolved::Pending => return Ok(out),
-                        Unresolved::Failed => tracing::debug!(
-                            user,
-                            position = entry.position,
-                            channel = %entry.channel,
-                            id = entry.id,
-                            "inbox entry of a send that never stored its message; skipped"
-                        ),
-                    }
+                    // In flight or failed: skipped (see the module docs).
+                    tracing::debug!(
+                        user,
+                        position = entry.position,
+                        channel = %entry.channel,
+                        id = entry.id,
+                        "inbox entry whose message is not stored (yet); skipped"
+                    );
                     continue;
                 };
                 out.push(InboxEntry { position: entry.position, message });
@@ -930,32 +897,6 @@ mod tests {
     fn buckets_cover_now() {
         assert!(oldest_bucket() <= newest_bucket());
         assert!(bucket_of(ids::first_id_at(ids::now_ms())) <= newest_bucket());
-    }
-
-    #[test]
-    fn a_missing_message_is_pending_only_within_the_window() {
-        let window = Duration::from_secs(10);
-        let now = ids::EPOCH_MS + 1_000_000_000;
-        let at = |ms: i64| ids::first_id_at(ms) | 0x3F_FFFF; // any worker and sequence
-        assert_eq!(unresolved(at(now), now, window), Unresolved::Pending);
-        assert_eq!(unresolved(at(now - 9_999), now, window), Unresolved::Pending);
-        // Exactly at the window's edge and beyond: older than any write may take.
-        assert_eq!(unresolved(at(now - 10_000), now, window), Unresolved::Failed);
-        assert_eq!(unresolved(at(now - 3_600_000), now, window), Unresolved::Failed);
-        assert_eq!(unresolved(0, now, window), Unresolved::Failed);
-        // A position from a gateway whose clock runs ahead is in flight too.
-        assert_eq!(unresolved(at(now + 60_000), now, window), Unresolved::Pending);
-        // No window: nothing is waited for; a huge one waits for everything.
-        assert_eq!(unresolved(at(now - 1), now, Duration::ZERO), Unresolved::Failed);
-        assert_eq!(unresolved(0, now, Duration::MAX), Unresolved::Pending);
-    }
-
-    #[test]
-    fn the_default_window_fits_between_the_chat_deadline_and_horizon() {
-        let chat = crate::chat::ChatConfig::default();
-        let window = ScyllaConfig::default().pending_window;
-        assert!(window >= chat.write_deadline + Duration::from_secs(2), "{window:?} leaves no room for clock skew");
-        assert!(window <= chat.sync_horizon, "{window:?} is longer than the sync horizon");
     }
 
     #[tokio::test]
