@@ -39,6 +39,10 @@ use connection::{Connection, ConnectionLimits};
 /// Path of the WebSocket endpoint (the protocol version is in the path).
 pub const WS_PATH: &str = "/v1/ws";
 
+/// Bytes of frames buffered before they are written without waiting for
+/// the flush that ends a batch.
+const WRITE_BUFFER: usize = 64 * 1024;
+
 pub struct Gateway {
     pub chat: Arc<ChatService>,
     /// Its health is this gateway's degraded state.
@@ -68,10 +72,12 @@ impl Gateway {
 
     fn websocket_config(&self) -> WebSocketConfig {
         // Small buffers: an idle connection should cost a few KiB, not the
-        // 128 KiB tungstenite allocates by default.
+        // 128 KiB tungstenite allocates by default. Writes are buffered (the
+        // buffer grows only when frames are written) so that a batch of
+        // frames goes out in one system call when the connection flushes.
         WebSocketConfig::default()
             .read_buffer_size(4 * 1024)
-            .write_buffer_size(0)
+            .write_buffer_size(WRITE_BUFFER)
             .max_write_buffer_size(1024 * 1024)
             .max_message_size(Some(self.max_frame_bytes))
             .max_frame_size(Some(self.max_frame_bytes))
