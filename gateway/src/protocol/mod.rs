@@ -38,6 +38,17 @@ impl Default for Limits {
 /// input becomes a [`ProtocolError`] with a stable code and, when the frame
 /// named one, its request id so the client can match the error.
 pub fn decode(text: &str, limits: &Limits) -> Result<ClientFrame, ProtocolError> {
+    // Well-formed frames (nearly all) decode straight into their type; the
+    // slower path below only runs to explain what is wrong with the rest.
+    if let Ok(frame) = serde_json::from_str::<ClientFrame>(text) {
+        let req = frame.req().map(|r| r.chars().take(MAX_REQUEST_ID_LEN).collect::<String>());
+        return frame.validate(limits).map(|()| frame).map_err(|e| e.with_req(req));
+    }
+    explain(text, limits)
+}
+
+/// Decodes a frame that did not decode directly, into the error saying why.
+fn explain(text: &str, limits: &Limits) -> Result<ClientFrame, ProtocolError> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| ProtocolError::new(ErrorCode::BadFrame, format!("not JSON: {e}")))?;
     let req = value.get("req").and_then(|r| r.as_str()).map(|r| r.chars().take(MAX_REQUEST_ID_LEN).collect::<String>());

@@ -147,7 +147,11 @@ fn decoding_never_panics_on_mutated_frames() {
             }
         }
         let text: String = chars.into_iter().collect();
-        if decode(&text, &limits()).is_ok() {
+        let decoded = decode(&text, &limits());
+        // The direct path and the explaining path agree on every input.
+        assert_eq!(decoded.is_ok(), explain(&text, &limits()).is_ok(), "{text}");
+        if let Ok(frame) = decoded {
+            assert_eq!(Ok(frame), explain(&text, &limits()), "{text}");
             accepted += 1;
         }
     }
