@@ -18,6 +18,7 @@
 //! If storage fails nothing is acknowledged; a lost forward or push job
 //! costs latency (the inbox is the source of truth), never a message.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::hub::{Delivered, Kick};
@@ -89,7 +90,7 @@ impl ChatService {
         &self,
         session: &Session,
         channel: &str,
-        members: &[String],
+        members: &Members,
         key: String,
         text: String,
     ) -> Result<(Message, u64, bool), StoreError> {
@@ -105,7 +106,7 @@ impl ChatService {
             // The id's own time: a retried send keeps its original timestamp.
             created_at_ms: ids::timestamp_ms(id),
         };
-        let new = NewMessage { message, key, recipients: members.to_vec(), position: self.ids.next_id(), link_channel };
+        let new = NewMessage { message, key, recipients: Arc::clone(members), position: self.ids.next_id(), link_channel };
         let stored = self.store.store_message(new).await?;
         // Only once written: a failed write must be retried next time.
         if link_channel {

@@ -94,7 +94,7 @@ enum Op {
         id: u64,
         json: Vec<u8>,
         position: u64,
-        recipients: Vec<String>,
+        recipients: std::sync::Arc<[String]>,
         link_channel: bool,
     },
     CreateGroup {
@@ -393,7 +393,7 @@ impl<'t> Tables<'t> {
                 }
                 self.sends.insert(key, (*id, channel.as_str())).map_err(storage("writing sends"))?;
                 self.messages.insert((channel.as_str(), *id), json.as_slice()).map_err(storage("writing messages"))?;
-                for user in recipients {
+                for user in recipients.iter() {
                     self.inbox
                         .insert((user.as_str(), *position), (channel.as_str(), *id))
                         .map_err(storage("writing inbox"))?;

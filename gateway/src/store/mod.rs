@@ -55,7 +55,8 @@ pub struct NewMessage {
     pub message: Message,
     /// Client-chosen idempotency key of `message.sender`.
     pub key: String,
-    pub recipients: Vec<String>,
+    /// Shared with the fan-out that follows (a group's cached members).
+    pub recipients: std::sync::Arc<[String]>,
     /// One inbox position shared by every recipient (the live frame is encoded once).
     pub position: u64,
     /// Also record the channel in every recipient's channel list (the first

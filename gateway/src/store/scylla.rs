@@ -697,7 +697,7 @@ impl Store for ScyllaStore {
         if !reserved {
             rows.push((&self.prepared.insert_send, Row::Send((message.sender.as_str(), key.as_str(), id, channel))));
         }
-        for user in &recipients {
+        for user in recipients.iter() {
             rows.push((&self.prepared.insert_inbox, Row::Inbox((user.as_str(), bucket, at, channel, id))));
             if link_channel {
                 rows.push((&self.prepared.insert_user_channel, Row::Pair((user.as_str(), channel))));

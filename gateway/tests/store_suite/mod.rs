@@ -24,7 +24,7 @@ pub fn send(message: &Message, key: &str, recipients: &[&str], position: u64) ->
     NewMessage {
         message: message.clone(),
         key: key.into(),
-        recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        recipients: recipients.iter().map(|r| r.to_string()).collect::<Vec<_>>().into(),
         position,
         link_channel: false,
     }
