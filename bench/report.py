@@ -59,7 +59,11 @@ def stored_bytes(work, results):
 
 
 def ms(us):
-    return "–" if us is None else (f"{us / 1000:.2f} ms" if us < 10_000 else f"{us / 1000:.0f} ms")
+    if us is None:
+        return "–"
+    if us < 10_000:
+        return f"{us / 1000:.2f} ms"
+    return f"{us / 1000:.0f} ms" if us < 1_000_000 else f"{us / 1_000_000:.1f} s"
 
 
 def num(x, digits=0):
@@ -70,7 +74,7 @@ def ratio(a, b, better):
     if a is None or b is None or b == 0:
         return "–"
     r = a / b
-    return f"{r:.2f} ({better})"
+    return f"{r:,.0f} ({better})" if r >= 10 else f"{r:.2f} ({better})"
 
 
 def measured_steps(result):
@@ -84,6 +88,9 @@ def problems(step):
         notes.append("**closed " + ", ".join(f"{code}×{n}" for code, n in step["closes"].items()) + "**")
     if step.get("errors"):
         notes.append("errors " + ", ".join(f"{code}×{n}" for code, n in step["errors"].items()))
+    unacked = step.get("sent", 0) - step.get("acked", 0) - sum((step.get("errors") or {}).values())
+    if unacked > 0:
+        notes.append(f"{unacked:,} of {step['sent']:,} sends not acked by the end")
     if step.get("missing"):
         notes.append(f"{step['missing']:,} not delivered")
     return ("; " + "; ".join(notes)) if notes else ""
@@ -163,9 +170,11 @@ def rows(results, stored):
     if cluster:
         s = cluster[0]
         params = kc["cluster"]["params"]
+        cores = (s.get("server_usage") or {}).get("cores")
         out.append((f"1:1 across two gateways (Redis + Cassandra), {params['pairs']:,} pairs, "
                     f"{num(params['rate'])} msg/s",
-                    f"p50 {ms(s['latency'].get('p50_us'))}, p99 {ms(s['latency'].get('p99_us'))}{problems(s)}",
+                    f"p50 {ms(s['latency'].get('p50_us'))}, p99 {ms(s['latency'].get('p99_us'))}, "
+                    f"{num(cores, 2)} core (both gateways){problems(s)}",
                     "– (not run)", ""))
     return out
 
@@ -189,7 +198,7 @@ def main():
     stored = stored_bytes(work, results)
     meta = {
         "command": os.environ.get("BENCH_COMMAND", "bench/run.sh"),
-        "date": sh("date", "-u", "+%Y-%m-%dT%H:%M:%SZ"),
+        "date": os.environ.get("BENCH_DATE") or sh("date", "-u", "+%Y-%m-%dT%H:%M:%SZ"),
         "quick": bool(os.environ.get("BENCH_QUICK")),
         "failed": os.environ.get("BENCH_FAILED", "").split(),
         "machine": {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),

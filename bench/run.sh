@@ -16,6 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../e2e/local/lib.sh"
 cd "$REPO_ROOT"
 
 COMMAND="bench/run.sh${*:+ $*}"
+STARTED_AT="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 QUICK=""; CLUSTER=1; ONLY=""; OUT="bench/results"
 while (($#)); do
   case "$1" in
@@ -216,7 +217,7 @@ if [[ -n "$CLUSTER" ]] && wanted cluster; then cluster; fi
 # ------------------------------------------------------------- report ----
 
 mkdir -p "$OUT"
-BENCH_COMMAND="$COMMAND" BENCH_QUICK="$QUICK" BENCH_FAILED="${FAILED[*]}" \
+BENCH_COMMAND="$COMMAND" BENCH_DATE="$STARTED_AT" BENCH_QUICK="$QUICK" BENCH_FAILED="${FAILED[*]}" \
   BENCH_PINNING="server: taskset -c $SERVER_CPU; client: taskset -c $CLIENT_CPU" \
   BENCH_CENTRIFUGO_VERSION="$("$CENTRIFUGO" version | head -n1)" \
   python3 bench/report.py "$WORK" "$OUT"
