@@ -2,13 +2,14 @@
 //! kubechat `hello` or the Centrifugo connect reply) as fast as possible with
 //! bounded concurrency, all held until the last one is up.
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use super::{Context, new_histogram, open_all, setup_summary};
+use super::{Context, open_all};
 use crate::net::{self, Ws};
-use crate::stats::{Counts, record};
+use crate::stats::{Counts, histogram, record, summary};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnectArgs {
@@ -19,7 +20,7 @@ pub struct ConnectArgs {
 pub async fn run(ctx: &Context, args: &ConnectArgs) -> anyhow::Result<Value> {
     let n = args.connections;
     let failures = Counts::default();
-    let setup = new_histogram();
+    let setup = Mutex::new(histogram());
     let mut held: Vec<Ws> = Vec::with_capacity(n);
     let before = ctx.sample();
     eprintln!("connect: {n} connections, {} at a time", ctx.concurrency);
@@ -54,7 +55,7 @@ pub async fn run(ctx: &Context, args: &ConnectArgs) -> anyhow::Result<Value> {
         "failed": failures.to_json(),
         "seconds": seconds,
         "connections_per_s": rate.round(),
-        "setup_latency": setup_summary(&setup),
+        "setup_latency": summary(&setup),
         "server_usage": server,
     }))
 }

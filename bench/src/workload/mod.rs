@@ -19,9 +19,9 @@ use tokio::sync::watch;
 
 use crate::driver::{self, Conn, Shared};
 use crate::net::{Endpoint, SourcePool, Ws};
+use crate::procfs;
 use crate::proto::Client;
 use crate::stats::{RunStats, StepStats, summary};
-use crate::{procfs, stats};
 
 /// Settings every workload uses.
 pub struct Context {
@@ -282,13 +282,4 @@ pub fn print_closes(closes: &Value) {
         Some(map) if !map.is_empty() => eprintln!("CONNECTIONS CLOSED BY THE SERVER OR LOST: {closes}"),
         _ => eprintln!("no connection was closed by the server"),
     }
-}
-
-/// The histogram summary of connection setup times.
-pub fn setup_summary(histogram: &std::sync::Mutex<hdrhistogram::Histogram<u64>>) -> Value {
-    summary(histogram)
-}
-
-pub fn new_histogram() -> std::sync::Mutex<hdrhistogram::Histogram<u64>> {
-    std::sync::Mutex::new(stats::histogram())
 }
