@@ -147,6 +147,8 @@ bench() {
     du -sb "$WORK/kubechat-group/data" | cut -f1 >"$WORK/kubechat-group.stored-bytes"
   fi
   stop_server
+  # Hundreds of MB after the message runs; the logs stay.
+  if [[ "$server" == kubechat ]]; then rm -rf "$WORK/kubechat-$name/data"; fi
 }
 
 both() { bench kubechat "$@"; bench centrifugo "$@"; }
@@ -157,6 +159,7 @@ if wanted group; then
   # The empty store's size, to subtract.
   start_kubechat empty && stop_server
   du -sb "$WORK/kubechat-empty/data" | cut -f1 >"$WORK/kubechat-empty.stored-bytes"
+  rm -rf "$WORK/kubechat-empty/data"
   both group group --members 100 --rates "$GROUP_RATES" --duration "$STEP_S"
 fi
 wanted pairs5k && both pairs5k pairs --pairs "$PAIRS" --rate 5000 --duration "$PAIRS_S"
@@ -221,6 +224,6 @@ BENCH_COMMAND="$COMMAND" BENCH_DATE="$STARTED_AT" BENCH_QUICK="$QUICK" BENCH_FAI
   BENCH_PINNING="server: taskset -c $SERVER_CPU; client: taskset -c $CLIENT_CPU" \
   BENCH_CENTRIFUGO_VERSION="$("$CENTRIFUGO" version | head -n1)" \
   python3 bench/report.py "$WORK" "$OUT"
-log "wrote $OUT/latest.json and $OUT/latest.md"
+log "wrote $OUT/latest.json and $OUT/latest.md (raw results and server logs in $WORK)"
 cat "$OUT/latest.md"
 ((${#FAILED[@]} == 0)) || die "failed: ${FAILED[*]} (logs in $WORK)"
