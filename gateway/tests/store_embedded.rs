@@ -136,37 +136,54 @@ async fn data_survives_reopening() {
     assert_eq!(store.enqueue_push(serde_json::json!(2)).await.expect("push after reopen"), 2);
 }
 
-/// A folder written when inbox entries held the message JSON (table
-/// `inbox`) opens with its inbox converted to references, nothing lost.
+/// Folders written by earlier layouts of the inbox open with it converted,
+/// nothing lost: entries holding the message JSON (table `inbox`) and
+/// entries holding `(channel, id)` (table `inbox_refs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_older_inbox_is_converted_on_open() {
-    let dir = tempfile::tempdir().expect("tempdir");
+async fn older_inboxes_are_converted_on_open() {
+    type Pair = (&'static str, u64);
     let m = message(700, "g:1", "alice", "from before");
-    {
-        let db = redb::Database::create(dir.path().join(DB_FILE)).expect("create");
+    let json = serde_json::to_vec(&m).expect("json");
+    let write_old = |dir: &std::path::Path, with_refs: bool| {
+        let db = redb::Database::create(dir.join(DB_FILE)).expect("create");
         let txn = db.begin_write().expect("write");
         {
-            let json = serde_json::to_vec(&m).expect("json");
-            let mut messages =
-                txn.open_table(redb::TableDefinition::<(&str, u64), &[u8]>::new("messages")).expect("messages");
+            let mut messages = txn.open_table(redb::TableDefinition::<Pair, &[u8]>::new("messages")).expect("messages");
             messages.insert(("g:1", 700), json.as_slice()).expect("insert");
-            let mut inbox = txn.open_table(redb::TableDefinition::<(&str, u64), &[u8]>::new("inbox")).expect("inbox");
-            inbox.insert(("bob", 701), json.as_slice()).expect("insert");
-            inbox.insert(("carol", 702), json.as_slice()).expect("insert");
+            if with_refs {
+                let mut inbox = txn.open_table(redb::TableDefinition::<Pair, Pair>::new("inbox_refs")).expect("refs");
+                inbox.insert(("bob", 701), ("g:1", 700)).expect("insert");
+                inbox.insert(("carol", 702), ("g:1", 700)).expect("insert");
+            } else {
+                let mut inbox = txn.open_table(redb::TableDefinition::<Pair, &[u8]>::new("inbox")).expect("inbox");
+                inbox.insert(("bob", 701), json.as_slice()).expect("insert");
+                inbox.insert(("carol", 702), json.as_slice()).expect("insert");
+            }
         }
         txn.commit().expect("commit");
+    };
+    for with_refs in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_old(dir.path(), with_refs);
+        let store = EmbeddedStore::open(dir.path()).expect("open converts");
+        assert_eq!(
+            store.inbox_after("bob", 0, 10).await.expect("bob"),
+            vec![InboxEntry { position: 701, message: m.clone() }],
+            "layout with_refs={with_refs}"
+        );
+        assert_eq!(store.inbox_after("carol", 0, 10).await.expect("carol").len(), 1);
+        assert_eq!(store.history("g:1", Page::Latest, 10).await.expect("history"), vec![m.clone()]);
+        // New entries land beside the converted ones, for old and new users.
+        let next = message(800, "g:1", "bob", "after the upgrade");
+        store.store_message(send(&next, "k", &["carol", "dave"], 801)).await.expect("store");
+        assert_eq!(store.inbox_after("carol", 0, 10).await.expect("carol").len(), 2);
+        assert_eq!(store.inbox_after("dave", 0, 10).await.expect("dave").len(), 1);
+        drop(store);
+        // Converted once: a second open finds nothing left to do.
+        let store = EmbeddedStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.inbox_after("bob", 0, 10).await.expect("bob again").len(), 1);
+        assert_eq!(store.inbox_after("carol", 0, 10).await.expect("carol again").len(), 2);
     }
-    let store = EmbeddedStore::open(dir.path()).expect("open converts");
-    assert_eq!(
-        store.inbox_after("bob", 0, 10).await.expect("bob"),
-        vec![InboxEntry { position: 701, message: m.clone() }]
-    );
-    assert_eq!(store.inbox_after("carol", 0, 10).await.expect("carol").len(), 1);
-    assert_eq!(store.history("g:1", Page::Latest, 10).await.expect("history"), vec![m]);
-    drop(store);
-    // Converted once: a second open finds nothing left to do.
-    let store = EmbeddedStore::open(dir.path()).expect("reopen");
-    assert_eq!(store.inbox_after("bob", 0, 10).await.expect("bob again").len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,108 @@
+//! Creating the tables of a new store and converting the inbox of a store
+//! written by an earlier version, in the transaction that opens it.
+//!
+//! Inbox layouts so far:
+//! 1. `inbox`: `(user, position) → message JSON` (a copy per recipient).
+//! 2. `inbox_refs`: `(user, position) → (channel, id)`.
+//! 3. now: `inbox_entries`: `user number << 64 | position → ()` and
+//!    `positions`: `position → (channel, id)` (see the module docs).
+
+use std::collections::HashMap;
+
+use redb::{Database, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
+
+use super::{
+    GROUPS, INBOX, MEMBERS, MESSAGES, META, META_NEXT_USER, POSITIONS, PUSH, Pair, SENDS, USER_CHANNELS, USERS, decode,
+    inbox_key, storage,
+};
+use crate::store::{Message, StoreResult};
+
+/// Layout 1.
+const INBOX_V1: TableDefinition<Pair, &[u8]> = TableDefinition::new("inbox");
+/// Layout 2.
+const INBOX_V2: TableDefinition<Pair, Pair> = TableDefinition::new("inbox_refs");
+
+pub(super) fn create_tables(db: &Database) -> StoreResult<()> {
+    let txn = db.begin_write().map_err(storage("creating tables"))?;
+    let old_entries = take_old_inbox(&txn)?;
+    {
+        // Opening a table in a write transaction creates it if missing.
+        txn.open_table(MESSAGES).map_err(storage("creating messages"))?;
+        txn.open_table(POSITIONS).map_err(storage("creating positions"))?;
+        txn.open_table(INBOX).map_err(storage("creating inbox"))?;
+        txn.open_table(USERS).map_err(storage("creating users"))?;
+        txn.open_table(SENDS).map_err(storage("creating sends"))?;
+        txn.open_table(GROUPS).map_err(storage("creating groups"))?;
+        txn.open_table(MEMBERS).map_err(storage("creating members"))?;
+        txn.open_table(USER_CHANNELS).map_err(storage("creating user_channels"))?;
+        txn.open_table(PUSH).map_err(storage("creating push"))?;
+        txn.open_table(META).map_err(storage("creating meta"))?;
+    }
+    if !old_entries.is_empty() {
+        let converted = old_entries.len();
+        write_entries(&txn, old_entries)?;
+        tracing::info!(entries = converted, "converted the embedded store's inbox to the current layout");
+    }
+    txn.commit().map_err(storage("creating tables"))
+}
+
+/// `(user, position, channel, id)` of every entry of an older inbox, whose
+/// table is then deleted.
+fn take_old_inbox(txn: &WriteTransaction) -> StoreResult<Vec<(String, u64, String, u64)>> {
+    let names: Vec<String> =
+        txn.list_tables().map_err(storage("listing tables"))?.map(|t| t.name().to_owned()).collect();
+    let mut entries = Vec::new();
+    if names.iter().any(|n| n == INBOX_V2.name()) {
+        let old = txn.open_table(INBOX_V2).map_err(storage("opening the old inbox"))?;
+        for row in old.iter().map_err(storage("reading the old inbox"))? {
+            let (key, reference) = row.map_err(storage("reading the old inbox"))?;
+            let ((user, position), (channel, id)) = (key.value(), reference.value());
+            entries.push((user.to_owned(), position, channel.to_owned(), id));
+        }
+        drop(old);
+        txn.delete_table(INBOX_V2).map_err(storage("removing the old inbox"))?;
+    }
+    if names.iter().any(|n| n == INBOX_V1.name()) {
+        let old = txn.open_table(INBOX_V1).map_err(storage("opening the old inbox"))?;
+        for row in old.iter().map_err(storage("reading the old inbox"))? {
+            let (key, json) = row.map_err(storage("reading the old inbox"))?;
+            let (user, position) = key.value();
+            let message: Message = decode("old inbox message", json.value())?;
+            entries.push((user.to_owned(), position, message.channel, message.id));
+        }
+        drop(old);
+        txn.delete_table(INBOX_V1).map_err(storage("removing the old inbox"))?;
+    }
+    Ok(entries)
+}
+
+fn write_entries(txn: &WriteTransaction, entries: Vec<(String, u64, String, u64)>) -> StoreResult<()> {
+    let mut users = txn.open_table(USERS).map_err(storage("opening users"))?;
+    let mut meta = txn.open_table(META).map_err(storage("opening meta"))?;
+    let mut inbox = txn.open_table(INBOX).map_err(storage("opening inbox"))?;
+    let mut positions = txn.open_table(POSITIONS).map_err(storage("opening positions"))?;
+    let mut next = meta.get(META_NEXT_USER).map_err(storage("reading meta"))?.map_or(0, |v| v.value());
+    let mut numbers: HashMap<String, u64> = HashMap::new();
+    for (user, position, channel, id) in entries {
+        let number = match numbers.get(&user) {
+            Some(number) => *number,
+            None => {
+                let found = users.get(user.as_str()).map_err(storage("reading users"))?.map(|v| v.value());
+                let number = match found {
+                    Some(found) => found,
+                    None => {
+                        users.insert(user.as_str(), next).map_err(storage("writing users"))?;
+                        next += 1;
+                        next - 1
+                    }
+                };
+                numbers.insert(user, number);
+                number
+            }
+        };
+        inbox.insert(inbox_key(number, position), ()).map_err(storage("writing inbox"))?;
+        positions.insert(position, (channel.as_str(), id)).map_err(storage("writing positions"))?;
+    }
+    meta.insert(META_NEXT_USER, next).map_err(storage("writing meta"))?;
+    Ok(())
+}
