@@ -63,58 +63,82 @@ pub trait Broker: Send + Sync + 'static {
 /// The standalone gateway's broker: every session is here.
 #[derive(Default)]
 pub struct LocalBroker {
-    state: Mutex<LocalState>,
+    state: Mutex<HashMap<Box<str>, LocalUser>>,
 }
 
-#[derive(Default)]
-struct LocalState {
-    sessions: HashMap<String, HashSet<String>>,
-    last_active: HashMap<String, i64>,
+/// One user in one map entry: the devices with a session (none once the
+/// user left) and when the user was last seen connecting or leaving.
+struct LocalUser {
+    devices: Vec<Box<str>>,
+    last_active: i64,
+}
+
+impl LocalUser {
+    fn online(&self) -> bool {
+        !self.devices.is_empty()
+    }
 }
 
 impl LocalBroker {
-    fn with_state<T>(&self, f: impl FnOnce(&mut LocalState) -> T) -> T {
+    fn with_state<T>(&self, f: impl FnOnce(&mut HashMap<Box<str>, LocalUser>) -> T) -> T {
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut state)
+    }
+
+    /// `user`'s entry, its last activity set to now.
+    fn touch<'a>(users: &'a mut HashMap<Box<str>, LocalUser>, user: &str) -> &'a mut LocalUser {
+        let now = crate::ids::now_ms();
+        if !users.contains_key(user) {
+            // Looked up first: the key is allocated only for a new user.
+            users.insert(user.into(), LocalUser { devices: Vec::new(), last_active: now });
+        }
+        let entry = users.get_mut(user).expect("inserted above");
+        entry.last_active = now;
+        entry
     }
 }
 
 #[async_trait]
 impl Broker for LocalBroker {
     async fn route(&self, users: &[String], _frame: &Frame) -> Result<HashSet<String>, BrokerError> {
-        Ok(self.with_state(|s| users.iter().filter(|u| !s.sessions.contains_key(*u)).cloned().collect()))
+        Ok(self.with_state(|s| {
+            users.iter().filter(|u| !s.get(u.as_str()).is_some_and(LocalUser::online)).cloned().collect()
+        }))
     }
 
     async fn session_added(&self, user: &str, device: &str) -> Result<bool, BrokerError> {
         Ok(self.with_state(|s| {
-            s.last_active.insert(user.to_string(), crate::ids::now_ms());
-            let devices = s.sessions.entry(user.to_string()).or_default();
-            let was_offline = devices.is_empty();
-            devices.insert(device.to_string());
+            let entry = Self::touch(s, user);
+            let was_offline = !entry.online();
+            if !entry.devices.iter().any(|d| **d == *device) {
+                // Most users have one device: room for one, not four.
+                entry.devices.reserve_exact(1);
+                entry.devices.push(device.into());
+            }
             was_offline
         }))
     }
 
     async fn session_removed(&self, user: &str, device: &str) -> Result<bool, BrokerError> {
         Ok(self.with_state(|s| {
-            s.last_active.insert(user.to_string(), crate::ids::now_ms());
-            let Some(devices) = s.sessions.get_mut(user) else { return false };
-            devices.remove(device);
-            if devices.is_empty() {
-                s.sessions.remove(user);
-                true
-            } else {
-                false
+            let entry = Self::touch(s, user);
+            let was_online = entry.online();
+            entry.devices.retain(|d| **d != *device);
+            if entry.devices.is_empty() {
+                entry.devices = Vec::new();
             }
+            was_online && !entry.online()
         }))
     }
 
     async fn online(&self, users: &[String]) -> Result<HashSet<String>, BrokerError> {
-        Ok(self.with_state(|s| users.iter().filter(|u| s.sessions.contains_key(*u)).cloned().collect()))
+        Ok(self.with_state(|s| {
+            users.iter().filter(|u| s.get(u.as_str()).is_some_and(LocalUser::online)).cloned().collect()
+        }))
     }
 
     async fn last_active(&self, users: &[String]) -> Result<Vec<Option<i64>>, BrokerError> {
-        Ok(self.with_state(|s| users.iter().map(|u| s.last_active.get(u).copied()).collect()))
+        Ok(self.with_state(|s| users.iter().map(|u| s.get(u.as_str()).map(|e| e.last_active)).collect()))
     }
 
     async fn group_changed(&self, _group: &str) -> Result<(), BrokerError> {
@@ -135,11 +159,15 @@ mod tests {
         let broker = LocalBroker::default();
         assert!(broker.session_added("alice", "phone").await.expect("add"));
         assert!(!broker.session_added("alice", "laptop").await.expect("add"));
+        assert!(!broker.session_added("alice", "laptop").await.expect("add again"), "idempotent");
         assert!(!broker.session_removed("alice", "phone").await.expect("remove"));
         let frame = Frame::from_static("x");
         let offline = broker.route(&["alice".into(), "bob".into()], &frame).await.expect("route");
         assert_eq!(offline, HashSet::from(["bob".to_string()]));
         assert!(broker.session_removed("alice", "laptop").await.expect("remove"));
-        assert!(broker.last_active(&["alice".into()]).await.expect("seen")[0].is_some());
+        assert!(!broker.session_removed("alice", "laptop").await.expect("remove again"), "already offline");
+        assert!(broker.online(&["alice".into()]).await.expect("online").is_empty());
+        assert!(broker.last_active(&["alice".into()]).await.expect("seen")[0].is_some(), "remembered after leaving");
+        assert!(broker.session_added("alice", "phone").await.expect("add"), "online again");
     }
 }
