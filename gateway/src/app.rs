@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::redis::{RedisBroker, RedisBrokerConfig};
 use crate::broker::{Broker, LocalBroker};
-use crate::chat::hub::Hub;
+use crate::chat::hub::{Hub, Kick};
 use crate::chat::members::MemberCache;
 use crate::chat::presence::PresenceTracker;
 use crate::chat::push::PushQueue;
@@ -126,13 +126,24 @@ pub async fn start(
         metrics: metrics.clone(),
     };
     let chat = ChatService::start(parts, remote_offline, &tasks, shutdown.clone());
+    // Connections learn of a shutdown from their outbox (it is what they
+    // wait on anyway): no waiter on the token per connection.
+    tasks.spawn({
+        let (hub, shutdown) = (chat.hub().clone(), shutdown.clone());
+        async move {
+            shutdown.cancelled().await;
+            hub.kick_all(Kick::GoingAway);
+        }
+    });
+    let max_frame_bytes = Gateway::frame_limit_for(options.chat.limits.max_message_chars);
     let gateway = Arc::new(Gateway {
         chat: chat.clone(),
         broker,
         auth: Arc::new(auth),
         metrics: metrics.clone(),
         limits: options.limits.clone(),
-        max_frame_bytes: Gateway::frame_limit_for(options.chat.limits.max_message_chars),
+        max_frame_bytes,
+        websocket: Gateway::websocket_config(max_frame_bytes),
         dev_tokens: options.dev_tokens,
         ready: Arc::new(AtomicBool::new(true)),
         connection_slots: Arc::new(Semaphore::new(options.max_connections)),

@@ -12,8 +12,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use dashmap::DashMap;
+use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -26,6 +28,8 @@ pub type Outbound = crate::protocol::EncodedFrame;
 pub enum Kick {
     SlowConsumer,
     LoggedOut,
+    /// The gateway is shutting down.
+    GoingAway,
 }
 
 /// How many frames an outbox holds before it pushes back, and before its
@@ -67,8 +71,10 @@ struct OutboxState {
 /// sends (and forwards from other gateways); the consumer is the connection.
 pub struct Outbox {
     state: Mutex<OutboxState>,
-    /// Wakes the connection: frames were queued, or it was kicked.
-    wake: Notify,
+    /// Wakes the connection, the one consumer: frames were queued, or it
+    /// was kicked. (A waker, not a `Notify`: waiting costs the connection
+    /// no future of its own.)
+    wake: AtomicWaker,
     /// Wakes producers waiting for the outbox to drain below its soft limit.
     drained: Notify,
     limits: OutboxLimits,
@@ -76,7 +82,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(limits: OutboxLimits) -> Self {
-        Self { state: Mutex::default(), wake: Notify::new(), drained: Notify::new(), limits }
+        Self { state: Mutex::default(), wake: AtomicWaker::new(), drained: Notify::new(), limits }
     }
 
     fn state(&self) -> MutexGuard<'_, OutboxState> {
@@ -94,7 +100,7 @@ impl Outbox {
             state.kick = Some(Kick::SlowConsumer);
             state.frames = VecDeque::new();
             drop(state);
-            self.wake.notify_one();
+            self.wake.wake();
             self.drained.notify_waiters();
             return Pushed::Dropped;
         }
@@ -103,7 +109,7 @@ impl Outbox {
         let first = state.frames.len() == 1;
         drop(state);
         if first {
-            self.wake.notify_one();
+            self.wake.wake();
         }
         if backlogged { Pushed::Backlogged } else { Pushed::Queued }
     }
@@ -114,7 +120,7 @@ impl Outbox {
         state.kick.get_or_insert(why);
         state.frames = VecDeque::new();
         drop(state);
-        self.wake.notify_one();
+        self.wake.wake();
         self.drained.notify_waiters();
     }
 
@@ -138,18 +144,17 @@ impl Outbox {
         }
     }
 
+    /// Ready when there is something for the connection: frames or a kick.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before the check, so a push right after it wakes the task.
+        self.wake.register(cx.waker());
+        let state = self.state();
+        if !state.frames.is_empty() || state.kick.is_some() { Poll::Ready(()) } else { Poll::Pending }
+    }
+
     /// Waits until there is something for the connection: frames or a kick.
     pub async fn ready(&self) {
-        loop {
-            {
-                let state = self.state();
-                if !state.frames.is_empty() || state.kick.is_some() {
-                    return;
-                }
-            }
-            // `notify_one` keeps a permit when nobody waits, so no wake-up is lost.
-            self.wake.notified().await;
-        }
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 
     /// Moves up to `max` queued frames into `into`; returns the kick, if
@@ -189,21 +194,24 @@ impl Outbox {
 
 #[derive(Clone)]
 struct Device {
-    device: String,
+    device: Arc<str>,
     connection: u64,
     outbox: Arc<Outbox>,
 }
 
+/// Names are shared (`Arc<str>`) between the map, the registration and the
+/// presence tracker: one copy per connection, not one per holder.
 #[derive(Default)]
 pub struct Hub {
-    users: DashMap<String, Vec<Device>>,
+    users: DashMap<Arc<str>, Vec<Device>>,
     next_connection: AtomicU64,
 }
 
 /// A registered connection; unregisters itself when dropped.
 pub struct Registration {
     hub: Arc<Hub>,
-    user: String,
+    pub user: Arc<str>,
+    pub device: Arc<str>,
     pub connection: u64,
     pub outbox: Arc<Outbox>,
 }
@@ -251,13 +259,18 @@ impl Hub {
     pub fn register(self: &Arc<Self>, user: &str, device: &str, limits: OutboxLimits) -> Registration {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(limits));
-        let entry = Device { device: device.to_string(), connection, outbox: Arc::clone(&outbox) };
-        self.users.entry(user.to_string()).or_default().push(entry);
-        Registration { hub: self.clone(), user: user.to_string(), connection, outbox }
+        let device: Arc<str> = Arc::from(device);
+        let entry = Device { device: Arc::clone(&device), connection, outbox: Arc::clone(&outbox) };
+        // Most users have one device here: room for one, not the four a first push reserves.
+        let mut devices = self.users.entry(Arc::from(user)).or_insert_with(|| Vec::with_capacity(1));
+        devices.push(entry);
+        let user = Arc::clone(devices.key());
+        drop(devices);
+        Registration { hub: self.clone(), user, device, connection, outbox }
     }
 
-    fn unregister(&self, user: &str, connection: u64) {
-        if let dashmap::Entry::Occupied(mut devices) = self.users.entry(user.to_string()) {
+    fn unregister(&self, user: &Arc<str>, connection: u64) {
+        if let dashmap::Entry::Occupied(mut devices) = self.users.entry(Arc::clone(user)) {
             devices.get_mut().retain(|d| d.connection != connection);
             if devices.get().is_empty() {
                 devices.remove();
@@ -299,7 +312,14 @@ impl Hub {
     /// Closes the connections of one device of `user` (its logout).
     pub fn kick_device(&self, user: &str, device: &str, why: Kick) {
         if let Some(devices) = self.users.get(user) {
-            devices.iter().filter(|d| d.device == device).for_each(|d| d.outbox.kick(why));
+            devices.iter().filter(|d| *d.device == *device).for_each(|d| d.outbox.kick(why));
+        }
+    }
+
+    /// Closes every connection here (the gateway is shutting down).
+    pub fn kick_all(&self, why: Kick) {
+        for devices in self.users.iter() {
+            devices.iter().for_each(|d| d.outbox.kick(why));
         }
     }
 
@@ -311,7 +331,7 @@ impl Hub {
     // Presence is the broker's job; this only lets tests look inside.
     #[cfg(test)]
     fn devices(&self, user: &str) -> Vec<String> {
-        self.users.get(user).map(|d| d.iter().map(|d| d.device.clone()).collect()).unwrap_or_default()
+        self.users.get(user).map(|d| d.iter().map(|d| d.device.to_string()).collect()).unwrap_or_default()
     }
 }
 
@@ -394,6 +414,15 @@ mod tests {
         hub.kick_device("carol", "phone", Kick::LoggedOut);
         assert_eq!(phone.outbox.kick_reason(), Some(Kick::LoggedOut));
         assert_eq!(web.outbox.kick_reason(), None);
+    }
+
+    #[test]
+    fn kick_all_closes_every_connection() {
+        let hub = Hub::new();
+        let (a, b) = (hub.register("carol", "phone", SMALL), hub.register("dave", "web", SMALL));
+        hub.kick_all(Kick::GoingAway);
+        assert_eq!(a.outbox.kick_reason(), Some(Kick::GoingAway));
+        assert_eq!(b.outbox.kick_reason(), Some(Kick::GoingAway));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! sweeper and re-added by a reconnect reach the broker in that order).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -48,33 +48,43 @@ struct DeviceSession {
     linger_until: Option<Instant>,
 }
 
+/// Sessions by (user, device); the names are the hub's (`Arc<str>`), not copies.
+#[derive(Default)]
+struct Sessions {
+    map: HashMap<(Arc<str>, Arc<str>), DeviceSession>,
+    /// How many have `linger_until` set: the sweeper skips the map when none do.
+    lingering: usize,
+}
+
 /// Sessions of this gateway by (user, device).
 pub struct PresenceTracker {
     offline_after: Duration,
-    sessions: Mutex<HashMap<(String, String), DeviceSession>>,
+    sessions: Mutex<Sessions>,
 }
 
 impl PresenceTracker {
     pub fn new(offline_after: Duration) -> Self {
-        Self { offline_after, sessions: Mutex::new(HashMap::new()) }
+        Self { offline_after, sessions: Mutex::default() }
     }
 
-    fn with_sessions<T>(&self, f: impl FnOnce(&mut HashMap<(String, String), DeviceSession>) -> T) -> T {
+    fn with_sessions<T>(&self, f: impl FnOnce(&mut Sessions) -> T) -> T {
         let mut sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut sessions)
     }
 
     /// A connection of (user, device) opened here.
-    pub fn connected(&self, user: &str, device: &str, emit: impl FnOnce(Transition)) {
+    pub fn connected(&self, user: &Arc<str>, device: &Arc<str>, emit: impl FnOnce(Transition)) {
         self.with_sessions(|sessions| {
-            let key = (user.to_string(), device.to_string());
-            match sessions.get_mut(&key) {
+            let key = (Arc::clone(user), Arc::clone(device));
+            match sessions.map.get_mut(&key) {
                 Some(session) => {
                     session.connections += 1;
-                    session.linger_until = None;
+                    if session.linger_until.take().is_some() {
+                        sessions.lingering -= 1;
+                    }
                 }
                 None => {
-                    sessions.insert(key, DeviceSession { connections: 1, linger_until: None });
+                    sessions.map.insert(key, DeviceSession { connections: 1, linger_until: None });
                     emit(Transition::Added { user: user.to_string(), device: device.to_string() });
                 }
             }
@@ -85,25 +95,27 @@ impl PresenceTracker {
     /// client last sent anything. A logout ends the session now.
     pub fn disconnected(
         &self,
-        user: &str,
-        device: &str,
+        user: &Arc<str>,
+        device: &Arc<str>,
         last_heard: Instant,
         logged_out: bool,
         emit: impl FnOnce(Transition),
     ) {
         self.with_sessions(|sessions| {
-            let key = (user.to_string(), device.to_string());
-            let Some(session) = sessions.get_mut(&key) else { return };
+            let key = (Arc::clone(user), Arc::clone(device));
+            let Some(session) = sessions.map.get_mut(&key) else { return };
             session.connections = session.connections.saturating_sub(1);
             if session.connections > 0 {
                 return;
             }
             let until = last_heard + self.offline_after;
             if logged_out || until <= Instant::now() {
-                sessions.remove(&key);
+                if sessions.map.remove(&key).is_some_and(|s| s.linger_until.is_some()) {
+                    sessions.lingering -= 1;
+                }
                 emit(Transition::Removed { user: user.to_string(), device: device.to_string() });
-            } else {
-                session.linger_until = Some(until);
+            } else if session.linger_until.replace(until).is_none() {
+                sessions.lingering += 1;
             }
         });
     }
@@ -111,19 +123,25 @@ impl PresenceTracker {
     /// Ends lingering sessions whose time is up.
     pub fn sweep(&self, now: Instant, mut emit: impl FnMut(Transition)) {
         self.with_sessions(|sessions| {
-            sessions.retain(|(user, device), session| {
+            if sessions.lingering == 0 {
+                return;
+            }
+            let mut ended = 0;
+            sessions.map.retain(|(user, device), session| {
                 let expired = session.linger_until.is_some_and(|until| until <= now);
                 if expired {
-                    emit(Transition::Removed { user: user.clone(), device: device.clone() });
+                    ended += 1;
+                    emit(Transition::Removed { user: user.to_string(), device: device.to_string() });
                 }
                 !expired
             });
+            sessions.lingering -= ended;
         });
     }
 
     /// Every session this gateway holds, lingering ones included.
     pub fn sessions(&self) -> Vec<(String, String)> {
-        self.with_sessions(|sessions| sessions.keys().cloned().collect())
+        self.with_sessions(|sessions| sessions.map.keys().map(|(u, d)| (u.to_string(), d.to_string())).collect())
     }
 }
 
@@ -143,7 +161,7 @@ impl ChatService {
     /// slow or down): a client that syncs after that misses nothing, since
     /// every later message is forwarded to it and every earlier one is in
     /// the store.
-    pub async fn session_opened(&self, user: &str, device: &str, wait: Duration) {
+    pub async fn session_opened(&self, user: &Arc<str>, device: &Arc<str>, wait: Duration) {
         self.presence.connected(user, device, |t| self.queue_transition(t));
         let (done, registered) = oneshot::channel();
         self.queue(user, ShardWork::Barrier(done));
@@ -153,7 +171,7 @@ impl ChatService {
     }
 
     /// A connection closed; `last_heard` is when its client last sent a frame.
-    pub fn session_closed(&self, user: &str, device: &str, last_heard: Instant, logged_out: bool) {
+    pub fn session_closed(&self, user: &Arc<str>, device: &Arc<str>, last_heard: Instant, logged_out: bool) {
         self.presence.disconnected(user, device, last_heard, logged_out, |t| self.queue_transition(t));
     }
 
@@ -325,6 +343,10 @@ mod tests {
         out
     }
 
+    fn name(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
     fn added(user: &str, device: &str) -> Transition {
         Transition::Added { user: user.into(), device: device.into() }
     }
@@ -337,13 +359,15 @@ mod tests {
     fn a_second_connection_of_a_device_is_no_transition() {
         let tracker = PresenceTracker::new(Duration::from_secs(30));
         let now = Instant::now();
-        let first = collect(&tracker, |t, out| t.connected("a", "phone", |e| out.push(e)));
-        let second = collect(&tracker, |t, out| t.connected("a", "phone", |e| out.push(e)));
+        let first = collect(&tracker, |t, out| t.connected(&name("a"), &name("phone"), |e| out.push(e)));
+        let second = collect(&tracker, |t, out| t.connected(&name("a"), &name("phone"), |e| out.push(e)));
         assert_eq!(first, vec![added("a", "phone")]);
         assert!(second.is_empty());
-        let one_closed = collect(&tracker, |t, out| t.disconnected("a", "phone", now, true, |e| out.push(e)));
+        let one_closed =
+            collect(&tracker, |t, out| t.disconnected(&name("a"), &name("phone"), now, true, |e| out.push(e)));
         assert!(one_closed.is_empty(), "the other connection is still open");
-        let both_closed = collect(&tracker, |t, out| t.disconnected("a", "phone", now, true, |e| out.push(e)));
+        let both_closed =
+            collect(&tracker, |t, out| t.disconnected(&name("a"), &name("phone"), now, true, |e| out.push(e)));
         assert_eq!(both_closed, vec![removed("a", "phone")]);
     }
 
@@ -351,24 +375,28 @@ mod tests {
     fn a_dropped_connection_lingers_from_its_last_heartbeat() {
         let tracker = PresenceTracker::new(Duration::from_secs(30));
         let heard = Instant::now();
-        tracker.connected("a", "phone", |_| {});
-        let dropped = collect(&tracker, |t, out| t.disconnected("a", "phone", heard, false, |e| out.push(e)));
+        tracker.connected(&name("a"), &name("phone"), |_| {});
+        let dropped =
+            collect(&tracker, |t, out| t.disconnected(&name("a"), &name("phone"), heard, false, |e| out.push(e)));
         assert!(dropped.is_empty(), "no offline at once");
+        assert_eq!(tracker.with_sessions(|s| s.lingering), 1);
         assert_eq!(collect(&tracker, |t, out| t.sweep(heard + Duration::from_secs(29), |e| out.push(e))), vec![]);
         assert_eq!(tracker.sessions(), vec![("a".to_string(), "phone".to_string())]);
         let expired = collect(&tracker, |t, out| t.sweep(heard + Duration::from_secs(30), |e| out.push(e)));
         assert_eq!(expired, vec![removed("a", "phone")]);
         assert!(tracker.sessions().is_empty());
+        assert_eq!(tracker.with_sessions(|s| s.lingering), 0);
     }
 
     #[test]
     fn coming_back_within_the_window_cancels_the_linger() {
         let tracker = PresenceTracker::new(Duration::from_secs(30));
         let heard = Instant::now();
-        tracker.connected("a", "phone", |_| {});
-        tracker.disconnected("a", "phone", heard, false, |_| {});
-        let back = collect(&tracker, |t, out| t.connected("a", "phone", |e| out.push(e)));
+        tracker.connected(&name("a"), &name("phone"), |_| {});
+        tracker.disconnected(&name("a"), &name("phone"), heard, false, |_| {});
+        let back = collect(&tracker, |t, out| t.connected(&name("a"), &name("phone"), |e| out.push(e)));
         assert!(back.is_empty(), "still registered: no online transition");
+        assert_eq!(tracker.with_sessions(|s| s.lingering), 0, "no longer lingering");
         let swept = collect(&tracker, |t, out| t.sweep(heard + Duration::from_secs(60), |e| out.push(e)));
         assert!(swept.is_empty(), "the new connection keeps the session");
     }
@@ -376,9 +404,10 @@ mod tests {
     #[test]
     fn a_connection_silent_past_the_window_ends_at_once() {
         let tracker = PresenceTracker::new(Duration::from_secs(1));
-        tracker.connected("a", "phone", |_| {});
+        tracker.connected(&name("a"), &name("phone"), |_| {});
         let long_ago = Instant::now().checked_sub(Duration::from_secs(5)).expect("monotonic clock past 5 s");
-        let closed = collect(&tracker, |t, out| t.disconnected("a", "phone", long_ago, false, |e| out.push(e)));
+        let closed =
+            collect(&tracker, |t, out| t.disconnected(&name("a"), &name("phone"), long_ago, false, |e| out.push(e)));
         assert_eq!(closed, vec![removed("a", "phone")]);
     }
 }

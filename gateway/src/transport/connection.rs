@@ -4,25 +4,25 @@
 //! frames, the time a write may take, the time the client may stay silent,
 //! and the token's lifetime.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{Instant, sleep_until};
-use tokio_tungstenite::WebSocketStream;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::chat::hub::{Kick, Outbox, OutboxLimits};
+use super::Gateway;
+use super::socket::WsSocket;
+use crate::chat::hub::{Kick, Outbound, Outbox, OutboxLimits};
 use crate::chat::{ChatService, FanOut, Handled, Session};
-use crate::metrics::Metrics;
 use crate::protocol::{self, ClientFrame, ErrorCode, PROTOCOL_VERSION, ProtocolError, ServerFrame};
 
 /// Close codes (4000–4999 are ours). Documented in docs/protocol.md.
@@ -79,22 +79,20 @@ impl Default for ConnectionLimits {
 /// without letting one busy outbox hold the connection's loop for long.
 const WRITE_BATCH: usize = 64;
 
-/// Token bucket: refuses frames beyond the sustained rate plus the burst.
+/// Token bucket: refuses frames beyond the sustained rate plus the burst
+/// (both from [`ConnectionLimits`], not copied into every connection).
 struct RateLimiter {
     tokens: f64,
     last: Instant,
-    rate: f64,
-    burst: f64,
 }
 
 impl RateLimiter {
-    fn new(rate: f64, burst: f64) -> Self {
-        Self { tokens: burst, last: Instant::now(), rate, burst }
+    fn new(burst: f64) -> Self {
+        Self { tokens: burst, last: Instant::now() }
     }
 
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+    fn allow(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -105,239 +103,389 @@ impl RateLimiter {
     }
 }
 
-pub struct Connection<S> {
-    pub socket: WebSocketStream<S>,
-    pub chat: Arc<ChatService>,
-    pub metrics: Metrics,
-    pub user: String,
-    pub device: String,
-    /// When the token expires.
-    pub expires_at: Instant,
-    pub limits: ConnectionLimits,
-    pub shutdown: CancellationToken,
-    /// Where fan-outs still owed when the client leaves are finished.
-    pub tasks: TaskTracker,
-}
+/// The heartbeat as docs/protocol.md spells it: recognised without decoding.
+const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
 
-fn close_frame(code: u16, reason: &'static str) -> WsMessage {
-    WsMessage::Close(Some(CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from_static(reason) }))
-}
-
-fn text_frame(frame: &ServerFrame) -> WsMessage {
-    WsMessage::Text(protocol::encode(frame).into())
-}
-
-/// Polls the future in `slot`; never resolves while the slot is empty (the
-/// `select!` branch using it is disabled then anyway).
-async fn poll_slot<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
-    match slot {
-        Some(future) => future.await,
-        None => std::future::pending().await,
+/// The reason sent with each of our close codes.
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        close::IDLE => "no frame or heartbeat received in time",
+        close::LOGGED_OUT => "logged out",
+        close::TOKEN_EXPIRED => "token expired",
+        close::SLOW_CONSUMER => "too slow to receive; reconnect and sync from your cursor",
+        close::GOING_AWAY => "gateway shutting down; reconnect",
+        close::TOO_BIG => "frame too large",
+        _ => "",
     }
 }
 
-/// The socket write side: the reply of a request, then whatever the outbox
-/// holds, fed as one batch and flushed once.
-struct Writer<'a, S> {
-    socket: &'a mut WebSocketStream<S>,
-    outbox: &'a Outbox,
-    metrics: &'a Metrics,
-    limits: &'a ConnectionLimits,
+fn close_frame(code: u16) -> WsMessage {
+    let reason = Utf8Bytes::from_static(close_reason(code));
+    WsMessage::Close(Some(CloseFrame { code: CloseCode::from(code), reason }))
+}
+
+fn text_frame(frame: &ServerFrame) -> Outbound {
+    protocol::encode(frame).into()
+}
+
+/// Polls the future in `slot` (a `select!` branch that is disabled while
+/// the slot is empty).
+fn poll_slot<T>(slot: &mut Pending<T>) -> impl Future<Output = T> + '_ {
+    std::future::poll_fn(move |cx| match slot {
+        Some(future) => future.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
 }
 
 /// The socket is unusable (an error or a write that timed out).
 struct Broken;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Writer<'_, S> {
-    /// Writes `first` and up to a batch of queued frames. `Ok(Some(kick))`
-    /// when the server closed the connection meanwhile.
-    async fn write(&mut self, first: Option<WsMessage>) -> Result<Option<Kick>, Broken> {
-        let mut frames = Vec::new();
-        let kick = self.outbox.take(&mut frames, WRITE_BATCH);
-        let count = frames.len() + usize::from(first.is_some());
+/// Writes `first` (a reply) and up to a batch of the frames queued in
+/// `outbox`, flushing once. `Ok(Some(kick))` when the server closed the
+/// connection meanwhile.
+fn write<'a>(
+    socket: &'a mut WsSocket,
+    outbox: &Outbox,
+    gateway: &'a Gateway,
+    first: Option<Outbound>,
+) -> impl Future<Output = Result<Option<Kick>, Broken>> + 'a {
+    // One vector rather than `first` chained to it: what is awaited here is
+    // part of every connection's task, and the chain is twice the size.
+    let mut frames = Vec::from_iter(first);
+    let kick = outbox.take(&mut frames, WRITE_BATCH);
+    let count = frames.len();
+    let mut sent = send(socket, frames.into_iter().map(WsMessage::Text), gateway, false);
+    std::future::poll_fn(move |cx| {
         if count == 0 {
-            return Ok(kick);
+            return Poll::Ready(Ok(kick));
         }
-        let socket = &mut *self.socket;
-        let written = async move {
-            if let Some(first) = first {
-                socket.feed(first).await?;
-            }
-            for frame in frames {
-                socket.feed(WsMessage::Text(frame)).await?;
-            }
-            socket.flush().await
-        };
-        match tokio::time::timeout(self.limits.write_timeout, written).await {
-            Ok(Ok(())) => {
-                self.metrics.frames_out.inc_by(count as u64);
+        Pin::new(&mut sent).poll(cx).map(|sent| match sent {
+            Some(Ok(())) => {
+                gateway.metrics.frames_out.inc_by(count as u64);
                 Ok(kick)
             }
             _ => Err(Broken),
-        }
-    }
-
-    /// Sends a close frame, giving it a short time to go out: a client that
-    /// stopped reading would otherwise hold the socket open.
-    async fn close(&mut self, code: u16, reason: &'static str) {
-        let sent = tokio::time::timeout(self.limits.close_timeout, self.socket.send(close_frame(code, reason))).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            tracing::debug!(code, reason, "close frame not delivered; dropping the socket");
-        }
-    }
+        })
+    })
 }
 
-/// What woke the connection's loop. Taken apart before any await, so its
-/// size does not add to the connection's resting state.
+/// Sends a close frame with `code`, giving it a short time to go out: a
+/// client that stopped reading would otherwise hold the socket open.
+fn close<'a>(socket: &'a mut WsSocket, gateway: &'a Gateway, code: u16) -> impl Future<Output = ()> + 'a {
+    let mut sent = send(socket, std::iter::once_with(move || close_frame(code)), gateway, true);
+    std::future::poll_fn(move |cx| {
+        Pin::new(&mut sent).poll(cx).map(|sent| {
+            if !matches!(sent, Some(Ok(()))) {
+                tracing::debug!(code, "close frame not delivered; dropping the socket");
+            }
+        })
+    })
+}
+
+/// Sends `messages`, giving up after the write timeout (or the close
+/// timeout for a close frame): `None` then. The timer is only made when the
+/// socket is full (and counts from then): most writes finish at once, and
+/// an idle connection does not carry one. Poll functions rather than
+/// `async fn`s (which hold their arguments twice), taking what they can
+/// from `gateway` rather than holding it: the largest future a connection
+/// awaits sets the size of every connection's task.
+fn send<'a>(
+    socket: &'a mut WsSocket,
+    mut messages: impl Iterator<Item = WsMessage> + Unpin + 'a,
+    gateway: &'a Gateway,
+    closing: bool,
+) -> impl Future<Output = Option<Result<(), WsError>>> + Unpin + 'a {
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(result) = socket.poll_send_all(cx, &mut messages, &gateway.websocket) {
+            return Poll::Ready(Some(result));
+        }
+        let limits = &gateway.limits;
+        let limit = if closing { limits.close_timeout } else { limits.write_timeout };
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+}
+
+/// What woke the connection's loop. Handed by value to the [`State`]
+/// method that deals with it, so nothing it holds (a reply, an error, a
+/// request's text) lives on while the connection waits.
 #[allow(clippy::large_enum_variant, reason = "short-lived, never held across an await")]
 enum Event {
-    Shutdown,
     Outbox,
     Handled(Handled),
     FannedOut,
     Incoming(Option<Result<WsMessage, WsError>>),
-    TokenExpired,
-    Idle,
+    Timer,
+}
+
+/// What the loop does about an event.
+enum Step {
+    /// Write this (if anything) and what the outbox holds.
+    Write(Option<Outbound>),
+    Continue,
+    /// Send a close frame with this code, then stop.
+    Close(u16),
+    /// Stop without a close frame (the client closed, or the socket failed).
+    Stop,
 }
 
 type Pending<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    /// Serves the connection until either side closes it. One request is
-    /// handled at a time (frames are not read meanwhile, which slows a
-    /// client that sends faster than its requests are served), while the
-    /// outbox keeps being written and this connection's fan-outs run in
-    /// order beside it.
-    pub async fn run(self) {
-        let Connection { mut socket, chat, metrics, user, device, expires_at, limits, shutdown, tasks } = self;
-        let registration = chat.hub().register(&user, &device, limits.outbox);
-        // Before `hello`: a client syncs after it, so nothing sent meanwhile is missed.
-        chat.session_opened(&user, &device, Duration::from_secs(2)).await;
-        metrics.connections.inc();
-        let outbox = Arc::clone(&registration.outbox);
-        let session = Arc::new(Session { user, device, connection: registration.connection });
-        let mut limiter = RateLimiter::new(limits.frames_per_second, limits.burst);
-        let protocol_limits = chat.config().limits;
-        let hello = ServerFrame::Hello {
-            protocol: PROTOCOL_VERSION,
-            user: session.user.clone(),
-            device: session.device.clone(),
-            heartbeat_seconds: chat.config().heartbeat_seconds,
-            max_message_chars: protocol_limits.max_message_chars,
-            server_time_ms: crate::ids::now_ms(),
-        };
-        // Any frame counts as a heartbeat; presence only needs the latest.
-        let mut last_heard = Instant::now();
-        // The request being handled, the fan-out running and those waiting.
-        let mut pending: Pending<Handled> = None;
-        let mut fanning: Pending<()> = None;
-        let mut queued: VecDeque<FanOut> = VecDeque::new();
+/// What a connection keeps between events, besides its socket and timer.
+struct State {
+    session: Arc<Session>,
+    limiter: RateLimiter,
+    /// When the client last sent a frame: any frame counts as a heartbeat.
+    last_heard: Instant,
+    /// The request being handled, the fan-out running and those waiting.
+    pending: Pending<Handled>,
+    fanning: Pending<()>,
+    /// At most `max_pending_fan_outs`: a vector is queue enough (and smaller).
+    queued: Vec<FanOut>,
+}
 
-        let mut writer = Writer { socket: &mut socket, outbox: &outbox, metrics: &metrics, limits: &limits };
-        let mut outcome = writer.write(Some(text_frame(&hello))).await;
-        while let Ok(None) = outcome {
-            if fanning.is_none()
-                && let Some(job) = queued.pop_front()
-            {
-                let (chat, session) = (Arc::clone(&chat), Arc::clone(&session));
-                fanning = Some(Box::pin(async move { chat.fan_out(&session, job).await }));
-            }
-            let reading = pending.is_none() && queued.len() < limits.max_pending_fan_outs;
-            let event = tokio::select! {
-                () = shutdown.cancelled() => Event::Shutdown,
-                () = outbox.ready() => Event::Outbox,
-                handled = poll_slot(&mut pending), if pending.is_some() => Event::Handled(handled),
-                () = poll_slot(&mut fanning), if fanning.is_some() => Event::FannedOut,
-                incoming = writer.socket.next(), if reading => Event::Incoming(incoming),
-                () = sleep_until(expires_at) => Event::TokenExpired,
-                () = sleep_until(last_heard + limits.idle_timeout) => Event::Idle,
-            };
-            outcome = match event {
-                Event::Outbox => writer.write(None).await,
-                Event::Handled(Handled { reply, fan_out }) => {
-                    pending = None;
-                    queued.extend(fan_out);
-                    let reply = reply.as_ref().map(text_frame);
-                    writer.write(reply).await
-                }
-                Event::FannedOut => {
-                    fanning = None;
-                    Ok(None)
-                }
-                Event::Incoming(incoming) => {
-                    last_heard = Instant::now();
-                    match incoming {
-                        Some(Ok(WsMessage::Text(text))) => {
-                            metrics.frames_in.inc();
-                            let reply = if !limiter.allow() {
-                                Some(ProtocolError::new(ErrorCode::RateLimited, "too many frames; slow down").into())
-                            } else {
-                                match protocol::decode(text.as_str(), &protocol_limits) {
-                                    // Heartbeats only refresh `last_heard`.
-                                    Ok(ClientFrame::Heartbeat { .. }) => None,
-                                    Ok(frame) => {
-                                        let (chat, session) = (Arc::clone(&chat), Arc::clone(&session));
-                                        pending = Some(Box::pin(async move { chat.handle(&session, frame).await }));
-                                        None
-                                    }
-                                    Err(e) => Some(ServerFrame::from(e)),
-                                }
-                            };
-                            let reply = reply.as_ref().map(text_frame);
-                            writer.write(reply).await
+impl State {
+    /// Starts the next fan-out owed, if none is running.
+    fn start_fan_out(&mut self, chat: &Arc<ChatService>) {
+        if self.fanning.is_none() && !self.queued.is_empty() {
+            let job = self.queued.remove(0);
+            let (chat, session) = (Arc::clone(chat), Arc::clone(&self.session));
+            self.fanning = Some(Box::pin(async move { chat.fan_out(&session, job).await }));
+        }
+    }
+
+    fn handled(&mut self, Handled { reply, fan_out }: Handled) -> Step {
+        self.pending = None;
+        self.queued.extend(fan_out);
+        Step::Write(reply.map(|reply| text_frame(&reply)))
+    }
+
+    fn incoming(
+        &mut self,
+        incoming: Option<Result<WsMessage, WsError>>,
+        timer: Pin<&mut Sleep>,
+        expires_at: Instant,
+        gateway: &Gateway,
+    ) -> Step {
+        let now = Instant::now();
+        self.last_heard = now;
+        let (chat, limits) = (&gateway.chat, &gateway.limits);
+        // Frames move the deadline, but the timer only once it lags by half
+        // the idle timeout: a client that heartbeats neither resets it on
+        // every frame nor is woken by it.
+        let wanted = deadline(expires_at, now, limits);
+        if wanted.saturating_duration_since(timer.deadline()) >= limits.idle_timeout / 2 {
+            timer.reset(wanted);
+        }
+        match incoming {
+            Some(Ok(WsMessage::Text(text))) => {
+                gateway.metrics.frames_in.inc();
+                let reply = if !self.limiter.allow(now, limits.frames_per_second, limits.burst) {
+                    Some(ProtocolError::new(ErrorCode::RateLimited, "too many frames; slow down").into())
+                } else if text.as_str() == HEARTBEAT {
+                    // Heartbeats only refresh `last_heard`.
+                    None
+                } else {
+                    match protocol::decode(text.as_str(), &chat.config().limits) {
+                        Ok(ClientFrame::Heartbeat { .. }) => None,
+                        Ok(frame) => {
+                            let (chat, session) = (Arc::clone(chat), Arc::clone(&self.session));
+                            self.pending = Some(Box::pin(async move { chat.handle(&session, frame).await }));
+                            None
                         }
-                        Some(Ok(WsMessage::Binary(_))) => {
-                            metrics.frames_in.inc();
-                            let error = ProtocolError::new(
-                                ErrorCode::BadFrame,
-                                "binary frames are not supported; send JSON text",
-                            );
-                            writer.write(Some(text_frame(&error.into()))).await
-                        }
-                        // Pings are answered by the WebSocket layer itself.
-                        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => Ok(None),
-                        Some(Ok(WsMessage::Close(_))) | None => break,
-                        Some(Err(e)) => {
-                            if let WsError::Capacity(_) = e {
-                                writer.close(close::TOO_BIG, "frame too large").await;
-                            }
-                            tracing::debug!(user = %session.user, error = %e, "connection read failed");
-                            break;
-                        }
+                        Err(e) => Some(ServerFrame::from(e)),
                     }
+                };
+                Step::Write(reply.map(|reply| text_frame(&reply)))
+            }
+            Some(Ok(WsMessage::Binary(_))) => {
+                gateway.metrics.frames_in.inc();
+                let error = ProtocolError::new(ErrorCode::BadFrame, "binary frames are not supported; send JSON text");
+                Step::Write(Some(text_frame(&error.into())))
+            }
+            // Pings are answered by the WebSocket layer itself.
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => Step::Continue,
+            Some(Ok(WsMessage::Close(_))) | None => Step::Stop,
+            Some(Err(e)) => {
+                tracing::debug!(user = %self.session.user, error = %e, "connection read failed");
+                match e {
+                    WsError::Capacity(_) => Step::Close(close::TOO_BIG),
+                    _ => Step::Stop,
                 }
-                Event::TokenExpired => {
-                    writer.close(close::TOKEN_EXPIRED, "token expired").await;
-                    break;
-                }
-                Event::Idle => {
-                    writer.close(close::IDLE, "no frame or heartbeat received in time").await;
-                    break;
-                }
-                Event::Shutdown => {
-                    writer.close(close::GOING_AWAY, "gateway shutting down; reconnect").await;
-                    break;
+            }
+        }
+    }
+
+    /// The timer fired: the token expired, the client was silent too long,
+    /// or neither yet (frames came since it was set): set it again.
+    fn timer(&self, timer: Pin<&mut Sleep>, expires_at: Instant, limits: &ConnectionLimits) -> Step {
+        let now = Instant::now();
+        if now >= expires_at {
+            Step::Close(close::TOKEN_EXPIRED)
+        } else if now >= self.last_heard + limits.idle_timeout {
+            Step::Close(close::IDLE)
+        } else {
+            timer.reset(deadline(expires_at, self.last_heard, limits));
+            Step::Continue
+        }
+    }
+}
+
+/// The earlier of the token's expiry and the end of the idle timeout.
+fn deadline(expires_at: Instant, last_heard: Instant, limits: &ConnectionLimits) -> Instant {
+    expires_at.min(last_heard + limits.idle_timeout)
+}
+
+/// A connection whose upgrade was accepted: what its task starts from.
+pub struct Accepted {
+    pub gateway: Arc<Gateway>,
+    /// Its slot of `maxConnections`, held until it closes.
+    pub permit: OwnedSemaphorePermit,
+    pub upgrade: OnUpgrade,
+    pub user: String,
+    pub device: String,
+    /// When the token expires.
+    pub expires_at: Instant,
+}
+
+/// Serves one upgraded connection until either side closes it. One
+/// request is handled at a time (frames are not read meanwhile, which slows
+/// a client that sends faster than its requests are served), while the
+/// outbox keeps being written and this connection's fan-outs run in order
+/// beside it.
+///
+/// What this future holds is part of every connection's cost
+/// (docs/benchmarks.md, "Memory per idle connection"). So: it starts from
+/// one box (what an async block captures stays in it for good); what is
+/// needed only now and then (a request, a fan-out, a write's timer,
+/// registering the session) is boxed while it exists; nothing big is held
+/// across an await, and what is awaited is small (poll functions, not
+/// `async fn`s); the gateway's shutdown reaches it through its outbox;
+/// and its one timer, for both the idle timeout and the token's expiry, is
+/// kept across rounds instead of being registered again after every frame.
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold its argument twice")]
+pub fn serve(accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
+    async move {
+        // The rest stays in the box until the upgrade is done: what is held
+        // across more than one await is kept for the whole connection.
+        let upgraded = match accepted.upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        // The TCP stream itself, not hyper's boxed wrapper of it: one
+        // allocation and one indirection less per connection.
+        let mut socket = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => WsSocket::new(parts.io.into_inner(), &parts.read_buf),
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TCP stream");
+                return;
+            }
+        };
+        let registration =
+            accepted.gateway.chat.hub().register(&accepted.user, &accepted.device, accepted.gateway.limits.outbox);
+        if accepted.gateway.shutdown.is_cancelled() {
+            // Registered after the shutdown kicked everyone.
+            registration.outbox.kick(Kick::GoingAway);
+        }
+        // Before `hello`: a client syncs after it, so nothing sent meanwhile is missed.
+        let opened =
+            accepted.gateway.chat.session_opened(&registration.user, &registration.device, Duration::from_secs(2));
+        Box::pin(opened).await;
+        // Only now out of the box, with no await before the names go into the
+        // session: they are then no part of what the connection holds.
+        let Accepted { gateway, permit, user, device, expires_at, .. } = *accepted;
+        let session = Arc::new(Session { user, device, connection: registration.connection });
+        gateway.metrics.connections.inc();
+        let mut state = State {
+            session,
+            limiter: RateLimiter::new(gateway.limits.burst),
+            last_heard: Instant::now(),
+            pending: None,
+            fanning: None,
+            queued: Vec::new(),
+        };
+        let config = gateway.chat.config();
+        let hello = text_frame(&ServerFrame::Hello {
+            protocol: PROTOCOL_VERSION,
+            user: state.session.user.clone(),
+            device: state.session.device.clone(),
+            heartbeat_seconds: config.heartbeat_seconds,
+            max_message_chars: config.limits.max_message_chars,
+            server_time_ms: crate::ids::now_ms(),
+        });
+
+        let mut outcome = write(&mut socket, &registration.outbox, &gateway, Some(hello)).await;
+        let mut closing = None;
+        // Set for the deadline as of when it was set; frames move it only now
+        // and then (see `State::incoming`): when it fires early, it is set
+        // again from the latest frame.
+        let timer = sleep_until(deadline(expires_at, state.last_heard, &gateway.limits));
+        tokio::pin!(timer);
+        while let Ok(None) = outcome {
+            state.start_fan_out(&gateway.chat);
+            let reading = state.pending.is_none() && state.queued.len() < gateway.limits.max_pending_fan_outs;
+            // Event and step are consumed in this block: nothing they hold is
+            // kept while writing (the one close frame is sent after the loop).
+            let first = {
+                let event = tokio::select! {
+                    () = std::future::poll_fn(|cx| registration.outbox.poll_ready(cx)) => Event::Outbox,
+                    handled = poll_slot(&mut state.pending), if state.pending.is_some() => Event::Handled(handled),
+                    () = poll_slot(&mut state.fanning), if state.fanning.is_some() => Event::FannedOut,
+                    incoming = socket.next(&gateway.websocket), if reading => Event::Incoming(incoming),
+                    () = &mut timer => Event::Timer,
+                };
+                let step = match event {
+                    Event::Outbox => Step::Write(None),
+                    Event::Handled(handled) => state.handled(handled),
+                    Event::FannedOut => {
+                        state.fanning = None;
+                        Step::Continue
+                    }
+                    Event::Incoming(incoming) => state.incoming(incoming, timer.as_mut(), expires_at, &gateway),
+                    Event::Timer => state.timer(timer.as_mut(), expires_at, &gateway.limits),
+                };
+                match step {
+                    Step::Write(first) => first,
+                    Step::Continue => continue,
+                    Step::Close(code) => {
+                        closing = Some(code);
+                        break;
+                    }
+                    Step::Stop => break,
                 }
             };
+            outcome = write(&mut socket, &registration.outbox, &gateway, first).await;
         }
-        match outcome {
-            Ok(Some(Kick::LoggedOut)) => writer.close(close::LOGGED_OUT, "logged out").await,
+        let closing = closing.or(match outcome {
+            Ok(Some(Kick::LoggedOut)) => Some(close::LOGGED_OUT),
+            Ok(Some(Kick::GoingAway)) => Some(close::GOING_AWAY),
             Ok(Some(Kick::SlowConsumer)) => {
+                let session = &state.session;
                 tracing::info!(user = %session.user, device = %session.device, "closing a connection that stopped reading");
-                writer.close(close::SLOW_CONSUMER, "too slow to receive; reconnect and sync from your cursor").await;
+                Some(close::SLOW_CONSUMER)
             }
-            Ok(None) | Err(Broken) => {}
+            Ok(None) | Err(Broken) => None,
+        });
+        if let Some(code) = closing {
+            close(&mut socket, &gateway, code).await;
         }
 
-        metrics.connections.dec();
-        let logged_out = outbox.kick_reason() == Some(Kick::LoggedOut);
+        gateway.metrics.connections.dec();
+        let logged_out = registration.outbox.kick_reason() == Some(Kick::LoggedOut);
+        let (user, device) = (Arc::clone(&registration.user), Arc::clone(&registration.device));
         drop(registration);
-        chat.session_closed(&session.user, &session.device, last_heard.into_std(), logged_out);
+        gateway.chat.session_closed(&user, &device, state.last_heard.into_std(), logged_out);
         // A send being stored and fan-outs still owed are finished even though
         // the sender left: its messages are acked (or about to be) and the
         // other members must get them live.
+        let State { session, pending, fanning, queued, .. } = state;
         if pending.is_some() || fanning.is_some() || !queued.is_empty() {
-            tasks.spawn(async move {
+            let chat = Arc::clone(&gateway.chat);
+            gateway.tasks.spawn(async move {
                 if let Some(fanning) = fanning {
                     fanning.await;
                 }
@@ -351,6 +499,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             });
         }
+        drop(permit);
     }
 }
 
@@ -360,9 +509,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_limiter_allows_the_burst_then_the_rate() {
-        let mut limiter = RateLimiter::new(10.0, 5.0);
-        assert_eq!((0..10).filter(|_| limiter.allow()).count(), 5);
+        let mut limiter = RateLimiter::new(5.0);
+        assert_eq!((0..10).filter(|_| limiter.allow(Instant::now(), 10.0, 5.0)).count(), 5);
         tokio::time::advance(Duration::from_millis(500)).await;
-        assert_eq!((0..10).filter(|_| limiter.allow()).count(), 5);
+        assert_eq!((0..10).filter(|_| limiter.allow(Instant::now(), 10.0, 5.0)).count(), 5);
     }
 }

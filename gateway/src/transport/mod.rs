@@ -4,9 +4,12 @@
 //!
 //! - [`auth`]: token verification (and minting for development).
 //! - [`connection`]: the loop of one WebSocket connection.
+//! - [`socket`]: the WebSocket protocol on the TCP stream, holding no state
+//!   between messages.
 
 pub mod auth;
 pub mod connection;
+pub mod socket;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,9 +27,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,7 +36,7 @@ use crate::broker::Broker;
 use crate::chat::ChatService;
 use crate::metrics::Metrics;
 use auth::{AuthError, Authenticator, query_param, token_from};
-use connection::{Connection, ConnectionLimits};
+use connection::ConnectionLimits;
 
 /// Path of the WebSocket endpoint (the protocol version is in the path).
 pub const WS_PATH: &str = "/v1/ws";
@@ -42,6 +44,11 @@ pub const WS_PATH: &str = "/v1/ws";
 /// Bytes of frames buffered before they are written without waiting for
 /// the flush that ends a batch.
 const WRITE_BUFFER: usize = 64 * 1024;
+
+/// tungstenite's read buffer, allocated when a message starts arriving:
+/// the most it takes per read, and what a short message costs while it is
+/// read.
+const READ_BUFFER: usize = 1024;
 
 pub struct Gateway {
     pub chat: Arc<ChatService>,
@@ -54,6 +61,8 @@ pub struct Gateway {
     /// with 1009. Sized so any text up to the character limit fits, and
     /// text over the limit still arrives and gets a `message_too_long` error.
     pub max_frame_bytes: usize,
+    /// The WebSocket settings of every connection ([`Gateway::websocket_config`]).
+    pub websocket: WebSocketConfig,
     /// Serve `/dev/token` (never in production).
     pub dev_tokens: bool,
     pub ready: Arc<AtomicBool>,
@@ -70,17 +79,20 @@ impl Gateway {
         max_message_chars.saturating_mul(8).saturating_add(16 * 1024)
     }
 
-    fn websocket_config(&self) -> WebSocketConfig {
-        // Small buffers: an idle connection should cost a few KiB, not the
-        // 128 KiB tungstenite allocates by default. Writes are buffered (the
-        // buffer grows only when frames are written) so that a batch of
-        // frames goes out in one system call when the connection flushes.
+    /// WebSocket settings for frames up to `max_frame_bytes`.
+    pub fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
+        // Buffers exist only while a message moves (see [`socket`]). Reads
+        // hand tungstenite up to `READ_BUFFER` bytes at a time (a large
+        // frame comes off the socket in bigger chunks, see
+        // `socket::READ_CHUNK`). Writes are buffered (the buffer grows only
+        // when frames are written) so that a batch of frames goes out in one
+        // system call when the connection flushes.
         WebSocketConfig::default()
-            .read_buffer_size(4 * 1024)
+            .read_buffer_size(READ_BUFFER)
             .write_buffer_size(WRITE_BUFFER)
             .max_write_buffer_size(1024 * 1024)
-            .max_message_size(Some(self.max_frame_bytes))
-            .max_frame_size(Some(self.max_frame_bytes))
+            .max_message_size(Some(max_frame_bytes))
+            .max_frame_size(Some(max_frame_bytes))
     }
 }
 
@@ -224,32 +236,10 @@ fn upgrade(mut request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
         .exp
         .saturating_sub(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
     let expires_at = tokio::time::Instant::now() + Duration::from_secs(expires_in);
-    let config = gateway.websocket_config();
     let tasks = gateway.tasks.clone();
-    tasks.spawn(async move {
-        let _permit = permit;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(error = %e, "WebSocket upgrade failed");
-                return;
-            }
-        };
-        let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-        Connection {
-            socket,
-            chat: gateway.chat.clone(),
-            metrics: gateway.metrics.clone(),
-            user: claims.sub,
-            device: claims.dev,
-            expires_at,
-            limits: gateway.limits.clone(),
-            shutdown: gateway.shutdown.clone(),
-            tasks: gateway.tasks.clone(),
-        }
-        .run()
-        .await;
-    });
+    let accepted =
+        connection::Accepted { gateway, permit, upgrade: on_upgrade, user: claims.sub, device: claims.dev, expires_at };
+    tasks.spawn(connection::serve(Box::new(accepted)));
 
     let mut response = respond(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());
     let headers = response.headers_mut();
@@ -260,4 +250,112 @@ fn upgrade(mut request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
         headers.insert(SEC_WEBSOCKET_ACCEPT, value);
     }
     response
+}
+
+/// The connection loop end to end, against a gateway on the embedded store:
+/// its timers, its close codes and its size.
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use futures::{SinkExt, StreamExt};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::{Bytes, Message};
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+    use super::Gateway;
+    use super::connection::{ConnectionLimits, close};
+    use crate::app::{self, BrokerSetup, GatewayOptions, RunningGateway};
+    use crate::store::embedded::EmbeddedStore;
+    use crate::transport::auth::Authenticator;
+
+    const KEY: &[u8] = b"transport-test-key-0123456789abcdef";
+    type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+    async fn gateway(limits: ConnectionLimits) -> (RunningGateway, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = std::sync::Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let options = GatewayOptions { listen: "127.0.0.1:0".parse().expect("addr"), limits, ..Default::default() };
+        let auth = Authenticator::new(KEY).expect("key");
+        let running = app::start(store.clone(), std::sync::Arc::new(store), BrokerSetup::Local, auth, 0, options)
+            .await
+            .expect("start");
+        (running, dir)
+    }
+
+    async fn connect(gateway: &RunningGateway, user: &str, ttl_seconds: u64) -> Client {
+        let token = Authenticator::new(KEY).expect("key").mint(user, "phone", ttl_seconds).expect("token");
+        let (mut client, _) =
+            tokio_tungstenite::connect_async(format!("{}?token={token}", gateway.ws_url())).await.expect("connect");
+        let hello = client.next().await.expect("open").expect("hello");
+        assert!(hello.to_text().expect("text").contains(r#""type":"hello""#), "{hello:?}");
+        client
+    }
+
+    /// The close frame the server ends with, skipping anything before it.
+    async fn close_code(client: &mut Client) -> u16 {
+        while let Some(message) = tokio::time::timeout(Duration::from_secs(10), client.next()).await.expect("in time") {
+            if let Ok(Message::Close(frame)) = message {
+                return frame.map_or(0, |CloseFrame { code, .. }| u16::from(code));
+            }
+        }
+        panic!("closed without a close frame");
+    }
+
+    #[tokio::test]
+    async fn heartbeats_keep_a_connection_open_and_silence_closes_it_on_time() {
+        let idle = Duration::from_millis(400);
+        let (gateway, _dir) = gateway(ConnectionLimits { idle_timeout: idle, ..Default::default() }).await;
+        let mut client = connect(&gateway, "alice", 3600).await;
+        for _ in 0..10 {
+            tokio::time::sleep(idle / 4).await;
+            client.send(Message::text(r#"{"type":"heartbeat"}"#)).await.expect("heartbeat");
+        }
+        // A ping counts as well, and is answered.
+        client.send(Message::Ping(Bytes::from_static(b"p"))).await.expect("ping");
+        assert_eq!(client.next().await.expect("open").expect("pong"), Message::Pong(Bytes::from_static(b"p")));
+        let silent = Instant::now();
+        assert_eq!(close_code(&mut client).await, close::IDLE);
+        let waited = silent.elapsed();
+        assert!(waited >= idle - Duration::from_millis(50) && waited < idle * 2, "closed after {waited:?}");
+        gateway.stop(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn an_expired_token_closes_a_busy_connection() {
+        let (gateway, _dir) = gateway(ConnectionLimits::default()).await;
+        let mut client = connect(&gateway, "bob", 1).await;
+        let heartbeats = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if client.send(Message::text(r#"{"type":"heartbeat"}"#)).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(2500), heartbeats).await;
+        assert_eq!(close_code(&mut client).await, close::TOKEN_EXPIRED);
+        gateway.stop(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_and_oversized_frames_close_with_their_codes() {
+        let (gateway, _dir) = gateway(ConnectionLimits::default()).await;
+        let mut big = connect(&gateway, "carol", 3600).await;
+        let frame_limit = Gateway::frame_limit_for(crate::protocol::Limits::default().max_message_chars);
+        // Large frames within the limit are read; the error reply proves it.
+        big.send(Message::text(format!(r#"{{"type":"nonsense","pad":"{}"}}"#, "x".repeat(frame_limit / 2))))
+            .await
+            .expect("send");
+        let reply = big.next().await.expect("open").expect("reply");
+        assert!(reply.to_text().expect("text").contains(r#""type":"error""#), "{reply:?}");
+        big.send(Message::text("x".repeat(frame_limit + 1))).await.expect("send");
+        assert_eq!(close_code(&mut big).await, close::TOO_BIG);
+
+        let mut idle = connect(&gateway, "dave", 3600).await;
+        let stopping = tokio::spawn(gateway.stop(Duration::from_secs(5)));
+        assert_eq!(close_code(&mut idle).await, close::GOING_AWAY);
+        stopping.await.expect("stopped");
+    }
 }
