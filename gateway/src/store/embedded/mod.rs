@@ -1,12 +1,13 @@
 //! [`EmbeddedStore`]: the [`Store`] of the standalone gateway, a redb
 //! database in one local folder, so one process needs no cluster at all.
 //!
-//! redb is synchronous and allows one write transaction at a time, each
-//! durable commit costing an fsync. So that durable acks still reach tens of
-//! thousands of messages per second, every write goes to ONE writer thread
-//! that does group commit ([`writer`]). A send is one request: its
-//! idempotency key, history row and inbox entries commit together or not at
-//! all. Reads run in their own read transactions on tokio's blocking pool;
+//! redb is synchronous and allows one write transaction at a time, and a
+//! durable commit writes back every page it touched. So that durable acks
+//! reach tens of thousands of messages per second, every write goes to ONE
+//! writer thread that does group commit ([`writer`]): a batch is made
+//! durable by one append to a write-ahead log ([`wal`]), and redb's pages
+//! are written back at checkpoints. A send is one request: its idempotency
+//! key, history row and inbox entries commit together or not at all. Reads run in their own read transactions on tokio's blocking pool;
 //! redb lets them run beside the writer and they see every commit that
 //! finished before they began.
 //!
@@ -24,12 +25,13 @@
 //! - `members`: `(group, user) → ()`; `user_channels`: `(user, channel) → ()`.
 //! - `push`: `seq → job JSON`, the standalone push queue, oldest first.
 //! - `meta`: `name → u64` counters kept in the same transactions as the data
-//!   (`max_id`, `push_seq`, `next_user`), so they never disagree with it
-//!   after a crash.
+//!   (`max_id`, `push_seq`, `next_user`, and `wal_seq`: the last log record
+//!   applied), so they never disagree with it after a crash.
 //!
 //! Stores written by earlier versions are converted when opened ([`upgrade`]).
 
 mod upgrade;
+mod wal;
 mod writer;
 
 use std::ops::Bound;
@@ -43,10 +45,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
 pub use writer::MAX_BATCH;
-use writer::{Done, Op, Request};
+use writer::{Done, Op, Request, Writer};
 
 /// File name of the database inside the store's folder.
 pub const DB_FILE: &str = "kubechat.redb";
+/// File name of the write-ahead log beside it.
+pub const LOG_FILE: &str = "kubechat.wal";
 
 /// redb's page cache: recent history and inboxes stay in memory (its
 /// default, 1 GiB, is more than a standalone gateway should take).
@@ -75,6 +79,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_MAX_ID: &str = "max_id";
 const META_PUSH_SEQ: &str = "push_seq";
 const META_NEXT_USER: &str = "next_user";
+const META_WAL_SEQ: &str = "wal_seq";
 
 /// The inbox key of `position` in the inbox of user number `user`.
 fn inbox_key(user: u64, position: u64) -> u128 {
@@ -123,11 +128,11 @@ impl EmbeddedStore {
             .map_err(storage("opening the embedded store"))?;
         upgrade::create_tables(&db)?;
         let db = Arc::new(db);
+        let writer = Writer::open(Arc::clone(&db), &dir.join(LOG_FILE))?;
         let (writes, queue) = mpsc::channel(QUEUE);
-        let writer_db = Arc::clone(&db);
         let writer = std::thread::Builder::new()
             .name("kubechat-store-writer".into())
-            .spawn(move || writer::run(&writer_db, queue))
+            .spawn(move || writer.run(queue))
             .map_err(|err| StoreError::Unavailable(format!("starting the embedded store writer: {err}")))?;
         Ok(Self { db, writes: Some(writes), writer: Some(writer) })
     }
