@@ -337,6 +337,13 @@ fn deadline(expires_at: Instant, last_heard: Instant, limits: &ConnectionLimits)
     expires_at.min(last_heard + limits.idle_timeout)
 }
 
+/// The value in `boxed`, its allocation freed now (moving out of a box in
+/// place would free it only when the box goes out of scope).
+#[allow(clippy::boxed_local, reason = "taking the box is the point: it is freed on return")]
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
+}
+
 /// A connection whose upgrade was accepted: what its task starts from.
 pub struct Accepted {
     pub gateway: Arc<Gateway>,
@@ -365,11 +372,11 @@ pub struct Accepted {
 /// and its one timer, for both the idle timeout and the token's expiry, is
 /// kept across rounds instead of being registered again after every frame.
 #[allow(clippy::manual_async_fn, reason = "an async fn would hold its argument twice")]
-pub fn serve(accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
+pub fn serve(mut accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
     async move {
-        // The rest stays in the box until the upgrade is done: what is held
-        // across more than one await is kept for the whole connection.
-        let upgraded = match accepted.upgrade.await {
+        // Everything stays in the box until the upgrade is done: what is
+        // held across more than one await is kept for the whole connection.
+        let upgraded = match (&mut accepted.upgrade).await {
             Ok(upgraded) => upgraded,
             Err(e) => {
                 tracing::debug!(error = %e, "WebSocket upgrade failed");
@@ -396,8 +403,9 @@ pub fn serve(accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
             accepted.gateway.chat.session_opened(&registration.user, &registration.device, Duration::from_secs(2));
         Box::pin(opened).await;
         // Only now out of the box, with no await before the names go into the
-        // session: they are then no part of what the connection holds.
-        let Accepted { gateway, permit, user, device, expires_at, .. } = *accepted;
+        // session: they are then no part of what the connection holds. (The
+        // box is freed here, not when the task ends.)
+        let Accepted { gateway, permit, user, device, expires_at, .. } = unbox(accepted);
         let session = Arc::new(Session { user, device, connection: registration.connection });
         gateway.metrics.connections.inc();
         let mut state = State {
