@@ -106,7 +106,8 @@ impl ChatService {
             // The id's own time: a retried send keeps its original timestamp.
             created_at_ms: ids::timestamp_ms(id),
         };
-        let new = NewMessage { message, key, recipients: Arc::clone(members), position: self.ids.next_id(), link_channel };
+        let new =
+            NewMessage { message, key, recipients: Arc::clone(members), position: self.ids.next_id(), link_channel };
         let stored = self.store.store_message(new).await?;
         // Only once written: a failed write must be retried next time.
         if link_channel {
