@@ -2,12 +2,14 @@
 //! database in one local folder, so one process needs no cluster at all.
 //!
 //! redb is synchronous and allows one write transaction at a time, and a
-//! durable commit writes back every page it touched. So that durable acks
-//! reach tens of thousands of messages per second, every write goes to ONE
-//! writer thread that does group commit ([`writer`]): a batch is made
-//! durable by one append to a write-ahead log ([`wal`]), and redb's pages
-//! are written back at checkpoints. A send is one request: its idempotency
-//! key, history row and inbox entries commit together or not at all. Reads run in their own read transactions on tokio's blocking pool;
+//! durable commit writes back every page touched since the last one. So
+//! that durable acks reach tens of thousands of messages per second with
+//! low latency, every write goes through two threads ([`pipeline`]): a
+//! logger that makes a whole batch durable with one append to a write-ahead
+//! log ([`wal`]) and answers it, and an applier that applies batches to
+//! redb ([`tables`]) and writes its pages back at checkpoints nobody waits
+//! on. A send is one request: its idempotency key, history row and inbox
+//! entries are logged together and applied together. Reads run in their own read transactions on tokio's blocking pool;
 //! redb lets them run beside the writer and they see every commit that
 //! finished before they began.
 //!
@@ -30,26 +32,28 @@
 //!
 //! Stores written by earlier versions are converted when opened ([`upgrade`]).
 
+mod ops;
+mod pipeline;
+mod tables;
 mod upgrade;
 mod wal;
-mod writer;
 
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
-pub use writer::MAX_BATCH;
-use writer::{Done, Op, Request, Writer};
+use ops::{Done, Op, Request};
+pub use pipeline::{CHECKPOINT_EVERY, MAX_BATCH};
+use pipeline::{Progress, Threads};
 
 /// File name of the database inside the store's folder.
 pub const DB_FILE: &str = "kubechat.redb";
-/// File name of the write-ahead log beside it.
+/// File names of the write-ahead log beside it (`.0` and `.1` are added).
 pub const LOG_FILE: &str = "kubechat.wal";
 
 /// redb's page cache: recent history and inboxes stay in memory (its
@@ -60,7 +64,7 @@ pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// which is the backpressure when the disk cannot keep up.
 const QUEUE: usize = 4096;
 
-const WRITER_STOPPED: &str = "embedded store writer stopped";
+const WRITER_STOPPED: &str = "embedded store stopped";
 
 type Pair = (&'static str, u64);
 type Link = (&'static str, &'static str);
@@ -112,7 +116,8 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     /// `None` only while dropping.
     writes: Option<mpsc::Sender<Request>>,
-    writer: Option<JoinHandle<()>>,
+    progress: Arc<Progress>,
+    threads: Option<Threads>,
 }
 
 impl EmbeddedStore {
@@ -128,13 +133,9 @@ impl EmbeddedStore {
             .map_err(storage("opening the embedded store"))?;
         upgrade::create_tables(&db)?;
         let db = Arc::new(db);
-        let writer = Writer::open(Arc::clone(&db), &dir.join(LOG_FILE))?;
         let (writes, queue) = mpsc::channel(QUEUE);
-        let writer = std::thread::Builder::new()
-            .name("kubechat-store-writer".into())
-            .spawn(move || writer.run(queue))
-            .map_err(|err| StoreError::Unavailable(format!("starting the embedded store writer: {err}")))?;
-        Ok(Self { db, writes: Some(writes), writer: Some(writer) })
+        let (progress, threads) = pipeline::start(Arc::clone(&db), &dir.join(LOG_FILE), queue)?;
+        Ok(Self { db, writes: Some(writes), progress, threads: Some(threads) })
     }
 
     /// Appends a job to the push queue; returns its sequence number, which
@@ -147,7 +148,8 @@ impl EmbeddedStore {
     /// number of the last.
     pub async fn enqueue_pushes(&self, jobs: Vec<serde_json::Value>) -> StoreResult<u64> {
         let jsons = jobs.iter().map(|job| encode("push job", job)).collect::<StoreResult<Vec<_>>>()?;
-        match self.write(Op::EnqueuePush { jsons }).await? {
+        // Numbered by the logger.
+        match self.write(Op::EnqueuePush { first_seq: 0, jsons }).await? {
             Done::Seq(seq) => Ok(seq),
             _ => Err(unexpected_answer()),
         }
@@ -198,6 +200,8 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&ReadTransaction) -> StoreResult<T> + Send + 'static,
     {
+        // Every write answered before this read began is applied first.
+        self.progress.caught_up().await?;
         let db = Arc::clone(&self.db);
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(storage("starting a read"))?;
@@ -210,11 +214,13 @@ impl EmbeddedStore {
 
 impl Drop for EmbeddedStore {
     fn drop(&mut self) {
-        // Closing the queue ends the writer's loop once it has answered
-        // everything queued; joining releases its handle on the file.
+        // Closing the queue ends the logger once it has answered everything
+        // queued, then the applier after a last checkpoint; joining them
+        // releases their handles on the file.
         drop(self.writes.take());
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+        if let Some(threads) = self.threads.take() {
+            let _ = threads.logger.join();
+            let _ = threads.applier.join();
         }
     }
 }

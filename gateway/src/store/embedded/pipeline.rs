@@ -1,0 +1,375 @@
+//! The two threads every write of the embedded store goes through.
+//!
+//! - The **logger** takes every request queued when its turn starts (group
+//!   commit, up to [`MAX_BATCH`]), decides each answer, appends the batch to
+//!   the write-ahead log (one `fdatasync`: now it is durable) and answers.
+//!   Answers depend on little: whether a send's idempotency key was seen (in
+//!   redb, or in a batch logged but not yet applied: the [`Pending`] keys)
+//!   and the numbers of push jobs.
+//! - The **applier** applies logged batches to redb (transactions visible at
+//!   once, durable at the next checkpoint) and takes a checkpoint every
+//!   [`CHECKPOINT_EVERY`] or when the log asks for one. A checkpoint writes
+//!   back every page touched since the last one, tens of milliseconds at
+//!   thousands of messages a second: nobody's answer waits for it.
+//!
+//! Reads see every write answered before they started: a read first waits
+//! until the applier has applied everything the logger had acknowledged
+//! ([`Progress::caught_up`]); that is immediate unless a checkpoint is in
+//! progress.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc as std_mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadTransaction, ReadableDatabase};
+use tokio::sync::{Notify, mpsc};
+
+use super::ops::{Done, Op, Request, decode_ops};
+use super::tables::{UserNumbers, apply};
+use super::wal::Wal;
+use super::{MESSAGES, META, META_PUSH_SEQ, META_WAL_SEQ, SENDS, storage};
+use crate::store::{StoreError, StoreResult};
+
+/// Most requests logged in one record: bounds the latency a request waits
+/// behind others while still amortizing the fsync.
+pub const MAX_BATCH: usize = 512;
+
+/// The longest the B-trees go without a checkpoint (which bounds how much a
+/// restart replays from the log).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+
+/// Logged batches the applier may lag behind by before the logger waits.
+const APPLY_QUEUE: usize = 1024;
+
+/// Where the two threads stand, by log sequence number.
+pub struct Progress {
+    /// The newest record logged and answered.
+    acked: AtomicU64,
+    /// The newest record applied to redb (visible to reads).
+    applied: AtomicU64,
+    /// The newest record a checkpoint made durable in redb.
+    durable: AtomicU64,
+    /// The log's active file is past half full: checkpoint soon.
+    checkpoint_wanted: AtomicBool,
+    /// Why the applier stopped: no write is accepted after it.
+    failed: Mutex<Option<String>>,
+    /// Woken whenever `applied` moves (or the applier fails).
+    advanced: Notify,
+}
+
+impl Progress {
+    fn new(seq: u64) -> Self {
+        Self {
+            acked: AtomicU64::new(seq),
+            applied: AtomicU64::new(seq),
+            durable: AtomicU64::new(seq),
+            checkpoint_wanted: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            advanced: Notify::new(),
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn fail(&self, why: String) {
+        *self.failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(why);
+        self.advanced.notify_waiters();
+    }
+
+    /// Waits until every write answered so far is applied (readable).
+    pub async fn caught_up(&self) -> StoreResult<()> {
+        let target = self.acked.load(Ordering::Acquire);
+        loop {
+            let advanced = self.advanced.notified();
+            tokio::pin!(advanced);
+            // Registered before the check, so an advance right after it is not missed.
+            advanced.as_mut().enable();
+            if self.applied.load(Ordering::Acquire) >= target {
+                return Ok(());
+            }
+            if let Some(why) = self.failure() {
+                return Err(StoreError::Unavailable(format!("embedded store stopped applying writes: {why}")));
+            }
+            advanced.await;
+        }
+    }
+}
+
+/// Sends logged but not yet applied, by `(sender, key)`: a retry of one
+/// must be answered as a duplicate before redb has it.
+#[derive(Default)]
+struct Pending {
+    keys: HashMap<(String, String), Vec<u8>>,
+    /// In log order, to forget them once applied.
+    order: VecDeque<(u64, (String, String))>,
+}
+
+type SharedPending = Arc<Mutex<Pending>>;
+
+fn lock(pending: &SharedPending) -> MutexGuard<'_, Pending> {
+    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The running threads; dropping the request sender ends them (the applier
+/// takes a last checkpoint).
+pub struct Threads {
+    pub logger: JoinHandle<()>,
+    pub applier: JoinHandle<()>,
+}
+
+/// Replays the log into redb, checkpoints, and starts the two threads.
+pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> StoreResult<(Arc<Progress>, Threads)> {
+    let (applied, push_seq) = {
+        let txn = db.begin_read().map_err(storage("starting a read"))?;
+        let meta = txn.open_table(META).map_err(storage("opening meta"))?;
+        let get = |name| meta.get(name).map(|v| v.map_or(0, |v| v.value()));
+        (get(META_WAL_SEQ).map_err(storage("reading meta"))?, get(META_PUSH_SEQ).map_err(storage("reading meta"))?)
+    };
+    let (wal, records) = Wal::open(log, applied)
+        .map_err(|err| StoreError::Unavailable(format!("opening the log {}: {err}", log.display())))?;
+    let mut users = UserNumbers::new(1_000_000);
+    let mut last = applied;
+    let mut push_seq = push_seq;
+    let replayed = records.len();
+    for record in records {
+        let ops = decode_ops(&record.payload)
+            .ok_or_else(|| StoreError::Corrupt(format!("log record {} holds no valid writes", record.seq)))?;
+        for op in &ops {
+            if let Op::EnqueuePush { first_seq, jsons } = op {
+                push_seq = push_seq.max((first_seq + jsons.len() as u64).saturating_sub(1));
+            }
+        }
+        // What clients were told before the restart stands; replaying only
+        // reproduces the state (a write that failed then fails again).
+        let refs: Vec<&Op> = ops.iter().collect();
+        apply_record(&db, &refs, &mut users, record.seq);
+        last = record.seq;
+    }
+    checkpoint(&db)?;
+    if replayed > 0 {
+        tracing::info!(records = replayed, "replayed the embedded store's log");
+    }
+
+    let progress = Arc::new(Progress::new(last));
+    let pending = SharedPending::default();
+    let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
+    let applier = {
+        let (db, progress, pending) = (Arc::clone(&db), Arc::clone(&progress), Arc::clone(&pending));
+        std::thread::Builder::new()
+            .name("kubechat-store-apply".into())
+            .spawn(move || run_applier(&db, applier_queue, &progress, &pending, users))
+            .map_err(|err| StoreError::Unavailable(format!("starting the embedded store applier: {err}")))?
+    };
+    let logger = Logger { db, wal, progress: Arc::clone(&progress), pending, push_seq, to_applier };
+    let logger = std::thread::Builder::new()
+        .name("kubechat-store-log".into())
+        .spawn(move || logger.run(queue))
+        .map_err(|err| StoreError::Unavailable(format!("starting the embedded store logger: {err}")))?;
+    Ok((progress, Threads { logger, applier }))
+}
+
+/// A durable redb commit of everything applied so far.
+fn checkpoint(db: &Database) -> StoreResult<()> {
+    let txn = db.begin_write().map_err(storage("starting a checkpoint"))?;
+    txn.commit().map_err(storage("committing a checkpoint"))
+}
+
+/// Applies the writes of log record `seq`: together, or one by one if that
+/// fails (so one bad write does not fail its neighbours).
+fn apply_record(db: &Database, ops: &[&Op], users: &mut UserNumbers, seq: u64) -> Vec<StoreResult<Done>> {
+    match apply(db, ops, users, seq) {
+        Ok(done) => done.into_iter().map(Ok).collect(),
+        Err(err) if ops.len() > 1 => {
+            tracing::warn!(error = %err, writes = ops.len(), "embedded store batch failed; applying one by one");
+            ops.iter().map(|op| apply(db, &[*op], users, seq).map(|mut d| d.pop().unwrap_or(Done::Unit))).collect()
+        }
+        Err(err) => vec![Err(err)],
+    }
+}
+
+/// `StoreError` is not `Clone`; a batch's one error goes to every request.
+fn same_error(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Unavailable(detail) => StoreError::Unavailable(detail.clone()),
+        StoreError::Corrupt(detail) => StoreError::Corrupt(detail.clone()),
+    }
+}
+
+struct Logger {
+    db: Arc<Database>,
+    wal: Wal,
+    progress: Arc<Progress>,
+    pending: SharedPending,
+    /// The number of the last push job handed out.
+    push_seq: u64,
+    to_applier: std_mpsc::SyncSender<(u64, Vec<Op>)>,
+}
+
+impl Logger {
+    fn run(mut self, mut queue: mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = queue.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.log_batch(&mut batch);
+        }
+        // Dropping `to_applier` lets the applier finish and checkpoint.
+    }
+
+    fn refuse(batch: &mut Vec<Request>, err: &StoreError) {
+        for request in batch.drain(..) {
+            let _ = request.reply.send(Err(same_error(err)));
+        }
+    }
+
+    fn log_batch(&mut self, batch: &mut Vec<Request>) {
+        if let Some(why) = self.progress.failure() {
+            return Self::refuse(batch, &StoreError::Unavailable(format!("embedded store stopped: {why}")));
+        }
+        let seq = self.wal.next_seq();
+        let push_seq = self.push_seq;
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut read = None;
+        let mut fresh_keys = Vec::new();
+        for request in batch.iter_mut() {
+            answers.push(self.decide(&mut request.op, seq, &mut read, &mut fresh_keys));
+        }
+        drop(read);
+        let mut payload = Vec::new();
+        batch.iter().for_each(|request| request.op.encode(&mut payload));
+        if let Err(err) = self.wal.append(&payload) {
+            // Not logged: forget what this batch claimed.
+            let mut pending = lock(&self.pending);
+            for key in &fresh_keys {
+                pending.keys.remove(key);
+            }
+            pending.order.retain(|(at, _)| *at != seq);
+            drop(pending);
+            self.push_seq = push_seq;
+            let err = StoreError::Unavailable(format!("writing the log: {err}"));
+            tracing::error!(error = %err, requests = batch.len(), "embedded store write failed");
+            return Self::refuse(batch, &err);
+        }
+        self.progress.acked.store(seq, Ordering::Release);
+        if self.wal.wants_checkpoint() {
+            self.progress.checkpoint_wanted.store(true, Ordering::Release);
+        }
+        self.wal.checkpointed(self.progress.durable.load(Ordering::Acquire));
+        let mut ops = Vec::with_capacity(batch.len());
+        for (request, answer) in batch.drain(..).zip(answers) {
+            let _ = request.reply.send(answer);
+            ops.push(request.op);
+        }
+        if self.to_applier.send((seq, ops)).is_err() {
+            self.progress.fail("the applier stopped".into());
+        }
+    }
+
+    /// The answer to one write, decided before it is logged as record `seq`.
+    fn decide(
+        &mut self,
+        op: &mut Op,
+        seq: u64,
+        read: &mut Option<ReadTransaction>,
+        fresh_keys: &mut Vec<(String, String)>,
+    ) -> StoreResult<Done> {
+        match op {
+            Op::Send { sender, key, json, .. } => {
+                let id = (sender.clone(), key.clone());
+                if let Some(first) = lock(&self.pending).keys.get(&id) {
+                    return Ok(Done::Duplicate(first.clone()));
+                }
+                if let Some(first) = self.stored_send(sender, key, read)? {
+                    return Ok(Done::Duplicate(first));
+                }
+                let mut pending = lock(&self.pending);
+                pending.keys.insert(id.clone(), json.clone());
+                pending.order.push_back((seq, id.clone()));
+                fresh_keys.push(id);
+                Ok(Done::Unit)
+            }
+            Op::EnqueuePush { first_seq, jsons } => {
+                *first_seq = self.push_seq + 1;
+                self.push_seq += jsons.len() as u64;
+                Ok(Done::Seq(self.push_seq))
+            }
+            Op::CreateGroup { .. } | Op::AddMember { .. } | Op::RemoveMember { .. } | Op::AckPush { .. } => {
+                Ok(Done::Unit)
+            }
+        }
+    }
+
+    /// The message JSON of an applied send with this key, if any.
+    fn stored_send(&self, sender: &str, key: &str, read: &mut Option<ReadTransaction>) -> StoreResult<Option<Vec<u8>>> {
+        if read.is_none() {
+            *read = Some(self.db.begin_read().map_err(storage("starting a read"))?);
+        }
+        let Some(txn) = read.as_ref() else { return Ok(None) };
+        let sends = txn.open_table(SENDS).map_err(storage("opening sends"))?;
+        let Some(found) = sends.get((sender, key)).map_err(storage("reading sends"))? else { return Ok(None) };
+        let (id, channel) = found.value();
+        let messages = txn.open_table(MESSAGES).map_err(storage("opening messages"))?;
+        match messages.get((channel, id)).map_err(storage("reading messages"))? {
+            Some(message) => Ok(Some(message.value().to_vec())),
+            None => Err(StoreError::Corrupt(format!("send key of message {channel}/{id} without the message"))),
+        }
+    }
+}
+
+fn run_applier(
+    db: &Database,
+    queue: std_mpsc::Receiver<(u64, Vec<Op>)>,
+    progress: &Progress,
+    pending: &SharedPending,
+    mut users: UserNumbers,
+) {
+    let mut last_checkpoint = Instant::now();
+    while let Ok(first) = queue.recv() {
+        // Everything logged meanwhile goes into one transaction.
+        let mut records = vec![first];
+        while let Ok(next) = queue.try_recv() {
+            records.push(next);
+        }
+        let seq = records.last().map_or(0, |(seq, _)| *seq);
+        let ops: Vec<&Op> = records.iter().flat_map(|(_, ops)| ops.iter()).collect();
+        let failed = apply_record(db, &ops, &mut users, seq).into_iter().find_map(Result::err);
+        if let Some(err) = failed {
+            // Acknowledged writes are in the log, so a restart applies them;
+            // until then nothing more is accepted.
+            tracing::error!(error = %err, "embedded store could not apply logged writes; refusing writes until restart");
+            progress.fail(err.to_string());
+            return;
+        }
+        progress.applied.store(seq, Ordering::Release);
+        {
+            let mut pending = lock(pending);
+            while pending.order.front().is_some_and(|(at, _)| *at <= seq) {
+                if let Some((_, key)) = pending.order.pop_front() {
+                    pending.keys.remove(&key);
+                }
+            }
+        }
+        progress.advanced.notify_waiters();
+        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY || progress.checkpoint_wanted.swap(false, Ordering::AcqRel) {
+            match checkpoint(db) {
+                Ok(()) => progress.durable.store(seq, Ordering::Release),
+                Err(err) => tracing::error!(error = %err, "embedded store checkpoint failed; the log keeps growing"),
+            }
+            last_checkpoint = Instant::now();
+        }
+    }
+    match checkpoint(db) {
+        Ok(()) => progress.durable.store(progress.applied.load(Ordering::Acquire), Ordering::Release),
+        Err(err) => tracing::error!(error = %err, "embedded store checkpoint at shutdown failed; the log is replayed"),
+    }
+}
