@@ -28,8 +28,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// Bytes reserved for each of the two log files.
-pub const FILE_BYTES: u64 = 32 * 1024 * 1024;
+/// Bytes reserved for each of the two log files (sparse until written).
+/// Half of one is the most a restart replays (about 150,000 one-to-one
+/// messages, a few seconds).
+pub const FILE_BYTES: u64 = 128 * 1024 * 1024;
 
 const HEADER: usize = 16;
 
