@@ -135,7 +135,7 @@ pub async fn start(
             hub.kick_all(Kick::GoingAway);
         }
     });
-    let max_frame_bytes = Gateway::frame_limit_for(options.chat.limits.max_message_chars);
+    let max_frame_bytes = options.chat.limits.max_frame_bytes();
     let gateway = Arc::new(Gateway {
         chat: chat.clone(),
         broker,

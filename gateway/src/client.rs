@@ -13,16 +13,56 @@ const HELP: &str = "\
   /add g:123 dave        add a member
   /channels              list your channels
   /history dm:alice:bob  the newest messages of a channel
+  /history dm:alice:bob <id>  the ones before message <id>
   /sync                  everything since this session started
   /who bob carol         who is online (people you share a channel with)
   /quit";
 
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+fn message_line(m: &Value) -> String {
+    format!("[{}] {}: {}", text(&m["channel"]), text(&m["from"]), text(&m["text"]))
+}
+
 fn describe(frame: &Value) -> String {
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let list = |v: &Value| v.as_array().into_iter().flatten().map(text).collect::<Vec<_>>().join(", ");
     match frame["type"].as_str().unwrap_or_default() {
-        "message" => {
-            let m = &frame["message"];
-            format!("[{}] {}: {}", text(&m["channel"]), text(&m["from"]), text(&m["text"]))
+        "message" => message_line(&frame["message"]),
+        "group" => {
+            let g = &frame["group"];
+            format!(
+                "  group {} \"{}\" (owner {}): {}",
+                text(&g["id"]),
+                text(&g["name"]),
+                text(&g["owner"]),
+                list(&g["members"])
+            )
+        }
+        "channels" => format!("  channels: {}", list(&frame["channels"])),
+        "history" => {
+            // Pages come newest first; read top to bottom, oldest first.
+            let messages: Vec<&Value> = frame["messages"].as_array().into_iter().flatten().collect();
+            let mut lines: Vec<String> = messages.iter().rev().map(|m| format!("  {}", message_line(m))).collect();
+            if lines.is_empty() {
+                lines.push("  (no messages)".into());
+            }
+            if frame["has_more"] == true
+                && let Some(oldest) = messages.last()
+            {
+                lines.push(format!("  older: /history {} {}", text(&frame["channel"]), text(&oldest["id"])));
+            }
+            lines.join("\n")
+        }
+        "synced" => {
+            let entries: Vec<String> = frame["entries"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| format!("  {}", message_line(&e["message"])))
+                .collect();
+            if entries.is_empty() { "  (nothing new)".into() } else { entries.join("\n") }
         }
         "ack" => format!("  ✓ stored as {} in {}", text(&frame["id"]), text(&frame["channel"])),
         "error" => format!("  ✗ {}: {}", text(&frame["code"]), text(&frame["message"])),
@@ -63,18 +103,33 @@ pub fn line_to_frame(line: &str, counter: u64) -> Option<Value> {
         }
         "/add" => Some(json!({"type": "add_member", "group": words.next()?, "user": words.next()?})),
         "/channels" => Some(json!({"type": "list_channels"})),
-        "/history" => Some(json!({"type": "history", "channel": words.next()?})),
+        "/history" => {
+            let channel = words.next()?;
+            Some(match words.next() {
+                Some(before) => json!({"type": "history", "channel": channel, "before": before}),
+                None => json!({"type": "history", "channel": channel}),
+            })
+        }
         "/sync" => Some(json!({"type": "sync", "after": "0"})),
         "/who" => Some(json!({"type": "presence", "users": words.collect::<Vec<_>>()})),
         _ => None,
     }
 }
 
-pub async fn interactive(url: &str, token: &str) -> anyhow::Result<()> {
+/// Connects with `token` and chats until `/quit`. `signed_with` says where
+/// the token came from, for the error when the gateway refuses it.
+pub async fn interactive(url: &str, token: &str, signed_with: &str) -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Error;
     let separator = if url.contains('?') { '&' } else { '?' };
-    let (socket, _) = tokio_tungstenite::connect_async(format!("{url}{separator}token={token}"))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {url}: {e} (is the gateway running?)"))?;
+    let (socket, _) = match tokio_tungstenite::connect_async(format!("{url}{separator}token={token}")).await {
+        Ok(connected) => connected,
+        Err(Error::Http(response)) if response.status() == 401 => anyhow::bail!(
+            "the gateway at {url} refused the token (401): it was {signed_with}, and the gateway signs with \
+             another key; pass --data-dir <the gateway's --data-dir> or a --token it issued"
+        ),
+        Err(Error::Http(response)) => anyhow::bail!("the gateway at {url} answered {}", response.status()),
+        Err(e) => anyhow::bail!("cannot connect to {url}: {e} (is the gateway running there?)"),
+    };
     let (mut sink, mut stream) = socket.split();
     let reader = tokio::spawn(async move {
         while let Some(Ok(message)) = stream.next().await {
@@ -128,7 +183,21 @@ mod tests {
         assert_eq!(group["members"], json!(["bob", "carol"]));
         assert!(line_to_frame("hello", 3).is_none());
         assert!(line_to_frame("@bob", 4).is_none());
+        assert_eq!(line_to_frame("/history g:1", 6).expect("frame").get("before"), None);
+        assert_eq!(line_to_frame("/history g:1 42", 7).expect("frame")["before"], "42");
         assert_eq!(line_to_frame("/who bob carol", 5).expect("frame")["users"], json!(["bob", "carol"]));
+    }
+
+    #[test]
+    fn replies_read_as_lines() {
+        let group =
+            json!({"type": "group", "group": {"id": "g:1", "name": "team", "owner": "a", "members": ["a", "b"]}});
+        assert_eq!(describe(&group), "  group g:1 \"team\" (owner a): a, b");
+        let m = |id: &str, text: &str| json!({"id": id, "channel": "g:1", "from": "a", "text": text});
+        let page =
+            json!({"type": "history", "channel": "g:1", "messages": [m("2", "new"), m("1", "old")], "has_more": true});
+        assert_eq!(describe(&page), "  [g:1] a: old\n  [g:1] a: new\n  older: /history g:1 1");
+        assert_eq!(describe(&json!({"type": "channels", "channels": ["g:1", "dm:a:b"]})), "  channels: g:1, dm:a:b");
     }
 
     #[test]

@@ -28,9 +28,9 @@ enum Command {
     /// One gateway with the embedded durable store: no cluster, Redis or Cassandra.
     Standalone {
         /// Where messages are kept (created if missing; survives restarts).
-        #[arg(long, default_value = "kubechat-data")]
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        #[arg(long, default_value = DEFAULT_LISTEN)]
         listen: SocketAddr,
         /// Serve GET /dev/token?user=…&device=… (development only).
         #[arg(long)]
@@ -74,12 +74,45 @@ enum Command {
         user: String,
         #[arg(long, default_value = "terminal")]
         device: String,
-        /// A token; without one it is minted from the standalone gateway's key file.
+        /// A token; without one it is minted from the standalone gateway's
+        /// key file (`<data-dir>/signing-key`).
         #[arg(long)]
         token: Option<String>,
-        #[arg(long, default_value = "kubechat-data")]
+        /// The standalone gateway's `--data-dir`, whose key signs the token.
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
+}
+
+const DEFAULT_DATA_DIR: &str = "kubechat-data";
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// The command that chats with this standalone gateway from anywhere.
+fn chat_command(user: &str, listen: SocketAddr, data_dir: &Path) -> String {
+    let mut command = format!("cargo run --release -p kubechat-gateway -- chat --user {user}");
+    if listen.to_string() != DEFAULT_LISTEN {
+        command.push_str(&format!(" --url ws://{listen}{}", kubechat_gateway::transport::WS_PATH));
+    }
+    if data_dir != Path::new(DEFAULT_DATA_DIR) {
+        let shown = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+        command.push_str(&format!(" --data-dir {}", shown.display()));
+    }
+    command
+}
+
+/// The key `chat` signs its token with: the standalone gateway's, never a
+/// new one (a token signed with any other key is refused with 401).
+fn existing_signing_key(data_dir: &Path) -> anyhow::Result<(Vec<u8>, String)> {
+    let path = data_dir.join("signing-key");
+    let shown = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+    match std::fs::read(&path) {
+        Ok(key) => Ok((key, format!("signed with {}", shown.display()))),
+        Err(e) => anyhow::bail!(
+            "no signing key at {} ({e}): the standalone gateway writes it into its --data-dir when it starts; \
+             start it first, run chat from the directory you started it in, or pass --data-dir or --token",
+            shown.display()
+        ),
+    }
 }
 
 /// The standalone gateway's signing key: created once in the data folder.
@@ -127,9 +160,10 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             println!("kubechat standalone gateway on {} (data in {})", running.ws_url(), data_dir.display());
-            println!("chat from two terminals:");
-            println!("  cargo run -p kubechat-gateway -- chat --user alice");
-            println!("  cargo run -p kubechat-gateway -- chat --user bob");
+            let from_here = if data_dir == Path::new(DEFAULT_DATA_DIR) { " (from this directory)" } else { "" };
+            println!("chat from two terminals{from_here}:");
+            println!("  {}", chat_command("alice", listen, &data_dir));
+            println!("  {}", chat_command("bob", listen, &data_dir));
             wait_for_signal().await;
             running.stop(Duration::from_secs(10)).await;
         }
@@ -202,12 +236,32 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
         }
         Command::Chat { url, user, device, token, data_dir } => {
-            let token = match token {
-                Some(token) => token,
-                None => Authenticator::new(&local_signing_key(&data_dir)?)?.mint(&user, &device, 86_400)?,
+            let (token, signed_with) = match token {
+                Some(token) => (token, "given with --token".to_string()),
+                None => {
+                    let (key, signed_with) = existing_signing_key(&data_dir)?;
+                    (Authenticator::new(&key)?.mint(&user, &device, 86_400)?, signed_with)
+                }
             };
-            kubechat_gateway::client::interactive(&url, &token).await?;
+            kubechat_gateway::client::interactive(&url, &token, &signed_with).await?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_banner_names_what_differs_from_the_defaults() {
+        let default_listen: SocketAddr = DEFAULT_LISTEN.parse().expect("address");
+        let plain = chat_command("alice", default_listen, Path::new(DEFAULT_DATA_DIR));
+        assert_eq!(plain, "cargo run --release -p kubechat-gateway -- chat --user alice");
+        let other = chat_command("bob", "127.0.0.1:9000".parse().expect("address"), Path::new("/srv/chat"));
+        assert_eq!(
+            other,
+            "cargo run --release -p kubechat-gateway -- chat --user bob --url ws://127.0.0.1:9000/v1/ws --data-dir /srv/chat"
+        );
+    }
 }

@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::protocol::frames::WireGroup;
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, ProtocolError, ServerFrame, WireInboxEntry, WireMessage, direct_members,
-    encode_shared, is_group_channel,
+    encode_shared, fit_page, is_group_channel,
 };
 use crate::store::{Group, Page, Store, StoreError};
 use hub::{Hub, Kick};
@@ -349,8 +349,10 @@ impl ChatService {
     ) -> Result<ServerFrame, ProtocolError> {
         let limit = limit.unwrap_or(100);
         let mut entries = self.store.inbox_after(&session.user, after, limit + 1).await.map_err(storage_error)?;
-        let has_more = entries.len() > limit;
+        let mut has_more = entries.len() > limit;
         entries.truncate(limit);
+        let budget = self.config.limits.max_page_bytes;
+        has_more |= fit_page(&mut entries, budget, |e| WireMessage::encoded_len(&e.message) + 48);
         let horizon_ms = ids::now_ms() - i64::try_from(self.config.sync_horizon.as_millis()).unwrap_or(i64::MAX);
         let horizon = ids::first_id_at(horizon_ms).saturating_sub(1);
         let last = entries.last().map(|e| e.position);
@@ -381,8 +383,9 @@ impl ChatService {
         self.channel_members(&session.user, &channel).await?;
         let limit = limit.unwrap_or(50);
         let mut messages = self.store.history(&channel, page, limit + 1).await.map_err(storage_error)?;
-        let has_more = messages.len() > limit;
+        let mut has_more = messages.len() > limit;
         messages.truncate(limit);
+        has_more |= fit_page(&mut messages, self.config.limits.max_page_bytes, WireMessage::encoded_len);
         Ok(ServerFrame::History { req, channel, messages: messages.iter().map(WireMessage::from).collect(), has_more })
     }
 

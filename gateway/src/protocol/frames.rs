@@ -245,6 +245,20 @@ pub struct WireMessage {
     pub created_at_ms: i64,
 }
 
+impl WireMessage {
+    /// An upper bound of the bytes `message` takes encoded as a
+    /// `WireMessage` (its strings escaped as JSON escapes them, every number
+    /// at its longest), for cutting pages before they grow too big.
+    pub fn encoded_len(message: &Message) -> usize {
+        const FIXED: usize = 160; // keys, punctuation, id and timestamp
+        FIXED
+            + super::json_string_len(&message.text)
+            + super::json_string_len(&message.channel)
+            + super::json_string_len(&message.sender)
+            + super::json_string_len(&message.sender_device)
+    }
+}
+
 impl From<&Message> for WireMessage {
     fn from(m: &Message) -> Self {
         Self {

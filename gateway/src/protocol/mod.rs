@@ -25,13 +25,55 @@ pub const MAX_NAME_LEN: usize = 64;
 pub struct Limits {
     pub max_message_chars: usize,
     pub max_group_members: usize,
+    /// Most entries a `sync` or `history` page holds.
     pub max_page: usize,
+    /// Encoded bytes a `sync` or `history` page stops before (`has_more`
+    /// then says to go on); a page's first entry always fits, however big.
+    pub max_page_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_message_chars: 100_000, max_group_members: 100, max_page: 200 }
+        Self { max_message_chars: 100_000, max_group_members: 100, max_page: 200, max_page_bytes: 512 * 1024 }
     }
+}
+
+impl Limits {
+    /// Bytes of the largest text frame a client may send: every character
+    /// of the longest legal text written in JSON's longest way (an astral
+    /// character as two `\uXXXX` escapes: 12 bytes), plus the envelope.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_message_chars.saturating_mul(12).saturating_add(64 * 1024)
+    }
+}
+
+/// Bytes `s` takes as a JSON string, quotes included, as
+/// [`encode`] writes it (control characters escaped, the rest raw UTF-8).
+pub fn json_string_len(s: &str) -> usize {
+    2 + s
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
+}
+
+/// The longest prefix of `items` whose encoded sizes add up to at most
+/// `budget` bytes, but at least one item; true when items were cut.
+pub fn fit_page<T>(items: &mut Vec<T>, budget: usize, size: impl Fn(&T) -> usize) -> bool {
+    let mut total = 0;
+    let keep = items
+        .iter()
+        .position(|item| {
+            total += size(item);
+            total > budget
+        })
+        .map_or(items.len(), |over| over.max(1));
+    let cut = keep < items.len();
+    items.truncate(keep);
+    cut
 }
 
 /// Decodes and validates one text frame. Never panics: every malformed
@@ -42,9 +84,36 @@ pub fn decode(text: &str, limits: &Limits) -> Result<ClientFrame, ProtocolError>
     // slower path below only runs to explain what is wrong with the rest.
     if let Ok(frame) = serde_json::from_str::<ClientFrame>(text) {
         let req = frame.req().map(|r| r.chars().take(MAX_REQUEST_ID_LEN).collect::<String>());
-        return frame.validate(limits).map(|()| frame).map_err(|e| e.with_req(req));
+        return check_req(frame.req())
+            .and_then(|()| frame.validate(limits))
+            .map(|()| frame)
+            .map_err(|e| e.with_req(req));
     }
     explain(text, limits)
+}
+
+/// A request id is echoed back as is, so it is bounded.
+fn check_req(req: Option<&str>) -> Result<(), ProtocolError> {
+    match req {
+        Some(req) if req.chars().count() > MAX_REQUEST_ID_LEN => Err(ProtocolError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "req must be at most {MAX_REQUEST_ID_LEN} characters (the error echoes its first {MAX_REQUEST_ID_LEN})"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The request id of a frame that is not decoded (refused before, e.g. by
+/// the rate limit), so the refusal can still name it.
+pub fn request_id_of(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct JustReq {
+        req: Option<String>,
+    }
+    let req = serde_json::from_str::<JustReq>(text).ok()?.req?;
+    Some(req.chars().take(MAX_REQUEST_ID_LEN).collect())
 }
 
 /// Decodes a frame that did not decode directly, into the error saying why.
@@ -67,6 +136,7 @@ fn explain(text: &str, limits: &Limits) -> Result<ClientFrame, ProtocolError> {
         let code = if message.starts_with("missing field") { ErrorCode::MissingField } else { ErrorCode::BadFrame };
         with_req(ProtocolError::new(code, format!("{kind}: {message}")))
     })?;
+    check_req(frame.req()).map_err(&with_req)?;
     frame.validate(limits).map_err(with_req)?;
     Ok(frame)
 }

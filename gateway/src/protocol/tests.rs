@@ -2,7 +2,7 @@ use super::*;
 use serde_json::json;
 
 fn limits() -> Limits {
-    Limits { max_message_chars: 10, max_group_members: 4, max_page: 50 }
+    Limits { max_message_chars: 10, max_group_members: 4, max_page: 50, ..Limits::default() }
 }
 
 fn code_of(text: &str) -> ErrorCode {
@@ -157,4 +157,34 @@ fn decoding_never_panics_on_mutated_frames() {
     }
     // Some mutations keep a frame valid; most do not. Both paths ran.
     assert!(accepted > 0 && accepted < 20_000, "accepted {accepted}");
+}
+
+#[test]
+fn json_string_lengths_match_what_the_encoder_writes() {
+    for text in ["", "hi", "quote \" and \\ back", "tab\tnew\nline\r", "\u{0}\u{1f}\u{7f}", "é😀", "\u{8}\u{c}"] {
+        assert_eq!(json_string_len(text), serde_json::to_string(text).expect("json").len(), "{text:?}");
+    }
+    let message = crate::store::Message {
+        id: u64::MAX,
+        channel: "dm:a:b".into(),
+        sender: "a".into(),
+        sender_device: "phone".into(),
+        text: "\u{1}x\"".repeat(50),
+        created_at_ms: i64::MAX,
+    };
+    let wire = serde_json::to_string(&WireMessage::from(&message)).expect("json");
+    assert!(WireMessage::encoded_len(&message) >= wire.len(), "an upper bound of {wire}");
+}
+
+#[test]
+fn pages_stop_before_their_byte_budget_but_keep_one_entry() {
+    let mut sizes = vec![300, 300, 300];
+    assert!(fit_page(&mut sizes, 700, |s| *s), "cut");
+    assert_eq!(sizes, vec![300, 300]);
+    let mut huge = vec![5000, 1];
+    assert!(fit_page(&mut huge, 700, |s| *s));
+    assert_eq!(huge, vec![5000], "the first entry always comes");
+    let mut small = vec![1, 2, 3];
+    assert!(!fit_page(&mut small, 700, |s| *s), "nothing cut");
+    assert_eq!(small.len(), 3);
 }

@@ -282,7 +282,9 @@ impl State {
             Some(Ok(WsMessage::Text(text))) => {
                 gateway.metrics.frames_in.inc();
                 let reply = if !self.limiter.allow(now, limits.frames_per_second, limits.burst) {
-                    Some(ProtocolError::new(ErrorCode::RateLimited, "too many frames; slow down").into())
+                    // Not decoded, but the refusal still names the request.
+                    let refused = ProtocolError::new(ErrorCode::RateLimited, "too many frames; slow down");
+                    Some(refused.with_req(protocol::request_id_of(text.as_str())).into())
                 } else if text.as_str() == HEARTBEAT {
                     // Heartbeats only refresh `last_heard`.
                     None

@@ -73,12 +73,6 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Frame size for a character limit: 4 bytes per character (UTF-8's
-    /// worst case) twice over, plus room for the JSON envelope.
-    pub fn frame_limit_for(max_message_chars: usize) -> usize {
-        max_message_chars.saturating_mul(8).saturating_add(16 * 1024)
-    }
-
     /// WebSocket settings for frames up to `max_frame_bytes`.
     pub fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
         // Buffers exist only while a message moves (see [`socket`]). Reads
@@ -264,7 +258,6 @@ mod tests {
     use tokio_tungstenite::tungstenite::{Bytes, Message};
     use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-    use super::Gateway;
     use super::connection::{ConnectionLimits, close};
     use crate::app::{self, BrokerSetup, GatewayOptions, RunningGateway};
     use crate::store::embedded::EmbeddedStore;
@@ -343,7 +336,7 @@ mod tests {
     async fn shutdown_and_oversized_frames_close_with_their_codes() {
         let (gateway, _dir) = gateway(ConnectionLimits::default()).await;
         let mut big = connect(&gateway, "carol", 3600).await;
-        let frame_limit = Gateway::frame_limit_for(crate::protocol::Limits::default().max_message_chars);
+        let frame_limit = crate::protocol::Limits::default().max_frame_bytes();
         // Large frames within the limit are read; the error reply proves it.
         big.send(Message::text(format!(r#"{{"type":"nonsense","pad":"{}"}}"#, "x".repeat(frame_limit / 2))))
             .await
