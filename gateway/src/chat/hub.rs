@@ -152,6 +152,17 @@ impl Outbox {
         if !state.frames.is_empty() || state.kick.is_some() { Poll::Ready(()) } else { Poll::Pending }
     }
 
+    /// Ready with the kick once the connection is to close (a write in
+    /// progress is then abandoned: a client that stopped reading would hold
+    /// it for the whole write timeout).
+    pub fn poll_kicked(&self, cx: &mut Context<'_>) -> Poll<Kick> {
+        self.wake.register(cx.waker());
+        match self.state().kick {
+            Some(kick) => Poll::Ready(kick),
+            None => Poll::Pending,
+        }
+    }
+
     /// Waits until there is something for the connection: frames or a kick.
     pub async fn ready(&self) {
         std::future::poll_fn(|cx| self.poll_ready(cx)).await;

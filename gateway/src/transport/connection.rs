@@ -145,7 +145,7 @@ struct Broken;
 /// connection meanwhile.
 fn write<'a>(
     socket: &'a mut WsSocket,
-    outbox: &Outbox,
+    outbox: &'a Outbox,
     gateway: &'a Gateway,
     first: Option<Outbound>,
 ) -> impl Future<Output = Result<Option<Kick>, Broken>> + 'a {
@@ -159,13 +159,15 @@ fn write<'a>(
         if count == 0 {
             return Poll::Ready(Ok(kick));
         }
-        Pin::new(&mut sent).poll(cx).map(|sent| match sent {
-            Some(Ok(())) => {
+        match Pin::new(&mut sent).poll(cx) {
+            Poll::Ready(Some(Ok(()))) => {
                 gateway.metrics.frames_out.inc_by(count as u64);
-                Ok(kick)
+                Poll::Ready(Ok(kick))
             }
-            _ => Err(Broken),
-        })
+            Poll::Ready(_) => Poll::Ready(Err(Broken)),
+            // Kicked while the socket is full: stop waiting for it.
+            Poll::Pending => outbox.poll_kicked(cx).map(|kick| Ok(Some(kick))),
+        }
     })
 }
 
