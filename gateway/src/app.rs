@@ -22,6 +22,7 @@ use crate::chat::{ChatConfig, ChatParts, ChatService, GatewayLocal};
 use crate::ids::IdGenerator;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::store::health::{CheckedStore, StoreHealth};
 use crate::transport::auth::Authenticator;
 use crate::transport::connection::ConnectionLimits;
 use crate::transport::{Gateway, serve};
@@ -104,10 +105,13 @@ pub async fn start(
     let metrics = Metrics::new();
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let store_health = Arc::new(StoreHealth::new(metrics.store_up.clone()));
+    let store = Arc::new(CheckedStore::new(store, store_health.clone()));
+    tasks.spawn(store.clone().probe_while_down(shutdown.clone()));
     let hub = Hub::new();
     let presence = Arc::new(PresenceTracker::new(options.chat.offline_after));
     let members = Arc::new(MemberCache::new(options.chat.members_ttl, 100_000));
-    let (local, remote_offline) = GatewayLocal::new(hub.clone(), presence.clone(), members.clone());
+    let (local, remote_offline) = GatewayLocal::new(hub.clone(), presence.clone(), members.clone(), metrics.clone());
     let broker: Arc<dyn Broker> = match broker {
         BrokerSetup::Local => Arc::new(LocalBroker::default()),
         BrokerSetup::Redis { client, config } => {
@@ -139,6 +143,7 @@ pub async fn start(
     let gateway = Arc::new(Gateway {
         chat: chat.clone(),
         broker,
+        store_health,
         auth: Arc::new(auth),
         metrics: metrics.clone(),
         limits: options.limits.clone(),

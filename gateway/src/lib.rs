@@ -11,7 +11,7 @@
 //! - [`ids`]: time-ordered 64-bit ids for messages and inbox positions.
 //! - [`push`]: push workers: Redis Stream consumer group → webhook/FCM/APNs.
 //! - [`protocol`]: frames, validation and error codes (pure, no I/O).
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics; [`throttle`]: warnings that repeat in an incident, rate-limited.
 //! - [`store`]: the durable storage trait, with ScyllaDB and embedded (redb) implementations.
 
 pub mod app;
@@ -24,4 +24,5 @@ pub mod metrics;
 pub mod protocol;
 pub mod push;
 pub mod store;
+pub mod throttle;
 pub mod transport;

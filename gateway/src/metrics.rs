@@ -1,6 +1,6 @@
 //! Prometheus metrics of the gateway, in a registry of their own.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -11,20 +11,30 @@ pub struct Metrics {
     pub messages_stored: IntCounter,
     /// Send outcomes: `ok`, `duplicate`, or the error code.
     pub acks: IntCounterVec,
-    /// From receiving a send to handing the message to a recipient's connection.
-    pub delivery_seconds: Histogram,
+    /// From receiving a send to handing the message on, by `path`: `local`
+    /// (queued on a recipient's connection here) or `forwarded` (published
+    /// to the gateways holding the other recipients).
+    pub delivery_seconds: HistogramVec,
     pub store_seconds: Histogram,
     pub push_jobs: IntCounter,
     /// Connections closed because they could not keep up.
     pub slow_consumers: IntCounter,
     /// Fan-outs that waited for a backlogged receiver (senders slowed down).
     pub backpressure_waits: IntCounter,
-    /// Live forwards to other gateways that failed (Redis unreachable).
+    /// Live forwards to other gateways that failed (Redis unreachable); the
+    /// recipients are sent a `resync` once Redis answers.
     pub forward_failures: IntCounter,
+    /// Presence transitions or offline announcements dropped because their
+    /// queue was full (the sessions are reconciled with Redis instead).
+    pub presence_dropped: IntCounter,
+    /// Push jobs held back while presence was uncertain (Redis lost its data).
+    pub push_deferred: IntCounter,
     /// Presence transitions announced, by `online`/`offline`.
     pub presence_changes: IntCounterVec,
     /// 1 while Redis routing and presence work, 0 while degraded.
     pub broker_healthy: IntGauge,
+    /// 1 while the durable store answers, 0 while its operations fail.
+    pub store_up: IntGauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -45,7 +55,15 @@ impl Metrics {
             messages_stored: counter("messages_stored_total", "Messages durably stored"),
             acks: IntCounterVec::new(Opts::new("acks_total", "Send outcomes by result"), &["result"])
                 .expect("valid metric name"),
-            delivery_seconds: histogram("delivery_seconds", "Send received to live delivery queued"),
+            delivery_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "delivery_seconds",
+                    "Send received to live delivery queued here (path=local) or published to other gateways (path=forwarded)",
+                )
+                .buckets(latency_buckets()),
+                &["path"],
+            )
+            .expect("valid metric name"),
             store_seconds: histogram("store_seconds", "Durable write latency"),
             push_jobs: counter("push_jobs_total", "Push jobs enqueued for offline recipients"),
             slow_consumers: counter("slow_consumers_total", "Connections closed for not reading fast enough"),
@@ -54,6 +72,11 @@ impl Metrics {
                 "Fan-outs that waited for a backlogged receiver, slowing their sender",
             ),
             forward_failures: counter("forward_failures_total", "Live forwards to other gateways that failed"),
+            presence_dropped: counter(
+                "presence_dropped_total",
+                "Presence transitions or offline announcements dropped from a full queue",
+            ),
+            push_deferred: counter("push_deferred_total", "Push jobs held back while presence was uncertain"),
             presence_changes: IntCounterVec::new(
                 Opts::new("presence_changes_total", "Presence transitions announced to friends"),
                 &["status"],
@@ -64,6 +87,8 @@ impl Metrics {
                 "1 while cross-gateway routing and presence work; 0 while Redis is unreachable",
             )
             .expect("valid metric name"),
+            store_up: IntGauge::new("store_up", "1 while the durable store answers; 0 while its operations fail")
+                .expect("valid metric name"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -80,6 +105,9 @@ impl Metrics {
             Box::new(metrics.forward_failures.clone()),
             Box::new(metrics.presence_changes.clone()),
             Box::new(metrics.broker_healthy.clone()),
+            Box::new(metrics.store_up.clone()),
+            Box::new(metrics.presence_dropped.clone()),
+            Box::new(metrics.push_deferred.clone()),
         ];
         for collector in collectors {
             // Only duplicate names fail, and these are distinct.

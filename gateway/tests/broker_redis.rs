@@ -22,6 +22,7 @@ impl LocalDelivery for Recorder {
         self.delivered.lock().expect("lock").push((users.to_vec(), frame.to_string()));
     }
     fn resync_all(&self, _reason: &str) {}
+    fn resync_users(&self, _users: &[String], _reason: &str) {}
     fn local_sessions(&self) -> Vec<(String, String)> {
         Vec::new()
     }
@@ -74,8 +75,8 @@ async fn forwards_tracks_presence_and_reaps_dead_gateways() {
     assert!(!b.session_added(&bob, "laptop").await.expect("add"), "a second device is not");
     tokio::time::sleep(Duration::from_millis(1100)).await; // past the live-gateway cache
     let frame = Frame::from_static(r#"{"type":"message"}"#);
-    let offline = a.route(&[bob.clone(), alice.clone()], &frame).await.expect("route");
-    assert_eq!(offline, [alice.clone()].into_iter().collect(), "alice has no session anywhere");
+    let routed = a.route(&[bob.clone(), alice.clone()], &frame).await.expect("route");
+    assert_eq!(routed.offline, [alice.clone()].into_iter().collect(), "alice has no session anywhere");
     eventually("the forward reaches gateway b", || !rec_b.delivered.lock().expect("lock").is_empty()).await;
     assert_eq!(rec_b.delivered.lock().expect("lock")[0], (vec![bob.clone()], frame.to_string()));
     assert!(rec_a.delivered.lock().expect("lock").is_empty(), "nothing forwarded to the sender's gateway");

@@ -25,9 +25,10 @@ async fn wait_all_online(asker: &mut ClusterClient, query: Value) {
     let started = Instant::now();
     loop {
         let reply = asker.request(query.clone()).await;
-        assert_eq!(reply["type"], "presence", "{reply}");
-        let users = reply["users"].as_array().expect("users");
-        if users.iter().all(|u| u["online"] == json!(true)) {
+        // Right after Redis lost its data presence is unknown for a moment.
+        let unknown = reply["type"] == "error" && reply["code"] == "unavailable";
+        assert!(reply["type"] == "presence" || unknown, "{reply}");
+        if !unknown && reply["users"].as_array().expect("users").iter().all(|u| u["online"] == json!(true)) {
             return;
         }
         assert!(started.elapsed() < Duration::from_secs(15), "not everyone online: {reply}");
@@ -286,6 +287,10 @@ async fn send_loop(urls: Vec<String>, home: usize, user: String, to: String, cou
 /// What one receiving device got.
 struct Got {
     received: Received,
+    /// Messages it got only from its last sync, after the traffic stopped:
+    /// neither delivered live nor announced by a `resync` while it was
+    /// connected (it would have waited for its next reconnect).
+    stranded: std::collections::HashSet<String>,
     reconnects: usize,
     resyncs: usize,
     /// Every cursor stored, with when (for diagnosing a loss).
@@ -297,7 +302,13 @@ struct Got {
 /// last sync from the cursor it kept, as a device does on its next start.
 async fn receive_loop(urls: Vec<String>, home: usize, user: String, stop: tokio_util::sync::CancellationToken) -> Got {
     let mut client = connect_any(&urls, home, &user, "phone").await;
-    let mut got = Got { received: Received::default(), reconnects: 0, resyncs: 0, cursors: Vec::new() };
+    let mut got = Got {
+        received: Received::default(),
+        stranded: Default::default(),
+        reconnects: 0,
+        resyncs: 0,
+        cursors: Vec::new(),
+    };
     let (entries, mut cursor) = client.sync_all("0").await.expect("first sync");
     got.received.note_synced(&entries);
     let mut next_gateway = home + 1;
@@ -324,6 +335,10 @@ async fn receive_loop(urls: Vec<String>, home: usize, user: String, stop: tokio_
         }
         match client.sync_all(&cursor).await {
             Some((entries, next)) => {
+                if finishing {
+                    let ids = entries.iter().filter_map(|e| e["message"]["id"].as_str());
+                    got.stranded.extend(ids.filter(|id| !got.received.has(id)).map(str::to_string));
+                }
                 got.received.note_synced(&entries);
                 cursor = next;
                 got.cursors.push((
@@ -339,14 +354,26 @@ async fn receive_loop(urls: Vec<String>, home: usize, user: String, stop: tokio_
     }
 }
 
-/// Traffic between pairs across gateways while `disrupt` runs; returns the
-/// totals (sent, acked, delivered live, recovered by sync, lost).
+/// What a run of [`traffic_through`] came to.
+#[derive(Debug, Default)]
+struct Totals {
+    sent: usize,
+    acked: usize,
+    live: usize,
+    /// Got by a sync (after a reconnect or a `resync`, or the last one).
+    recovered: usize,
+    /// Got only by the last sync (see [`Got::stranded`]).
+    stranded: usize,
+    lost: usize,
+}
+
+/// Traffic between pairs across gateways while `disrupt` runs.
 async fn traffic_through<F: std::future::Future<Output = ()>>(
     urls: &[String],
     pairs: &[(usize, usize)],
     per_sender: usize,
     disrupt: F,
-) -> (usize, usize, usize, usize, usize) {
+) -> Totals {
     let stop = tokio_util::sync::CancellationToken::new();
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
@@ -361,19 +388,27 @@ async fn traffic_through<F: std::future::Future<Output = ()>>(
         sent.push(sender.await.expect("sender task"));
     }
     stop.cancel();
-    let (mut total_sent, mut acked, mut live, mut recovered, mut lost) = (0, 0, 0, 0, 0);
+    let mut totals = Totals::default();
     for (i, receiver) in receivers.into_iter().enumerate() {
         let got = receiver.await.expect("receiver task");
         let sender = &sent[i];
-        total_sent += sender.sent;
-        acked += sender.acked.len();
+        totals.sent += sender.sent;
+        totals.acked += sender.acked.len();
         for id in &sender.acked {
             if got.received.live.contains_key(id) {
-                live += 1;
+                totals.live += 1;
             } else if got.received.synced.contains(id) {
-                recovered += 1;
+                totals.recovered += 1;
+                if got.stranded.contains(id) {
+                    totals.stranded += 1;
+                    let at = id.parse::<u64>().map(kubechat_gateway::ids::timestamp_ms).unwrap_or_default();
+                    let (from, to) = pairs[i];
+                    println!(
+                        "STRANDED {id} (stored at {at} ms) for rcpt{i}: sender on gateway {from}, receiver on {to}"
+                    );
+                }
             } else {
-                lost += 1;
+                totals.lost += 1;
                 let mut audit = ClusterClient::connect(&urls[0], &format!("rcpt{i}"), "audit").await;
                 let (all, _) = audit.sync_all("0").await.expect("audit sync");
                 let position = all.iter().find(|e| e["message"]["id"] == json!(id)).map(|e| e["position"].clone());
@@ -381,15 +416,16 @@ async fn traffic_through<F: std::future::Future<Output = ()>>(
             }
         }
         println!(
-            "pair {i}: sent {}, acked {}, sender retries {}, receiver reconnects {}, resyncs {}",
+            "pair {i}: sent {}, acked {}, sender retries {}, receiver reconnects {}, resyncs {}, stranded {}",
             sender.sent,
             sender.acked.len(),
             sender.retries,
             got.reconnects,
-            got.resyncs
+            got.resyncs,
+            got.stranded.len()
         );
     }
-    (total_sent, acked, live, recovered, lost)
+    totals
 }
 
 /// Test 3: a gateway SIGKILLed under traffic. Its clients reconnect to the
@@ -409,14 +445,20 @@ async fn a_killed_gateway_loses_no_acked_message_and_its_users_go_offline_scenar
 
     let victim = &mut gateways[2];
     let pairs = [(0, 1), (1, 2), (2, 0), (2, 1)];
-    let (sent, acked, live, recovered, lost) = traffic_through(&urls, &pairs, 150, async {
+    let totals = traffic_through(&urls, &pairs, 150, async {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         victim.kill();
     })
     .await;
-    println!("SIGKILL: sent {sent}, acked {acked}, delivered live {live}, recovered by sync {recovered}, lost {lost}");
-    assert_eq!(acked, sent, "every send is acked in the end (retried with its key)");
-    assert!(recovered + live == acked && lost == 0, "acked messages lost: {lost}");
+    println!("SIGKILL: {totals:?}");
+    assert_eq!(totals.acked, totals.sent, "every send is acked in the end (retried with its key)");
+    assert!(totals.recovered + totals.live == totals.acked && totals.lost == 0, "acked messages lost: {totals:?}");
+    // Not asserted: a message the gateway acked in the instant before it
+    // died, and never fanned out, reaches its connected recipients only at
+    // their next sync (docs/cluster.md, "Losing a gateway"). A send whose
+    // ack was lost is retried elsewhere, and its duplicate ack sends the
+    // recipients a resync.
+    println!("SIGKILL: stranded until the recipients' next sync: {}", totals.stranded);
 
     // carol's gateway is gone: dave hears she is offline once its lease ran out.
     let offline = dave.wait_for(Duration::from_secs(15), is_presence_of("carol", false)).await;
@@ -426,18 +468,21 @@ async fn a_killed_gateway_loses_no_acked_message_and_its_users_go_offline_scenar
     drop(carol);
 }
 
-/// Test 4: Redis restarted (losing everything) under traffic. Gateways
-/// report degraded, keep storing and acking, recover by themselves, and no
-/// acked message is lost; live delivery works again afterwards.
+/// Test 4: Redis SIGKILLed and restarted empty under traffic, for long
+/// enough that the gateways come back at different times. Gateways report
+/// degraded, keep storing and acking, recover by themselves, no acked
+/// message is lost, and none is stranded: receivers sync only on connect
+/// and on `resync`, and every message not delivered live is announced by a
+/// `resync` while they are connected. Live delivery works again afterwards.
 async fn a_redis_restart_degrades_then_recovers_without_loss_scenario() {
     let mut redis = PrivateRedis::start().await;
     let (_spec, gateways) = start_cluster(&redis, 2, 5).await;
     let urls: Vec<String> = gateways.iter().map(GatewayProcess::url).collect();
 
-    let pairs = [(0, 1), (1, 0), (0, 0)];
+    let pairs = [(0, 1), (1, 0), (0, 0), (1, 1), (0, 1), (1, 0)];
     let gateways_ref = &gateways;
     let redis_ref = &mut redis;
-    let (sent, acked, live, recovered, lost) = traffic_through(&urls, &pairs, 200, async move {
+    let totals = traffic_through(&urls, &pairs, 300, async move {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         redis_ref.kill();
         for gateway in gateways_ref {
@@ -459,18 +504,22 @@ async fn a_redis_restart_degrades_then_recovers_without_loss_scenario() {
             let (_, metrics) = gateway.admin_get("/metrics").await.expect("metrics");
             assert!(metrics.contains("kubechat_gateway_broker_healthy 0"), "{}: {metrics}", gateway.name);
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
         redis_ref.restart().await;
         for gateway in gateways_ref {
             gateway.wait_ready().await;
         }
     })
     .await;
-    println!(
-        "Redis restart: sent {sent}, acked {acked}, delivered live {live}, recovered by sync {recovered}, lost {lost}"
-    );
-    assert_eq!(acked, sent, "every send is acked in the end");
-    assert!(recovered + live == acked && lost == 0, "acked messages lost: {lost}");
+    println!("Redis restart: {totals:?}");
+    if totals.stranded > 0 {
+        for gateway in &gateways {
+            println!("--- {} ---\n{}", gateway.name, gateway.log_matching(&["resync", "Redis", "sessions", "lease"]));
+        }
+    }
+    assert_eq!(totals.acked, totals.sent, "every send is acked in the end");
+    assert!(totals.recovered + totals.live == totals.acked && totals.lost == 0, "acked messages lost: {totals:?}");
+    assert_eq!(totals.stranded, 0, "messages neither delivered live nor announced by a resync: {totals:?}");
 
     // Recovered: live delivery across gateways again, sessions re-registered.
     let mut erin = ClusterClient::connect(&urls[1], "erin", "phone").await;

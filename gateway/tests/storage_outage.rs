@@ -1,6 +1,7 @@
 //! When storage fails, a send gets `storage_unavailable`, nothing is
-//! acknowledged, and a retry with the same key after recovery is stored
-//! once. The outage is simulated by a store wrapper (the real embedded store
+//! acknowledged, the outage shows in `/readyz` and `store_up`, recovery
+//! shows within a second without any client asking, and a retry with the
+//! same key after recovery is stored once. The outage is simulated by a store wrapper (the real embedded store
 //! underneath) whose writes fail while a switch is on.
 
 mod common;
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use common::cluster::http_get;
 use common::{Client, KEY};
 use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions};
 use kubechat_gateway::store::embedded::EmbeddedStore;
@@ -39,27 +41,35 @@ impl Store for FlakyStore {
         self.inner.inbox_after(user, after, limit).await
     }
     async fn history(&self, channel: &str, page: Page, limit: usize) -> StoreResult<Vec<Message>> {
+        self.check()?;
         self.inner.history(channel, page, limit).await
     }
     async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>> {
+        self.check()?;
         self.inner.message(channel, id).await
     }
     async fn create_group(&self, group: &Group, members: &[String]) -> StoreResult<()> {
+        self.check()?;
         self.inner.create_group(group, members).await
     }
     async fn group(&self, id: &str) -> StoreResult<Option<Group>> {
+        self.check()?;
         self.inner.group(id).await
     }
     async fn add_member(&self, group: &str, user: &str) -> StoreResult<()> {
+        self.check()?;
         self.inner.add_member(group, user).await
     }
     async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
+        self.check()?;
         self.inner.remove_member(group, user).await
     }
     async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
+        self.check()?;
         self.inner.members(group).await
     }
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
+        self.check()?;
         self.inner.channels_of(user).await
     }
 }
@@ -89,8 +99,25 @@ async fn a_storage_outage_acks_nothing_and_a_retry_stores_once() {
     bob.expect_no_message(Duration::from_millis(300)).await;
     let sync = bob.request(json!({"type": "sync"})).await;
     assert_eq!(sync["code"], "storage_unavailable", "reads fail clearly too: {sync}");
+    let port = gateway.addr.port();
+    let (status, body) = http_get(port, "/readyz").await.expect("readyz");
+    assert!(status == 200 && body.contains("degraded: store unavailable"), "{status} {body}");
+    let (_, metrics) = http_get(port, "/metrics").await.expect("metrics");
+    assert!(metrics.contains("kubechat_gateway_store_up 0"), "{metrics}");
 
     store.down.store(false, Ordering::Relaxed);
+    // Nobody sends: the health probe notices the recovery by itself.
+    let back = std::time::Instant::now();
+    loop {
+        let (status, body) = http_get(port, "/readyz").await.expect("readyz");
+        if status == 200 && body == "ready\n" {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(1), "recovery not seen within a second: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, metrics) = http_get(port, "/metrics").await.expect("metrics");
+    assert!(metrics.contains("kubechat_gateway_store_up 1"), "{metrics}");
     let ack = alice.send_to_user("bob", "during the outage", "retry-me").await;
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(ack["duplicate"], false, "the first attempt stored nothing");

@@ -5,15 +5,19 @@
 //! - [`LocalBroker`]: one gateway alone (standalone mode): nothing to forward.
 //! - [`redis::RedisBroker`]: many gateways sharing Redis.
 //!
-//! Contract: forwarding is **at most once** and best effort. The durable
-//! inbox is the source of truth; a lost forward costs latency (the device
-//! syncs on `resync` or reconnect), never a message. Back-ends call back into
-//! the chat layer through [`LocalDelivery`] instead of holding it.
+//! Contract: forwarding is **at most once**. The durable inbox is the source
+//! of truth; a forward that may not have arrived (Redis unreachable, no
+//! gateway subscribed to take it) is followed, once forwarding works again,
+//! by a `resync` to the recipients wherever they are connected: a lost
+//! forward costs latency, never a message, and never leaves it waiting for
+//! the device's next reconnect. Back-ends call back into the chat layer
+//! through [`LocalDelivery`] instead of holding it.
 
 pub mod redis;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -30,6 +34,8 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn deliver_local(&self, users: &[String], frame: &Frame);
     /// Live delivery may have been interrupted: tell every connection to sync.
     fn resync_all(&self, reason: &str);
+    /// Forwards to `users` may have been lost: tell their connections here to sync.
+    fn resync_users(&self, users: &[String], reason: &str);
     /// `(user, device)` of every session this gateway holds (re-registered after Redis restarts).
     fn local_sessions(&self) -> Vec<(String, String)>;
     /// `user` went offline because the gateway holding them died.
@@ -38,11 +44,22 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn group_changed(&self, group: &str);
 }
 
+/// What routing a frame found out.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// Users with no device connected anywhere (owed a push notification).
+    pub offline: HashSet<String>,
+    /// Set while sessions may be missing from the broker (it lost its data
+    /// and gateways are still re-registering theirs): `offline` is a guess
+    /// until this much time has passed.
+    pub unsettled_for: Option<Duration>,
+}
+
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Forwards `frame` to the devices of `users` connected to other
-    /// gateways; returns the users with no device connected anywhere.
-    async fn route(&self, users: &[String], frame: &Frame) -> Result<HashSet<String>, BrokerError>;
+    /// gateways. On failure the broker owes them a `resync` (module docs).
+    async fn route(&self, users: &[String], frame: &Frame) -> Result<Routed, BrokerError>;
     /// A device of `user` now has a session here. True when the user was
     /// offline everywhere before (an online transition).
     async fn session_added(&self, user: &str, device: &str) -> Result<bool, BrokerError>;
@@ -56,8 +73,20 @@ pub trait Broker: Send + Sync + 'static {
     /// Tells every other gateway that the members of `group` changed (at
     /// most once, like forwards: their caches also expire).
     async fn group_changed(&self, group: &str) -> Result<(), BrokerError>;
-    /// False while routing or presence may be incomplete (Redis unreachable).
+    /// False while routing or presence may be incomplete (Redis unreachable,
+    /// or this gateway's sessions not yet registered again after it lost them).
     fn healthy(&self) -> bool;
+    /// False once another gateway holds this one's worker id: ids minted
+    /// now could equal theirs and overwrite their rows.
+    fn may_mint_ids(&self) -> bool {
+        true
+    }
+    /// Tells the connections of `users` on other gateways to resync (soon,
+    /// and retried until Redis answers).
+    fn resync_elsewhere(&self, _users: &[String]) {}
+    /// A session change was dropped before reaching the broker (its queue
+    /// was full): reconcile this gateway's sessions with the local ones.
+    fn sessions_unrecorded(&self) {}
 }
 
 /// The standalone gateway's broker: every session is here.
@@ -100,10 +129,11 @@ impl LocalBroker {
 
 #[async_trait]
 impl Broker for LocalBroker {
-    async fn route(&self, users: &[String], _frame: &Frame) -> Result<HashSet<String>, BrokerError> {
-        Ok(self.with_state(|s| {
+    async fn route(&self, users: &[String], _frame: &Frame) -> Result<Routed, BrokerError> {
+        let offline = self.with_state(|s| {
             users.iter().filter(|u| !s.get(u.as_str()).is_some_and(LocalUser::online)).cloned().collect()
-        }))
+        });
+        Ok(Routed { offline, unsettled_for: None })
     }
 
     async fn session_added(&self, user: &str, device: &str) -> Result<bool, BrokerError> {
@@ -162,8 +192,8 @@ mod tests {
         assert!(!broker.session_added("alice", "laptop").await.expect("add again"), "idempotent");
         assert!(!broker.session_removed("alice", "phone").await.expect("remove"));
         let frame = Frame::from_static("x");
-        let offline = broker.route(&["alice".into(), "bob".into()], &frame).await.expect("route");
-        assert_eq!(offline, HashSet::from(["bob".to_string()]));
+        let routed = broker.route(&["alice".into(), "bob".into()], &frame).await.expect("route");
+        assert_eq!(routed.offline, HashSet::from(["bob".to_string()]));
         assert!(broker.session_removed("alice", "laptop").await.expect("remove"));
         assert!(!broker.session_removed("alice", "laptop").await.expect("remove again"), "already offline");
         assert!(broker.online(&["alice".into()]).await.expect("online").is_empty());

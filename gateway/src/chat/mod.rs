@@ -17,7 +17,8 @@ pub mod presence;
 pub mod push;
 pub mod send;
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dashmap::DashSet;
@@ -118,12 +119,17 @@ pub struct ChatService {
     presence: Arc<PresenceTracker>,
     /// Session transitions for the broker, sharded by user: each shard is
     /// applied in order, so a user's transitions reach Redis in order.
-    transitions: Vec<mpsc::UnboundedSender<presence::ShardWork>>,
+    /// Bounded ([`TRANSITION_QUEUE`]): see [`presence`].
+    transitions: Vec<mpsc::Sender<presence::ShardWork>>,
     ids: IdGenerator,
     config: ChatConfig,
     metrics: Metrics,
     known_direct: KnownDirectChannels,
     members: Arc<MemberCache>,
+    /// Fan-outs whose push jobs wait for presence to settle.
+    deferred_pushes: AtomicUsize,
+    /// For work that outlives a call (deferred push jobs).
+    this: Weak<ChatService>,
 }
 
 /// What handling a client frame produced.
@@ -135,9 +141,12 @@ pub struct Handled {
 }
 
 const TRANSITION_SHARDS: usize = 8;
+/// Transitions waiting per shard (and offline announcements waiting) while
+/// Redis is slow; past that they are dropped (module docs of [`presence`]).
+const TRANSITION_QUEUE: usize = 10_000;
 
 fn storage_error(e: StoreError) -> ProtocolError {
-    tracing::warn!(error = %e, "storage operation failed");
+    crate::warn_throttled!(error = %e, "storage operation failed");
     ProtocolError::new(ErrorCode::StorageUnavailable, format!("{e}; nothing was stored, retry with the same key"))
 }
 
@@ -157,7 +166,8 @@ pub struct GatewayLocal {
     hub: Arc<Hub>,
     presence: Arc<PresenceTracker>,
     members: Arc<MemberCache>,
-    remote_offline: mpsc::UnboundedSender<String>,
+    remote_offline: mpsc::Sender<String>,
+    metrics: Metrics,
 }
 
 impl GatewayLocal {
@@ -166,9 +176,10 @@ impl GatewayLocal {
         hub: Arc<Hub>,
         presence: Arc<PresenceTracker>,
         members: Arc<MemberCache>,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
-        let (remote_offline, rx) = mpsc::unbounded_channel();
-        (Arc::new(Self { hub, presence, members, remote_offline }), rx)
+        metrics: Metrics,
+    ) -> (Arc<Self>, mpsc::Receiver<String>) {
+        let (remote_offline, rx) = mpsc::channel(TRANSITION_QUEUE);
+        (Arc::new(Self { hub, presence, members, remote_offline, metrics }), rx)
     }
 }
 
@@ -187,12 +198,25 @@ impl LocalDelivery for GatewayLocal {
         tracing::info!(connections = delivered.queued, reason, "asked every connection to resync");
     }
 
+    fn resync_users(&self, users: &[String], reason: &str) {
+        let frame = encode_shared(&ServerFrame::Resync { reason: reason.to_string() });
+        let mut connections = 0;
+        for user in users {
+            connections += self.hub.deliver(user, &frame, None).queued;
+        }
+        tracing::info!(users = users.len(), connections, reason, "asked connections to resync");
+    }
+
     fn local_sessions(&self) -> Vec<(String, String)> {
         self.presence.sessions()
     }
 
     fn remote_user_offline(&self, user: String) {
-        let _ = self.remote_offline.send(user);
+        // Full while Redis or the store is slow: the announcement to friends
+        // is dropped (presence requests still answer right).
+        if self.remote_offline.try_send(user).is_err() {
+            self.metrics.presence_dropped.inc();
+        }
     }
 
     fn group_changed(&self, group: &str) {
@@ -220,13 +244,14 @@ impl ChatService {
     /// announcer of users another gateway's death left offline.
     pub fn start(
         parts: ChatParts,
-        remote_offline: mpsc::UnboundedReceiver<String>,
+        remote_offline: mpsc::Receiver<String>,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..TRANSITION_SHARDS).map(|_| mpsc::unbounded_channel()).unzip();
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..TRANSITION_SHARDS).map(|_| mpsc::channel(TRANSITION_QUEUE)).unzip();
         let ChatParts { store, push, hub, presence, broker, members, ids, config, metrics } = parts;
-        let service = Arc::new(Self {
+        let service = Arc::new_cyclic(|this| Self {
             store,
             push,
             hub,
@@ -238,6 +263,8 @@ impl ChatService {
             metrics,
             known_direct: KnownDirectChannels { set: DashSet::new(), capacity: 100_000 },
             members,
+            deferred_pushes: AtomicUsize::new(0),
+            this: this.clone(),
         });
         for receiver in receivers {
             tasks.spawn(presence::apply_transitions(Arc::downgrade(&service), receiver, shutdown.clone()));
@@ -305,6 +332,18 @@ impl ChatService {
             }
         };
         Handled { reply: Some(result.unwrap_or_else(|e| e.with_req(req).into())), fan_out: None }
+    }
+
+    /// Refuses to mint ids while another gateway holds this one's worker id.
+    fn check_may_mint_ids(&self) -> Result<(), ProtocolError> {
+        if self.broker.may_mint_ids() {
+            Ok(())
+        } else {
+            Err(ProtocolError::new(
+                ErrorCode::Unavailable,
+                "this gateway cannot accept writes right now (its id generator is held by another gateway); reconnect to another gateway",
+            ))
+        }
     }
 
     /// Members of a channel the sender must belong to.
@@ -421,6 +460,7 @@ impl ChatService {
         all.extend(members);
         all.sort();
         all.dedup();
+        self.check_may_mint_ids()?;
         let group = Group {
             id: format!("g:{}", self.ids.next_id()),
             name,
@@ -480,5 +520,199 @@ impl ChatService {
         let group = self.existing_group(&group_id).await?;
         self.channel_members(&session.user, &group_id).await?;
         self.group_reply(req, group).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::broker::LocalBroker;
+    use crate::protocol::Recipient;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::{InboxEntry, Message, NewMessage, StoreResult, Stored};
+
+    /// The real embedded store, whose next message write can be made to fail.
+    struct FailNextWrite {
+        inner: Arc<EmbeddedStore>,
+        fail: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for FailNextWrite {
+        async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
+            if self.fail.swap(false, Ordering::Relaxed) {
+                return Err(StoreError::Unavailable("injected".into()));
+            }
+            self.inner.store_message(new).await
+        }
+        async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
+            self.inner.inbox_after(user, after, limit).await
+        }
+        async fn history(&self, channel: &str, page: Page, limit: usize) -> StoreResult<Vec<Message>> {
+            self.inner.history(channel, page, limit).await
+        }
+        async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>> {
+            self.inner.message(channel, id).await
+        }
+        async fn create_group(&self, group: &Group, members: &[String]) -> StoreResult<()> {
+            self.inner.create_group(group, members).await
+        }
+        async fn group(&self, id: &str) -> StoreResult<Option<Group>> {
+            self.inner.group(id).await
+        }
+        async fn add_member(&self, group: &str, user: &str) -> StoreResult<()> {
+            self.inner.add_member(group, user).await
+        }
+        async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
+            self.inner.remove_member(group, user).await
+        }
+        async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
+            self.inner.members(group).await
+        }
+        async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
+            self.inner.channels_of(user).await
+        }
+    }
+
+    /// A broker that has lost this gateway's worker id.
+    struct WorkerIdLost(LocalBroker);
+
+    #[async_trait]
+    impl Broker for WorkerIdLost {
+        async fn route(
+            &self,
+            users: &[String],
+            frame: &Frame,
+        ) -> Result<crate::broker::Routed, crate::broker::BrokerError> {
+            self.0.route(users, frame).await
+        }
+        async fn session_added(&self, user: &str, device: &str) -> Result<bool, crate::broker::BrokerError> {
+            self.0.session_added(user, device).await
+        }
+        async fn session_removed(&self, user: &str, device: &str) -> Result<bool, crate::broker::BrokerError> {
+            self.0.session_removed(user, device).await
+        }
+        async fn online(
+            &self,
+            users: &[String],
+        ) -> Result<std::collections::HashSet<String>, crate::broker::BrokerError> {
+            self.0.online(users).await
+        }
+        async fn last_active(&self, users: &[String]) -> Result<Vec<Option<i64>>, crate::broker::BrokerError> {
+            self.0.last_active(users).await
+        }
+        async fn group_changed(&self, group: &str) -> Result<(), crate::broker::BrokerError> {
+            self.0.group_changed(group).await
+        }
+        fn healthy(&self) -> bool {
+            true
+        }
+        fn may_mint_ids(&self) -> bool {
+            false
+        }
+    }
+
+    struct Fixture {
+        chat: Arc<ChatService>,
+        store: Arc<FailNextWrite>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(broker: Arc<dyn Broker>) -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let inner = Arc::new(EmbeddedStore::open(dir.path()).expect("embedded store"));
+        let store = Arc::new(FailNextWrite { inner: inner.clone(), fail: AtomicBool::new(false) });
+        let hub = Hub::new();
+        let presence = Arc::new(PresenceTracker::new(Duration::from_secs(30)));
+        let members = Arc::new(MemberCache::new(Duration::from_secs(60), 100));
+        let metrics = Metrics::new();
+        let (_local, remote_offline) =
+            GatewayLocal::new(hub.clone(), presence.clone(), members.clone(), metrics.clone());
+        let parts = ChatParts {
+            store: store.clone(),
+            push: Arc::new(inner),
+            hub,
+            presence,
+            broker,
+            members,
+            ids: IdGenerator::new(1, 0),
+            config: ChatConfig::default(),
+            metrics,
+        };
+        let chat = ChatService::start(parts, remote_offline, &TaskTracker::new(), CancellationToken::new());
+        Fixture { chat, store, _dir: dir }
+    }
+
+    fn session(user: &str) -> Session {
+        Session { user: user.into(), device: "phone".into(), connection: 1 }
+    }
+
+    fn send(to: &str, key: &str) -> ClientFrame {
+        ClientFrame::Send { req: Some(key.into()), to: Recipient::User(to.into()), text: "hi".into(), key: key.into() }
+    }
+
+    fn code_of(reply: Option<ServerFrame>) -> Option<ErrorCode> {
+        match reply {
+            Some(ServerFrame::Error { code, .. }) => Some(code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_direct_channel_is_linked_once_its_first_write_succeeds() {
+        let f = fixture(Arc::new(LocalBroker::default()));
+        f.store.fail.store(true, Ordering::Relaxed);
+        let failed = f.chat.handle(&session("alice"), send("bob", "k1")).await;
+        assert_eq!(code_of(failed.reply), Some(ErrorCode::StorageUnavailable));
+        // The retry must still record the channel for both users.
+        let stored = f.chat.handle(&session("alice"), send("bob", "k1")).await;
+        assert!(matches!(stored.reply, Some(ServerFrame::Ack { duplicate: false, .. })), "stored on retry");
+        for user in ["alice", "bob"] {
+            assert_eq!(f.store.channels_of(user).await.expect("channels"), vec!["dm:alice:bob".to_string()], "{user}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retried_key_acks_the_first_message_and_asks_for_a_resync() {
+        let f = fixture(Arc::new(LocalBroker::default()));
+        let first = f.chat.handle(&session("alice"), send("bob", "k1")).await;
+        let Some(ServerFrame::Ack { id, duplicate: false, .. }) = first.reply else { panic!("first ack") };
+        let again = f.chat.handle(&session("alice"), send("bob", "k1")).await;
+        let Some(ServerFrame::Ack { id: again_id, duplicate: true, .. }) = again.reply else { panic!("duplicate ack") };
+        assert_eq!(id, again_id);
+        let fan_out = again.fan_out.expect("a duplicate still owes the recipients a resync");
+        assert!(fan_out.duplicate);
+        assert_eq!(f.store.inbox_after("bob", 0, 10).await.expect("inbox").len(), 1, "stored once");
+    }
+
+    #[tokio::test]
+    async fn without_its_worker_id_a_gateway_stores_nothing() {
+        let f = fixture(Arc::new(WorkerIdLost(LocalBroker::default())));
+        let refused = f.chat.handle(&session("alice"), send("bob", "k1")).await;
+        assert_eq!(code_of(refused.reply), Some(ErrorCode::Unavailable));
+        let group = ClientFrame::CreateGroup { req: None, name: "g".into(), members: vec!["bob".into()] };
+        assert_eq!(code_of(f.chat.handle(&session("alice"), group).await.reply), Some(ErrorCode::Unavailable));
+        assert!(f.store.inbox_after("bob", 0, 10).await.expect("inbox").is_empty());
+    }
+
+    #[tokio::test]
+    async fn only_members_send_to_a_channel() {
+        let f = fixture(Arc::new(LocalBroker::default()));
+        let to_other_dm = ClientFrame::Send {
+            req: None,
+            to: Recipient::Group("dm:bob:carol".into()),
+            text: "hi".into(),
+            key: "k".into(),
+        };
+        assert_eq!(code_of(f.chat.handle(&session("alice"), to_other_dm).await.reply), Some(ErrorCode::NotMember));
+        let to_no_group =
+            ClientFrame::Send { req: None, to: Recipient::Group("g:42".into()), text: "hi".into(), key: "k".into() };
+        assert_eq!(code_of(f.chat.handle(&session("alice"), to_no_group).await.reply), Some(ErrorCode::NoSuchGroup));
+        let to_self = send("alice", "k");
+        assert_eq!(code_of(f.chat.handle(&session("alice"), to_self).await.reply), Some(ErrorCode::InvalidArgument));
     }
 }

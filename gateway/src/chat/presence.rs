@@ -12,6 +12,12 @@
 //! Transitions are handed to a callback while the lock is held, so their
 //! order matches the order of the state changes (a session removed by the
 //! sweeper and re-added by a reconnect reach the broker in that order).
+//!
+//! The queues to the broker are bounded. When Redis is so slow that one
+//! fills, a transition is dropped and the broker is told to reconcile this
+//! gateway's sessions with the ones held here: what Redis ends up knowing is
+//! the same, only that transition's `presence_changed` to friends is lost
+//! (counted in `kubechat_gateway_presence_dropped_total`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -165,6 +171,7 @@ impl ChatService {
         self.presence.connected(user, device, |t| self.queue_transition(t));
         let (done, registered) = oneshot::channel();
         self.queue(user, ShardWork::Barrier(done));
+        // A dropped barrier (full queue) answers at once: nothing to wait for.
         if tokio::time::timeout(wait, registered).await.is_err() {
             tracing::debug!(%user, "session not yet registered with the broker; continuing");
         }
@@ -185,8 +192,16 @@ impl ChatService {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         user.hash(&mut hasher);
         let shard = (hasher.finish() % self.transitions.len() as u64) as usize;
-        // Closed only while shutting down, when sessions no longer matter.
-        let _ = self.transitions[shard].send(work);
+        match self.transitions[shard].try_send(work) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(ShardWork::Apply(_))) => {
+                self.metrics.presence_dropped.inc();
+                self.broker.sessions_unrecorded();
+                crate::warn_throttled!("presence queue full; Redis will be reconciled with this gateway's sessions");
+            }
+            // A barrier only tells a connection when it may sync; closed means shutting down.
+            Err(_) => {}
+        }
     }
 
     /// Tells the broker; an online or offline transition of the user is
@@ -200,7 +215,7 @@ impl ChatService {
             Ok(true) => self.announce(transition.user(), online).await,
             Ok(false) => {}
             // The broker reconciles its sessions when Redis is back.
-            Err(e) => tracing::warn!(user = transition.user(), error = %e, "presence change not recorded"),
+            Err(e) => crate::warn_throttled!(user = transition.user(), error = %e, "presence change not recorded"),
         }
     }
 
@@ -228,7 +243,7 @@ impl ChatService {
         let friends = match self.friends_of(user, self.config.presence_fanout_max_members).await {
             Ok(friends) => friends.into_iter().collect::<Vec<_>>(),
             Err(e) => {
-                tracing::warn!(%user, error = %e, "presence change not announced: channels unreadable");
+                crate::warn_throttled!(%user, error = %e, "presence change not announced: channels unreadable");
                 return;
             }
         };
@@ -245,7 +260,7 @@ impl ChatService {
         }
         if let Err(e) = self.broker.route(&friends, &frame).await {
             self.metrics.forward_failures.inc();
-            tracing::warn!(%user, error = %e, "presence change not forwarded to other gateways");
+            crate::warn_throttled!(%user, error = %e, "presence change not forwarded to other gateways");
         }
     }
 
@@ -285,7 +300,7 @@ impl ChatService {
 /// Applies one shard's transitions in order until shutdown.
 pub(super) async fn apply_transitions(
     service: Weak<ChatService>,
-    mut work: mpsc::UnboundedReceiver<ShardWork>,
+    mut work: mpsc::Receiver<ShardWork>,
     shutdown: CancellationToken,
 ) {
     while let Some(next) = next_until(&shutdown, &mut work).await {
@@ -316,7 +331,7 @@ pub(super) async fn sweep_lingering(service: Weak<ChatService>, shutdown: Cancel
 /// Announces users who went offline because the gateway holding them died.
 pub(super) async fn announce_remote_offline(
     service: Weak<ChatService>,
-    mut users: mpsc::UnboundedReceiver<String>,
+    mut users: mpsc::Receiver<String>,
     shutdown: CancellationToken,
 ) {
     while let Some(user) = next_until(&shutdown, &mut users).await {
@@ -326,7 +341,7 @@ pub(super) async fn announce_remote_offline(
 }
 
 /// The next item, or `None` once the queue closed or `shutdown` fired.
-async fn next_until<T>(shutdown: &CancellationToken, queue: &mut mpsc::UnboundedReceiver<T>) -> Option<T> {
+async fn next_until<T>(shutdown: &CancellationToken, queue: &mut mpsc::Receiver<T>) -> Option<T> {
     tokio::select! {
         () = shutdown.cancelled() => None,
         next = queue.recv() => next,

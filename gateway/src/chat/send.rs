@@ -19,6 +19,7 @@
 //! costs latency (the inbox is the source of truth), never a message.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::hub::{Delivered, Kick};
@@ -29,6 +30,9 @@ use crate::ids;
 use crate::protocol::{ErrorCode, ProtocolError, Recipient, ServerFrame, WireMessage, direct_channel, encode_shared};
 use crate::store::{Message, NewMessage, StoreError};
 
+/// Fan-outs whose push jobs may wait for presence to settle at once.
+const MAX_DEFERRED: usize = 10_000;
+
 /// What is left to do for a stored and acknowledged message.
 pub struct FanOut {
     message: Message,
@@ -36,11 +40,14 @@ pub struct FanOut {
     members: Members,
     /// When the send arrived, for the delivery latency metric.
     received: Instant,
+    /// A retry of a stored send: whether the first attempt's fan-out ran is
+    /// unknown (its gateway may have died right after storing), so the
+    /// members are told to resync instead.
+    pub(super) duplicate: bool,
 }
 
 impl ChatService {
-    /// Stores a message and returns its ack, and the fan-out still owed
-    /// unless the key had been stored before.
+    /// Stores a message and returns its ack and the fan-out still owed.
     pub(super) async fn send(
         &self,
         session: &Session,
@@ -58,6 +65,7 @@ impl ChatService {
             Recipient::Group(group) => group,
         };
         let members = self.channel_members(&session.user, &channel).await?;
+        self.check_may_mint_ids()?;
 
         let stored = tokio::time::timeout(
             self.config.write_deadline,
@@ -76,11 +84,10 @@ impl ChatService {
         };
         self.metrics.acks.with_label_values(&[if duplicate { "duplicate" } else { "ok" }]).inc();
         let ack = ServerFrame::Ack { req, id: message.id, channel, created_at_ms: message.created_at_ms, duplicate };
-        if duplicate {
-            return Ok((ack, None));
+        if !duplicate {
+            self.metrics.messages_stored.inc();
         }
-        self.metrics.messages_stored.inc();
-        Ok((ack, Some(FanOut { message, position, members, received })))
+        Ok((ack, Some(FanOut { message, position, members, received, duplicate })))
     }
 
     /// Stores the message (history, inboxes, idempotency key in one write).
@@ -117,10 +124,60 @@ impl ChatService {
         Ok((stored.message, stored.position, stored.duplicate))
     }
 
+    async fn enqueue_push(&self, jobs: Vec<PushJob>) {
+        if jobs.is_empty() {
+            return;
+        }
+        match self.push.enqueue(&jobs).await {
+            Ok(()) => self.metrics.push_jobs.inc_by(jobs.len() as u64),
+            // The message is stored and will sync; only the notifications are lost.
+            Err(e) => crate::warn_throttled!(jobs = jobs.len(), error = %e, "could not enqueue push jobs"),
+        }
+    }
+
+    /// Presence is uncertain (Redis lost its data and gateways are still
+    /// re-registering their sessions): a recipient without a session may be
+    /// connected. The jobs wait until it is certain, then go only to those
+    /// still offline. Bounded: past [`MAX_DEFERRED`] waiting, jobs go at once
+    /// (a duplicate notification beats a lost one).
+    fn defer_push(&self, jobs: Vec<PushJob>, wait: std::time::Duration) {
+        if jobs.is_empty() {
+            return;
+        }
+        let Some(service) = self.this.upgrade() else { return };
+        if self.deferred_pushes.fetch_add(1, Ordering::Relaxed) >= MAX_DEFERRED {
+            self.deferred_pushes.fetch_sub(1, Ordering::Relaxed);
+            tokio::spawn(async move { service.enqueue_push(jobs).await });
+            return;
+        }
+        self.metrics.push_deferred.inc_by(jobs.len() as u64);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let users: Vec<String> = jobs.iter().map(|job| job.user.clone()).collect();
+            let jobs = match service.broker.online(&users).await {
+                Ok(online) => jobs.into_iter().filter(|job| !online.contains(&job.user)).collect(),
+                // Still unknown: notify rather than stay silent.
+                Err(_) => jobs,
+            };
+            service.enqueue_push(jobs).await;
+            service.deferred_pushes.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
     /// Delivers a stored message live and queues its push jobs (see the
     /// module docs); returns once no receiver here is backlogged by it.
     pub async fn fan_out(&self, session: &Session, job: FanOut) {
-        let FanOut { message, position, members, received } = job;
+        let FanOut { message, position, members, received, duplicate } = job;
+        if duplicate {
+            let frame = encode_shared(&ServerFrame::Resync {
+                reason: "a retried message may not have been delivered".to_string(),
+            });
+            for member in members.iter() {
+                self.hub.deliver(member, &frame, Some(session.connection));
+            }
+            self.broker.resync_elsewhere(&members);
+            return;
+        }
         let frame = encode_shared(&ServerFrame::Message { position, message: WireMessage::from(&message) });
 
         let mut local = Delivered::default();
@@ -129,28 +186,30 @@ impl ChatService {
         }
         self.metrics.slow_consumers.inc_by(local.overflowed as u64);
         if local.queued > 0 {
-            self.metrics.delivery_seconds.observe(received.elapsed().as_secs_f64());
+            self.metrics.delivery_seconds.with_label_values(&["local"]).observe(received.elapsed().as_secs_f64());
         }
 
         match self.broker.route(&members, &frame).await {
-            Ok(offline) => {
+            Ok(routed) => {
+                self.metrics
+                    .delivery_seconds
+                    .with_label_values(&["forwarded"])
+                    .observe(received.elapsed().as_secs_f64());
                 let jobs: Vec<PushJob> = members
                     .iter()
-                    .filter(|m| **m != session.user && offline.contains(*m))
+                    .filter(|m| **m != session.user && routed.offline.contains(*m))
                     .map(|m| PushJob::new(m, &message, self.config.push_summary_chars))
                     .collect();
-                if !jobs.is_empty() {
-                    match self.push.enqueue(&jobs).await {
-                        Ok(()) => self.metrics.push_jobs.inc_by(jobs.len() as u64),
-                        // The message is stored and will sync; only the notifications are lost.
-                        Err(e) => tracing::warn!(jobs = jobs.len(), error = %e, "could not enqueue push jobs"),
-                    }
+                match routed.unsettled_for {
+                    None => self.enqueue_push(jobs).await,
+                    Some(wait) => self.defer_push(jobs, wait),
                 }
             }
             Err(e) => {
-                // Stored and acked: remote devices catch up on resync or reconnect.
+                // Stored and acked: the broker sends the recipients a resync
+                // once Redis answers again.
                 self.metrics.forward_failures.inc();
-                tracing::warn!(error = %e, "live forwarding to other gateways failed");
+                crate::warn_throttled!(error = %e, "live forwarding to other gateways failed; recipients will be told to resync");
             }
         }
 

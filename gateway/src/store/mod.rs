@@ -19,6 +19,7 @@
 //! every write that returned before they started.
 
 pub mod embedded;
+pub mod health;
 pub mod scylla;
 
 use async_trait::async_trait;
@@ -135,6 +136,11 @@ pub trait Store: Send + Sync + 'static {
     async fn members(&self, group: &str) -> StoreResult<Vec<String>>;
     /// Channels a user takes part in (groups and direct chats), sorted.
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>>;
+
+    /// A cheap read that succeeds while the store answers (health probes).
+    async fn ping(&self) -> StoreResult<()> {
+        self.group("g:health-probe").await.map(drop)
+    }
 }
 
 /// Month-long buckets keep partitions bounded however long a channel lives.

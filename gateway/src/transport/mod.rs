@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::chat::ChatService;
 use crate::metrics::Metrics;
+use crate::store::health::{StoreHealth, StoreStatus};
 use auth::{AuthError, Authenticator, query_param, token_from};
 use connection::ConnectionLimits;
 
@@ -52,8 +53,9 @@ const READ_BUFFER: usize = 1024;
 
 pub struct Gateway {
     pub chat: Arc<ChatService>,
-    /// Its health is this gateway's degraded state.
+    /// Its health and the store's are this gateway's degraded state.
     pub broker: Arc<dyn Broker>,
+    pub store_health: Arc<StoreHealth>,
     pub auth: Arc<Authenticator>,
     pub metrics: Metrics,
     pub limits: ConnectionLimits,
@@ -153,28 +155,44 @@ async fn route(request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
     match (request.method(), request.uri().path()) {
         (&Method::GET, WS_PATH) => upgrade(request, gateway),
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
-        (&Method::GET, "/readyz") => {
-            if !gateway.ready.load(Ordering::Relaxed) || gateway.shutdown.is_cancelled() {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
-            } else if !gateway.broker.healthy() {
-                // Still ready: sends are stored and acked, and every gateway
-                // shares the same Redis, so failing readiness would take the
-                // whole cluster out of its Service at once.
-                respond(
-                    StatusCode::OK,
-                    "text/plain",
-                    "ready, degraded: Redis unreachable (no cross-gateway live delivery, presence unknown)\n",
-                )
-            } else {
-                respond(StatusCode::OK, "text/plain", "ready\n")
-            }
-        }
+        (&Method::GET, "/readyz") => readiness(&gateway),
         (&Method::GET, "/metrics") => {
             gateway.metrics.broker_healthy.set(i64::from(gateway.broker.healthy()));
             respond(StatusCode::OK, "text/plain; version=0.0.4", gateway.metrics.render())
         }
         (&Method::GET, "/dev/token") if gateway.dev_tokens => dev_token(&request, &gateway),
         _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+    }
+}
+
+/// 503 while starting, stopping or unable to mint ids; otherwise 200, with
+/// the backends that do not answer named in the body. An unreachable Redis or
+/// store does not fail readiness: every gateway shares them, so failing it
+/// would take the whole cluster out of its Service at once, while sends are
+/// refused with a clear code (store) or still work (Redis).
+fn readiness(gateway: &Gateway) -> HttpResponse {
+    if !gateway.ready.load(Ordering::Relaxed) || gateway.shutdown.is_cancelled() {
+        return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
+    }
+    if !gateway.broker.may_mint_ids() {
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: another gateway holds this gateway's worker id (sends refused)\n",
+        );
+    }
+    let mut degraded = Vec::new();
+    if !gateway.broker.healthy() {
+        degraded.push("Redis unreachable (no cross-gateway live delivery, presence unknown)".to_string());
+    }
+    if let StoreStatus::Down { since_ms, error } = gateway.store_health.status() {
+        let for_ms = crate::ids::now_ms() - since_ms;
+        degraded.push(format!("store unavailable for {for_ms} ms (sends, sync and history refused): {error}"));
+    }
+    if degraded.is_empty() {
+        respond(StatusCode::OK, "text/plain", "ready\n")
+    } else {
+        respond(StatusCode::OK, "text/plain", format!("ready, degraded: {}\n", degraded.join("; ")))
     }
 }
 

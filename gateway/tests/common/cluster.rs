@@ -222,6 +222,12 @@ impl GatewayProcess {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// The log lines holding any of `needles` (for diagnosing a failure).
+    pub fn log_matching(&self, needles: &[&str]) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().filter(|line| needles.iter().any(|n| line.contains(n))).collect::<Vec<_>>().join("\n")
+    }
+
     /// GET on the admin port: (status, body).
     pub async fn admin_get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.admin_port, path).await

@@ -1,0 +1,157 @@
+//! What the Redis broker keeps in Redis and sends through it: key names,
+//! the forward encoding and the server-side scripts.
+
+use super::super::Frame;
+
+pub const GATEWAYS: &str = "kubechat:gateways";
+/// When Redis last lost data that live gateways had written (ms; 0 when it
+/// never did). Set by the first gateway to notice (its own lease gone, or
+/// this key gone). Until every gateway had the time to re-register, a user
+/// without sessions may just not be re-registered yet: presence is unknown.
+pub const EPOCH: &str = "kubechat:epoch";
+pub const GROUPS_CHANGED: &str = "kubechat:groups-changed";
+/// Pub/sub: `{gateway}\n{user1,user2,…}` (or `*`): forwards from that gateway
+/// to these users may have been lost; their connections should sync.
+pub const RESYNC: &str = "kubechat:resync";
+
+pub fn sessions_key(user: &str) -> String {
+    format!("kubechat:sessions:{user}")
+}
+pub fn gateway_sessions_key(gateway: &str) -> String {
+    format!("kubechat:gateway-sessions:{gateway}")
+}
+pub fn seen_key(user: &str) -> String {
+    format!("kubechat:seen:{user}")
+}
+pub fn deliver_channel(gateway: &str) -> String {
+    format!("kubechat:deliver:{gateway}")
+}
+pub fn worker_key(worker_id: u16) -> String {
+    format!("kubechat:worker-id:{worker_id}")
+}
+
+/// A forward on the wire: the recipients, a newline, the encoded frame.
+pub fn encode_forward(users: &[String], frame: &Frame) -> String {
+    let mut payload = users.join(",");
+    payload.push('\n');
+    payload.push_str(frame.as_str());
+    payload
+}
+
+pub fn decode_forward(payload: String) -> Option<(Vec<String>, Frame)> {
+    let (users, frame) = payload.split_once('\n')?;
+    let users = users.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect();
+    Some((users, Frame::from(frame.to_string())))
+}
+
+/// Who must resync after a lost forward.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResyncScope {
+    Users(Vec<String>),
+    /// Too many to list: every connection.
+    Everyone,
+}
+
+pub fn encode_resync(from: &str, scope: &ResyncScope) -> String {
+    match scope {
+        ResyncScope::Users(users) => format!("{from}\n{}", users.join(",")),
+        ResyncScope::Everyone => format!("{from}\n*"),
+    }
+}
+
+pub fn decode_resync(payload: &str) -> Option<(&str, ResyncScope)> {
+    let (from, users) = payload.split_once('\n')?;
+    let scope = if users == "*" {
+        ResyncScope::Everyone
+    } else {
+        ResyncScope::Users(users.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect())
+    };
+    Some((from, scope))
+}
+
+/// Lease renewal, atomic with the loss check: adds or updates the lease;
+/// when the entry was missing although this gateway wrote it before, or the
+/// epoch is missing, Redis lost data and the epoch becomes now. A gateway's
+/// first renewal on a Redis without an epoch records 0 (nothing was lost).
+/// KEYS: [GATEWAYS, EPOCH]; ARGV: [gateway id, expiry ms, wrote before (0/1), now ms].
+/// Returns {1 if the entry was missing, epoch}.
+pub const RENEW_LEASE_SCRIPT: &str = r"
+local added = redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local epoch = redis.call('GET', KEYS[2])
+if (added == 1 and ARGV[3] == '1') or (not epoch and ARGV[3] == '1') then
+  epoch = ARGV[4]
+  redis.call('SET', KEYS[2], epoch)
+elseif not epoch then
+  epoch = '0'
+  redis.call('SET', KEYS[2], epoch)
+end
+return {added, tonumber(epoch)}
+";
+
+/// Routing lookup, atomic: for each user, the gateways holding a session
+/// whose lease has not run out, and the epoch (now, if it was missing: Redis
+/// lost its data).
+/// KEYS: [EPOCH, GATEWAYS, sessions:{user}…]; ARGV: [now ms].
+/// Reading sessions and leases in one step leaves no window in which a
+/// gateway that just re-registered looks dead from a stale cache.
+pub const LIVE_SESSIONS_SCRIPT: &str = r"
+local now = tonumber(ARGV[1])
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  redis.call('SET', KEYS[1], ARGV[1])
+  epoch = ARGV[1]
+end
+local users = {}
+for i = 3, #KEYS do
+  local live = {}
+  for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
+    local gateway = string.match(field, '^([^|]*)|')
+    if gateway then
+      local expiry = redis.call('ZSCORE', KEYS[2], gateway)
+      if expiry and tonumber(expiry) > now then
+        live[#live + 1] = gateway
+      end
+    end
+  end
+  users[#users + 1] = live
+end
+return {tonumber(epoch), users}
+";
+
+/// Worker-id renewal, compare-and-set: extends the claim only if this
+/// gateway holds it, takes it back if nobody does (Redis lost it), and
+/// otherwise leaves the holder alone and answers who it is.
+/// KEYS: [worker-id key]; ARGV: [gateway id, lease ms].
+pub const RENEW_WORKER_SCRIPT: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return holder
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_round_trip() {
+        let frame = Frame::from_static(r#"{"type":"message","text":"a\nb,c"}"#);
+        let payload = encode_forward(&["a".into(), "b".into()], &frame);
+        let (users, decoded) = decode_forward(payload).expect("decodes");
+        assert_eq!(users, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(decoded.as_str(), frame.as_str(), "the frame travels as is, newlines and commas included");
+    }
+
+    #[test]
+    fn resync_notices_round_trip() {
+        let users = ResyncScope::Users(vec!["a".into(), "b".into()]);
+        assert_eq!(decode_resync(&encode_resync("gw-1", &users)), Some(("gw-1", users)));
+        assert_eq!(
+            decode_resync(&encode_resync("gw-1", &ResyncScope::Everyone)),
+            Some(("gw-1", ResyncScope::Everyone))
+        );
+        assert_eq!(decode_resync("no newline"), None);
+    }
+}
