@@ -34,7 +34,13 @@ KWOK_STAGES="$KUBECHAT_BIN/kwok-stages.yaml"
 
 SERVICE_CIDR="10.0.0.0/24"
 SERVICE_IP="10.0.0.1"      # first address of SERVICE_CIDR: the "kubernetes" Service
-POD_CIDR="10.244.0.0/16"   # kwok hands out Pod IPs from here
+# kwok hands out Pod IPs from here. Loopback on purpose: every 127.x address
+# is local on Linux, so the e2e harness runs a real process per gateway Pod
+# bound to the Pod's IP, and whatever dials a Pod IP (the operator reading
+# gateway load) never leaves this machine. The price: the endpoints
+# controllers cannot publish these IPs (Endpoints and EndpointSlices refuse
+# loopback addresses), so Services have no endpoints; nothing here uses them.
+POD_CIDR="127.1.0.0/16"
 FAKE_NODES=(kwok-node-0 kwok-node-1)
 KWOK_PORT="${KWOK_PORT:-20247}"  # kwok's /healthz; nothing else uses it
 
@@ -488,6 +494,12 @@ start_kwok() {
   # kwok keeps no node Leases, the node lifecycle controller marks the nodes
   # NotReady after ~50 s and kwok flips them back: flapping nodes, tainted and
   # eventually evicted Pods.
+  if running kwok && ! tr '\0' '\n' <"/proc/$(cat "$(pid_file kwok)")/cmdline" | grep -qxF -- "--cidr=$POD_CIDR"; then
+    # Started by an older version of this script (another Pod network):
+    # Pods it gave an address would keep one outside $POD_CIDR.
+    log "kwok runs with another Pod CIDR; restarting it with $POD_CIDR"
+    stop_pid "$(pid_file kwok)" kwok
+  fi
   if ! running kwok; then
     # Leases are held by a random per-process identity; a new kwok would wait
     # out the previous one's lease (40 s) before managing the node and its
