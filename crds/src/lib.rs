@@ -98,6 +98,9 @@ pub struct GatewaySpec {
     /// Scale the gateways by their connection count instead of `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleSpec>,
+    /// How the operator publishes the gateways' load for service discovery.
+    #[serde(default)]
+    pub discovery: DiscoverySpec,
 }
 
 impl Default for GatewaySpec {
@@ -110,6 +113,7 @@ impl Default for GatewaySpec {
             ports: GatewayPorts::default(),
             drain: DrainSpec::default(),
             autoscale: None,
+            discovery: DiscoverySpec::default(),
         }
     }
 }
@@ -178,6 +182,29 @@ fn default_drain_window_seconds() -> i32 {
 }
 fn default_max_reconnects_per_second() -> i32 {
     500
+}
+
+/// The endpoint ConfigMap `<name>-endpoints`: the operator reads every
+/// gateway's load on this interval and rewrites the list only when it
+/// changed in a way clients care about (see docs/operator.md).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DiscoverySpec {
+    /// Seconds between two reads of every gateway's load, and the shortest
+    /// time between two writes of the endpoint ConfigMap.
+    #[serde(default = "default_discovery_interval_seconds")]
+    #[schemars(range(min = 1, max = 300))]
+    pub interval_seconds: i32,
+}
+
+impl Default for DiscoverySpec {
+    fn default() -> Self {
+        Self { interval_seconds: default_discovery_interval_seconds() }
+    }
+}
+
+fn default_discovery_interval_seconds() -> i32 {
+    5
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -548,12 +575,28 @@ pub struct ChatClusterStatus {
     /// `ready/desired` gateways, for `kubectl get`.
     #[serde(default)]
     pub gateways_ready: String,
-    /// Open WebSocket connections over all gateways.
+    /// Open WebSocket connections over all gateways, as the endpoint
+    /// ConfigMap last published them.
     #[serde(default)]
     pub connections: i64,
+    /// Each gateway pod as the endpoint ConfigMap last published it, sorted
+    /// by pod name. Always serialized (a merge patch must be able to empty it).
+    #[serde(default)]
+    pub gateway_pods: Vec<GatewayPodStatus>,
     /// ConfigMap that lists the gateways for service discovery.
     #[serde(default)]
     pub endpoint_config_map: String,
+}
+
+/// One gateway's load in the status (the endpoint ConfigMap has the full entry).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPodStatus {
+    pub pod: String,
+    pub connections: i64,
+    /// Accepting new clients (its readiness, and the operator could read its load).
+    pub ready: bool,
+    pub draining: bool,
 }
 
 /// Desired and ready pods of one component (both 0 for an external one).

@@ -103,6 +103,8 @@ impl RunningOperator {
             scope: Scope::Namespace(namespace.to_string()),
             instance: leader.as_ref().map(|l| l.identity.clone()),
             leader,
+            // Pod IPs are loopback here (e2e/local/control-plane.sh); never dial anything else.
+            discovery: kubechat_operator::discovery::Options { loopback_only: true, ..Default::default() },
         };
         let task = tokio::spawn(run(
             client.clone(),

@@ -194,6 +194,12 @@ async fn idle_reconcile_makes_no_writes() {
     let operator = RunningOperator::start(&client, &namespace, None);
     create(&client, &namespace, &with_external_backends("idle", 1)).await;
     wait_for_cluster(&client, &namespace, "idle", Duration::from_secs(90), "Ready", is_ready).await;
+    // Discovery has listed the gateway (unreachable: no process runs for its
+    // pod here) and the status shows it: nothing is left to publish.
+    wait_for_cluster(&client, &namespace, "idle", Duration::from_secs(30), "showing its gateway pod", |cc| {
+        cc.status.as_ref().is_some_and(|s| s.gateway_pods.len() == 1)
+    })
+    .await;
 
     // Let in-flight reconciles (pod status updates) finish.
     let mut writes = operator.metrics.writes.get();

@@ -7,23 +7,29 @@
 //! - [`desired`]: pure builders, `ChatCluster` spec → Kubernetes objects.
 //! - [`apply`]: server-side apply of desired objects, skipping those already in place.
 //! - [`status`]: pure computation of the status and its conditions.
+//! - [`discovery`]: polls every gateway's load and publishes the endpoint
+//!   ConfigMap (a loop beside the controller; the reconcile only reads it).
 //! - [`run`]: runs the controller while this replica leads.
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease.
 //! - [`metrics`] and [`admin`]: Prometheus metrics and the health/metrics HTTP server.
+//! - [`scope`]: which namespaces are watched.
 //! - [`error`]: the crate's error type.
 
 pub mod admin;
 pub mod apply;
 pub mod desired;
+pub mod discovery;
 pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
 pub mod reconcile;
 pub mod run;
+pub mod scope;
 pub mod status;
 
 pub use error::{Error, Result};
 
-/// Field manager of every server-side apply the operator makes.
+/// Field manager of every server-side apply the operator makes, except the
+/// endpoint list ([`discovery::FIELD_MANAGER`]).
 pub const FIELD_MANAGER: &str = "kubechat-operator";

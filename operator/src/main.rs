@@ -82,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
             renew_every: Duration::from_secs((args.lease_seconds / 3).max(1)),
         }),
         instance: Some(identity),
+        discovery: Default::default(),
     };
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));

@@ -14,6 +14,10 @@ pub struct Metrics {
     /// Every write request the reconciler made: applies, creates, status updates.
     pub writes: IntCounter,
     pub leader: IntGauge,
+    /// Gateway load polls, by result (ok, unreachable, timeout, invalid, not_dialed).
+    pub polls: IntCounterVec,
+    /// Writes of endpoint ConfigMaps, by reason (see `discovery::endpoints::Reason`).
+    pub endpoint_writes: IntCounterVec,
 }
 
 impl Metrics {
@@ -37,6 +41,13 @@ impl Metrics {
         let writes =
             IntCounter::new("api_writes_total", "Write requests made by the reconciler").expect("valid metric");
         let leader = IntGauge::new("leader", "1 while this replica holds the leader lease").expect("valid metric");
+        let polls = IntCounterVec::new(Opts::new("gateway_polls_total", "Gateway load polls, by result"), &["result"])
+            .expect("valid metric");
+        let endpoint_writes = IntCounterVec::new(
+            Opts::new("endpoint_writes_total", "Writes of endpoint ConfigMaps, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -45,11 +56,24 @@ impl Metrics {
             Box::new(status_updates.clone()),
             Box::new(writes.clone()),
             Box::new(leader.clone()),
+            Box::new(polls.clone()),
+            Box::new(endpoint_writes.clone()),
         ] {
             // Registration only fails on duplicate names, which these are not.
             let _ = registry.register(collector);
         }
-        Self { registry, reconciles, errors, duration, objects_applied, status_updates, writes, leader }
+        Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            objects_applied,
+            status_updates,
+            writes,
+            leader,
+            polls,
+            endpoint_writes,
+        }
     }
 
     /// The registry in Prometheus text format.

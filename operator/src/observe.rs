@@ -1,13 +1,16 @@
-//! Observing what exists: the readiness of owned workloads and whether the
-//! Secrets the spec refers to are there.
+//! Observing what exists: the readiness of owned workloads, whether the
+//! Secrets the spec refers to are there, and the gateways' load as the
+//! endpoint ConfigMap publishes it.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 use kubechat_crds::ChatCluster;
 
+use crate::desired::gateway::ENDPOINTS_KEY;
 use crate::desired::{Names, auth, redis};
+use crate::discovery::endpoints::Endpoints;
 use crate::{Error, Result};
 
 /// Pods of one workload as its controller reports them.
@@ -31,6 +34,8 @@ pub struct Observed {
     pub push_workers: Option<Workload>,
     /// Human-readable descriptions of referenced Secrets (or keys) that do not exist.
     pub missing_secrets: Vec<String>,
+    /// The published gateway list (`None`: not published yet).
+    pub endpoints: Option<Endpoints>,
 }
 
 /// Secrets the spec refers to, as (name, key) pairs. The generated auth
@@ -116,11 +121,18 @@ pub async fn observe(client: &Client, cc: &ChatCluster, namespace: &str) -> Resu
     };
     let push_name = names.push();
     let push = deployments.get_opt(&push_name).await.map_err(Error::kube(format!("reading Deployment {push_name}")))?;
+    let endpoints_name = names.endpoints();
+    let endpoints = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt(&endpoints_name)
+        .await
+        .map_err(Error::kube(format!("reading ConfigMap {endpoints_name}")))?
+        .and_then(|cm| cm.data?.get(ENDPOINTS_KEY).and_then(|text| Endpoints::parse(text)));
     Ok(Observed {
         gateway: sts(names.gateway()).await?,
         redis: if cc.spec.redis.managed.is_some() { sts(names.redis()).await? } else { None },
         scylla: if cc.spec.scylla.managed.is_some() { sts(names.scylla()).await? } else { None },
         push_workers: push.as_ref().map(from_deployment),
         missing_secrets: missing_secrets(client, cc, namespace).await?,
+        endpoints,
     })
 }

@@ -21,6 +21,7 @@ use serde_json::json;
 use crate::apply::{self, Outcome};
 use crate::desired::{self, LABEL_MANAGED_BY, auth};
 use crate::metrics::Metrics;
+pub use crate::scope::Scope;
 use crate::{Error, FIELD_MANAGER, Result, observe, status};
 
 /// Re-check a settled cluster this often even without events.
@@ -184,25 +185,6 @@ async fn ensure_generated_secret(cc: &ChatCluster, ctx: &Context, namespace: &st
     }
 }
 
-/// Which namespaces the operator watches.
-#[derive(Clone, Debug)]
-pub enum Scope {
-    All,
-    Namespace(String),
-}
-
-impl Scope {
-    fn api<K>(&self, client: Client) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match self {
-            Scope::All => Api::all(client),
-            Scope::Namespace(ns) => Api::namespaced(client, ns),
-        }
-    }
-}
-
 /// Fails with a clear message when the CRD is not installed.
 pub async fn check_crd_installed(client: &Client, scope: &Scope) -> Result<()> {
     let api: Api<ChatCluster> = scope.api(client.clone());
@@ -212,13 +194,8 @@ pub async fn check_crd_installed(client: &Client, scope: &Scope) -> Result<()> {
         .map_err(Error::kube("listing ChatClusters (is the CRD installed? `kubectl apply -f crds/`)"))
 }
 
-/// Runs the controller until `shutdown` resolves.
-pub async fn run_controller(
-    ctx: Arc<Context>,
-    scope: Scope,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    let client = ctx.client.clone();
+/// The ChatCluster controller, watching the kinds the operator owns.
+pub fn controller(client: Client, scope: &Scope) -> Controller<ChatCluster> {
     let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={FIELD_MANAGER}"));
     Controller::new(scope.api::<ChatCluster>(client.clone()), watcher::Config::default())
         .owns(scope.api::<StatefulSet>(client.clone()), owned.clone())
@@ -227,6 +204,15 @@ pub async fn run_controller(
         .owns(scope.api::<ConfigMap>(client.clone()), owned.clone())
         .owns(scope.api::<PodDisruptionBudget>(client.clone()), owned.clone())
         .owns(scope.api::<Secret>(client), owned)
+}
+
+/// Runs `controller` until `shutdown` resolves.
+pub async fn run_controller(
+    controller: Controller<ChatCluster>,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
-use crate::reconcile::{Context, Scope, check_crd_installed, run_controller};
-use crate::{Error, FIELD_MANAGER};
+use crate::reconcile::{self, Context, check_crd_installed, run_controller};
+use crate::scope::Scope;
+use crate::{Error, FIELD_MANAGER, discovery};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -21,6 +22,7 @@ pub struct Options {
     pub leader: Option<LeaderConfig>,
     /// This replica's name in Events.
     pub instance: Option<String>,
+    pub discovery: discovery::Options,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +50,7 @@ pub async fn run(
     let Some(leader_config) = options.leader else {
         metrics.leader.set(1);
         ready.store(true, Ordering::Relaxed);
-        let stop = shutdown.clone();
-        run_controller(ctx, options.scope, async move { stop.cancelled().await }).await;
+        run_leading(ctx, options.scope, options.discovery, shutdown.clone()).await;
         return Ok(());
     };
 
@@ -65,14 +66,17 @@ pub async fn run(
         tracing::info!("leading: starting the controller");
         metrics.leader.set(1);
         let mut lost = leading.clone();
-        let stop = shutdown.clone();
-        run_controller(ctx.clone(), options.scope.clone(), async move {
+        let stop = shutdown.child_token();
+        let stop_on_loss = async {
             tokio::select! {
                 () = stop.cancelled() => {}
-                _ = lost.wait_for(|l| !*l) => {}
+                _ = lost.wait_for(|l| !*l) => stop.cancel(),
             }
-        })
-        .await;
+        };
+        tokio::join!(
+            run_leading(ctx.clone(), options.scope.clone(), options.discovery.clone(), stop.clone()),
+            stop_on_loss
+        );
         metrics.leader.set(0);
         if shutdown.is_cancelled() {
             return Ok(());
@@ -82,4 +86,14 @@ pub async fn run(
     };
     let ((), result) = tokio::join!(elector, work);
     result
+}
+
+/// What the leader runs until `stop`: the controller and, from its cache of
+/// ChatClusters, the discovery loop.
+async fn run_leading(ctx: Arc<Context>, scope: Scope, discovery: discovery::Options, stop: CancellationToken) {
+    let controller = reconcile::controller(ctx.client.clone(), &scope);
+    let clusters = controller.store();
+    let poller = discovery::run(ctx.client.clone(), scope, clusters, ctx.metrics.clone(), discovery, stop.clone());
+    let controller_stop = stop.clone();
+    tokio::join!(run_controller(controller, ctx, async move { controller_stop.cancelled().await }), poller);
 }

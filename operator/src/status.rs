@@ -3,7 +3,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
-use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus};
+use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus, GatewayPodStatus};
 
 use crate::desired::{Names, gateway};
 use crate::observe::{Observed, Workload};
@@ -118,9 +118,24 @@ pub fn compute(
         redis,
         scylla,
         push_workers,
-        connections: previous.map_or(0, |p| p.connections),
+        connections: observed.endpoints.as_ref().map_or(0, |e| saturating_i64(e.total_connections())),
+        gateway_pods: observed
+            .endpoints
+            .iter()
+            .flat_map(|e| &e.gateways)
+            .map(|g| GatewayPodStatus {
+                pod: g.pod.clone(),
+                connections: saturating_i64(g.connections),
+                ready: g.ready,
+                draining: g.draining,
+            })
+            .collect(),
         endpoint_config_map: Names(&cc.name_any()).endpoints(),
     }
+}
+
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -144,6 +159,7 @@ mod tests {
             scylla: ready(1),
             push_workers: ready(1),
             missing_secrets: vec![],
+            endpoints: None,
         }
     }
 
@@ -213,6 +229,39 @@ mod tests {
         let second = compute(&cc, &all_ready(&cc), Some(&first), &time(99));
         assert_eq!(condition(&second, READY).last_transition_time, time(99));
         assert_eq!(condition(&second, DEGRADED).last_transition_time, time(1));
+    }
+
+    #[test]
+    fn connections_are_the_published_totals() {
+        use crate::discovery::endpoints::{Endpoints, GatewayEndpoint};
+        let cc = ChatCluster::test();
+        let mut observed = all_ready(&cc);
+        let gateway = |pod: &str, connections, ready| GatewayEndpoint {
+            pod: pod.into(),
+            connections,
+            ready,
+            draining: !ready,
+            ..Default::default()
+        };
+        observed.endpoints = Some(Endpoints {
+            updated_at: "2025-01-01T00:00:00.000Z".into(),
+            gateways: vec![gateway("chat-gateway-0", 12, true), gateway("chat-gateway-1", 30, false)],
+        });
+        let status = compute(&cc, &observed, None, &time(1));
+        assert_eq!(status.connections, 42);
+        assert_eq!(
+            status.gateway_pods,
+            vec![
+                GatewayPodStatus { pod: "chat-gateway-0".into(), connections: 12, ready: true, draining: false },
+                GatewayPodStatus { pod: "chat-gateway-1".into(), connections: 30, ready: false, draining: true },
+            ]
+        );
+        let unpublished = compute(&cc, &all_ready(&cc), Some(&status), &time(2));
+        assert_eq!(
+            (unpublished.connections, unpublished.gateway_pods.len()),
+            (0, 0),
+            "nothing published, nothing shown"
+        );
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub const CONFIG_FILE: &str = "gateway.json";
 pub const AUTH_DIR: &str = "/var/run/kubechat/auth";
 /// Key of the endpoint ConfigMap that lists the gateways.
 pub const ENDPOINTS_KEY: &str = "endpoints.json";
+/// The pod's IP, for the gateway to bind and advertise.
+pub const POD_IP_ENV: &str = "KUBECHAT_POD_IP";
 /// Non-root uid of the kubechat image.
 pub const KUBECHAT_UID: i64 = 65532;
 
@@ -105,13 +107,11 @@ pub fn config_map(cc: &ChatCluster) -> ConfigMap {
     }
 }
 
-/// The discovery list starts empty; the discovery loop fills it.
+/// The endpoint ConfigMap without its data: the discovery loop writes the
+/// list under a field manager of its own, so applying this (labels, owner)
+/// never resets it.
 pub fn endpoints_config_map(cc: &ChatCluster) -> ConfigMap {
-    ConfigMap {
-        metadata: owned_meta(cc, Names(&cc.name_any()).endpoints(), COMPONENT),
-        data: Some(BTreeMap::from([(ENDPOINTS_KEY.to_string(), "[]".to_string())])),
-        ..Default::default()
-    }
+    ConfigMap { metadata: owned_meta(cc, Names(&cc.name_any()).endpoints(), COMPONENT), ..Default::default() }
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
@@ -215,6 +215,9 @@ pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap) -> StatefulSet {
     // The StatefulSet controller labels each pod with its ordinal: a unique,
     // stable worker id for message-id generation.
     env.push(field_env("KUBECHAT_WORKER_ID", "metadata.labels['apps.kubernetes.io/pod-index']"));
+    // The gateway binds its ports on this address and advertises it to
+    // clients (discovery lists it).
+    env.push(field_env(POD_IP_ENV, "status.podIP"));
     let (volumes, volume_mounts) = common_volumes(cc);
     let container = Container {
         name: "gateway".into(),
@@ -404,6 +407,24 @@ mod tests {
         assert_eq!(auth_volume.secret.and_then(|s| s.secret_name).as_deref(), Some("chat-auth"));
         let env: Vec<String> = container.env.clone().unwrap_or_default().into_iter().map(|e| e.name).collect();
         assert!(env.contains(&"KUBECHAT_WORKER_ID".to_string()), "{env:?}");
+    }
+
+    #[test]
+    fn gateways_bind_and_advertise_their_pod_ip() {
+        let cc = ChatCluster::test();
+        let pod = stateful_set(&cc, &config_map(&cc)).spec.template.spec.expect("pod spec");
+        let env = pod.containers[0].env.clone().unwrap_or_default();
+        let pod_ip = env.iter().find(|e| e.name == POD_IP_ENV).expect("KUBECHAT_POD_IP");
+        let field = pod_ip.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("from a field");
+        assert_eq!(field.field_path, "status.podIP");
+    }
+
+    #[test]
+    fn the_endpoint_list_is_not_in_the_applied_config_map() {
+        // Applying data here would reset the list the discovery loop publishes.
+        let cm = endpoints_config_map(&ChatCluster::test());
+        assert_eq!(cm.metadata.name.as_deref(), Some("chat-endpoints"));
+        assert!(cm.data.is_none() && cm.binary_data.is_none());
     }
 
     #[test]

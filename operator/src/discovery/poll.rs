@@ -1,0 +1,193 @@
+//! Reading one gateway's load: `GET http://<pod IP>:<admin port>/v1/admin/load`.
+//!
+//! One short-lived HTTP/1.1 connection per poll (a poll every few seconds
+//! per gateway does not need pooling), everything under one timeout, the
+//! body capped: a dead, slow or hostile endpoint costs at most the timeout.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper::header::{CONNECTION, HOST};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+/// Path of the load report on the gateway's admin port.
+pub const LOAD_PATH: &str = "/v1/admin/load";
+/// A load report is a few hundred bytes.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What a gateway says about itself (fields the operator does not use are ignored).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadReport {
+    /// Its gateway id: the pod name.
+    pub pod: String,
+    /// The URL it advertises to clients.
+    #[serde(default)]
+    pub url: String,
+    pub connections: u64,
+    pub capacity: u64,
+    pub ready: bool,
+    pub draining: bool,
+    #[serde(default)]
+    pub version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("answered {0}")]
+    Status(StatusCode),
+    #[error("body: {0}")]
+    Body(String),
+    #[error("not a load report: {0}")]
+    Invalid(#[from] serde_json::Error),
+    #[error("the gateway of pod {0} answered")]
+    OtherPod(String),
+    #[error("not dialed: {0}")]
+    NotDialed(String),
+}
+
+impl PollError {
+    /// Bounded metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PollError::Timeout(_) => "timeout",
+            PollError::Connect(_) => "unreachable",
+            PollError::Http(_)
+            | PollError::Status(_)
+            | PollError::Body(_)
+            | PollError::Invalid(_)
+            | PollError::OtherPod(_) => "invalid",
+            PollError::NotDialed(_) => "not_dialed",
+        }
+    }
+}
+
+/// Reads the load report at `addr`, giving up after `timeout`.
+pub async fn read_load(addr: SocketAddr, timeout: Duration) -> Result<LoadReport, PollError> {
+    tokio::time::timeout(timeout, get_json(addr)).await.map_err(|_| PollError::Timeout(timeout))?
+}
+
+async fn get_json(addr: SocketAddr) -> Result<LoadReport, PollError> {
+    let stream = TcpStream::connect(addr).await.map_err(PollError::Connect)?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let request = Request::get(LOAD_PATH)
+        .header(HOST, addr.to_string())
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| PollError::Body(e.to_string()))?;
+    // The connection is driven here rather than spawned, so a timeout drops
+    // it with everything else instead of leaving a task behind.
+    let exchange = async move {
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| PollError::Body(e.to_string()))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(PollError::Status(status));
+        }
+        Ok(serde_json::from_slice(&body)?)
+    };
+    let (result, _closed) = tokio::join!(exchange, connection);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A one-shot HTTP server on loopback answering with `response` (raw bytes).
+    async fn serve_once(response: &'static [u8]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = vec![0u8; 4096];
+            let n = socket.read(&mut request).await.expect("read");
+            assert!(String::from_utf8_lossy(&request[..n]).starts_with("GET /v1/admin/load HTTP/1.1\r\n"));
+            // The client may hang up early (a body over the cap).
+            let _ = socket.write_all(response).await;
+            let _ = socket.shutdown().await;
+        });
+        addr
+    }
+
+    fn ok(body: &str) -> &'static [u8] {
+        let text = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n{body}",
+            body.len()
+        );
+        Box::leak(text.into_bytes().into_boxed_slice())
+    }
+
+    #[tokio::test]
+    async fn reads_a_load_report() {
+        let body = r#"{"pod":"chat-gateway-0","url":"ws://127.1.0.1:8080/v1/ws","connections":12,"capacity":100,
+                       "ready":true,"draining":false,"version":"0.1.0","startedAt":"2025-01-01T00:00:00Z",
+                       "backends":{"redis":"up","store":"up"}}"#;
+        let addr = serve_once(ok(body)).await;
+        let report = read_load(addr, Duration::from_secs(2)).await.expect("report");
+        assert_eq!(report.pod, "chat-gateway-0");
+        assert_eq!((report.connections, report.capacity, report.ready, report.draining), (12, 100, true, false));
+        assert_eq!(report.url, "ws://127.1.0.1:8080/v1/ws");
+    }
+
+    #[tokio::test]
+    async fn refuses_errors_and_garbage() {
+        let addr = serve_once(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
+        let err = read_load(addr, Duration::from_secs(2)).await.expect_err("503");
+        assert!(matches!(err, PollError::Status(StatusCode::SERVICE_UNAVAILABLE)), "{err}");
+        let addr = serve_once(ok("not json")).await;
+        assert_eq!(read_load(addr, Duration::from_secs(2)).await.expect_err("garbage").label(), "invalid");
+        let addr = serve_once(ok(r#"{"pod":"x"}"#)).await;
+        assert_eq!(read_load(addr, Duration::from_secs(2)).await.expect_err("fields missing").label(), "invalid");
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_fails_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let started = Instant::now();
+        let err = read_load(addr, Duration::from_secs(5)).await.expect_err("nothing listens");
+        assert_eq!(err.label(), "unreachable", "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_black_hole_costs_the_timeout_and_no_more() {
+        // Accepts and never answers (the kernel completes the handshake from the backlog).
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let started = Instant::now();
+        let err = read_load(addr, Duration::from_millis(300)).await.expect_err("no answer");
+        let took = started.elapsed();
+        assert!(matches!(err, PollError::Timeout(_)), "{err}");
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(800), "{took:?}");
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn an_endless_body_is_cut_off() {
+        let huge = format!("HTTP/1.1 200 OK\r\ncontent-length: 200000\r\n\r\n{}", "x".repeat(200_000));
+        let addr = serve_once(Box::leak(huge.into_bytes().into_boxed_slice())).await;
+        let err = read_load(addr, Duration::from_secs(2)).await.expect_err("too big");
+        assert!(matches!(err, PollError::Body(_)), "{err}");
+    }
+}
