@@ -279,7 +279,13 @@ fn cql_limit(limit: usize) -> i32 {
 
 /// The newest bucket that may hold data now (see [`CLOCK_SKEW_MS`]).
 fn newest_bucket() -> i32 {
-    bucket_of(ids::first_id_at(ids::now_ms().saturating_add(CLOCK_SKEW_MS)))
+    newest_bucket_at(ids::now_ms())
+}
+
+/// The newest bucket that may hold data at `now_ms`: that of an id minted
+/// by a clock [`CLOCK_SKEW_MS`] ahead.
+fn newest_bucket_at(now_ms: i64) -> i32 {
+    bucket_of(ids::first_id_at(now_ms.saturating_add(CLOCK_SKEW_MS)))
 }
 
 /// The oldest bucket that may hold data: nothing is older than the id epoch.
@@ -893,10 +899,25 @@ mod tests {
         assert!(!valid_keyspace(&"a".repeat(49)));
     }
 
+    /// Scans "up to now" reach the bucket of an id minted by a clock up to
+    /// [`CLOCK_SKEW_MS`] ahead, also a minute before a month boundary (when
+    /// that id is in the next month), and no further than that.
     #[test]
-    fn buckets_cover_now() {
-        assert!(oldest_bucket() <= newest_bucket());
-        assert!(bucket_of(ids::first_id_at(ids::now_ms())) <= newest_bucket());
+    fn newest_bucket_covers_a_fast_clock_at_a_month_boundary() {
+        let next = bucket_of(ids::first_id_at(ids::now_ms())) + 1;
+        let boundary_ms = i64::from(next) * crate::store::BUCKET_MS;
+        assert_eq!(bucket_of(ids::first_id_at(boundary_ms)), next);
+        assert_eq!(bucket_of(ids::first_id_at(boundary_ms - 1)), next - 1);
+
+        // A clock four minutes fast (NTP gone wrong, within the allowance).
+        let minute_before = boundary_ms - 60_000;
+        let fast_id = ids::first_id_at(minute_before + 4 * 60_000);
+        assert_eq!(bucket_of(fast_id), next, "a fast clock is already in the next month");
+        assert_eq!(newest_bucket_at(minute_before), next, "and the scans reach it");
+
+        let mid_month = boundary_ms - crate::store::BUCKET_MS / 2;
+        assert_eq!(newest_bucket_at(mid_month), next - 1, "no further than a fast clock can be");
+        assert!(oldest_bucket() <= newest_bucket_at(mid_month));
     }
 
     #[tokio::test]
