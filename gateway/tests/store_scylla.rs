@@ -200,6 +200,65 @@ async fn suite_concurrent_senders_all_land() {
 
 // What only the CQL store has.
 
+/// Several gateways (independent stores on one keyspace, each with its own
+/// worker id) retry one send at the same moment, for several keys: exactly
+/// one message is stored per key and every attempt answers with its id,
+/// because the reservation is a lightweight transaction (a read-then-insert
+/// lets the first attempt on each gateway store its own message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_racing_on_several_gateways_store_one_message() {
+    with_keyspace(|node, ks| async move {
+        const GATEWAYS: u16 = 4;
+        const ATTEMPTS_PER_GATEWAY: usize = 8;
+        const KEYS: usize = 5;
+        let admin = admin_session(&node).await;
+        let mut gateways = Vec::new();
+        for worker in 0..GATEWAYS {
+            let store: Arc<dyn Store> = Arc::new(connect(&node, &ks).await);
+            gateways.push((store, Arc::new(IdGenerator::new(20 + worker, 0))));
+        }
+        for k in 0..KEYS {
+            let (channel, key) = (format!("g:race-{k}"), format!("race-{k}"));
+            let attempts = gateways.len() * ATTEMPTS_PER_GATEWAY;
+            let start = Arc::new(tokio::sync::Barrier::new(attempts));
+            let mut racers = Vec::new();
+            for (store, idgen) in &gateways {
+                for _ in 0..ATTEMPTS_PER_GATEWAY {
+                    let (store, idgen, start) = (Arc::clone(store), Arc::clone(idgen), Arc::clone(&start));
+                    let (channel, key) = (channel.clone(), key.clone());
+                    racers.push(tokio::spawn(async move {
+                        let m = message(idgen.next_id(), &channel, "carol", "once, please");
+                        let new = send(&m, &key, &["carol", "dave"], idgen.next_id());
+                        start.wait().await;
+                        store.store_message(new).await
+                    }));
+                }
+            }
+            let mut answers = Vec::new();
+            for racer in racers {
+                answers.push(racer.await.expect("join").expect("every attempt is answered"));
+            }
+            let id = answers[0].message.id;
+            assert!(answers.iter().all(|a| a.message.id == id), "key {key}: every answer names one id: {answers:?}");
+            assert!(answers.iter().any(|a| !a.duplicate), "key {key}: one attempt stored it");
+            let history = gateways[0].0.history(&channel, Page::Latest, 100).await.expect("history");
+            assert_eq!(store_suite::ids_of(&history), vec![id], "key {key}: one message in history");
+            let reserved: Vec<(i64,)> = cql_rows(
+                &admin,
+                format!("SELECT message_id FROM {ks}.sends WHERE sender = ? AND idem_key = ?"),
+                ("carol", key.as_str()),
+            )
+            .await;
+            assert_eq!(reserved, vec![(to_cql(id),)], "key {key}: the reservation names the stored id");
+            let inbox = gateways[1].0.inbox_after("dave", 0, 1000).await.expect("inbox");
+            let inbox_ids: HashSet<u64> =
+                inbox.iter().filter(|e| e.message.channel == channel).map(|e| e.message.id).collect();
+            assert_eq!(inbox_ids, HashSet::from([id]), "key {key}: the inbox refers to that message only");
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_pages_over_250_entries_across_buckets() {
     with_keyspace(|node, ks| async move {

@@ -26,22 +26,45 @@
 //!
 //! ## Writing a send
 //!
-//! 1. Read the `sends` row of `(sender, key)`. Found, with a history row:
-//!    a duplicate, nothing is written. Found without one: an earlier attempt
-//!    failed part-way; this one finishes it under the reserved id.
-//! 2. Concurrently (at most [`WRITE_CONCURRENCY`] requests in flight): the
-//!    `sends` row, one inbox row per recipient, and with `link_channel` one
-//!    `user_channels` row per recipient.
+//! 1. Reserve `(sender, key)` for the candidate id: `INSERT INTO sends …
+//!    IF NOT EXISTS`, a lightweight transaction, so of any number of
+//!    concurrent attempts on any number of gateways exactly one reserves and
+//!    every other one learns its id from the answer. Not applied and the
+//!    reserved message's history row exists: a duplicate, nothing is
+//!    written. Not applied and no history row: an earlier attempt failed
+//!    part-way (or is still writing on another gateway); this one finishes
+//!    it under the reserved id.
+//! 2. Concurrently (at most [`WRITE_CONCURRENCY`] requests in flight): one
+//!    inbox row per recipient, and with `link_channel` one `user_channels`
+//!    row per recipient.
 //! 3. The history row, last.
 //!
 //! So "the history row exists ⇒ every other row of the send exists", which
-//! is what step 1's duplicate check relies on. Every row is its own
-//! partition, so a multi-partition LOGGED batch would be the only way to
-//! make them atomic, and it buys nothing here: it costs a batchlog write and
-//! removal on other replicas per send, and a big group's batch must be split
-//! under the server's size limit (which gives up atomicity anyway). The
-//! reservation already makes a send retryable to completion: a retry with
-//! the same key finds it and writes whatever is missing under the same id.
+//! is what step 1's duplicate check relies on.
+//!
+//! The reservation costs a Paxos round per send (several round trips
+//! between replicas instead of one read): nothing weaker stops two gateways
+//! from storing one key under two ids.
+//!
+//! No step is a multi-partition LOGGED batch (each row is its own
+//! partition): it would cost a batchlog write and removal on other replicas
+//! per send, and a big group's batch must be split under the server's size
+//! limit, which gives up its atomicity anyway. Atomicity is not needed:
+//! after step 1 the message id is fixed for good, and every later write is
+//! an upsert of values fixed by that id (the history row) or by the attempt
+//! (inbox rows at its position). A failure anywhere leaves a reservation
+//! without a history row, and a retry (by the driver, the client, on any
+//! gateway) rewrites the rows under the same id until the history row
+//! lands; no retry can store the message under a second id.
+//!
+//! Concurrent attempts of one key on one gateway are also serialised in the
+//! process (`InFlight`): a later attempt then finds the first one's history
+//! row and answers as a duplicate instead of contending for the Paxos round
+//! and finishing a send that is not failed. Across gateways an attempt that
+//! overtakes the original finishes it too, so a recipient may get a second
+//! inbox entry for the same message id, which clients drop by id.
+//!
+//! ## Reading an inbox
 //!
 //! Reading an inbox resolves each reference with a point read of its
 //! history row (concurrently, [`READ_CONCURRENCY`] at a time, order kept).
@@ -54,14 +77,11 @@
 //! entry is read on the device's next sync after a reconnect. A failed send
 //! was never acked (its retry writes a fresh position).
 //!
-//! Concurrent retries of one key on one gateway are serialised in the
-//! process (`InFlight`); across gateways the read-then-insert reservation
-//! may let two racing retries both be stored (`ScyllaStore::reservation`).
-//!
 //! Consistency: every statement runs at [`ScyllaConfig::consistency`]
 //! (QUORUM by default). Writes and reads at QUORUM overlap, which is what
 //! gives the trait's "reads see completed writes"; a write returns `Ok` only
-//! once the coordinator acknowledged it at that level.
+//! once the coordinator acknowledged it at that level. Reservations run
+//! their Paxos round at SERIAL (LOCAL_SERIAL with a local datacenter).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -80,7 +100,8 @@ use scylla::serialize::row::{RowSerializationContext, SerializeRow};
 use scylla::serialize::writers::RowWriter;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use scylla::statement::{Consistency, Statement};
+use scylla::statement::{Consistency, SerialConsistency, Statement};
+use scylla::value::{CqlValue, Row as CqlRow};
 use tokio::sync::OwnedMutexGuard;
 
 use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored, bucket_of};
@@ -171,8 +192,7 @@ struct Prepared {
     history_after: PreparedStatement,
     message: PreparedStatement,
     inbox_after: PreparedStatement,
-    select_send: PreparedStatement,
-    insert_send: PreparedStatement,
+    reserve_send: PreparedStatement,
     insert_group: PreparedStatement,
     select_group: PreparedStatement,
     insert_member: PreparedStatement,
@@ -195,9 +215,10 @@ pub struct ScyllaStore {
 
 /// Sends in progress in this process, by `(sender, key)`: a retry that
 /// overtakes its own original on the same gateway waits for it, then finds
-/// its history row and answers as a duplicate instead of storing a second
-/// message (the reservation is a plain read-then-insert, not a
-/// lightweight transaction). Entries live only while a send holds or awaits them.
+/// its history row and answers as a duplicate, instead of contending for
+/// the reservation's Paxos round and then finishing a send that has not
+/// failed (a second inbox entry). The reservation alone already keeps the
+/// message single. Entries live only while a send holds or awaits them.
 #[derive(Default)]
 struct InFlight(Mutex<HashMap<SendKey, InFlightEntry>>);
 
@@ -288,6 +309,44 @@ fn newest_bucket_at(now_ms: i64) -> i32 {
     bucket_of(ids::first_id_at(now_ms.saturating_add(CLOCK_SKEW_MS)))
 }
 
+/// The serial consistency of reservations: linearizable across the
+/// cluster, or within the local datacenter when the store prefers one.
+fn serial_consistency(config: &ScyllaConfig) -> SerialConsistency {
+    match config.local_datacenter {
+        Some(_) => SerialConsistency::LocalSerial,
+        None => SerialConsistency::Serial,
+    }
+}
+
+/// The answer to an `INSERT … IF NOT EXISTS`: whether it applied and, when
+/// it did not, the columns of the row that was there. Read by column name:
+/// Cassandra sends only `[applied]` when it applied, ScyllaDB every column.
+struct Conditional {
+    applied: bool,
+    columns: Vec<(String, Option<CqlValue>)>,
+}
+
+impl Conditional {
+    fn of(result: QueryResult, what: &'static str) -> StoreResult<Self> {
+        let rows = result.into_rows_result().map_err(corrupt(what))?;
+        let names: Vec<String> = rows.column_specs().iter().map(|spec| spec.name().to_owned()).collect();
+        let row: CqlRow = rows.single_row().map_err(corrupt(what))?;
+        let columns: Vec<(String, Option<CqlValue>)> = names.into_iter().zip(row.columns).collect();
+        let applied = columns
+            .iter()
+            .find(|(name, _)| name == "[applied]")
+            .and_then(|(_, value)| value.as_ref())
+            .and_then(CqlValue::as_boolean)
+            .ok_or_else(|| StoreError::Corrupt(format!("{what}: no [applied] column in the answer")))?;
+        Ok(Self { applied, columns })
+    }
+
+    /// A column of the existing row (`None` if absent or null).
+    fn get(&self, name: &str) -> Option<&CqlValue> {
+        self.columns.iter().find(|(n, _)| n == name).and_then(|(_, value)| value.as_ref())
+    }
+}
+
 /// The oldest bucket that may hold data: nothing is older than the id epoch.
 fn oldest_bucket() -> i32 {
     bucket_of(0)
@@ -328,8 +387,6 @@ enum Row<'a> {
     Message((&'a str, i32, i64, &'a str, &'a str, &'a str, i64)),
     /// `insert_inbox`: user, bucket, position, channel, message id.
     Inbox((&'a str, i32, i64, &'a str, i64)),
-    /// `insert_send`: sender, key, message id, channel.
-    Send((&'a str, &'a str, i64, &'a str)),
     /// `insert_group`: id, name, owner, created_at.
     Group((&'a str, &'a str, &'a str, i64)),
     /// `insert_member` / `insert_user_channel` and their deletes.
@@ -346,7 +403,6 @@ impl Row<'_> {
         match self {
             Self::Message((c, _, _, s, d, b, _)) => c.len() + s.len() + d.len() + b.len() + 7 * CELL,
             Self::Inbox((u, _, _, c, _)) => u.len() + c.len() + 5 * CELL,
-            Self::Send((s, k, _, c)) => s.len() + k.len() + c.len() + 4 * CELL,
             Self::Group((i, n, o, _)) => i.len() + n.len() + o.len() + 4 * CELL,
             Self::Pair((a, b)) => a.len() + b.len() + 2 * CELL,
         }
@@ -358,7 +414,6 @@ impl SerializeRow for Row<'_> {
         match self {
             Self::Message(v) => v.serialize(ctx, writer),
             Self::Inbox(v) => v.serialize(ctx, writer),
-            Self::Send(v) => v.serialize(ctx, writer),
             Self::Group(v) => v.serialize(ctx, writer),
             Self::Pair(v) => v.serialize(ctx, writer),
         }
@@ -411,7 +466,7 @@ impl ScyllaStore {
             .map_err(|e| StoreError::Unavailable(format!("connect to {:?}: {e}", config.contact_points)))?;
 
         create_schema(&session, &config).await?;
-        let prepared = prepare_all(&session, &config.keyspace, config.consistency).await?;
+        let prepared = prepare_all(&session, &config).await?;
         Ok(Self {
             session,
             prepared,
@@ -559,10 +614,13 @@ async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<
     Ok(())
 }
 
-async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> StoreResult<Prepared> {
+async fn prepare_all(session: &Session, config: &ScyllaConfig) -> StoreResult<Prepared> {
+    let ks = &config.keyspace;
     let prepare = |text: String| async move {
         let mut statement = session.prepare(text).await.map_err(unavailable("prepare statement"))?;
-        statement.set_consistency(consistency);
+        statement.set_consistency(config.consistency);
+        // Upserts and deletes of fixed values, and a reservation whose retry
+        // recognises its own row by id: all safe for the driver to retry.
         statement.set_is_idempotent(true);
         Ok::<_, StoreError>(statement)
     };
@@ -597,14 +655,14 @@ async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> S
              WHERE user_id = ? AND bucket = ? AND position > ? ORDER BY position ASC LIMIT ?"
         ))
         .await?,
-        select_send: prepare(format!(
-            "SELECT message_id, channel_id FROM {ks}.sends WHERE sender = ? AND idem_key = ?"
-        ))
-        .await?,
-        insert_send: prepare(format!(
-            "INSERT INTO {ks}.sends (sender, idem_key, message_id, channel_id) VALUES (?, ?, ?, ?)"
-        ))
-        .await?,
+        reserve_send: {
+            let mut statement = prepare(format!(
+                "INSERT INTO {ks}.sends (sender, idem_key, message_id, channel_id) VALUES (?, ?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?;
+            statement.set_serial_consistency(Some(serial_consistency(config)));
+            statement
+        },
         insert_group: prepare(format!(
             "INSERT INTO {ks}.groups (group_id, name, owner, created_at_ms) VALUES (?, ?, ?, ?)"
         ))
@@ -621,12 +679,12 @@ async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> S
     })
 }
 
-/// What the idempotency key of a send found.
+/// What reserving the idempotency key of a send found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Reservation {
-    /// First time this key is seen.
-    New,
-    /// The key was used before, for this message id in this channel.
+    /// This attempt reserved the key for its candidate id.
+    Reserved,
+    /// The key was reserved before, for this message id in this channel.
     Existing { id: u64, channel: String },
 }
 
@@ -640,25 +698,26 @@ struct Resolved {
 
 /// The steps of a send and of reading an inbox.
 impl ScyllaStore {
-    /// What `(sender, key)` was reserved for, if a send recorded it.
-    ///
-    /// Read-then-insert (the insert is one of the send's writes), not a
-    /// lightweight transaction (`IF NOT EXISTS` would cost a Paxos round on
-    /// every send): two retries of one key racing on two gateways may both
-    /// find nothing and both be stored, under two ids. Accepted: a client
-    /// retries one send at a time, so this needs a retry to overtake its own
-    /// original on another gateway; on one gateway [`InFlight`] serialises them.
-    async fn reservation(&self, sender: &str, key: &str) -> StoreResult<Reservation> {
+    /// What `(sender, key)` is reserved for, reserving it for `id` in
+    /// `channel` if nobody did (a lightweight transaction: see the module docs).
+    async fn reserve(&self, sender: &str, key: &str, id: i64, channel: &str) -> StoreResult<Reservation> {
         let result = self
             .session
-            .execute_unpaged(&self.prepared.select_send, (sender, key))
+            .execute_unpaged(&self.prepared.reserve_send, (sender, key, id, channel))
             .await
-            .map_err(unavailable("read send key"))?;
-        let found: Vec<(i64, String)> = decode(result, "decode send key")?;
-        Ok(match found.into_iter().next() {
-            Some((id, channel)) => Reservation::Existing { id: from_cql(id), channel },
-            None => Reservation::New,
-        })
+            .map_err(unavailable("reserve send key"))?;
+        let outcome = Conditional::of(result, "decode send key")?;
+        if outcome.applied {
+            return Ok(Reservation::Reserved);
+        }
+        let missing = || StoreError::Corrupt(format!("send key of {sender} without message id or channel"));
+        let reserved_id = outcome.get("message_id").and_then(CqlValue::as_bigint).ok_or_else(missing)?;
+        // Our own insert, applied by an earlier try of the driver.
+        if reserved_id == id {
+            return Ok(Reservation::Reserved);
+        }
+        let reserved_channel = outcome.get("channel_id").and_then(CqlValue::as_text).ok_or_else(missing)?;
+        Ok(Reservation::Existing { id: from_cql(reserved_id), channel: reserved_channel.clone() })
     }
 
     /// Looks up the message of one inbox row.
@@ -682,27 +741,24 @@ impl Store for ScyllaStore {
     async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
         let NewMessage { mut message, key, recipients, position, link_channel } = new;
         let _in_flight = self.in_flight.acquire(&message.sender, &key).await;
-        let reserved = match self.reservation(&message.sender, &key).await? {
-            Reservation::New => false,
+        let candidate = to_cql(message.id);
+        match self.reserve(&message.sender, &key, candidate, &message.channel).await? {
+            Reservation::Reserved => {}
             Reservation::Existing { id, channel } => {
                 // History is written last, so a stored history row means every other row is stored.
                 if let Some(stored) = self.message(&channel, id).await? {
                     return Ok(Stored { message: stored, position: 0, duplicate: true });
                 }
-                // An earlier attempt failed before its history row: finish it under the same id.
+                // An earlier attempt failed (or is still writing elsewhere): finish it under the same id.
                 message.id = id;
                 message.created_at_ms = ids::timestamp_ms(id);
-                true
             }
-        };
+        }
 
         let id = to_cql(message.id);
         let channel = message.channel.as_str();
         let (bucket, at) = (bucket_of(position), to_cql(position));
-        let mut rows = Vec::with_capacity(1 + recipients.len() * if link_channel { 2 } else { 1 });
-        if !reserved {
-            rows.push((&self.prepared.insert_send, Row::Send((message.sender.as_str(), key.as_str(), id, channel))));
-        }
+        let mut rows = Vec::with_capacity(recipients.len() * if link_channel { 2 } else { 1 });
         for user in recipients.iter() {
             rows.push((&self.prepared.insert_inbox, Row::Inbox((user.as_str(), bucket, at, channel, id))));
             if link_channel {
