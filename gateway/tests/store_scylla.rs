@@ -333,6 +333,38 @@ async fn history_pages_across_buckets() {
     .await;
 }
 
+/// What a store call cost in CQL requests.
+async fn cost<T>(store: &ScyllaStore, call: impl Future<Output = T>) -> (T, u64) {
+    let before = store.requests();
+    let out = call.await;
+    (out, store.requests() - before)
+}
+
+/// Lists are read in pages: with 10 rows a page, a user's 25 channels and
+/// a group's 25 members take three responses each, and all of them arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lists_are_read_in_pages() {
+    with_keyspace(|node, ks| async move {
+        let store = ScyllaStore::connect(ScyllaConfig { page_size: 10, ..config(&node, &ks) }).await.expect("connect");
+        let mut channels: Vec<String> = (0..25).map(|i| format!("g:{i:02}")).collect();
+        for channel in &channels {
+            store.add_member(channel, "zoe").await.expect("join");
+        }
+        let (found, requests) = cost(&store, store.channels_of("zoe")).await;
+        channels.sort();
+        assert_eq!(found.expect("channels"), channels);
+        assert!((3..=4).contains(&requests), "25 channels in pages of 10: {requests} requests");
+
+        let members: Vec<String> = (0..25).map(|i| format!("member-{i:02}")).collect();
+        let group = Group { id: "g:crowd".into(), name: "crowd".into(), owner: members[0].clone(), created_at_ms: 1 };
+        store.create_group(&group, &members).await.expect("create group");
+        let (found, requests) = cost(&store, store.members("g:crowd")).await;
+        assert_eq!(found.expect("members"), members);
+        assert!((3..=4).contains(&requests), "25 members in pages of 10: {requests} requests");
+    })
+    .await;
+}
+
 /// 500 members: creating the group writes 1,000 membership rows, ~100 KB,
 /// twice Cassandra's 50 KiB batch limit, so its logged batches must be
 /// split; a 1 KiB message then reaches every one of the 500 inboxes.

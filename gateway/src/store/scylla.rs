@@ -77,6 +77,9 @@
 //! entry is read on the device's next sync after a reconnect. A failed send
 //! was never acked (its retry writes a fresh position).
 //!
+//! Lists (a user's channels, a group's members) are read in pages of
+//! [`ScyllaConfig::page_size`] rows, never as one unbounded response.
+//!
 //! Consistency: every statement runs at [`ScyllaConfig::consistency`]
 //! (QUORUM by default). Writes and reads at QUORUM overlap, which is what
 //! gives the trait's "reads see completed writes"; a write returns `Ok` only
@@ -85,6 +88,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -95,6 +100,7 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::deserialize::row::DeserializeRow;
 use scylla::response::query_result::QueryResult;
+use scylla::response::{PagingState, PagingStateResponse};
 use scylla::serialize::SerializationError;
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
 use scylla::serialize::writers::RowWriter;
@@ -148,6 +154,9 @@ pub struct ScyllaConfig {
     /// (`batch_size_fail_threshold`: 50 KiB on Cassandra, 1 MiB on ScyllaDB
     /// by default).
     pub max_batch_bytes: usize,
+    /// Rows per response when reading a list (a user's channels, a group's
+    /// members): bounds each response, however long the list.
+    pub page_size: usize,
 }
 
 impl Default for ScyllaConfig {
@@ -162,6 +171,7 @@ impl Default for ScyllaConfig {
             local_datacenter: None,
             request_timeout: Duration::from_secs(10),
             max_batch_bytes: 40 * 1024,
+            page_size: 1000,
         }
     }
 }
@@ -179,6 +189,7 @@ impl fmt::Debug for ScyllaConfig {
             .field("local_datacenter", &self.local_datacenter)
             .field("request_timeout", &self.request_timeout)
             .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("page_size", &self.page_size)
             .finish()
     }
 }
@@ -211,6 +222,7 @@ pub struct ScyllaStore {
     consistency: Consistency,
     max_batch_bytes: usize,
     in_flight: InFlight,
+    requests: AtomicU64,
 }
 
 /// Sends in progress in this process, by `(sender, key)`: a retry that
@@ -473,7 +485,68 @@ impl ScyllaStore {
             consistency: config.consistency,
             max_batch_bytes: config.max_batch_bytes,
             in_flight: InFlight::default(),
+            requests: AtomicU64::new(0),
         })
+    }
+
+    /// CQL requests sent since connecting (each page of a paged read and
+    /// each batch counts one; setting up the schema does not): what a read
+    /// costs, observable without timing it.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Runs one statement and returns all of its result in one response
+    /// (for point reads, writes and reads bounded by a `LIMIT`).
+    async fn run(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        what: &'static str,
+    ) -> StoreResult<QueryResult> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.session.execute_unpaged(statement, values).await.map_err(unavailable(what))
+    }
+
+    /// One page of a paged read; `None` as the next state once it was the last.
+    async fn page<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        state: PagingState,
+        what: &'static str,
+    ) -> StoreResult<(Vec<R>, Option<PagingState>)>
+    where
+        R: for<'f> DeserializeRow<'f, 'f>,
+    {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let (result, response): (QueryResult, PagingStateResponse) =
+            self.session.execute_single_page(statement, values, state).await.map_err(unavailable(what))?;
+        let next = match response.into_paging_control_flow() {
+            ControlFlow::Continue(next) => Some(next),
+            ControlFlow::Break(()) => None,
+        };
+        Ok((decode(result, what)?, next))
+    }
+
+    /// Every row of a list, read page by page.
+    async fn read_pages<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        what: &'static str,
+    ) -> StoreResult<Vec<R>>
+    where
+        R: for<'f> DeserializeRow<'f, 'f>,
+    {
+        let mut out = Vec::new();
+        let mut state = Some(PagingState::start());
+        while let Some(current) = state {
+            let (rows, next) = self.page(statement, &values, current, what).await?;
+            out.extend(rows);
+            state = next;
+        }
+        Ok(out)
     }
 
     /// Runs `rows` concurrently, at most [`WRITE_CONCURRENCY`] at a time,
@@ -487,8 +560,7 @@ impl ScyllaStore {
     ) -> StoreResult<()> {
         stream::iter(rows.into_iter().map(Ok))
             .try_for_each_concurrent(WRITE_CONCURRENCY, |(statement, row)| async move {
-                self.session.execute_unpaged(statement, row).await.map_err(unavailable(what))?;
-                Ok(())
+                self.run(statement, row, what).await.map(drop)
             })
             .await
     }
@@ -504,6 +576,7 @@ impl ScyllaStore {
         for (statement, row) in rows {
             let size = row.estimated_bytes();
             if !values.is_empty() && bytes + size > self.max_batch_bytes {
+                self.requests.fetch_add(1, Ordering::Relaxed);
                 self.session.batch(&batch, &values).await.map_err(unavailable(what))?;
                 batch = self.new_batch();
                 values.clear();
@@ -514,6 +587,7 @@ impl ScyllaStore {
             bytes += size;
         }
         if !values.is_empty() {
+            self.requests.fetch_add(1, Ordering::Relaxed);
             self.session.batch(&batch, &values).await.map_err(unavailable(what))?;
         }
         Ok(())
@@ -542,11 +616,8 @@ impl ScyllaStore {
             if out.len() >= limit {
                 break;
             }
-            let result = self
-                .session
-                .execute_unpaged(statement, (channel, bucket, bound, cql_limit(limit - out.len())))
-                .await
-                .map_err(unavailable("read history"))?;
+            let values = (channel, bucket, bound, cql_limit(limit - out.len()));
+            let result = self.run(statement, values, "read history").await?;
             let rows: Vec<MessageRow> = decode(result, "decode history")?;
             out.extend(rows.into_iter().map(|row| message_of(channel, row)));
         }
@@ -616,12 +687,14 @@ async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<
 
 async fn prepare_all(session: &Session, config: &ScyllaConfig) -> StoreResult<Prepared> {
     let ks = &config.keyspace;
+    let page_size = i32::try_from(config.page_size.max(1)).unwrap_or(i32::MAX);
     let prepare = |text: String| async move {
         let mut statement = session.prepare(text).await.map_err(unavailable("prepare statement"))?;
         statement.set_consistency(config.consistency);
         // Upserts and deletes of fixed values, and a reservation whose retry
         // recognises its own row by id: all safe for the driver to retry.
         statement.set_is_idempotent(true);
+        statement.set_page_size(page_size);
         Ok::<_, StoreError>(statement)
     };
     let message_columns = "id, sender, sender_device, body, created_at_ms";
@@ -701,11 +774,7 @@ impl ScyllaStore {
     /// What `(sender, key)` is reserved for, reserving it for `id` in
     /// `channel` if nobody did (a lightweight transaction: see the module docs).
     async fn reserve(&self, sender: &str, key: &str, id: i64, channel: &str) -> StoreResult<Reservation> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.reserve_send, (sender, key, id, channel))
-            .await
-            .map_err(unavailable("reserve send key"))?;
+        let result = self.run(&self.prepared.reserve_send, (sender, key, id, channel), "reserve send key").await?;
         let outcome = Conditional::of(result, "decode send key")?;
         if outcome.applied {
             return Ok(Reservation::Reserved);
@@ -777,10 +846,7 @@ impl Store for ScyllaStore {
             message.text.as_str(),
             message.created_at_ms,
         ));
-        self.session
-            .execute_unpaged(&self.prepared.insert_message, history)
-            .await
-            .map_err(unavailable("write history"))?;
+        self.run(&self.prepared.insert_message, history, "write history").await?;
         Ok(Stored { message, position, duplicate: false })
     }
 
@@ -793,11 +859,8 @@ impl Store for ScyllaStore {
         let mut bucket = first;
         while out.len() < limit {
             let want = limit - out.len();
-            let result = self
-                .session
-                .execute_unpaged(&self.prepared.inbox_after, (user, bucket, to_cql(cursor), cql_limit(want)))
-                .await
-                .map_err(unavailable("read inbox"))?;
+            let values = (user, bucket, to_cql(cursor), cql_limit(want));
+            let result = self.run(&self.prepared.inbox_after, values, "read inbox").await?;
             let rows: Vec<InboxRow> = decode(result, "decode inbox")?;
             // Fewer rows than asked for: the bucket has nothing more after `cursor`.
             let bucket_done = rows.len() < want;
@@ -851,11 +914,7 @@ impl Store for ScyllaStore {
     }
 
     async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.message, (channel, bucket_of(id), to_cql(id)))
-            .await
-            .map_err(unavailable("read message"))?;
+        let result = self.run(&self.prepared.message, (channel, bucket_of(id), to_cql(id)), "read message").await?;
         let rows: Vec<MessageRow> = decode(result, "decode message")?;
         Ok(rows.into_iter().next().map(|row| message_of(channel, row)))
     }
@@ -875,11 +934,7 @@ impl Store for ScyllaStore {
     }
 
     async fn group(&self, id: &str) -> StoreResult<Option<Group>> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.select_group, (id,))
-            .await
-            .map_err(unavailable("read group"))?;
+        let result = self.run(&self.prepared.select_group, (id,), "read group").await?;
         let rows: Vec<(String, String, i64)> = decode(result, "decode group")?;
         Ok(rows.into_iter().next().map(|(name, owner, created_at_ms)| Group {
             id: id.to_owned(),
@@ -906,12 +961,7 @@ impl Store for ScyllaStore {
     }
 
     async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.select_members, (group,))
-            .await
-            .map_err(unavailable("read members"))?;
-        let rows: Vec<(String,)> = decode(result, "decode members")?;
+        let rows: Vec<(String,)> = self.read_pages(&self.prepared.select_members, (group,), "read members").await?;
         // Clustering order is byte order already; sorting keeps the contract
         // independent of the server's collation.
         let mut members: Vec<String> = rows.into_iter().map(|(user,)| user).collect();
@@ -920,12 +970,8 @@ impl Store for ScyllaStore {
     }
 
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.select_user_channels, (user,))
-            .await
-            .map_err(unavailable("read channels"))?;
-        let rows: Vec<(String,)> = decode(result, "decode channels")?;
+        let rows: Vec<(String,)> =
+            self.read_pages(&self.prepared.select_user_channels, (user,), "read channels").await?;
         let mut channels: Vec<String> = rows.into_iter().map(|(channel,)| channel).collect();
         channels.sort();
         Ok(channels)
