@@ -5,13 +5,15 @@
 //! TTL anywhere: history is kept forever):
 //!
 //! ```text
-//! messages      ((channel_id, bucket), id DESC)   sender, sender_device, body, created_at_ms
-//! inbox         ((user_id, bucket), position DESC) channel_id, message_id
-//!                                                  (+ sender, sender_device, body, created_at_ms: older rows only)
-//! sends         ((sender, idem_key))               message_id, channel_id
-//! groups        ((group_id))                       name, owner, created_at_ms
-//! members       ((group_id), user_id)
-//! user_channels ((user_id), channel_id)
+//! messages        ((channel_id, bucket), id DESC)   sender, sender_device, body, created_at_ms
+//! channel_buckets ((channel_id), bucket DESC)       (the buckets of `messages` holding the channel)
+//! inbox           ((user_id, bucket), position DESC) channel_id, message_id
+//!                                                    (+ sender, sender_device, body, created_at_ms: older rows only)
+//! sends           ((sender, idem_key))               message_id, channel_id
+//! groups          ((group_id))                       name, owner, created_at_ms
+//! members         ((group_id), user_id)
+//! user_channels   ((user_id), channel_id)
+//! store_meta      ((name))                           value
 //! ```
 //!
 //! `bucket` is [`bucket_of`] the id (history) or the position (inbox), so a
@@ -35,12 +37,14 @@
 //!    part-way (or is still writing on another gateway); this one finishes
 //!    it under the reserved id.
 //! 2. Concurrently (at most [`WRITE_CONCURRENCY`] requests in flight): one
-//!    inbox row per recipient, and with `link_channel` one `user_channels`
-//!    row per recipient.
+//!    inbox row per recipient, with `link_channel` one `user_channels` row
+//!    per recipient, and the channel's `channel_buckets` row for the
+//!    message's bucket unless this process wrote it already.
 //! 3. The history row, last.
 //!
 //! So "the history row exists ⇒ every other row of the send exists", which
-//! is what step 1's duplicate check relies on.
+//! is what step 1's duplicate check relies on, and "a bucket holds the
+//! channel's messages ⇒ it is listed", which history reads rely on.
 //!
 //! The reservation costs a Paxos round per send (several round trips
 //! between replicas instead of one read): nothing weaker stops two gateways
@@ -51,11 +55,11 @@
 //! per send, and a big group's batch must be split under the server's size
 //! limit, which gives up its atomicity anyway. Atomicity is not needed:
 //! after step 1 the message id is fixed for good, and every later write is
-//! an upsert of values fixed by that id (the history row) or by the attempt
-//! (inbox rows at its position). A failure anywhere leaves a reservation
-//! without a history row, and a retry (by the driver, the client, on any
-//! gateway) rewrites the rows under the same id until the history row
-//! lands; no retry can store the message under a second id.
+//! an upsert of values fixed by that id (history and bucket rows) or by the
+//! attempt (inbox rows at its position). A failure anywhere leaves a
+//! reservation without a history row, and a retry (by the driver, the
+//! client, on any gateway) rewrites the rows under the same id until the
+//! history row lands; no retry can store the message under a second id.
 //!
 //! Concurrent attempts of one key on one gateway are also serialised in the
 //! process (`InFlight`): a later attempt then finds the first one's history
@@ -63,6 +67,28 @@
 //! and finishing a send that is not failed. Across gateways an attempt that
 //! overtakes the original finishes it too, so a recipient may get a second
 //! inbox entry for the same message id, which clients drop by id.
+//!
+//! ## Reading history
+//!
+//! A page reads the channel's `channel_buckets` rows from its starting
+//! bucket (paged, [`ScyllaConfig::page_size`] at a time) and then only the
+//! buckets listed: one request plus one per bucket that holds data, until
+//! the page is full. A channel without messages costs one request.
+//!
+//! Keyspaces created before bucket lists existed hold unlisted history. On
+//! the first connect of this version `store_meta` records
+//! `buckets_listed_from` (an `IF NOT EXISTS` insert, so all gateways agree):
+//! the id epoch's bucket for a new keyspace (everything is listed), and for
+//! an older one the bucket after next, at least 30 days ahead, since
+//! gateways of the earlier version keep writing unlisted rows until the
+//! rolling upgrade is over (assumed to take less than 30 days). Buckets
+//! from there on are always listed. A channel's older ones are listed by
+//! its first history read once bucket `buckets_listed_from` has begun
+//! (every older bucket checked for data, then the rows, then a marker row
+//! with bucket [`LEGACY_LISTED`]); until then reads scan them one at a time,
+//! as earlier versions did. Backfilling every channel at once instead would
+//! mean a scan of the whole `messages` table, and a channel never read
+//! costs nothing this way.
 //!
 //! ## Reading an inbox
 //!
@@ -77,8 +103,9 @@
 //! entry is read on the device's next sync after a reconnect. A failed send
 //! was never acked (its retry writes a fresh position).
 //!
-//! Lists (a user's channels, a group's members) are read in pages of
-//! [`ScyllaConfig::page_size`] rows, never as one unbounded response.
+//! Lists (a user's channels, a group's members, a channel's buckets) are
+//! read in pages of [`ScyllaConfig::page_size`] rows, never as one
+//! unbounded response.
 //!
 //! Consistency: every statement runs at [`ScyllaConfig::consistency`]
 //! (QUORUM by default). Writes and reads at QUORUM overlap, which is what
@@ -86,7 +113,7 @@
 //! once the coordinator acknowledged it at that level. Reservations run
 //! their Paxos round at SERIAL (LOCAL_SERIAL with a local datacenter).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,6 +153,18 @@ pub const WRITE_CONCURRENCY: usize = 64;
 /// Point reads in flight at once while resolving one inbox page.
 pub const READ_CONCURRENCY: usize = 32;
 
+/// The `channel_buckets` row that says a channel's buckets older than
+/// `buckets_listed_from` are listed (below every real bucket, so it sorts
+/// last in a newest-first read).
+pub const LEGACY_LISTED: i32 = i32::MIN;
+
+/// `store_meta` row: the first bucket every writer lists (see the module docs).
+const META_LISTED_FROM: &str = "buckets_listed_from";
+
+/// Channels whose newest listed bucket a store remembers; past this the
+/// memory is cleared, which only costs repeated (idempotent) bucket rows.
+const LISTED_BUCKETS_CAP: usize = 100_000;
+
 /// Connection and schema settings.
 #[derive(Clone)]
 pub struct ScyllaConfig {
@@ -155,7 +194,8 @@ pub struct ScyllaConfig {
     /// by default).
     pub max_batch_bytes: usize,
     /// Rows per response when reading a list (a user's channels, a group's
-    /// members): bounds each response, however long the list.
+    /// members, a channel's buckets): bounds each response, however long
+    /// the list.
     pub page_size: usize,
 }
 
@@ -202,6 +242,11 @@ struct Prepared {
     history_before: PreparedStatement,
     history_after: PreparedStatement,
     message: PreparedStatement,
+    bucket_has_data: PreparedStatement,
+    insert_channel_bucket: PreparedStatement,
+    buckets_down: PreparedStatement,
+    buckets_up: PreparedStatement,
+    legacy_buckets: PreparedStatement,
     inbox_after: PreparedStatement,
     reserve_send: PreparedStatement,
     insert_group: PreparedStatement,
@@ -221,8 +266,32 @@ pub struct ScyllaStore {
     prepared: Prepared,
     consistency: Consistency,
     max_batch_bytes: usize,
+    /// Buckets from this one on are listed for every channel (module docs).
+    listed_from: i32,
     in_flight: InFlight,
+    listed: ListedBuckets,
     requests: AtomicU64,
+}
+
+/// The newest bucket this process listed per channel: a send writes its
+/// bucket's `channel_buckets` row only when it is not the one remembered,
+/// so the hot path pays one extra write per channel and month (and process).
+#[derive(Default)]
+struct ListedBuckets(Mutex<HashMap<String, i32>>);
+
+impl ListedBuckets {
+    fn contains(&self, channel: &str, bucket: i32) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(channel) == Some(&bucket)
+    }
+
+    /// Only once the row is written: "remembered ⇒ listed".
+    fn insert(&self, channel: &str, bucket: i32) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= LISTED_BUCKETS_CAP && !map.contains_key(channel) {
+            map.clear();
+        }
+        map.insert(channel.to_owned(), bucket);
+    }
 }
 
 /// Sends in progress in this process, by `(sender, key)`: a retry that
@@ -321,6 +390,11 @@ fn newest_bucket_at(now_ms: i64) -> i32 {
     bucket_of(ids::first_id_at(now_ms.saturating_add(CLOCK_SKEW_MS)))
 }
 
+/// The bucket of an id minted now by this gateway's clock.
+fn current_bucket() -> i32 {
+    bucket_of(ids::first_id_at(ids::now_ms()))
+}
+
 /// The serial consistency of reservations: linearizable across the
 /// cluster, or within the local datacenter when the store prefers one.
 fn serial_consistency(config: &ScyllaConfig) -> SerialConsistency {
@@ -403,6 +477,8 @@ enum Row<'a> {
     Group((&'a str, &'a str, &'a str, i64)),
     /// `insert_member` / `insert_user_channel` and their deletes.
     Pair((&'a str, &'a str)),
+    /// `insert_channel_bucket`: channel, bucket.
+    Bucket((&'a str, i32)),
 }
 
 impl Row<'_> {
@@ -417,6 +493,7 @@ impl Row<'_> {
             Self::Inbox((u, _, _, c, _)) => u.len() + c.len() + 5 * CELL,
             Self::Group((i, n, o, _)) => i.len() + n.len() + o.len() + 4 * CELL,
             Self::Pair((a, b)) => a.len() + b.len() + 2 * CELL,
+            Self::Bucket((c, _)) => c.len() + 2 * CELL,
         }
     }
 }
@@ -428,6 +505,7 @@ impl SerializeRow for Row<'_> {
             Self::Inbox(v) => v.serialize(ctx, writer),
             Self::Group(v) => v.serialize(ctx, writer),
             Self::Pair(v) => v.serialize(ctx, writer),
+            Self::Bucket(v) => v.serialize(ctx, writer),
         }
     }
 
@@ -477,14 +555,17 @@ impl ScyllaStore {
             })?
             .map_err(|e| StoreError::Unavailable(format!("connect to {:?}: {e}", config.contact_points)))?;
 
-        create_schema(&session, &config).await?;
+        let existed = create_schema(&session, &config).await?;
+        let listed_from = buckets_listed_from(&session, &config, existed).await?;
         let prepared = prepare_all(&session, &config).await?;
         Ok(Self {
             session,
             prepared,
             consistency: config.consistency,
             max_batch_bytes: config.max_batch_bytes,
+            listed_from,
             in_flight: InFlight::default(),
+            listed: ListedBuckets::default(),
             requests: AtomicU64::new(0),
         })
     }
@@ -601,28 +682,123 @@ impl ScyllaStore {
         batch
     }
 
-    /// History page scan over `buckets`, newest-first or oldest-first
-    /// depending on `statement`, until `limit` messages are found.
-    async fn scan_history(
+    /// Reads `bucket` of a channel's history past `bound` (newest-first or
+    /// oldest-first, by `statement`) into `out`, up to `limit` in all.
+    async fn read_bucket(
         &self,
         channel: &str,
         statement: &PreparedStatement,
+        bucket: i32,
         bound: i64,
-        buckets: impl Iterator<Item = i32>,
         limit: usize,
-    ) -> StoreResult<Vec<Message>> {
-        let mut out = Vec::new();
+        out: &mut Vec<Message>,
+    ) -> StoreResult<()> {
+        let want = limit.saturating_sub(out.len());
+        let result = self.run(statement, (channel, bucket, bound, cql_limit(want)), "read history").await?;
+        let rows: Vec<MessageRow> = decode(result, "decode history")?;
+        out.extend(rows.into_iter().map(|row| message_of(channel, row)));
+        Ok(())
+    }
+
+    /// Reads `buckets` in the order given until `out` holds `limit` messages.
+    async fn read_buckets(
+        &self,
+        channel: &str,
+        statement: &PreparedStatement,
+        buckets: impl IntoIterator<Item = i32>,
+        bound: i64,
+        limit: usize,
+        out: &mut Vec<Message>,
+    ) -> StoreResult<()> {
         for bucket in buckets {
             if out.len() >= limit {
                 break;
             }
-            let values = (channel, bucket, bound, cql_limit(limit - out.len()));
-            let result = self.run(statement, values, "read history").await?;
-            let rows: Vec<MessageRow> = decode(result, "decode history")?;
-            out.extend(rows.into_iter().map(|row| message_of(channel, row)));
+            self.read_bucket(channel, statement, bucket, bound, limit, out).await?;
         }
-        out.truncate(limit);
-        Ok(out)
+        Ok(())
+    }
+
+    /// Reads the listed buckets (`statement`: `buckets_down` or `buckets_up`
+    /// bound to `values`), one page of the list at a time, until `out`
+    /// holds `limit` messages.
+    async fn read_listed(
+        &self,
+        channel: &str,
+        (statement, values): (&PreparedStatement, (&str, i32, i32)),
+        history: &PreparedStatement,
+        bound: i64,
+        limit: usize,
+        out: &mut Vec<Message>,
+    ) -> StoreResult<()> {
+        let mut buckets = VecDeque::new();
+        let mut state = Some(PagingState::start());
+        while out.len() < limit {
+            if let Some(bucket) = buckets.pop_front() {
+                self.read_bucket(channel, history, bucket, bound, limit, out).await?;
+                continue;
+            }
+            let Some(current) = state.take() else { break };
+            let (rows, next): (Vec<(i32,)>, _) = self.page(statement, values, current, "read channel buckets").await?;
+            buckets.extend(rows.into_iter().map(|(bucket,)| bucket));
+            state = next;
+        }
+        Ok(())
+    }
+
+    /// A channel's buckets older than `listed_from` that hold its messages,
+    /// oldest first, once listed; lists them if every gateway lists its
+    /// writes by now. `None` while they cannot be listed yet: the caller
+    /// scans each of them.
+    async fn legacy_buckets(&self, channel: &str) -> StoreResult<Option<Vec<i32>>> {
+        let result =
+            self.run(&self.prepared.legacy_buckets, (channel, self.listed_from), "read channel buckets").await?;
+        let rows: Vec<(i32,)> = decode(result, "decode channel buckets")?;
+        let mut buckets: Vec<i32> = rows.into_iter().map(|(bucket,)| bucket).collect();
+        buckets.sort_unstable();
+        if buckets.first() == Some(&LEGACY_LISTED) {
+            buckets.remove(0);
+            return Ok(Some(buckets));
+        }
+        // Gateways of the earlier version may still write unlisted rows
+        // until `listed_from` begins: a list made before then could miss one.
+        if current_bucket() < self.listed_from {
+            return Ok(None);
+        }
+        let found: Vec<Option<i32>> = stream::iter(oldest_bucket()..self.listed_from)
+            .map(|bucket| async move {
+                let result = self.run(&self.prepared.bucket_has_data, (channel, bucket), "probe history").await?;
+                let rows: Vec<(i64,)> = decode(result, "decode history")?;
+                Ok::<_, StoreError>((!rows.is_empty()).then_some(bucket))
+            })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let found: Vec<i32> = found.into_iter().flatten().collect();
+        let rows = found.iter().map(|bucket| (&self.prepared.insert_channel_bucket, Row::Bucket((channel, *bucket))));
+        self.write_concurrently("list channel buckets", rows.collect()).await?;
+        // The marker last: it promises the rows above.
+        self.run(&self.prepared.insert_channel_bucket, (channel, LEGACY_LISTED), "list channel buckets").await?;
+        tracing::debug!(channel, buckets = found.len(), "listed the buckets of a channel written before bucket lists");
+        Ok(Some(found))
+    }
+
+    /// What `(sender, key)` is reserved for, reserving it for `id` in
+    /// `channel` if nobody did (a lightweight transaction: see the module docs).
+    async fn reserve(&self, sender: &str, key: &str, id: i64, channel: &str) -> StoreResult<Reservation> {
+        let result = self.run(&self.prepared.reserve_send, (sender, key, id, channel), "reserve send key").await?;
+        let outcome = Conditional::of(result, "decode send key")?;
+        if outcome.applied {
+            return Ok(Reservation::Reserved);
+        }
+        let missing = || StoreError::Corrupt(format!("send key of {sender} without message id or channel"));
+        let reserved_id = outcome.get("message_id").and_then(CqlValue::as_bigint).ok_or_else(missing)?;
+        // Our own insert, applied by an earlier try of the driver.
+        if reserved_id == id {
+            return Ok(Reservation::Reserved);
+        }
+        let reserved_channel = outcome.get("channel_id").and_then(CqlValue::as_text).ok_or_else(missing)?;
+        Ok(Reservation::Existing { id: from_cql(reserved_id), channel: reserved_channel.clone() })
     }
 }
 
@@ -630,12 +806,21 @@ fn message_of(channel: &str, (id, sender, sender_device, text, created_at_ms): M
     Message { id: from_cql(id), channel: channel.to_owned(), sender, sender_device, text, created_at_ms }
 }
 
-/// Creates the keyspace and tables unless they exist. Concurrent runs from
+/// Creates the keyspace and tables unless they exist; answers whether the
+/// `messages` table existed before. Concurrent runs from
 /// several gateways are fine on ScyllaDB (Raft schema); on Cassandra < 5.1
 /// truly simultaneous `CREATE TABLE` on different coordinators can race, so
 /// the first start of a fresh cluster is best done by one gateway.
-async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<()> {
+async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<bool> {
     let ks = &config.keyspace;
+    let result = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name = 'messages'",
+            (ks.as_str(),),
+        )
+        .await
+        .map_err(unavailable("read schema"))?;
+    let existed = !decode::<(String,)>(result, "decode schema")?.is_empty();
     let rf = config.replication_factor.max(1);
     let replication = match &config.local_datacenter {
         Some(dc) => format!("{{'class': 'NetworkTopologyStrategy', {}: {rf}}}", cql_string(dc)),
@@ -648,6 +833,10 @@ async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<
             "CREATE TABLE IF NOT EXISTS {ks}.messages (channel_id text, bucket int, id bigint, sender text, \
              sender_device text, body text, created_at_ms bigint, PRIMARY KEY ((channel_id, bucket), id)) \
              WITH CLUSTERING ORDER BY (id DESC) AND default_time_to_live = 0"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.channel_buckets (channel_id text, bucket int, \
+             PRIMARY KEY ((channel_id), bucket)) WITH CLUSTERING ORDER BY (bucket DESC) AND default_time_to_live = 0"
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.inbox (user_id text, bucket int, position bigint, channel_id text, \
@@ -671,6 +860,9 @@ async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<
             "CREATE TABLE IF NOT EXISTS {ks}.user_channels (user_id text, channel_id text, \
              PRIMARY KEY ((user_id), channel_id)) WITH default_time_to_live = 0"
         ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.store_meta (name text PRIMARY KEY, value bigint) WITH default_time_to_live = 0"
+        ),
     ];
     // Schema changes are slow (every node applies them), hence a longer timeout.
     let ddl_timeout = config.request_timeout.max(Duration::from_secs(60));
@@ -682,7 +874,42 @@ async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<
     // The driver already waits after each DDL statement; waiting once more
     // makes "all nodes know every table" explicit before statements are prepared.
     session.await_schema_agreement().await.map_err(unavailable("schema agreement"))?;
-    Ok(())
+    Ok(existed)
+}
+
+/// The first bucket every writer lists (see the module docs), agreed on by
+/// the first gateway of this version to get there.
+async fn buckets_listed_from(session: &Session, config: &ScyllaConfig, messages_existed: bool) -> StoreResult<i32> {
+    // An existing table may hold unlisted rows, and may get more until the
+    // earlier version's gateways are gone: listing starts in the bucket after next.
+    let proposal = if messages_existed { newest_bucket().saturating_add(2) } else { oldest_bucket() };
+    let mut statement =
+        Statement::new(format!("INSERT INTO {}.store_meta (name, value) VALUES (?, ?) IF NOT EXISTS", config.keyspace));
+    statement.set_consistency(config.consistency);
+    statement.set_serial_consistency(Some(serial_consistency(config)));
+    statement.set_request_timeout(Some(config.request_timeout));
+    let result = session
+        .query_unpaged(statement, (META_LISTED_FROM, i64::from(proposal)))
+        .await
+        .map_err(unavailable("record bucket lists"))?;
+    let outcome = Conditional::of(result, "decode store_meta")?;
+    let listed_from = if outcome.applied {
+        proposal
+    } else {
+        let value = outcome
+            .get("value")
+            .and_then(CqlValue::as_bigint)
+            .ok_or_else(|| StoreError::Corrupt(format!("store_meta {META_LISTED_FROM} without a value")))?;
+        i32::try_from(value).map_err(corrupt("store_meta buckets_listed_from"))?
+    };
+    if listed_from > oldest_bucket() {
+        tracing::info!(
+            keyspace = %config.keyspace,
+            listed_from,
+            "history written before bucket lists: its buckets are listed per channel on first read"
+        );
+    }
+    Ok(listed_from)
 }
 
 async fn prepare_all(session: &Session, config: &ScyllaConfig) -> StoreResult<Prepared> {
@@ -723,6 +950,23 @@ async fn prepare_all(session: &Session, config: &ScyllaConfig) -> StoreResult<Pr
             "SELECT {message_columns} FROM {ks}.messages WHERE channel_id = ? AND bucket = ? AND id = ?"
         ))
         .await?,
+        bucket_has_data: prepare(format!("SELECT id FROM {ks}.messages WHERE channel_id = ? AND bucket = ? LIMIT 1"))
+            .await?,
+        insert_channel_bucket: prepare(format!("INSERT INTO {ks}.channel_buckets (channel_id, bucket) VALUES (?, ?)"))
+            .await?,
+        buckets_down: prepare(format!(
+            "SELECT bucket FROM {ks}.channel_buckets WHERE channel_id = ? AND bucket <= ? AND bucket >= ? \
+             ORDER BY bucket DESC"
+        ))
+        .await?,
+        buckets_up: prepare(format!(
+            "SELECT bucket FROM {ks}.channel_buckets WHERE channel_id = ? AND bucket >= ? AND bucket <= ? \
+             ORDER BY bucket ASC"
+        ))
+        .await?,
+        // Bounded: at most one row per bucket before `listed_from`, and the marker.
+        legacy_buckets: prepare(format!("SELECT bucket FROM {ks}.channel_buckets WHERE channel_id = ? AND bucket < ?"))
+            .await?,
         inbox_after: prepare(format!(
             "SELECT position, channel_id, message_id, sender, sender_device, body, created_at_ms FROM {ks}.inbox \
              WHERE user_id = ? AND bucket = ? AND position > ? ORDER BY position ASC LIMIT ?"
@@ -769,26 +1013,7 @@ struct Resolved {
     message: Option<Message>,
 }
 
-/// The steps of a send and of reading an inbox.
 impl ScyllaStore {
-    /// What `(sender, key)` is reserved for, reserving it for `id` in
-    /// `channel` if nobody did (a lightweight transaction: see the module docs).
-    async fn reserve(&self, sender: &str, key: &str, id: i64, channel: &str) -> StoreResult<Reservation> {
-        let result = self.run(&self.prepared.reserve_send, (sender, key, id, channel), "reserve send key").await?;
-        let outcome = Conditional::of(result, "decode send key")?;
-        if outcome.applied {
-            return Ok(Reservation::Reserved);
-        }
-        let missing = || StoreError::Corrupt(format!("send key of {sender} without message id or channel"));
-        let reserved_id = outcome.get("message_id").and_then(CqlValue::as_bigint).ok_or_else(missing)?;
-        // Our own insert, applied by an earlier try of the driver.
-        if reserved_id == id {
-            return Ok(Reservation::Reserved);
-        }
-        let reserved_channel = outcome.get("channel_id").and_then(CqlValue::as_text).ok_or_else(missing)?;
-        Ok(Reservation::Existing { id: from_cql(reserved_id), channel: reserved_channel.clone() })
-    }
-
     /// Looks up the message of one inbox row.
     async fn resolve(&self, row: InboxRow) -> StoreResult<Resolved> {
         let (position, channel, id, sender, sender_device, body, created_at_ms) = row;
@@ -826,8 +1051,13 @@ impl Store for ScyllaStore {
 
         let id = to_cql(message.id);
         let channel = message.channel.as_str();
+        let history_bucket = bucket_of(message.id);
         let (bucket, at) = (bucket_of(position), to_cql(position));
-        let mut rows = Vec::with_capacity(recipients.len() * if link_channel { 2 } else { 1 });
+        let list_bucket = !self.listed.contains(channel, history_bucket);
+        let mut rows = Vec::with_capacity(1 + recipients.len() * if link_channel { 2 } else { 1 });
+        if list_bucket {
+            rows.push((&self.prepared.insert_channel_bucket, Row::Bucket((channel, history_bucket))));
+        }
         for user in recipients.iter() {
             rows.push((&self.prepared.insert_inbox, Row::Inbox((user.as_str(), bucket, at, channel, id))));
             if link_channel {
@@ -835,11 +1065,14 @@ impl Store for ScyllaStore {
             }
         }
         self.write_concurrently("write message", rows).await?;
+        if list_bucket {
+            self.listed.insert(channel, history_bucket);
+        }
 
         // Last, and only once everything above is acknowledged: see the module docs.
         let history = Row::Message((
             channel,
-            bucket_of(message.id),
+            history_bucket,
             id,
             message.sender.as_str(),
             message.sender_device.as_str(),
@@ -892,25 +1125,59 @@ impl Store for ScyllaStore {
     }
 
     async fn history(&self, channel: &str, page: Page, limit: usize) -> StoreResult<Vec<Message>> {
+        let mut out = Vec::new();
         if limit == 0 {
-            return Ok(Vec::new());
+            return Ok(out);
         }
-        let oldest = oldest_bucket();
+        let (oldest, listed_from) = (oldest_bucket(), self.listed_from);
         match page {
-            Page::Latest => {
-                let buckets = (oldest..=newest_bucket()).rev();
-                self.scan_history(channel, &self.prepared.history_before, i64::MAX, buckets, limit).await
-            }
-            Page::Before(id) => {
-                let buckets = (oldest..=bucket_of(id)).rev();
-                self.scan_history(channel, &self.prepared.history_before, to_cql(id), buckets, limit).await
+            Page::Latest | Page::Before(_) => {
+                let (top, bound) = match page {
+                    Page::Before(id) => (bucket_of(id), to_cql(id)),
+                    _ => (i32::MAX, i64::MAX),
+                };
+                let history = &self.prepared.history_before;
+                if top >= listed_from {
+                    let list = (&self.prepared.buckets_down, (channel, top, listed_from));
+                    self.read_listed(channel, list, history, bound, limit, &mut out).await?;
+                }
+                let below = top.min(listed_from.saturating_sub(1));
+                if out.len() < limit && below >= oldest {
+                    match self.legacy_buckets(channel).await? {
+                        Some(listed) => {
+                            let buckets = listed.into_iter().rev().filter(|bucket| *bucket <= below);
+                            self.read_buckets(channel, history, buckets, bound, limit, &mut out).await?;
+                        }
+                        None => {
+                            let buckets = (oldest..=below.min(newest_bucket())).rev();
+                            self.read_buckets(channel, history, buckets, bound, limit, &mut out).await?;
+                        }
+                    }
+                }
             }
             Page::After(id) => {
-                let first = bucket_of(id);
-                let buckets = first..=newest_bucket().max(first);
-                self.scan_history(channel, &self.prepared.history_after, to_cql(id), buckets, limit).await
+                let (first, bound) = (bucket_of(id), to_cql(id));
+                let history = &self.prepared.history_after;
+                if first < listed_from {
+                    match self.legacy_buckets(channel).await? {
+                        Some(listed) => {
+                            let buckets = listed.into_iter().filter(|bucket| *bucket >= first);
+                            self.read_buckets(channel, history, buckets, bound, limit, &mut out).await?;
+                        }
+                        None => {
+                            let buckets = first..=(listed_from - 1).min(newest_bucket());
+                            self.read_buckets(channel, history, buckets, bound, limit, &mut out).await?;
+                        }
+                    }
+                }
+                if out.len() < limit {
+                    let list = (&self.prepared.buckets_up, (channel, first.max(listed_from), i32::MAX));
+                    self.read_listed(channel, list, history, bound, limit, &mut out).await?;
+                }
             }
         }
+        out.truncate(limit);
+        Ok(out)
     }
 
     async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>> {
@@ -1006,7 +1273,7 @@ mod tests {
     /// that id is in the next month), and no further than that.
     #[test]
     fn newest_bucket_covers_a_fast_clock_at_a_month_boundary() {
-        let next = bucket_of(ids::first_id_at(ids::now_ms())) + 1;
+        let next = current_bucket() + 1;
         let boundary_ms = i64::from(next) * crate::store::BUCKET_MS;
         assert_eq!(bucket_of(ids::first_id_at(boundary_ms)), next);
         assert_eq!(bucket_of(ids::first_id_at(boundary_ms - 1)), next - 1);
@@ -1020,6 +1287,28 @@ mod tests {
         let mid_month = boundary_ms - crate::store::BUCKET_MS / 2;
         assert_eq!(newest_bucket_at(mid_month), next - 1, "no further than a fast clock can be");
         assert!(oldest_bucket() <= newest_bucket_at(mid_month));
+    }
+
+    #[test]
+    fn listed_buckets_remember_the_newest_per_channel_within_a_bound() {
+        let listed = ListedBuckets::default();
+        assert!(!listed.contains("g:1", 700));
+        listed.insert("g:1", 700);
+        assert!(listed.contains("g:1", 700));
+        assert!(!listed.contains("g:1", 701), "another month is listed anew");
+        assert!(!listed.contains("g:2", 700), "another channel is listed anew");
+        listed.insert("g:1", 701);
+        assert!(listed.contains("g:1", 701) && !listed.contains("g:1", 700));
+
+        for n in 1..LISTED_BUCKETS_CAP {
+            listed.insert(&format!("g:n{n}"), 700);
+        }
+        assert!(listed.contains("g:1", 701), "full, but nothing new yet");
+        listed.insert("g:1", 702);
+        assert!(listed.contains("g:n1", 700), "a known channel does not clear it");
+        listed.insert("g:one-too-many", 700);
+        assert!(!listed.contains("g:n1", 700), "a new channel past the bound starts over");
+        assert!(listed.contains("g:one-too-many", 700));
     }
 
     #[tokio::test]
