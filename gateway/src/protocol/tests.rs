@@ -215,7 +215,7 @@ mod properties {
             2 => plausible_string().prop_map(Value::String),
             1 => (select(&["user", "group"][..]), plausible_string()).prop_map(|(k, v)| serde_json::json!({k: v})),
             1 => prop::collection::vec(plausible_string(), 0..6).prop_map(|v| serde_json::json!(v)),
-            1 => prop::collection::vec("[a-z]{1,8}", 0..7).prop_map(|v| serde_json::json!(v)),
+            1 => prop::collection::vec("[a-z]{1,8}", 0..9).prop_map(|v| serde_json::json!(v)),
             2 => "[ \t\n]{0,3}".prop_map(Value::String),
             1 => prop_oneof![(0u64..300).prop_map(Value::from), any::<u64>().prop_map(Value::from)],
             2 => any_json(),
@@ -416,7 +416,7 @@ mod properties {
         let mut runner = TestRunner::deterministic();
         let strategy = (frame_shaped(), prop::option::weighted(0.3, edits()));
         let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..2000 {
+        for _ in 0..5000 {
             let (value, edits) = strategy.new_tree(&mut runner).expect("a value").current();
             let text = apply(&value.to_string(), edits.as_deref().unwrap_or_default());
             seen.insert(match decode(&text, &limits()) {
