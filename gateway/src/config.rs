@@ -110,8 +110,12 @@ impl FileConfig {
 mod tests {
     use super::*;
 
+    /// A config without the optional fields (as an older operator wrote
+    /// it) gets their defaults. That the gateway reads what the operator
+    /// writes today is checked on the operator's own output, in
+    /// `e2e/tests/config_contract.rs`.
     #[test]
-    fn the_operators_config_parses() {
+    fn a_config_without_optional_fields_parses() {
         let text = r#"{
             "listen": {"websocket": 8080, "admin": 9090},
             "maxConnections": 50000,
