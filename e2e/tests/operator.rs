@@ -184,6 +184,12 @@ async fn minimal_cluster_gets_every_object_owned_and_a_status() {
     delete_namespace(&client, &namespace).await;
 }
 
+/// Reconciles that have finished (the duration histogram observes each one
+/// as it returns, after its last write).
+fn finished(operator: &RunningOperator) -> u64 {
+    operator.metrics.duration.get_sample_count()
+}
+
 fn is_ready(cc: &ChatCluster) -> bool {
     condition(cc, "Ready").is_some_and(|c| c.0 == "True")
 }
@@ -201,14 +207,17 @@ async fn idle_reconcile_makes_no_writes() {
     })
     .await;
 
-    // Let in-flight reconciles (pod status updates) finish.
+    // Let in-flight reconciles (pod status updates) finish. Quiet means no
+    // write for a while, which only waiting can show: sleeps on purpose.
+    let settle_deadline = Instant::now() + Duration::from_secs(60);
     let mut writes = operator.metrics.writes.get();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let now = operator.metrics.writes.get();
-        if now == writes {
+        if now == writes && finished(&operator) == operator.metrics.reconciles.get() {
             break;
         }
+        assert!(Instant::now() < settle_deadline, "the operator kept writing for 60 s after Ready");
         writes = now;
     }
     let reconciles = operator.metrics.reconciles.get();
@@ -217,13 +226,17 @@ async fn idle_reconcile_makes_no_writes() {
         .patch("idle", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"touched": "yes"}}})))
         .await
         .expect("annotate");
+    // Started after the annotation, and finished (with every other started
+    // one): its writes, if any, are counted.
     let reconciled = wait_for(Duration::from_secs(20), || {
-        let metrics = operator.metrics.clone();
-        async move { (metrics.reconciles.get() > reconciles).then_some(()) }
+        let operator = &operator;
+        async move {
+            let started = operator.metrics.reconciles.get();
+            (started > reconciles && finished(operator) == started).then_some(())
+        }
     })
     .await;
     assert!(reconciled.is_some(), "annotating the ChatCluster did not trigger a reconcile");
-    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         operator.metrics.writes.get(),
         writes,
@@ -412,10 +425,16 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     })
     .await;
     assert!(reconciled.is_some(), "the leader did not reconcile");
-    tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(first.metrics.reconciles.get() > 0);
-    assert_eq!(second.metrics.reconciles.get(), 0, "the standby reconciled");
-    assert_eq!(second.metrics.leader.get(), 0);
+    // The standby must NOT lead or reconcile: only watching it for a while
+    // shows that, so this samples it over 1.5 s (three of its election
+    // rounds, renew_every 500 ms) instead of waiting for a condition.
+    let watch_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < watch_until {
+        assert_eq!(second.metrics.leader.get(), 0, "the standby took the Lease from a live leader");
+        assert_eq!(second.metrics.reconciles.get(), 0, "the standby reconciled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Crash the leader: nothing releases the Lease, so the standby waits for it to expire.
     first.kill();

@@ -25,7 +25,8 @@ use crate::store::Store;
 use crate::store::health::{CheckedStore, StoreHealth};
 use crate::transport::auth::Authenticator;
 use crate::transport::connection::ConnectionLimits;
-use crate::transport::{Gateway, serve};
+use crate::transport::drain::{Drain, DrainParams};
+use crate::transport::{Gateway, Identity, serve};
 
 #[derive(Clone, Debug)]
 pub struct GatewayOptions {
@@ -39,6 +40,13 @@ pub struct GatewayOptions {
     pub dev_tokens: bool,
     /// Unique among running gateways (the StatefulSet ordinal).
     pub worker_id: u16,
+    /// The gateway id (the pod name) discovery and the operator know it by.
+    pub gateway_id: String,
+    /// The WebSocket URL clients use to reach this gateway (default: the
+    /// listen address).
+    pub advertise_url: Option<String>,
+    /// What a drain uses when its caller gives no parameters (SIGTERM).
+    pub drain: DrainParams,
 }
 
 impl Default for GatewayOptions {
@@ -51,6 +59,9 @@ impl Default for GatewayOptions {
             max_connections: 100_000,
             dev_tokens: false,
             worker_id: 0,
+            gateway_id: "standalone".into(),
+            advertise_url: None,
+            drain: DrainParams::default(),
         }
     }
 }
@@ -70,8 +81,11 @@ pub struct RunningGateway {
     pub admin_addr: Option<SocketAddr>,
     pub metrics: Metrics,
     pub chat: Arc<ChatService>,
+    pub gateway: Arc<Gateway>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// The admin API answers until the very end (outside `tasks`).
+    admin: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningGateway {
@@ -83,6 +97,15 @@ impl RunningGateway {
         self.shutdown.clone()
     }
 
+    /// Drains (moving every client to another gateway within the drain's
+    /// window, see [`crate::transport::drain`]), then stops. A drain already
+    /// running is waited for, not restarted.
+    pub async fn drain_and_stop(self, params: DrainParams, grace: Duration) {
+        Drain::start(&self.gateway, params);
+        self.gateway.drain.finished().await;
+        self.stop(grace).await;
+    }
+
     /// Closes every connection (telling clients to reconnect) and waits for
     /// in-flight work, at most `grace`.
     pub async fn stop(self, grace: Duration) {
@@ -90,6 +113,9 @@ impl RunningGateway {
         self.tasks.close();
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!("connections still open after {grace:?}; exiting anyway");
+        }
+        if let Some(admin) = self.admin {
+            admin.abort();
         }
     }
 }
@@ -140,6 +166,15 @@ pub async fn start(
         }
     });
     let max_frame_bytes = options.chat.limits.max_frame_bytes();
+    let listener = TcpListener::bind(options.listen).await?;
+    let addr = listener.local_addr()?;
+    let identity = Identity {
+        pod: options.gateway_id.clone(),
+        url: options.advertise_url.clone().unwrap_or_else(|| format!("ws://{addr}{}", crate::transport::WS_PATH)),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at_ms: crate::ids::now_ms(),
+        capacity: options.max_connections,
+    };
     let gateway = Arc::new(Gateway {
         chat: chat.clone(),
         broker,
@@ -152,21 +187,36 @@ pub async fn start(
         dev_tokens: options.dev_tokens,
         ready: Arc::new(AtomicBool::new(true)),
         connection_slots: Arc::new(Semaphore::new(options.max_connections)),
+        identity,
+        drain: Drain::default(),
+        drain_defaults: options.drain,
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     });
-    let listener = TcpListener::bind(options.listen).await?;
-    let addr = listener.local_addr()?;
     tasks.spawn(serve(listener, gateway.clone()));
-    let admin_addr = match options.admin {
+    tasks.spawn(report_load_every_second(gateway.clone()));
+    let (admin_addr, admin) = match options.admin {
         Some(admin) => {
             let listener = TcpListener::bind(admin).await?;
             let admin_addr = listener.local_addr()?;
-            tasks.spawn(serve(listener, gateway));
-            Some(admin_addr)
+            (Some(admin_addr), Some(tokio::spawn(crate::transport::admin::serve(listener, gateway.clone()))))
         }
-        None => None,
+        None => (None, None),
     };
     tracing::info!(%addr, ?admin_addr, "gateway listening");
-    Ok(RunningGateway { addr, admin_addr, metrics, chat, shutdown, tasks })
+    Ok(RunningGateway { addr, admin_addr, metrics, chat, gateway, shutdown, tasks, admin })
+}
+
+/// Keeps the broker's copy of this gateway's load (for discovery) current.
+async fn report_load_every_second(gateway: Arc<Gateway>) {
+    loop {
+        gateway.report_load();
+        tokio::select! {
+            () = gateway.shutdown.cancelled() => {
+                gateway.report_load();
+                return;
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }

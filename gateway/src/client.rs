@@ -67,6 +67,12 @@ fn describe(frame: &Value) -> String {
         "ack" => format!("  ✓ stored as {} in {}", text(&frame["id"]), text(&frame["channel"])),
         "error" => format!("  ✗ {}: {}", text(&frame["code"]), text(&frame["message"])),
         "hello" => format!("connected as {} ({})\n{HELP}", text(&frame["user"]), text(&frame["device"])),
+        "reconnect" => format!(
+            "  … the gateway asks to move to {} ({})",
+            frame["url"].as_str().unwrap_or("another gateway"),
+            text(&frame["reason"])
+        ),
+        "resync" => "  … catching up".to_string(),
         "presence_changed" => {
             format!("  · {} is {}", text(&frame["user"]), if frame["online"] == true { "online" } else { "offline" })
         }
@@ -116,39 +122,105 @@ pub fn line_to_frame(line: &str, counter: u64) -> Option<Value> {
     }
 }
 
+/// Where a draining gateway sends its clients: `GET /v1/discovery` on the
+/// gateway at `ws_url` (same host and port), or `None`.
+async fn discover(ws_url: &str) -> Option<String> {
+    let base = ws_url.replacen("ws://", "http://", 1).replacen("wss://", "https://", 1);
+    let base = base.split("/v1/ws").next()?;
+    let answer: Value = reqwest::get(format!("{base}/v1/discovery")).await.ok()?.json().await.ok()?;
+    answer["recommended"].as_str().map(str::to_string)
+}
+
+/// A random delay up to `max_ms`, so that clients moved together do not
+/// arrive together.
+fn jitter(max_ms: u64) -> std::time::Duration {
+    let mut bytes = [0u8; 8];
+    let _ = getrandom::fill(&mut bytes);
+    std::time::Duration::from_millis(u64::from_le_bytes(bytes) % max_ms.max(1))
+}
+
+/// What ended one connection.
+enum Ended {
+    Quit,
+    /// Go to this gateway (or ask discovery at the old one), then sync.
+    Moved(Option<String>, std::time::Duration),
+}
+
 /// Connects with `token` and chats until `/quit`. `signed_with` says where
-/// the token came from, for the error when the gateway refuses it.
+/// the token came from, for the error when the gateway refuses it. Follows
+/// the protocol's reconnect rules: on a `reconnect` frame or a close
+/// meaning "go elsewhere" it waits a random moment, connects to the
+/// suggested gateway (or the one discovery recommends) and syncs from its
+/// cursor.
 pub async fn interactive(url: &str, token: &str, signed_with: &str) -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut url = url.to_string();
+    let mut cursor: Option<String> = None;
+    let mut counter = 0;
+    let mut attempts = 0_u32;
+    loop {
+        let socket = match connect(&url, token, signed_with).await {
+            Ok(socket) => socket,
+            // A first connection that fails is the user's to fix; a move keeps trying.
+            Err(e) if attempts == 0 => return Err(e),
+            Err(e) => {
+                attempts += 1;
+                anyhow::ensure!(attempts < 20, "{e}; giving up");
+                println!("  … {e}; retrying");
+                tokio::time::sleep(jitter(1000 * u64::from(attempts.min(5)))).await;
+                url = discover(&url).await.unwrap_or(url);
+                continue;
+            }
+        };
+        let catch_up = attempts > 0;
+        match session(socket, &mut lines, &mut counter, &mut cursor, catch_up).await? {
+            Ended::Quit => return Ok(()),
+            Ended::Moved(to, delay) => {
+                tokio::time::sleep(delay).await;
+                let next = match to {
+                    Some(to) => Some(to),
+                    None => discover(&url).await,
+                };
+                url = next.unwrap_or(url);
+                println!("  … moving to {url}");
+                attempts = 1;
+            }
+        }
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(url: &str, token: &str, signed_with: &str) -> anyhow::Result<Socket> {
     use tokio_tungstenite::tungstenite::Error;
     let separator = if url.contains('?') { '&' } else { '?' };
-    let (socket, _) = match tokio_tungstenite::connect_async(format!("{url}{separator}token={token}")).await {
-        Ok(connected) => connected,
+    match tokio_tungstenite::connect_async(format!("{url}{separator}token={token}")).await {
+        Ok((socket, _)) => Ok(socket),
         Err(Error::Http(response)) if response.status() == 401 => anyhow::bail!(
             "the gateway at {url} refused the token (401): it was {signed_with}, and the gateway signs with \
              another key; pass --data-dir <the gateway's --data-dir> or a --token it issued"
         ),
         Err(Error::Http(response)) => anyhow::bail!("the gateway at {url} answered {}", response.status()),
         Err(e) => anyhow::bail!("cannot connect to {url}: {e} (is the gateway running there?)"),
-    };
+    }
+}
+
+/// One connection: typed lines out, frames in, heartbeats, until the user
+/// quits or the server sends the client elsewhere.
+async fn session(
+    socket: Socket,
+    lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>,
+    counter: &mut u64,
+    cursor: &mut Option<String>,
+    catch_up: bool,
+) -> anyhow::Result<Ended> {
     let (mut sink, mut stream) = socket.split();
-    let reader = tokio::spawn(async move {
-        while let Some(Ok(message)) = stream.next().await {
-            match message {
-                Message::Text(text) => match serde_json::from_str::<Value>(&text) {
-                    Ok(frame) => println!("{}", describe(&frame)),
-                    Err(_) => println!("{text}"),
-                },
-                Message::Close(frame) => {
-                    println!("closed by the server: {frame:?}");
-                    break;
-                }
-                _ => {}
-            }
-        }
-    });
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut counter = 0;
+    if catch_up {
+        let after = cursor.clone().unwrap_or_else(|| "0".into());
+        sink.send(Message::Text(json!({"type": "sync", "after": after}).to_string().into())).await?;
+    }
     let mut heartbeat = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut moved: Option<Ended> = None;
     loop {
         tokio::select! {
             line = lines.next_line() => {
@@ -156,19 +228,48 @@ pub async fn interactive(url: &str, token: &str, signed_with: &str) -> anyhow::R
                 if line.trim() == "/quit" {
                     break;
                 }
-                counter += 1;
-                match line_to_frame(&line, counter) {
+                *counter += 1;
+                match line_to_frame(&line, *counter) {
                     Some(frame) => sink.send(Message::Text(frame.to_string().into())).await?,
                     None if !line.trim().is_empty() => println!("{HELP}"),
                     None => {}
                 }
             }
             _ = heartbeat.tick() => sink.send(Message::Text(json!({"type": "heartbeat"}).to_string().into())).await?,
+            message = stream.next() => match message {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<Value>(&text) {
+                    Ok(frame) => {
+                        println!("{}", describe(&frame));
+                        match frame["type"].as_str() {
+                            Some("synced") if frame["has_more"] == false => *cursor = frame["cursor"].as_str().map(str::to_string),
+                            Some("synced") => {
+                                let next = json!({"type": "sync", "after": frame["next"]});
+                                sink.send(Message::Text(next.to_string().into())).await?;
+                            }
+                            Some("resync") => {
+                                let after = cursor.clone().unwrap_or_else(|| "0".into());
+                                sink.send(Message::Text(json!({"type": "sync", "after": after}).to_string().into())).await?;
+                            }
+                            Some("reconnect") => {
+                                let delay = jitter(frame["within_ms"].as_u64().unwrap_or(1000));
+                                moved = Some(Ended::Moved(frame["url"].as_str().map(str::to_string), delay));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(_) => println!("{text}"),
+                },
+                Some(Ok(Message::Close(frame))) => {
+                    println!("  closed by the server: {frame:?}");
+                    return Ok(moved.unwrap_or_else(|| Ended::Moved(None, jitter(2000))));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Ok(moved.unwrap_or_else(|| Ended::Moved(None, jitter(2000)))),
+            },
         }
     }
     let _ = sink.send(Message::Close(None)).await;
-    reader.abort();
-    Ok(())
+    Ok(Ended::Quit)
 }
 
 #[cfg(test)]

@@ -19,6 +19,36 @@ pub struct FileConfig {
     pub redis: RedisConfig,
     pub scylla: ScyllaSettings,
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub drain: DrainSettings,
+}
+
+/// How this gateway drains (on `POST /v1/admin/drain` without parameters,
+/// and on SIGTERM).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSettings {
+    pub window_seconds: u32,
+    pub max_reconnects_per_second: u32,
+}
+
+impl Default for DrainSettings {
+    fn default() -> Self {
+        let params = crate::transport::drain::DrainParams::default();
+        Self {
+            window_seconds: u32::try_from(params.deadline.as_secs()).unwrap_or(u32::MAX),
+            max_reconnects_per_second: params.max_reconnects_per_second,
+        }
+    }
+}
+
+impl DrainSettings {
+    pub fn params(&self) -> crate::transport::drain::DrainParams {
+        crate::transport::drain::DrainParams {
+            deadline: Duration::from_secs(u64::from(self.window_seconds.max(1))),
+            max_reconnects_per_second: self.max_reconnects_per_second.max(1),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -110,8 +140,12 @@ impl FileConfig {
 mod tests {
     use super::*;
 
+    /// A config without the optional fields (as an older operator wrote
+    /// it) gets their defaults. That the gateway reads what the operator
+    /// writes today is checked on the operator's own output, in
+    /// `e2e/tests/config_contract.rs`.
     #[test]
-    fn the_operators_config_parses() {
+    fn a_config_without_optional_fields_parses() {
         let text = r#"{
             "listen": {"websocket": 8080, "admin": 9090},
             "maxConnections": 50000,

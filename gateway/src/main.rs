@@ -46,6 +46,10 @@ enum Command {
         /// Unique among running gateways: where other gateways forward to (the pod name).
         #[arg(long, env = "POD_NAME")]
         gateway_id: String,
+        /// The address to listen on and to tell clients (the pod IP); all
+        /// interfaces, advertised by host name, when unset.
+        #[arg(long, env = "KUBECHAT_POD_IP")]
+        pod_ip: Option<std::net::IpAddr>,
     },
     /// A push worker: delivers notifications queued for offline devices.
     PushWorker {
@@ -167,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
             wait_for_signal().await;
             running.stop(Duration::from_secs(10)).await;
         }
-        Command::Gateway { config, worker_id, gateway_id } => {
+        Command::Gateway { config, worker_id, gateway_id, pod_ip } => {
             let file = FileConfig::load(&config)?;
             let key = std::fs::read(&file.auth.signing_key_file)
                 .with_context(|| format!("reading the signing key {}", file.auth.signing_key_file.display()))?;
@@ -197,16 +201,26 @@ async fn main() -> anyhow::Result<()> {
             let broker = BrokerSetup::Redis {
                 client: Box::new(redis_client),
                 config: RedisBrokerConfig {
-                    gateway_id,
+                    gateway_id: gateway_id.clone(),
                     // A dead gateway's users go offline when its lease runs out.
                     lease: file.chat.offline_after(),
                     command_timeout: Duration::from_secs(2),
                     worker_id: Some(worker_id),
                 },
             };
+            let bind = pod_ip.unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+            let host = pod_ip.map_or_else(|| gateway_id.clone(), |ip| ip.to_string());
+            let drain = file.drain.params();
             let options = GatewayOptions {
-                listen: SocketAddr::from(([0, 0, 0, 0], file.listen.websocket)),
-                admin: Some(SocketAddr::from(([0, 0, 0, 0], file.listen.admin))),
+                listen: SocketAddr::new(bind, file.listen.websocket),
+                admin: Some(SocketAddr::new(bind, file.listen.admin)),
+                advertise_url: Some(format!(
+                    "ws://{host}:{}{}",
+                    file.listen.websocket,
+                    kubechat_gateway::transport::WS_PATH
+                )),
+                gateway_id: gateway_id.clone(),
+                drain,
                 chat: file.chat.chat_config(),
                 limits: ConnectionLimits { idle_timeout: file.chat.idle_timeout(), ..ConnectionLimits::default() },
                 max_connections: file.max_connections,
@@ -220,7 +234,15 @@ async fn main() -> anyhow::Result<()> {
             let running = app::start(Arc::new(store), push, broker, auth, floor, options).await?;
             tracing::info!(gateway = %running.ws_url(), "gateway of the cluster started");
             wait_for_signal().await;
-            running.stop(Duration::from_secs(30)).await;
+            // SIGTERM (pod deletion, node drain) drains first; the operator
+            // sets the grace period to the window plus a margin. A second
+            // signal stops at once.
+            kubechat_gateway::transport::drain::Drain::start(&running.gateway, drain);
+            tokio::select! {
+                () = running.gateway.drain.finished() => {}
+                () = wait_for_signal() => tracing::warn!("second signal: stopping without finishing the drain"),
+            }
+            running.stop(Duration::from_secs(10)).await;
         }
         Command::PushWorker { config, consumer } => {
             let config = kubechat_gateway::push::PushWorkerConfig::load(&config, &consumer)?;

@@ -51,8 +51,12 @@ async fn broker(id: &str, lease: Duration, recorder: Arc<Recorder>, shutdown: &C
 }
 
 async fn eventually(what: &str, check: impl Fn() -> bool) {
+    eventually_async(what, || std::future::ready(check())).await;
+}
+
+async fn eventually_async<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
     for _ in 0..100 {
-        if check() {
+        if check().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -73,22 +77,33 @@ async fn forwards_tracks_presence_and_reaps_dead_gateways() {
 
     assert!(b.session_added(&bob, "phone").await.expect("add"), "bob's first session is an online transition");
     assert!(!b.session_added(&bob, "laptop").await.expect("add"), "a second device is not");
-    tokio::time::sleep(Duration::from_millis(1100)).await; // past the live-gateway cache
+    // Gateway a lists live gateways through a cache (1 s) that may predate b's lease.
+    eventually_async("gateway a sees b as live", || async {
+        a.online(std::slice::from_ref(&bob)).await.is_ok_and(|online| online.contains(&bob))
+    })
+    .await;
     let frame = Frame::from_static(r#"{"type":"message"}"#);
     let routed = a.route(&[bob.clone(), alice.clone()], &frame).await.expect("route");
     assert_eq!(routed.offline, [alice.clone()].into_iter().collect(), "alice has no session anywhere");
     eventually("the forward reaches gateway b", || !rec_b.delivered.lock().expect("lock").is_empty()).await;
     assert_eq!(rec_b.delivered.lock().expect("lock")[0], (vec![bob.clone()], frame.to_string()));
-    assert!(rec_a.delivered.lock().expect("lock").is_empty(), "nothing forwarded to the sender's gateway");
 
-    // A membership change reaches every gateway's member cache.
+    // A membership change reaches every gateway's member cache, the sender's too.
     let group = format!("g:{run}");
     a.group_changed(&group).await.expect("announce");
     eventually("gateway b hears of the membership change", || {
         rec_b.groups_changed.lock().expect("lock").contains(&group)
     })
     .await;
+    eventually("gateway a hears of its own membership change", || {
+        rec_a.groups_changed.lock().expect("lock").contains(&group)
+    })
+    .await;
     assert!(rec_b.delivered.lock().expect("lock").len() == 1, "a membership notice is not a forward");
+    // Gateway a's subscription delivers in publish order, and the notice was
+    // published after the forward: had a forward to a been published, it
+    // would have arrived by now.
+    assert!(rec_a.delivered.lock().expect("lock").is_empty(), "nothing forwarded to the sender's gateway");
 
     assert_eq!(a.online(&[bob.clone(), alice.clone()]).await.expect("online"), [bob.clone()].into_iter().collect());
     assert!(!b.session_removed(&bob, "phone").await.expect("remove"));

@@ -18,7 +18,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use kubechat_gateway::chat::push::PushJob;
+use kubechat_gateway::chat::push::{PUSH_STREAM, PushJob};
 use kubechat_gateway::push::{
     self, ApnsConfig, FcmConfig, Platform, ProvidersConfig, PushMetrics, PushTarget, PushWorkerConfig, SecretSource,
     WebhookConfig,
@@ -340,12 +340,14 @@ impl Worker {
         Self { shutdown, handle, metrics }
     }
 
-    /// Cancels and checks the worker returns promptly and cleanly.
-    async fn stop(self) {
+    /// Cancels and checks the worker returns promptly and cleanly; its
+    /// metrics are final then.
+    async fn stop(self) -> PushMetrics {
         self.shutdown.cancel();
         let result = tokio::time::timeout(Duration::from_secs(5), self.handle).await;
         let result = result.expect("the worker stops within 5 s").expect("the worker task ends normally");
         result.expect("the worker returns Ok");
+        self.metrics
     }
 }
 
@@ -378,7 +380,8 @@ async fn an_offline_recipient_gets_one_signed_webhook_per_job() {
 
     poll_until("3 webhook POSTs", || receiver.delivered().len() >= 3).await;
     poll_until("3 jobs acked", || worker.metrics.jobs_processed.get() >= 3).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stopped, the worker can send nothing more: the count below is final.
+    let metrics = worker.stop().await;
     let received = receiver.requests();
     assert_eq!(received.len(), 3, "exactly one POST per job: {received:?}");
     let mut ids = BTreeSet::new();
@@ -399,9 +402,8 @@ async fn an_offline_recipient_gets_one_signed_webhook_per_job() {
     assert_eq!(fx.pending().await, 0, "every entry is acked");
     assert!(fx.attempt_keys().await.is_empty(), "attempt counts are removed with the ack");
     assert!(fx.dead_letters().await.is_empty());
-    assert_eq!(worker.metrics.deliveries.with_label_values(&["webhook"]).get(), 3);
-    assert!(worker.metrics.render().contains("kubechat_push_jobs_processed_total 3"));
-    worker.stop().await;
+    assert_eq!(metrics.deliveries.with_label_values(&["webhook"]).get(), 3);
+    assert!(metrics.render().contains("kubechat_push_jobs_processed_total 3"));
     fx.cleanup().await;
 }
 
@@ -432,11 +434,10 @@ async fn each_device_is_notified_once_per_message() {
     // The same message enqueued again (a gateway retry): nothing new is sent.
     fx.enqueue_job(&first).await;
     poll_until("the repeated job done", || worker.metrics.jobs_processed.get() >= 4).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = worker.stop().await;
     assert_eq!(receiver.requests().len(), 4, "no second notification for the same (message, device)");
-    assert_eq!(worker.metrics.duplicates.get(), 2);
+    assert_eq!(metrics.duplicates.get(), 2);
     assert_eq!(fx.pending().await, 0);
-    worker.stop().await;
     fx.cleanup().await;
 }
 
@@ -482,7 +483,7 @@ async fn transient_failures_are_retried_until_delivered() {
     let worker = Worker::start(fx.config("w1", &format!("{}/ok", receiver.url)));
 
     poll_until("the job done", || worker.metrics.jobs_processed.get() >= 1).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = worker.stop().await;
     let statuses: Vec<u16> = receiver.requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses, [500, 500, 500, 200], "three failures, then one delivery");
     assert!(receiver.requests().iter().all(valid_signature));
@@ -490,8 +491,7 @@ async fn transient_failures_are_retried_until_delivered() {
     assert_eq!(delivered[0].json()["message_id"], job.message_id.as_str());
     assert!(fx.dead_letters().await.is_empty(), "nothing dead-lettered");
     assert_eq!(fx.pending().await, 0);
-    assert_eq!(worker.metrics.failed_attempts.with_label_values(&["webhook", "transient"]).get(), 3);
-    worker.stop().await;
+    assert_eq!(metrics.failed_attempts.with_label_values(&["webhook", "transient"]).get(), 3);
     fx.cleanup().await;
 }
 
@@ -558,7 +558,11 @@ async fn a_dead_workers_jobs_are_claimed_and_delivered_once() {
 
     // A second worker does not take entries w1 is still working on (w1 renews them)...
     let second = Worker::start(config("w2", "/ok"));
+    // A sleep on purpose: this asserts that something does NOT happen. In
+    // 2.5 s (2.5 × claim_idle) w2 makes 25 claim passes (claim_interval
+    // 100 ms), any of which would take an entry w1 had stopped renewing.
     tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!second.handle.is_finished(), "w2 ran all along");
     assert!(receiver.on("/ok").is_empty(), "w2 must not steal live work");
 
     // ...but once w1 dies mid-batch, w2 claims its pending entries.
@@ -566,7 +570,8 @@ async fn a_dead_workers_jobs_are_claimed_and_delivered_once() {
     let _ = first.handle.await;
     poll_until("12 deliveries by w2", || receiver.delivered().len() >= 12).await;
     poll_until("6 entries acked", || second.metrics.jobs_processed.get() >= 6).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Both workers are gone now: the counts below are final.
+    let metrics = second.stop().await;
     let counts = deliveries_by(&receiver.delivered());
     assert_eq!(counts.len(), 12, "{counts:?}");
     assert!(counts.values().all(|&n| n == 1), "exactly once per (message, device): {counts:?}");
@@ -575,11 +580,10 @@ async fn a_dead_workers_jobs_are_claimed_and_delivered_once() {
             assert_eq!(counts.get(&(job.message_id.clone(), device.to_string())), Some(&1));
         }
     }
-    assert_eq!(second.metrics.claimed.get(), 6);
+    assert_eq!(metrics.claimed.get(), 6);
     assert_eq!(fx.pending().await, 0);
     assert!(fx.attempt_keys().await.is_empty());
     assert!(fx.dead_letters().await.is_empty());
-    second.stop().await;
     fx.cleanup().await;
 }
 
@@ -760,19 +764,44 @@ async fn a_gateway_and_a_push_worker_process_notify_an_offline_device() {
     assert_eq!(ack["type"], "ack", "{ack}");
 
     poll_until("one notification", || !receiver.delivered().is_empty()).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let processed = async {
+        loop {
+            if let Some((200, metrics)) = http_get(admin, "/metrics").await
+                && metrics.contains("kubechat_push_jobs_processed_total 1")
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, processed).await.expect("the push worker reports its job done in /metrics");
+    // Only the offline message became a job: the live one was delivered and
+    // its fan-out (which decides on push jobs) ended long before bob went offline.
+    let mut queue = redis::Client::open(redis.url())
+        .expect("Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the private Redis");
+    let jobs: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg(PUSH_STREAM).arg("-").arg("+").query_async(&mut queue).await.expect("XRANGE");
+    let queued: Vec<PushJob> = jobs
+        .ids
+        .iter()
+        .map(|entry| serde_json::from_str(&entry.get::<String>("job").expect("a job field")).expect("a job"))
+        .collect();
+    assert_eq!(queued.len(), 1, "one push job, none for the live message: {queued:?}");
+    assert_eq!(queued[0].message_id, ack["id"].as_str().expect("an id"));
+    // Stopped, the worker can send nothing more: the count below is final.
+    let _ = worker.kill();
+    let _ = worker.wait();
     let delivered = receiver.delivered();
-    assert_eq!(delivered.len(), 1, "exactly one push, none for the live message: {delivered:?}");
+    assert_eq!(delivered.len(), 1, "exactly one push: {delivered:?}");
     assert!(valid_signature(&delivered[0]), "signature");
     let body = delivered[0].json();
     assert_eq!(body["user"], "bob");
     assert_eq!(body["device"], "phone");
     assert_eq!(body["message_id"], ack["id"]);
-    let summary = body["summary"].as_str().unwrap_or_default();
-    assert!(summary.chars().count() <= 81 && text.starts_with(summary.trim_end_matches('…')), "{body}");
-
-    let (_, metrics) = http_get(admin, "/metrics").await.expect("the push worker's /metrics");
-    assert!(metrics.contains("kubechat_push_jobs_processed_total"), "{metrics}");
-    let _ = worker.kill();
-    let _ = worker.wait();
+    let first_80: String = text.chars().take(80).collect();
+    assert!(text.chars().count() > 80, "the message is longer than a summary");
+    assert_eq!(body["summary"], format!("{first_80}…"), "the first 80 characters, marked as cut");
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kubechat_gateway::ids::{self, IdGenerator};
-use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore, to_cql};
+use kubechat_gateway::store::scylla::{LEGACY_LISTED, ScyllaConfig, ScyllaStore, to_cql};
 use kubechat_gateway::store::{BUCKET_MS, Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, bucket_of};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -200,6 +200,65 @@ async fn suite_concurrent_senders_all_land() {
 
 // What only the CQL store has.
 
+/// Several gateways (independent stores on one keyspace, each with its own
+/// worker id) retry one send at the same moment, for several keys: exactly
+/// one message is stored per key and every attempt answers with its id,
+/// because the reservation is a lightweight transaction (a read-then-insert
+/// lets the first attempt on each gateway store its own message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_racing_on_several_gateways_store_one_message() {
+    with_keyspace(|node, ks| async move {
+        const GATEWAYS: u16 = 4;
+        const ATTEMPTS_PER_GATEWAY: usize = 8;
+        const KEYS: usize = 5;
+        let admin = admin_session(&node).await;
+        let mut gateways = Vec::new();
+        for worker in 0..GATEWAYS {
+            let store: Arc<dyn Store> = Arc::new(connect(&node, &ks).await);
+            gateways.push((store, Arc::new(IdGenerator::new(20 + worker, 0))));
+        }
+        for k in 0..KEYS {
+            let (channel, key) = (format!("g:race-{k}"), format!("race-{k}"));
+            let attempts = gateways.len() * ATTEMPTS_PER_GATEWAY;
+            let start = Arc::new(tokio::sync::Barrier::new(attempts));
+            let mut racers = Vec::new();
+            for (store, idgen) in &gateways {
+                for _ in 0..ATTEMPTS_PER_GATEWAY {
+                    let (store, idgen, start) = (Arc::clone(store), Arc::clone(idgen), Arc::clone(&start));
+                    let (channel, key) = (channel.clone(), key.clone());
+                    racers.push(tokio::spawn(async move {
+                        let m = message(idgen.next_id(), &channel, "carol", "once, please");
+                        let new = send(&m, &key, &["carol", "dave"], idgen.next_id());
+                        start.wait().await;
+                        store.store_message(new).await
+                    }));
+                }
+            }
+            let mut answers = Vec::new();
+            for racer in racers {
+                answers.push(racer.await.expect("join").expect("every attempt is answered"));
+            }
+            let id = answers[0].message.id;
+            assert!(answers.iter().all(|a| a.message.id == id), "key {key}: every answer names one id: {answers:?}");
+            assert!(answers.iter().any(|a| !a.duplicate), "key {key}: one attempt stored it");
+            let history = gateways[0].0.history(&channel, Page::Latest, 100).await.expect("history");
+            assert_eq!(store_suite::ids_of(&history), vec![id], "key {key}: one message in history");
+            let reserved: Vec<(i64,)> = cql_rows(
+                &admin,
+                format!("SELECT message_id FROM {ks}.sends WHERE sender = ? AND idem_key = ?"),
+                ("carol", key.as_str()),
+            )
+            .await;
+            assert_eq!(reserved, vec![(to_cql(id),)], "key {key}: the reservation names the stored id");
+            let inbox = gateways[1].0.inbox_after("dave", 0, 1000).await.expect("inbox");
+            let inbox_ids: HashSet<u64> =
+                inbox.iter().filter(|e| e.message.channel == channel).map(|e| e.message.id).collect();
+            assert_eq!(inbox_ids, HashSet::from([id]), "key {key}: the inbox refers to that message only");
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_pages_over_250_entries_across_buckets() {
     with_keyspace(|node, ks| async move {
@@ -270,6 +329,231 @@ async fn history_pages_across_buckets() {
         }
         assert_eq!(forward, ids);
         assert!(store.history(channel, Page::Latest, 0).await.expect("limit 0").is_empty());
+    })
+    .await;
+}
+
+/// What a store call cost in CQL requests.
+async fn cost<T>(store: &ScyllaStore, call: impl Future<Output = T>) -> (T, u64) {
+    let before = store.requests();
+    let out = call.await;
+    (out, store.requests() - before)
+}
+
+/// The buckets `channel_buckets` lists for a channel, oldest first.
+async fn listed_buckets(admin: &Session, ks: &str, channel: &str) -> Vec<i32> {
+    let text = format!("SELECT bucket FROM {ks}.channel_buckets WHERE channel_id = ?");
+    let mut buckets: Vec<i32> = cql_rows::<(i32,)>(admin, text, (channel,)).await.into_iter().map(|(b,)| b).collect();
+    buckets.sort_unstable();
+    buckets
+}
+
+/// A history page reads the channel's bucket list and then only the
+/// buckets that hold its messages: a channel without messages costs one
+/// request, one with a message this month two, one with three messages
+/// months apart four; not one request per month back to the id epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_page_costs_one_request_per_bucket_with_data() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let admin = admin_session(&node).await;
+        let idgen = IdGenerator::new(9, 0);
+        let now = idgen.next_id();
+
+        for page in [Page::Latest, Page::Before(now), Page::After(0)] {
+            let (found, requests) = cost(&store, store.history("g:empty", page, 50)).await;
+            assert_eq!(found.expect("empty history"), vec![], "{page:?}");
+            assert_eq!(requests, 1, "{page:?} of a channel without messages");
+        }
+
+        let m = message(idgen.next_id(), "g:young", "alice", "first");
+        store.store_message(send(&m, "k", &["bob"], idgen.next_id())).await.expect("store");
+        assert_eq!(listed_buckets(&admin, &ks, "g:young").await, vec![bucket_of(m.id)]);
+        let (latest, requests) = cost(&store, store.history("g:young", Page::Latest, 50)).await;
+        assert_eq!((latest.expect("latest"), requests), (vec![m.clone()], 2), "latest page of a young channel");
+        let (before, requests) = cost(&store, store.history("g:young", Page::Before(m.id), 50)).await;
+        assert_eq!((before.expect("before"), requests), (vec![], 2), "page before its first message");
+        let (after, requests) = cost(&store, store.history("g:young", Page::After(0), 50)).await;
+        assert_eq!((after.expect("after"), requests), (vec![m.clone()], 2), "page from the start");
+
+        // Sparse: three messages months apart.
+        let ids = ids_over_months(3, 9);
+        for (i, id) in ids.iter().enumerate() {
+            let m = message(*id, "g:sparse", "carol", &format!("s{i}"));
+            store.store_message(send(&m, &format!("s{i}"), &["dave"], *id)).await.expect("store");
+        }
+        let buckets: Vec<i32> = ids.iter().map(|id| bucket_of(*id)).collect();
+        assert!(buckets.windows(2).all(|w| w[1] > w[0] + 1), "not adjacent: {buckets:?}");
+        assert_eq!(listed_buckets(&admin, &ks, "g:sparse").await, buckets);
+        let newest_first: Vec<u64> = ids.iter().rev().copied().collect();
+        let (latest, requests) = cost(&store, store.history("g:sparse", Page::Latest, 50)).await;
+        assert_eq!((store_suite::ids_of(&latest.expect("latest")), requests), (newest_first.clone(), 4));
+        let (after, requests) = cost(&store, store.history("g:sparse", Page::After(0), 50)).await;
+        assert_eq!((store_suite::ids_of(&after.expect("after")), requests), (ids.clone(), 4));
+        // A full page stops reading buckets.
+        let (one, requests) = cost(&store, store.history("g:sparse", Page::Latest, 1)).await;
+        assert_eq!((store_suite::ids_of(&one.expect("one")), requests), (newest_first[..1].to_vec(), 2));
+        // The list, the bucket of the bound (nothing older in it), the next listed bucket.
+        let (one, requests) = cost(&store, store.history("g:sparse", Page::Before(ids[2]), 1)).await;
+        assert_eq!((store_suite::ids_of(&one.expect("before")), requests), (vec![ids[1]], 3));
+    })
+    .await;
+}
+
+/// The bucket row is written once per channel and bucket by a process, not
+/// once per message: after the first send, a send to one recipient is
+/// three requests (reservation, inbox row, history row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_lists_its_bucket_once() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let idgen = IdGenerator::new(10, 0);
+        let mut costs = Vec::new();
+        for i in 0..4 {
+            let m = message(idgen.next_id(), "dm:a:b", "a", "hi");
+            let (stored, requests) =
+                cost(&store, store.store_message(send(&m, &format!("k{i}"), &["b"], m.id + 1))).await;
+            stored.expect("store");
+            costs.push(requests);
+        }
+        assert_eq!(costs, vec![4, 3, 3, 3]);
+        // Another gateway lists it again (an idempotent upsert), then no more.
+        let second = connect(&node, &ks).await;
+        let m = message(idgen.next_id(), "dm:a:b", "a", "from the second");
+        let (stored, requests) = cost(&second, second.store_message(send(&m, "k9", &["b"], m.id + 1))).await;
+        stored.expect("store");
+        assert_eq!(requests, 4);
+        let admin = admin_session(&node).await;
+        assert_eq!(listed_buckets(&admin, &ks, "dm:a:b").await, vec![bucket_of(m.id)]);
+    })
+    .await;
+}
+
+/// Lists are read in pages: with 10 rows a page, a user's 25 channels and
+/// a group's 25 members take three responses each, and all of them arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lists_are_read_in_pages() {
+    with_keyspace(|node, ks| async move {
+        let store = ScyllaStore::connect(ScyllaConfig { page_size: 10, ..config(&node, &ks) }).await.expect("connect");
+        let mut channels: Vec<String> = (0..25).map(|i| format!("g:{i:02}")).collect();
+        for channel in &channels {
+            store.add_member(channel, "zoe").await.expect("join");
+        }
+        let (found, requests) = cost(&store, store.channels_of("zoe")).await;
+        channels.sort();
+        assert_eq!(found.expect("channels"), channels);
+        assert!((3..=4).contains(&requests), "25 channels in pages of 10: {requests} requests");
+
+        let members: Vec<String> = (0..25).map(|i| format!("member-{i:02}")).collect();
+        let group = Group { id: "g:crowd".into(), name: "crowd".into(), owner: members[0].clone(), created_at_ms: 1 };
+        store.create_group(&group, &members).await.expect("create group");
+        let (found, requests) = cost(&store, store.members("g:crowd")).await;
+        assert_eq!(found.expect("members"), members);
+        assert!((3..=4).contains(&requests), "25 members in pages of 10: {requests} requests");
+    })
+    .await;
+}
+
+/// A keyspace written before bucket lists existed: its history pages
+/// correctly right after the upgrade (older buckets scanned as before, no
+/// list made while gateways of the earlier version may still write), and
+/// once listing has begun the first read lists a channel's older buckets,
+/// after which a page reads only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_written_before_bucket_lists_still_pages() {
+    with_keyspace(|node, ks| async move {
+        let admin = admin_session(&node).await;
+        // The schema of the earlier version (only the table history needs).
+        cql(
+            &admin,
+            format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"),
+            (),
+        )
+        .await;
+        cql(
+            &admin,
+            format!(
+                "CREATE TABLE {ks}.messages (channel_id text, bucket int, id bigint, sender text, sender_device \
+                 text, body text, created_at_ms bigint, PRIMARY KEY ((channel_id, bucket), id)) \
+                 WITH CLUSTERING ORDER BY (id DESC)"
+            ),
+            (),
+        )
+        .await;
+        let channel = "g:veteran";
+        let ids = ids_over_months(6, 8);
+        let mut all: Vec<Message> = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let m = message(*id, channel, "olga", &format!("old {i}"));
+            plant_history(&admin, &ks, &m).await;
+            all.push(m);
+        }
+        let old_buckets: Vec<i32> = {
+            let mut b: Vec<i32> = ids.iter().map(|id| bucket_of(*id)).collect();
+            b.dedup();
+            b
+        };
+        assert!(old_buckets.len() >= 4, "spread over buckets: {old_buckets:?}");
+
+        let check_pages = |store: ScyllaStore, all: Vec<Message>| async move {
+            let newest_first: Vec<u64> = all.iter().rev().map(|m| m.id).collect();
+            let latest = store.history(channel, Page::Latest, 100).await.expect("latest");
+            assert_eq!(store_suite::ids_of(&latest), newest_first);
+            let mut back = Vec::new();
+            let mut page = store.history(channel, Page::Latest, 2).await.expect("first page");
+            while let Some(last) = page.last().map(|m| m.id) {
+                back.extend(store_suite::ids_of(&page));
+                page = store.history(channel, Page::Before(last), 2).await.expect("page back");
+            }
+            assert_eq!(back, newest_first);
+            let mut forward = Vec::new();
+            let mut page = store.history(channel, Page::After(0), 2).await.expect("first page");
+            while let Some(last) = page.last().map(|m| m.id) {
+                forward.extend(store_suite::ids_of(&page));
+                page = store.history(channel, Page::After(last), 2).await.expect("page on");
+            }
+            forward.reverse();
+            assert_eq!(forward, newest_first);
+            store
+        };
+
+        // The upgrade: listing starts in the bucket after next.
+        let store = connect(&node, &ks).await;
+        let meta: Vec<(i64,)> =
+            cql_rows(&admin, format!("SELECT value FROM {ks}.store_meta WHERE name = 'buckets_listed_from'"), ()).await;
+        let now_bucket = bucket_of(ids::first_id_at(ids::now_ms()));
+        assert!(matches!(meta[..], [(from,)] if from >= i64::from(now_bucket) + 2), "{meta:?}");
+        let idgen = IdGenerator::new(11, 0);
+        let new = message(idgen.next_id(), channel, "olga", "after the upgrade");
+        store.store_message(send(&new, "k", &["pat"], idgen.next_id())).await.expect("store");
+        all.push(new.clone());
+        let store = check_pages(store, all.clone()).await;
+        assert_eq!(listed_buckets(&admin, &ks, channel).await, vec![now_bucket], "nothing listed early");
+        drop(store);
+
+        // A month later (as if): listing began this bucket.
+        cql(
+            &admin,
+            format!("UPDATE {ks}.store_meta SET value = ? WHERE name = 'buckets_listed_from'"),
+            (i64::from(now_bucket),),
+        )
+        .await;
+        let store = connect(&node, &ks).await;
+        let store = check_pages(store, all.clone()).await;
+        let mut expected = vec![LEGACY_LISTED];
+        expected.extend(&old_buckets);
+        expected.push(now_bucket);
+        assert_eq!(listed_buckets(&admin, &ks, channel).await, expected, "older buckets listed, then the marker");
+        let (latest, requests) = cost(&store, store.history(channel, Page::Latest, 100)).await;
+        assert_eq!(latest.expect("latest").len(), all.len());
+        // The list from this bucket on, this bucket, the older list, each older bucket.
+        assert_eq!(requests, 3 + old_buckets.len() as u64);
+        // A channel that never had older messages: its list is made once, then costs one request.
+        let young = message(idgen.next_id(), "g:rookie", "pat", "new here");
+        store.store_message(send(&young, "k2", &["olga"], idgen.next_id())).await.expect("store");
+        assert_eq!(store.history("g:rookie", Page::Latest, 10).await.expect("rookie"), vec![young.clone()]);
+        let (page, requests) = cost(&store, store.history("g:rookie", Page::Latest, 10)).await;
+        assert_eq!((page.expect("rookie again"), requests), (vec![young], 3));
     })
     .await;
 }
@@ -521,7 +805,10 @@ async fn tables_have_no_default_ttl() {
         .await;
         let mut names: Vec<&str> = tables.iter().map(|(name, _)| name.as_str()).collect();
         names.sort_unstable();
-        assert_eq!(names, ["groups", "inbox", "members", "messages", "sends", "user_channels"]);
+        assert_eq!(
+            names,
+            ["channel_buckets", "groups", "inbox", "members", "messages", "sends", "store_meta", "user_channels"]
+        );
         for (name, ttl) in &tables {
             assert_eq!(*ttl, 0, "table {name} has a default TTL");
         }

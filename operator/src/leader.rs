@@ -38,6 +38,36 @@ fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(status) if status.code == 409)
 }
 
+/// The Lease spec one election round writes, from the spec it read at `now`:
+/// renewed if `me` holds it, taken over if it is free or expired (by the
+/// holder's own duration), or `None` while another holder's is still valid.
+fn claim(current: Option<&LeaseSpec>, me: &str, now: Timestamp, lease_seconds: i32) -> Option<LeaseSpec> {
+    let mut spec = current.cloned().unwrap_or_default();
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    if holder != me {
+        let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
+        let expired = match &spec.renew_time {
+            Some(MicroTime(renewed)) => renewed.saturating_add(duration).is_ok_and(|end| end < now),
+            None => true,
+        };
+        if !holder.is_empty() && !expired {
+            return None;
+        }
+        spec.holder_identity = Some(me.to_string());
+        spec.acquire_time = Some(MicroTime(now));
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+    }
+    spec.renew_time = Some(MicroTime(now));
+    spec.lease_duration_seconds = Some(lease_seconds);
+    Some(spec)
+}
+
+/// Whether a replica last renewed at `last_renewal` may still act as leader
+/// at `now`: not once a lease duration has passed without a renewal.
+fn still_leading(last_renewal: Option<tokio::time::Instant>, now: tokio::time::Instant, lease: Duration) -> bool {
+    last_renewal.is_some_and(|t| now.saturating_duration_since(t) < lease)
+}
+
 impl LeaderElector {
     pub fn new(client: Client, config: LeaderConfig) -> Self {
         Self { api: Api::namespaced(client, &config.namespace), config }
@@ -72,23 +102,10 @@ impl LeaderElector {
                 Err(e) => Err(Error::kube("creating the leader Lease")(e)),
             };
         };
-        let spec = lease.spec.get_or_insert_with(Default::default);
-        let holder = spec.holder_identity.clone().unwrap_or_default();
-        if holder != *me {
-            let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
-            let expired = match &spec.renew_time {
-                Some(MicroTime(renewed)) => renewed.saturating_add(duration).is_ok_and(|end| end < now),
-                None => true,
-            };
-            if !holder.is_empty() && !expired {
-                return Ok(false);
-            }
-            spec.holder_identity = Some(me.clone());
-            spec.acquire_time = Some(MicroTime(now));
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-        }
-        spec.renew_time = Some(MicroTime(now));
-        spec.lease_duration_seconds = Some(self.lease_seconds());
+        let Some(claimed) = claim(lease.spec.as_ref(), me, now, self.lease_seconds()) else {
+            return Ok(false);
+        };
+        lease.spec = Some(claimed);
         match self.api.replace(&self.config.lease_name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(true),
             Err(e) if is_conflict(&e) => Ok(false),
@@ -126,7 +143,7 @@ impl LeaderElector {
                 Err(e) => tracing::warn!(error = %e, "leader election round failed"),
             }
             // Step down before the Lease can expire for others.
-            let holding = last_renewal.is_some_and(|t| t.elapsed() < self.config.lease_duration);
+            let holding = still_leading(last_renewal, tokio::time::Instant::now(), self.config.lease_duration);
             leading.send_if_modified(|was| {
                 let changed = *was != holding;
                 if changed {
@@ -146,5 +163,83 @@ impl LeaderElector {
                 tracing::warn!(error = %e, "could not release the leader Lease");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `secs` seconds after a fixed instant.
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).expect("a valid timestamp")
+    }
+
+    fn held_by(holder: &str, renewed: i64, duration: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(duration),
+            acquire_time: Some(MicroTime(at(0))),
+            renew_time: Some(MicroTime(at(renewed))),
+            lease_transitions: Some(2),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_holder_renews_without_a_transition() {
+        let renewed = claim(Some(&held_by("me", 10, 15)), "me", at(12), 15).expect("renewed");
+        assert_eq!(renewed.holder_identity.as_deref(), Some("me"));
+        assert_eq!(renewed.renew_time, Some(MicroTime(at(12))));
+        assert_eq!(renewed.acquire_time, Some(MicroTime(at(0))), "still the first acquisition");
+        assert_eq!(renewed.lease_transitions, Some(2));
+    }
+
+    #[test]
+    fn a_valid_lease_of_another_is_left_alone_until_it_expires() {
+        let lease = held_by("other", 10, 15);
+        assert_eq!(claim(Some(&lease), "me", at(11), 15), None);
+        // Expiry is strictly after renewTime + leaseDurationSeconds.
+        assert_eq!(claim(Some(&lease), "me", at(25), 15), None);
+        let taken = claim(Some(&lease), "me", at(26), 15).expect("expired: taken over");
+        assert_eq!(taken.holder_identity.as_deref(), Some("me"));
+        assert_eq!(taken.acquire_time, Some(MicroTime(at(26))));
+        assert_eq!(taken.renew_time, Some(MicroTime(at(26))));
+        assert_eq!(taken.lease_transitions, Some(3));
+    }
+
+    #[test]
+    fn expiry_follows_the_holders_duration_not_ours() {
+        // The holder promised 60 s; a candidate configured for 3 s waits them out.
+        let lease = held_by("other", 10, 60);
+        assert_eq!(claim(Some(&lease), "me", at(30), 3), None);
+        let taken = claim(Some(&lease), "me", at(71), 3).expect("expired");
+        assert_eq!(taken.lease_duration_seconds, Some(3), "from now on, ours");
+        // Without a duration, the Kubernetes default of 15 s.
+        let unspecified = LeaseSpec { lease_duration_seconds: None, ..held_by("other", 10, 0) };
+        assert_eq!(claim(Some(&unspecified), "me", at(25), 3), None);
+        assert!(claim(Some(&unspecified), "me", at(26), 3).is_some());
+    }
+
+    #[test]
+    fn a_released_or_never_renewed_lease_is_taken_at_once() {
+        let released = LeaseSpec { holder_identity: None, ..held_by("", 10, 15) };
+        let taken = claim(Some(&released), "me", at(11), 15).expect("free");
+        assert_eq!(taken.holder_identity.as_deref(), Some("me"));
+        assert_eq!(taken.lease_transitions, Some(3));
+        let never_renewed = LeaseSpec { renew_time: None, ..held_by("other", 0, 15) };
+        assert!(claim(Some(&never_renewed), "me", at(1), 15).is_some());
+        let empty = claim(None, "me", at(1), 15).expect("a Lease without spec is free");
+        assert_eq!(empty.lease_transitions, Some(1));
+    }
+
+    #[test]
+    fn a_leader_that_cannot_renew_steps_down_after_one_lease_duration() {
+        let start = tokio::time::Instant::now();
+        let lease = Duration::from_secs(3);
+        assert!(!still_leading(None, start, lease), "never renewed");
+        assert!(still_leading(Some(start), start, lease));
+        assert!(still_leading(Some(start), start + Duration::from_millis(2999), lease));
+        assert!(!still_leading(Some(start), start + lease, lease));
     }
 }

@@ -72,20 +72,24 @@ pub async fn missing_secrets(client: &Client, cc: &ChatCluster, namespace: &str)
     let mut missing = Vec::new();
     for (name, key) in referenced_secrets(cc) {
         let secret = api.get_opt(&name).await.map_err(Error::kube(format!("reading Secret {namespace}/{name}")))?;
-        match (secret, key) {
-            (None, _) => missing.push(format!("Secret {name} not found in namespace {namespace}")),
-            (Some(s), Some(key)) => {
-                let has_key = s.data.as_ref().is_some_and(|d| d.contains_key(&key))
-                    || s.string_data.as_ref().is_some_and(|d| d.contains_key(&key));
-                if !has_key {
-                    missing.push(format!("Secret {name} has no key {key:?}"));
-                }
-            }
-            (Some(_), None) => {}
-        }
+        missing.extend(secret_problem(namespace, &name, key.as_deref(), secret.as_ref()));
     }
     missing.dedup();
     Ok(missing)
+}
+
+/// What keeps one referenced Secret (as read: `None` when absent) from
+/// being used, or `None` when it has the key.
+fn secret_problem(namespace: &str, name: &str, key: Option<&str>, secret: Option<&Secret>) -> Option<String> {
+    match (secret, key) {
+        (None, _) => Some(format!("Secret {name} not found in namespace {namespace}")),
+        (Some(s), Some(key)) => {
+            let has_key = s.data.as_ref().is_some_and(|d| d.contains_key(key))
+                || s.string_data.as_ref().is_some_and(|d| d.contains_key(key));
+            (!has_key).then(|| format!("Secret {name} has no key {key:?}"))
+        }
+        (Some(_), None) => None,
+    }
 }
 
 fn from_stateful_set(sts: &StatefulSet) -> Workload {
@@ -135,4 +139,138 @@ pub async fn observe(client: &Client, cc: &ChatCluster, namespace: &str) -> Resu
         missing_secrets: missing_secrets(client, cc, namespace).await?,
         endpoints,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus, StatefulSetSpec, StatefulSetStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kubechat_crds::{ApnsProvider, ExternalRedis, ExternalScylla, FcmProvider, SecretKeyRef, WebhookProvider};
+
+    use super::*;
+    use crate::desired::fixtures::ChatClusterExt;
+
+    fn key(name: &str, key: &str) -> SecretKeyRef {
+        SecretKeyRef { name: name.into(), key: key.into() }
+    }
+
+    #[test]
+    fn the_generated_auth_secret_is_not_a_reference() {
+        assert_eq!(referenced_secrets(&ChatCluster::test()), vec![]);
+    }
+
+    #[test]
+    fn every_secret_the_spec_names_is_referenced_with_its_key() {
+        let cc = ChatCluster::test().with_spec(|s| {
+            s.auth.signing_key_secret = Some(key("jwt", "hs256"));
+            s.redis.managed = None;
+            s.redis.external =
+                Some(ExternalRedis { url: "redis://r:6379".into(), password_secret: Some(key("redis-pw", "pw")) });
+            s.scylla.managed = None;
+            s.scylla.external = Some(ExternalScylla {
+                contact_points: vec!["s:9042".into()],
+                credentials_secret: Some("cql".into()),
+                local_datacenter: None,
+            });
+            s.push_workers.providers.webhook = Some(WebhookProvider {
+                url: "https://hooks.example".into(),
+                signing_key_secret: key("hook", "hmac"),
+                include_text: false,
+            });
+            s.push_workers.providers.fcm =
+                Some(FcmProvider { project_id: "p".into(), credentials_secret: key("fcm", "sa.json") });
+            s.push_workers.providers.apns = Some(ApnsProvider {
+                team_id: "T".into(),
+                key_id: "K".into(),
+                topic: "com.example".into(),
+                signing_key_secret: key("apns", "key.p8"),
+                sandbox: false,
+            });
+        });
+        let named = |n: &str, k: &str| (n.to_string(), Some(k.to_string()));
+        assert_eq!(
+            referenced_secrets(&cc),
+            vec![
+                named("jwt", "hs256"),
+                named("redis-pw", "pw"),
+                named("cql", "username"),
+                named("cql", "password"),
+                named("hook", "hmac"),
+                named("fcm", "sa.json"),
+                named("apns", "key.p8"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_secret_is_usable_only_with_its_key() {
+        let secret = |data: &[&str], string_data: &[&str]| Secret {
+            data: Some(data.iter().map(|k| (k.to_string(), ByteString(b"x".to_vec()))).collect()),
+            string_data: Some(string_data.iter().map(|k| (k.to_string(), "x".to_string())).collect()),
+            ..Default::default()
+        };
+        assert_eq!(
+            secret_problem("ns", "jwt", Some("hs256"), None).as_deref(),
+            Some("Secret jwt not found in namespace ns")
+        );
+        assert_eq!(
+            secret_problem("ns", "jwt", Some("hs256"), Some(&secret(&["other"], &[]))).as_deref(),
+            Some("Secret jwt has no key \"hs256\"")
+        );
+        assert_eq!(secret_problem("ns", "jwt", Some("hs256"), Some(&secret(&["hs256"], &[]))), None);
+        assert_eq!(secret_problem("ns", "jwt", Some("hs256"), Some(&secret(&[], &["hs256"]))), None);
+        assert!(secret_problem("ns", "jwt", Some("hs256"), Some(&Secret::default())).is_some(), "no data at all");
+        assert_eq!(secret_problem("ns", "jwt", None, Some(&Secret::default())), None, "any key will do");
+    }
+
+    fn meta(generation: Option<i64>) -> ObjectMeta {
+        ObjectMeta { generation, ..Default::default() }
+    }
+
+    #[test]
+    fn a_stateful_set_is_current_once_its_controller_saw_the_newest_spec() {
+        let sts = |replicas, generation, status: Option<StatefulSetStatus>| StatefulSet {
+            metadata: meta(generation),
+            spec: StatefulSetSpec { replicas, ..Default::default() },
+            status,
+        };
+        let status = |observed, ready, updated| StatefulSetStatus {
+            observed_generation: observed,
+            ready_replicas: ready,
+            updated_replicas: updated,
+            ..Default::default()
+        };
+        assert_eq!(
+            from_stateful_set(&sts(Some(3), Some(4), Some(status(Some(4), Some(2), Some(1))))),
+            Workload { desired: 3, ready: 2, updated: 1, current: true }
+        );
+        assert!(!from_stateful_set(&sts(Some(3), Some(5), Some(status(Some(4), Some(3), Some(3))))).current);
+        // Not looked at yet: no status at all.
+        assert_eq!(
+            from_stateful_set(&sts(Some(3), Some(1), None)),
+            Workload { desired: 3, ready: 0, updated: 0, current: false }
+        );
+        assert_eq!(from_stateful_set(&sts(None, Some(1), None)).desired, 1, "replicas default to 1");
+    }
+
+    #[test]
+    fn a_deployment_is_read_like_a_stateful_set() {
+        let deployment = |generation, observed, ready: Option<i32>| Deployment {
+            metadata: meta(generation),
+            spec: DeploymentSpec { replicas: Some(2), ..Default::default() },
+            status: Some(DeploymentStatus {
+                observed_generation: observed,
+                ready_replicas: ready,
+                updated_replicas: Some(2),
+                ..Default::default()
+            }),
+        };
+        assert_eq!(
+            from_deployment(&deployment(Some(7), Some(7), Some(1))),
+            Workload { desired: 2, ready: 1, updated: 2, current: true }
+        );
+        assert!(!from_deployment(&deployment(Some(7), Some(6), Some(2))).current);
+        assert_eq!(from_deployment(&deployment(Some(7), Some(7), None)).ready, 0);
+    }
 }

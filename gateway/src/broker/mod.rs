@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 /// What the broker forwards: an encoded frame.
 pub type Frame = crate::protocol::EncodedFrame;
@@ -42,6 +43,24 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn remote_user_offline(&self, user: String);
     /// The members of `group` changed on some gateway.
     fn group_changed(&self, group: &str);
+}
+
+/// One gateway's load as it reports it: discovery recommends gateways from
+/// these, and the operator reads the same fields from the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayLoad {
+    /// The gateway id (its pod name).
+    pub pod: String,
+    /// The WebSocket URL clients use to reach it.
+    pub url: String,
+    pub connections: u64,
+    /// Connections it accepts at most.
+    pub capacity: u64,
+    /// Accepting connections (not starting, not draining, not stopping).
+    pub ready: bool,
+    pub draining: bool,
+    pub version: String,
 }
 
 /// What routing a frame found out.
@@ -81,6 +100,15 @@ pub trait Broker: Send + Sync + 'static {
     fn may_mint_ids(&self) -> bool {
         true
     }
+    /// True for a broker backed by Redis (the admin API reports its health).
+    fn uses_redis(&self) -> bool {
+        false
+    }
+    /// This gateway's load, published for discovery (soon after `ready` or
+    /// `draining` change, otherwise with the lease).
+    fn report_load(&self, load: GatewayLoad);
+    /// The last reported load of every live gateway, this one's included.
+    async fn gateway_loads(&self) -> Result<Vec<GatewayLoad>, BrokerError>;
     /// Tells the connections of `users` on other gateways to resync (soon,
     /// and retried until Redis answers).
     fn resync_elsewhere(&self, _users: &[String]) {}
@@ -93,6 +121,7 @@ pub trait Broker: Send + Sync + 'static {
 #[derive(Default)]
 pub struct LocalBroker {
     state: Mutex<HashMap<Box<str>, LocalUser>>,
+    load: Mutex<Option<GatewayLoad>>,
 }
 
 /// One user in one map entry: the devices with a session (none once the
@@ -177,6 +206,14 @@ impl Broker for LocalBroker {
 
     fn healthy(&self) -> bool {
         true
+    }
+
+    fn report_load(&self, load: GatewayLoad) {
+        *self.load.lock().unwrap_or_else(|p| p.into_inner()) = Some(load);
+    }
+
+    async fn gateway_loads(&self) -> Result<Vec<GatewayLoad>, BrokerError> {
+        Ok(self.load.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect())
     }
 }
 

@@ -30,6 +30,9 @@ pub enum Kick {
     LoggedOut,
     /// The gateway is shutting down.
     GoingAway,
+    /// The gateway is draining: after its farewell (`reconnect`) frame and
+    /// the reply to a request in flight, the connection closes.
+    Reconnect,
 }
 
 /// How many frames an outbox holds before it pushes back, and before its
@@ -124,6 +127,27 @@ impl Outbox {
         self.drained.notify_waiters();
     }
 
+    /// Queues `frame` as the last one and closes the connection with `why`
+    /// once it is written (other queued frames are dropped: the client
+    /// syncs where it goes).
+    pub fn farewell(&self, frame: &Outbound, why: Kick) {
+        let mut state = self.state();
+        if state.closed || state.kick.is_some() {
+            return;
+        }
+        state.kick = Some(why);
+        state.frames = VecDeque::from([frame.clone()]);
+        drop(state);
+        self.wake.wake();
+        self.drained.notify_waiters();
+    }
+
+    /// Kicked or closed: the connection is on its way out.
+    pub fn is_closing(&self) -> bool {
+        let state = self.state();
+        state.closed || state.kick.is_some()
+    }
+
     /// Waits until the outbox is at most at its soft limit (or closing).
     /// False when `deadline` passed first: the connection is not reading.
     pub async fn drained(&self, deadline: Instant) -> bool {
@@ -169,10 +193,11 @@ impl Outbox {
     }
 
     /// Moves up to `max` queued frames into `into`; returns the kick, if
-    /// the connection must close.
+    /// the connection must close (after writing its farewell frame, if any).
     pub fn take(&self, into: &mut Vec<Outbound>, max: usize) -> Option<Kick> {
         let mut state = self.state();
         if let Some(kick) = state.kick {
+            into.extend(state.frames.drain(..));
             return Some(kick);
         }
         let was_backlogged = state.frames.len() > self.limits.soft;
@@ -332,6 +357,14 @@ impl Hub {
         for devices in self.users.iter() {
             devices.iter().for_each(|d| d.outbox.kick(why));
         }
+    }
+
+    /// The outbox of every connection here (what a drain works through).
+    pub fn outboxes(&self) -> Vec<Arc<Outbox>> {
+        self.users
+            .iter()
+            .flat_map(|devices| devices.iter().map(|d| Arc::clone(&d.outbox)).collect::<Vec<_>>())
+            .collect()
     }
 
     /// Open connections here.

@@ -614,6 +614,12 @@ mod tests {
         fn may_mint_ids(&self) -> bool {
             false
         }
+        fn report_load(&self, load: crate::broker::GatewayLoad) {
+            self.0.report_load(load);
+        }
+        async fn gateway_loads(&self) -> Result<Vec<crate::broker::GatewayLoad>, crate::broker::BrokerError> {
+            self.0.gateway_loads().await
+        }
     }
 
     struct Fixture {

@@ -372,6 +372,14 @@ pub enum ServerFrame {
         code: ErrorCode,
         message: String,
     },
+    /// This gateway is draining: connect to `url` (or ask discovery when it
+    /// is null) after a random delay of up to `within_ms`, then sync from
+    /// your cursor. The server closes this connection (1001) right after.
+    Reconnect {
+        url: Option<String>,
+        reason: String,
+        within_ms: u64,
+    },
     /// Live delivery may have skipped messages: sync from your cursor.
     Resync {
         reason: String,

@@ -384,6 +384,8 @@ impl PushWorkerConfig {
 mod tests {
     use super::*;
 
+    /// Hand-written input; the operator's real output goes through
+    /// [`PushWorkerConfig::from_gateway_json`] in `e2e/tests/config_contract.rs`.
     #[test]
     fn the_operators_push_section_becomes_provider_settings() {
         let text = r#"{

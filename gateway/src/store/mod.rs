@@ -5,7 +5,9 @@
 //!
 //! Data model (wide-column, after Discord's):
 //! - channel history: partition `(channel, month bucket of the id)`,
-//!   clustered by message id, newest first; no TTL: kept forever.
+//!   clustered by message id, newest first; no TTL: kept forever. On
+//!   ScyllaDB each channel also lists its buckets that hold messages, so a
+//!   history page reads only those.
 //! - inbox ("message sync queue"): partition `(user, month bucket of the
 //!   position)`, clustered by position; one small entry per recipient and
 //!   message that refers to the history row `(channel, id)` instead of

@@ -5,13 +5,15 @@
 //! TTL anywhere: history is kept forever):
 //!
 //! ```text
-//! messages      ((channel_id, bucket), id DESC)   sender, sender_device, body, created_at_ms
-//! inbox         ((user_id, bucket), position DESC) channel_id, message_id
-//!                                                  (+ sender, sender_device, body, created_at_ms: older rows only)
-//! sends         ((sender, idem_key))               message_id, channel_id
-//! groups        ((group_id))                       name, owner, created_at_ms
-//! members       ((group_id), user_id)
-//! user_channels ((user_id), channel_id)
+//! messages        ((channel_id, bucket), id DESC)   sender, sender_device, body, created_at_ms
+//! channel_buckets ((channel_id), bucket DESC)       (the buckets of `messages` holding the channel)
+//! inbox           ((user_id, bucket), position DESC) channel_id, message_id
+//!                                                    (+ sender, sender_device, body, created_at_ms: older rows only)
+//! sends           ((sender, idem_key))               message_id, channel_id
+//! groups          ((group_id))                       name, owner, created_at_ms
+//! members         ((group_id), user_id)
+//! user_channels   ((user_id), channel_id)
+//! store_meta      ((name))                           value
 //! ```
 //!
 //! `bucket` is [`bucket_of`] the id (history) or the position (inbox), so a
@@ -26,22 +28,69 @@
 //!
 //! ## Writing a send
 //!
-//! 1. Read the `sends` row of `(sender, key)`. Found, with a history row:
-//!    a duplicate, nothing is written. Found without one: an earlier attempt
-//!    failed part-way; this one finishes it under the reserved id.
-//! 2. Concurrently (at most [`WRITE_CONCURRENCY`] requests in flight): the
-//!    `sends` row, one inbox row per recipient, and with `link_channel` one
-//!    `user_channels` row per recipient.
+//! 1. Reserve `(sender, key)` for the candidate id: `INSERT INTO sends …
+//!    IF NOT EXISTS`, a lightweight transaction, so of any number of
+//!    concurrent attempts on any number of gateways exactly one reserves and
+//!    every other one learns its id from the answer. Not applied and the
+//!    reserved message's history row exists: a duplicate, nothing is
+//!    written. Not applied and no history row: an earlier attempt failed
+//!    part-way (or is still writing on another gateway); this one finishes
+//!    it under the reserved id.
+//! 2. Concurrently (at most [`WRITE_CONCURRENCY`] requests in flight): one
+//!    inbox row per recipient, with `link_channel` one `user_channels` row
+//!    per recipient, and the channel's `channel_buckets` row for the
+//!    message's bucket unless this process wrote it already.
 //! 3. The history row, last.
 //!
 //! So "the history row exists ⇒ every other row of the send exists", which
-//! is what step 1's duplicate check relies on. Every row is its own
-//! partition, so a multi-partition LOGGED batch would be the only way to
-//! make them atomic, and it buys nothing here: it costs a batchlog write and
-//! removal on other replicas per send, and a big group's batch must be split
-//! under the server's size limit (which gives up atomicity anyway). The
-//! reservation already makes a send retryable to completion: a retry with
-//! the same key finds it and writes whatever is missing under the same id.
+//! is what step 1's duplicate check relies on, and "a bucket holds the
+//! channel's messages ⇒ it is listed", which history reads rely on.
+//!
+//! The reservation costs a Paxos round per send (several round trips
+//! between replicas instead of one read): nothing weaker stops two gateways
+//! from storing one key under two ids.
+//!
+//! No step is a multi-partition LOGGED batch (each row is its own
+//! partition): it would cost a batchlog write and removal on other replicas
+//! per send, and a big group's batch must be split under the server's size
+//! limit, which gives up its atomicity anyway. Atomicity is not needed:
+//! after step 1 the message id is fixed for good, and every later write is
+//! an upsert of values fixed by that id (history and bucket rows) or by the
+//! attempt (inbox rows at its position). A failure anywhere leaves a
+//! reservation without a history row, and a retry (by the driver, the
+//! client, on any gateway) rewrites the rows under the same id until the
+//! history row lands; no retry can store the message under a second id.
+//!
+//! Concurrent attempts of one key on one gateway are also serialised in the
+//! process (`InFlight`): a later attempt then finds the first one's history
+//! row and answers as a duplicate instead of contending for the Paxos round
+//! and finishing a send that is not failed. Across gateways an attempt that
+//! overtakes the original finishes it too, so a recipient may get a second
+//! inbox entry for the same message id, which clients drop by id.
+//!
+//! ## Reading history
+//!
+//! A page reads the channel's `channel_buckets` rows from its starting
+//! bucket (paged, [`ScyllaConfig::page_size`] at a time) and then only the
+//! buckets listed: one request plus one per bucket that holds data, until
+//! the page is full. A channel without messages costs one request.
+//!
+//! Keyspaces created before bucket lists existed hold unlisted history. On
+//! the first connect of this version `store_meta` records
+//! `buckets_listed_from` (an `IF NOT EXISTS` insert, so all gateways agree):
+//! the id epoch's bucket for a new keyspace (everything is listed), and for
+//! an older one the bucket after next, at least 30 days ahead, since
+//! gateways of the earlier version keep writing unlisted rows until the
+//! rolling upgrade is over (assumed to take less than 30 days). Buckets
+//! from there on are always listed. A channel's older ones are listed by
+//! its first history read once bucket `buckets_listed_from` has begun
+//! (every older bucket checked for data, then the rows, then a marker row
+//! with bucket [`LEGACY_LISTED`]); until then reads scan them one at a time,
+//! as earlier versions did. Backfilling every channel at once instead would
+//! mean a scan of the whole `messages` table, and a channel never read
+//! costs nothing this way.
+//!
+//! ## Reading an inbox
 //!
 //! Reading an inbox resolves each reference with a point read of its
 //! history row (concurrently, [`READ_CONCURRENCY`] at a time, order kept).
@@ -54,17 +103,20 @@
 //! entry is read on the device's next sync after a reconnect. A failed send
 //! was never acked (its retry writes a fresh position).
 //!
-//! Concurrent retries of one key on one gateway are serialised in the
-//! process (`InFlight`); across gateways the read-then-insert reservation
-//! may let two racing retries both be stored (`ScyllaStore::reservation`).
+//! Lists (a user's channels, a group's members, a channel's buckets) are
+//! read in pages of [`ScyllaConfig::page_size`] rows, never as one
+//! unbounded response.
 //!
 //! Consistency: every statement runs at [`ScyllaConfig::consistency`]
 //! (QUORUM by default). Writes and reads at QUORUM overlap, which is what
 //! gives the trait's "reads see completed writes"; a write returns `Ok` only
-//! once the coordinator acknowledged it at that level.
+//! once the coordinator acknowledged it at that level. Reservations run
+//! their Paxos round at SERIAL (LOCAL_SERIAL with a local datacenter).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -75,12 +127,14 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::deserialize::row::DeserializeRow;
 use scylla::response::query_result::QueryResult;
+use scylla::response::{PagingState, PagingStateResponse};
 use scylla::serialize::SerializationError;
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
 use scylla::serialize::writers::RowWriter;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use scylla::statement::{Consistency, Statement};
+use scylla::statement::{Consistency, SerialConsistency, Statement};
+use scylla::value::{CqlValue, Row as CqlRow};
 use tokio::sync::OwnedMutexGuard;
 
 use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored, bucket_of};
@@ -98,6 +152,18 @@ pub const WRITE_CONCURRENCY: usize = 64;
 
 /// Point reads in flight at once while resolving one inbox page.
 pub const READ_CONCURRENCY: usize = 32;
+
+/// The `channel_buckets` row that says a channel's buckets older than
+/// `buckets_listed_from` are listed (below every real bucket, so it sorts
+/// last in a newest-first read).
+pub const LEGACY_LISTED: i32 = i32::MIN;
+
+/// `store_meta` row: the first bucket every writer lists (see the module docs).
+const META_LISTED_FROM: &str = "buckets_listed_from";
+
+/// Channels whose newest listed bucket a store remembers; past this the
+/// memory is cleared, which only costs repeated (idempotent) bucket rows.
+const LISTED_BUCKETS_CAP: usize = 100_000;
 
 /// Connection and schema settings.
 #[derive(Clone)]
@@ -127,6 +193,10 @@ pub struct ScyllaConfig {
     /// (`batch_size_fail_threshold`: 50 KiB on Cassandra, 1 MiB on ScyllaDB
     /// by default).
     pub max_batch_bytes: usize,
+    /// Rows per response when reading a list (a user's channels, a group's
+    /// members, a channel's buckets): bounds each response, however long
+    /// the list.
+    pub page_size: usize,
 }
 
 impl Default for ScyllaConfig {
@@ -141,6 +211,7 @@ impl Default for ScyllaConfig {
             local_datacenter: None,
             request_timeout: Duration::from_secs(10),
             max_batch_bytes: 40 * 1024,
+            page_size: 1000,
         }
     }
 }
@@ -158,6 +229,7 @@ impl fmt::Debug for ScyllaConfig {
             .field("local_datacenter", &self.local_datacenter)
             .field("request_timeout", &self.request_timeout)
             .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("page_size", &self.page_size)
             .finish()
     }
 }
@@ -170,9 +242,13 @@ struct Prepared {
     history_before: PreparedStatement,
     history_after: PreparedStatement,
     message: PreparedStatement,
+    bucket_has_data: PreparedStatement,
+    insert_channel_bucket: PreparedStatement,
+    buckets_down: PreparedStatement,
+    buckets_up: PreparedStatement,
+    legacy_buckets: PreparedStatement,
     inbox_after: PreparedStatement,
-    select_send: PreparedStatement,
-    insert_send: PreparedStatement,
+    reserve_send: PreparedStatement,
     insert_group: PreparedStatement,
     select_group: PreparedStatement,
     insert_member: PreparedStatement,
@@ -190,14 +266,40 @@ pub struct ScyllaStore {
     prepared: Prepared,
     consistency: Consistency,
     max_batch_bytes: usize,
+    /// Buckets from this one on are listed for every channel (module docs).
+    listed_from: i32,
     in_flight: InFlight,
+    listed: ListedBuckets,
+    requests: AtomicU64,
+}
+
+/// The newest bucket this process listed per channel: a send writes its
+/// bucket's `channel_buckets` row only when it is not the one remembered,
+/// so the hot path pays one extra write per channel and month (and process).
+#[derive(Default)]
+struct ListedBuckets(Mutex<HashMap<String, i32>>);
+
+impl ListedBuckets {
+    fn contains(&self, channel: &str, bucket: i32) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(channel) == Some(&bucket)
+    }
+
+    /// Only once the row is written: "remembered ⇒ listed".
+    fn insert(&self, channel: &str, bucket: i32) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= LISTED_BUCKETS_CAP && !map.contains_key(channel) {
+            map.clear();
+        }
+        map.insert(channel.to_owned(), bucket);
+    }
 }
 
 /// Sends in progress in this process, by `(sender, key)`: a retry that
 /// overtakes its own original on the same gateway waits for it, then finds
-/// its history row and answers as a duplicate instead of storing a second
-/// message (the reservation is a plain read-then-insert, not a
-/// lightweight transaction). Entries live only while a send holds or awaits them.
+/// its history row and answers as a duplicate, instead of contending for
+/// the reservation's Paxos round and then finishing a send that has not
+/// failed (a second inbox entry). The reservation alone already keeps the
+/// message single. Entries live only while a send holds or awaits them.
 #[derive(Default)]
 struct InFlight(Mutex<HashMap<SendKey, InFlightEntry>>);
 
@@ -279,7 +381,56 @@ fn cql_limit(limit: usize) -> i32 {
 
 /// The newest bucket that may hold data now (see [`CLOCK_SKEW_MS`]).
 fn newest_bucket() -> i32 {
-    bucket_of(ids::first_id_at(ids::now_ms().saturating_add(CLOCK_SKEW_MS)))
+    newest_bucket_at(ids::now_ms())
+}
+
+/// The newest bucket that may hold data at `now_ms`: that of an id minted
+/// by a clock [`CLOCK_SKEW_MS`] ahead.
+fn newest_bucket_at(now_ms: i64) -> i32 {
+    bucket_of(ids::first_id_at(now_ms.saturating_add(CLOCK_SKEW_MS)))
+}
+
+/// The bucket of an id minted now by this gateway's clock.
+fn current_bucket() -> i32 {
+    bucket_of(ids::first_id_at(ids::now_ms()))
+}
+
+/// The serial consistency of reservations: linearizable across the
+/// cluster, or within the local datacenter when the store prefers one.
+fn serial_consistency(config: &ScyllaConfig) -> SerialConsistency {
+    match config.local_datacenter {
+        Some(_) => SerialConsistency::LocalSerial,
+        None => SerialConsistency::Serial,
+    }
+}
+
+/// The answer to an `INSERT … IF NOT EXISTS`: whether it applied and, when
+/// it did not, the columns of the row that was there. Read by column name:
+/// Cassandra sends only `[applied]` when it applied, ScyllaDB every column.
+struct Conditional {
+    applied: bool,
+    columns: Vec<(String, Option<CqlValue>)>,
+}
+
+impl Conditional {
+    fn of(result: QueryResult, what: &'static str) -> StoreResult<Self> {
+        let rows = result.into_rows_result().map_err(corrupt(what))?;
+        let names: Vec<String> = rows.column_specs().iter().map(|spec| spec.name().to_owned()).collect();
+        let row: CqlRow = rows.single_row().map_err(corrupt(what))?;
+        let columns: Vec<(String, Option<CqlValue>)> = names.into_iter().zip(row.columns).collect();
+        let applied = columns
+            .iter()
+            .find(|(name, _)| name == "[applied]")
+            .and_then(|(_, value)| value.as_ref())
+            .and_then(CqlValue::as_boolean)
+            .ok_or_else(|| StoreError::Corrupt(format!("{what}: no [applied] column in the answer")))?;
+        Ok(Self { applied, columns })
+    }
+
+    /// A column of the existing row (`None` if absent or null).
+    fn get(&self, name: &str) -> Option<&CqlValue> {
+        self.columns.iter().find(|(n, _)| n == name).and_then(|(_, value)| value.as_ref())
+    }
 }
 
 /// The oldest bucket that may hold data: nothing is older than the id epoch.
@@ -322,12 +473,12 @@ enum Row<'a> {
     Message((&'a str, i32, i64, &'a str, &'a str, &'a str, i64)),
     /// `insert_inbox`: user, bucket, position, channel, message id.
     Inbox((&'a str, i32, i64, &'a str, i64)),
-    /// `insert_send`: sender, key, message id, channel.
-    Send((&'a str, &'a str, i64, &'a str)),
     /// `insert_group`: id, name, owner, created_at.
     Group((&'a str, &'a str, &'a str, i64)),
     /// `insert_member` / `insert_user_channel` and their deletes.
     Pair((&'a str, &'a str)),
+    /// `insert_channel_bucket`: channel, bucket.
+    Bucket((&'a str, i32)),
 }
 
 impl Row<'_> {
@@ -340,9 +491,9 @@ impl Row<'_> {
         match self {
             Self::Message((c, _, _, s, d, b, _)) => c.len() + s.len() + d.len() + b.len() + 7 * CELL,
             Self::Inbox((u, _, _, c, _)) => u.len() + c.len() + 5 * CELL,
-            Self::Send((s, k, _, c)) => s.len() + k.len() + c.len() + 4 * CELL,
             Self::Group((i, n, o, _)) => i.len() + n.len() + o.len() + 4 * CELL,
             Self::Pair((a, b)) => a.len() + b.len() + 2 * CELL,
+            Self::Bucket((c, _)) => c.len() + 2 * CELL,
         }
     }
 }
@@ -352,9 +503,9 @@ impl SerializeRow for Row<'_> {
         match self {
             Self::Message(v) => v.serialize(ctx, writer),
             Self::Inbox(v) => v.serialize(ctx, writer),
-            Self::Send(v) => v.serialize(ctx, writer),
             Self::Group(v) => v.serialize(ctx, writer),
             Self::Pair(v) => v.serialize(ctx, writer),
+            Self::Bucket(v) => v.serialize(ctx, writer),
         }
     }
 
@@ -404,15 +555,79 @@ impl ScyllaStore {
             })?
             .map_err(|e| StoreError::Unavailable(format!("connect to {:?}: {e}", config.contact_points)))?;
 
-        create_schema(&session, &config).await?;
-        let prepared = prepare_all(&session, &config.keyspace, config.consistency).await?;
+        let existed = create_schema(&session, &config).await?;
+        let listed_from = buckets_listed_from(&session, &config, existed).await?;
+        let prepared = prepare_all(&session, &config).await?;
         Ok(Self {
             session,
             prepared,
             consistency: config.consistency,
             max_batch_bytes: config.max_batch_bytes,
+            listed_from,
             in_flight: InFlight::default(),
+            listed: ListedBuckets::default(),
+            requests: AtomicU64::new(0),
         })
+    }
+
+    /// CQL requests sent since connecting (each page of a paged read and
+    /// each batch counts one; setting up the schema does not): what a read
+    /// costs, observable without timing it.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Runs one statement and returns all of its result in one response
+    /// (for point reads, writes and reads bounded by a `LIMIT`).
+    async fn run(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        what: &'static str,
+    ) -> StoreResult<QueryResult> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.session.execute_unpaged(statement, values).await.map_err(unavailable(what))
+    }
+
+    /// One page of a paged read; `None` as the next state once it was the last.
+    async fn page<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        state: PagingState,
+        what: &'static str,
+    ) -> StoreResult<(Vec<R>, Option<PagingState>)>
+    where
+        R: for<'f> DeserializeRow<'f, 'f>,
+    {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let (result, response): (QueryResult, PagingStateResponse) =
+            self.session.execute_single_page(statement, values, state).await.map_err(unavailable(what))?;
+        let next = match response.into_paging_control_flow() {
+            ControlFlow::Continue(next) => Some(next),
+            ControlFlow::Break(()) => None,
+        };
+        Ok((decode(result, what)?, next))
+    }
+
+    /// Every row of a list, read page by page.
+    async fn read_pages<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        what: &'static str,
+    ) -> StoreResult<Vec<R>>
+    where
+        R: for<'f> DeserializeRow<'f, 'f>,
+    {
+        let mut out = Vec::new();
+        let mut state = Some(PagingState::start());
+        while let Some(current) = state {
+            let (rows, next) = self.page(statement, &values, current, what).await?;
+            out.extend(rows);
+            state = next;
+        }
+        Ok(out)
     }
 
     /// Runs `rows` concurrently, at most [`WRITE_CONCURRENCY`] at a time,
@@ -426,8 +641,7 @@ impl ScyllaStore {
     ) -> StoreResult<()> {
         stream::iter(rows.into_iter().map(Ok))
             .try_for_each_concurrent(WRITE_CONCURRENCY, |(statement, row)| async move {
-                self.session.execute_unpaged(statement, row).await.map_err(unavailable(what))?;
-                Ok(())
+                self.run(statement, row, what).await.map(drop)
             })
             .await
     }
@@ -443,6 +657,7 @@ impl ScyllaStore {
         for (statement, row) in rows {
             let size = row.estimated_bytes();
             if !values.is_empty() && bytes + size > self.max_batch_bytes {
+                self.requests.fetch_add(1, Ordering::Relaxed);
                 self.session.batch(&batch, &values).await.map_err(unavailable(what))?;
                 batch = self.new_batch();
                 values.clear();
@@ -453,6 +668,7 @@ impl ScyllaStore {
             bytes += size;
         }
         if !values.is_empty() {
+            self.requests.fetch_add(1, Ordering::Relaxed);
             self.session.batch(&batch, &values).await.map_err(unavailable(what))?;
         }
         Ok(())
@@ -466,31 +682,123 @@ impl ScyllaStore {
         batch
     }
 
-    /// History page scan over `buckets`, newest-first or oldest-first
-    /// depending on `statement`, until `limit` messages are found.
-    async fn scan_history(
+    /// Reads `bucket` of a channel's history past `bound` (newest-first or
+    /// oldest-first, by `statement`) into `out`, up to `limit` in all.
+    async fn read_bucket(
         &self,
         channel: &str,
         statement: &PreparedStatement,
+        bucket: i32,
         bound: i64,
-        buckets: impl Iterator<Item = i32>,
         limit: usize,
-    ) -> StoreResult<Vec<Message>> {
-        let mut out = Vec::new();
+        out: &mut Vec<Message>,
+    ) -> StoreResult<()> {
+        let want = limit.saturating_sub(out.len());
+        let result = self.run(statement, (channel, bucket, bound, cql_limit(want)), "read history").await?;
+        let rows: Vec<MessageRow> = decode(result, "decode history")?;
+        out.extend(rows.into_iter().map(|row| message_of(channel, row)));
+        Ok(())
+    }
+
+    /// Reads `buckets` in the order given until `out` holds `limit` messages.
+    async fn read_buckets(
+        &self,
+        channel: &str,
+        statement: &PreparedStatement,
+        buckets: impl IntoIterator<Item = i32>,
+        bound: i64,
+        limit: usize,
+        out: &mut Vec<Message>,
+    ) -> StoreResult<()> {
         for bucket in buckets {
             if out.len() >= limit {
                 break;
             }
-            let result = self
-                .session
-                .execute_unpaged(statement, (channel, bucket, bound, cql_limit(limit - out.len())))
-                .await
-                .map_err(unavailable("read history"))?;
-            let rows: Vec<MessageRow> = decode(result, "decode history")?;
-            out.extend(rows.into_iter().map(|row| message_of(channel, row)));
+            self.read_bucket(channel, statement, bucket, bound, limit, out).await?;
         }
-        out.truncate(limit);
-        Ok(out)
+        Ok(())
+    }
+
+    /// Reads the listed buckets (`statement`: `buckets_down` or `buckets_up`
+    /// bound to `values`), one page of the list at a time, until `out`
+    /// holds `limit` messages.
+    async fn read_listed(
+        &self,
+        channel: &str,
+        (statement, values): (&PreparedStatement, (&str, i32, i32)),
+        history: &PreparedStatement,
+        bound: i64,
+        limit: usize,
+        out: &mut Vec<Message>,
+    ) -> StoreResult<()> {
+        let mut buckets = VecDeque::new();
+        let mut state = Some(PagingState::start());
+        while out.len() < limit {
+            if let Some(bucket) = buckets.pop_front() {
+                self.read_bucket(channel, history, bucket, bound, limit, out).await?;
+                continue;
+            }
+            let Some(current) = state.take() else { break };
+            let (rows, next): (Vec<(i32,)>, _) = self.page(statement, values, current, "read channel buckets").await?;
+            buckets.extend(rows.into_iter().map(|(bucket,)| bucket));
+            state = next;
+        }
+        Ok(())
+    }
+
+    /// A channel's buckets older than `listed_from` that hold its messages,
+    /// oldest first, once listed; lists them if every gateway lists its
+    /// writes by now. `None` while they cannot be listed yet: the caller
+    /// scans each of them.
+    async fn legacy_buckets(&self, channel: &str) -> StoreResult<Option<Vec<i32>>> {
+        let result =
+            self.run(&self.prepared.legacy_buckets, (channel, self.listed_from), "read channel buckets").await?;
+        let rows: Vec<(i32,)> = decode(result, "decode channel buckets")?;
+        let mut buckets: Vec<i32> = rows.into_iter().map(|(bucket,)| bucket).collect();
+        buckets.sort_unstable();
+        if buckets.first() == Some(&LEGACY_LISTED) {
+            buckets.remove(0);
+            return Ok(Some(buckets));
+        }
+        // Gateways of the earlier version may still write unlisted rows
+        // until `listed_from` begins: a list made before then could miss one.
+        if current_bucket() < self.listed_from {
+            return Ok(None);
+        }
+        let found: Vec<Option<i32>> = stream::iter(oldest_bucket()..self.listed_from)
+            .map(|bucket| async move {
+                let result = self.run(&self.prepared.bucket_has_data, (channel, bucket), "probe history").await?;
+                let rows: Vec<(i64,)> = decode(result, "decode history")?;
+                Ok::<_, StoreError>((!rows.is_empty()).then_some(bucket))
+            })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let found: Vec<i32> = found.into_iter().flatten().collect();
+        let rows = found.iter().map(|bucket| (&self.prepared.insert_channel_bucket, Row::Bucket((channel, *bucket))));
+        self.write_concurrently("list channel buckets", rows.collect()).await?;
+        // The marker last: it promises the rows above.
+        self.run(&self.prepared.insert_channel_bucket, (channel, LEGACY_LISTED), "list channel buckets").await?;
+        tracing::debug!(channel, buckets = found.len(), "listed the buckets of a channel written before bucket lists");
+        Ok(Some(found))
+    }
+
+    /// What `(sender, key)` is reserved for, reserving it for `id` in
+    /// `channel` if nobody did (a lightweight transaction: see the module docs).
+    async fn reserve(&self, sender: &str, key: &str, id: i64, channel: &str) -> StoreResult<Reservation> {
+        let result = self.run(&self.prepared.reserve_send, (sender, key, id, channel), "reserve send key").await?;
+        let outcome = Conditional::of(result, "decode send key")?;
+        if outcome.applied {
+            return Ok(Reservation::Reserved);
+        }
+        let missing = || StoreError::Corrupt(format!("send key of {sender} without message id or channel"));
+        let reserved_id = outcome.get("message_id").and_then(CqlValue::as_bigint).ok_or_else(missing)?;
+        // Our own insert, applied by an earlier try of the driver.
+        if reserved_id == id {
+            return Ok(Reservation::Reserved);
+        }
+        let reserved_channel = outcome.get("channel_id").and_then(CqlValue::as_text).ok_or_else(missing)?;
+        Ok(Reservation::Existing { id: from_cql(reserved_id), channel: reserved_channel.clone() })
     }
 }
 
@@ -498,12 +806,21 @@ fn message_of(channel: &str, (id, sender, sender_device, text, created_at_ms): M
     Message { id: from_cql(id), channel: channel.to_owned(), sender, sender_device, text, created_at_ms }
 }
 
-/// Creates the keyspace and tables unless they exist. Concurrent runs from
+/// Creates the keyspace and tables unless they exist; answers whether the
+/// `messages` table existed before. Concurrent runs from
 /// several gateways are fine on ScyllaDB (Raft schema); on Cassandra < 5.1
 /// truly simultaneous `CREATE TABLE` on different coordinators can race, so
 /// the first start of a fresh cluster is best done by one gateway.
-async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<()> {
+async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<bool> {
     let ks = &config.keyspace;
+    let result = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name = 'messages'",
+            (ks.as_str(),),
+        )
+        .await
+        .map_err(unavailable("read schema"))?;
+    let existed = !decode::<(String,)>(result, "decode schema")?.is_empty();
     let rf = config.replication_factor.max(1);
     let replication = match &config.local_datacenter {
         Some(dc) => format!("{{'class': 'NetworkTopologyStrategy', {}: {rf}}}", cql_string(dc)),
@@ -516,6 +833,10 @@ async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<
             "CREATE TABLE IF NOT EXISTS {ks}.messages (channel_id text, bucket int, id bigint, sender text, \
              sender_device text, body text, created_at_ms bigint, PRIMARY KEY ((channel_id, bucket), id)) \
              WITH CLUSTERING ORDER BY (id DESC) AND default_time_to_live = 0"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.channel_buckets (channel_id text, bucket int, \
+             PRIMARY KEY ((channel_id), bucket)) WITH CLUSTERING ORDER BY (bucket DESC) AND default_time_to_live = 0"
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.inbox (user_id text, bucket int, position bigint, channel_id text, \
@@ -539,6 +860,9 @@ async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<
             "CREATE TABLE IF NOT EXISTS {ks}.user_channels (user_id text, channel_id text, \
              PRIMARY KEY ((user_id), channel_id)) WITH default_time_to_live = 0"
         ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.store_meta (name text PRIMARY KEY, value bigint) WITH default_time_to_live = 0"
+        ),
     ];
     // Schema changes are slow (every node applies them), hence a longer timeout.
     let ddl_timeout = config.request_timeout.max(Duration::from_secs(60));
@@ -550,14 +874,54 @@ async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreResult<
     // The driver already waits after each DDL statement; waiting once more
     // makes "all nodes know every table" explicit before statements are prepared.
     session.await_schema_agreement().await.map_err(unavailable("schema agreement"))?;
-    Ok(())
+    Ok(existed)
 }
 
-async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> StoreResult<Prepared> {
+/// The first bucket every writer lists (see the module docs), agreed on by
+/// the first gateway of this version to get there.
+async fn buckets_listed_from(session: &Session, config: &ScyllaConfig, messages_existed: bool) -> StoreResult<i32> {
+    // An existing table may hold unlisted rows, and may get more until the
+    // earlier version's gateways are gone: listing starts in the bucket after next.
+    let proposal = if messages_existed { newest_bucket().saturating_add(2) } else { oldest_bucket() };
+    let mut statement =
+        Statement::new(format!("INSERT INTO {}.store_meta (name, value) VALUES (?, ?) IF NOT EXISTS", config.keyspace));
+    statement.set_consistency(config.consistency);
+    statement.set_serial_consistency(Some(serial_consistency(config)));
+    statement.set_request_timeout(Some(config.request_timeout));
+    let result = session
+        .query_unpaged(statement, (META_LISTED_FROM, i64::from(proposal)))
+        .await
+        .map_err(unavailable("record bucket lists"))?;
+    let outcome = Conditional::of(result, "decode store_meta")?;
+    let listed_from = if outcome.applied {
+        proposal
+    } else {
+        let value = outcome
+            .get("value")
+            .and_then(CqlValue::as_bigint)
+            .ok_or_else(|| StoreError::Corrupt(format!("store_meta {META_LISTED_FROM} without a value")))?;
+        i32::try_from(value).map_err(corrupt("store_meta buckets_listed_from"))?
+    };
+    if listed_from > oldest_bucket() {
+        tracing::info!(
+            keyspace = %config.keyspace,
+            listed_from,
+            "history written before bucket lists: its buckets are listed per channel on first read"
+        );
+    }
+    Ok(listed_from)
+}
+
+async fn prepare_all(session: &Session, config: &ScyllaConfig) -> StoreResult<Prepared> {
+    let ks = &config.keyspace;
+    let page_size = i32::try_from(config.page_size.max(1)).unwrap_or(i32::MAX);
     let prepare = |text: String| async move {
         let mut statement = session.prepare(text).await.map_err(unavailable("prepare statement"))?;
-        statement.set_consistency(consistency);
+        statement.set_consistency(config.consistency);
+        // Upserts and deletes of fixed values, and a reservation whose retry
+        // recognises its own row by id: all safe for the driver to retry.
         statement.set_is_idempotent(true);
+        statement.set_page_size(page_size);
         Ok::<_, StoreError>(statement)
     };
     let message_columns = "id, sender, sender_device, body, created_at_ms";
@@ -586,19 +950,36 @@ async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> S
             "SELECT {message_columns} FROM {ks}.messages WHERE channel_id = ? AND bucket = ? AND id = ?"
         ))
         .await?,
+        bucket_has_data: prepare(format!("SELECT id FROM {ks}.messages WHERE channel_id = ? AND bucket = ? LIMIT 1"))
+            .await?,
+        insert_channel_bucket: prepare(format!("INSERT INTO {ks}.channel_buckets (channel_id, bucket) VALUES (?, ?)"))
+            .await?,
+        buckets_down: prepare(format!(
+            "SELECT bucket FROM {ks}.channel_buckets WHERE channel_id = ? AND bucket <= ? AND bucket >= ? \
+             ORDER BY bucket DESC"
+        ))
+        .await?,
+        buckets_up: prepare(format!(
+            "SELECT bucket FROM {ks}.channel_buckets WHERE channel_id = ? AND bucket >= ? AND bucket <= ? \
+             ORDER BY bucket ASC"
+        ))
+        .await?,
+        // Bounded: at most one row per bucket before `listed_from`, and the marker.
+        legacy_buckets: prepare(format!("SELECT bucket FROM {ks}.channel_buckets WHERE channel_id = ? AND bucket < ?"))
+            .await?,
         inbox_after: prepare(format!(
             "SELECT position, channel_id, message_id, sender, sender_device, body, created_at_ms FROM {ks}.inbox \
              WHERE user_id = ? AND bucket = ? AND position > ? ORDER BY position ASC LIMIT ?"
         ))
         .await?,
-        select_send: prepare(format!(
-            "SELECT message_id, channel_id FROM {ks}.sends WHERE sender = ? AND idem_key = ?"
-        ))
-        .await?,
-        insert_send: prepare(format!(
-            "INSERT INTO {ks}.sends (sender, idem_key, message_id, channel_id) VALUES (?, ?, ?, ?)"
-        ))
-        .await?,
+        reserve_send: {
+            let mut statement = prepare(format!(
+                "INSERT INTO {ks}.sends (sender, idem_key, message_id, channel_id) VALUES (?, ?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?;
+            statement.set_serial_consistency(Some(serial_consistency(config)));
+            statement
+        },
         insert_group: prepare(format!(
             "INSERT INTO {ks}.groups (group_id, name, owner, created_at_ms) VALUES (?, ?, ?, ?)"
         ))
@@ -615,12 +996,12 @@ async fn prepare_all(session: &Session, ks: &str, consistency: Consistency) -> S
     })
 }
 
-/// What the idempotency key of a send found.
+/// What reserving the idempotency key of a send found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Reservation {
-    /// First time this key is seen.
-    New,
-    /// The key was used before, for this message id in this channel.
+    /// This attempt reserved the key for its candidate id.
+    Reserved,
+    /// The key was reserved before, for this message id in this channel.
     Existing { id: u64, channel: String },
 }
 
@@ -632,29 +1013,7 @@ struct Resolved {
     message: Option<Message>,
 }
 
-/// The steps of a send and of reading an inbox.
 impl ScyllaStore {
-    /// What `(sender, key)` was reserved for, if a send recorded it.
-    ///
-    /// Read-then-insert (the insert is one of the send's writes), not a
-    /// lightweight transaction (`IF NOT EXISTS` would cost a Paxos round on
-    /// every send): two retries of one key racing on two gateways may both
-    /// find nothing and both be stored, under two ids. Accepted: a client
-    /// retries one send at a time, so this needs a retry to overtake its own
-    /// original on another gateway; on one gateway [`InFlight`] serialises them.
-    async fn reservation(&self, sender: &str, key: &str) -> StoreResult<Reservation> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.select_send, (sender, key))
-            .await
-            .map_err(unavailable("read send key"))?;
-        let found: Vec<(i64, String)> = decode(result, "decode send key")?;
-        Ok(match found.into_iter().next() {
-            Some((id, channel)) => Reservation::Existing { id: from_cql(id), channel },
-            None => Reservation::New,
-        })
-    }
-
     /// Looks up the message of one inbox row.
     async fn resolve(&self, row: InboxRow) -> StoreResult<Resolved> {
         let (position, channel, id, sender, sender_device, body, created_at_ms) = row;
@@ -676,26 +1035,28 @@ impl Store for ScyllaStore {
     async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
         let NewMessage { mut message, key, recipients, position, link_channel } = new;
         let _in_flight = self.in_flight.acquire(&message.sender, &key).await;
-        let reserved = match self.reservation(&message.sender, &key).await? {
-            Reservation::New => false,
+        let candidate = to_cql(message.id);
+        match self.reserve(&message.sender, &key, candidate, &message.channel).await? {
+            Reservation::Reserved => {}
             Reservation::Existing { id, channel } => {
                 // History is written last, so a stored history row means every other row is stored.
                 if let Some(stored) = self.message(&channel, id).await? {
                     return Ok(Stored { message: stored, position: 0, duplicate: true });
                 }
-                // An earlier attempt failed before its history row: finish it under the same id.
+                // An earlier attempt failed (or is still writing elsewhere): finish it under the same id.
                 message.id = id;
                 message.created_at_ms = ids::timestamp_ms(id);
-                true
             }
-        };
+        }
 
         let id = to_cql(message.id);
         let channel = message.channel.as_str();
+        let history_bucket = bucket_of(message.id);
         let (bucket, at) = (bucket_of(position), to_cql(position));
+        let list_bucket = !self.listed.contains(channel, history_bucket);
         let mut rows = Vec::with_capacity(1 + recipients.len() * if link_channel { 2 } else { 1 });
-        if !reserved {
-            rows.push((&self.prepared.insert_send, Row::Send((message.sender.as_str(), key.as_str(), id, channel))));
+        if list_bucket {
+            rows.push((&self.prepared.insert_channel_bucket, Row::Bucket((channel, history_bucket))));
         }
         for user in recipients.iter() {
             rows.push((&self.prepared.insert_inbox, Row::Inbox((user.as_str(), bucket, at, channel, id))));
@@ -704,21 +1065,21 @@ impl Store for ScyllaStore {
             }
         }
         self.write_concurrently("write message", rows).await?;
+        if list_bucket {
+            self.listed.insert(channel, history_bucket);
+        }
 
         // Last, and only once everything above is acknowledged: see the module docs.
         let history = Row::Message((
             channel,
-            bucket_of(message.id),
+            history_bucket,
             id,
             message.sender.as_str(),
             message.sender_device.as_str(),
             message.text.as_str(),
             message.created_at_ms,
         ));
-        self.session
-            .execute_unpaged(&self.prepared.insert_message, history)
-            .await
-            .map_err(unavailable("write history"))?;
+        self.run(&self.prepared.insert_message, history, "write history").await?;
         Ok(Stored { message, position, duplicate: false })
     }
 
@@ -731,11 +1092,8 @@ impl Store for ScyllaStore {
         let mut bucket = first;
         while out.len() < limit {
             let want = limit - out.len();
-            let result = self
-                .session
-                .execute_unpaged(&self.prepared.inbox_after, (user, bucket, to_cql(cursor), cql_limit(want)))
-                .await
-                .map_err(unavailable("read inbox"))?;
+            let values = (user, bucket, to_cql(cursor), cql_limit(want));
+            let result = self.run(&self.prepared.inbox_after, values, "read inbox").await?;
             let rows: Vec<InboxRow> = decode(result, "decode inbox")?;
             // Fewer rows than asked for: the bucket has nothing more after `cursor`.
             let bucket_done = rows.len() < want;
@@ -767,33 +1125,63 @@ impl Store for ScyllaStore {
     }
 
     async fn history(&self, channel: &str, page: Page, limit: usize) -> StoreResult<Vec<Message>> {
+        let mut out = Vec::new();
         if limit == 0 {
-            return Ok(Vec::new());
+            return Ok(out);
         }
-        let oldest = oldest_bucket();
+        let (oldest, listed_from) = (oldest_bucket(), self.listed_from);
         match page {
-            Page::Latest => {
-                let buckets = (oldest..=newest_bucket()).rev();
-                self.scan_history(channel, &self.prepared.history_before, i64::MAX, buckets, limit).await
-            }
-            Page::Before(id) => {
-                let buckets = (oldest..=bucket_of(id)).rev();
-                self.scan_history(channel, &self.prepared.history_before, to_cql(id), buckets, limit).await
+            Page::Latest | Page::Before(_) => {
+                let (top, bound) = match page {
+                    Page::Before(id) => (bucket_of(id), to_cql(id)),
+                    _ => (i32::MAX, i64::MAX),
+                };
+                let history = &self.prepared.history_before;
+                if top >= listed_from {
+                    let list = (&self.prepared.buckets_down, (channel, top, listed_from));
+                    self.read_listed(channel, list, history, bound, limit, &mut out).await?;
+                }
+                let below = top.min(listed_from.saturating_sub(1));
+                if out.len() < limit && below >= oldest {
+                    match self.legacy_buckets(channel).await? {
+                        Some(listed) => {
+                            let buckets = listed.into_iter().rev().filter(|bucket| *bucket <= below);
+                            self.read_buckets(channel, history, buckets, bound, limit, &mut out).await?;
+                        }
+                        None => {
+                            let buckets = (oldest..=below.min(newest_bucket())).rev();
+                            self.read_buckets(channel, history, buckets, bound, limit, &mut out).await?;
+                        }
+                    }
+                }
             }
             Page::After(id) => {
-                let first = bucket_of(id);
-                let buckets = first..=newest_bucket().max(first);
-                self.scan_history(channel, &self.prepared.history_after, to_cql(id), buckets, limit).await
+                let (first, bound) = (bucket_of(id), to_cql(id));
+                let history = &self.prepared.history_after;
+                if first < listed_from {
+                    match self.legacy_buckets(channel).await? {
+                        Some(listed) => {
+                            let buckets = listed.into_iter().filter(|bucket| *bucket >= first);
+                            self.read_buckets(channel, history, buckets, bound, limit, &mut out).await?;
+                        }
+                        None => {
+                            let buckets = first..=(listed_from - 1).min(newest_bucket());
+                            self.read_buckets(channel, history, buckets, bound, limit, &mut out).await?;
+                        }
+                    }
+                }
+                if out.len() < limit {
+                    let list = (&self.prepared.buckets_up, (channel, first.max(listed_from), i32::MAX));
+                    self.read_listed(channel, list, history, bound, limit, &mut out).await?;
+                }
             }
         }
+        out.truncate(limit);
+        Ok(out)
     }
 
     async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.message, (channel, bucket_of(id), to_cql(id)))
-            .await
-            .map_err(unavailable("read message"))?;
+        let result = self.run(&self.prepared.message, (channel, bucket_of(id), to_cql(id)), "read message").await?;
         let rows: Vec<MessageRow> = decode(result, "decode message")?;
         Ok(rows.into_iter().next().map(|row| message_of(channel, row)))
     }
@@ -813,11 +1201,7 @@ impl Store for ScyllaStore {
     }
 
     async fn group(&self, id: &str) -> StoreResult<Option<Group>> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.select_group, (id,))
-            .await
-            .map_err(unavailable("read group"))?;
+        let result = self.run(&self.prepared.select_group, (id,), "read group").await?;
         let rows: Vec<(String, String, i64)> = decode(result, "decode group")?;
         Ok(rows.into_iter().next().map(|(name, owner, created_at_ms)| Group {
             id: id.to_owned(),
@@ -844,12 +1228,7 @@ impl Store for ScyllaStore {
     }
 
     async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.select_members, (group,))
-            .await
-            .map_err(unavailable("read members"))?;
-        let rows: Vec<(String,)> = decode(result, "decode members")?;
+        let rows: Vec<(String,)> = self.read_pages(&self.prepared.select_members, (group,), "read members").await?;
         // Clustering order is byte order already; sorting keeps the contract
         // independent of the server's collation.
         let mut members: Vec<String> = rows.into_iter().map(|(user,)| user).collect();
@@ -858,12 +1237,8 @@ impl Store for ScyllaStore {
     }
 
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
-        let result = self
-            .session
-            .execute_unpaged(&self.prepared.select_user_channels, (user,))
-            .await
-            .map_err(unavailable("read channels"))?;
-        let rows: Vec<(String,)> = decode(result, "decode channels")?;
+        let rows: Vec<(String,)> =
+            self.read_pages(&self.prepared.select_user_channels, (user,), "read channels").await?;
         let mut channels: Vec<String> = rows.into_iter().map(|(channel,)| channel).collect();
         channels.sort();
         Ok(channels)
@@ -893,10 +1268,47 @@ mod tests {
         assert!(!valid_keyspace(&"a".repeat(49)));
     }
 
+    /// Scans "up to now" reach the bucket of an id minted by a clock up to
+    /// [`CLOCK_SKEW_MS`] ahead, also a minute before a month boundary (when
+    /// that id is in the next month), and no further than that.
     #[test]
-    fn buckets_cover_now() {
-        assert!(oldest_bucket() <= newest_bucket());
-        assert!(bucket_of(ids::first_id_at(ids::now_ms())) <= newest_bucket());
+    fn newest_bucket_covers_a_fast_clock_at_a_month_boundary() {
+        let next = current_bucket() + 1;
+        let boundary_ms = i64::from(next) * crate::store::BUCKET_MS;
+        assert_eq!(bucket_of(ids::first_id_at(boundary_ms)), next);
+        assert_eq!(bucket_of(ids::first_id_at(boundary_ms - 1)), next - 1);
+
+        // A clock four minutes fast (NTP gone wrong, within the allowance).
+        let minute_before = boundary_ms - 60_000;
+        let fast_id = ids::first_id_at(minute_before + 4 * 60_000);
+        assert_eq!(bucket_of(fast_id), next, "a fast clock is already in the next month");
+        assert_eq!(newest_bucket_at(minute_before), next, "and the scans reach it");
+
+        let mid_month = boundary_ms - crate::store::BUCKET_MS / 2;
+        assert_eq!(newest_bucket_at(mid_month), next - 1, "no further than a fast clock can be");
+        assert!(oldest_bucket() <= newest_bucket_at(mid_month));
+    }
+
+    #[test]
+    fn listed_buckets_remember_the_newest_per_channel_within_a_bound() {
+        let listed = ListedBuckets::default();
+        assert!(!listed.contains("g:1", 700));
+        listed.insert("g:1", 700);
+        assert!(listed.contains("g:1", 700));
+        assert!(!listed.contains("g:1", 701), "another month is listed anew");
+        assert!(!listed.contains("g:2", 700), "another channel is listed anew");
+        listed.insert("g:1", 701);
+        assert!(listed.contains("g:1", 701) && !listed.contains("g:1", 700));
+
+        for n in 1..LISTED_BUCKETS_CAP {
+            listed.insert(&format!("g:n{n}"), 700);
+        }
+        assert!(listed.contains("g:1", 701), "full, but nothing new yet");
+        listed.insert("g:1", 702);
+        assert!(listed.contains("g:n1", 700), "a known channel does not clear it");
+        listed.insert("g:one-too-many", 700);
+        assert!(!listed.contains("g:n1", 700), "a new channel past the bound starts over");
+        assert!(listed.contains("g:one-too-many", 700));
     }
 
     #[tokio::test]

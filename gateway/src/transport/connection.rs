@@ -165,8 +165,13 @@ fn write<'a>(
                 Poll::Ready(Ok(kick))
             }
             Poll::Ready(_) => Poll::Ready(Err(Broken)),
-            // Kicked while the socket is full: stop waiting for it.
-            Poll::Pending => outbox.poll_kicked(cx).map(|kick| Ok(Some(kick))),
+            // Kicked while the socket is full: stop waiting for it (but a
+            // drain's farewell is written: that client is not stalled).
+            Poll::Pending if kick.is_none() => match outbox.poll_kicked(cx) {
+                Poll::Ready(Kick::Reconnect) | Poll::Pending => Poll::Pending,
+                Poll::Ready(kick) => Poll::Ready(Ok(Some(kick))),
+            },
+            Poll::Pending => Poll::Pending,
         }
     })
 }
@@ -472,9 +477,23 @@ pub fn serve(mut accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
             };
             outcome = write(&mut socket, &registration.outbox, &gateway, first).await;
         }
+        if matches!(outcome, Ok(Some(Kick::Reconnect)))
+            && let Some(pending) = state.pending.take()
+        {
+            // Sent away by a drain with a request in flight: its reply goes
+            // out before the close, so the client knows whether to retry.
+            let deadline = gateway.chat.config().write_deadline + Duration::from_secs(1);
+            if let Ok(handled) = tokio::time::timeout(deadline, pending).await {
+                state.queued.extend(handled.fan_out);
+                if let Some(reply) = handled.reply {
+                    let reply = std::iter::once(WsMessage::Text(text_frame(&reply)));
+                    let _ = send(&mut socket, reply, &gateway, false).await;
+                }
+            }
+        }
         let closing = closing.or(match outcome {
             Ok(Some(Kick::LoggedOut)) => Some(close::LOGGED_OUT),
-            Ok(Some(Kick::GoingAway)) => Some(close::GOING_AWAY),
+            Ok(Some(Kick::GoingAway | Kick::Reconnect)) => Some(close::GOING_AWAY),
             Ok(Some(Kick::SlowConsumer)) => {
                 let session = &state.session;
                 tracing::info!(user = %session.user, device = %session.device, "closing a connection that stopped reading");

@@ -7,8 +7,11 @@
 //! - [`socket`]: the WebSocket protocol on the TCP stream, holding no state
 //!   between messages.
 
+pub mod admin;
 pub mod auth;
 pub mod connection;
+pub mod discovery;
+pub mod drain;
 pub mod socket;
 
 use std::convert::Infallible;
@@ -70,11 +73,52 @@ pub struct Gateway {
     pub ready: Arc<AtomicBool>,
     /// One permit per open connection (`maxConnections`).
     pub connection_slots: Arc<Semaphore>,
+    /// Who this gateway is, for discovery and the operator.
+    pub identity: Identity,
+    pub drain: drain::Drain,
+    /// What a drain uses when the caller (or SIGTERM) gives no parameters.
+    pub drain_defaults: drain::DrainParams,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
 
+/// Who a gateway is.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// The gateway id (its pod name).
+    pub pod: String,
+    /// The WebSocket URL clients use to reach it.
+    pub url: String,
+    pub version: String,
+    pub started_at_ms: i64,
+    /// `maxConnections`.
+    pub capacity: usize,
+}
+
 impl Gateway {
+    /// Accepting connections: started, not draining, not stopping.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.shutdown.is_cancelled() && !self.drain.is_draining()
+    }
+
+    /// This gateway's load now.
+    pub fn load(&self) -> crate::broker::GatewayLoad {
+        crate::broker::GatewayLoad {
+            pod: self.identity.pod.clone(),
+            url: self.identity.url.clone(),
+            connections: u64::try_from(self.metrics.connections.get()).unwrap_or(0),
+            capacity: self.identity.capacity as u64,
+            ready: self.is_ready() && self.broker.may_mint_ids(),
+            draining: self.drain.is_draining(),
+            version: self.identity.version.clone(),
+        }
+    }
+
+    /// Hands the current load to the broker (for discovery).
+    pub fn report_load(&self) {
+        self.broker.report_load(self.load());
+    }
+
     /// WebSocket settings for frames up to `max_frame_bytes`.
     pub fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
         // Buffers exist only while a message moves (see [`socket`]). Reads
@@ -156,11 +200,9 @@ async fn route(request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
         (&Method::GET, WS_PATH) => upgrade(request, gateway),
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => readiness(&gateway),
-        (&Method::GET, "/metrics") => {
-            gateway.metrics.broker_healthy.set(i64::from(gateway.broker.healthy()));
-            respond(StatusCode::OK, "text/plain; version=0.0.4", gateway.metrics.render())
-        }
+        (&Method::GET, "/metrics") => metrics(&gateway),
         (&Method::GET, "/dev/token") if gateway.dev_tokens => dev_token(&request, &gateway),
+        (&Method::GET, "/v1/discovery") => discover(&gateway).await,
         _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }
 }
@@ -170,9 +212,12 @@ async fn route(request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
 /// store does not fail readiness: every gateway shares them, so failing it
 /// would take the whole cluster out of its Service at once, while sends are
 /// refused with a clear code (store) or still work (Redis).
-fn readiness(gateway: &Gateway) -> HttpResponse {
+pub(crate) fn readiness(gateway: &Gateway) -> HttpResponse {
     if !gateway.ready.load(Ordering::Relaxed) || gateway.shutdown.is_cancelled() {
         return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
+    }
+    if gateway.drain.is_draining() {
+        return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: draining\n");
     }
     if !gateway.broker.may_mint_ids() {
         return respond(
@@ -194,6 +239,27 @@ fn readiness(gateway: &Gateway) -> HttpResponse {
     } else {
         respond(StatusCode::OK, "text/plain", format!("ready, degraded: {}\n", degraded.join("; ")))
     }
+}
+
+pub(crate) fn metrics(gateway: &Gateway) -> HttpResponse {
+    gateway.metrics.broker_healthy.set(i64::from(gateway.broker.healthy()));
+    respond(StatusCode::OK, "text/plain; version=0.0.4", gateway.metrics.render())
+}
+
+/// `GET /v1/discovery`: where a client should connect (see [`discovery`]).
+async fn discover(gateway: &Gateway) -> HttpResponse {
+    let mut loads = match gateway.broker.gateway_loads().await {
+        Ok(loads) => loads,
+        Err(e) => {
+            return json_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &format!("gateways unknown: {e}"));
+        }
+    };
+    // This gateway's own entry as of now, not as of its last report.
+    loads.retain(|g| g.pod != gateway.identity.pod);
+    loads.push(gateway.load());
+    let mut seed = crate::ids::now_ms().unsigned_abs() ^ u64::from(std::process::id());
+    let answer = discovery::discovery(&loads, &mut seed);
+    respond(StatusCode::OK, "application/json", serde_json::to_string(&answer).unwrap_or_default())
 }
 
 fn dev_token(request: &Request<Incoming>, gateway: &Gateway) -> HttpResponse {
@@ -227,6 +293,13 @@ fn upgrade(mut request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
     };
     if gateway.shutdown.is_cancelled() {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "going_away", "gateway shutting down; use another");
+    }
+    if gateway.drain.is_draining() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this gateway is draining; ask GET /v1/discovery for another",
+        );
     }
     let claims = match token_from(request.headers(), request.uri().query()).ok_or(AuthError::Missing) {
         Ok(token) => gateway.auth.verify(&token),

@@ -287,10 +287,14 @@ mod tests {
         }
     }
 
+    /// The hash lands in the pod template: if a new operator version hashed
+    /// the same config differently, upgrading the operator would roll every
+    /// gateway. So the values are pinned (the first 8 bytes of SHA-256; the
+    /// empty input's is the standard test vector), not compared with themselves.
     #[test]
     fn content_hash_is_stable() {
-        assert_eq!(content_hash(b"kubechat"), content_hash(b"kubechat"));
+        assert_eq!(content_hash(b""), "e3b0c44298fc1c14");
+        assert_eq!(content_hash(b"kubechat"), "3a0507ac332fafe7");
         assert_ne!(content_hash(b"kubechat"), content_hash(b"kubechat2"));
-        assert_eq!(content_hash(b"").len(), 16);
     }
 }

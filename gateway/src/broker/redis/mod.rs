@@ -39,7 +39,7 @@ use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Broker, BrokerError, Frame, LocalDelivery, Routed};
+use super::{Broker, BrokerError, Frame, GatewayLoad, LocalDelivery, Routed};
 use crate::ids::now_ms;
 use wire::{GATEWAYS, ResyncScope, deliver_channel, encode_forward, gateway_sessions_key, seen_key, sessions_key};
 
@@ -140,6 +140,12 @@ pub struct RedisBroker {
     worker_lost: AtomicBool,
     /// Last confirmed ownership of the worker id (ms on the wall clock).
     worker_renewed_ms: AtomicI64,
+    /// This gateway's load as last reported.
+    load: Mutex<Option<GatewayLoad>>,
+    /// Wakes the lease task to publish a load whose state changed.
+    load_changed: Notify,
+    /// Every live gateway's load, read at most every second.
+    loads: RwLock<(tokio::time::Instant, Vec<GatewayLoad>)>,
     /// Live gateways, refreshed at most every second (for transitions and
     /// reaping; routing reads leases and sessions atomically instead).
     alive: RwLock<(tokio::time::Instant, HashSet<String>)>,
@@ -179,6 +185,9 @@ impl RedisBroker {
             epoch_ms: AtomicI64::new(0),
             worker_lost: AtomicBool::new(false),
             worker_renewed_ms: AtomicI64::new(0),
+            load: Mutex::new(None),
+            load_changed: Notify::new(),
+            loads: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), Vec::new())),
             alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), HashSet::new())),
             live_sessions: redis::Script::new(wire::LIVE_SESSIONS_SCRIPT),
         });
@@ -447,6 +456,41 @@ impl Broker for RedisBroker {
 
     fn sessions_unrecorded(&self) {
         self.unregistered(false);
+    }
+
+    fn uses_redis(&self) -> bool {
+        true
+    }
+
+    fn report_load(&self, load: GatewayLoad) {
+        let mut current = self.load.lock().unwrap_or_else(|p| p.into_inner());
+        let state_changed = current.as_ref().is_none_or(|old| old.ready != load.ready || old.draining != load.draining);
+        *current = Some(load);
+        drop(current);
+        if state_changed {
+            self.load_changed.notify_one();
+        }
+    }
+
+    async fn gateway_loads(&self) -> Result<Vec<GatewayLoad>, BrokerError> {
+        {
+            let cached = self.loads.read().await;
+            if cached.0.elapsed() < Duration::from_secs(1) {
+                return Ok(cached.1.clone());
+            }
+        }
+        self.check_reachable()?;
+        let alive = self.alive_gateways().await?;
+        let all: HashMap<String, String> =
+            self.conn().hgetall(wire::GATEWAY_LOADS).await.map_err(unavailable("reading gateway loads"))?;
+        let mut loads: Vec<GatewayLoad> = all
+            .into_iter()
+            .filter(|(gateway, _)| alive.contains(gateway))
+            .filter_map(|(_, json)| serde_json::from_str(&json).ok())
+            .collect();
+        loads.sort_by(|a, b| a.pod.cmp(&b.pod));
+        *self.loads.write().await = (tokio::time::Instant::now(), loads.clone());
+        Ok(loads)
     }
 
     fn resync_elsewhere(&self, users: &[String]) {

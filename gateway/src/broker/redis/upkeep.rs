@@ -127,8 +127,13 @@ impl RedisBroker {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(every) => {}
+                // Draining or readiness changed: discovery should know now.
+                () = self.load_changed.notified() => {
+                    let _ = self.publish_load().await;
+                    continue;
+                }
             }
-            match self.renew_lease().await {
+            match self.renew_lease().await.and(self.publish_load().await) {
                 Err(e) if !failing => {
                     failing = true;
                     tracing::warn!(error = %e, "gateway lease not renewed; retrying every {every:?}");
@@ -143,6 +148,18 @@ impl RedisBroker {
         }
         // The lease is left to expire: the reaper then ends this gateway's
         // sessions exactly as after a crash (after the offline timeout).
+    }
+
+    /// Writes this gateway's last reported load for discovery.
+    async fn publish_load(&self) -> Result<(), BrokerError> {
+        let Some(load) = self.load.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return Ok(()) };
+        let json = serde_json::to_string(&load).map_err(|e| BrokerError(format!("encoding the load: {e}")))?;
+        let _: () = self
+            .conn()
+            .hset(wire::GATEWAY_LOADS, &self.config.gateway_id, json)
+            .await
+            .map_err(unavailable("publishing the gateway load"))?;
+        Ok(())
     }
 
     /// Subscribes to this gateway's channel, membership changes and resync
@@ -429,6 +446,8 @@ impl RedisBroker {
             }
             let _: () =
                 conn.del(gateway_sessions_key(&gateway)).await.map_err(unavailable("clearing a dead gateway"))?;
+            let _: () =
+                conn.hdel(wire::GATEWAY_LOADS, &gateway).await.map_err(unavailable("clearing a dead gateway"))?;
             let _: () = conn.zrem(GATEWAYS, &gateway).await.map_err(unavailable("removing a dead gateway"))?;
             tracing::info!(%gateway, "reaped a dead gateway's sessions");
         }

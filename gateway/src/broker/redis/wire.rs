@@ -9,6 +9,8 @@ pub const GATEWAYS: &str = "kubechat:gateways";
 /// this key gone). Until every gateway had the time to re-register, a user
 /// without sessions may just not be re-registered yet: presence is unknown.
 pub const EPOCH: &str = "kubechat:epoch";
+/// Hash: gateway id → its [`GatewayLoad`](crate::broker::GatewayLoad) as JSON.
+pub const GATEWAY_LOADS: &str = "kubechat:gateway-load";
 pub const GROUPS_CHANGED: &str = "kubechat:groups-changed";
 /// Pub/sub: `{gateway}\n{user1,user2,…}` (or `*`): forwards from that gateway
 /// to these users may have been lost; their connections should sync.

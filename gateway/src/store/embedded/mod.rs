@@ -175,6 +175,13 @@ impl EmbeddedStore {
         self.write(Op::AckPush { seq }).await.map(drop)
     }
 
+    /// Write-ahead log records (one `fdatasync` each) appended since the
+    /// store opened: fewer than the writes when concurrent writes share a
+    /// commit.
+    pub fn log_records(&self) -> u64 {
+        self.progress.logged_since_open()
+    }
+
     /// The largest message id ever stored (0 if none): the id generator's
     /// floor after a restart, in case the clock went backwards meanwhile.
     pub async fn max_id(&self) -> StoreResult<u64> {

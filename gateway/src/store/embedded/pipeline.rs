@@ -48,6 +48,8 @@ const APPLY_QUEUE: usize = 1024;
 
 /// Where the two threads stand, by log sequence number.
 pub struct Progress {
+    /// The newest record when the store opened.
+    opened_at: u64,
     /// The newest record logged and answered.
     acked: AtomicU64,
     /// The newest record applied to redb (visible to reads).
@@ -65,6 +67,7 @@ pub struct Progress {
 impl Progress {
     fn new(seq: u64) -> Self {
         Self {
+            opened_at: seq,
             acked: AtomicU64::new(seq),
             applied: AtomicU64::new(seq),
             durable: AtomicU64::new(seq),
@@ -81,6 +84,11 @@ impl Progress {
     fn fail(&self, why: String) {
         *self.failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(why);
         self.advanced.notify_waiters();
+    }
+
+    /// Log records appended since the store opened.
+    pub fn logged_since_open(&self) -> u64 {
+        self.acked.load(Ordering::Acquire).saturating_sub(self.opened_at)
     }
 
     /// Waits until every write answered so far is applied (readable).

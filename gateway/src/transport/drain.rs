@@ -1,0 +1,321 @@
+//! Draining a gateway: it stops being ready at once (new connections are
+//! refused and pointed at discovery), then moves its clients away at a
+//! bounded rate spread over a window: each gets a `reconnect` frame naming
+//! another gateway, the reply to any request it has in flight, and a close
+//! (1001). Whatever is still connected at the deadline is closed the same
+//! way. Nothing acknowledged is lost: clients sync from their cursor where
+//! they reconnect, and a session lingers for the offline timeout, so a user
+//! who reconnects elsewhere in time never looks offline.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::Gateway;
+use super::discovery::recommend;
+use crate::chat::hub::Kick;
+use crate::protocol::{ServerFrame, encode_shared};
+
+/// How a drain runs: the window and the rate bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainParams {
+    pub deadline: Duration,
+    pub max_reconnects_per_second: u32,
+}
+
+impl Default for DrainParams {
+    fn default() -> Self {
+        Self { deadline: Duration::from_secs(60), max_reconnects_per_second: 500 }
+    }
+}
+
+/// The body of `POST /v1/admin/drain` (every field optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DrainRequest {
+    pub deadline_seconds: Option<i64>,
+    pub max_reconnects_per_second: Option<i64>,
+}
+
+pub const MAX_DEADLINE_SECONDS: i64 = 3600;
+pub const MAX_RECONNECTS_PER_SECOND: i64 = 100_000;
+
+impl DrainRequest {
+    /// The parameters, defaults filled in; an error that says what is allowed.
+    pub fn params(&self, defaults: DrainParams) -> Result<DrainParams, String> {
+        let deadline = match self.deadline_seconds {
+            None => defaults.deadline,
+            Some(s) if (1..=MAX_DEADLINE_SECONDS).contains(&s) => Duration::from_secs(s.unsigned_abs()),
+            Some(s) => return Err(format!("deadlineSeconds must be 1 to {MAX_DEADLINE_SECONDS}, not {s}")),
+        };
+        let rate = match self.max_reconnects_per_second {
+            None => defaults.max_reconnects_per_second,
+            Some(r) if (1..=MAX_RECONNECTS_PER_SECOND).contains(&r) => u32::try_from(r).unwrap_or(u32::MAX),
+            Some(r) => {
+                return Err(format!("maxReconnectsPerSecond must be 1 to {MAX_RECONNECTS_PER_SECOND}, not {r}"));
+            }
+        };
+        Ok(DrainParams { deadline, max_reconnects_per_second: rate })
+    }
+}
+
+/// What `GET /v1/admin/drain` answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainProgress {
+    pub draining: bool,
+    /// Every client moved (or closed at the deadline).
+    pub finished: bool,
+    pub started_at_ms: Option<i64>,
+    pub deadline_at_ms: Option<i64>,
+    pub max_reconnects_per_second: Option<u32>,
+    pub connections_left: u64,
+    /// Clients sent away so far.
+    pub moved: u64,
+    /// The most clients sent away within one second so far.
+    pub observed_max_per_second: u64,
+}
+
+struct Run {
+    params: DrainParams,
+    started: Instant,
+    started_at_ms: i64,
+    moved: u64,
+    /// Clients sent away in each of the last whole seconds (for the observed rate).
+    per_second: VecDeque<(u64, u64)>,
+    observed_max_per_second: u64,
+    finished: bool,
+}
+
+/// The drain state of one gateway.
+#[derive(Default)]
+pub struct Drain {
+    run: Mutex<Option<Run>>,
+    finished: tokio::sync::Notify,
+}
+
+impl Drain {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Run>> {
+        self.run.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    pub fn progress(&self, connections_left: u64) -> DrainProgress {
+        let run = self.lock();
+        match run.as_ref() {
+            None => DrainProgress {
+                draining: false,
+                finished: false,
+                started_at_ms: None,
+                deadline_at_ms: None,
+                max_reconnects_per_second: None,
+                connections_left,
+                moved: 0,
+                observed_max_per_second: 0,
+            },
+            Some(run) => DrainProgress {
+                draining: true,
+                finished: run.finished,
+                started_at_ms: Some(run.started_at_ms),
+                deadline_at_ms: Some(
+                    run.started_at_ms + i64::try_from(run.params.deadline.as_millis()).unwrap_or(i64::MAX),
+                ),
+                max_reconnects_per_second: Some(run.params.max_reconnects_per_second),
+                connections_left,
+                moved: run.moved,
+                observed_max_per_second: run.observed_max_per_second,
+            },
+        }
+    }
+
+    /// Starts draining with `params` unless a drain runs already (a second
+    /// call does not restart the clock). True when this call started it.
+    pub fn start(gateway: &Arc<Gateway>, params: DrainParams) -> bool {
+        {
+            let mut run = gateway.drain.lock();
+            if run.is_some() {
+                return false;
+            }
+            *run = Some(Run {
+                params,
+                started: Instant::now(),
+                started_at_ms: crate::ids::now_ms(),
+                moved: 0,
+                per_second: VecDeque::new(),
+                observed_max_per_second: 0,
+                finished: false,
+            });
+        }
+        tracing::info!(
+            deadline = ?params.deadline,
+            max_reconnects_per_second = params.max_reconnects_per_second,
+            connections = gateway.chat.hub().connection_count(),
+            "draining: no new connections; moving clients to other gateways"
+        );
+        gateway.report_load();
+        // Not on the gateway's task tracker: a shutdown waits for the drain
+        // (SIGTERM), not the other way round.
+        tokio::spawn(run_drain(gateway.clone(), params));
+        true
+    }
+
+    /// Resolves once the drain finished (immediately if it has).
+    pub async fn finished(&self) {
+        loop {
+            let notified = self.finished.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().as_ref().is_some_and(|run| run.finished) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn note_moved(&self, n: u64) {
+        let mut guard = self.lock();
+        let Some(run) = guard.as_mut() else { return };
+        run.moved += n;
+        let second = run.started.elapsed().as_secs();
+        match run.per_second.back_mut() {
+            Some((s, count)) if *s == second => *count += n,
+            _ => run.per_second.push_back((second, n)),
+        }
+        if run.per_second.len() > 120 {
+            run.per_second.pop_front();
+        }
+        run.observed_max_per_second = run.per_second.iter().map(|(_, c)| *c).max().unwrap_or(0);
+    }
+
+    fn finish(&self) {
+        if let Some(run) = self.lock().as_mut() {
+            run.finished = true;
+        }
+        self.finished.notify_waiters();
+    }
+}
+
+/// How often the drain sends a batch away.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Sends clients away in batches every [`TICK`]: at the pace that empties
+/// the gateway by 80 % of the window, never faster than the bound (a token
+/// bucket refilled at that rate and holding at most one tick's worth, so no
+/// second ever sees more than the bound).
+async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
+    let deadline = Instant::now() + params.deadline;
+    let finish_by = Instant::now() + params.deadline.mul_f64(0.8);
+    let max_rate = f64::from(params.max_reconnects_per_second);
+    let mut pending = gateway.chat.hub().outboxes();
+    let mut tokens = 0.0_f64;
+    let mut last = Instant::now();
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        pending.retain(|outbox| !outbox.is_closing());
+        if pending.is_empty() {
+            // Connections that raced with the start of the drain, if any.
+            pending = gateway.chat.hub().outboxes();
+            pending.retain(|outbox| !outbox.is_closing());
+            if pending.is_empty() {
+                break;
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let left = pending.len() as u64;
+            let farewell = reconnect_frame(&gateway, "drain deadline reached").await;
+            for outbox in &pending {
+                outbox.farewell(&farewell, Kick::Reconnect);
+            }
+            gateway.drain.note_moved(left);
+            tracing::info!(closed = left, "drain deadline: closed the remaining connections");
+            break;
+        }
+        let time_left = finish_by.saturating_duration_since(now).max(TICK).as_secs_f64();
+        let rate = (pending.len() as f64 / time_left).clamp(1.0, max_rate);
+        let elapsed = now.duration_since(last).as_secs_f64();
+        last = now;
+        tokens = (tokens + rate * elapsed).min((max_rate * TICK.as_secs_f64()).max(1.0));
+        let batch = (tokens.floor() as usize).min(pending.len());
+        if batch == 0 {
+            continue;
+        }
+        tokens -= batch as f64;
+        let farewell = reconnect_frame(&gateway, "this gateway is draining").await;
+        for outbox in pending.drain(..batch) {
+            outbox.farewell(&farewell, Kick::Reconnect);
+        }
+        gateway.drain.note_moved(batch as u64);
+    }
+    tracing::info!(moved = gateway.drain.progress(0).moved, "drain finished");
+    gateway.drain.finish();
+    gateway.report_load();
+}
+
+/// The `reconnect` frame: the gateway discovery recommends now (never this
+/// one), and a random delay so clients do not arrive together.
+async fn reconnect_frame(gateway: &Gateway, reason: &str) -> crate::protocol::EncodedFrame {
+    let loads = gateway.broker.gateway_loads().await.unwrap_or_default();
+    let url = recommend(&loads, Some(&gateway.identity.pod), &mut rand_seed()).first().map(|g| g.url.clone());
+    encode_shared(&ServerFrame::Reconnect { url, reason: reason.to_string(), within_ms: 1000 })
+}
+
+fn rand_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Only spreads clients: a fixed seed if the system has no randomness is fine.
+    let _ = getrandom::fill(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_requests_are_checked() {
+        let defaults = DrainParams { deadline: Duration::from_secs(60), max_reconnects_per_second: 500 };
+        assert_eq!(DrainRequest::default().params(defaults), Ok(defaults));
+        let given = DrainRequest { deadline_seconds: Some(10), max_reconnects_per_second: Some(100) };
+        assert_eq!(
+            given.params(defaults),
+            Ok(DrainParams { deadline: Duration::from_secs(10), max_reconnects_per_second: 100 })
+        );
+        for bad in [
+            DrainRequest { deadline_seconds: Some(-1), max_reconnects_per_second: None },
+            DrainRequest { deadline_seconds: Some(0), max_reconnects_per_second: None },
+            DrainRequest { deadline_seconds: Some(86_400 * 365), max_reconnects_per_second: None },
+            DrainRequest { deadline_seconds: None, max_reconnects_per_second: Some(0) },
+            DrainRequest { deadline_seconds: None, max_reconnects_per_second: Some(i64::MAX) },
+        ] {
+            let error = bad.params(defaults).expect_err("refused");
+            assert!(error.contains("must be"), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_observed_rate_counts_per_second() {
+        let drain = Drain::default();
+        *drain.lock() = Some(Run {
+            params: DrainParams::default(),
+            started: Instant::now(),
+            started_at_ms: 0,
+            moved: 0,
+            per_second: VecDeque::new(),
+            observed_max_per_second: 0,
+            finished: false,
+        });
+        drain.note_moved(3);
+        drain.note_moved(4);
+        let progress = drain.progress(10);
+        assert_eq!((progress.moved, progress.observed_max_per_second, progress.connections_left), (7, 7, 10));
+        assert!(progress.draining && !progress.finished);
+    }
+}
