@@ -71,7 +71,8 @@ pub fn interval(cc: &ChatCluster) -> Duration {
     Duration::from_secs(u64::try_from(cc.spec.gateway.discovery.interval_seconds).unwrap_or(1).max(1))
 }
 
-/// Per-request timeout: half an interval, between 200 ms and 2 s.
+/// Per-request timeout: half an interval (a timed-out poll is retried once
+/// in the same round), between 200 ms and 2 s.
 pub fn poll_timeout(interval: Duration) -> Duration {
     (interval / 2).clamp(Duration::from_millis(200), Duration::from_secs(2))
 }
@@ -341,7 +342,13 @@ impl Round {
                     Err(e) => Err(e),
                     Ok(addr) => {
                         let _permit = permits.acquire_owned().await;
-                        poll::read_load(addr, timeout).await.and_then(|r| same_pod(pod, r))
+                        // One retry after a timeout (a pause, a busy node) before the
+                        // gateway counts as unreachable; a refusal is final.
+                        let polled = match poll::read_load(addr, timeout).await {
+                            Err(PollError::Timeout(_)) => poll::read_load(addr, timeout).await,
+                            other => other,
+                        };
+                        polled.and_then(|r| same_pod(pod, r))
                     }
                 };
                 let result = polled.as_ref().map_or_else(PollError::label, |_| "ok");
