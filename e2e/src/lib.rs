@@ -6,13 +6,18 @@
 //!   with a message naming the missing component and the script that starts it.
 //! - [`cluster`]: the CRD, throw-away namespaces, an in-process operator and polling.
 //! - [`tools`]: the pinned `kubectl` and `helm` binaries built by `e2e/local`.
+//! - [`kubelet`]: runs a real gateway process for each gateway Pod (on its
+//!   loopback Pod IP), since kwok's nodes run nothing.
+//! - [`client`]: WebSocket clients that hold connections open, and tokens for them.
 //!
 //! The addresses come from the environment `e2e/test.sh` exports (see
 //! `e2e/local/env.sh`); the defaults match the ports in `e2e/local/lib.sh`, so
 //! `cargo test` also works against components started by hand.
 
+pub mod client;
 pub mod cluster;
 pub mod components;
+pub mod kubelet;
 pub mod tools;
 
 /// A name unique to this test process and call, for namespaces, keys and

@@ -1,0 +1,397 @@
+//! Discovery end to end: the operator (in-process, the production code
+//! path) polls real gateway processes and publishes the endpoint ConfigMap.
+//!
+//! Each test runs a ChatCluster of three gateways whose Redis and Cassandra
+//! are the local ones (a Redis database and a keyspace of its own), on the
+//! local control plane. kwok gives the gateway Pods loopback IPs and the
+//! process kubelet (`kubechat_e2e::kubelet`) runs a `kubechat-gateway` for
+//! each, from the Pod's spec, bound to that IP. Clients are real WebSocket
+//! connections. A test binary of its own: its processes and minute of idle
+//! observation do not overlap the other suites.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, GatewayPorts, RedisSpec, ScyllaSpec};
+use kubechat_e2e::client::{LoadClient, Tokens};
+use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
+use kubechat_e2e::components::{connect_cql, connect_kube, cql_node, redis_url};
+use kubechat_e2e::kubelet::{ProcessKubelet, RunningPod};
+use kubechat_e2e::unique_name;
+use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
+use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
+use kubechat_operator::discovery::endpoints::{Endpoints, Policy};
+use kubechat_operator::discovery::poll::read_load;
+use serde_json::json;
+
+const GATEWAYS: usize = 3;
+const INTERVAL: Duration = Duration::from_secs(2);
+/// Small, so a few clients are a meaningful move (5 % of 100 = 5 connections).
+const CAPACITY: u64 = 100;
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Redis databases 1-15 are for suites that run gateways (their keys, such
+/// as worker-id leases, are not per test); one per test of this binary.
+fn redis_database() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let db = NEXT.fetch_add(1, Ordering::Relaxed);
+    assert!(db <= 15, "more tests than Redis databases");
+    db
+}
+
+fn free_port() -> u16 {
+    // Free on every address (0.0.0.0), so also on the Pod's loopback IP.
+    std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+struct Harness {
+    client: Client,
+    namespace: String,
+    name: String,
+    keyspace: String,
+    operator: RunningOperator,
+    kubelet: ProcessKubelet,
+    tokens: Tokens,
+    pods: Vec<RunningPod>,
+}
+
+impl Harness {
+    async fn start(prefix: &str) -> Self {
+        let client = connect_kube().await;
+        install_crd(&client).await;
+        let namespace = create_namespace(&client, prefix).await;
+        let name = "chat".to_string();
+
+        let db = redis_database();
+        let redis = format!("{}/{db}", redis_url());
+        let mut conn = redis::Client::open(redis.as_str()).and_then(|c| c.get_connection()).unwrap_or_else(|e| {
+            panic!("Redis is not reachable at {redis}: {e}; start it with `e2e/local/redis.sh start`")
+        });
+        redis::cmd("FLUSHDB").exec(&mut conn).expect("FLUSHDB");
+        // Gateways starting together would race on creating the schema.
+        let keyspace = unique_name(prefix).replace('-', "_");
+        let config = ScyllaConfig {
+            contact_points: vec![cql_node()],
+            keyspace: keyspace.clone(),
+            replication_factor: 1,
+            ..ScyllaConfig::default()
+        };
+        ScyllaStore::connect(config).await.unwrap_or_else(|e| {
+            panic!("Cassandra (CQL) is not usable at {}: {e}; start it with `e2e/local/cassandra.sh start`", cql_node())
+        });
+
+        let mut spec = ChatClusterSpec {
+            redis: RedisSpec { managed: None, external: Some(ExternalRedis { url: redis, password_secret: None }) },
+            scylla: ScyllaSpec {
+                managed: None,
+                external: Some(ExternalScylla {
+                    contact_points: vec![cql_node()],
+                    credentials_secret: None,
+                    local_datacenter: None,
+                }),
+                keyspace: keyspace.clone(),
+                replication_factor: Some(1),
+            },
+            ..ChatClusterSpec::default()
+        };
+        spec.gateway.replicas = GATEWAYS as i32;
+        spec.gateway.max_connections_per_pod = CAPACITY as i64;
+        spec.gateway.ports = GatewayPorts { websocket: i32::from(free_port()), admin: i32::from(free_port()) };
+        spec.gateway.discovery.interval_seconds = INTERVAL.as_secs() as i32;
+        spec.push_workers.replicas = 0;
+
+        let operator = RunningOperator::start(&client, &namespace, None);
+        let kubelet = ProcessKubelet::start(&client, &namespace, &name);
+        Api::<ChatCluster>::namespaced(client.clone(), &namespace)
+            .create(&PostParams::default(), &ChatCluster::new(&name, spec))
+            .await
+            .expect("create the ChatCluster");
+        let pods = kubelet.wait_ready(GATEWAYS, Duration::from_secs(120)).await;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+        let key = secrets
+            .get(&format!("{name}-auth"))
+            .await
+            .expect("the generated signing key")
+            .data
+            .unwrap_or_default()["signing-key"]
+            .0
+            .clone();
+        Self { client, namespace, name, keyspace, operator, kubelet, tokens: Tokens::new(&key), pods }
+    }
+
+    fn config_maps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn endpoints_name(&self) -> String {
+        format!("{}-endpoints", self.name)
+    }
+
+    /// The published list and the ConfigMap's resourceVersion.
+    async fn endpoints(&self) -> Option<(Endpoints, String)> {
+        let cm = self.config_maps().get(&self.endpoints_name()).await.ok()?;
+        let version = cm.resource_version()?;
+        Some((Endpoints::parse(cm.data?.get(ENDPOINTS_KEY)?)?, version))
+    }
+
+    /// Polls the ConfigMap until `check` holds; panics with the last list.
+    async fn wait_endpoints(&self, timeout: Duration, what: &str, check: impl Fn(&Endpoints) -> bool) -> Endpoints {
+        let found = wait_for(timeout, || async { self.endpoints().await.map(|(e, _)| e).filter(|e| check(e)) }).await;
+        match found {
+            Some(endpoints) => endpoints,
+            None => {
+                let last = self.endpoints().await.map(|(e, _)| e);
+                panic!(
+                    "endpoint list not {what} within {timeout:?}; last: {last:#?}\ngateways: {}",
+                    self.kubelet.describe()
+                )
+            }
+        }
+    }
+
+    async fn cluster(&self) -> ChatCluster {
+        Api::<ChatCluster>::namespaced(self.client.clone(), &self.namespace).get(&self.name).await.expect("ChatCluster")
+    }
+
+    /// Connections each gateway reports itself (0 for one that does not answer).
+    async fn real_connections(&self) -> Vec<u64> {
+        let mut counts = Vec::new();
+        for pod in &self.pods {
+            counts.push(read_load(pod.admin, Duration::from_secs(2)).await.map_or(0, |l| l.connections));
+        }
+        counts
+    }
+
+    async fn connect(&self, pod: usize, user: &str) -> LoadClient {
+        let url = self.pods[pod].url();
+        let token = self.tokens.mint(user, "load");
+        LoadClient::connect(&url, &token, HEARTBEAT).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn stop(self) {
+        assert_eq!(self.operator.errors(), 0, "reconcile errors");
+        self.kubelet.stop().await;
+        self.operator.stop().await;
+        delete_namespace(&self.client, &self.namespace).await;
+        let session = connect_cql().await;
+        let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), ()).await;
+    }
+}
+
+fn connections(e: &Endpoints) -> Vec<u64> {
+    e.gateways.iter().map(|g| g.connections).collect()
+}
+
+/// How long a list may lag behind a load that moved by less than the
+/// threshold: the policy's wait for small moves, plus a round and a write.
+fn small_move_bound() -> Duration {
+    Policy::new(INTERVAL).small_change_every + INTERVAL * 2
+}
+
+#[tokio::test]
+async fn the_list_shows_each_gateways_real_load_and_drops_a_killed_one_within_two_intervals() {
+    let h = Harness::start("disc-list").await;
+
+    // Three ready gateways, each at its Pod's IP, as the gateways describe themselves.
+    let listed = h
+        .wait_endpoints(INTERVAL * 5, "listing 3 ready gateways", |e| {
+            e.gateways.len() == GATEWAYS && e.gateways.iter().all(|g| g.ready)
+        })
+        .await;
+    for (gateway, pod) in listed.gateways.iter().zip(&h.pods) {
+        assert_eq!(gateway.pod, pod.name);
+        assert_eq!(gateway.url, pod.url(), "the address clients use: the Pod IP and websocket port");
+        assert_eq!(gateway.capacity, CAPACITY);
+        assert_eq!(gateway.version, env!("CARGO_PKG_VERSION"));
+        assert!(!gateway.draining);
+    }
+
+    // Real load: 6, 9 and 12 clients, each gateway above the 5-connection threshold.
+    let wanted = [6_u64, 9, 12];
+    let mut clients = Vec::new();
+    for (pod, count) in wanted.iter().enumerate() {
+        for i in 0..*count {
+            clients.push((pod, h.connect(pod, &format!("u{pod}-{i}")).await));
+        }
+    }
+    let connected = Instant::now();
+    let shown = h.wait_endpoints(small_move_bound(), "showing 6/9/12 connections", |e| connections(e) == wanted).await;
+    println!("load published {} ms after the last client connected", connected.elapsed().as_millis());
+    assert_eq!(h.real_connections().await, wanted, "the gateways' own counts");
+    assert!(shown.gateways.iter().all(|g| g.ready));
+    let expected_pods: Vec<(String, i64)> =
+        h.pods.iter().zip(wanted).map(|(p, n)| (p.name.clone(), n as i64)).collect();
+    let statused = wait_for(INTERVAL * 3, || async {
+        let status = h.cluster().await.status?;
+        let pods: Vec<(String, i64)> = status.gateway_pods.iter().map(|g| (g.pod.clone(), g.connections)).collect();
+        (status.connections == 27 && pods == expected_pods).then_some(())
+    })
+    .await;
+    assert!(statused.is_some(), "status: {:#?}", h.cluster().await.status);
+
+    // A reconcile (the ChatCluster touched) leaves the list alone.
+    let (before, version) = h.endpoints().await.expect("the list");
+    let reconciled = h.operator.metrics.duration.get_sample_count();
+    Api::<ChatCluster>::namespaced(h.client.clone(), &h.namespace)
+        .patch(&h.name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"t": "1"}}})))
+        .await
+        .expect("annotate");
+    let done = wait_for(Duration::from_secs(20), || async {
+        (h.operator.metrics.duration.get_sample_count() > reconciled).then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "no reconcile after the ChatCluster changed");
+    let (after, after_version) = h.endpoints().await.expect("the list");
+    assert_eq!((after, after_version), (before, version), "a reconcile rewrote the endpoint list");
+
+    // SIGKILL one gateway: listed as not ready, without connections, within two intervals.
+    let victim = h.pods[1].name.clone();
+    h.kubelet.kill(&victim);
+    let killed = Instant::now();
+    let gone = h
+        .wait_endpoints(INTERVAL * 4, "showing the killed gateway not ready", |e| {
+            e.gateways.iter().find(|g| g.pod == victim).is_none_or(|g| !g.ready && g.connections == 0)
+        })
+        .await;
+    let detected = killed.elapsed();
+    println!("SIGKILLed gateway shown not ready after {} ms (interval {INTERVAL:?})", detected.as_millis());
+    assert!(detected <= INTERVAL * 2, "took {detected:?}, more than two intervals");
+    assert_eq!(gone.gateways.len(), GATEWAYS, "a Pod that still exists stays listed");
+    assert!(gone.gateways.iter().filter(|g| g.pod != victim).all(|g| g.ready));
+    let orphans_closed = wait_for(Duration::from_secs(10), || async {
+        clients.iter().filter(|(pod, _)| *pod == 1).all(|(_, c)| c.is_closed()).then_some(())
+    })
+    .await;
+    assert!(orphans_closed.is_some(), "the killed gateway's clients are still connected");
+    let statused =
+        wait_for(INTERVAL * 3, || async { (h.cluster().await.status?.connections == 18).then_some(()) }).await;
+    assert!(statused.is_some(), "status after the kill: {:#?}", h.cluster().await.status);
+
+    drop(clients);
+    h.stop().await;
+}
+
+/// Every change of the ConfigMap seen by a watch: (when, resourceVersion, list).
+type Changes = Arc<Mutex<Vec<(Instant, String, Option<Endpoints>)>>>;
+
+fn watch_changes(api: Api<ConfigMap>, name: &str) -> (Changes, tokio::task::JoinHandle<()>) {
+    let changes: Changes = Arc::default();
+    let seen = changes.clone();
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let task = tokio::spawn(async move {
+        let mut objects = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+        while let Some(object) = objects.next().await {
+            let Ok(cm) = object else { continue };
+            let version = cm.resource_version().unwrap_or_default();
+            let doc = cm.data.as_ref().and_then(|d| d.get(ENDPOINTS_KEY)).and_then(|t| Endpoints::parse(t));
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            // A re-list repeats the current version: not a change.
+            if seen.last().is_none_or(|(_, v, _)| *v != version) {
+                seen.push((Instant::now(), version, doc));
+            }
+        }
+    });
+    (changes, task)
+}
+
+fn changes_between(changes: &Changes, from: Instant, to: Instant) -> Vec<Instant> {
+    let changes = changes.lock().unwrap_or_else(|e| e.into_inner());
+    changes.iter().map(|(at, _, _)| *at).filter(|at| *at > from && *at <= to).collect()
+}
+
+fn polls_ok(operator: &RunningOperator) -> u64 {
+    operator.metrics.polls.with_label_values(&["ok"]).get()
+}
+
+/// Triangle wave between 0 and `peak` with period `period`, shifted by `phase` (0..1).
+fn triangle(elapsed: Duration, period: Duration, phase: f64, peak: f64) -> usize {
+    let x = (elapsed.as_secs_f64() / period.as_secs_f64() + phase).fract();
+    let y = if x < 0.5 { x * 2.0 } else { 2.0 - x * 2.0 };
+    (y * peak).round() as usize
+}
+
+#[tokio::test]
+async fn writes_follow_the_load_at_most_once_per_interval_and_stop_when_idle() {
+    const LOAD: Duration = Duration::from_secs(30);
+    const IDLE: Duration = Duration::from_secs(60);
+    let h = Harness::start("disc-rate").await;
+    h.wait_endpoints(INTERVAL * 5, "listing 3 ready gateways", |e| {
+        e.gateways.len() == GATEWAYS && e.gateways.iter().all(|g| g.ready)
+    })
+    .await;
+    let (changes, watch) = watch_changes(h.config_maps(), &h.endpoints_name());
+
+    // Steady load: every gateway's clients rise from 0 to 16 and fall back
+    // every 6 s (about 11 connects or disconnects per second in all), each
+    // gateway a third of a period apart: the list has something
+    // meaningful to publish at almost every poll.
+    let mut clients: Vec<Vec<LoadClient>> = (0..GATEWAYS).map(|_| Vec::new()).collect();
+    let mut next_user = 0;
+    let load_started = Instant::now();
+    while load_started.elapsed() < LOAD {
+        for (pod, open) in clients.iter_mut().enumerate() {
+            let target = triangle(load_started.elapsed(), Duration::from_secs(6), pod as f64 / 3.0, 16.0);
+            while open.len() > target {
+                open.pop();
+            }
+            while open.len() < target {
+                next_user += 1;
+                open.push(h.connect(pod, &format!("churn-{next_user}")).await);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let load_ended = Instant::now();
+    let during_load = changes_between(&changes, load_started, load_ended);
+    let gaps: Vec<Duration> = during_load.windows(2).map(|w| w[1] - w[0]).collect();
+    let min_gap = gaps.iter().min().copied().unwrap_or(LOAD);
+    let per_minute = during_load.len() as f64 * 60.0 / LOAD.as_secs_f64();
+    println!(
+        "steady load: {} writes in {LOAD:?} ({per_minute:.1}/min, one per {INTERVAL:?} interval allowed), \
+         shortest gap {} ms, {next_user} connects",
+        during_load.len(),
+        min_gap.as_millis()
+    );
+    // The watch sees a write some milliseconds after it happens; that jitter
+    // is all the slack there is.
+    assert!(min_gap >= INTERVAL.mul_f64(0.9), "two writes {min_gap:?} apart (interval {INTERVAL:?}): {gaps:?}");
+    assert!(
+        during_load.len() as f64 <= LOAD.as_secs_f64() / INTERVAL.as_secs_f64() + 1.0,
+        "{} writes in {LOAD:?}",
+        during_load.len()
+    );
+    assert!(during_load.len() >= 5, "the list did not follow the load: {} writes in {LOAD:?}", during_load.len());
+
+    // Idle: the clients stay connected, nothing changes. First let the list
+    // catch up with the last small moves, then watch it for a minute.
+    let real = h.real_connections().await;
+    h.wait_endpoints(small_move_bound(), "caught up with the load", |e| connections(e) == real).await;
+    let total: u64 = real.iter().sum();
+    let statused =
+        wait_for(INTERVAL * 3, || async { (h.cluster().await.status?.connections == total as i64).then_some(()) })
+            .await;
+    assert!(statused.is_some(), "status.connections is not {total}: {:#?}", h.cluster().await.status);
+    let idle_started = Instant::now();
+    let polls_before = polls_ok(&h.operator);
+    let version_before = h.endpoints().await.expect("the list").1;
+    tokio::time::sleep(IDLE).await;
+    let idle_ended = Instant::now();
+    let during_idle = changes_between(&changes, idle_started, idle_ended);
+    let polls = polls_ok(&h.operator) - polls_before;
+    println!("idle: {} writes in {IDLE:?}, {polls} successful polls", during_idle.len());
+    let expected_polls = (GATEWAYS as f64 * IDLE.as_secs_f64() / INTERVAL.as_secs_f64() * 0.8) as u64;
+    assert!(polls >= expected_polls, "only {polls} successful polls while idle: the loop was not polling");
+    assert!(during_idle.is_empty(), "the list was rewritten {} times while idle", during_idle.len());
+    assert_eq!(h.endpoints().await.expect("the list").1, version_before);
+    assert_eq!(h.real_connections().await, real, "the load changed while idle: the idle check proves nothing");
+
+    watch.abort();
+    drop(clients);
+    h.stop().await;
+}
