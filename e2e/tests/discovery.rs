@@ -328,7 +328,7 @@ async fn writes_follow_the_load_at_most_once_per_interval_and_stop_when_idle() {
     let (changes, watch) = watch_changes(h.config_maps(), &h.endpoints_name());
 
     // Steady load: every gateway's clients rise from 0 to 16 and fall back
-    // every 6 s (about 11 connects or disconnects per second in all), each
+    // every 6 s (about 16 connects or disconnects per second in all), each
     // gateway a third of a period apart: the list has something
     // meaningful to publish at almost every poll.
     let mut clients: Vec<Vec<LoadClient>> = (0..GATEWAYS).map(|_| Vec::new()).collect();
