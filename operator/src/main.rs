@@ -34,6 +34,9 @@ struct Args {
     /// This replica's identity (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Gateway load polls in flight at once, over all ChatClusters.
+    #[arg(long, env = "KUBECHAT_DISCOVERY_CONCURRENCY", default_value_t = 32)]
+    discovery_concurrency: usize,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "KUBECHAT_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
     log_json: bool,
@@ -82,7 +85,10 @@ async fn main() -> anyhow::Result<()> {
             renew_every: Duration::from_secs((args.lease_seconds / 3).max(1)),
         }),
         instance: Some(identity),
-        discovery: Default::default(),
+        discovery: kubechat_operator::discovery::Options {
+            max_concurrent_polls: args.discovery_concurrency.max(1),
+            ..Default::default()
+        },
     };
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));

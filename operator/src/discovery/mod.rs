@@ -18,7 +18,7 @@
 pub mod endpoints;
 pub mod poll;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,8 +110,10 @@ pub async fn run(
 }
 
 async fn log_watch_error<T>(event: Result<T, watcher::Error>) {
+    // Retried with backoff; a warning, since nothing is published until the
+    // caches fill (a missing RBAC rule for pods shows up here).
     if let Err(e) = event {
-        tracing::debug!(error = %e, "discovery watch error (retrying)");
+        tracing::warn!(error = %e, "discovery watch failed; retrying");
     }
 }
 
@@ -193,7 +195,9 @@ impl Loop {
                 });
             }
             // Forget deleted clusters once their round is over.
-            states.retain(|key, state| state.busy || live.iter().any(|cc| ObjectRef::from_obj(cc.as_ref()) == *key));
+            let keys: HashSet<ObjectRef<ChatCluster>> =
+                live.iter().map(|cc| ObjectRef::from_obj(cc.as_ref())).collect();
+            states.retain(|key, state| state.busy || keys.contains(key));
             let wake = states
                 .values()
                 .filter(|s| !s.busy)
