@@ -385,7 +385,9 @@ async fn writes_follow_the_load_at_most_once_per_interval_and_stop_when_idle() {
     let during_idle = changes_between(&changes, idle_started, idle_ended);
     let polls = polls_ok(&h.operator) - polls_before;
     println!("idle: {} writes in {IDLE:?}, {polls} successful polls", during_idle.len());
-    let expected_polls = (GATEWAYS as f64 * IDLE.as_secs_f64() / INTERVAL.as_secs_f64() * 0.8) as u64;
+    // Proof that the loop kept polling: at least half the polls due (timers
+    // run late on a busy 2-core machine; a stalled loop makes none).
+    let expected_polls = (GATEWAYS as f64 * IDLE.as_secs_f64() / INTERVAL.as_secs_f64() * 0.5) as u64;
     assert!(polls >= expected_polls, "only {polls} successful polls while idle: the loop was not polling");
     assert!(during_idle.is_empty(), "the list was rewritten {} times while idle", during_idle.len());
     assert_eq!(h.endpoints().await.expect("the list").1, version_before);
