@@ -231,7 +231,8 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
         let now = Instant::now();
         if now >= deadline {
             let left = pending.len() as u64;
-            let farewell = reconnect_frame(&gateway, "drain deadline reached").await;
+            // Everyone left goes at once: spread them over a second.
+            let farewell = reconnect_frame(&gateway, "drain deadline reached", 1000).await;
             for outbox in &pending {
                 outbox.farewell(&farewell, Kick::Reconnect);
             }
@@ -249,7 +250,10 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
             continue;
         }
         tokens -= batch as f64;
-        let farewell = reconnect_frame(&gateway, "this gateway is draining").await;
+        // A batch's clients spread over the tick: arrivals elsewhere follow
+        // the bounded rate instead of a longer delay smearing batches together.
+        let spread_ms = TICK.as_millis() as u64;
+        let farewell = reconnect_frame(&gateway, "this gateway is draining", spread_ms).await;
         for outbox in pending.drain(..batch) {
             outbox.farewell(&farewell, Kick::Reconnect);
         }
@@ -261,11 +265,11 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
 }
 
 /// The `reconnect` frame: the gateway discovery recommends now (never this
-/// one), and a random delay so clients do not arrive together.
-async fn reconnect_frame(gateway: &Gateway, reason: &str) -> crate::protocol::EncodedFrame {
+/// one), and a random delay (up to `within_ms`) so clients do not arrive together.
+async fn reconnect_frame(gateway: &Gateway, reason: &str, within_ms: u64) -> crate::protocol::EncodedFrame {
     let loads = gateway.broker.gateway_loads().await.unwrap_or_default();
     let url = recommend(&loads, Some(&gateway.identity.pod), &mut rand_seed()).first().map(|g| g.url.clone());
-    encode_shared(&ServerFrame::Reconnect { url, reason: reason.to_string(), within_ms: 1000 })
+    encode_shared(&ServerFrame::Reconnect { url, reason: reason.to_string(), within_ms })
 }
 
 fn rand_seed() -> u64 {
