@@ -417,9 +417,9 @@ async fn drain_one_of_three(how: How) {
     assert!(held > 500, "the drained gateway held too few clients to show anything: {held}");
     assert!(seen.acked.len() > 100, "too little traffic: {}", seen.acked.len());
     assert!(lost.is_empty(), "acked messages lost: {:?}", &lost[..lost.len().min(10)]);
-    // The window plus the time the drain request takes to arrive and the
-    // last clients' reconnect (they were told to go within 100 ms).
-    assert!(moved_by <= Duration::from_millis(WINDOW_SECONDS * 1000 + 1500), "moved in {moved_by:?}");
+    // The window, then whoever the deadline sent away reconnects within a
+    // second (plus the time a busy 2-core machine takes to schedule it).
+    assert!(moved_by <= Duration::from_secs(WINDOW_SECONDS + 3), "moved in {moved_by:?}");
     // The server never sends more than the bound within one of its seconds.
     // Clients' receipt times also carry this busy test process's scheduling
     // (3,000 clients on 2 cores), which bunches a few batches: a quarter more.
