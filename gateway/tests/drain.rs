@@ -182,7 +182,7 @@ async fn device(world: Arc<World>, n: usize, group: String, stop: CancellationTo
 
 /// Every message id in `user`'s inbox, read from the beginning.
 async fn sync_everything(port: u16, user: &str) -> Vec<String> {
-    let mut socket = connect(port, &format!("{user}")).await.expect("connect for the final sync");
+    let mut socket = connect(port, user).await.expect("connect for the final sync");
     let mut ids = Vec::new();
     let mut after = json!("0");
     loop {
