@@ -62,6 +62,18 @@ impl DrainRequest {
     }
 }
 
+/// The parameters a `POST /v1/admin/drain` body asks for (an empty body
+/// takes the defaults), or the message of a 400.
+pub fn parse_drain_body(body: &[u8], defaults: DrainParams) -> Result<DrainParams, String> {
+    const EXAMPLE: &str = r#"{"deadlineSeconds": 60, "maxReconnectsPerSecond": 500}"#;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(defaults);
+    }
+    let request: DrainRequest =
+        serde_json::from_slice(body).map_err(|e| format!("the body must be JSON like {EXAMPLE}: {e}"))?;
+    request.params(defaults)
+}
+
 /// What `GET /v1/admin/drain` answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -301,6 +313,78 @@ mod tests {
         ] {
             let error = bad.params(defaults).expect_err("refused");
             assert!(error.contains("must be"), "{error}");
+        }
+    }
+
+    mod bodies {
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        use super::super::*;
+
+        fn any_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+                ".{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-zA-Z]{1,20}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Objects with the real field names (or near misses) and any values.
+        fn drain_shaped() -> impl Strategy<Value = Value> {
+            let name = prop_oneof![
+                Just("deadlineSeconds".to_string()),
+                Just("maxReconnectsPerSecond".to_string()),
+                "[a-zA-Z]{1,24}",
+            ];
+            prop::collection::btree_map(name, any_value(), 0..3).prop_map(|m| Value::Object(m.into_iter().collect()))
+        }
+
+        fn check(body: &[u8]) -> Result<(), TestCaseError> {
+            let defaults = DrainParams::default();
+            match parse_drain_body(body, defaults) {
+                Ok(params) => {
+                    prop_assert!((1..=MAX_DEADLINE_SECONDS.unsigned_abs()).contains(&params.deadline.as_secs()));
+                    prop_assert!(
+                        (1..=MAX_RECONNECTS_PER_SECOND).contains(&i64::from(params.max_reconnects_per_second))
+                    );
+                }
+                Err(message) => prop_assert!(!message.is_empty()),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_get_params_or_a_message(body in prop::collection::vec(any::<u8>(), 0..64)) {
+                check(&body)?;
+            }
+
+            #[test]
+            fn any_json_gets_params_or_a_message(value in prop_oneof![any_value(), drain_shaped()]) {
+                check(value.to_string().as_bytes())?;
+            }
+
+            #[test]
+            fn in_range_values_are_taken(deadline in 1..=MAX_DEADLINE_SECONDS, rate in 1..=MAX_RECONNECTS_PER_SECOND) {
+                let body = json!({"deadlineSeconds": deadline, "maxReconnectsPerSecond": rate}).to_string();
+                let params = parse_drain_body(body.as_bytes(), DrainParams::default());
+                prop_assert_eq!(params, Ok(DrainParams {
+                    deadline: Duration::from_secs(deadline.unsigned_abs()),
+                    max_reconnects_per_second: u32::try_from(rate).unwrap_or(u32::MAX),
+                }));
+            }
         }
     }
 
