@@ -33,6 +33,18 @@ async fn cassandra_answers(config: &ScyllaConfig) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(2), builder.build()).await, Ok(Ok(_)))
 }
 
+/// Starts Cassandra again if the test fails while it is stopped: the
+/// tests after this one need it.
+struct StartAgainOnPanic;
+
+impl Drop for StartAgainOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            cassandra("start");
+        }
+    }
+}
+
 fn group(n: u32) -> Group {
     Group { id: format!("g:{n}"), name: format!("group {n}"), owner: "alice".into(), created_at_ms: 0 }
 }
@@ -56,6 +68,7 @@ async fn the_store_is_back_within_a_second_of_cassandra() {
     tokio::spawn(store.clone().probe_while_down(shutdown.clone()));
     store.create_group(&group(1), &["alice".into()]).await.expect("a write before the outage");
 
+    let _guard = StartAgainOnPanic;
     cassandra("stop");
     let refused = store.create_group(&group(2), &["alice".into()]).await;
     assert!(refused.is_err(), "a write while Cassandra is stopped must fail");
@@ -74,9 +87,9 @@ async fn the_store_is_back_within_a_second_of_cassandra() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let recovered_in = back.elapsed();
+    starter.join().expect("the start script");
     store.create_group(&group(3), &["alice".into()]).await.expect("a write after the recovery");
     println!("store recovered {recovered_in:?} after Cassandra answered again");
     assert!(recovered_in < Duration::from_secs(1), "recovered only after {recovered_in:?}");
-    starter.join().expect("the start script");
     shutdown.cancel();
 }
