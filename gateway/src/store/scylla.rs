@@ -573,6 +573,9 @@ async fn open_session(config: &ScyllaConfig) -> StoreResult<Session> {
         .known_nodes(&config.contact_points)
         .connection_timeout(config.request_timeout)
         .hostname_resolution_timeout(Some(config.request_timeout))
+        // Only this keyspace's schema: a shared cluster may hold many, and
+        // reading them all makes a (re)connect slow.
+        .keyspaces_to_fetch([config.keyspace.clone()])
         .default_execution_profile_handle(profile.into_handle());
     // A user without a password still authenticates (with an empty one), so
     // a half-configured secret fails loudly instead of connecting anonymously.
