@@ -33,12 +33,17 @@ struct Seen {
     live: HashMap<(String, String), u32>,
     /// (user, id) acked to senders.
     acked: Vec<(String, String)>,
-    /// When each `reconnect` frame arrived (since the drain started).
+    /// When each paced `reconnect` frame arrived (since the drain started).
     sent_away: Vec<Duration>,
+    /// `reconnect` frames of the deadline's sweep.
+    swept: usize,
     /// Where each user is connected now (a gateway's websocket port).
     at: HashMap<String, u16>,
     /// When a connection to another gateway opened after a move.
     arrived: Vec<Duration>,
+    /// `presence_changed` offline notices group members got (a drained
+    /// member who reconnects elsewhere within the offline timeout must not flap).
+    went_offline: Vec<String>,
     /// How often each id is in each recipient's inbox (the final sync).
     inbox_counts: HashMap<String, HashMap<String, u32>>,
 }
@@ -250,8 +255,14 @@ fn record(world: &World, me: &str, group: &str, frame: &Value, outstanding: &mut
         // A send refused with a code (storage, rate): retried with the same key.
         "error" if frame["req"].as_str().is_some_and(|r| r != "sync") => Action::Retry,
         "resync" => Action::Resync,
+        "presence_changed" if frame["online"] == false => {
+            seen.went_offline.push(frame["user"].as_str().unwrap_or_default().to_string());
+            Action::Nothing
+        }
         "reconnect" => {
-            if let Some(at) = world.since_drain() {
+            if frame["reason"] == "drain deadline reached" {
+                seen.swept += 1;
+            } else if let Some(at) = world.since_drain() {
                 seen.sent_away.push(at);
             }
             let within = frame["within_ms"].as_u64().unwrap_or(1000);
@@ -409,10 +420,13 @@ async fn drain_one_of_three(how: How) {
     let arrivals = per_second(&seen.arrived);
     let server_max = progress.as_ref().map(|p| p["observedMaxPerSecond"].clone());
     println!(
-        "drain: {held} clients moved in {moved_by:?}; reconnect frames per second {away:?} (server max {server_max:?}); \
-         arrivals elsewhere per second {arrivals:?}; acked {} ; lost {}; live duplicates {duplicates}",
+        "drain: {held} clients moved in {moved_by:?}; paced reconnect frames per second {away:?} (server max \
+         {server_max:?}), {} closed at the deadline; arrivals elsewhere per second {arrivals:?}; acked {}; lost {}; \
+         live duplicates {duplicates}; offline flaps {}",
+        seen.swept,
         seen.acked.len(),
-        lost.len()
+        lost.len(),
+        seen.went_offline.len()
     );
     assert!(held > 500, "the drained gateway held too few clients to show anything: {held}");
     assert!(seen.acked.len() > 100, "too little traffic: {}", seen.acked.len());
@@ -433,6 +447,7 @@ async fn drain_one_of_three(how: How) {
         assert!(twice.is_empty(), "{recipient}'s inbox holds {twice:?} more than once");
     }
     assert!(seen.at.values().all(|p| *p != drained_port), "someone is still on the drained gateway");
+    assert!(seen.went_offline.is_empty(), "presence flapped for {:?}", seen.went_offline);
     drop(seen);
     drop(redis);
 }

@@ -1066,7 +1066,7 @@ impl Store for ScyllaStore {
         let asked = self.session().query_unpaged("SELECT release_version FROM system.local", ()).await;
         match asked {
             Ok(_) => Ok(()),
-            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            Err(_) => self.reconnect().await,
         }
     }
 

@@ -85,10 +85,14 @@ pub struct DrainProgress {
     pub deadline_at_ms: Option<i64>,
     pub max_reconnects_per_second: Option<u32>,
     pub connections_left: u64,
-    /// Clients sent away so far.
+    /// Clients sent away so far (paced, and at the deadline).
     pub moved: u64,
-    /// The most clients sent away within one second so far.
+    /// The most clients sent away at the paced rate within one second so far.
     pub observed_max_per_second: u64,
+    /// Clients still connected at the deadline, closed then all at once (the
+    /// pace fell behind: too many clients for the window at the rate bound,
+    /// or an overloaded gateway).
+    pub closed_at_deadline: u64,
 }
 
 struct Run {
@@ -99,6 +103,7 @@ struct Run {
     /// Clients sent away in each of the last whole seconds (for the observed rate).
     per_second: VecDeque<(u64, u64)>,
     observed_max_per_second: u64,
+    closed_at_deadline: u64,
     finished: bool,
 }
 
@@ -130,6 +135,7 @@ impl Drain {
                 connections_left,
                 moved: 0,
                 observed_max_per_second: 0,
+                closed_at_deadline: 0,
             },
             Some(run) => DrainProgress {
                 draining: true,
@@ -142,6 +148,7 @@ impl Drain {
                 connections_left,
                 moved: run.moved,
                 observed_max_per_second: run.observed_max_per_second,
+                closed_at_deadline: run.closed_at_deadline,
             },
         }
     }
@@ -161,6 +168,7 @@ impl Drain {
                 moved: 0,
                 per_second: VecDeque::new(),
                 observed_max_per_second: 0,
+                closed_at_deadline: 0,
                 finished: false,
             });
         }
@@ -203,6 +211,13 @@ impl Drain {
             run.per_second.pop_front();
         }
         run.observed_max_per_second = run.per_second.iter().map(|(_, c)| *c).max().unwrap_or(0);
+    }
+
+    fn note_closed_at_deadline(&self, n: u64) {
+        if let Some(run) = self.lock().as_mut() {
+            run.moved += n;
+            run.closed_at_deadline += n;
+        }
     }
 
     fn finish(&self) {
@@ -248,7 +263,7 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
             for outbox in &pending {
                 outbox.farewell(&farewell, Kick::Reconnect);
             }
-            gateway.drain.note_moved(left);
+            gateway.drain.note_closed_at_deadline(left);
             tracing::info!(closed = left, "drain deadline: closed the remaining connections");
             break;
         }
@@ -398,6 +413,7 @@ mod tests {
             moved: 0,
             per_second: VecDeque::new(),
             observed_max_per_second: 0,
+            closed_at_deadline: 0,
             finished: false,
         });
         drain.note_moved(3);
