@@ -3,7 +3,7 @@
 # from the Maven Central jars (there is no tarball to download here).
 #
 #   cassandra.sh install        fetch cassandra-all and its runtime jars into the cache
-#   cassandra.sh start          install if needed, start, wait until a CQL query works
+#   cassandra.sh start [--fresh]  install if needed, start (--fresh: from empty data), wait until a CQL query works
 #   cassandra.sh status         exit 0 iff a CQL query works
 #   cassandra.sh stop [--wipe]  stop; --wipe also deletes the data
 #
@@ -15,7 +15,7 @@ source "$(dirname "$0")/lib.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CASSANDRA_JMX_PORT="${CASSANDRA_JMX_PORT:-17199}"
 CASSANDRA_START_TIMEOUT="${CASSANDRA_START_TIMEOUT:-180}"
-CASSANDRA_HEAP="${CASSANDRA_HEAP:-1g}"   # -Xmx; at least 256m
+CASSANDRA_HEAP="${CASSANDRA_HEAP:-2g}"   # -Xmx; at least 256m
 
 C_HOME="$KUBECHAT_CACHE/cassandra-$CASSANDRA_VERSION"
 C_LIB="$C_HOME/lib"
@@ -288,7 +288,12 @@ lock() {
 }
 
 cmd_start() {
-  local version
+  local version fresh=false
+  case "${1:-}" in
+    "") ;;
+    --fresh) fresh=true ;;
+    *) die "usage: $0 start [--fresh]" ;;
+  esac
   lock
   if cassandra_alive; then
     if version="$(cqlping 2>/dev/null)"; then
@@ -298,6 +303,12 @@ cmd_start() {
     log "cassandra already running (pid $(cat "$C_PID")) but not answering CQL yet; waiting"
   else
     rm -f "$C_PID"
+    # Test keyspaces pile up run after run (hundreds of tables exhaust the
+    # heap): a test run starts from empty data.
+    if $fresh && [[ -d "$C_DATA" ]]; then
+      rm -rf "$C_DATA"
+      log "wiped $C_DATA (--fresh)"
+    fi
     local port
     for port in "$CQL_PORT" "$CASSANDRA_STORAGE_PORT" "$CASSANDRA_JMX_PORT"; do
       wait_until 5 "port $port to be free" port_free "$port" || die "port 127.0.0.1:$port is already in use by a process not started from $C_RUN (ss -ltnp 'sport = :$port' shows it)"
@@ -395,7 +406,7 @@ cmd_stop() {
 
 case "${1:-}" in
   install) cmd_install ;;
-  start) cmd_start ;;
+  start) shift; cmd_start "$@" ;;
   status) cmd_status ;;
   stop) shift; cmd_stop "$@" ;;
   *) die "usage: $0 install | start | status | stop [--wipe]" ;;

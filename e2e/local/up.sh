@@ -9,7 +9,10 @@ HERE="$(dirname "${BASH_SOURCE[0]}")"
 components=(redis cassandra control-plane centrifugo)
 declare -A pids
 for c in "${components[@]}"; do
-  bash "$HERE/$c.sh" start &
+  args=(start)
+  # A test run's Cassandra starts empty (see cassandra.sh start --fresh).
+  [[ "$c" == cassandra ]] && args+=(--fresh)
+  bash "$HERE/$c.sh" "${args[@]}" &
   pids[$c]=$!
 done
 

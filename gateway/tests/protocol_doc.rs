@@ -5,8 +5,9 @@
 use kubechat_gateway::protocol::frames::CLIENT_TYPES;
 use kubechat_gateway::protocol::{ErrorCode, Limits, decode};
 
-const SERVER_TYPES: [&str; 12] = [
+const SERVER_TYPES: [&str; 13] = [
     "hello",
+    "reconnect",
     "ack",
     "message",
     "synced",

@@ -93,9 +93,10 @@ impl CheckedStore {
                 () = tokio::time::sleep(EVERY) => {}
             }
             if !self.health.is_up() {
-                let ping = tokio::time::timeout(Duration::from_secs(1), self.inner.ping()).await;
+                // Long enough for a store to open a new session (ScyllaStore's ping).
+                let ping = tokio::time::timeout(Duration::from_secs(5), self.inner.ping()).await;
                 let result =
-                    ping.unwrap_or_else(|_| Err(StoreError::Unavailable("health probe: no answer in 1 s".into())));
+                    ping.unwrap_or_else(|_| Err(StoreError::Unavailable("health probe: no answer in 5 s".into())));
                 self.health.record(&result);
             }
         }

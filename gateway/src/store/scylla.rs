@@ -262,7 +262,11 @@ struct Prepared {
 /// The CQL implementation of [`Store`]. Cheap to share behind an `Arc`: the
 /// driver session multiplexes requests over its connection pool.
 pub struct ScyllaStore {
-    session: Session,
+    /// Replaced by a new session when the old one does not recover by
+    /// itself fast enough (see [`Store::ping`]).
+    session: std::sync::RwLock<Arc<Session>>,
+    /// To open a new session.
+    config: ScyllaConfig,
     prepared: Prepared,
     consistency: Consistency,
     max_batch_bytes: usize,
@@ -527,39 +531,12 @@ impl ScyllaStore {
         if config.contact_points.is_empty() {
             return Err(StoreError::Unavailable("no CQL contact points configured".to_owned()));
         }
-
-        let profile = ExecutionProfile::builder()
-            .consistency(config.consistency)
-            .request_timeout(Some(config.request_timeout))
-            .build();
-        let mut builder = SessionBuilder::new()
-            .known_nodes(&config.contact_points)
-            .connection_timeout(config.request_timeout)
-            .hostname_resolution_timeout(Some(config.request_timeout))
-            .default_execution_profile_handle(profile.into_handle());
-        // A user without a password still authenticates (with an empty one), so
-        // a half-configured secret fails loudly instead of connecting anonymously.
-        if let Some(user) = &config.username {
-            builder = builder.user(user, config.password.clone().unwrap_or_default());
-        }
-        if let Some(dc) = &config.local_datacenter {
-            builder = builder.prefer_datacenter(dc.clone());
-        }
-        // The driver's own timeouts bound each step; this guard bounds the
-        // whole handshake so a black-holed contact point cannot hang startup.
-        let guard = config.request_timeout.saturating_mul(3);
-        let session = tokio::time::timeout(guard, builder.build())
-            .await
-            .map_err(|_| {
-                StoreError::Unavailable(format!("connect to {:?}: no session after {guard:?}", config.contact_points))
-            })?
-            .map_err(|e| StoreError::Unavailable(format!("connect to {:?}: {e}", config.contact_points)))?;
-
+        let session = open_session(&config).await?;
         let existed = create_schema(&session, &config).await?;
         let listed_from = buckets_listed_from(&session, &config, existed).await?;
         let prepared = prepare_all(&session, &config).await?;
         Ok(Self {
-            session,
+            session: std::sync::RwLock::new(Arc::new(session)),
             prepared,
             consistency: config.consistency,
             max_batch_bytes: config.max_batch_bytes,
@@ -567,9 +544,60 @@ impl ScyllaStore {
             in_flight: InFlight::default(),
             listed: ListedBuckets::default(),
             requests: AtomicU64::new(0),
+            config,
         })
     }
 
+    fn session(&self) -> Arc<Session> {
+        Arc::clone(&self.session.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Swaps in a new session when the current one cannot answer: after an
+    /// outage the driver refills its pool with a backoff of up to 10 s,
+    /// while a new session connects as soon as the store answers again.
+    async fn reconnect(&self) -> StoreResult<()> {
+        let fresh = open_session(&self.config).await?;
+        *self.session.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+        tracing::info!("store: connected with a new session");
+        Ok(())
+    }
+}
+
+/// A driver session to the configured nodes (no schema work).
+async fn open_session(config: &ScyllaConfig) -> StoreResult<Session> {
+    let profile = ExecutionProfile::builder()
+        .consistency(config.consistency)
+        .request_timeout(Some(config.request_timeout))
+        .build();
+    let mut builder = SessionBuilder::new()
+        .known_nodes(&config.contact_points)
+        .connection_timeout(config.request_timeout)
+        .hostname_resolution_timeout(Some(config.request_timeout))
+        // Only this keyspace's schema: a shared cluster may hold many, and
+        // reading them all makes a (re)connect slow.
+        .keyspaces_to_fetch([config.keyspace.clone()])
+        .default_execution_profile_handle(profile.into_handle());
+    // A user without a password still authenticates (with an empty one), so
+    // a half-configured secret fails loudly instead of connecting anonymously.
+    if let Some(user) = &config.username {
+        builder = builder.user(user, config.password.clone().unwrap_or_default());
+    }
+    if let Some(dc) = &config.local_datacenter {
+        builder = builder.prefer_datacenter(dc.clone());
+    }
+    // The driver's own timeouts bound each step; this guard bounds the
+    // whole handshake so a black-holed contact point cannot hang startup.
+    let guard = config.request_timeout.saturating_mul(3);
+    let session = tokio::time::timeout(guard, builder.build())
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!("connect to {:?}: no session after {guard:?}", config.contact_points))
+        })?
+        .map_err(|e| StoreError::Unavailable(format!("connect to {:?}: {e}", config.contact_points)))?;
+    Ok(session)
+}
+
+impl ScyllaStore {
     /// CQL requests sent since connecting (each page of a paged read and
     /// each batch counts one; setting up the schema does not): what a read
     /// costs, observable without timing it.
@@ -586,7 +614,7 @@ impl ScyllaStore {
         what: &'static str,
     ) -> StoreResult<QueryResult> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.session.execute_unpaged(statement, values).await.map_err(unavailable(what))
+        self.session().execute_unpaged(statement, values).await.map_err(unavailable(what))
     }
 
     /// One page of a paged read; `None` as the next state once it was the last.
@@ -602,7 +630,7 @@ impl ScyllaStore {
     {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let (result, response): (QueryResult, PagingStateResponse) =
-            self.session.execute_single_page(statement, values, state).await.map_err(unavailable(what))?;
+            self.session().execute_single_page(statement, values, state).await.map_err(unavailable(what))?;
         let next = match response.into_paging_control_flow() {
             ControlFlow::Continue(next) => Some(next),
             ControlFlow::Break(()) => None,
@@ -658,7 +686,7 @@ impl ScyllaStore {
             let size = row.estimated_bytes();
             if !values.is_empty() && bytes + size > self.max_batch_bytes {
                 self.requests.fetch_add(1, Ordering::Relaxed);
-                self.session.batch(&batch, &values).await.map_err(unavailable(what))?;
+                self.session().batch(&batch, &values).await.map_err(unavailable(what))?;
                 batch = self.new_batch();
                 values.clear();
                 bytes = 0;
@@ -669,7 +697,7 @@ impl ScyllaStore {
         }
         if !values.is_empty() {
             self.requests.fetch_add(1, Ordering::Relaxed);
-            self.session.batch(&batch, &values).await.map_err(unavailable(what))?;
+            self.session().batch(&batch, &values).await.map_err(unavailable(what))?;
         }
         Ok(())
     }
@@ -1032,6 +1060,16 @@ impl ScyllaStore {
 
 #[async_trait]
 impl Store for ScyllaStore {
+    /// Asks the current session; when it cannot answer, opens a new one (a
+    /// session that connects means the store is back).
+    async fn ping(&self) -> StoreResult<()> {
+        let asked = self.session().query_unpaged("SELECT release_version FROM system.local", ()).await;
+        match asked {
+            Ok(_) => Ok(()),
+            Err(_) => self.reconnect().await,
+        }
+    }
+
     async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
         let NewMessage { mut message, key, recipients, position, link_channel } = new;
         let _in_flight = self.in_flight.acquire(&message.sender, &key).await;

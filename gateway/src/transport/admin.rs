@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use super::Gateway;
-use super::drain::{Drain, DrainRequest};
+use super::drain::{Drain, parse_drain_body};
 use crate::store::health::StoreStatus;
 
 /// What `GET /v1/admin/load` answers.
@@ -104,15 +104,7 @@ async fn drain_progress(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 async fn start_drain(State(gateway): State<Arc<Gateway>>, body: Bytes) -> Response {
-    let request: DrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        DrainRequest::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(request) => request,
-            Err(e) => return bad_request(&format!("the body must be JSON like {EXAMPLE}: {e}")),
-        }
-    };
-    let params = match request.params(gateway.drain_defaults) {
+    let params = match parse_drain_body(&body, gateway.drain_defaults) {
         Ok(params) => params,
         Err(message) => return bad_request(&message),
     };
@@ -120,8 +112,6 @@ async fn start_drain(State(gateway): State<Arc<Gateway>>, body: Bytes) -> Respon
     let status = if started { StatusCode::ACCEPTED } else { StatusCode::OK };
     json(status, &gateway.drain.progress(connections_left(&gateway)))
 }
-
-const EXAMPLE: &str = r#"{"deadlineSeconds": 60, "maxReconnectsPerSecond": 500}"#;
 
 fn bad_request(message: &str) -> Response {
     json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "bad_request", "message": message}))
@@ -152,6 +142,6 @@ mod tests {
     fn times_are_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339(1_795_998_052_198), "2026-11-29T23:00:52.198Z");
+        assert_eq!(rfc3339(1_795_998_052_198), "2026-11-30T00:20:52.198Z");
     }
 }

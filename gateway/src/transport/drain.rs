@@ -62,6 +62,18 @@ impl DrainRequest {
     }
 }
 
+/// The parameters a `POST /v1/admin/drain` body asks for (an empty body
+/// takes the defaults), or the message of a 400.
+pub fn parse_drain_body(body: &[u8], defaults: DrainParams) -> Result<DrainParams, String> {
+    const EXAMPLE: &str = r#"{"deadlineSeconds": 60, "maxReconnectsPerSecond": 500}"#;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(defaults);
+    }
+    let request: DrainRequest =
+        serde_json::from_slice(body).map_err(|e| format!("the body must be JSON like {EXAMPLE}: {e}"))?;
+    request.params(defaults)
+}
+
 /// What `GET /v1/admin/drain` answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -73,10 +85,14 @@ pub struct DrainProgress {
     pub deadline_at_ms: Option<i64>,
     pub max_reconnects_per_second: Option<u32>,
     pub connections_left: u64,
-    /// Clients sent away so far.
+    /// Clients sent away so far (paced, and at the deadline).
     pub moved: u64,
-    /// The most clients sent away within one second so far.
+    /// The most clients sent away at the paced rate within one second so far.
     pub observed_max_per_second: u64,
+    /// Clients still connected at the deadline, closed then all at once (the
+    /// pace fell behind: too many clients for the window at the rate bound,
+    /// or an overloaded gateway).
+    pub closed_at_deadline: u64,
 }
 
 struct Run {
@@ -87,6 +103,7 @@ struct Run {
     /// Clients sent away in each of the last whole seconds (for the observed rate).
     per_second: VecDeque<(u64, u64)>,
     observed_max_per_second: u64,
+    closed_at_deadline: u64,
     finished: bool,
 }
 
@@ -118,6 +135,7 @@ impl Drain {
                 connections_left,
                 moved: 0,
                 observed_max_per_second: 0,
+                closed_at_deadline: 0,
             },
             Some(run) => DrainProgress {
                 draining: true,
@@ -130,6 +148,7 @@ impl Drain {
                 connections_left,
                 moved: run.moved,
                 observed_max_per_second: run.observed_max_per_second,
+                closed_at_deadline: run.closed_at_deadline,
             },
         }
     }
@@ -149,6 +168,7 @@ impl Drain {
                 moved: 0,
                 per_second: VecDeque::new(),
                 observed_max_per_second: 0,
+                closed_at_deadline: 0,
                 finished: false,
             });
         }
@@ -193,6 +213,13 @@ impl Drain {
         run.observed_max_per_second = run.per_second.iter().map(|(_, c)| *c).max().unwrap_or(0);
     }
 
+    fn note_closed_at_deadline(&self, n: u64) {
+        if let Some(run) = self.lock().as_mut() {
+            run.moved += n;
+            run.closed_at_deadline += n;
+        }
+    }
+
     fn finish(&self) {
         if let Some(run) = self.lock().as_mut() {
             run.finished = true;
@@ -231,11 +258,12 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
         let now = Instant::now();
         if now >= deadline {
             let left = pending.len() as u64;
-            let farewell = reconnect_frame(&gateway, "drain deadline reached").await;
+            // Everyone left goes at once: spread them over a second.
+            let farewell = reconnect_frame(&gateway, "drain deadline reached", 1000).await;
             for outbox in &pending {
                 outbox.farewell(&farewell, Kick::Reconnect);
             }
-            gateway.drain.note_moved(left);
+            gateway.drain.note_closed_at_deadline(left);
             tracing::info!(closed = left, "drain deadline: closed the remaining connections");
             break;
         }
@@ -249,7 +277,10 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
             continue;
         }
         tokens -= batch as f64;
-        let farewell = reconnect_frame(&gateway, "this gateway is draining").await;
+        // A batch's clients spread over the tick: arrivals elsewhere follow
+        // the bounded rate instead of a longer delay smearing batches together.
+        let spread_ms = TICK.as_millis() as u64;
+        let farewell = reconnect_frame(&gateway, "this gateway is draining", spread_ms).await;
         for outbox in pending.drain(..batch) {
             outbox.farewell(&farewell, Kick::Reconnect);
         }
@@ -261,11 +292,11 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
 }
 
 /// The `reconnect` frame: the gateway discovery recommends now (never this
-/// one), and a random delay so clients do not arrive together.
-async fn reconnect_frame(gateway: &Gateway, reason: &str) -> crate::protocol::EncodedFrame {
+/// one), and a random delay (up to `within_ms`) so clients do not arrive together.
+async fn reconnect_frame(gateway: &Gateway, reason: &str, within_ms: u64) -> crate::protocol::EncodedFrame {
     let loads = gateway.broker.gateway_loads().await.unwrap_or_default();
     let url = recommend(&loads, Some(&gateway.identity.pod), &mut rand_seed()).first().map(|g| g.url.clone());
-    encode_shared(&ServerFrame::Reconnect { url, reason: reason.to_string(), within_ms: 1000 })
+    encode_shared(&ServerFrame::Reconnect { url, reason: reason.to_string(), within_ms })
 }
 
 fn rand_seed() -> u64 {
@@ -300,6 +331,78 @@ mod tests {
         }
     }
 
+    mod bodies {
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        use super::super::*;
+
+        fn any_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+                ".{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-zA-Z]{1,20}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Objects with the real field names (or near misses) and any values.
+        fn drain_shaped() -> impl Strategy<Value = Value> {
+            let name = prop_oneof![
+                Just("deadlineSeconds".to_string()),
+                Just("maxReconnectsPerSecond".to_string()),
+                "[a-zA-Z]{1,24}",
+            ];
+            prop::collection::btree_map(name, any_value(), 0..3).prop_map(|m| Value::Object(m.into_iter().collect()))
+        }
+
+        fn check(body: &[u8]) -> Result<(), TestCaseError> {
+            let defaults = DrainParams::default();
+            match parse_drain_body(body, defaults) {
+                Ok(params) => {
+                    prop_assert!((1..=MAX_DEADLINE_SECONDS.unsigned_abs()).contains(&params.deadline.as_secs()));
+                    prop_assert!(
+                        (1..=MAX_RECONNECTS_PER_SECOND).contains(&i64::from(params.max_reconnects_per_second))
+                    );
+                }
+                Err(message) => prop_assert!(!message.is_empty()),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_get_params_or_a_message(body in prop::collection::vec(any::<u8>(), 0..64)) {
+                check(&body)?;
+            }
+
+            #[test]
+            fn any_json_gets_params_or_a_message(value in prop_oneof![any_value(), drain_shaped()]) {
+                check(value.to_string().as_bytes())?;
+            }
+
+            #[test]
+            fn in_range_values_are_taken(deadline in 1..=MAX_DEADLINE_SECONDS, rate in 1..=MAX_RECONNECTS_PER_SECOND) {
+                let body = json!({"deadlineSeconds": deadline, "maxReconnectsPerSecond": rate}).to_string();
+                let params = parse_drain_body(body.as_bytes(), DrainParams::default());
+                prop_assert_eq!(params, Ok(DrainParams {
+                    deadline: Duration::from_secs(deadline.unsigned_abs()),
+                    max_reconnects_per_second: u32::try_from(rate).unwrap_or(u32::MAX),
+                }));
+            }
+        }
+    }
+
     #[test]
     fn the_observed_rate_counts_per_second() {
         let drain = Drain::default();
@@ -310,6 +413,7 @@ mod tests {
             moved: 0,
             per_second: VecDeque::new(),
             observed_max_per_second: 0,
+            closed_at_deadline: 0,
             finished: false,
         });
         drain.note_moved(3);

@@ -107,6 +107,9 @@ pub struct ClusterSpec {
     pub keyspace: String,
     pub heartbeat_seconds: u32,
     pub offline_after_seconds: u32,
+    /// What a drain without parameters (SIGTERM) uses.
+    pub drain_window_seconds: u32,
+    pub drain_rate: u32,
     pub dir: tempfile::TempDir,
 }
 
@@ -132,7 +135,15 @@ impl ClusterSpec {
         });
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("signing-key"), KEY).expect("write the signing key");
-        ClusterSpec { redis_url, keyspace, heartbeat_seconds: 1, offline_after_seconds, dir }
+        ClusterSpec {
+            redis_url,
+            keyspace,
+            heartbeat_seconds: 1,
+            offline_after_seconds,
+            drain_window_seconds: 10,
+            drain_rate: 100,
+            dir,
+        }
     }
 }
 
@@ -195,6 +206,7 @@ impl GatewayProcess {
             "scylla": {"contactPoints": [cql_node()], "keyspace": spec.keyspace, "replicationFactor": 1,
                        "localDatacenter": null, "credentialsEnv": null},
             "auth": {"signingKeyFile": spec.dir.path().join("signing-key")},
+            "drain": {"windowSeconds": spec.drain_window_seconds, "maxReconnectsPerSecond": spec.drain_rate},
         });
         let config_path = spec.dir.path().join(format!("{name}.json"));
         std::fs::write(&config_path, config.to_string()).expect("write the gateway config");
@@ -205,6 +217,8 @@ impl GatewayProcess {
             .arg(&config_path)
             .args(["--worker-id", &ordinal.to_string(), "--gateway-id", &name])
             .env("RUST_LOG", "info,kubechat_gateway=debug")
+            // Bind and advertise on loopback (discovery hands this URL out).
+            .env("KUBECHAT_POD_IP", "127.0.0.1")
             .stdout(log_file.try_clone().expect("log file"))
             .stderr(log_file)
             .spawn()
@@ -250,6 +264,43 @@ impl GatewayProcess {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// SIGTERM: the gateway drains, then exits.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            assert!(status.is_ok_and(|s| s.success()), "could not send SIGTERM to {}", self.name);
+        }
+    }
+
+    /// Waits for the process to exit by itself; its exit status.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// POST `body` (JSON) on the admin port: (status, body).
+    pub async fn admin_post(&self, path: &str, body: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await.ok()?;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await.ok()?.ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Some((status, body))
     }
 
     /// SIGKILL: no drain, no goodbye.
