@@ -135,16 +135,20 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH));
     let new_status = status::compute(cc, &observed, cc.status.as_ref(), &now);
     if cc.status.as_ref() != Some(&new_status) {
-        let became_degraded = !observed.missing_secrets.is_empty()
-            && cc.status.as_ref().is_none_or(|old| !is_true(&old.conditions, status::DEGRADED));
+        let became_degraded = new_status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == status::DEGRADED && c.status == "True")
+            .filter(|_| cc.status.as_ref().is_none_or(|old| !is_true(&old.conditions, status::DEGRADED)))
+            .map(|c| (c.reason.clone(), c.message.clone()));
         Api::<ChatCluster>::namespaced(ctx.client.clone(), &namespace)
             .patch_status(&cc.name_any(), &PatchParams::default(), &Patch::Merge(json!({ "status": new_status })))
             .await
             .map_err(Error::kube("updating ChatCluster status"))?;
         ctx.metrics.writes.inc();
         ctx.metrics.status_updates.inc();
-        if became_degraded {
-            ctx.publish(cc, EventType::Warning, "SecretNotFound", "Observe", observed.missing_secrets.join("; ")).await;
+        if let Some((reason, message)) = became_degraded {
+            ctx.publish(cc, EventType::Warning, &reason, "Observe", message).await;
         }
     }
 

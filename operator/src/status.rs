@@ -6,6 +6,7 @@ use kube::ResourceExt;
 use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus, GatewayPodStatus};
 
 use crate::desired::{Names, gateway};
+use crate::discovery::endpoints::Backends;
 use crate::observe::{Observed, Workload};
 
 pub const READY: &str = "Ready";
@@ -72,11 +73,17 @@ pub fn compute(
     let parts = components(cc, observed);
     let unsettled: Vec<String> = parts.iter().filter(|c| !c.settled()).map(Component::describe).collect();
     let degraded = !observed.missing_secrets.is_empty();
+    let backends_down = backends_down(observed);
 
-    let degraded_condition = if degraded {
-        ("True", "SecretNotFound", observed.missing_secrets.join("; "))
-    } else {
-        ("False", "AsExpected", "all referenced Secrets exist".to_string())
+    let degraded_condition = match (degraded, backends_down.is_empty()) {
+        (true, _) => {
+            let problems: Vec<String> = observed.missing_secrets.iter().cloned().chain(backends_down).collect();
+            ("True", "SecretNotFound", problems.join("; "))
+        }
+        (false, false) => ("True", "BackendUnavailable", backends_down.join("; ")),
+        (false, true) => {
+            ("False", "AsExpected", "all referenced Secrets exist and no gateway reports a backend down".to_string())
+        }
     };
     let progressing_condition = if unsettled.is_empty() {
         ("False", "Stable", "every component is up to date and ready".to_string())
@@ -132,6 +139,27 @@ pub fn compute(
             .collect(),
         endpoint_config_map: Names(&cc.name_any()).endpoints(),
     }
+}
+
+/// Backends the gateways report down, as the endpoint list shows them
+/// ("Redis unreachable from chat-gateway-0, chat-gateway-2"). A degraded
+/// backend does not make the cluster unready: chat still works in part
+/// (docs/cluster.md), so it is reported, not hidden behind Ready.
+fn backends_down(observed: &Observed) -> Vec<String> {
+    let gateways = observed.endpoints.iter().flat_map(|e| &e.gateways);
+    let seeing = |down: fn(&Backends) -> bool| -> Vec<&str> {
+        gateways.clone().filter(|g| g.backends.as_ref().is_some_and(down)).map(|g| g.pod.as_str()).collect()
+    };
+    let mut problems = Vec::new();
+    let redis = seeing(|b| b.redis == Backends::DOWN);
+    if !redis.is_empty() {
+        problems.push(format!("Redis unreachable from {}", redis.join(", ")));
+    }
+    let store = seeing(|b| b.store == Backends::DOWN);
+    if !store.is_empty() {
+        problems.push(format!("store unavailable from {}", store.join(", ")));
+    }
+    problems
 }
 
 fn saturating_i64(n: u64) -> i64 {
@@ -262,6 +290,41 @@ mod tests {
             (0, 0),
             "nothing published, nothing shown"
         );
+    }
+
+    #[test]
+    fn a_backend_a_gateway_sees_down_is_degraded_but_still_ready() {
+        use crate::discovery::endpoints::{Endpoints, GatewayEndpoint};
+        let cc = ChatCluster::test();
+        let gateway = |pod: &str, redis: &str, store: &str| GatewayEndpoint {
+            pod: pod.into(),
+            ready: true,
+            backends: Some(Backends { redis: redis.into(), store: store.into() }),
+            ..Default::default()
+        };
+        let mut observed = all_ready(&cc);
+        observed.endpoints = Some(Endpoints {
+            updated_at: "2025-01-01T00:00:00.000Z".into(),
+            gateways: vec![
+                gateway("chat-gateway-0", "down", "up"),
+                gateway("chat-gateway-1", "down", "down"),
+                GatewayEndpoint { pod: "chat-gateway-2".into(), ..Default::default() },
+            ],
+        });
+        let status = compute(&cc, &observed, None, &time(1));
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "BackendUnavailable"));
+        assert_eq!(
+            degraded.message,
+            "Redis unreachable from chat-gateway-0, chat-gateway-1; store unavailable from chat-gateway-1"
+        );
+        assert_eq!(condition(&status, READY).status, "True");
+
+        observed.missing_secrets = vec!["Secret jwt not found".into()];
+        let both = compute(&cc, &observed, None, &time(1));
+        let degraded = condition(&both, DEGRADED);
+        assert_eq!(degraded.reason, "SecretNotFound");
+        assert!(degraded.message.starts_with("Secret jwt not found; Redis unreachable"), "{}", degraded.message);
     }
 
     #[test]

@@ -27,6 +27,21 @@ pub struct GatewayEndpoint {
     pub draining: bool,
     /// The gateway's version (empty when its load could not be read).
     pub version: String,
+    /// Redis and the store as the gateway sees them (absent when its load
+    /// could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<Backends>,
+}
+
+/// Backend health as one gateway reports it: `up`, `down`, or `none` (not used).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backends {
+    pub redis: String,
+    pub store: String,
+}
+
+impl Backends {
+    pub const DOWN: &str = "down";
 }
 
 /// The whole document.
@@ -78,6 +93,8 @@ pub enum Reason {
     Version,
     /// Its address or capacity changed.
     Address,
+    /// It sees Redis or the store differently.
+    Backends,
     /// Some gateway's connections moved by the threshold or more.
     Load,
     /// Connections moved by less than the threshold, and the list has not
@@ -95,6 +112,7 @@ impl Reason {
             Reason::Draining => "draining",
             Reason::Version => "version",
             Reason::Address => "address",
+            Reason::Backends => "backends",
             Reason::Load => "load",
             Reason::SmallLoad => "small_load",
         }
@@ -150,6 +168,8 @@ pub fn classify(published: &[GatewayEndpoint], observed: &[GatewayEndpoint], pol
         Some(Reason::Version)
     } else if first(|p, o| p.url != o.url || p.capacity != o.capacity) {
         Some(Reason::Address)
+    } else if first(|p, o| p.backends != o.backends) {
+        Some(Reason::Backends)
     } else if pairs().any(|(p, o)| p.connections.abs_diff(o.connections) >= policy.threshold(o.capacity)) {
         Some(Reason::Load)
     } else if first(|p, o| p.connections != o.connections) {
@@ -207,6 +227,7 @@ mod tests {
             ready: true,
             draining: false,
             version: "0.1.0".into(),
+            backends: Some(Backends { redis: "up".into(), store: "up".into() }),
         }
     }
 
@@ -271,6 +292,10 @@ mod tests {
         assert_eq!(change(|o| o[0].version = "0.2.0".into()), Some(Reason::Version));
         assert_eq!(change(|o| o[0].url = "ws://elsewhere/v1/ws".into()), Some(Reason::Address));
         assert_eq!(change(|o| o[0].capacity = 2000), Some(Reason::Address));
+        assert_eq!(
+            change(|o| o[1].backends = Some(Backends { redis: "down".into(), store: "up".into() })),
+            Some(Reason::Backends)
+        );
         assert_eq!(change(|o| o[0].connections = 150), Some(Reason::Load), "+50 of 1000 is 5 %");
         assert_eq!(change(|o| o[1].connections = 50), Some(Reason::Load), "down counts too");
         // Under the threshold, but the list is a minute old (> 6 intervals of 5 s).

@@ -292,6 +292,7 @@ pub fn endpoint(
             ready: report.ready && !report.draining && pod_is_ready(pod),
             draining: report.draining,
             version: report.version,
+            backends: report.backends,
             pod: name,
         },
         Err(_) => GatewayEndpoint {
@@ -301,6 +302,7 @@ pub fn endpoint(
             ready: false,
             draining: false,
             version: previous.map(|p| p.version.clone()).unwrap_or_default(),
+            backends: None,
             pod: name,
         },
     }
@@ -469,6 +471,7 @@ mod tests {
             ready: true,
             draining: false,
             version: "0.1.0".into(),
+            backends: Some(endpoints::Backends { redis: "up".into(), store: "up".into() }),
         }
     }
 
@@ -516,6 +519,7 @@ mod tests {
         let e = endpoint(&p, Ok(report("chat-gateway-0", 7)), None, &cc);
         assert_eq!(e.url, "ws://advertised/chat-gateway-0");
         assert_eq!((e.connections, e.capacity, e.ready, e.draining), (7, 100, true, false));
+        assert_eq!(e.backends.as_ref().map(|b| b.redis.as_str()), Some("up"));
         let mut silent_url = report("chat-gateway-0", 7);
         silent_url.url.clear();
         assert_eq!(endpoint(&p, Ok(silent_url), None, &cc).url, "ws://127.1.0.1:7000/v1/ws");
@@ -545,7 +549,7 @@ mod tests {
         let after = endpoint(&p, Err(refused()), Some(&before), &cc);
         assert_eq!(
             after,
-            GatewayEndpoint { connections: 0, ready: false, ..before.clone() },
+            GatewayEndpoint { connections: 0, ready: false, backends: None, ..before.clone() },
             "url, capacity and version as last published"
         );
         let never_read = endpoint(&p, Err(refused()), None, &cc);

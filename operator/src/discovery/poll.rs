@@ -15,6 +15,8 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
+use super::endpoints::Backends;
+
 /// Path of the load report on the gateway's admin port.
 pub const LOAD_PATH: &str = "/v1/admin/load";
 /// A load report is a few hundred bytes.
@@ -35,6 +37,8 @@ pub struct LoadReport {
     pub draining: bool,
     #[serde(default)]
     pub version: String,
+    #[serde(default)]
+    pub backends: Option<Backends>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +150,7 @@ mod tests {
         assert_eq!(report.pod, "chat-gateway-0");
         assert_eq!((report.connections, report.capacity, report.ready, report.draining), (12, 100, true, false));
         assert_eq!(report.url, "ws://127.1.0.1:8080/v1/ws");
+        assert_eq!(report.backends, Some(Backends { redis: "up".into(), store: "up".into() }));
     }
 
     #[tokio::test]
