@@ -96,3 +96,61 @@ pub async fn connect_kube() -> kube::Client {
         Err(_) => missing("Kubernetes API", &server, "timed out", start),
     }
 }
+
+/// A `redis-server` of one test, on a free loopback port and without
+/// persistence, for tests that take Redis away (the shared one must stay up).
+pub struct PrivateRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let mut redis = Self { port, dir: tempfile::tempdir().expect("a temp dir"), child: None };
+        redis.run().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL; its data is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.run().await;
+    }
+
+    async fn run(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| missing("redis-server", "PATH", e, "e2e/local/redis.sh start"));
+        self.child = Some(child);
+        let address = format!("127.0.0.1:{}", self.port);
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        while tokio::net::TcpStream::connect(&address).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "a private redis-server did not listen on {address}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -21,7 +21,7 @@ use kube::{Client, ResourceExt};
 use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, GatewayPorts, RedisSpec, ScyllaSpec};
 use kubechat_e2e::client::{LoadClient, Tokens};
 use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
-use kubechat_e2e::components::{connect_cql, connect_kube, cql_node, redis_url};
+use kubechat_e2e::components::{PrivateRedis, connect_cql, connect_kube, cql_node, redis_url};
 use kubechat_e2e::kubelet::{ProcessKubelet, RunningPod};
 use kubechat_e2e::unique_name;
 use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
@@ -62,18 +62,23 @@ struct Harness {
 }
 
 impl Harness {
+    /// A cluster on a database of the shared Redis.
     async fn start(prefix: &str) -> Self {
-        let client = connect_kube().await;
-        install_crd(&client).await;
-        let namespace = create_namespace(&client, prefix).await;
-        let name = "chat".to_string();
-
         let db = redis_database();
         let redis = format!("{}/{db}", redis_url());
         let mut conn = redis::Client::open(redis.as_str()).and_then(|c| c.get_connection()).unwrap_or_else(|e| {
             panic!("Redis is not reachable at {redis}: {e}; start it with `e2e/local/redis.sh start`")
         });
         redis::cmd("FLUSHDB").exec(&mut conn).expect("FLUSHDB");
+        Self::start_with_redis(prefix, redis).await
+    }
+
+    async fn start_with_redis(prefix: &str, redis: String) -> Self {
+        let client = connect_kube().await;
+        install_crd(&client).await;
+        let namespace = create_namespace(&client, prefix).await;
+        let name = "chat".to_string();
+
         // Gateways starting together would race on creating the schema.
         let keyspace = unique_name(prefix).replace('-', "_");
         let config = ScyllaConfig {
@@ -395,5 +400,45 @@ async fn writes_follow_the_load_at_most_once_per_interval_and_stop_when_idle() {
 
     watch.abort();
     drop(clients);
+    h.stop().await;
+}
+
+fn degraded(cc: &ChatCluster) -> Option<(String, String, String)> {
+    let c = cc.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Degraded")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test]
+async fn a_redis_the_gateways_lose_shows_as_degraded_until_it_returns() {
+    let mut redis = PrivateRedis::start().await;
+    let h = Harness::start_with_redis("disc-backend", redis.url()).await;
+    h.wait_endpoints(INTERVAL * 5, "listing 3 ready gateways seeing Redis up", |e| {
+        e.gateways.len() == GATEWAYS
+            && e.gateways.iter().all(|g| g.ready && g.backends.as_ref().is_some_and(|b| b.redis == "up"))
+    })
+    .await;
+    let healthy = h.cluster().await;
+    assert_eq!(degraded(&healthy).map(|d| d.0), Some("False".into()), "{:#?}", healthy.status);
+
+    redis.kill();
+    let lost = Instant::now();
+    h.wait_endpoints(INTERVAL * 5, "showing Redis down", |e| {
+        e.gateways.iter().all(|g| g.backends.as_ref().is_some_and(|b| b.redis == "down"))
+    })
+    .await;
+    let shown = wait_for(INTERVAL * 3, || async { degraded(&h.cluster().await).filter(|d| d.0 == "True") }).await;
+    let Some((_, reason, message)) = shown else {
+        panic!("not Degraded with Redis gone: {:#?}", h.cluster().await.status);
+    };
+    println!("Redis killed: Degraded after {} ms: {message}", lost.elapsed().as_millis());
+    assert_eq!(reason, "BackendUnavailable");
+    for pod in &h.pods {
+        assert!(message.contains(&pod.name), "{message} does not name {}", pod.name);
+    }
+
+    redis.restart().await;
+    let recovered =
+        wait_for(Duration::from_secs(30), || async { degraded(&h.cluster().await).filter(|d| d.0 == "False") }).await;
+    assert!(recovered.is_some(), "still Degraded after Redis came back: {:#?}", h.cluster().await.status);
     h.stop().await;
 }
