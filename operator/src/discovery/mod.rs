@@ -11,9 +11,10 @@
 //!   cluster never delays another, and a cluster whose round is still
 //!   running is not polled again until it ends.
 //!
-//! The data key is written under a field manager of its own
-//! ([`FIELD_MANAGER`]); the reconcile applies the ConfigMap without data, so
-//! neither undoes the other.
+//! The data key is written by a merge patch under a field manager of its
+//! own ([`FIELD_MANAGER`]), conditional on the resourceVersion it compared
+//! against; the reconcile applies the ConfigMap without data, so neither
+//! undoes the other.
 
 pub mod endpoints;
 pub mod poll;
@@ -145,6 +146,8 @@ struct ClusterState {
 struct LastWrite {
     /// The ConfigMap's resourceVersion before the write.
     previous_version: Option<String>,
+    /// Its resourceVersion after the write.
+    written_version: Option<String>,
     doc: Endpoints,
 }
 
@@ -308,13 +311,19 @@ pub fn endpoint(
     }
 }
 
-/// The list as published: the ConfigMap's, unless the cache still shows
-/// the ConfigMap as it was before the loop's own last write.
-fn published(config_map: &ConfigMap, last_write: Option<&LastWrite>) -> Option<Endpoints> {
+/// The list as published and the ConfigMap version it is in: the cached
+/// ConfigMap's, unless the cache still shows it as it was before the loop's
+/// own last write.
+fn published(config_map: &ConfigMap, last_write: Option<&LastWrite>) -> (Option<Endpoints>, Option<String>) {
     let version = config_map.resource_version();
     match last_write {
-        Some(w) if w.previous_version.is_some() && w.previous_version == version => Some(w.doc.clone()),
-        _ => config_map.data.as_ref()?.get(ENDPOINTS_KEY).and_then(|text| Endpoints::parse(text)),
+        Some(w) if w.previous_version.is_some() && w.previous_version == version => {
+            (Some(w.doc.clone()), w.written_version.clone())
+        }
+        _ => {
+            let text = config_map.data.as_ref().and_then(|d| d.get(ENDPOINTS_KEY));
+            (text.and_then(|t| Endpoints::parse(t)), version)
+        }
     }
 }
 
@@ -334,7 +343,7 @@ impl Round {
     async fn run(self) -> Result<Option<LastWrite>> {
         // The reconcile creates the ConfigMap (labels, owner); wait for it.
         let Some(config_map) = self.config_map.clone() else { return Ok(None) };
-        let published = published(&config_map, self.last_write.as_ref());
+        let (published, version) = published(&config_map, self.last_write.as_ref());
         let policy = Policy::new(interval(&self.cc));
         let timeout = poll_timeout(policy.interval);
         let previous: BTreeMap<&str, &GatewayEndpoint> =
@@ -375,7 +384,9 @@ impl Round {
         };
         tokio::time::sleep(after).await;
         let doc = Endpoints { updated_at: format_time(Timestamp::now()), gateways: observed };
-        self.write(&config_map, &doc).await?;
+        let Some(written_version) = self.write(&config_map, version.as_deref(), &doc).await? else {
+            return Ok(None);
+        };
         self.metrics.endpoint_writes.with_label_values(&[reason.label()]).inc();
         tracing::info!(
             cluster = %self.cc.name_any(),
@@ -386,7 +397,8 @@ impl Round {
             connections = doc.total_connections(),
             "endpoint list published"
         );
-        Ok(Some(LastWrite { previous_version: config_map.resource_version(), doc }))
+        let written_version = Some(written_version).filter(|v| !v.is_empty());
+        Ok(Some(LastWrite { previous_version: config_map.resource_version(), written_version, doc }))
     }
 
     fn admin_addr(&self, pod: &Pod) -> Result<SocketAddr, PollError> {
@@ -398,20 +410,36 @@ impl Round {
         Ok(addr)
     }
 
-    async fn write(&self, config_map: &ConfigMap, doc: &Endpoints) -> Result<()> {
+    /// Writes `doc` over the ConfigMap at `version`, returning the new
+    /// version; `None` when the ConfigMap changed meanwhile or is gone (the
+    /// next round decides again). A merge patch, not an apply: it never
+    /// creates the ConfigMap (an apply would re-create one the garbage
+    /// collector just deleted with its ChatCluster, without an owner), and
+    /// the resourceVersion makes it a compare-and-swap.
+    async fn write(&self, config_map: &ConfigMap, version: Option<&str>, doc: &Endpoints) -> Result<Option<String>> {
         let name = config_map.name_any();
         let namespace = config_map.namespace().unwrap_or_default();
         let patch = json!({
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": name, "namespace": namespace},
+            "metadata": {"resourceVersion": version},
             "data": {ENDPOINTS_KEY: doc.render()},
         });
-        Api::<ConfigMap>::namespaced(self.client.clone(), &namespace)
-            .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
+        match Api::<ConfigMap>::namespaced(self.client.clone(), &namespace)
+            .patch(&name, &params, &Patch::Merge(&patch))
             .await
-            .map_err(Error::kube(format!("writing the endpoint list {namespace}/{name}")))?;
-        Ok(())
+        {
+            Ok(written) => Ok(Some(written.resource_version().unwrap_or_default())),
+            Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => {
+                tracing::debug!(
+                    namespace,
+                    name,
+                    code = status.code,
+                    "endpoint list not written: changed or gone meanwhile"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(Error::kube(format!("writing the endpoint list {namespace}/{name}"))(e)),
+        }
     }
 }
 
@@ -577,13 +605,14 @@ mod tests {
             data: Some(BTreeMap::from([(ENDPOINTS_KEY.to_string(), d.render())])),
             ..Default::default()
         };
-        let ours = LastWrite { previous_version: Some("10".into()), doc: doc(2) };
-        assert_eq!(published(&cm("10", &doc(1)), Some(&ours)), Some(doc(2)), "cache still at the old version");
-        assert_eq!(published(&cm("11", &doc(2)), Some(&ours)), Some(doc(2)));
-        assert_eq!(published(&cm("12", &doc(3)), Some(&ours)), Some(doc(3)), "someone wrote since");
-        assert_eq!(published(&cm("12", &doc(3)), None), Some(doc(3)));
+        let ours = LastWrite { previous_version: Some("10".into()), written_version: Some("11".into()), doc: doc(2) };
+        let at = |d: Endpoints, v: &str| (Some(d), Some(v.to_string()));
+        assert_eq!(published(&cm("10", &doc(1)), Some(&ours)), at(doc(2), "11"), "cache still at the old version");
+        assert_eq!(published(&cm("11", &doc(2)), Some(&ours)), at(doc(2), "11"));
+        assert_eq!(published(&cm("12", &doc(3)), Some(&ours)), at(doc(3), "12"), "someone wrote since");
+        assert_eq!(published(&cm("12", &doc(3)), None), at(doc(3), "12"));
         let empty = ConfigMap::default();
-        assert_eq!(published(&empty, None), None);
+        assert_eq!(published(&empty, None), (None, None));
     }
 
     #[test]
