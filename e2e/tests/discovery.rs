@@ -23,6 +23,7 @@ use kubechat_e2e::client::{LoadClient, Tokens};
 use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
 use kubechat_e2e::components::{PrivateRedis, connect_cql, connect_kube, cql_node, redis_url};
 use kubechat_e2e::kubelet::{ProcessKubelet, RunningPod};
+use kubechat_e2e::tools::run_tool;
 use kubechat_e2e::unique_name;
 use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
 use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
@@ -239,6 +240,14 @@ async fn the_list_shows_each_gateways_real_load_and_drops_a_killed_one_within_tw
     })
     .await;
     assert!(statused.is_some(), "status: {:#?}", h.cluster().await.status);
+    // What `kubectl get chatclusters` shows.
+    let table = run_tool("kubectl", &["get", "chatcluster", &h.name, "--namespace", &h.namespace]);
+    assert!(table.status.success(), "kubectl get: {}", table.stderr);
+    let mut lines = table.stdout.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    let column = header.iter().position(|c| *c == "CONNECTIONS").expect("a CONNECTIONS column");
+    assert_eq!(row.get(column), Some(&"27"), "kubectl get:\n{}", table.stdout);
 
     // A reconcile (the ChatCluster touched) leaves the list alone.
     let (before, version) = h.endpoints().await.expect("the list");
