@@ -41,6 +41,8 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "building tests"
 cargo test --workspace --locked --no-run
+step "release binaries for the container images (e2e/tests/image.rs)"
+cargo build --release --locked -p kubechat-gateway -p kubechat-operator
 
 if [[ -n "$up_pid" ]]; then
   step "waiting for components"
