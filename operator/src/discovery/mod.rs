@@ -105,8 +105,8 @@ pub async fn run(
     let loop_ = Loop { client, metrics, options, caches };
     tokio::select! {
         () = shutdown.cancelled() => {}
-        _ = watches => tracing::warn!("discovery watches ended"),
-        () = loop_.run() => {}
+        _ = watches => tracing::warn!("discovery watches ended; no more endpoint lists are published"),
+        () = loop_.run() => tracing::warn!("the ChatCluster cache went away; no more endpoint lists are published"),
     }
 }
 
