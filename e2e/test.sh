@@ -13,6 +13,9 @@ cd "$REPO_ROOT"
 # The cargo target dir lives in the cache: CI's fresh clone builds warm.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KUBECHAT_CACHE/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# One build per run, not an edit loop: incremental state only fills the
+# cached target dir (it had grown to 25 GB).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
 
