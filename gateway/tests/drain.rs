@@ -502,3 +502,86 @@ async fn bad_drain_requests_are_refused_and_load_answers_while_stopping() {
     let exited = gateway.wait_exit(Duration::from_secs(10)).await;
     assert!(exited.is_some(), "the drained gateway exits on SIGTERM");
 }
+
+/// The gateways (ports) `GET /v1/discovery` at `port` lists, and its pick.
+async fn discovery_at(port: u16) -> (Vec<Value>, Option<u16>) {
+    let (status, body) = http_get(port, "/v1/discovery").await.expect("discovery answers");
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("discovery JSON");
+    let listed = answer["gateways"].as_array().cloned().unwrap_or_default();
+    (listed, answer["recommended"].as_str().map(port_of))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_spreads_a_burst_follows_load_and_skips_a_draining_gateway() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let redis = PrivateRedis::start().await;
+    let spec = ClusterSpec::new(redis.url(), 30).await;
+    let mut gateways = Vec::new();
+    for ordinal in 0..3 {
+        gateways.push(GatewayProcess::start(&spec, ordinal).await);
+    }
+    let ports: Vec<u16> = gateways.iter().map(|g| port_of(&g.url())).collect();
+    let waited = Instant::now();
+    for port in &ports {
+        while discovery_at(*port).await.0.len() < 3 {
+            assert!(waited.elapsed() < Duration::from_secs(10), "a gateway does not list all three");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // 1,000 clients asking at once-ish, at every gateway: spread within ±20 %.
+    let mut picks: HashMap<u16, usize> = HashMap::new();
+    for n in 0..1000 {
+        let picked = discovery_at(ports[n % 3]).await.1.expect("a recommendation");
+        *picks.entry(picked).or_default() += 1;
+    }
+    println!("discovery picks over 1,000 calls: {picks:?}");
+    for port in &ports {
+        let count = picks.get(port).copied().unwrap_or(0);
+        assert!((267..=400).contains(&count), "gateway :{port} picked {count} times of 1,000: {picks:?}");
+    }
+
+    // Connections show in the others' answers within a renewal (2 s).
+    let mut clients = Vec::new();
+    for n in 0..5 {
+        clients.push(connect(ports[0], &user(n)).await.expect("connect"));
+    }
+    let connections_seen_at_1 = |listed: &[Value]| {
+        listed
+            .iter()
+            .find(|g| port_of(g["url"].as_str().unwrap_or_default()) == ports[0])
+            .map(|g| g["connections"].clone())
+    };
+    let connected = Instant::now();
+    while connections_seen_at_1(&discovery_at(ports[1]).await.0) != Some(json!(5)) {
+        assert!(connected.elapsed() < Duration::from_secs(4), "5 connections not seen from another gateway");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(clients);
+    let left = Instant::now();
+    while connections_seen_at_1(&discovery_at(ports[1]).await.0) != Some(json!(0)) {
+        assert!(left.elapsed() < Duration::from_secs(4), "disconnects not seen from another gateway");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Draining: at once, no gateway recommends it (its own answer included).
+    let (status, _) = gateways[2].admin_post("/v1/admin/drain", r#"{"deadlineSeconds":5}"#).await.expect("drain");
+    assert_eq!(status, 202);
+    let drained = Instant::now();
+    loop {
+        let answers = [discovery_at(ports[0]).await, discovery_at(ports[1]).await, discovery_at(ports[2]).await];
+        if answers.iter().all(|(listed, pick)| *pick != Some(ports[2]) && listed.len() == 2) {
+            break;
+        }
+        assert!(drained.elapsed() < Duration::from_secs(3), "the draining gateway is still recommended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen_within = drained.elapsed();
+    for n in 0..200 {
+        let (_, pick) = discovery_at(ports[n % 3]).await;
+        assert_ne!(pick, Some(ports[2]), "a draining gateway was recommended");
+    }
+    println!("draining seen by every gateway's discovery within {seen_within:?}");
+    drop(redis);
+}

@@ -25,19 +25,16 @@ use tokio::net::TcpListener;
 
 use super::Gateway;
 use super::drain::{Drain, parse_drain_body};
+use crate::broker::GatewayLoad;
 use crate::store::health::StoreStatus;
 
-/// What `GET /v1/admin/load` answers.
+/// What `GET /v1/admin/load` answers: the load discovery uses, and what
+/// only the operator needs.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AdminLoad {
-    pub pod: String,
-    pub url: String,
-    pub connections: u64,
-    pub capacity: u64,
-    pub ready: bool,
-    pub draining: bool,
-    pub version: String,
+    #[serde(flatten)]
+    pub load: GatewayLoad,
     /// RFC 3339, UTC.
     pub started_at: String,
     pub backends: Backends,
@@ -81,17 +78,7 @@ async fn load(State(gateway): State<Arc<Gateway>>) -> Response {
     let store = if gateway.store_health.status() == StoreStatus::Up { "up" } else { "down" };
     json(
         StatusCode::OK,
-        &AdminLoad {
-            pod: load.pod,
-            url: load.url,
-            connections: load.connections,
-            capacity: load.capacity,
-            ready: load.ready,
-            draining: load.draining,
-            version: load.version,
-            started_at: rfc3339(gateway.identity.started_at_ms),
-            backends: Backends { redis, store },
-        },
+        &AdminLoad { load, started_at: rfc3339(gateway.identity.started_at_ms), backends: Backends { redis, store } },
     )
 }
 

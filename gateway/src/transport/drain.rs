@@ -299,7 +299,8 @@ async fn reconnect_frame(gateway: &Gateway, reason: &str, within_ms: u64) -> cra
     encode_shared(&ServerFrame::Reconnect { url, reason: reason.to_string(), within_ms })
 }
 
-fn rand_seed() -> u64 {
+/// A random seed (for spreading clients over gateways).
+pub(crate) fn rand_seed() -> u64 {
     let mut bytes = [0u8; 8];
     // Only spreads clients: a fixed seed if the system has no randomness is fine.
     let _ = getrandom::fill(&mut bytes);

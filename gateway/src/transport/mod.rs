@@ -257,7 +257,7 @@ async fn discover(gateway: &Gateway) -> HttpResponse {
     // This gateway's own entry as of now, not as of its last report.
     loads.retain(|g| g.pod != gateway.identity.pod);
     loads.push(gateway.load());
-    let mut seed = crate::ids::now_ms().unsigned_abs() ^ u64::from(std::process::id());
+    let mut seed = drain::rand_seed();
     let answer = discovery::discovery(&loads, &mut seed);
     respond(StatusCode::OK, "application/json", serde_json::to_string(&answer).unwrap_or_default())
 }
