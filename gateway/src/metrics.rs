@@ -35,6 +35,10 @@ pub struct Metrics {
     pub broker_healthy: IntGauge,
     /// 1 while the durable store answers, 0 while its operations fail.
     pub store_up: IntGauge,
+    /// 1 while this gateway drains.
+    pub draining: IntGauge,
+    /// Clients a drain sent to other gateways.
+    pub drain_moved: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -89,6 +93,8 @@ impl Metrics {
             .expect("valid metric name"),
             store_up: IntGauge::new("store_up", "1 while the durable store answers; 0 while its operations fail")
                 .expect("valid metric name"),
+            draining: IntGauge::new("draining", "1 while this gateway drains").expect("valid metric name"),
+            drain_moved: counter("drain_moved_total", "Clients a drain sent to other gateways"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -108,6 +114,8 @@ impl Metrics {
             Box::new(metrics.store_up.clone()),
             Box::new(metrics.presence_dropped.clone()),
             Box::new(metrics.push_deferred.clone()),
+            Box::new(metrics.draining.clone()),
+            Box::new(metrics.drain_moved.clone()),
         ];
         for collector in collectors {
             // Only duplicate names fail, and these are distinct.

@@ -178,6 +178,7 @@ impl Drain {
             connections = gateway.chat.hub().connection_count(),
             "draining: no new connections; moving clients to other gateways"
         );
+        gateway.metrics.draining.set(1);
         gateway.report_load();
         // Not on the gateway's task tracker: a shutdown waits for the drain
         // (SIGTERM), not the other way round.
@@ -264,6 +265,7 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
                 outbox.farewell(&farewell, Kick::Reconnect);
             }
             gateway.drain.note_closed_at_deadline(left);
+            gateway.metrics.drain_moved.inc_by(left);
             tracing::info!(closed = left, "drain deadline: closed the remaining connections");
             break;
         }
@@ -285,6 +287,7 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
             outbox.farewell(&farewell, Kick::Reconnect);
         }
         gateway.drain.note_moved(batch as u64);
+        gateway.metrics.drain_moved.inc_by(batch as u64);
     }
     tracing::info!(moved = gateway.drain.progress(0).moved, "drain finished");
     gateway.drain.finish();
