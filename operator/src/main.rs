@@ -42,9 +42,14 @@ struct Args {
     log_json: bool,
 }
 
+/// Without `RUST_LOG`: the operator's own lines at INFO, kube-rs's only from
+/// WARN. (A `kube=warn` directive alone also matches `kubechat_operator`:
+/// targets match by prefix, and the longer directive wins.)
+const DEFAULT_LOG_FILTER: &str = "info,kube=warn,kubechat_operator=info";
+
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json { builder.json().init() } else { builder.init() }
 }
@@ -106,4 +111,45 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(?options, "starting");
     run(client, options, metrics, ready, shutdown).await.context("operator stopped")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::DEFAULT_LOG_FILTER;
+
+    /// Collects what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_default_filter_shows_the_operators_info_lines_and_hides_kubes() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "kubechat_operator::reconcile", "reconciled chat");
+            tracing::info!(target: "kube_runtime::controller", "kube chatter");
+            tracing::warn!(target: "kube_client::client", "kube trouble");
+        });
+        let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+        assert!(text.contains("reconciled chat"), "the operator's INFO line is hidden: {text:?}");
+        assert!(!text.contains("kube chatter"), "kube-rs INFO shows: {text:?}");
+        assert!(text.contains("kube trouble"), "kube-rs WARN is hidden: {text:?}");
+    }
 }

@@ -206,6 +206,13 @@ fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The hash of the config file the gateways and push workers read: their
+/// pod templates carry it, so a changed config rolls them out.
+pub fn config_hash(cc: &ChatCluster) -> String {
+    let config = config_map(cc);
+    content_hash(serde_json::to_string(&config.data).unwrap_or_default().as_bytes())
+}
+
 pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap) -> StatefulSet {
     let names = Names(&cc.name_any());
     let gateway = &cc.spec.gateway;

@@ -1,6 +1,8 @@
 //! The push workers: the gateway image in `push-worker` mode, reading the
 //! same config. They serve no traffic, so a Deployment suffices.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, HTTPGetAction, KeyToPath, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
@@ -97,7 +99,16 @@ pub fn deployment(cc: &ChatCluster) -> Deployment {
             replicas: Some(spec.push_workers.replicas),
             selector: LabelSelector { match_labels: Some(selector_labels(cc, COMPONENT)), ..Default::default() },
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(super::labels(cc, COMPONENT)), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(super::labels(cc, COMPONENT)),
+                    // Workers read the same config file as the gateways: a
+                    // change rolls them out too (they never reload it).
+                    annotations: Some(BTreeMap::from([(
+                        super::CONFIG_HASH_ANNOTATION.to_string(),
+                        super::gateway::config_hash(cc),
+                    )])),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(volumes),
@@ -126,6 +137,21 @@ mod tests {
         let container = &pod.containers[0];
         assert_eq!(container.args.as_deref(), Some(&["push-worker".to_string()][..]));
         assert_eq!(container.image.as_deref(), Some(kubechat_crds::DEFAULT_GATEWAY_IMAGE));
+    }
+
+    #[test]
+    fn a_config_change_rolls_the_workers_out() {
+        let hash_of = |cc: &ChatCluster| {
+            let template = deployment(cc).spec.template.metadata.expect("pod metadata");
+            template.annotations.unwrap_or_default().get(crate::desired::CONFIG_HASH_ANNOTATION).cloned()
+        };
+        let before = ChatCluster::test();
+        let after = ChatCluster::test().with_spec(|s| s.push_workers.max_attempts += 1);
+        let same = ChatCluster::test().with_spec(|s| s.push_workers.replicas += 1);
+        assert!(hash_of(&before).is_some(), "the pod template carries the config hash");
+        assert_ne!(hash_of(&before), hash_of(&after), "a provider setting changed: new pods");
+        assert_eq!(hash_of(&before), hash_of(&same), "scaling is no config change");
+        assert_eq!(hash_of(&before), Some(crate::desired::gateway::config_hash(&before)), "the gateways' hash");
     }
 
     #[test]
