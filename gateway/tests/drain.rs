@@ -296,14 +296,20 @@ enum How {
 /// The two drains under load run one at a time: each alone fills both cores.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn drain_one_of_three(how: How) {
-    let _alone = ONE_AT_A_TIME.lock().await;
+/// A private Redis and three gateway processes sharing it (and a keyspace).
+async fn three_gateways() -> (PrivateRedis, ClusterSpec, Vec<GatewayProcess>) {
     let redis = PrivateRedis::start().await;
     let spec = ClusterSpec::new(redis.url(), 30).await;
     let mut gateways = Vec::new();
     for ordinal in 0..3 {
         gateways.push(GatewayProcess::start(&spec, ordinal).await);
     }
+    (redis, spec, gateways)
+}
+
+async fn drain_one_of_three(how: How) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (redis, _spec, mut gateways) = three_gateways().await;
     let ports: Vec<u16> = gateways.iter().map(|g| port_of(&g.url())).collect();
     let world = Arc::new(World { seen: Mutex::default(), ports: ports.clone(), drain_started: Mutex::default() });
 
@@ -515,12 +521,7 @@ async fn discovery_at(port: u16) -> (Vec<Value>, Option<u16>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_spreads_a_burst_follows_load_and_skips_a_draining_gateway() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let redis = PrivateRedis::start().await;
-    let spec = ClusterSpec::new(redis.url(), 30).await;
-    let mut gateways = Vec::new();
-    for ordinal in 0..3 {
-        gateways.push(GatewayProcess::start(&spec, ordinal).await);
-    }
+    let (redis, _spec, gateways) = three_gateways().await;
     let ports: Vec<u16> = gateways.iter().map(|g| port_of(&g.url())).collect();
     let waited = Instant::now();
     for port in &ports {

@@ -29,17 +29,22 @@ async fn wait_until<F: Fn() -> bool>(what: &str, timeout: Duration, check: F) {
     }
 }
 
-/// A plain HTTP/1.1 GET to 127.0.0.1:`port`: (status, body), or `None` if nothing answers.
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+/// One HTTP/1.1 exchange with 127.0.0.1:`port` (the connection closes after
+/// it): (status, body), or `None` if nothing answers.
+async fn http_exchange(port: u16, request: String) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await.ok()?.ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((status, body))
+}
+
+/// A plain HTTP/1.1 GET to 127.0.0.1:`port`: (status, body), or `None` if nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_exchange(port, format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")).await
 }
 
 /// A `redis-server` of this test only, on its own port, without persistence
@@ -289,18 +294,11 @@ impl GatewayProcess {
 
     /// POST `body` (JSON) on the admin port: (status, body).
     pub async fn admin_post(&self, path: &str, body: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await.ok()?;
         let request = format!(
             "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await.ok()?.ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Some((status, body))
+        http_exchange(self.admin_port, request).await
     }
 
     /// SIGKILL: no drain, no goodbye.
