@@ -15,6 +15,9 @@ pub struct Metrics {
     /// (queued on a recipient's connection here) or `forwarded` (published
     /// to the gateways holding the other recipients).
     pub delivery_seconds: HistogramVec,
+    /// Its two series, resolved once (every send observes them).
+    pub delivery_local: Histogram,
+    pub delivery_forwarded: Histogram,
     pub store_seconds: Histogram,
     pub push_jobs: IntCounter,
     /// Connections closed because they could not keep up.
@@ -52,22 +55,25 @@ impl Metrics {
         let histogram = |name: &str, help: &str| {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets())).expect("valid metric name")
         };
+        let delivery_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "delivery_seconds",
+                "Send received to live delivery queued here (path=local) or published to other gateways (path=forwarded)",
+            )
+            .buckets(latency_buckets()),
+            &["path"],
+        )
+        .expect("valid metric name");
         let metrics = Self {
+            delivery_local: delivery_seconds.with_label_values(&["local"]),
+            delivery_forwarded: delivery_seconds.with_label_values(&["forwarded"]),
+            delivery_seconds,
             connections: IntGauge::new("connections", "Open WebSocket connections").expect("valid metric name"),
             frames_in: counter("frames_in_total", "Frames received from clients"),
             frames_out: counter("frames_out_total", "Frames sent to clients"),
             messages_stored: counter("messages_stored_total", "Messages durably stored"),
             acks: IntCounterVec::new(Opts::new("acks_total", "Send outcomes by result"), &["result"])
                 .expect("valid metric name"),
-            delivery_seconds: HistogramVec::new(
-                HistogramOpts::new(
-                    "delivery_seconds",
-                    "Send received to live delivery queued here (path=local) or published to other gateways (path=forwarded)",
-                )
-                .buckets(latency_buckets()),
-                &["path"],
-            )
-            .expect("valid metric name"),
             store_seconds: histogram("store_seconds", "Durable write latency"),
             push_jobs: counter("push_jobs_total", "Push jobs enqueued for offline recipients"),
             slow_consumers: counter("slow_consumers_total", "Connections closed for not reading fast enough"),

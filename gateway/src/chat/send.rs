@@ -186,15 +186,12 @@ impl ChatService {
         }
         self.metrics.slow_consumers.inc_by(local.overflowed as u64);
         if local.queued > 0 {
-            self.metrics.delivery_seconds.with_label_values(&["local"]).observe(received.elapsed().as_secs_f64());
+            self.metrics.delivery_local.observe(received.elapsed().as_secs_f64());
         }
 
         match self.broker.route(&members, &frame).await {
             Ok(routed) => {
-                self.metrics
-                    .delivery_seconds
-                    .with_label_values(&["forwarded"])
-                    .observe(received.elapsed().as_secs_f64());
+                self.metrics.delivery_forwarded.observe(received.elapsed().as_secs_f64());
                 let jobs: Vec<PushJob> = members
                     .iter()
                     .filter(|m| **m != session.user && routed.offline.contains(*m))

@@ -150,6 +150,8 @@ pub struct RedisBroker {
     /// reaping; routing reads leases and sessions atomically instead).
     alive: RwLock<(tokio::time::Instant, HashSet<String>)>,
     live_sessions: redis::Script,
+    renew_lease_script: redis::Script,
+    renew_worker_script: redis::Script,
 }
 
 impl RedisBroker {
@@ -190,6 +192,8 @@ impl RedisBroker {
             loads: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), Vec::new())),
             alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), HashSet::new())),
             live_sessions: redis::Script::new(wire::LIVE_SESSIONS_SCRIPT),
+            renew_lease_script: redis::Script::new(wire::RENEW_LEASE_SCRIPT),
+            renew_worker_script: redis::Script::new(wire::RENEW_WORKER_SCRIPT),
         });
         broker.claim_worker_id().await?;
         broker.renew_lease().await.map_err(|e| BrokerError(format!("{e} (Redis at {})", broker.address)))?;

@@ -65,7 +65,8 @@ impl RedisBroker {
     /// (or nobody does); returns the holder.
     async fn renew_worker_id(&self, worker_id: u16) -> Result<String, BrokerError> {
         let started = now_ms();
-        let holder: String = redis::Script::new(wire::RENEW_WORKER_SCRIPT)
+        let holder: String = self
+            .renew_worker_script
             .key(worker_key(worker_id))
             .arg(&self.config.gateway_id)
             .arg(self.lease_ms())
@@ -95,7 +96,8 @@ impl RedisBroker {
     pub(super) async fn renew_lease(&self) -> Result<(), BrokerError> {
         let now = now_ms();
         let wrote_before = self.lease_written.load(Ordering::Relaxed);
-        let result: Result<(i64, i64), _> = redis::Script::new(wire::RENEW_LEASE_SCRIPT)
+        let result: Result<(i64, i64), _> = self
+            .renew_lease_script
             .key(GATEWAYS)
             .key(EPOCH)
             .arg(&self.config.gateway_id)
