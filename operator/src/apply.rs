@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::calls::{Verb, counted};
 use crate::desired::DesiredObject;
 use crate::{Error, FIELD_MANAGER, Result};
 
@@ -76,7 +77,7 @@ where
     let name = desired.meta().name.clone().unwrap_or_default();
     let what = format!("{} {namespace}/{name}", K::kind(&()));
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let live = api.get_opt(&name).await.map_err(Error::kube(format!("reading {what}")))?;
+    let live = counted(Verb::Get, api.get_opt(&name)).await.map_err(Error::kube(format!("reading {what}")))?;
     let desired_json =
         serde_json::to_value(desired).map_err(|source| Error::Serialize { what: what.clone(), source })?;
     let outcome = match &live {
@@ -93,7 +94,7 @@ where
             }
         }
     };
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(desired))
+    counted(Verb::Patch, api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(desired)))
         .await
         .map_err(Error::kube(format!("applying {what}")))?;
     Ok(outcome)

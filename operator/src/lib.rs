@@ -11,12 +11,14 @@
 //!   ConfigMap (a loop beside the controller; the reconcile only reads it).
 //! - [`run`]: runs the controller while this replica leads.
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease.
+//! - [`calls`]: counts the API requests of each reconcile.
 //! - [`metrics`] and [`admin`]: Prometheus metrics and the health/metrics HTTP server.
 //! - [`scope`]: which namespaces are watched.
 //! - [`error`]: the crate's error type.
 
 pub mod admin;
 pub mod apply;
+pub mod calls;
 pub mod desired;
 pub mod discovery;
 pub mod error;

@@ -18,6 +18,11 @@ pub struct Metrics {
     pub polls: IntCounterVec,
     /// Writes of endpoint ConfigMaps, by reason (see `discovery::endpoints::Reason`).
     pub endpoint_writes: IntCounterVec,
+    /// Every API request the reconciler made, by verb (see `calls`).
+    pub api_requests: IntCounterVec,
+    /// API requests per reconcile: reads come from watch caches, so a
+    /// settled cluster costs none.
+    pub api_requests_per_reconcile: Histogram,
 }
 
 impl Metrics {
@@ -48,6 +53,16 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let api_requests = IntCounterVec::new(
+            Opts::new("api_requests_total", "API requests made by the reconciler, by verb"),
+            &["verb"],
+        )
+        .expect("valid metric");
+        let api_requests_per_reconcile = Histogram::with_opts(
+            HistogramOpts::new("api_requests_per_reconcile", "API requests made by one reconcile")
+                .buckets(vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]),
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -58,6 +73,8 @@ impl Metrics {
             Box::new(leader.clone()),
             Box::new(polls.clone()),
             Box::new(endpoint_writes.clone()),
+            Box::new(api_requests.clone()),
+            Box::new(api_requests_per_reconcile.clone()),
         ] {
             // Registration only fails on duplicate names, which these are not.
             let _ = registry.register(collector);
@@ -73,6 +90,8 @@ impl Metrics {
             leader,
             polls,
             endpoint_writes,
+            api_requests,
+            api_requests_per_reconcile,
         }
     }
 

@@ -8,6 +8,7 @@ use kube::api::Api;
 use kube::{Client, ResourceExt};
 use kubechat_crds::ChatCluster;
 
+use crate::calls::{Verb, counted};
 use crate::desired::gateway::ENDPOINTS_KEY;
 use crate::desired::{Names, auth, redis};
 use crate::discovery::endpoints::Endpoints;
@@ -71,7 +72,7 @@ pub async fn missing_secrets(client: &Client, cc: &ChatCluster, namespace: &str)
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut missing = Vec::new();
     for (name, key) in referenced_secrets(cc) {
-        let secret = api.get_opt(&name).await.map_err(Error::kube(format!("reading Secret {namespace}/{name}")))?;
+        let secret = counted(Verb::Get, api.get_opt(&name)).await.map_err(Error::kube(format!("reading Secret {namespace}/{name}")))?;
         missing.extend(secret_problem(namespace, &name, key.as_deref(), secret.as_ref()));
     }
     missing.dedup();
@@ -119,15 +120,14 @@ pub async fn observe(client: &Client, cc: &ChatCluster, namespace: &str) -> Resu
     let sts = |name: String| {
         let api = stateful_sets.clone();
         async move {
-            let found = api.get_opt(&name).await.map_err(Error::kube(format!("reading StatefulSet {name}")))?;
+            let found = counted(Verb::Get, api.get_opt(&name)).await.map_err(Error::kube(format!("reading StatefulSet {name}")))?;
             Ok::<_, Error>(found.as_ref().map(from_stateful_set))
         }
     };
     let push_name = names.push();
-    let push = deployments.get_opt(&push_name).await.map_err(Error::kube(format!("reading Deployment {push_name}")))?;
+    let push = counted(Verb::Get, deployments.get_opt(&push_name)).await.map_err(Error::kube(format!("reading Deployment {push_name}")))?;
     let endpoints_name = names.endpoints();
-    let endpoints = Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .get_opt(&endpoints_name)
+    let endpoints = counted(Verb::Get, Api::<ConfigMap>::namespaced(client.clone(), namespace).get_opt(&endpoints_name))
         .await
         .map_err(Error::kube(format!("reading ConfigMap {endpoints_name}")))?
         .and_then(|cm| cm.data?.get(ENDPOINTS_KEY).and_then(|text| Endpoints::parse(text)));

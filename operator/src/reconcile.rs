@@ -19,6 +19,7 @@ use kubechat_crds::ChatCluster;
 use serde_json::json;
 
 use crate::apply::{self, Outcome};
+use crate::calls::{self, Verb, counted};
 use crate::desired::{self, LABEL_MANAGED_BY, auth};
 use crate::metrics::Metrics;
 pub use crate::scope::Scope;
@@ -65,7 +66,7 @@ impl Context {
 
     async fn publish(&self, cc: &ChatCluster, type_: EventType, reason: &str, action: &str, note: String) {
         let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
-        if let Err(e) = self.recorder.publish(&event, &cc.object_ref(&())).await {
+        if let Err(e) = counted(Verb::Create, self.recorder.publish(&event, &cc.object_ref(&()))).await {
             tracing::warn!(error = %e, reason, "could not publish event");
         }
     }
@@ -94,7 +95,7 @@ fn key(cc: &ChatCluster) -> String {
 pub async fn reconcile(cc: Arc<ChatCluster>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciles.inc();
     let _timer = ctx.metrics.duration.start_timer();
-    let result = reconcile_cluster(&cc, &ctx).await;
+    let result = calls::per_reconcile(&ctx.metrics, reconcile_cluster(&cc, &ctx)).await;
     match &result {
         Ok(_) => ctx.reset_failures(&key(&cc)),
         Err(e) => {
@@ -141,8 +142,9 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
             .find(|c| c.type_ == status::DEGRADED && c.status == "True")
             .filter(|_| cc.status.as_ref().is_none_or(|old| !is_true(&old.conditions, status::DEGRADED)))
             .map(|c| (c.reason.clone(), c.message.clone()));
-        Api::<ChatCluster>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(&cc.name_any(), &PatchParams::default(), &Patch::Merge(json!({ "status": new_status })))
+        let api = Api::<ChatCluster>::namespaced(ctx.client.clone(), &namespace);
+        let patch = Patch::Merge(json!({ "status": new_status }));
+        counted(Verb::Patch, api.patch_status(&cc.name_any(), &PatchParams::default(), &patch))
             .await
             .map_err(Error::kube("updating ChatCluster status"))?;
         ctx.metrics.writes.inc();
@@ -163,13 +165,13 @@ fn is_true(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Conditi
 async fn ensure_generated_secret(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<()> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let name = desired::Names(&cc.name_any()).auth_secret();
-    if api.get_opt(&name).await.map_err(Error::kube(format!("reading Secret {name}")))?.is_some() {
+    if counted(Verb::Get, api.get_opt(&name)).await.map_err(Error::kube(format!("reading Secret {name}")))?.is_some() {
         return Ok(());
     }
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| Error::Random(e.to_string()))?;
     let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    match api.create(&params, &auth::generated_secret(cc, &key)).await {
+    match counted(Verb::Create, api.create(&params, &auth::generated_secret(cc, &key))).await {
         Ok(_) => {
             ctx.metrics.writes.inc();
             ctx.metrics.objects_applied.with_label_values(&["Secret", "created"]).inc();
