@@ -176,9 +176,22 @@ async fn minimal_cluster_gets_every_object_owned_and_a_status() {
     let status = cc.status.expect("status");
     assert_eq!(status.endpoint_config_map, "chat-endpoints");
     assert_eq!(status.gateway.desired, 2);
-    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").map(|c| c.status.as_str());
-    assert_eq!(degraded, Some("False"));
     assert_eq!(operator.errors(), 0, "reconcile errors");
+    // This control plane provisions no volumes: the managed backends' claims
+    // stay unbound, and the status says so instead of "rolling out".
+    let cc =
+        wait_for_cluster(&client, &namespace, "chat", Duration::from_secs(60), "Degraded by unbound claims", |cc| {
+            condition(cc, "Degraded").is_some_and(|(status, reason, message)| {
+                status == "True"
+                    && reason == "PodsCannotStart"
+                    && message.contains("PersistentVolumeClaim data-chat-redis-0")
+            })
+        })
+        .await;
+    let (_, _, message) = condition(&cc, "Degraded").expect("Degraded");
+    println!("Degraded: {message}");
+    let progressing = condition(&cc, "Progressing").expect("Progressing");
+    assert_eq!((progressing.0.as_str(), progressing.1.as_str()), ("False", "Blocked"), "{progressing:?}");
 
     operator.stop().await;
     delete_namespace(&client, &namespace).await;
@@ -221,6 +234,8 @@ async fn idle_reconcile_makes_no_writes() {
         writes = now;
     }
     let reconciles = operator.metrics.reconciles.get();
+    let requests = &operator.metrics.api_requests_per_reconcile;
+    let (requests_before, counted_before) = (requests.get_sample_sum(), requests.get_sample_count());
     // A metadata change triggers a reconcile without changing the spec.
     Api::<ChatCluster>::namespaced(client.clone(), &namespace)
         .patch("idle", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"touched": "yes"}}})))
@@ -237,6 +252,10 @@ async fn idle_reconcile_makes_no_writes() {
     })
     .await;
     assert!(reconciled.is_some(), "annotating the ChatCluster did not trigger a reconcile");
+    let idle_reconciles = requests.get_sample_count() - counted_before;
+    let idle_requests = requests.get_sample_sum() - requests_before;
+    println!("API requests per idle reconcile: {idle_requests} in {idle_reconciles} reconcile(s)");
+    assert_eq!(idle_requests, 0.0, "an idle reconcile read or wrote through the API instead of its watch caches");
     assert_eq!(
         operator.metrics.writes.get(),
         writes,

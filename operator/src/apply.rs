@@ -6,15 +6,12 @@
 //! add (defaults, status, other managers' fields) never count. A manual edit
 //! of a field we own is therefore undone at the next reconcile.
 
-use std::fmt::Debug;
-
-use k8s_openapi::NamespaceResourceScope;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, Resource};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::cache::{Owned, OwnedKind};
 use crate::calls::{Verb, counted};
 use crate::desired::DesiredObject;
 use crate::{Error, FIELD_MANAGER, Result};
@@ -54,37 +51,32 @@ pub fn first_difference(desired: &Value, live: &Value) -> Option<String> {
 }
 
 /// Applies one desired object unless the live one already matches.
-pub async fn apply(client: &Client, namespace: &str, object: &DesiredObject) -> Result<Outcome> {
+/// The live object is read from the watch cache (`owned`), not the apiserver.
+pub async fn apply(client: &Client, owned: &Owned, namespace: &str, object: &DesiredObject) -> Result<Outcome> {
     match object {
-        DesiredObject::StatefulSet(o) => apply_typed(client, namespace, o).await,
-        DesiredObject::Deployment(o) => apply_typed(client, namespace, o).await,
-        DesiredObject::Service(o) => apply_typed(client, namespace, o).await,
-        DesiredObject::ConfigMap(o) => apply_typed(client, namespace, o).await,
-        DesiredObject::PodDisruptionBudget(o) => apply_typed(client, namespace, o).await,
+        DesiredObject::StatefulSet(o) => apply_typed(client, owned, namespace, o).await,
+        DesiredObject::Deployment(o) => apply_typed(client, owned, namespace, o).await,
+        DesiredObject::Service(o) => apply_typed(client, owned, namespace, o).await,
+        DesiredObject::ConfigMap(o) => apply_typed(client, owned, namespace, o).await,
+        DesiredObject::PodDisruptionBudget(o) => apply_typed(client, owned, namespace, o).await,
     }
 }
 
-async fn apply_typed<K>(client: &Client, namespace: &str, desired: &K) -> Result<Outcome>
+async fn apply_typed<K>(client: &Client, owned: &Owned, namespace: &str, desired: &K) -> Result<Outcome>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + Debug
-        + Send
-        + Sync,
+    K: OwnedKind + Serialize,
 {
     let name = desired.meta().name.clone().unwrap_or_default();
     let what = format!("{} {namespace}/{name}", K::kind(&()));
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let live = counted(Verb::Get, api.get_opt(&name)).await.map_err(Error::kube(format!("reading {what}")))?;
+    let live = owned.get::<K>(namespace, &name);
     let desired_json =
         serde_json::to_value(desired).map_err(|source| Error::Serialize { what: what.clone(), source })?;
     let outcome = match &live {
         None => Outcome::Created,
         Some(live) => {
-            let live_json =
-                serde_json::to_value(live).map_err(|source| Error::Serialize { what: what.clone(), source })?;
+            let live_json = serde_json::to_value(live.as_ref())
+                .map_err(|source| Error::Serialize { what: what.clone(), source })?;
             match first_difference(&desired_json, &live_json) {
                 None => return Ok(Outcome::Unchanged),
                 Some(path) => {

@@ -20,6 +20,8 @@ pub enum Error {
     },
     #[error("cannot generate a signing key: {0}")]
     Random(String),
+    #[error("the watch caches of owned objects stopped")]
+    CacheClosed,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -32,6 +34,16 @@ impl Error {
             Error::NoNamespace => "no_namespace",
             Error::Serialize { .. } => "serialize",
             Error::Random(_) => "random",
+            Error::CacheClosed => "cache_closed",
+        }
+    }
+
+    /// What the apiserver said (its message names the field), or the whole
+    /// error when the request did not get an answer.
+    pub fn api_message(&self) -> String {
+        match self {
+            Error::Kube { source: kube::Error::Api(status), .. } => status.message.clone(),
+            other => other.to_string(),
         }
     }
 

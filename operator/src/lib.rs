@@ -11,6 +11,7 @@
 //!   ConfigMap (a loop beside the controller; the reconcile only reads it).
 //! - [`run`]: runs the controller while this replica leads.
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease.
+//! - [`cache`]: watch caches of owned objects, read by the reconcile.
 //! - [`calls`]: counts the API requests of each reconcile.
 //! - [`metrics`] and [`admin`]: Prometheus metrics and the health/metrics HTTP server.
 //! - [`scope`]: which namespaces are watched.
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod apply;
+pub mod cache;
 pub mod calls;
 pub mod desired;
 pub mod discovery;

@@ -5,22 +5,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use kubechat_crds::ChatCluster;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::apply::{self, Outcome};
+use crate::cache::{self, Owned};
 use crate::calls::{self, Verb, counted};
-use crate::desired::{self, LABEL_MANAGED_BY, auth};
+use crate::desired::{self, auth};
 use crate::metrics::Metrics;
 pub use crate::scope::Scope;
 use crate::{Error, FIELD_MANAGER, Result, observe, status};
@@ -37,13 +38,34 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// Owned objects as the controller's watches see them.
+    pub owned: Owned,
+    /// The ChatClusters as the controller's watch sees them.
+    pub clusters: Store<ChatCluster>,
+    /// Cancelled when this replica stops leading.
+    stop: CancellationToken,
     /// Consecutive failures per ChatCluster, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Metrics, reporter: Reporter) -> Self {
-        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics, failures: Mutex::default() }
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        reporter: Reporter,
+        owned: Owned,
+        clusters: Store<ChatCluster>,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            owned,
+            clusters,
+            stop,
+            failures: Mutex::default(),
+        }
     }
 
     fn reset_failures(&self, key: &str) {
@@ -52,10 +74,12 @@ impl Context {
         }
     }
 
-    fn next_backoff(&self, key: &str) -> Duration {
+    fn next_backoff(&self, cc: &ChatCluster) -> Duration {
         let attempt = match self.failures.lock() {
             Ok(mut failures) => {
-                let n = failures.entry(key.to_string()).or_insert(0);
+                // Entries of deleted ChatClusters would otherwise stay forever.
+                failures.retain(|key, _| self.still_exists(key));
+                let n = failures.entry(key(cc)).or_insert(0);
                 *n = n.saturating_add(1);
                 *n
             }
@@ -64,12 +88,39 @@ impl Context {
         backoff(attempt, jitter_fraction())
     }
 
-    async fn publish(&self, cc: &ChatCluster, type_: EventType, reason: &str, action: &str, note: String) {
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    /// Failure entries held now (for tests of their pruning).
+    pub fn failure_entries(&self) -> usize {
+        self.failures.lock().map_or(0, |f| f.len())
+    }
+
+    fn still_exists(&self, key: &str) -> bool {
+        let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+        self.clusters
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_some_and(|cc| cc.metadata.deletion_timestamp.is_none())
+    }
+
+    async fn publish(&self, cc: &ChatCluster, event: Event) {
+        let event = Event { note: event.note.map(|note| truncate_note(&note)), ..event };
         if let Err(e) = counted(Verb::Create, self.recorder.publish(&event, &cc.object_ref(&()))).await {
-            tracing::warn!(error = %e, reason, "could not publish event");
+            tracing::warn!(error = %e, reason = event.reason, "could not publish event");
         }
     }
+}
+
+/// The apiserver refuses Event notes over 1 KiB (and with them the Event).
+const MAX_NOTE_BYTES: usize = 1024;
+
+/// `note` cut to fit an Event, on a character boundary, marked with "…".
+pub fn truncate_note(note: &str) -> String {
+    if note.len() <= MAX_NOTE_BYTES {
+        return note.to_string();
+    }
+    let mut end = MAX_NOTE_BYTES - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
 }
 
 /// Delay before retry `attempt` (1-based): doubling from 0.5 s up to 5 min,
@@ -100,39 +151,76 @@ pub async fn reconcile(cc: Arc<ChatCluster>, ctx: Arc<Context>) -> Result<Action
         Ok(_) => ctx.reset_failures(&key(&cc)),
         Err(e) => {
             ctx.metrics.errors.with_label_values(&[e.metric_label()]).inc();
-            ctx.publish(&cc, EventType::Warning, "ReconcileFailed", "Reconcile", e.to_string()).await;
+            // A ChatCluster deleted mid-reconcile fails for that reason alone: not worth an Event.
+            if ctx.still_exists(&key(&cc)) {
+                let event = warning("ReconcileFailed", "Reconcile", e.to_string());
+                ctx.publish(&cc, event).await;
+            }
         }
     }
     result
 }
 
 pub fn error_policy(cc: Arc<ChatCluster>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.next_backoff(&key(&cc));
+    let delay = ctx.next_backoff(&cc);
     tracing::warn!(namespace = cc.namespace().unwrap_or_default(), name = cc.name_any(), %error, ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
 }
 
+fn warning(reason: &str, action: &str, note: String) -> Event {
+    Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action: action.into(), secondary: None }
+}
+
 async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     let namespace = cc.namespace().ok_or(Error::NoNamespace)?;
+    if cc.metadata.deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove the rest.
+        return Ok(Action::await_change());
+    }
+    // The caches fill from streams the controller polls, and it stops
+    // polling them at shutdown: never wait past that.
+    tokio::select! {
+        ready = ctx.owned.wait_until_ready() => if !ready { return Err(Error::CacheClosed) },
+        () = ctx.stop.cancelled() => return Ok(Action::await_change()),
+    }
 
-    // Desired → apply.
+    // Desired → apply. One object the apiserver refuses does not hold back
+    // the others: each failure is reported in the status instead.
     if auth::generates_secret(cc) {
         ensure_generated_secret(cc, ctx, &namespace).await?;
     }
-    for object in desired::desired_objects(cc) {
-        let outcome = apply::apply(&ctx.client, &namespace, &object).await?;
-        if outcome != Outcome::Unchanged {
-            let verb = if outcome == Outcome::Created { "Created" } else { "Updated" };
-            ctx.metrics.writes.inc();
-            ctx.metrics.objects_applied.with_label_values(&[object.kind(), &verb.to_lowercase()]).inc();
-            tracing::info!(kind = object.kind(), object = object.name(), "{}", verb.to_lowercase());
-            ctx.publish(cc, EventType::Normal, verb, "Apply", format!("{verb} {} {}", object.kind(), object.name()))
-                .await;
+    let desired = desired::desired_objects(cc);
+    let mut refused = Vec::new();
+    for object in &desired {
+        match apply::apply(&ctx.client, &ctx.owned, &namespace, object).await {
+            Ok(Outcome::Unchanged) => {}
+            Ok(outcome) => {
+                let verb = if outcome == Outcome::Created { "Created" } else { "Updated" };
+                ctx.metrics.writes.inc();
+                ctx.metrics.objects_applied.with_label_values(&[object.kind(), &verb.to_lowercase()]).inc();
+                tracing::info!(kind = object.kind(), object = object.name(), "{}", verb.to_lowercase());
+                // The object is the Event's `related` object, so each object's
+                // Event is its own (not merged into one series per reason).
+                let event = Event {
+                    type_: EventType::Normal,
+                    reason: verb.into(),
+                    note: Some(format!("{verb} {} {}", object.kind(), object.name())),
+                    action: "Apply".into(),
+                    secondary: Some(object.object_ref()),
+                };
+                ctx.publish(cc, event).await;
+            }
+            Err(e) => {
+                ctx.metrics.errors.with_label_values(&["apply"]).inc();
+                tracing::warn!(kind = object.kind(), object = object.name(), error = %e, "apply refused");
+                refused.push(format!("{} {}: {}", object.kind(), object.name(), e.api_message()));
+            }
         }
     }
 
     // Observe → status.
-    let observed = observe::observe(&ctx.client, cc, &namespace).await?;
+    let mut observed = observe::observe(&ctx.client, &ctx.owned, cc, &namespace).await?;
+    observed.refused = refused;
     let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH));
     let new_status = status::compute(cc, &observed, cc.status.as_ref(), &now);
     if cc.status.as_ref() != Some(&new_status) {
@@ -140,49 +228,70 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
             .conditions
             .iter()
             .find(|c| c.type_ == status::DEGRADED && c.status == "True")
-            .filter(|_| cc.status.as_ref().is_none_or(|old| !is_true(&old.conditions, status::DEGRADED)))
+            .filter(|c| cc.status.as_ref().is_none_or(|old| !same_condition(&old.conditions, c)))
             .map(|c| (c.reason.clone(), c.message.clone()));
         let api = Api::<ChatCluster>::namespaced(ctx.client.clone(), &namespace);
         let patch = Patch::Merge(json!({ "status": new_status }));
-        counted(Verb::Patch, api.patch_status(&cc.name_any(), &PatchParams::default(), &patch))
-            .await
-            .map_err(Error::kube("updating ChatCluster status"))?;
+        match counted(Verb::Patch, api.patch_status(&cc.name_any(), &PatchParams::default(), &patch)).await {
+            Ok(_) => {}
+            // Deleted since this reconcile started.
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Action::await_change()),
+            Err(e) => return Err(Error::kube("updating ChatCluster status")(e)),
+        }
         ctx.metrics.writes.inc();
         ctx.metrics.status_updates.inc();
         if let Some((reason, message)) = became_degraded {
-            ctx.publish(cc, EventType::Warning, &reason, "Observe", message).await;
+            ctx.publish(cc, warning(&reason, "Observe", message)).await;
         }
     }
 
-    Ok(if observed.missing_secrets.is_empty() { Action::requeue(RESYNC) } else { Action::requeue(RECHECK_DEGRADED) })
+    Ok(if !observed.refused.is_empty() {
+        // Retried with backoff, like a failed reconcile, until the spec is fixed.
+        Action::requeue(ctx.next_backoff(cc))
+    } else if !observed.missing_secrets.is_empty() || !observed.stuck.is_empty() {
+        Action::requeue(RECHECK_DEGRADED)
+    } else {
+        Action::requeue(RESYNC)
+    })
 }
 
-fn is_true(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], type_: &str) -> bool {
-    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+/// Whether `conditions` already hold `condition` with the same status, reason and message.
+fn same_condition(conditions: &[Condition], condition: &Condition) -> bool {
+    conditions.iter().any(|c| {
+        c.type_ == condition.type_
+            && c.status == condition.status
+            && c.reason == condition.reason
+            && c.message == condition.message
+    })
 }
 
 /// Creates the signing-key Secret once; an existing one is left alone.
 async fn ensure_generated_secret(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<()> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let name = desired::Names(&cc.name_any()).auth_secret();
+    if ctx.owned.get::<Secret>(namespace, &name).is_some() {
+        return Ok(());
+    }
+    // Not in the cache: maybe just created and not seen yet. Ask once.
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     if counted(Verb::Get, api.get_opt(&name)).await.map_err(Error::kube(format!("reading Secret {name}")))?.is_some() {
         return Ok(());
     }
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| Error::Random(e.to_string()))?;
     let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    match counted(Verb::Create, api.create(&params, &auth::generated_secret(cc, &key))).await {
+    let secret = auth::generated_secret(cc, &key);
+    match counted(Verb::Create, api.create(&params, &secret)).await {
         Ok(_) => {
             ctx.metrics.writes.inc();
             ctx.metrics.objects_applied.with_label_values(&["Secret", "created"]).inc();
-            ctx.publish(
-                cc,
-                EventType::Normal,
-                "Created",
-                "Apply",
-                format!("Created Secret {name} with a new signing key"),
-            )
-            .await;
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "Created".into(),
+                note: Some(format!("Created Secret {name} with a new signing key")),
+                action: "Apply".into(),
+                secondary: Some(secret.object_ref(&())),
+            };
+            ctx.publish(cc, event).await;
             Ok(())
         }
         // Another reconcile created it first: fine, keep theirs.
@@ -200,16 +309,18 @@ pub async fn check_crd_installed(client: &Client, scope: &Scope) -> Result<()> {
         .map_err(Error::kube("listing ChatClusters (is the CRD installed? `kubectl apply -f crds/`)"))
 }
 
-/// The ChatCluster controller, watching the kinds the operator owns.
-pub fn controller(client: Client, scope: &Scope) -> Controller<ChatCluster> {
-    let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={FIELD_MANAGER}"));
-    Controller::new(scope.api::<ChatCluster>(client.clone()), watcher::Config::default())
-        .owns(scope.api::<StatefulSet>(client.clone()), owned.clone())
-        .owns(scope.api::<Deployment>(client.clone()), owned.clone())
-        .owns(scope.api::<Service>(client.clone()), owned.clone())
-        .owns(scope.api::<ConfigMap>(client.clone()), owned.clone())
-        .owns(scope.api::<PodDisruptionBudget>(client.clone()), owned.clone())
-        .owns(scope.api::<Secret>(client), owned)
+/// The ChatCluster controller, triggered by the kinds the operator owns,
+/// and the caches those watches fill.
+pub fn controller(client: Client, scope: &Scope) -> (Controller<ChatCluster>, Owned) {
+    let watches = cache::watches(&client, scope);
+    let controller = Controller::new(scope.api::<ChatCluster>(client), watcher::Config::default())
+        .owns_stream(watches.stateful_sets)
+        .owns_stream(watches.deployments)
+        .owns_stream(watches.services)
+        .owns_stream(watches.config_maps)
+        .owns_stream(watches.disruption_budgets)
+        .owns_stream(watches.secrets);
+    (controller, watches.owned)
 }
 
 /// Runs `controller` until `shutdown` resolves.
@@ -240,5 +351,15 @@ mod tests {
         assert_eq!(backoff(4, 0.0), Duration::from_secs(4));
         assert_eq!(backoff(30, 0.0), BACKOFF_MAX);
         assert_eq!(backoff(1, 1.0), Duration::from_millis(600));
+    }
+
+    #[test]
+    fn long_notes_are_cut_to_fit_an_event() {
+        assert_eq!(truncate_note("short"), "short");
+        let long = "é".repeat(600); // 1,200 bytes
+        let cut = truncate_note(&long);
+        assert!(cut.len() <= MAX_NOTE_BYTES, "{} bytes", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(cut.len() > MAX_NOTE_BYTES - 8, "cut more than needed: {} bytes", cut.len());
     }
 }

@@ -45,7 +45,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     check_crd_installed(&client, &options.scope).await?;
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: options.instance.clone() };
-    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), reporter));
+    let ctx = Leading { client: client.clone(), metrics: metrics.clone(), reporter };
 
     let Some(leader_config) = options.leader else {
         metrics.leader.set(1);
@@ -88,12 +88,22 @@ pub async fn run(
     result
 }
 
+/// What a leader needs to start its controller.
+#[derive(Clone)]
+struct Leading {
+    client: Client,
+    metrics: Metrics,
+    reporter: Reporter,
+}
+
 /// What the leader runs until `stop`: the controller and, from its cache of
 /// ChatClusters, the discovery loop.
-async fn run_leading(ctx: Arc<Context>, scope: Scope, discovery: discovery::Options, stop: CancellationToken) {
-    let controller = reconcile::controller(ctx.client.clone(), &scope);
+async fn run_leading(leading: Leading, scope: Scope, discovery: discovery::Options, stop: CancellationToken) {
+    let Leading { client, metrics, reporter } = leading;
+    let (controller, owned) = reconcile::controller(client.clone(), &scope);
     let clusters = controller.store();
-    let poller = discovery::run(ctx.client.clone(), scope, clusters, ctx.metrics.clone(), discovery, stop.clone());
+    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), reporter, owned, clusters.clone(), stop.clone()));
+    let poller = discovery::run(client, scope, clusters, metrics, discovery, stop.clone());
     let controller_stop = stop.clone();
     tokio::join!(run_controller(controller, ctx, async move { controller_stop.cancelled().await }), poller);
 }

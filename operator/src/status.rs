@@ -72,28 +72,42 @@ pub fn compute(
     let generation = cc.metadata.generation;
     let parts = components(cc, observed);
     let unsettled: Vec<String> = parts.iter().filter(|c| !c.settled()).map(Component::describe).collect();
-    let degraded = !observed.missing_secrets.is_empty();
     let backends_down = backends_down(observed);
 
-    let degraded_condition = match (degraded, backends_down.is_empty()) {
-        (true, _) => {
-            let problems: Vec<String> = observed.missing_secrets.iter().cloned().chain(backends_down).collect();
-            ("True", "SecretNotFound", problems.join("; "))
+    // Degraded: the first kind of problem names the reason; the message lists them all.
+    let problem_kinds = [
+        ("ApplyFailed", &observed.refused),
+        ("SecretNotFound", &observed.missing_secrets),
+        ("PodsCannotStart", &observed.stuck),
+        ("BackendUnavailable", &backends_down),
+    ];
+    let blocking = problem_kinds.iter().take(2).find(|(_, problems)| !problems.is_empty());
+    let degraded_condition = match problem_kinds.iter().find(|(_, problems)| !problems.is_empty()) {
+        Some((reason, _)) => {
+            let problems: Vec<&str> =
+                problem_kinds.iter().flat_map(|(_, problems)| problems.iter()).map(String::as_str).collect();
+            ("True", *reason, bounded(problems.join("; ")))
         }
-        (false, false) => ("True", "BackendUnavailable", backends_down.join("; ")),
-        (false, true) => {
-            ("False", "AsExpected", "all referenced Secrets exist and no gateway reports a backend down".to_string())
+        None => (
+            "False",
+            "AsExpected",
+            "every object is applied, every referenced Secret exists, every pod can start and no gateway reports \
+             a backend down"
+                .to_string(),
+        ),
+    };
+    let progressing_condition = match (unsettled.is_empty(), observed.stuck.is_empty()) {
+        (true, _) => ("False", "Stable", "every component is up to date and ready".to_string()),
+        (false, true) => ("True", "RollingOut", unsettled.join(", ")),
+        (false, false) => {
+            ("False", "Blocked", bounded(format!("{} (pods cannot start: see Degraded)", unsettled.join(", "))))
         }
     };
-    let progressing_condition = if unsettled.is_empty() {
-        ("False", "Stable", "every component is up to date and ready".to_string())
-    } else {
-        ("True", "RollingOut", unsettled.join(", "))
-    };
-    let ready_condition = match (degraded, unsettled.is_empty()) {
-        (false, true) => ("True", "AllComponentsReady", "every component is ready".to_string()),
-        (true, _) => ("False", "SecretNotFound", observed.missing_secrets.join("; ")),
-        (false, false) => ("False", "ComponentsNotReady", unsettled.join(", ")),
+    let ready_condition = match (blocking, unsettled.is_empty()) {
+        (Some((reason, problems)), _) => ("False", *reason, bounded(problems.join("; "))),
+        (None, true) => ("True", "AllComponentsReady", "every component is ready".to_string()),
+        (None, false) if !observed.stuck.is_empty() => ("False", "PodsCannotStart", unsettled.join(", ")),
+        (None, false) => ("False", "ComponentsNotReady", unsettled.join(", ")),
     };
 
     let previous_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
@@ -162,6 +176,20 @@ fn backends_down(observed: &Observed) -> Vec<String> {
     problems
 }
 
+/// Condition messages stay readable (and far below the API's 32 KiB limit).
+const MAX_MESSAGE_BYTES: usize = 4096;
+
+fn bounded(message: String) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
 fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -186,8 +214,7 @@ mod tests {
             redis: ready(1),
             scylla: ready(1),
             push_workers: ready(1),
-            missing_secrets: vec![],
-            endpoints: None,
+            ..Observed::default()
         }
     }
 

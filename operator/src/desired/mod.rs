@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, PodSecurityContext, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+    Capabilities, ConfigMap, ObjectReference, PodSecurityContext, ResourceRequirements, SeccompProfile,
+    SecurityContext, Service,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -53,6 +54,17 @@ impl DesiredObject {
             DesiredObject::Service(_) => "Service",
             DesiredObject::ConfigMap(_) => "ConfigMap",
             DesiredObject::PodDisruptionBudget(_) => "PodDisruptionBudget",
+        }
+    }
+
+    /// A reference to the object, for Events about it.
+    pub fn object_ref(&self) -> ObjectReference {
+        match self {
+            DesiredObject::StatefulSet(o) => o.object_ref(&()),
+            DesiredObject::Deployment(o) => o.object_ref(&()),
+            DesiredObject::Service(o) => o.object_ref(&()),
+            DesiredObject::ConfigMap(o) => o.object_ref(&()),
+            DesiredObject::PodDisruptionBudget(o) => o.object_ref(&()),
         }
     }
 

@@ -1,6 +1,9 @@
-//! Observing what exists: the readiness of owned workloads, whether the
-//! Secrets the spec refers to are there, and the gateways' load as the
-//! endpoint ConfigMap publishes it.
+//! Observing what exists: the readiness of owned workloads (from the watch
+//! caches), whether the Secrets the spec refers to are there, why pods
+//! cannot start ([`stuck`]), and the gateways' load as the endpoint
+//! ConfigMap publishes it.
+
+pub mod stuck;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -8,6 +11,7 @@ use kube::api::Api;
 use kube::{Client, ResourceExt};
 use kubechat_crds::ChatCluster;
 
+use crate::cache::Owned;
 use crate::calls::{Verb, counted};
 use crate::desired::gateway::ENDPOINTS_KEY;
 use crate::desired::{Names, auth, redis};
@@ -37,6 +41,10 @@ pub struct Observed {
     pub missing_secrets: Vec<String>,
     /// The published gateway list (`None`: not published yet).
     pub endpoints: Option<Endpoints>,
+    /// Desired objects the apiserver refused, with its reason ("StatefulSet chat-redis: …").
+    pub refused: Vec<String>,
+    /// Why pods that should exist cannot be created or started (see [`stuck`]).
+    pub stuck: Vec<String>,
 }
 
 /// Secrets the spec refers to, as (name, key) pairs. The generated auth
@@ -72,7 +80,9 @@ pub async fn missing_secrets(client: &Client, cc: &ChatCluster, namespace: &str)
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut missing = Vec::new();
     for (name, key) in referenced_secrets(cc) {
-        let secret = counted(Verb::Get, api.get_opt(&name)).await.map_err(Error::kube(format!("reading Secret {namespace}/{name}")))?;
+        let secret = counted(Verb::Get, api.get_opt(&name))
+            .await
+            .map_err(Error::kube(format!("reading Secret {namespace}/{name}")))?;
         missing.extend(secret_problem(namespace, &name, key.as_deref(), secret.as_ref()));
     }
     missing.dedup();
@@ -113,31 +123,33 @@ fn from_deployment(deployment: &Deployment) -> Workload {
     }
 }
 
-pub async fn observe(client: &Client, cc: &ChatCluster, namespace: &str) -> Result<Observed> {
+pub async fn observe(client: &Client, owned: &Owned, cc: &ChatCluster, namespace: &str) -> Result<Observed> {
     let names = Names(&cc.name_any());
-    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    let sts = |name: String| {
-        let api = stateful_sets.clone();
-        async move {
-            let found = counted(Verb::Get, api.get_opt(&name)).await.map_err(Error::kube(format!("reading StatefulSet {name}")))?;
-            Ok::<_, Error>(found.as_ref().map(from_stateful_set))
-        }
-    };
-    let push_name = names.push();
-    let push = counted(Verb::Get, deployments.get_opt(&push_name)).await.map_err(Error::kube(format!("reading Deployment {push_name}")))?;
-    let endpoints_name = names.endpoints();
-    let endpoints = counted(Verb::Get, Api::<ConfigMap>::namespaced(client.clone(), namespace).get_opt(&endpoints_name))
-        .await
-        .map_err(Error::kube(format!("reading ConfigMap {endpoints_name}")))?
-        .and_then(|cm| cm.data?.get(ENDPOINTS_KEY).and_then(|text| Endpoints::parse(text)));
+    let sts = |name: String| owned.get::<StatefulSet>(namespace, &name);
+    let gateway = sts(names.gateway());
+    let redis = cc.spec.redis.managed.as_ref().and(sts(names.redis()));
+    let scylla = cc.spec.scylla.managed.as_ref().and(sts(names.scylla()));
+    let push = owned.get::<Deployment>(namespace, &names.push());
+    let endpoints = owned
+        .get::<ConfigMap>(namespace, &names.endpoints())
+        .and_then(|cm| cm.data.as_ref()?.get(ENDPOINTS_KEY).and_then(|text| Endpoints::parse(text)));
+
+    let mut stuck = Vec::new();
+    for set in [&gateway, &redis, &scylla].into_iter().flatten() {
+        stuck.extend(stuck::stateful_set(client, set).await?);
+    }
+    if let Some(deployment) = &push {
+        stuck.extend(stuck::deployment(client, deployment).await?);
+    }
     Ok(Observed {
-        gateway: sts(names.gateway()).await?,
-        redis: if cc.spec.redis.managed.is_some() { sts(names.redis()).await? } else { None },
-        scylla: if cc.spec.scylla.managed.is_some() { sts(names.scylla()).await? } else { None },
-        push_workers: push.as_ref().map(from_deployment),
+        gateway: gateway.as_deref().map(from_stateful_set),
+        redis: redis.as_deref().map(from_stateful_set),
+        scylla: scylla.as_deref().map(from_stateful_set),
+        push_workers: push.as_deref().map(from_deployment),
         missing_secrets: missing_secrets(client, cc, namespace).await?,
         endpoints,
+        refused: Vec::new(),
+        stuck,
     })
 }
 

@@ -1,0 +1,136 @@
+//! Watch caches of the objects the operator owns.
+//!
+//! The controller needs a watch per owned kind anyway (a change or deletion
+//! of an owned object triggers a reconcile), so each watch also fills a
+//! reflector store, and the reconcile reads owned objects from there instead
+//! of asking the apiserver: a settled cluster reconciles with no request.
+//! The stores may briefly lag behind a write; that costs at most one
+//! redundant apply, which the next watch event corrects.
+
+use std::sync::Arc;
+
+use futures::Stream;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+
+use crate::FIELD_MANAGER;
+use crate::desired::LABEL_MANAGED_BY;
+use crate::scope::Scope;
+
+/// The stores of every owned kind, filled by the controller's watches.
+#[derive(Clone)]
+pub struct Owned {
+    pub stateful_sets: Store<StatefulSet>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub config_maps: Store<ConfigMap>,
+    pub disruption_budgets: Store<PodDisruptionBudget>,
+    pub secrets: Store<Secret>,
+}
+
+/// A kind whose objects the operator owns and caches.
+pub trait OwnedKind:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn store(owned: &Owned) -> &Store<Self>;
+}
+
+macro_rules! owned_kind {
+    ($kind:ty, $field:ident) => {
+        impl OwnedKind for $kind {
+            fn store(owned: &Owned) -> &Store<Self> {
+                &owned.$field
+            }
+        }
+    };
+}
+owned_kind!(StatefulSet, stateful_sets);
+owned_kind!(Deployment, deployments);
+owned_kind!(Service, services);
+owned_kind!(ConfigMap, config_maps);
+owned_kind!(PodDisruptionBudget, disruption_budgets);
+owned_kind!(Secret, secrets);
+
+impl Owned {
+    /// The cached object, if the watch has seen it.
+    pub fn get<K: OwnedKind>(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
+        K::store(self).get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Every cached object of kind `K` that `keep` selects.
+    pub fn select<K: OwnedKind>(&self, keep: impl Fn(&K) -> bool) -> Vec<Arc<K>> {
+        K::store(self).state().into_iter().filter(|o| keep(o)).collect()
+    }
+
+    /// Waits until every watch has listed once (a reconcile before that
+    /// would take every object for missing).
+    pub async fn wait_until_ready(&self) -> bool {
+        let results = futures::join!(
+            self.stateful_sets.wait_until_ready(),
+            self.deployments.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.config_maps.wait_until_ready(),
+            self.disruption_budgets.wait_until_ready(),
+            self.secrets.wait_until_ready(),
+        );
+        results.0.is_ok()
+            && results.1.is_ok()
+            && results.2.is_ok()
+            && results.3.is_ok()
+            && results.4.is_ok()
+            && results.5.is_ok()
+    }
+}
+
+/// The streams that feed [`Owned`]; each yields the objects it touched, to
+/// trigger the reconcile of their owner.
+pub struct Watches {
+    pub owned: Owned,
+    pub stateful_sets: WatchStream<StatefulSet>,
+    pub deployments: WatchStream<Deployment>,
+    pub services: WatchStream<Service>,
+    pub config_maps: WatchStream<ConfigMap>,
+    pub disruption_budgets: WatchStream<PodDisruptionBudget>,
+    pub secrets: WatchStream<Secret>,
+}
+
+pub type WatchStream<K> = std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
+
+/// Watches of the objects the operator labelled as its own, in `scope`.
+pub fn watches(client: &Client, scope: &Scope) -> Watches {
+    let labelled = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={FIELD_MANAGER}"));
+    let (stateful_sets, sts) = cached(scope.api(client.clone()), &labelled);
+    let (deployments, deploy) = cached(scope.api(client.clone()), &labelled);
+    let (services, svc) = cached(scope.api(client.clone()), &labelled);
+    let (config_maps, cm) = cached(scope.api(client.clone()), &labelled);
+    let (disruption_budgets, pdb) = cached(scope.api(client.clone()), &labelled);
+    let (secrets, secret) = cached(scope.api(client.clone()), &labelled);
+    Watches {
+        owned: Owned { stateful_sets, deployments, services, config_maps, disruption_budgets, secrets },
+        stateful_sets: sts,
+        deployments: deploy,
+        services: svc,
+        config_maps: cm,
+        disruption_budgets: pdb,
+        secrets: secret,
+    }
+}
+
+fn cached<K: OwnedKind>(api: Api<K>, config: &watcher::Config) -> (Store<K>, WatchStream<K>) {
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, config.clone()).default_backoff().reflect(writer).touched_objects();
+    (store, Box::pin(stream))
+}
