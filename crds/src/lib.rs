@@ -9,7 +9,12 @@
 //! Every field has a default where one makes sense, so `metadata.name` alone
 //! is a valid ChatCluster. The defaults are written into the stored object by
 //! the apiserver, so `kubectl get chatcluster -o yaml` shows the effective
-//! configuration.
+//! configuration. One exception: a backend (`redis`, `scylla`) with neither
+//! `managed` nor `external` runs managed with the defaults, and is stored as
+//! written (a schema default cannot depend on a sibling field); read it
+//! through `effective_managed`.
+
+use std::borrow::Cow;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -246,10 +251,11 @@ pub struct SecretKeyRef {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)")
-    .message("redis: set exactly one of managed or external"))]
+#[x_kube(validation = Rule::new("!(has(self.managed) && has(self.external))")
+    .message("redis: set at most one of managed or external (neither means a managed Redis with default settings)"))]
 pub struct RedisSpec {
-    /// A single Redis pod with persistent storage, run by the operator.
+    /// A single Redis pod with persistent storage, run by the operator. Also
+    /// what runs, with its defaults, when neither this nor `external` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<ManagedRedis>,
     /// A Redis the operator does not run (for high availability, use a
@@ -261,6 +267,20 @@ pub struct RedisSpec {
 impl Default for RedisSpec {
     fn default() -> Self {
         Self { managed: Some(ManagedRedis::default()), external: None }
+    }
+}
+
+impl RedisSpec {
+    /// The Redis the operator runs, if any: `managed` as written, or its
+    /// defaults when neither `managed` nor `external` is set. A schema default
+    /// cannot express "managed unless external", so the stored object keeps
+    /// what the user wrote and every reader goes through here.
+    pub fn effective_managed(&self) -> Option<Cow<'_, ManagedRedis>> {
+        match (&self.managed, &self.external) {
+            (Some(managed), _) => Some(Cow::Borrowed(managed)),
+            (None, None) => Some(Cow::Owned(ManagedRedis::default())),
+            (None, Some(_)) => None,
+        }
     }
 }
 
@@ -304,10 +324,11 @@ pub struct ExternalRedis {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)")
-    .message("scylla: set exactly one of managed or external"))]
+#[x_kube(validation = Rule::new("!(has(self.managed) && has(self.external))")
+    .message("scylla: set at most one of managed or external (neither means a managed ScyllaDB with default settings)"))]
 pub struct ScyllaSpec {
-    /// ScyllaDB nodes run by the operator.
+    /// ScyllaDB nodes run by the operator. Also what runs, with its
+    /// defaults, when neither this nor `external` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<ManagedScylla>,
     /// A ScyllaDB (or Cassandra) cluster the operator does not run.
@@ -330,6 +351,19 @@ impl Default for ScyllaSpec {
             external: None,
             keyspace: default_keyspace(),
             replication_factor: None,
+        }
+    }
+}
+
+impl ScyllaSpec {
+    /// The ScyllaDB the operator runs, if any: `managed` as written, or its
+    /// defaults when neither `managed` nor `external` is set (see
+    /// [`RedisSpec::effective_managed`]).
+    pub fn effective_managed(&self) -> Option<Cow<'_, ManagedScylla>> {
+        match (&self.managed, &self.external) {
+            (Some(managed), _) => Some(Cow::Borrowed(managed)),
+            (None, None) => Some(Cow::Owned(ManagedScylla::default())),
+            (None, Some(_)) => None,
         }
     }
 }
@@ -605,4 +639,35 @@ pub struct GatewayPodStatus {
 pub struct ComponentStatus {
     pub desired: i32,
     pub ready: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `effective_managed` stands in for an explicit `managed: {}`, which the
+    /// apiserver fills from the schema's defaults: the two must agree.
+    #[test]
+    fn an_implicit_managed_backend_has_the_schema_defaults() {
+        let from_empty: ManagedScylla = serde_json::from_str("{}").expect("managed scylla");
+        assert_eq!(from_empty, ManagedScylla::default());
+        let from_empty: ManagedRedis = serde_json::from_str("{}").expect("managed redis");
+        assert_eq!(from_empty, ManagedRedis::default());
+
+        let scylla: ScyllaSpec = serde_json::from_str(r#"{"keyspace": "chat"}"#).expect("scylla");
+        assert_eq!(scylla.effective_managed().as_deref(), Some(&ManagedScylla::default()));
+        let redis: RedisSpec = serde_json::from_str("{}").expect("redis");
+        assert_eq!(redis.effective_managed().as_deref(), Some(&ManagedRedis::default()));
+
+        let external = ScyllaSpec {
+            managed: None,
+            external: Some(ExternalScylla {
+                contact_points: vec!["scylla:9042".into()],
+                credentials_secret: None,
+                local_datacenter: None,
+            }),
+            ..ScyllaSpec::default()
+        };
+        assert_eq!(external.effective_managed(), None);
+    }
 }

@@ -133,8 +133,8 @@ pub async fn observe(client: &Client, cc: &ChatCluster, namespace: &str) -> Resu
         .and_then(|cm| cm.data?.get(ENDPOINTS_KEY).and_then(|text| Endpoints::parse(text)));
     Ok(Observed {
         gateway: sts(names.gateway()).await?,
-        redis: if cc.spec.redis.managed.is_some() { sts(names.redis()).await? } else { None },
-        scylla: if cc.spec.scylla.managed.is_some() { sts(names.scylla()).await? } else { None },
+        redis: if cc.spec.redis.effective_managed().is_some() { sts(names.redis()).await? } else { None },
+        scylla: if cc.spec.scylla.effective_managed().is_some() { sts(names.scylla()).await? } else { None },
         push_workers: push.as_ref().map(from_deployment),
         missing_secrets: missing_secrets(client, cc, namespace).await?,
         endpoints,
