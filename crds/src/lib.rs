@@ -9,7 +9,12 @@
 //! Every field has a default where one makes sense, so `metadata.name` alone
 //! is a valid ChatCluster. The defaults are written into the stored object by
 //! the apiserver, so `kubectl get chatcluster -o yaml` shows the effective
-//! configuration.
+//! configuration. One exception: a backend (`redis`, `scylla`) with neither
+//! `managed` nor `external` runs managed with the defaults, and is stored as
+//! written (a schema default cannot depend on a sibling field); read it
+//! through `effective_managed`.
+
+use std::borrow::Cow;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -223,14 +228,45 @@ pub struct AutoscaleSpec {
 
 // ------------------------------------------------------------ backends --
 
+/// A positive Kubernetes quantity without sign, milli suffix or negative
+/// exponent: fractions of a byte are a typo (`10m` for `10M`), never a size.
+/// Raw CEL string (`r'…'`): no escaping inside.
+const POSITIVE_SIZE_PATTERN: &str =
+    r"^([0-9]*[1-9][0-9]*([.][0-9]*)?|[0-9]*[.][0-9]*[1-9][0-9]*)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|[eE][+]?[0-9]+)?$";
+
+/// A DNS-1123 subdomain, as Kubernetes requires of object names such as StorageClasses.
+const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
 /// Persistent storage of a managed component.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+///
+/// Both fields are fixed once set: they end up in a StatefulSet's
+/// `volumeClaimTemplates`, which Kubernetes does not let anyone change, so an
+/// edit could never be applied.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)")
+    .message("storageClassName cannot be changed in place (a StatefulSet's volumeClaimTemplates are immutable): keep the old value, or create a new ChatCluster and move the data")
+    .field_path(".storageClassName")
+    .reason(Reason::FieldValueForbidden))]
 pub struct StorageSpec {
-    /// Size of each pod's volume, e.g. `10Gi`.
+    /// Size of each pod's volume, e.g. `10Gi`: a positive quantity. It cannot
+    /// be changed once set; to grow a volume, expand its PersistentVolumeClaim
+    /// (`data-<pod>`) directly, if its StorageClass allows volume expansion.
+    #[x_kube(
+        validation = Rule::new(format!("type(self) == int ? self > 0 : self.matches(r'{POSITIVE_SIZE_PATTERN}')"))
+            .message("must be a positive size such as 10Gi, 1024Mi, 1.5Gi or 500M (a Kubernetes quantity with no sign, no milli suffix and not zero)"),
+        // A size that was never valid never reached a StatefulSet, so it may still be fixed.
+        validation = Rule::new(format!("self == oldSelf || !(type(oldSelf) == int ? oldSelf > 0 : oldSelf.matches(r'{POSITIVE_SIZE_PATTERN}'))"))
+            .message("storage size cannot be changed in place (a StatefulSet's volumeClaimTemplates are immutable): keep the old size and grow each PersistentVolumeClaim data-<pod> yourself if its StorageClass allows volume expansion, or create a new ChatCluster with the new size and move the data")
+            .reason(Reason::FieldValueForbidden),
+    )]
     pub size: Quantity,
-    /// StorageClass of the volumes; the cluster default when unset.
+    /// StorageClass of the volumes; the cluster default when unset. Cannot be
+    /// changed once the component exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{DNS_SUBDOMAIN_PATTERN}')"))
+        .message("must be a StorageClass name: a DNS-1123 subdomain of lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, e.g. fast-ssd"))]
     pub storage_class_name: Option<String>,
 }
 
@@ -246,10 +282,11 @@ pub struct SecretKeyRef {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)")
-    .message("redis: set exactly one of managed or external"))]
+#[x_kube(validation = Rule::new("!(has(self.managed) && has(self.external))")
+    .message("redis: set at most one of managed or external (neither means a managed Redis with default settings)"))]
 pub struct RedisSpec {
-    /// A single Redis pod with persistent storage, run by the operator.
+    /// A single Redis pod with persistent storage, run by the operator. Also
+    /// what runs, with its defaults, when neither this nor `external` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<ManagedRedis>,
     /// A Redis the operator does not run (for high availability, use a
@@ -261,6 +298,20 @@ pub struct RedisSpec {
 impl Default for RedisSpec {
     fn default() -> Self {
         Self { managed: Some(ManagedRedis::default()), external: None }
+    }
+}
+
+impl RedisSpec {
+    /// The Redis the operator runs, if any: `managed` as written, or its
+    /// defaults when neither `managed` nor `external` is set. A schema default
+    /// cannot express "managed unless external", so the stored object keeps
+    /// what the user wrote and every reader goes through here.
+    pub fn effective_managed(&self) -> Option<Cow<'_, ManagedRedis>> {
+        match (&self.managed, &self.external) {
+            (Some(managed), _) => Some(Cow::Borrowed(managed)),
+            (None, None) => Some(Cow::Owned(ManagedRedis::default())),
+            (None, Some(_)) => None,
+        }
     }
 }
 
@@ -289,13 +340,24 @@ fn default_redis_storage() -> StorageSpec {
     StorageSpec { size: Quantity("1Gi".into()), storage_class_name: None }
 }
 
+/// `redis[s]://[user][:password@]host[:port][/db][?query][#fragment]`, the
+/// host a DNS name, an IPv4 address or an `[IPv6]` address. Raw CEL string.
+const REDIS_URL_PATTERN: &str = concat!(
+    r"^rediss?://([^@/?#\s]*@)?",
+    r"([A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?([.][A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?)*[.]?|\[[0-9A-Fa-f:.]+\])",
+    r"(:[0-9]{1,5})?(/[0-9]*)?([?][^#\s]*)?(#\S*)?$",
+);
+
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalRedis {
-    /// `redis://host:port[/db]` or `rediss://…` for TLS; no password here.
+    /// `redis://host:port[/db]`, or `rediss://…` for TLS. Prefer
+    /// `passwordSecret` to a password in the URL.
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("self.startsWith('redis://') || self.startsWith('rediss://')")
-        .message("redis.external.url must start with redis:// or rediss://"))]
+        .message("redis.external.url must start with redis:// or rediss://"),
+        validation = Rule::new(format!("!(self.startsWith('redis://') || self.startsWith('rediss://')) || self.matches(r'{REDIS_URL_PATTERN}')"))
+        .message("redis.external.url must be redis[s]://[user:password@]host[:port][/db], the host a DNS name, an IPv4 address or an [IPv6] address, e.g. redis://redis.prod.svc:6379/0"))]
     pub url: String,
     /// Secret key holding the Redis password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -304,10 +366,14 @@ pub struct ExternalRedis {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)")
-    .message("scylla: set exactly one of managed or external"))]
+#[x_kube(validation = Rule::new("!(has(self.managed) && has(self.external))")
+    .message("scylla: set at most one of managed or external (neither means a managed ScyllaDB with default settings)"))]
+#[x_kube(validation = Rule::new("!has(self.replicationFactor) || has(self.external) || self.replicationFactor <= (has(self.managed) ? self.managed.nodes : 1)")
+    .message("scylla.replicationFactor must not exceed scylla.managed.nodes (1 unless set): each replica needs a node of its own")
+    .field_path(".replicationFactor"))]
 pub struct ScyllaSpec {
-    /// ScyllaDB nodes run by the operator.
+    /// ScyllaDB nodes run by the operator. Also what runs, with its
+    /// defaults, when neither this nor `external` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<ManagedScylla>,
     /// A ScyllaDB (or Cassandra) cluster the operator does not run.
@@ -330,6 +396,19 @@ impl Default for ScyllaSpec {
             external: None,
             keyspace: default_keyspace(),
             replication_factor: None,
+        }
+    }
+}
+
+impl ScyllaSpec {
+    /// The ScyllaDB the operator runs, if any: `managed` as written, or its
+    /// defaults when neither `managed` nor `external` is set (see
+    /// [`RedisSpec::effective_managed`]).
+    pub fn effective_managed(&self) -> Option<Cow<'_, ManagedScylla>> {
+        match (&self.managed, &self.external) {
+            (Some(managed), _) => Some(Cow::Borrowed(managed)),
+            (None, None) => Some(Cow::Owned(ManagedScylla::default())),
+            (None, Some(_)) => None,
         }
     }
 }
@@ -383,11 +462,22 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// `host` or `host:port`, the host a DNS name, an IPv4 address, an IPv6
+/// address, or `[IPv6]:port`. Raw CEL string.
+const CONTACT_POINT_PATTERN: &str = concat!(
+    r"^([A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?([.][A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?)*[.]?(:[0-9]{1,5})?",
+    r"|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?",
+    r"|[0-9A-Fa-f]*:[0-9A-Fa-f]*:[0-9A-Fa-f:.]*)$",
+);
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalScylla {
-    /// `host:port` of one or more nodes.
-    #[schemars(length(min = 1, max = 64))]
+    /// `host:port` (or `host`, port 9042) of one or more nodes.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 261)))]
+    #[x_kube(validation = Rule::new(format!("self.all(p, p.matches(r'{CONTACT_POINT_PATTERN}'))"))
+        // Names the first bad entry: the apiserver does not say which item failed a list rule.
+        .message(Message::Expression(format!("'contact point \"' + self.filter(p, !p.matches(r'{CONTACT_POINT_PATTERN}'))[0] + '\" is wrong: each of scylla.external.contactPoints must be host or host:port, the host a DNS name, an IPv4 address or an IPv6 address ([brackets] with a port), e.g. scylla-0.db.svc:9042'"))))]
     pub contact_points: Vec<String>,
     /// Secret with `username` and `password` keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -605,4 +695,118 @@ pub struct GatewayPodStatus {
 pub struct ComponentStatus {
     pub desired: i32,
     pub ready: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    fn matches(pattern: &str, value: &str) -> bool {
+        regex::Regex::new(pattern).expect("pattern compiles").is_match(value)
+    }
+
+    // The apiserver's CEL uses RE2; these patterns use only syntax RE2 and the
+    // `regex` crate read alike. The e2e admission suite checks the apiserver itself.
+    #[test]
+    fn sizes_must_be_positive_quantities() {
+        for good in ["1Gi", "10Gi", "1024Mi", "1.5Gi", "0.5Gi", ".5Gi", "500M", "1e9", "2E3", "1", "01Gi", "1.Gi"] {
+            assert!(matches(POSITIVE_SIZE_PATTERN, good), "{good} refused");
+        }
+        for bad in ["lots", "-10Gi", "+1Gi", "0", "0Gi", "0.0Gi", ".", "Gi", "10m", "1e-3", "10 Gi", "10GB", "", "1Gi "]
+        {
+            assert!(!matches(POSITIVE_SIZE_PATTERN, bad), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn storage_classes_must_be_dns_subdomains() {
+        for good in ["standard", "fast-ssd", "ebs.csi.aws.com", "a", "gp3"] {
+            assert!(matches(DNS_SUBDOMAIN_PATTERN, good), "{good} refused");
+        }
+        for bad in ["Not_A_Valid/Name", "Fast", "-ssd", "ssd-", "a..b", "a b", ""] {
+            assert!(!matches(DNS_SUBDOMAIN_PATTERN, bad), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn redis_urls_need_a_host() {
+        for good in [
+            "redis://redis:6379",
+            "rediss://host",
+            "redis://:pw@redis.ns.svc:6379/0",
+            "redis://user:pw@10.0.0.7:6379/2",
+            "redis://[fd00::7]:6379",
+            "redis://redis.example/",
+            "redis://redis.example:6379/0?protocol=resp3",
+            "rediss://redis.example#insecure",
+        ] {
+            assert!(matches(REDIS_URL_PATTERN, good), "{good} refused");
+        }
+        for bad in [
+            "redis://",
+            "rediss://",
+            "redis://:6379",
+            "redis://:pw@",
+            "redis://host:port",
+            "redis://host/db",
+            "redis://two hosts",
+            "redis://host:6379/0 ",
+            "http://redis:6379",
+        ] {
+            assert!(!matches(REDIS_URL_PATTERN, bad), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn contact_points_are_host_or_host_port() {
+        for good in ["scylla", "scylla.db.svc:9042", "10.0.0.7", "10.0.0.7:9042", "::1", "fd00::7", "[fd00::7]:9042"] {
+            assert!(matches(CONTACT_POINT_PATTERN, good), "{good} refused");
+        }
+        for bad in ["not a host port!!", "host:", "host:port", ":9042", "[fd00::7", "fd00::7]:9042", "a/b", ""] {
+            assert!(!matches(CONTACT_POINT_PATTERN, bad), "{bad} accepted");
+        }
+    }
+
+    /// `effective_managed` stands in for an explicit `managed: {}`, which the
+    /// apiserver fills from the schema's defaults: the two must agree.
+    #[test]
+    fn an_implicit_managed_backend_has_the_schema_defaults() {
+        let from_empty: ManagedScylla = serde_json::from_str("{}").expect("managed scylla");
+        assert_eq!(from_empty, ManagedScylla::default());
+        let from_empty: ManagedRedis = serde_json::from_str("{}").expect("managed redis");
+        assert_eq!(from_empty, ManagedRedis::default());
+
+        let scylla: ScyllaSpec = serde_json::from_str(r#"{"keyspace": "chat"}"#).expect("scylla");
+        assert_eq!(scylla.effective_managed().as_deref(), Some(&ManagedScylla::default()));
+        let redis: RedisSpec = serde_json::from_str("{}").expect("redis");
+        assert_eq!(redis.effective_managed().as_deref(), Some(&ManagedRedis::default()));
+
+        let external = ScyllaSpec {
+            managed: None,
+            external: Some(ExternalScylla {
+                contact_points: vec!["scylla:9042".into()],
+                credentials_secret: None,
+                local_datacenter: None,
+            }),
+            ..ScyllaSpec::default()
+        };
+        assert_eq!(external.effective_managed(), None);
+    }
+
+    /// The rules the apiserver needs to refuse a volume change are in the CRD.
+    #[test]
+    fn the_schema_forbids_changing_volumes() {
+        let crd = serde_json::to_value(ChatCluster::crd()).expect("crd");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        for storage in [
+            &spec["redis"]["properties"]["managed"]["properties"]["storage"],
+            &spec["scylla"]["properties"]["managed"]["properties"]["storage"],
+        ] {
+            let size_rules = storage["properties"]["size"]["x-kubernetes-validations"].as_array().expect("size rules");
+            assert!(size_rules.iter().any(|r| r["rule"].as_str().is_some_and(|r| r.starts_with("self == oldSelf"))));
+            let rules = storage["x-kubernetes-validations"].as_array().expect("storage rules");
+            assert!(rules.iter().any(|r| r["fieldPath"] == ".storageClassName"));
+        }
+    }
 }

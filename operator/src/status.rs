@@ -45,12 +45,12 @@ fn components<'a>(cc: &ChatCluster, observed: &'a Observed) -> [Component<'a>; 4
         Component { name: "gateway", desired: gateway::desired_replicas(cc), observed: observed.gateway.as_ref() },
         Component {
             name: "redis",
-            desired: i32::from(spec.redis.managed.is_some()),
+            desired: i32::from(spec.redis.effective_managed().is_some()),
             observed: observed.redis.as_ref(),
         },
         Component {
             name: "scylla",
-            desired: spec.scylla.managed.as_ref().map_or(0, |m| m.nodes),
+            desired: spec.scylla.effective_managed().map_or(0, |m| m.nodes),
             observed: observed.scylla.as_ref(),
         },
         Component {

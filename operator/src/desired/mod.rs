@@ -278,6 +278,29 @@ mod tests {
         assert!(!names.iter().any(|n| n.contains("redis") || n.contains("scylla")), "{names:?}");
     }
 
+    /// `scylla: {keyspace: chat}` and `redis: {}` name neither a managed nor
+    /// an external backend: both run managed, with the defaults an explicit
+    /// `managed: {}` gets from the schema.
+    #[test]
+    fn backends_with_neither_managed_nor_external_run_managed() {
+        let parse = |spec: serde_json::Value| -> ChatCluster {
+            let mut cc = ChatCluster::test();
+            cc.spec = serde_json::from_value(spec).expect("spec");
+            cc
+        };
+        let implicit = parse(serde_json::json!({"redis": {}, "scylla": {"keyspace": "chat"}}));
+        assert_eq!(implicit.spec.scylla.managed, None);
+        let explicit =
+            parse(serde_json::json!({"redis": {"managed": {}}, "scylla": {"managed": {}, "keyspace": "chat"}}));
+        let objects = desired_objects(&implicit);
+        let names: Vec<(String, &str)> = objects.iter().map(|o| (o.name(), o.kind())).collect();
+        for expected in [("chat-scylla", "StatefulSet"), ("chat-scylla", "Service"), ("chat-redis", "StatefulSet")] {
+            assert!(names.contains(&(expected.0.to_string(), expected.1)), "missing {expected:?} in {names:?}");
+        }
+        assert_eq!(objects, desired_objects(&explicit));
+        assert_eq!(scylla::replication_factor(&implicit), 1);
+    }
+
     #[test]
     fn every_object_is_owned_by_the_cluster_and_labelled() {
         for object in desired_objects(&ChatCluster::test()) {

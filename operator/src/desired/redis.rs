@@ -27,9 +27,9 @@ pub const PASSWORD_ENV: &str = "KUBECHAT_REDIS_PASSWORD";
 const REDIS_UID: i64 = 999;
 
 pub fn objects(cc: &ChatCluster) -> Vec<DesiredObject> {
-    match &cc.spec.redis.managed {
+    match cc.spec.redis.effective_managed() {
         Some(managed) => {
-            vec![DesiredObject::Service(service(cc)), DesiredObject::StatefulSet(stateful_set(cc, managed))]
+            vec![DesiredObject::Service(service(cc)), DesiredObject::StatefulSet(stateful_set(cc, &managed))]
         }
         None => Vec::new(),
     }

@@ -21,9 +21,9 @@ pub const USERNAME_ENV: &str = "KUBECHAT_SCYLLA_USERNAME";
 pub const PASSWORD_ENV: &str = "KUBECHAT_SCYLLA_PASSWORD";
 
 pub fn objects(cc: &ChatCluster) -> Vec<DesiredObject> {
-    match &cc.spec.scylla.managed {
+    match cc.spec.scylla.effective_managed() {
         Some(managed) => {
-            vec![DesiredObject::Service(service(cc)), DesiredObject::StatefulSet(stateful_set(cc, managed))]
+            vec![DesiredObject::Service(service(cc)), DesiredObject::StatefulSet(stateful_set(cc, &managed))]
         }
         None => Vec::new(),
     }
@@ -40,7 +40,7 @@ pub fn contact_points(cc: &ChatCluster) -> Vec<String> {
 
 /// The keyspace's replication factor: as set, else `min(nodes, 3)` (3 for external clusters).
 pub fn replication_factor(cc: &ChatCluster) -> i32 {
-    cc.spec.scylla.replication_factor.unwrap_or_else(|| match &cc.spec.scylla.managed {
+    cc.spec.scylla.replication_factor.unwrap_or_else(|| match cc.spec.scylla.effective_managed() {
         Some(managed) => managed.nodes.clamp(1, 3),
         None => 3,
     })

@@ -127,8 +127,8 @@ pub async fn observe(client: &Client, owned: &Owned, cc: &ChatCluster, namespace
     let names = Names(&cc.name_any());
     let sts = |name: String| owned.get::<StatefulSet>(namespace, &name);
     let gateway = sts(names.gateway());
-    let redis = cc.spec.redis.managed.as_ref().and(sts(names.redis()));
-    let scylla = cc.spec.scylla.managed.as_ref().and(sts(names.scylla()));
+    let redis = cc.spec.redis.effective_managed().and(sts(names.redis()));
+    let scylla = cc.spec.scylla.effective_managed().and(sts(names.scylla()));
     let push = owned.get::<Deployment>(namespace, &names.push());
     let endpoints = owned
         .get::<ConfigMap>(namespace, &names.endpoints())
