@@ -68,7 +68,7 @@ pub fn gateway_binary() -> PathBuf {
     path
 }
 
-fn newest_file(dir: &Path) -> Option<(PathBuf, SystemTime)> {
+pub(crate) fn newest_file(dir: &Path) -> Option<(PathBuf, SystemTime)> {
     let mut newest: Option<(PathBuf, SystemTime)> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();

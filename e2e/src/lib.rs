@@ -8,6 +8,8 @@
 //! - [`tools`]: the pinned `kubectl` and `helm` binaries built by `e2e/local`.
 //! - [`kubelet`]: runs a real gateway process for each gateway Pod (on its
 //!   loopback Pod IP), since kwok's nodes run nothing.
+//! - [`operator_process`]: operators as real processes (to pause with SIGSTOP),
+//!   each behind a proxy that records every API request it sends.
 //! - [`client`]: WebSocket clients that hold connections open, and tokens for them.
 //!
 //! The addresses come from the environment `e2e/test.sh` exports (see
@@ -18,6 +20,7 @@ pub mod client;
 pub mod cluster;
 pub mod components;
 pub mod kubelet;
+pub mod operator_process;
 pub mod tools;
 
 /// A name unique to this test process and call, for namespaces, keys and

@@ -9,7 +9,7 @@ use kube::runtime::events::Reporter;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::{LeaderConfig, LeaderElector};
+use crate::leader::{Authority, LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Context, check_crd_installed, run_controller};
 use crate::scope::Scope;
@@ -45,18 +45,22 @@ pub async fn run(
 ) -> Result<(), RunError> {
     check_crd_installed(&client, &options.scope).await?;
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: options.instance.clone() };
-    let ctx = Leading { client: client.clone(), metrics: metrics.clone(), reporter };
 
     let Some(leader_config) = options.leader else {
+        let ctx = Leading { client, metrics: metrics.clone(), reporter };
         metrics.leader.set(1);
         ready.store(true, Ordering::Relaxed);
         run_leading(ctx, options.scope, options.discovery, shutdown.clone()).await;
         return Ok(());
     };
 
+    // Everything the controller and discovery write goes through the fence;
+    // only the election itself writes with the plain client.
+    let authority = Authority::new();
+    let ctx = Leading { client: authority.fence(client.clone()), metrics: metrics.clone(), reporter };
     let (leading_tx, mut leading) = watch::channel(false);
     let elector_stop = shutdown.child_token();
-    let elector = LeaderElector::new(client, leader_config).run(leading_tx, elector_stop.clone());
+    let elector = LeaderElector::new(client, leader_config).run(authority, leading_tx, elector_stop.clone());
     let work = async {
         ready.store(true, Ordering::Relaxed);
         tokio::select! {
@@ -70,7 +74,11 @@ pub async fn run(
         let stop_on_loss = async {
             tokio::select! {
                 () = stop.cancelled() => {}
-                _ = lost.wait_for(|l| !*l) => stop.cancel(),
+                _ = lost.wait_for(|l| !*l) => {
+                    // The fence already refuses writes; this stops the work itself.
+                    tracing::warn!("lost leadership: stopping the controller and discovery");
+                    stop.cancel();
+                }
             }
         };
         tokio::join!(
