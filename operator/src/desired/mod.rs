@@ -287,6 +287,81 @@ mod tests {
         }
     }
 
+    /// What the PodSecurity `restricted` profile (Kubernetes 1.25+) refuses
+    /// in a pod spec: the checks its admission plugin makes, written out so
+    /// a builder that drops one fails here and not first in a cluster.
+    fn restricted_violations(pod: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
+        let mut found = Vec::new();
+        let pod_security = pod.security_context.clone().unwrap_or_default();
+        if pod.host_network == Some(true) || pod.host_pid == Some(true) || pod.host_ipc == Some(true) {
+            found.push("host namespaces".to_string());
+        }
+        for volume in pod.volumes.iter().flatten() {
+            if volume.host_path.is_some() {
+                found.push(format!("hostPath volume {}", volume.name));
+            }
+        }
+        if pod_security.run_as_user == Some(0) {
+            found.push("pod runAsUser 0".into());
+        }
+        let pod_seccomp = pod_security.seccomp_profile.as_ref().map(|p| p.type_.as_str());
+        for c in pod.containers.iter().chain(pod.init_containers.iter().flatten()) {
+            let sc = c.security_context.clone().unwrap_or_default();
+            let name = &c.name;
+            if sc.privileged == Some(true) {
+                found.push(format!("{name}: privileged"));
+            }
+            if sc.allow_privilege_escalation != Some(false) {
+                found.push(format!("{name}: allowPrivilegeEscalation is not false"));
+            }
+            let caps = sc.capabilities.clone().unwrap_or_default();
+            if !caps.drop.unwrap_or_default().iter().any(|d| d == "ALL") {
+                found.push(format!("{name}: capabilities do not drop ALL"));
+            }
+            if caps.add.unwrap_or_default().iter().any(|a| a != "NET_BIND_SERVICE") {
+                found.push(format!("{name}: adds capabilities"));
+            }
+            if sc.run_as_non_root.or(pod_security.run_as_non_root) != Some(true) {
+                found.push(format!("{name}: runAsNonRoot is not true"));
+            }
+            if sc.run_as_user == Some(0) {
+                found.push(format!("{name}: runAsUser 0"));
+            }
+            let seccomp = sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()).or(pod_seccomp);
+            if !matches!(seccomp, Some("RuntimeDefault" | "Localhost")) {
+                found.push(format!("{name}: no RuntimeDefault seccomp profile"));
+            }
+            if c.ports.iter().flatten().any(|p| p.host_port.is_some_and(|h| h != 0)) {
+                found.push(format!("{name}: hostPort"));
+            }
+        }
+        found
+    }
+
+    /// Every pod the operator creates (gateways, Redis, Scylla, push
+    /// workers) is admitted in a namespace enforcing `restricted`, and its
+    /// volumes are writable by its non-root user (fsGroup).
+    #[test]
+    fn every_pod_passes_the_restricted_pod_security_profile() {
+        let cc = ChatCluster::test();
+        let mut pods = Vec::new();
+        for object in desired_objects(&cc) {
+            match object {
+                DesiredObject::StatefulSet(o) => pods.push((o.metadata.name, o.spec.template.spec)),
+                DesiredObject::Deployment(o) => pods.push((o.metadata.name, o.spec.template.spec)),
+                _ => {}
+            }
+        }
+        assert_eq!(pods.len(), 4, "gateway, redis, scylla, push: {pods:?}");
+        for (name, pod) in pods {
+            let pod = pod.expect("pod spec");
+            let violations = restricted_violations(&pod);
+            assert!(violations.is_empty(), "{name:?} is refused by `restricted`: {violations:?}");
+            let fs_group = pod.security_context.as_ref().and_then(|s| s.fs_group);
+            assert!(fs_group.is_some_and(|g| g != 0), "{name:?}: volumes need a non-root fsGroup");
+        }
+    }
+
     /// The hash lands in the pod template: if a new operator version hashed
     /// the same config differently, upgrading the operator would roll every
     /// gateway. So the values are pinned (the first 8 bytes of SHA-256; the
