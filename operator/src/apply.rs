@@ -60,6 +60,7 @@ pub async fn apply(client: &Client, namespace: &str, object: &DesiredObject) -> 
         DesiredObject::Service(o) => apply_typed(client, namespace, o).await,
         DesiredObject::ConfigMap(o) => apply_typed(client, namespace, o).await,
         DesiredObject::PodDisruptionBudget(o) => apply_typed(client, namespace, o).await,
+        DesiredObject::NetworkPolicy(o) => apply_typed(client, namespace, o).await,
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -19,7 +20,7 @@ use kubechat_crds::ChatCluster;
 use serde_json::json;
 
 use crate::apply::{self, Outcome};
-use crate::desired::{self, LABEL_MANAGED_BY, auth};
+use crate::desired::{self, LABEL_MANAGED_BY};
 use crate::metrics::Metrics;
 pub use crate::scope::Scope;
 use crate::{Error, FIELD_MANAGER, Result, observe, status};
@@ -115,8 +116,8 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     let namespace = cc.namespace().ok_or(Error::NoNamespace)?;
 
     // Desired → apply.
-    if auth::generates_secret(cc) {
-        ensure_generated_secret(cc, ctx, &namespace).await?;
+    for secret in desired::secrets::generated(cc) {
+        ensure_generated_secret(cc, ctx, &namespace, &secret).await?;
     }
     for object in desired::desired_objects(cc) {
         let outcome = apply::apply(&ctx.client, &namespace, &object).await?;
@@ -159,17 +160,22 @@ fn is_true(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Conditi
     conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
 }
 
-/// Creates the signing-key Secret once; an existing one is left alone.
-async fn ensure_generated_secret(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<()> {
+/// Creates a generated Secret once; an existing one is left alone.
+async fn ensure_generated_secret(
+    cc: &ChatCluster,
+    ctx: &Context,
+    namespace: &str,
+    secret: &desired::secrets::GeneratedSecret,
+) -> Result<()> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let name = desired::Names(&cc.name_any()).auth_secret();
-    if api.get_opt(&name).await.map_err(Error::kube(format!("reading Secret {name}")))?.is_some() {
+    let name = &secret.name;
+    if api.get_opt(name).await.map_err(Error::kube(format!("reading Secret {name}")))?.is_some() {
         return Ok(());
     }
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(|e| Error::Random(e.to_string()))?;
+    let mut random = [0u8; desired::secrets::RANDOM_BYTES];
+    getrandom::fill(&mut random).map_err(|e| Error::Random(e.to_string()))?;
     let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    match api.create(&params, &auth::generated_secret(cc, &key)).await {
+    match api.create(&params, &secret.build(cc, &random)).await {
         Ok(_) => {
             ctx.metrics.writes.inc();
             ctx.metrics.objects_applied.with_label_values(&["Secret", "created"]).inc();
@@ -178,7 +184,7 @@ async fn ensure_generated_secret(cc: &ChatCluster, ctx: &Context, namespace: &st
                 EventType::Normal,
                 "Created",
                 "Apply",
-                format!("Created Secret {name} with a new signing key"),
+                format!("Created Secret {name} with a new {}", secret.purpose),
             )
             .await;
             Ok(())
@@ -207,6 +213,7 @@ pub fn controller(client: Client, scope: &Scope) -> Controller<ChatCluster> {
         .owns(scope.api::<Service>(client.clone()), owned.clone())
         .owns(scope.api::<ConfigMap>(client.clone()), owned.clone())
         .owns(scope.api::<PodDisruptionBudget>(client.clone()), owned.clone())
+        .owns(scope.api::<NetworkPolicy>(client.clone()), owned.clone())
         .owns(scope.api::<Secret>(client), owned)
 }
 

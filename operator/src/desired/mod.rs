@@ -5,13 +5,17 @@
 //! - [`gateway`]: gateway StatefulSet, its Services, config and PDB.
 //! - [`redis`] and [`scylla`]: the managed backends (nothing when external).
 //! - [`push`]: the push-worker Deployment.
-//! - [`auth`]: the generated token-signing Secret.
+//! - [`auth`]: the token-signing key (generated when the spec names none).
+//! - [`secrets`]: Secrets the operator generates once (signing key, Redis password).
+//! - [`network`]: NetworkPolicies that admit only the cluster's own pods to its backends.
 
 pub mod auth;
 pub mod gateway;
+pub mod network;
 pub mod push;
 pub mod redis;
 pub mod scylla;
+pub mod secrets;
 
 use std::collections::BTreeMap;
 
@@ -19,6 +23,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, PodSecurityContext, ResourceRequirements, SeccompProfile, SecurityContext, Service,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -43,6 +48,7 @@ pub enum DesiredObject {
     Service(Service),
     ConfigMap(ConfigMap),
     PodDisruptionBudget(PodDisruptionBudget),
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl DesiredObject {
@@ -53,6 +59,7 @@ impl DesiredObject {
             DesiredObject::Service(_) => "Service",
             DesiredObject::ConfigMap(_) => "ConfigMap",
             DesiredObject::PodDisruptionBudget(_) => "PodDisruptionBudget",
+            DesiredObject::NetworkPolicy(_) => "NetworkPolicy",
         }
     }
 
@@ -63,15 +70,17 @@ impl DesiredObject {
             DesiredObject::Service(o) => o.name_any(),
             DesiredObject::ConfigMap(o) => o.name_any(),
             DesiredObject::PodDisruptionBudget(o) => o.name_any(),
+            DesiredObject::NetworkPolicy(o) => o.name_any(),
         }
     }
 }
 
 /// Every object a ChatCluster should have, in apply order (config before the
-/// workloads that mount it). The generated auth Secret is separate: it is
-/// created once and never re-applied (see [`auth`]).
+/// workloads that mount it, a backend's NetworkPolicy before the backend).
+/// Generated Secrets are separate: they are created once and never
+/// re-applied (see [`secrets`]).
 pub fn desired_objects(cc: &ChatCluster) -> Vec<DesiredObject> {
-    let mut objects = Vec::new();
+    let mut objects = network::objects(cc);
     objects.extend(redis::objects(cc));
     objects.extend(scylla::objects(cc));
     objects.extend(gateway::objects(cc));
@@ -106,6 +115,9 @@ impl Names<'_> {
     }
     pub fn auth_secret(&self) -> String {
         format!("{}-auth", self.0)
+    }
+    pub fn redis_password(&self) -> String {
+        format!("{}-redis-password", self.0)
     }
 }
 
@@ -244,10 +256,12 @@ mod tests {
             ("chat-gateway-pods", "Service"),
             ("chat-gateway", "PodDisruptionBudget"),
             ("chat-push", "Deployment"),
+            ("chat-redis", "NetworkPolicy"),
+            ("chat-scylla", "NetworkPolicy"),
         ] {
             assert!(kinds.contains(&(expected.0.to_string(), expected.1)), "missing {expected:?} in {kinds:?}");
         }
-        assert_eq!(kinds.len(), 11, "{kinds:?}");
+        assert_eq!(kinds.len(), 13, "{kinds:?}");
     }
 
     #[test]
@@ -275,6 +289,7 @@ mod tests {
                 DesiredObject::Service(o) => &o.metadata,
                 DesiredObject::ConfigMap(o) => &o.metadata,
                 DesiredObject::PodDisruptionBudget(o) => &o.metadata,
+                DesiredObject::NetworkPolicy(o) => &o.metadata,
             };
             let owners = meta.owner_references.as_deref().unwrap_or_default();
             assert_eq!(owners.len(), 1, "{} {}", object.kind(), object.name());
