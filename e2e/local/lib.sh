@@ -31,9 +31,10 @@ KUBERNETES_VERSION="v1.37.2"   # kube-apiserver, controller-manager, scheduler, 
 ETCD_VERSION="v3.6.16"
 KWOK_VERSION="v0.8.0"
 HELM_VERSION="v3.22.0"
+KUBE_SCORE_VERSION="v1.20.0"  # chart best-practice checks (e2e/tests/hardening.rs)
 CASSANDRA_VERSION="5.0.9"
 CENTRIFUGO_VERSION="v6.9.1"    # the benchmark's peer (e2e/local/centrifugo.sh)
-export KUBERNETES_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION CASSANDRA_VERSION CENTRIFUGO_VERSION
+export KUBERNETES_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION KUBE_SCORE_VERSION CASSANDRA_VERSION CENTRIFUGO_VERSION
 
 # Go builds and module downloads are cached with everything else.
 export GOMODCACHE="${GOMODCACHE:-$KUBECHAT_CACHE/go/mod}"

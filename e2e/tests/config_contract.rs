@@ -238,7 +238,7 @@ fn the_gateway_reads_the_config_the_operator_writes() {
 
         assert_eq!(file.redis.url, redis::url(&cc), "{name}");
         let redis_password = file.redis.password_env.as_ref().map(|var| sees.env.get(var).cloned());
-        let expected = redis::password_secret(&cc).map(|r| Some(from_secret(&r.name, &r.key)));
+        let expected = redis::password_ref(&cc).map(|r| Some(from_secret(&r.name, &r.key)));
         assert_eq!(redis_password, expected, "{name}: the Redis password variable the gateway reads");
 
         assert_eq!(file.scylla.contact_points, scylla::contact_points(&cc), "{name}");
@@ -275,7 +275,7 @@ fn the_push_worker_reads_the_config_the_operator_writes() {
 
         let spec = &cc.spec;
         assert_eq!(config.redis_url, redis::url(&cc), "{name}");
-        let expected = redis::password_secret(&cc).map(|r| SecretSource::Value(from_secret(&r.name, &r.key)));
+        let expected = redis::password_ref(&cc).map(|r| SecretSource::Value(from_secret(&r.name, &r.key)));
         assert_eq!(config.redis_password, expected, "{name}: the Redis password");
         let admin = u16::try_from(Sees::port(&container, "admin")).expect("a port");
         assert_eq!(
@@ -323,7 +323,8 @@ fn the_clusters_cover_every_optional_part() {
     let clusters = clusters();
     let any = |f: &dyn Fn(&ChatCluster) -> bool| clusters.iter().any(f);
     assert!(any(&|cc| redis::password_secret(cc).is_some()));
-    assert!(any(&|cc| cc.spec.redis.managed.is_some()));
+    // A managed Redis's clients read the generated password like a named one.
+    assert!(any(&|cc| cc.spec.redis.managed.is_some() && redis::password_ref(cc).is_some()));
     assert!(any(&|cc| cc.spec.scylla.external.as_ref().is_some_and(|e| e.credentials_secret.is_some())));
     assert!(any(&|cc| cc.spec.scylla.external.as_ref().is_some_and(|e| e.local_datacenter.is_some())));
     assert!(any(&|cc| cc.spec.auth.signing_key_secret.is_some()));

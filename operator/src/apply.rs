@@ -59,6 +59,7 @@ pub async fn apply(client: &Client, owned: &Owned, namespace: &str, object: &Des
         DesiredObject::Service(o) => apply_typed(client, owned, namespace, o).await,
         DesiredObject::ConfigMap(o) => apply_typed(client, owned, namespace, o).await,
         DesiredObject::PodDisruptionBudget(o) => apply_typed(client, owned, namespace, o).await,
+        DesiredObject::NetworkPolicy(o) => apply_typed(client, owned, namespace, o).await,
     }
 }
 

@@ -13,6 +13,7 @@ use futures::Stream;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -32,6 +33,7 @@ pub struct Owned {
     pub services: Store<Service>,
     pub config_maps: Store<ConfigMap>,
     pub disruption_budgets: Store<PodDisruptionBudget>,
+    pub network_policies: Store<NetworkPolicy>,
     pub secrets: Store<Secret>,
 }
 
@@ -62,6 +64,7 @@ owned_kind!(Deployment, deployments);
 owned_kind!(Service, services);
 owned_kind!(ConfigMap, config_maps);
 owned_kind!(PodDisruptionBudget, disruption_budgets);
+owned_kind!(NetworkPolicy, network_policies);
 owned_kind!(Secret, secrets);
 
 impl Owned {
@@ -84,6 +87,7 @@ impl Owned {
             self.services.wait_until_ready(),
             self.config_maps.wait_until_ready(),
             self.disruption_budgets.wait_until_ready(),
+            self.network_policies.wait_until_ready(),
             self.secrets.wait_until_ready(),
         );
         results.0.is_ok()
@@ -92,6 +96,7 @@ impl Owned {
             && results.3.is_ok()
             && results.4.is_ok()
             && results.5.is_ok()
+            && results.6.is_ok()
     }
 }
 
@@ -104,6 +109,7 @@ pub struct Watches {
     pub services: WatchStream<Service>,
     pub config_maps: WatchStream<ConfigMap>,
     pub disruption_budgets: WatchStream<PodDisruptionBudget>,
+    pub network_policies: WatchStream<NetworkPolicy>,
     pub secrets: WatchStream<Secret>,
 }
 
@@ -117,14 +123,24 @@ pub fn watches(client: &Client, scope: &Scope) -> Watches {
     let (services, svc) = cached(scope.api(client.clone()), &labelled);
     let (config_maps, cm) = cached(scope.api(client.clone()), &labelled);
     let (disruption_budgets, pdb) = cached(scope.api(client.clone()), &labelled);
+    let (network_policies, netpol) = cached(scope.api(client.clone()), &labelled);
     let (secrets, secret) = cached(scope.api(client.clone()), &labelled);
     Watches {
-        owned: Owned { stateful_sets, deployments, services, config_maps, disruption_budgets, secrets },
+        owned: Owned {
+            stateful_sets,
+            deployments,
+            services,
+            config_maps,
+            disruption_budgets,
+            network_policies,
+            secrets,
+        },
         stateful_sets: sts,
         deployments: deploy,
         services: svc,
         config_maps: cm,
         disruption_budgets: pdb,
+        network_policies: netpol,
         secrets: secret,
     }
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apply::{self, Outcome};
 use crate::cache::{self, Owned};
 use crate::calls::{self, Verb, counted};
-use crate::desired::{self, auth};
+use crate::desired;
 use crate::metrics::Metrics;
 pub use crate::scope::Scope;
 use crate::{Error, FIELD_MANAGER, Result, observe, status};
@@ -186,8 +186,8 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
 
     // Desired → apply. One object the apiserver refuses does not hold back
     // the others: each failure is reported in the status instead.
-    if auth::generates_secret(cc) {
-        ensure_generated_secret(cc, ctx, &namespace).await?;
+    for secret in desired::secrets::generated(cc) {
+        ensure_generated_secret(cc, ctx, &namespace, &secret).await?;
     }
     let desired = desired::desired_objects(cc);
     let mut refused = Vec::new();
@@ -265,31 +265,36 @@ fn same_condition(conditions: &[Condition], condition: &Condition) -> bool {
     })
 }
 
-/// Creates the signing-key Secret once; an existing one is left alone.
-async fn ensure_generated_secret(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<()> {
-    let name = desired::Names(&cc.name_any()).auth_secret();
-    if ctx.owned.get::<Secret>(namespace, &name).is_some() {
+/// Creates a generated Secret once; an existing one is left alone.
+async fn ensure_generated_secret(
+    cc: &ChatCluster,
+    ctx: &Context,
+    namespace: &str,
+    secret: &desired::secrets::GeneratedSecret,
+) -> Result<()> {
+    let name = &secret.name;
+    if ctx.owned.get::<Secret>(namespace, name).is_some() {
         return Ok(());
     }
     // Not in the cache: maybe just created and not seen yet. Ask once.
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    if counted(Verb::Get, api.get_opt(&name)).await.map_err(Error::kube(format!("reading Secret {name}")))?.is_some() {
+    if counted(Verb::Get, api.get_opt(name)).await.map_err(Error::kube(format!("reading Secret {name}")))?.is_some() {
         return Ok(());
     }
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(|e| Error::Random(e.to_string()))?;
+    let mut random = [0u8; desired::secrets::RANDOM_BYTES];
+    getrandom::fill(&mut random).map_err(|e| Error::Random(e.to_string()))?;
     let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    let secret = auth::generated_secret(cc, &key);
-    match counted(Verb::Create, api.create(&params, &secret)).await {
+    let object = secret.build(cc, &random);
+    match counted(Verb::Create, api.create(&params, &object)).await {
         Ok(_) => {
             ctx.metrics.writes.inc();
             ctx.metrics.objects_applied.with_label_values(&["Secret", "created"]).inc();
             let event = Event {
                 type_: EventType::Normal,
                 reason: "Created".into(),
-                note: Some(format!("Created Secret {name} with a new signing key")),
+                note: Some(format!("Created Secret {name} with a new {}", secret.purpose)),
                 action: "Apply".into(),
-                secondary: Some(secret.object_ref(&())),
+                secondary: Some(object.object_ref(&())),
             };
             ctx.publish(cc, event).await;
             Ok(())
@@ -319,6 +324,7 @@ pub fn controller(client: Client, scope: &Scope) -> (Controller<ChatCluster>, Ow
         .owns_stream(watches.services)
         .owns_stream(watches.config_maps)
         .owns_stream(watches.disruption_budgets)
+        .owns_stream(watches.network_policies)
         .owns_stream(watches.secrets);
     (controller, watches.owned)
 }

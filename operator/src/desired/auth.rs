@@ -2,14 +2,11 @@
 //! generates one once; it is never re-applied, so the key never rotates
 //! under running gateways by accident.
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kubechat_crds::{ChatCluster, SecretKeyRef};
 
-use super::{Names, owned_meta};
+use super::Names;
+use super::secrets::GeneratedSecret;
 
 /// Key of the generated Secret, and the file name the key is mounted as.
 pub const SIGNING_KEY_KEY: &str = "signing-key";
@@ -28,15 +25,14 @@ pub fn generates_secret(cc: &ChatCluster) -> bool {
     cc.spec.auth.signing_key_secret.is_none()
 }
 
-/// A new Secret with `key` (hex text, so it works as a file or env value).
-pub fn generated_secret(cc: &ChatCluster, key: &[u8]) -> Secret {
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    Secret {
-        metadata: owned_meta(cc, Names(&cc.name_any()).auth_secret(), "auth"),
-        type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(SIGNING_KEY_KEY.to_string(), ByteString(hex.into_bytes()))])),
-        ..Default::default()
-    }
+/// The signing-key Secret the operator generates, unless the spec names one.
+pub fn generated(cc: &ChatCluster) -> Option<GeneratedSecret> {
+    generates_secret(cc).then(|| GeneratedSecret {
+        name: Names(&cc.name_any()).auth_secret(),
+        key: SIGNING_KEY_KEY,
+        component: "auth",
+        purpose: "signing key",
+    })
 }
 
 #[cfg(test)]
@@ -45,10 +41,11 @@ mod tests {
     use crate::desired::fixtures::ChatClusterExt;
 
     #[test]
-    fn generated_secret_holds_hex_key() {
-        let secret = generated_secret(&ChatCluster::test(), &[0xab, 0x01]);
-        assert_eq!(secret.metadata.name.as_deref(), Some("chat-auth"));
-        assert_eq!(secret.data.expect("data")[SIGNING_KEY_KEY].0, b"ab01");
+    fn the_generated_secret_is_what_gateways_mount() {
+        let cc = ChatCluster::test();
+        let generated = generated(&cc).expect("generated when the spec names none");
+        assert_eq!(generated.key_ref(), signing_key_ref(&cc));
+        assert_eq!(generated.name, "chat-auth");
     }
 
     #[test]
@@ -56,6 +53,7 @@ mod tests {
         let cc = ChatCluster::test()
             .with_spec(|s| s.auth.signing_key_secret = Some(SecretKeyRef { name: "jwt".into(), key: "hs256".into() }));
         assert!(!generates_secret(&cc));
+        assert_eq!(generated(&cc), None);
         assert_eq!(signing_key_ref(&cc).name, "jwt");
     }
 }

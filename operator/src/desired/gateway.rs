@@ -79,7 +79,7 @@ pub fn config_json(cc: &ChatCluster) -> serde_json::Value {
             "offlineAfterSeconds": spec.chat.offline_after_seconds,
             "presenceFanoutMaxMembers": spec.chat.presence_fanout_max_members,
         },
-        "redis": {"url": redis::url(cc), "passwordEnv": redis::password_secret(cc).map(|_| redis::PASSWORD_ENV)},
+        "redis": {"url": redis::url(cc), "passwordEnv": redis::password_ref(cc).map(|_| redis::PASSWORD_ENV)},
         "scylla": {
             "contactPoints": scylla::contact_points(cc),
             "keyspace": spec.scylla.keyspace,
@@ -145,7 +145,7 @@ pub fn common_env(cc: &ChatCluster) -> Vec<EnvVar> {
         }),
         ..Default::default()
     };
-    if let Some(secret) = redis::password_secret(cc) {
+    if let Some(secret) = redis::password_ref(cc) {
         env.push(secret_env(redis::PASSWORD_ENV, &secret.name, &secret.key));
     }
     if let Some(secret) = cc.spec.scylla.external.as_ref().and_then(|e| e.credentials_secret.as_ref()) {

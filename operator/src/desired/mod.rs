@@ -5,13 +5,17 @@
 //! - [`gateway`]: gateway StatefulSet, its Services, config and PDB.
 //! - [`redis`] and [`scylla`]: the managed backends (nothing when external).
 //! - [`push`]: the push-worker Deployment.
-//! - [`auth`]: the generated token-signing Secret.
+//! - [`auth`]: the token-signing key (generated when the spec names none).
+//! - [`secrets`]: Secrets the operator generates once (signing key, Redis password).
+//! - [`network`]: NetworkPolicies that admit only the cluster's own pods to its backends.
 
 pub mod auth;
 pub mod gateway;
+pub mod network;
 pub mod push;
 pub mod redis;
 pub mod scylla;
+pub mod secrets;
 
 use std::collections::BTreeMap;
 
@@ -20,6 +24,7 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ObjectReference, PodSecurityContext, ResourceRequirements, SeccompProfile,
     SecurityContext, Service,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -44,6 +49,7 @@ pub enum DesiredObject {
     Service(Service),
     ConfigMap(ConfigMap),
     PodDisruptionBudget(PodDisruptionBudget),
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl DesiredObject {
@@ -54,6 +60,7 @@ impl DesiredObject {
             DesiredObject::Service(_) => "Service",
             DesiredObject::ConfigMap(_) => "ConfigMap",
             DesiredObject::PodDisruptionBudget(_) => "PodDisruptionBudget",
+            DesiredObject::NetworkPolicy(_) => "NetworkPolicy",
         }
     }
 
@@ -65,6 +72,7 @@ impl DesiredObject {
             DesiredObject::Service(o) => o.object_ref(&()),
             DesiredObject::ConfigMap(o) => o.object_ref(&()),
             DesiredObject::PodDisruptionBudget(o) => o.object_ref(&()),
+            DesiredObject::NetworkPolicy(o) => o.object_ref(&()),
         }
     }
 
@@ -75,15 +83,17 @@ impl DesiredObject {
             DesiredObject::Service(o) => o.name_any(),
             DesiredObject::ConfigMap(o) => o.name_any(),
             DesiredObject::PodDisruptionBudget(o) => o.name_any(),
+            DesiredObject::NetworkPolicy(o) => o.name_any(),
         }
     }
 }
 
 /// Every object a ChatCluster should have, in apply order (config before the
-/// workloads that mount it). The generated auth Secret is separate: it is
-/// created once and never re-applied (see [`auth`]).
+/// workloads that mount it, a backend's NetworkPolicy before the backend).
+/// Generated Secrets are separate: they are created once and never
+/// re-applied (see [`secrets`]).
 pub fn desired_objects(cc: &ChatCluster) -> Vec<DesiredObject> {
-    let mut objects = Vec::new();
+    let mut objects = network::objects(cc);
     objects.extend(redis::objects(cc));
     objects.extend(scylla::objects(cc));
     objects.extend(gateway::objects(cc));
@@ -118,6 +128,9 @@ impl Names<'_> {
     }
     pub fn auth_secret(&self) -> String {
         format!("{}-auth", self.0)
+    }
+    pub fn redis_password(&self) -> String {
+        format!("{}-redis-password", self.0)
     }
 }
 
@@ -256,10 +269,12 @@ mod tests {
             ("chat-gateway-pods", "Service"),
             ("chat-gateway", "PodDisruptionBudget"),
             ("chat-push", "Deployment"),
+            ("chat-redis", "NetworkPolicy"),
+            ("chat-scylla", "NetworkPolicy"),
         ] {
             assert!(kinds.contains(&(expected.0.to_string(), expected.1)), "missing {expected:?} in {kinds:?}");
         }
-        assert_eq!(kinds.len(), 11, "{kinds:?}");
+        assert_eq!(kinds.len(), 13, "{kinds:?}");
     }
 
     #[test]
@@ -310,6 +325,7 @@ mod tests {
                 DesiredObject::Service(o) => &o.metadata,
                 DesiredObject::ConfigMap(o) => &o.metadata,
                 DesiredObject::PodDisruptionBudget(o) => &o.metadata,
+                DesiredObject::NetworkPolicy(o) => &o.metadata,
             };
             let owners = meta.owner_references.as_deref().unwrap_or_default();
             assert_eq!(owners.len(), 1, "{} {}", object.kind(), object.name());
@@ -319,6 +335,81 @@ mod tests {
             let labels = meta.labels.clone().unwrap_or_default();
             assert_eq!(labels.get(LABEL_INSTANCE).map(String::as_str), Some("chat"));
             assert_eq!(labels.get(LABEL_MANAGED_BY).map(String::as_str), Some(crate::FIELD_MANAGER));
+        }
+    }
+
+    /// What the PodSecurity `restricted` profile (Kubernetes 1.25+) refuses
+    /// in a pod spec: the checks its admission plugin makes, written out so
+    /// a builder that drops one fails here and not first in a cluster.
+    fn restricted_violations(pod: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
+        let mut found = Vec::new();
+        let pod_security = pod.security_context.clone().unwrap_or_default();
+        if pod.host_network == Some(true) || pod.host_pid == Some(true) || pod.host_ipc == Some(true) {
+            found.push("host namespaces".to_string());
+        }
+        for volume in pod.volumes.iter().flatten() {
+            if volume.host_path.is_some() {
+                found.push(format!("hostPath volume {}", volume.name));
+            }
+        }
+        if pod_security.run_as_user == Some(0) {
+            found.push("pod runAsUser 0".into());
+        }
+        let pod_seccomp = pod_security.seccomp_profile.as_ref().map(|p| p.type_.as_str());
+        for c in pod.containers.iter().chain(pod.init_containers.iter().flatten()) {
+            let sc = c.security_context.clone().unwrap_or_default();
+            let name = &c.name;
+            if sc.privileged == Some(true) {
+                found.push(format!("{name}: privileged"));
+            }
+            if sc.allow_privilege_escalation != Some(false) {
+                found.push(format!("{name}: allowPrivilegeEscalation is not false"));
+            }
+            let caps = sc.capabilities.clone().unwrap_or_default();
+            if !caps.drop.unwrap_or_default().iter().any(|d| d == "ALL") {
+                found.push(format!("{name}: capabilities do not drop ALL"));
+            }
+            if caps.add.unwrap_or_default().iter().any(|a| a != "NET_BIND_SERVICE") {
+                found.push(format!("{name}: adds capabilities"));
+            }
+            if sc.run_as_non_root.or(pod_security.run_as_non_root) != Some(true) {
+                found.push(format!("{name}: runAsNonRoot is not true"));
+            }
+            if sc.run_as_user == Some(0) {
+                found.push(format!("{name}: runAsUser 0"));
+            }
+            let seccomp = sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()).or(pod_seccomp);
+            if !matches!(seccomp, Some("RuntimeDefault" | "Localhost")) {
+                found.push(format!("{name}: no RuntimeDefault seccomp profile"));
+            }
+            if c.ports.iter().flatten().any(|p| p.host_port.is_some_and(|h| h != 0)) {
+                found.push(format!("{name}: hostPort"));
+            }
+        }
+        found
+    }
+
+    /// Every pod the operator creates (gateways, Redis, Scylla, push
+    /// workers) is admitted in a namespace enforcing `restricted`, and its
+    /// volumes are writable by its non-root user (fsGroup).
+    #[test]
+    fn every_pod_passes_the_restricted_pod_security_profile() {
+        let cc = ChatCluster::test();
+        let mut pods = Vec::new();
+        for object in desired_objects(&cc) {
+            match object {
+                DesiredObject::StatefulSet(o) => pods.push((o.metadata.name, o.spec.template.spec)),
+                DesiredObject::Deployment(o) => pods.push((o.metadata.name, o.spec.template.spec)),
+                _ => {}
+            }
+        }
+        assert_eq!(pods.len(), 4, "gateway, redis, scylla, push: {pods:?}");
+        for (name, pod) in pods {
+            let pod = pod.expect("pod spec");
+            let violations = restricted_violations(&pod);
+            assert!(violations.is_empty(), "{name:?} is refused by `restricted`: {violations:?}");
+            let fs_group = pod.security_context.as_ref().and_then(|s| s.fs_group);
+            assert!(fs_group.is_some_and(|g| g != 0), "{name:?}: volumes need a non-root fsGroup");
         }
     }
 

@@ -5,15 +5,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, ExecAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kubechat_crds::{ChatCluster, ManagedRedis, SecretKeyRef, StorageSpec};
 
+use super::secrets::GeneratedSecret;
 use super::{
     DesiredObject, Names, owned_meta, resources_or, restricted_container_security, restricted_pod_security,
     selector_labels,
@@ -21,8 +22,19 @@ use super::{
 
 pub const COMPONENT: &str = "redis";
 pub const PORT: i32 = 6379;
-/// Environment variable that carries an external Redis's password.
+/// Environment variable that carries the Redis password to gateways and push workers.
 pub const PASSWORD_ENV: &str = "KUBECHAT_REDIS_PASSWORD";
+/// Key of the generated password Secret of a managed Redis.
+pub const PASSWORD_KEY: &str = "password";
+/// The managed Redis container's password variable: `redis-cli` (the
+/// probes) reads this one by itself, and the start script writes it into
+/// Redis's config.
+pub const SERVER_PASSWORD_ENV: &str = "REDISCLI_AUTH";
+/// Starts Redis with `requirepass` from [`SERVER_PASSWORD_ENV`]. The password
+/// goes through a config file on the pod's private /tmp (`$TMPDIR` when set),
+/// never into the command line, where `ps` and `/proc` would show it; `exec`
+/// keeps redis-server as PID 1, so it gets SIGTERM and shuts down cleanly.
+pub const START_SCRIPT: &str = r#"umask 077 && conf="${TMPDIR:-/tmp}/requirepass.conf" && printf 'requirepass "%s"\n' "$REDISCLI_AUTH" > "$conf" && exec redis-server "$conf" "$@""#;
 /// The uid the official Redis image runs as.
 const REDIS_UID: i64 = 999;
 
@@ -43,8 +55,28 @@ pub fn url(cc: &ChatCluster) -> String {
     }
 }
 
+/// The password Secret an external Redis's spec names (a user's Secret).
 pub fn password_secret(cc: &ChatCluster) -> Option<&SecretKeyRef> {
     cc.spec.redis.external.as_ref().and_then(|e| e.password_secret.as_ref())
+}
+
+/// The managed Redis's password, generated once by the operator.
+pub fn generated_password(cc: &ChatCluster) -> Option<GeneratedSecret> {
+    cc.spec.redis.managed.as_ref().map(|_| GeneratedSecret {
+        name: Names(&cc.name_any()).redis_password(),
+        key: PASSWORD_KEY,
+        component: COMPONENT,
+        purpose: "Redis password",
+    })
+}
+
+/// Where gateways and push workers read the Redis password: the generated
+/// one for a managed Redis, the named one (if any) for an external Redis.
+pub fn password_ref(cc: &ChatCluster) -> Option<SecretKeyRef> {
+    match generated_password(cc) {
+        Some(generated) => Some(generated.key_ref()),
+        None => password_secret(cc).cloned(),
+    }
 }
 
 pub fn service(cc: &ChatCluster) -> Service {
@@ -92,14 +124,27 @@ pub fn stateful_set(cc: &ChatCluster, managed: &ManagedRedis) -> StatefulSet {
     let container = Container {
         name: "redis".into(),
         image: Some(managed.image.clone()),
+        command: Some(["sh", "-c", START_SCRIPT, "redis-server"].map(String::from).to_vec()),
         // Every write is in the append-only file, synced each second: a
         // restart loses at most a second of routing/presence/queue state,
         // never chat history (that lives in ScyllaDB).
         args: Some(
-            ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--dir", "/data"]
+            ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--dir", "/data"]
                 .map(String::from)
                 .to_vec(),
         ),
+        env: Some(vec![EnvVar {
+            name: SERVER_PASSWORD_ENV.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: names.redis_password(),
+                    key: PASSWORD_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
         ports: Some(vec![ContainerPort { name: Some("redis".into()), container_port: PORT, ..Default::default() }]),
         readiness_probe: Some(ping.clone()),
         liveness_probe: Some(Probe { period_seconds: Some(10), failure_threshold: Some(3), ..ping }),
@@ -160,6 +205,21 @@ mod tests {
     }
 
     #[test]
+    fn managed_redis_requires_the_generated_password_without_showing_it() {
+        let cc = ChatCluster::test();
+        let sts = stateful_set(&cc, cc.spec.redis.managed.as_ref().expect("managed"));
+        let container = &sts.spec.template.spec.expect("pod").containers[0];
+        let from = container.env.iter().flatten().find(|e| e.name == SERVER_PASSWORD_ENV).expect("password variable");
+        let secret = from.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).expect("from a Secret");
+        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("chat-redis-password", PASSWORD_KEY));
+        assert_eq!(generated_password(&cc).map(|g| g.key_ref()), password_ref(&cc), "clients read that Secret");
+        let command = container.command.clone().unwrap_or_default().join(" ");
+        assert!(command.contains("requirepass") && command.contains("exec redis-server"), "{command}");
+        let args = container.args.clone().unwrap_or_default();
+        assert!(!args.iter().any(|a| a.contains("requirepass")), "no password on the command line: {args:?}");
+    }
+
+    #[test]
     fn external_redis_url_is_used_verbatim() {
         let cc = ChatCluster::test().with_spec(|s| {
             s.redis.managed = None;
@@ -168,5 +228,6 @@ mod tests {
         });
         assert_eq!(url(&cc), "rediss://cache:6380/2");
         assert!(objects(&cc).is_empty());
+        assert_eq!(password_ref(&cc), None, "no password named, none generated");
     }
 }

@@ -3,8 +3,8 @@
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Service, ServicePort, ServiceSpec,
-    TCPSocketAction, VolumeMount,
+    Container, ContainerPort, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, Service,
+    ServicePort, ServiceSpec, TCPSocketAction, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -12,13 +12,23 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kubechat_crds::{ChatCluster, ManagedScylla};
 
-use super::{DesiredObject, Names, owned_meta, resources_or, selector_labels};
+use super::{
+    DesiredObject, Names, owned_meta, resources_or, restricted_container_security, restricted_pod_security,
+    selector_labels,
+};
 use crate::desired::redis::data_claim;
 
 pub const COMPONENT: &str = "scylla";
 pub const CQL_PORT: i32 = 9042;
 pub const USERNAME_ENV: &str = "KUBECHAT_SCYLLA_USERNAME";
 pub const PASSWORD_ENV: &str = "KUBECHAT_SCYLLA_PASSWORD";
+/// The uid of the `scylla` user of the ScyllaDB image (2025.1 on, built on
+/// ubi9-minimal with `USER scylla:scylla`). The image names its user instead
+/// of numbering it, which the kubelet cannot check against `runAsNonRoot`, so
+/// the uid is pinned: the package's `useradd -r` takes the first free system
+/// uid of that base, 999. Older images (Ubuntu-based, running as root) cannot
+/// run under the `restricted` profile at all.
+pub const SCYLLA_UID: i64 = 999;
 
 pub fn objects(cc: &ChatCluster) -> Vec<DesiredObject> {
     match cc.spec.scylla.effective_managed() {
@@ -127,6 +137,9 @@ pub fn stateful_set(cc: &ChatCluster, managed: &ManagedScylla) -> StatefulSet {
             ..Default::default()
         }),
         resources: Some(resources),
+        // The entrypoint writes its settings under /etc/scylla.d and
+        // /etc/scylla at start, so the root filesystem stays writable.
+        security_context: Some(SecurityContext { read_only_root_filesystem: None, ..restricted_container_security() }),
         volume_mounts: Some(vec![VolumeMount {
             name: "data".into(),
             mount_path: "/var/lib/scylla".into(),
@@ -145,6 +158,7 @@ pub fn stateful_set(cc: &ChatCluster, managed: &ManagedScylla) -> StatefulSet {
                 metadata: Some(ObjectMeta { labels: Some(super::labels(cc, COMPONENT)), ..Default::default() }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    security_context: Some(restricted_pod_security(SCYLLA_UID)),
                     automount_service_account_token: Some(false),
                     ..Default::default()
                 }),
