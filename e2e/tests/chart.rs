@@ -197,19 +197,23 @@ async fn the_dev_example_gets_its_components_and_waits_for_storage() {
     let operator = RunningOperator::start(&client, &namespace, None);
 
     kubectl_apply(&namespace, &example_path("dev.yaml"));
-    // Nothing is missing, so not Degraded. Its managed Redis and ScyllaDB
-    // need volumes, which the local control plane cannot provision (kind's
-    // default StorageClass can): here it stays Progressing, and says so.
-    let cc = wait_for_condition(&client, &namespace, "chat-dev", "Degraded", "False", "AsExpected").await;
-    let cc = if cc.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.reason == "RollingOut")) {
-        cc
-    } else {
-        wait_for_condition(&client, &namespace, "chat-dev", "Progressing", "True", "RollingOut").await
-    };
+    // Its managed Redis and ScyllaDB need volumes, which the local control
+    // plane cannot provision (kind's default StorageClass can): the status
+    // says that the claims cannot be bound, not that it is rolling out.
+    let cc = wait_for_condition(&client, &namespace, "chat-dev", "Degraded", "True", "PodsCannotStart").await;
     let status = cc.status.expect("status");
     assert_eq!(status.gateway.desired, 2, "two gateways");
     assert_eq!(status.endpoint_config_map, "chat-dev-endpoints");
-    let progressing = status.conditions.iter().find(|c| c.type_ == "Progressing").expect("Progressing");
+    let condition = |type_: &str| status.conditions.iter().find(|c| c.type_ == type_).expect("condition");
+    let degraded = condition("Degraded");
+    assert!(
+        degraded.message.contains("PersistentVolumeClaim data-chat-dev-redis-0")
+            || degraded.message.contains("pod chat-dev-redis-0 cannot be scheduled"),
+        "Degraded names the Redis pod or its claim: {}",
+        degraded.message
+    );
+    let progressing = condition("Progressing");
+    assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("False", "Blocked"));
     assert!(
         progressing.message.contains("redis") && progressing.message.contains("scylla"),
         "Progressing names what it waits for: {}",

@@ -20,6 +20,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 use crate::FIELD_MANAGER;
 use crate::desired::LABEL_MANAGED_BY;
@@ -35,6 +36,7 @@ pub struct Owned {
     pub disruption_budgets: Store<PodDisruptionBudget>,
     pub network_policies: Store<NetworkPolicy>,
     pub secrets: Store<Secret>,
+    ready: watch::Receiver<Option<bool>>,
 }
 
 /// A kind whose objects the operator owns and caches.
@@ -79,25 +81,39 @@ impl Owned {
     }
 
     /// Waits until every watch has listed once (a reconcile before that
-    /// would take every object for missing).
+    /// would take every object for missing); false when a watch ended first.
     pub async fn wait_until_ready(&self) -> bool {
+        let mut ready = self.ready.clone();
+        matches!(ready.wait_for(Option::is_some).await.map(|r| *r), Ok(Some(true)))
+    }
+}
+
+/// Whether every store has been filled once. A store's own readiness wakes
+/// only its most recent waiter, so one task waits on the stores and
+/// reconciles wait on its answer.
+fn readiness(owned: &Owned) -> watch::Receiver<Option<bool>> {
+    let (tx, rx) = watch::channel(None);
+    let owned = owned.clone();
+    tokio::spawn(async move {
         let results = futures::join!(
-            self.stateful_sets.wait_until_ready(),
-            self.deployments.wait_until_ready(),
-            self.services.wait_until_ready(),
-            self.config_maps.wait_until_ready(),
-            self.disruption_budgets.wait_until_ready(),
-            self.network_policies.wait_until_ready(),
-            self.secrets.wait_until_ready(),
+            owned.stateful_sets.wait_until_ready(),
+            owned.deployments.wait_until_ready(),
+            owned.services.wait_until_ready(),
+            owned.config_maps.wait_until_ready(),
+            owned.disruption_budgets.wait_until_ready(),
+            owned.network_policies.wait_until_ready(),
+            owned.secrets.wait_until_ready(),
         );
-        results.0.is_ok()
+        let all = results.0.is_ok()
             && results.1.is_ok()
             && results.2.is_ok()
             && results.3.is_ok()
             && results.4.is_ok()
             && results.5.is_ok()
-            && results.6.is_ok()
-    }
+            && results.6.is_ok();
+        let _ = tx.send(Some(all));
+    });
+    rx
 }
 
 /// The streams that feed [`Owned`]; each yields the objects it touched, to
@@ -125,16 +141,20 @@ pub fn watches(client: &Client, scope: &Scope) -> Watches {
     let (disruption_budgets, pdb) = cached(scope.api(client.clone()), &labelled);
     let (network_policies, netpol) = cached(scope.api(client.clone()), &labelled);
     let (secrets, secret) = cached(scope.api(client.clone()), &labelled);
+    let (_, not_yet) = watch::channel(None);
+    let mut owned = Owned {
+        stateful_sets,
+        deployments,
+        services,
+        config_maps,
+        disruption_budgets,
+        network_policies,
+        secrets,
+        ready: not_yet,
+    };
+    owned.ready = readiness(&owned);
     Watches {
-        owned: Owned {
-            stateful_sets,
-            deployments,
-            services,
-            config_maps,
-            disruption_budgets,
-            network_policies,
-            secrets,
-        },
+        owned,
         stateful_sets: sts,
         deployments: deploy,
         services: svc,
