@@ -70,7 +70,16 @@ where
     let name = desired.meta().name.clone().unwrap_or_default();
     let what = format!("{} {namespace}/{name}", K::kind(&()));
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let live = owned.get::<K>(namespace, &name);
+    let live = match owned.get::<K>(namespace, &name) {
+        Some(cached) => Some(cached),
+        // Not in the cache: new, or created so recently that the watch has
+        // not delivered it. Only the apiserver can tell (and the Event say
+        // "Created" once), so ask it: this happens once per object.
+        None => counted(Verb::Get, api.get_opt(&name))
+            .await
+            .map_err(Error::kube(format!("reading {what}")))?
+            .map(std::sync::Arc::new),
+    };
     let desired_json =
         serde_json::to_value(desired).map_err(|source| Error::Serialize { what: what.clone(), source })?;
     let outcome = match &live {

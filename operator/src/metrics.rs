@@ -23,6 +23,8 @@ pub struct Metrics {
     /// API requests per reconcile: reads come from watch caches, so a
     /// settled cluster costs none.
     pub api_requests_per_reconcile: Histogram,
+    /// ChatClusters whose reconcile is backing off after failures.
+    pub backoff_clusters: IntGauge,
 }
 
 impl Metrics {
@@ -63,6 +65,9 @@ impl Metrics {
                 .buckets(vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]),
         )
         .expect("valid metric");
+        let backoff_clusters =
+            IntGauge::new("reconcile_backoff_clusters", "ChatClusters retried with backoff after failures")
+                .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -75,6 +80,7 @@ impl Metrics {
             Box::new(endpoint_writes.clone()),
             Box::new(api_requests.clone()),
             Box::new(api_requests_per_reconcile.clone()),
+            Box::new(backoff_clusters.clone()),
         ] {
             // Registration only fails on duplicate names, which these are not.
             let _ = registry.register(collector);
@@ -92,6 +98,7 @@ impl Metrics {
             endpoint_writes,
             api_requests,
             api_requests_per_reconcile,
+            backoff_clusters,
         }
     }
 

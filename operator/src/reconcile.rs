@@ -71,26 +71,30 @@ impl Context {
     fn reset_failures(&self, key: &str) {
         if let Ok(mut failures) = self.failures.lock() {
             failures.remove(key);
+            self.metrics.backoff_clusters.set(failures.len() as i64);
         }
     }
 
     fn next_backoff(&self, cc: &ChatCluster) -> Duration {
         let attempt = match self.failures.lock() {
             Ok(mut failures) => {
-                // Entries of deleted ChatClusters would otherwise stay forever.
-                failures.retain(|key, _| self.still_exists(key));
                 let n = failures.entry(key(cc)).or_insert(0);
                 *n = n.saturating_add(1);
-                *n
+                let attempt = *n;
+                self.metrics.backoff_clusters.set(failures.len() as i64);
+                attempt
             }
             Err(_) => 1,
         };
         backoff(attempt, jitter_fraction())
     }
 
-    /// Failure entries held now (for tests of their pruning).
-    pub fn failure_entries(&self) -> usize {
-        self.failures.lock().map_or(0, |f| f.len())
+    /// Drops the backoff entries of deleted ChatClusters (they would stay forever).
+    fn forget_deleted(&self) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.retain(|key, _| self.still_exists(key));
+            self.metrics.backoff_clusters.set(failures.len() as i64);
+        }
     }
 
     fn still_exists(&self, key: &str) -> bool {
@@ -146,9 +150,12 @@ fn key(cc: &ChatCluster) -> String {
 pub async fn reconcile(cc: Arc<ChatCluster>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciles.inc();
     let _timer = ctx.metrics.duration.start_timer();
+    ctx.forget_deleted();
     let result = calls::per_reconcile(&ctx.metrics, reconcile_cluster(&cc, &ctx)).await;
     match &result {
-        Ok(_) => ctx.reset_failures(&key(&cc)),
+        // Backoff entries are reset by the reconcile itself: one that
+        // applied only part of the objects keeps backing off.
+        Ok(_) => {}
         Err(e) => {
             ctx.metrics.errors.with_label_values(&[e.metric_label()]).inc();
             // A ChatCluster deleted mid-reconcile fails for that reason alone: not worth an Event.
@@ -212,7 +219,7 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
             }
             Err(e) => {
                 ctx.metrics.errors.with_label_values(&["apply"]).inc();
-                tracing::warn!(kind = object.kind(), object = object.name(), error = %e, "apply refused");
+                tracing::warn!(kind = object.kind(), object = object.name(), error = e.api_message(), "apply refused");
                 refused.push(format!("{} {}: {}", object.kind(), object.name(), e.api_message()));
             }
         }
@@ -245,10 +252,12 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         }
     }
 
-    Ok(if !observed.refused.is_empty() {
+    if !observed.refused.is_empty() {
         // Retried with backoff, like a failed reconcile, until the spec is fixed.
-        Action::requeue(ctx.next_backoff(cc))
-    } else if !observed.missing_secrets.is_empty() || !observed.stuck.is_empty() {
+        return Ok(Action::requeue(ctx.next_backoff(cc)));
+    }
+    ctx.reset_failures(&key(cc));
+    Ok(if !observed.missing_secrets.is_empty() || !observed.stuck.is_empty() {
         Action::requeue(RECHECK_DEGRADED)
     } else {
         Action::requeue(RESYNC)
