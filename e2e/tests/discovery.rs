@@ -51,7 +51,17 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
+/// The tests share the local Cassandra; the one that stops it holds this
+/// exclusively, the others share it for as long as their gateways run.
+static CASSANDRA: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+enum CassandraUse {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
 struct Harness {
+    _cassandra: CassandraUse,
     client: Client,
     namespace: String,
     name: String,
@@ -65,16 +75,20 @@ struct Harness {
 impl Harness {
     /// A cluster on a database of the shared Redis.
     async fn start(prefix: &str) -> Self {
+        Self::start_on_shared_redis(prefix, CassandraUse::Shared(CASSANDRA.read().await)).await
+    }
+
+    async fn start_on_shared_redis(prefix: &str, cassandra: CassandraUse) -> Self {
         let db = redis_database();
         let redis = format!("{}/{db}", redis_url());
         let mut conn = redis::Client::open(redis.as_str()).and_then(|c| c.get_connection()).unwrap_or_else(|e| {
             panic!("Redis is not reachable at {redis}: {e}; start it with `e2e/local/redis.sh start`")
         });
         redis::cmd("FLUSHDB").exec(&mut conn).expect("FLUSHDB");
-        Self::start_with_redis(prefix, redis).await
+        Self::start_with_redis(prefix, redis, cassandra).await
     }
 
-    async fn start_with_redis(prefix: &str, redis: String) -> Self {
+    async fn start_with_redis(prefix: &str, redis: String, cassandra: CassandraUse) -> Self {
         let client = connect_kube().await;
         install_crd(&client).await;
         let namespace = create_namespace(&client, prefix).await;
@@ -128,7 +142,17 @@ impl Harness {
             .unwrap_or_default()["signing-key"]
             .0
             .clone();
-        Self { client, namespace, name, keyspace, operator, kubelet, tokens: Tokens::new(&key), pods }
+        Self {
+            _cassandra: cassandra,
+            client,
+            namespace,
+            name,
+            keyspace,
+            operator,
+            kubelet,
+            tokens: Tokens::new(&key),
+            pods,
+        }
     }
 
     fn config_maps(&self) -> Api<ConfigMap> {
@@ -420,7 +444,7 @@ fn degraded(cc: &ChatCluster) -> Option<(String, String, String)> {
 #[tokio::test]
 async fn a_redis_the_gateways_lose_shows_as_degraded_until_it_returns() {
     let mut redis = PrivateRedis::start().await;
-    let h = Harness::start_with_redis("disc-backend", redis.url()).await;
+    let h = Harness::start_with_redis("disc-backend", redis.url(), CassandraUse::Shared(CASSANDRA.read().await)).await;
     h.wait_endpoints(INTERVAL * 5, "listing 3 ready gateways seeing Redis up", |e| {
         e.gateways.len() == GATEWAYS
             && e.gateways.iter().all(|g| g.ready && g.backends.as_ref().is_some_and(|b| b.redis == "up"))
@@ -449,5 +473,56 @@ async fn a_redis_the_gateways_lose_shows_as_degraded_until_it_returns() {
     let recovered =
         wait_for(Duration::from_secs(30), || async { degraded(&h.cluster().await).filter(|d| d.0 == "False") }).await;
     assert!(recovered.is_some(), "still Degraded after Redis came back: {:#?}", h.cluster().await.status);
+    h.stop().await;
+}
+
+fn cassandra(action: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/local/cassandra.sh");
+    let status =
+        std::process::Command::new("bash").arg(script).arg(action).status().expect("run e2e/local/cassandra.sh");
+    assert!(status.success(), "e2e/local/cassandra.sh {action} failed");
+}
+
+/// Starts Cassandra again if the test fails while it is stopped: the tests
+/// after this one need it.
+struct StartCassandraOnPanic;
+
+impl Drop for StartCassandraOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            cassandra("start");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_store_the_gateways_lose_shows_as_degraded_until_it_returns() {
+    let h = Harness::start_on_shared_redis("disc-store", CassandraUse::Exclusive(CASSANDRA.write().await)).await;
+    h.wait_endpoints(INTERVAL * 5, "listing 3 ready gateways seeing the store up", |e| {
+        e.gateways.len() == GATEWAYS
+            && e.gateways.iter().all(|g| g.ready && g.backends.as_ref().is_some_and(|b| b.store == "up"))
+    })
+    .await;
+
+    let _restart = StartCassandraOnPanic;
+    cassandra("stop");
+    let lost = Instant::now();
+    // Gateways find out when they next touch the store; a probe every
+    // heartbeat at the latest (clients are idle here).
+    let shown =
+        wait_for(Duration::from_secs(60), || async { degraded(&h.cluster().await).filter(|d| d.0 == "True") }).await;
+    let Some((_, reason, message)) = shown else {
+        panic!("not Degraded with Cassandra stopped: {:#?}", h.cluster().await.status);
+    };
+    println!("Cassandra stopped: Degraded after {} ms: {message}", lost.elapsed().as_millis());
+    assert_eq!(reason, "BackendUnavailable");
+    assert!(message.contains("store unavailable from"), "{message}");
+
+    cassandra("start");
+    let back = Instant::now();
+    let recovered =
+        wait_for(Duration::from_secs(60), || async { degraded(&h.cluster().await).filter(|d| d.0 == "False") }).await;
+    assert!(recovered.is_some(), "still Degraded after Cassandra came back: {:#?}", h.cluster().await.status);
+    println!("Cassandra started again: Degraded False {} ms after it answered", back.elapsed().as_millis());
     h.stop().await;
 }

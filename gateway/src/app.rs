@@ -133,7 +133,7 @@ pub async fn start(
     let tasks = TaskTracker::new();
     let store_health = Arc::new(StoreHealth::new(metrics.store_up.clone()));
     let store = Arc::new(CheckedStore::new(store, store_health.clone()));
-    tasks.spawn(store.clone().probe_while_down(shutdown.clone()));
+    tasks.spawn(store.clone().probe(shutdown.clone()));
     let hub = Hub::new();
     let presence = Arc::new(PresenceTracker::new(options.chat.offline_after));
     let members = Arc::new(MemberCache::new(options.chat.members_ttl, 100_000));

@@ -65,7 +65,7 @@ async fn the_store_is_back_within_a_second_of_cassandra() {
     let health = Arc::new(StoreHealth::new(prometheus::IntGauge::new("store_up", "test").expect("gauge")));
     let store = Arc::new(CheckedStore::new(Arc::new(inner), health.clone()));
     let shutdown = CancellationToken::new();
-    tokio::spawn(store.clone().probe_while_down(shutdown.clone()));
+    tokio::spawn(store.clone().probe(shutdown.clone()));
     store.create_group(&group(1), &["alice".into()]).await.expect("a write before the outage");
 
     let _guard = StartAgainOnPanic;

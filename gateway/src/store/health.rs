@@ -1,11 +1,12 @@
 //! Whether the store answers, as the gateway sees it: every operation's
-//! outcome counts, and while it is down a probe asks every 200 ms, so the
-//! gateway reports recovery within a fraction of a second of the store's
-//! return even when no client is sending. Exposed on `/readyz`, as the
+//! outcome counts, while it is down a probe asks every 200 ms (recovery is
+//! reported within a fraction of a second of the store's return), and while
+//! it is up but idle a probe asks every [`IDLE_PROBE`] (an outage is
+//! reported even when no client is sending). Exposed on `/readyz`, as the
 //! `kubechat_gateway_store_up` metric, and to the operator.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prometheus::IntGauge;
@@ -25,15 +26,20 @@ pub enum StoreStatus {
     },
 }
 
+/// An up store that answered nothing for this long is asked.
+pub const IDLE_PROBE: Duration = Duration::from_secs(2);
+
 pub struct StoreHealth {
     status: Mutex<StoreStatus>,
+    /// When an operation last had an outcome.
+    last_outcome: Mutex<Instant>,
     gauge: IntGauge,
 }
 
 impl StoreHealth {
     pub fn new(gauge: IntGauge) -> Self {
         gauge.set(1);
-        Self { status: Mutex::new(StoreStatus::Up), gauge }
+        Self { status: Mutex::new(StoreStatus::Up), last_outcome: Mutex::new(Instant::now()), gauge }
     }
 
     pub fn status(&self) -> StoreStatus {
@@ -44,9 +50,14 @@ impl StoreHealth {
         self.status() == StoreStatus::Up
     }
 
+    fn idle_for(&self) -> Duration {
+        self.last_outcome.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+
     /// Counts an operation's outcome: only "unavailable" means down (a
     /// corrupt row is a data problem, not an outage).
     fn record<T>(&self, result: &StoreResult<T>) {
+        *self.last_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         match (result, &mut *status) {
             (Ok(_), StoreStatus::Up) | (Err(StoreError::Corrupt(_)), _) => {}
@@ -84,15 +95,16 @@ impl CheckedStore {
         result
     }
 
-    /// While the store is down, pings it every 200 ms until it answers.
-    pub async fn probe_while_down(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Pings the store every 200 ms while it is down, and after
+    /// [`IDLE_PROBE`] without any operation while it is up.
+    pub async fn probe(self: Arc<Self>, shutdown: CancellationToken) {
         const EVERY: Duration = Duration::from_millis(200);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(EVERY) => {}
             }
-            if !self.health.is_up() {
+            if !self.health.is_up() || self.health.idle_for() >= IDLE_PROBE {
                 // Long enough for a store to open a new session (ScyllaStore's ping).
                 let ping = tokio::time::timeout(Duration::from_secs(5), self.inner.ping()).await;
                 let result =
