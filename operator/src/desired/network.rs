@@ -22,10 +22,10 @@ pub const SCYLLA_INTERNODE_PORT: i32 = 7000;
 
 pub fn objects(cc: &ChatCluster) -> Vec<DesiredObject> {
     let mut objects = Vec::new();
-    if cc.spec.redis.managed.is_some() {
+    if cc.spec.redis.effective_managed().is_some() {
         objects.push(DesiredObject::NetworkPolicy(redis_policy(cc)));
     }
-    if cc.spec.scylla.managed.is_some() {
+    if cc.spec.scylla.effective_managed().is_some() {
         objects.push(DesiredObject::NetworkPolicy(scylla_policy(cc)));
     }
     objects

@@ -62,7 +62,7 @@ pub fn password_secret(cc: &ChatCluster) -> Option<&SecretKeyRef> {
 
 /// The managed Redis's password, generated once by the operator.
 pub fn generated_password(cc: &ChatCluster) -> Option<GeneratedSecret> {
-    cc.spec.redis.managed.as_ref().map(|_| GeneratedSecret {
+    cc.spec.redis.effective_managed().map(|_| GeneratedSecret {
         name: Names(&cc.name_any()).redis_password(),
         key: PASSWORD_KEY,
         component: COMPONENT,
