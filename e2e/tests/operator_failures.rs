@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{ResourceQuota, ResourceQuotaSpec, ResourceRequirements};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::Client;
@@ -291,6 +291,45 @@ async fn deleted_clusters_leave_no_backoff_behind() {
         "the deleted cluster is still backing off: {}",
         operator.metrics.backoff_clusters.get()
     );
+    operator.stop().await;
+    delete_namespace(&client, &namespace).await;
+}
+
+#[tokio::test]
+async fn pods_the_quota_refuses_are_named_with_the_reason() {
+    let (client, namespace) = setup("fail-quota").await;
+    // No pod may be created here: the StatefulSet and ReplicaSet controllers
+    // report FailedCreate, and nothing ever rolls out.
+    let quota = ResourceQuota {
+        metadata: kube::api::ObjectMeta { name: Some("no-pods".into()), ..Default::default() },
+        spec: Some(ResourceQuotaSpec {
+            hard: Some(BTreeMap::from([("pods".to_string(), Quantity("0".into()))])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<ResourceQuota>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &quota)
+        .await
+        .expect("create the quota");
+    let operator = RunningOperator::start(&client, &namespace, None);
+    Api::<ChatCluster>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &cluster("capped", |_| {}))
+        .await
+        .expect("create");
+    let cc = wait_for_cluster(&client, &namespace, "capped", "Degraded naming the quota", |cc| {
+        condition(cc, "Degraded").is_some_and(|(status, reason, message)| {
+            status == "True"
+                && reason == "PodsCannotStart"
+                && message.contains("StatefulSet capped-gateway cannot create pods")
+                && message.contains("exceeded quota")
+        })
+    })
+    .await;
+    let (_, _, message) = condition(&cc, "Degraded").expect("Degraded");
+    println!("Degraded: {message}");
+    let progressing = condition(&cc, "Progressing").expect("Progressing");
+    assert_eq!((progressing.0.as_str(), progressing.1.as_str()), ("False", "Blocked"));
     operator.stop().await;
     delete_namespace(&client, &namespace).await;
 }
