@@ -204,7 +204,7 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
                 let event = Event {
                     type_: EventType::Normal,
                     reason: verb.into(),
-                    note: Some(format!("{verb} {} {}", object.kind(), object.name())),
+                    note: Some(object.applied_note(verb)),
                     action: "Apply".into(),
                     secondary: Some(object.object_ref()),
                 };
