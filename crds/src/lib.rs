@@ -239,7 +239,7 @@ const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]
 
 /// Persistent storage of a managed component.
 ///
-/// Both fields are fixed once set: they end up in a StatefulSet's
+/// `size` and `storageClassName` are fixed once set: they end up in a StatefulSet's
 /// `volumeClaimTemplates`, which Kubernetes does not let anyone change, so an
 /// edit could never be applied.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -268,6 +268,45 @@ pub struct StorageSpec {
     #[x_kube(validation = Rule::new(format!("self.matches(r'{DNS_SUBDOMAIN_PATTERN}')"))
         .message("must be a StorageClass name: a DNS-1123 subdomain of lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, e.g. fast-ssd"))]
     pub storage_class_name: Option<String>,
+    /// What becomes of the PersistentVolumeClaims (the data) when the
+    /// component's StatefulSet is deleted (with the ChatCluster, or when the
+    /// component is switched to external) or scaled down: the StatefulSet's
+    /// `persistentVolumeClaimRetentionPolicy`. `Retain` by default, so no data
+    /// is lost unless asked for; retained claims stay until deleted by hand
+    /// (`kubectl delete pvc -l app.kubernetes.io/instance=<name>`).
+    #[serde(default)]
+    pub pvc_retention: PvcRetention,
+}
+
+/// Whether a managed component's PersistentVolumeClaims outlive its pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcRetention {
+    /// When the StatefulSet is deleted: `Delete` deletes every claim with it.
+    #[serde(default)]
+    pub when_deleted: RetentionPolicy,
+    /// When the StatefulSet is scaled down: `Delete` deletes the claims of
+    /// the removed pods.
+    #[serde(default)]
+    pub when_scaled: RetentionPolicy,
+}
+
+/// `Retain` keeps the claims (and their volumes); `Delete` deletes them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RetentionPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+impl RetentionPolicy {
+    /// The value Kubernetes uses in `persistentVolumeClaimRetentionPolicy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionPolicy::Retain => "Retain",
+            RetentionPolicy::Delete => "Delete",
+        }
+    }
 }
 
 /// A key of a Secret in the ChatCluster's namespace.
@@ -337,7 +376,7 @@ fn default_redis_image() -> String {
     DEFAULT_REDIS_IMAGE.into()
 }
 fn default_redis_storage() -> StorageSpec {
-    StorageSpec { size: Quantity("1Gi".into()), storage_class_name: None }
+    StorageSpec { size: Quantity("1Gi".into()), storage_class_name: None, pvc_retention: PvcRetention::default() }
 }
 
 /// `redis[s]://[user][:password@]host[:port][/db][?query][#fragment]`, the
@@ -456,7 +495,7 @@ fn default_scylla_image() -> String {
     DEFAULT_SCYLLA_IMAGE.into()
 }
 fn default_scylla_storage() -> StorageSpec {
-    StorageSpec { size: Quantity("10Gi".into()), storage_class_name: None }
+    StorageSpec { size: Quantity("10Gi".into()), storage_class_name: None, pvc_retention: PvcRetention::default() }
 }
 fn default_true() -> bool {
     true

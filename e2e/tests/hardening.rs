@@ -22,7 +22,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use kubechat_crds::{ChatCluster, ExternalRedis, ExternalScylla, GatewayPorts, RedisSpec, ScyllaSpec, SecretKeyRef};
 use kubechat_e2e::cluster::{RunningOperator, delete_namespace, install_crd, wait_for};
@@ -544,6 +544,24 @@ async fn refused_to_the_charts_service_account(extra: &[&str]) -> (Vec<String>, 
         }
     })
     .await;
+    // Pruning (the `delete` verbs): switching the minimal cluster's Redis to
+    // external deletes its Redis objects.
+    let mut pruned = true;
+    if settled.is_some() {
+        let patch = serde_json::json!({"spec": {"redis": {"managed": null, "external": {"url": "redis://redis.example:6379"}}}});
+        api.patch("chat", &PatchParams::default(), &Patch::Merge(patch)).await.expect("switch to external Redis");
+        let done = wait_for(Duration::from_secs(30), || {
+            let (admin, namespace, refusals) = (admin.clone(), namespace.clone(), &refusals);
+            async move {
+                let secret = Api::<Secret>::namespaced(admin.clone(), &namespace).get_opt("chat-redis-password").await;
+                let sts = Api::<StatefulSet>::namespaced(admin, &namespace).get_opt("chat-redis").await;
+                let gone = matches!((secret, sts), (Ok(None), Ok(None)));
+                (gone || !refusals.list().is_empty()).then_some(())
+            }
+        })
+        .await;
+        pruned = done.is_some();
+    }
     // Watches and the discovery loop have had time to run, and to be refused.
     tokio::time::sleep(Duration::from_secs(3)).await;
     if settled.is_none() {
@@ -573,6 +591,7 @@ async fn refused_to_the_charts_service_account(extra: &[&str]) -> (Vec<String>, 
         settled.is_some() || !refused.is_empty(),
         "the operator did not reconcile within 60 s, and was refused nothing"
     );
+    assert!(pruned, "switched to external Redis, the operator neither pruned the managed Redis nor was refused");
     (refused, errors)
 }
 

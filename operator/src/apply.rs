@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::cache::{Owned, OwnedKind};
 use crate::calls::{Verb, counted};
 use crate::desired::DesiredObject;
+use crate::quantity::{self, Precision};
 use crate::{Error, FIELD_MANAGER, Result};
 
 /// What applying one object did.
@@ -32,10 +33,21 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
 
 /// The path of the first field set in `desired` that `live` lacks or holds
 /// another value for (`None`: `desired` is a subset of `live`).
+///
+/// Quantities compare by value (`1024Mi` is `1Gi`), since the apiserver
+/// rewrites them; whether a value is a quantity is decided by where it sits
+/// ([`quantity_at`]), never by whether it looks like a number.
 pub fn first_difference(desired: &Value, live: &Value) -> Option<String> {
+    difference(desired, live, [None, None])
+}
+
+/// `parents`: the keys of the two enclosing objects, innermost last (`None`
+/// across an array).
+fn difference(desired: &Value, live: &Value, parents: [Option<&str>; 2]) -> Option<String> {
     match (desired, live) {
         (Value::Object(d), Value::Object(l)) => d.iter().find_map(|(key, dv)| match l.get(key) {
-            Some(lv) => first_difference(dv, lv).map(|path| format!(".{key}{path}")),
+            Some(lv) if same_quantity(quantity_at(parents, key), dv, lv) => None,
+            Some(lv) => difference(dv, lv, [parents[1], Some(key)]).map(|path| format!(".{key}{path}")),
             None if dv.is_null() => None,
             None => Some(format!(".{key}")),
         }),
@@ -43,10 +55,36 @@ pub fn first_difference(desired: &Value, live: &Value) -> Option<String> {
             .iter()
             .zip(l)
             .enumerate()
-            .find_map(|(i, (dv, lv))| first_difference(dv, lv).map(|path| format!("[{i}]{path}"))),
+            .find_map(|(i, (dv, lv))| difference(dv, lv, [None, None]).map(|path| format!("[{i}]{path}"))),
         (Value::Number(d), Value::Number(l)) if d.as_f64() == l.as_f64() => None,
         _ if desired == live => None,
         _ => Some(String::new()),
+    }
+}
+
+/// Whether the value under `key`, inside objects keyed `parents`, is a
+/// quantity, and at what precision the apiserver stores it.
+fn quantity_at(parents: [Option<&str>; 2], key: &str) -> Option<Precision> {
+    match (parents, key) {
+        // Resource lists: containers' and pods' `resources`, claims' `resources.requests.storage`.
+        ([Some("resources"), Some("requests" | "limits")], _) => Some(Precision::Milli),
+        ([_, Some("overhead")], _) => Some(Precision::Milli),
+        ([_, Some("emptyDir")], "sizeLimit") => Some(Precision::Nano),
+        ([_, Some("resourceFieldRef")], "divisor") => Some(Precision::Nano),
+        _ => None,
+    }
+}
+
+/// Both values are the same quantity (either may be a string or a number).
+fn same_quantity(precision: Option<Precision>, desired: &Value, live: &Value) -> bool {
+    let text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    match (precision, text(desired), text(live)) {
+        (Some(precision), Some(d), Some(l)) => quantity::same(&d, &l, precision),
+        _ => false,
     }
 }
 
@@ -140,5 +178,58 @@ mod tests {
         assert!(is_subset(&json!({"a": null}), &json!({})));
         assert!(is_subset(&json!({"a": 1}), &json!({"a": 1.0})));
         assert!(!is_subset(&json!({"a": "1"}), &json!({"a": 1})));
+    }
+
+    /// What the apiserver stores for a StatefulSet written with
+    /// non-canonical quantities (as read back from the local control plane).
+    #[test]
+    fn quantities_compare_by_value_where_they_are_quantities() {
+        let sts = |cpu: &str, memory: &str, storage: &str, tmp: &str| {
+            json!({"spec": {
+                "template": {"spec": {
+                    "containers": [{"name": "a", "resources": {"requests": {"cpu": cpu, "memory": memory},
+                                                               "limits": {"memory": memory}}}],
+                    "overhead": {"cpu": cpu},
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": tmp}}],
+                }},
+                "volumeClaimTemplates": [{"spec": {"resources": {"requests": {"storage": storage}}}}],
+            }})
+        };
+        let desired = sts("0.5", "1024Mi", "1.5Gi", "1000000n");
+        let live = sts("500m", "1Gi", "1536Mi", "1m");
+        assert_eq!(first_difference(&desired, &live), None);
+        // Rounded up to milli-units in resource lists only.
+        assert_eq!(first_difference(&sts("0.1n", "1Gi", "1Gi", "1n"), &sts("1m", "1Gi", "1Gi", "1n")), None);
+        assert_eq!(
+            first_difference(&sts("1", "1Gi", "1Gi", "0.1n"), &sts("1", "1Gi", "1Gi", "1m")).as_deref(),
+            Some(".spec.template.spec.volumes[0].emptyDir.sizeLimit")
+        );
+        // A real change is still one.
+        assert_eq!(
+            first_difference(&sts("1", "1Gi", "2Gi", "1Gi"), &sts("1", "1Gi", "1Gi", "1Gi")).as_deref(),
+            Some(".spec.volumeClaimTemplates[0].spec.resources.requests.storage")
+        );
+        assert_eq!(
+            first_difference(&sts("1", "1G", "1Gi", "1Gi"), &sts("1", "1Gi", "1Gi", "1Gi")).as_deref(),
+            Some(".spec.template.spec.containers[0].resources.limits.memory")
+        );
+        // Not quantities: compared literally, whatever they look like.
+        assert!(!is_subset(&json!({"lots": "lots"}), &json!({"lots": "much"})));
+        assert!(is_subset(
+            &json!({"resources": {"requests": {"x": "lots"}}}),
+            &json!({"resources": {"requests": {"x": "lots"}}})
+        ));
+    }
+
+    #[test]
+    fn number_like_strings_elsewhere_compare_literally() {
+        let env = |value: &str| json!({"env": [{"name": "N", "value": value}], "args": [value]});
+        assert!(!is_subset(&env("1"), &env("1.0")));
+        assert!(!is_subset(&json!({"annotations": {"size": "1024Mi"}}), &json!({"annotations": {"size": "1Gi"}})));
+        assert!(
+            !is_subset(&json!({"requests": {"cpu": "0.5"}}), &json!({"requests": {"cpu": "500m"}})),
+            "no `resources` parent"
+        );
+        assert!(!is_subset(&json!({"sizeLimit": "1"}), &json!({"sizeLimit": "1.0"})), "sizeLimit outside emptyDir");
     }
 }

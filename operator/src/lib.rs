@@ -6,6 +6,8 @@
 //! - [`observe`]: reads what exists (owned objects, referenced Secrets).
 //! - [`desired`]: pure builders, `ChatCluster` spec → Kubernetes objects.
 //! - [`apply`]: server-side apply of desired objects, skipping those already in place.
+//! - [`quantity`]: exact reading of Kubernetes quantities, to compare them by value.
+//! - [`prune`]: deletes owned objects the spec no longer calls for.
 //! - [`status`]: pure computation of the status and its conditions.
 //! - [`discovery`]: polls every gateway's load and publishes the endpoint
 //!   ConfigMap (a loop beside the controller; the reconcile only reads it).
@@ -27,6 +29,8 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod prune;
+pub mod quantity;
 pub mod reconcile;
 pub mod run;
 pub mod scope;

@@ -104,7 +104,7 @@ impl Context {
             .is_some_and(|cc| cc.metadata.deletion_timestamp.is_none())
     }
 
-    async fn publish(&self, cc: &ChatCluster, event: Event) {
+    pub(crate) async fn publish(&self, cc: &ChatCluster, event: Event) {
         let event = Event { note: event.note.map(|note| truncate_note(&note)), ..event };
         if let Err(e) = counted(Verb::Create, self.recorder.publish(&event, &cc.object_ref(&()))).await {
             tracing::warn!(error = %e, reason = event.reason, "could not publish event");
@@ -211,7 +211,7 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
                 let event = Event {
                     type_: EventType::Normal,
                     reason: verb.into(),
-                    note: Some(format!("{verb} {} {}", object.kind(), object.name())),
+                    note: Some(object.applied_note(verb)),
                     action: "Apply".into(),
                     secondary: Some(object.object_ref()),
                 };
@@ -224,6 +224,9 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
             }
         }
     }
+
+    // Objects the spec no longer calls for (a backend switched to external).
+    refused.extend(crate::prune::prune(cc, ctx, &namespace, &desired).await);
 
     // Observe → status.
     let mut observed = observe::observe(&ctx.client, &ctx.owned, cc, &namespace).await?;

@@ -76,6 +76,19 @@ impl DesiredObject {
         }
     }
 
+    /// The note of the Event saying it was `verb` ("Created"): a created
+    /// StatefulSet's also says whether its claims outlive it.
+    pub fn applied_note(&self, verb: &str) -> String {
+        let note = format!("{verb} {} {}", self.kind(), self.name());
+        match self {
+            DesiredObject::StatefulSet(sts) if verb == "Created" => match claims_note(sts) {
+                Some(claims) => format!("{note}; {claims}"),
+                None => note,
+            },
+            _ => note,
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             DesiredObject::StatefulSet(o) => o.name_any(),
@@ -202,6 +215,29 @@ pub fn resources_or(
         ])),
         limits: Some(BTreeMap::from([("memory".to_string(), Quantity(memory_limit.into()))])),
         ..Default::default()
+    })
+}
+
+/// What Kubernetes does with a StatefulSet's PersistentVolumeClaims once the
+/// StatefulSet is deleted (with its ChatCluster, or pruned), for Events;
+/// `None` when it has no claims.
+pub fn claims_note(sts: &StatefulSet) -> Option<String> {
+    if sts.spec.volume_claim_templates.as_ref().is_none_or(Vec::is_empty) {
+        return None;
+    }
+    let labels = sts.metadata.labels.clone().unwrap_or_default();
+    let component = labels.get(LABEL_COMPONENT).map_or("<component>", String::as_str);
+    let instance = labels.get(LABEL_INSTANCE).map_or("<name>", String::as_str);
+    let field = format!("spec.{component}.managed.storage.pvcRetention.whenDeleted");
+    let policy = sts.spec.persistent_volume_claim_retention_policy.as_ref().and_then(|p| p.when_deleted.as_deref());
+    Some(match policy {
+        Some("Delete") => format!("its PersistentVolumeClaims (the data) are deleted with it ({field}: Delete)"),
+        // Unset means Retain to Kubernetes too.
+        _ => format!(
+            "its PersistentVolumeClaims (the data) are kept when it is deleted, with the ChatCluster or not, unless \
+             {field} is Delete; delete them by hand once the data is no longer needed: kubectl delete pvc -l \
+             {LABEL_INSTANCE}={instance},{LABEL_COMPONENT}={component}"
+        ),
     })
 }
 
@@ -417,6 +453,27 @@ mod tests {
     /// the same config differently, upgrading the operator would roll every
     /// gateway. So the values are pinned (the first 8 bytes of SHA-256; the
     /// empty input's is the standard test vector), not compared with themselves.
+    #[test]
+    fn a_created_backend_says_whether_its_claims_outlive_it() {
+        let objects = desired_objects(&ChatCluster::test());
+        let note = |name: &str| {
+            let o = objects.iter().find(|o| o.kind() == "StatefulSet" && o.name() == name).expect(name);
+            o.applied_note("Created")
+        };
+        let redis = note("chat-redis");
+        assert!(redis.starts_with("Created StatefulSet chat-redis; its PersistentVolumeClaims"), "{redis}");
+        assert!(redis.contains("kept") && redis.contains("spec.redis.managed.storage.pvcRetention.whenDeleted"));
+        assert!(note("chat-scylla").contains("spec.scylla.managed.storage.pvcRetention.whenDeleted"));
+        assert_eq!(note("chat-gateway"), "Created StatefulSet chat-gateway", "no claims, nothing to say");
+        let cc = ChatCluster::test().with_spec(|s| {
+            if let Some(m) = s.redis.managed.as_mut() {
+                m.storage.pvc_retention.when_deleted = kubechat_crds::RetentionPolicy::Delete;
+            }
+        });
+        let redis = desired_objects(&cc).into_iter().find(|o| o.name() == "chat-redis" && o.kind() == "StatefulSet");
+        assert!(redis.expect("redis").applied_note("Created").contains("deleted with it"));
+    }
+
     #[test]
     fn content_hash_is_stable() {
         assert_eq!(content_hash(b""), "e3b0c44298fc1c14");

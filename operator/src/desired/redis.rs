@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, Service, ServicePort, ServiceSpec,
@@ -96,6 +96,15 @@ pub fn service(cc: &ChatCluster) -> Service {
     }
 }
 
+/// What Kubernetes does with the claims of `storage` when their StatefulSet
+/// is deleted or scaled down (as the spec says; `Retain` unless set).
+pub fn claim_retention(storage: &StorageSpec) -> StatefulSetPersistentVolumeClaimRetentionPolicy {
+    StatefulSetPersistentVolumeClaimRetentionPolicy {
+        when_deleted: Some(storage.pvc_retention.when_deleted.as_str().into()),
+        when_scaled: Some(storage.pvc_retention.when_scaled.as_str().into()),
+    }
+}
+
 /// A volume claim template of `storage`, mounted as `data`.
 pub fn data_claim(storage: &StorageSpec) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
@@ -177,6 +186,7 @@ pub fn stateful_set(cc: &ChatCluster, managed: &ManagedRedis) -> StatefulSet {
                 }),
             },
             volume_claim_templates: Some(vec![data_claim(&managed.storage)]),
+            persistent_volume_claim_retention_policy: Some(claim_retention(&managed.storage)),
             ..Default::default()
         },
         ..Default::default()
@@ -202,6 +212,22 @@ mod tests {
         assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
         assert_eq!(spec.resources.as_ref().and_then(|r| r.requests.as_ref()).expect("requests")["storage"].0, "5Gi");
         assert_eq!(sts.spec.replicas, Some(1));
+    }
+
+    #[test]
+    fn claims_are_retained_unless_the_spec_says_delete() {
+        let policy = |cc: &ChatCluster| {
+            let sts = stateful_set(cc, cc.spec.redis.managed.as_ref().expect("managed"));
+            let p = sts.spec.persistent_volume_claim_retention_policy.expect("policy");
+            (p.when_deleted.unwrap_or_default(), p.when_scaled.unwrap_or_default())
+        };
+        assert_eq!(policy(&ChatCluster::test()), ("Retain".into(), "Retain".into()));
+        let deleting = ChatCluster::test().with_spec(|s| {
+            if let Some(m) = s.redis.managed.as_mut() {
+                m.storage.pvc_retention.when_deleted = kubechat_crds::RetentionPolicy::Delete;
+            }
+        });
+        assert_eq!(policy(&deleting), ("Delete".into(), "Retain".into()));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::{
     DesiredObject, Names, owned_meta, resources_or, restricted_container_security, restricted_pod_security,
     selector_labels,
 };
-use crate::desired::redis::data_claim;
+use crate::desired::redis::{claim_retention, data_claim};
 
 pub const COMPONENT: &str = "scylla";
 pub const CQL_PORT: i32 = 9042;
@@ -164,6 +164,7 @@ pub fn stateful_set(cc: &ChatCluster, managed: &ManagedScylla) -> StatefulSet {
                 }),
             },
             volume_claim_templates: Some(vec![data_claim(&managed.storage)]),
+            persistent_volume_claim_retention_policy: Some(claim_retention(&managed.storage)),
             ..Default::default()
         },
         ..Default::default()
