@@ -2,7 +2,8 @@
 //! Redis, ScyllaDB and push workers, and reports their state.
 //!
 //! Layout (the reconcile reads like the design: observe → desired → apply → status):
-//! - [`reconcile`]: the controller, its context and the top-level reconcile.
+//! - [`reconcile`]: the controller and the top-level reconcile.
+//! - [`context`]: what every reconcile shares (client, caches, Events, backoff).
 //! - [`observe`]: reads what exists (owned objects, referenced Secrets).
 //! - [`desired`]: pure builders, `ChatCluster` spec → Kubernetes objects.
 //! - [`apply`]: server-side apply of desired objects, skipping those already in place.
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod apply;
 pub mod cache;
 pub mod calls;
+pub mod context;
 pub mod desired;
 pub mod discovery;
 pub mod error;

@@ -25,9 +25,9 @@ use kubechat_crds::ChatCluster;
 use crate::Error;
 use crate::cache::OwnedKind;
 use crate::calls::{Verb, counted};
+use crate::context::Context;
 use crate::desired::secrets::GeneratedSecret;
 use crate::desired::{self, DesiredObject, LABEL_INSTANCE};
-use crate::reconcile::Context;
 
 /// Every object `cc` should have, as (kind, name): the desired objects
 /// (including the endpoint ConfigMap the discovery loop fills) and the
@@ -75,7 +75,7 @@ fn note_about(object: &dyn Any) -> Option<String> {
 /// chat-redis: …"), reported like refused applies: they do not stop the
 /// reconcile.
 pub async fn prune(cc: &ChatCluster, ctx: &Context, namespace: &str, desired: &[DesiredObject]) -> Vec<String> {
-    let wanted = wanted(desired, &desired::secrets::generated(cc));
+    let wanted = wanted(desired, &desired::generated_secrets(cc));
     let mut refused = Vec::new();
     prune_kind::<StatefulSet>(cc, ctx, namespace, &wanted, &mut refused).await;
     prune_kind::<Deployment>(cc, ctx, namespace, &wanted, &mut refused).await;
@@ -138,7 +138,7 @@ async fn prune_kind<K: OwnedKind>(
 mod tests {
     use super::*;
     use crate::desired::fixtures::ChatClusterExt;
-    use crate::desired::{desired_objects, secrets};
+    use crate::desired::{desired_objects, generated_secrets};
     use kubechat_crds::ExternalRedis;
 
     fn to_external_redis(cc: ChatCluster) -> ChatCluster {
@@ -165,14 +165,14 @@ mod tests {
     }
 
     fn wanted_for(cc: &ChatCluster) -> BTreeSet<(&'static str, String)> {
-        wanted(&desired_objects(cc), &secrets::generated(cc))
+        wanted(&desired_objects(cc), &generated_secrets(cc))
     }
 
     #[test]
     fn nothing_is_unwanted_while_the_spec_is_unchanged() {
         let cc = ChatCluster::test();
         assert!(unwanted(&cc, &wanted_for(&cc), &live_stateful_sets(&cc)).is_empty());
-        let secrets = cached(secrets::generated(&cc).iter().map(|g| g.build(&cc, &[1])));
+        let secrets = cached(generated_secrets(&cc).iter().map(|g| g.build(&cc, &[1])));
         assert!(unwanted(&cc, &wanted_for(&cc), &secrets).is_empty());
         let wanted = wanted_for(&cc);
         assert!(wanted.contains(&("ConfigMap", "chat-endpoints".to_string())), "the discovery loop's ConfigMap");
@@ -184,7 +184,7 @@ mod tests {
         let after = to_external_redis(before.clone());
         let wanted = wanted_for(&after);
         assert_eq!(names(&unwanted(&after, &wanted, &live_stateful_sets(&before))), ["chat-redis"]);
-        let secrets = cached(secrets::generated(&before).iter().map(|g| g.build(&before, &[1])));
+        let secrets = cached(generated_secrets(&before).iter().map(|g| g.build(&before, &[1])));
         assert_eq!(names(&unwanted(&after, &wanted, &secrets)), ["chat-redis-password"]);
         let all: Vec<(&str, String)> =
             desired_objects(&before).iter().map(|o| (o.kind(), o.name())).filter(|k| !wanted.contains(k)).collect();

@@ -1,7 +1,6 @@
 //! The ChatCluster controller: observe → desired → apply → status.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -10,19 +9,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use kubechat_crds::ChatCluster;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use crate::apply::{self, Outcome};
 use crate::cache::{self, Owned};
 use crate::calls::{self, Verb, counted};
+pub use crate::context::Context;
+use crate::context::key;
 use crate::desired;
-use crate::metrics::Metrics;
 pub use crate::scope::Scope;
 use crate::{Error, FIELD_MANAGER, Result, observe, status};
 
@@ -30,119 +28,6 @@ use crate::{Error, FIELD_MANAGER, Result, observe, status};
 const RESYNC: Duration = Duration::from_secs(300);
 /// Re-check sooner while something is missing that no watch reports (a user's Secret).
 const RECHECK_DEGRADED: Duration = Duration::from_secs(15);
-const BACKOFF_BASE: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(300);
-
-/// Shared by every reconcile.
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Metrics,
-    /// Owned objects as the controller's watches see them.
-    pub owned: Owned,
-    /// The ChatClusters as the controller's watch sees them.
-    pub clusters: Store<ChatCluster>,
-    /// Cancelled when this replica stops leading.
-    stop: CancellationToken,
-    /// Consecutive failures per ChatCluster, for exponential backoff.
-    failures: Mutex<HashMap<String, u32>>,
-}
-
-impl Context {
-    pub fn new(
-        client: Client,
-        metrics: Metrics,
-        reporter: Reporter,
-        owned: Owned,
-        clusters: Store<ChatCluster>,
-        stop: CancellationToken,
-    ) -> Self {
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            owned,
-            clusters,
-            stop,
-            failures: Mutex::default(),
-        }
-    }
-
-    fn reset_failures(&self, key: &str) {
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.remove(key);
-            self.metrics.backoff_clusters.set(failures.len() as i64);
-        }
-    }
-
-    fn next_backoff(&self, cc: &ChatCluster) -> Duration {
-        let attempt = match self.failures.lock() {
-            Ok(mut failures) => {
-                let n = failures.entry(key(cc)).or_insert(0);
-                *n = n.saturating_add(1);
-                let attempt = *n;
-                self.metrics.backoff_clusters.set(failures.len() as i64);
-                attempt
-            }
-            Err(_) => 1,
-        };
-        backoff(attempt, jitter_fraction())
-    }
-
-    /// Drops the backoff entries of deleted ChatClusters (they would stay forever).
-    fn forget_deleted(&self) {
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.retain(|key, _| self.still_exists(key));
-            self.metrics.backoff_clusters.set(failures.len() as i64);
-        }
-    }
-
-    fn still_exists(&self, key: &str) -> bool {
-        let (namespace, name) = key.split_once('/').unwrap_or(("", key));
-        self.clusters
-            .get(&ObjectRef::new(name).within(namespace))
-            .is_some_and(|cc| cc.metadata.deletion_timestamp.is_none())
-    }
-
-    pub(crate) async fn publish(&self, cc: &ChatCluster, event: Event) {
-        let event = Event { note: event.note.map(|note| truncate_note(&note)), ..event };
-        if let Err(e) = counted(Verb::Create, self.recorder.publish(&event, &cc.object_ref(&()))).await {
-            tracing::warn!(error = %e, reason = event.reason, "could not publish event");
-        }
-    }
-}
-
-/// The apiserver refuses Event notes over 1 KiB (and with them the Event).
-const MAX_NOTE_BYTES: usize = 1024;
-
-/// `note` cut to fit an Event, on a character boundary, marked with "…".
-pub fn truncate_note(note: &str) -> String {
-    if note.len() <= MAX_NOTE_BYTES {
-        return note.to_string();
-    }
-    let mut end = MAX_NOTE_BYTES - '…'.len_utf8();
-    while !note.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &note[..end])
-}
-
-/// Delay before retry `attempt` (1-based): doubling from 0.5 s up to 5 min,
-/// stretched by `jitter` (0..1, up to +20%) so failing clusters spread out.
-pub fn backoff(attempt: u32, jitter: f64) -> Duration {
-    let exponent = attempt.saturating_sub(1).min(20);
-    let base = BACKOFF_BASE.saturating_mul(1u32 << exponent).min(BACKOFF_MAX);
-    base.mul_f64(1.0 + 0.2 * jitter.clamp(0.0, 1.0))
-}
-
-fn jitter_fraction() -> f64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    f64::from(nanos % 1000) / 1000.0
-}
-
-fn key(cc: &ChatCluster) -> String {
-    format!("{}/{}", cc.namespace().unwrap_or_default(), cc.name_any())
-}
 
 /// Entry point for the controller: metrics, tracing span and failure events
 /// around [`reconcile_cluster`].
@@ -193,7 +78,7 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
 
     // Desired → apply. One object the apiserver refuses does not hold back
     // the others: each failure is reported in the status instead.
-    for secret in desired::secrets::generated(cc) {
+    for secret in desired::generated_secrets(cc) {
         ensure_generated_secret(cc, ctx, &namespace, &secret).await?;
     }
     let desired = desired::desired_objects(cc);
@@ -356,28 +241,4 @@ pub async fn run_controller(
             }
         })
         .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1, 0.0), Duration::from_millis(500));
-        assert_eq!(backoff(2, 0.0), Duration::from_secs(1));
-        assert_eq!(backoff(4, 0.0), Duration::from_secs(4));
-        assert_eq!(backoff(30, 0.0), BACKOFF_MAX);
-        assert_eq!(backoff(1, 1.0), Duration::from_millis(600));
-    }
-
-    #[test]
-    fn long_notes_are_cut_to_fit_an_event() {
-        assert_eq!(truncate_note("short"), "short");
-        let long = "é".repeat(600); // 1,200 bytes
-        let cut = truncate_note(&long);
-        assert!(cut.len() <= MAX_NOTE_BYTES, "{} bytes", cut.len());
-        assert!(cut.ends_with('…'));
-        assert!(cut.len() > MAX_NOTE_BYTES - 8, "cut more than needed: {} bytes", cut.len());
-    }
 }

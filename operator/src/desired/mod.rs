@@ -114,6 +114,13 @@ pub fn desired_objects(cc: &ChatCluster) -> Vec<DesiredObject> {
     objects
 }
 
+/// Every Secret the operator generates for `cc`: the token-signing key when
+/// the spec names none, the managed Redis's password when Redis is managed.
+/// Created once and never re-applied (see [`secrets`]).
+pub fn generated_secrets(cc: &ChatCluster) -> Vec<secrets::GeneratedSecret> {
+    [auth::generated(cc), redis::generated_password(cc)].into_iter().flatten().collect()
+}
+
 /// Names of the objects of one ChatCluster, in one place.
 pub struct Names<'a>(pub &'a str);
 

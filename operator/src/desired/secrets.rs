@@ -45,12 +45,6 @@ impl GeneratedSecret {
     }
 }
 
-/// Every Secret the operator generates for `cc`: the token-signing key when
-/// the spec names none, the managed Redis's password when Redis is managed.
-pub fn generated(cc: &ChatCluster) -> Vec<GeneratedSecret> {
-    [super::auth::generated(cc), super::redis::generated_password(cc)].into_iter().flatten().collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,7 +67,8 @@ mod tests {
 
     #[test]
     fn a_minimal_cluster_gets_a_signing_key_and_a_redis_password() {
-        let names: Vec<String> = generated(&ChatCluster::test()).into_iter().map(|g| g.name).collect();
+        let names: Vec<String> =
+            crate::desired::generated_secrets(&ChatCluster::test()).into_iter().map(|g| g.name).collect();
         assert_eq!(names, ["chat-auth", "chat-redis-password"]);
     }
 }

@@ -1,0 +1,154 @@
+//! What every reconcile shares: the client, the watch caches, Events,
+//! metrics, and the per-cluster failure count that drives backoff.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use kubechat_crds::ChatCluster;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::Owned;
+use crate::calls::{Verb, counted};
+use crate::metrics::Metrics;
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Owned objects as the controller's watches see them.
+    pub owned: Owned,
+    /// The ChatClusters as the controller's watch sees them.
+    pub clusters: Store<ChatCluster>,
+    /// Cancelled when this replica stops leading.
+    pub(crate) stop: CancellationToken,
+    /// Consecutive failures per ChatCluster, for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        reporter: Reporter,
+        owned: Owned,
+        clusters: Store<ChatCluster>,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            owned,
+            clusters,
+            stop,
+            failures: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn reset_failures(&self, key: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(key);
+            self.metrics.backoff_clusters.set(failures.len() as i64);
+        }
+    }
+
+    pub(crate) fn next_backoff(&self, cc: &ChatCluster) -> Duration {
+        let attempt = match self.failures.lock() {
+            Ok(mut failures) => {
+                let n = failures.entry(key(cc)).or_insert(0);
+                *n = n.saturating_add(1);
+                let attempt = *n;
+                self.metrics.backoff_clusters.set(failures.len() as i64);
+                attempt
+            }
+            Err(_) => 1,
+        };
+        backoff(attempt, jitter_fraction())
+    }
+
+    /// Drops the backoff entries of deleted ChatClusters (they would stay forever).
+    pub(crate) fn forget_deleted(&self) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.retain(|key, _| self.still_exists(key));
+            self.metrics.backoff_clusters.set(failures.len() as i64);
+        }
+    }
+
+    pub(crate) fn still_exists(&self, key: &str) -> bool {
+        let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+        self.clusters
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_some_and(|cc| cc.metadata.deletion_timestamp.is_none())
+    }
+
+    pub(crate) async fn publish(&self, cc: &ChatCluster, event: Event) {
+        let event = Event { note: event.note.map(|note| truncate_note(&note)), ..event };
+        if let Err(e) = counted(Verb::Create, self.recorder.publish(&event, &cc.object_ref(&()))).await {
+            tracing::warn!(error = %e, reason = event.reason, "could not publish event");
+        }
+    }
+}
+
+/// The apiserver refuses Event notes over 1 KiB (and with them the Event).
+const MAX_NOTE_BYTES: usize = 1024;
+
+/// `note` cut to fit an Event, on a character boundary, marked with "…".
+pub fn truncate_note(note: &str) -> String {
+    if note.len() <= MAX_NOTE_BYTES {
+        return note.to_string();
+    }
+    let mut end = MAX_NOTE_BYTES - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
+}
+
+/// Delay before retry `attempt` (1-based): doubling from 0.5 s up to 5 min,
+/// stretched by `jitter` (0..1, up to +20%) so failing clusters spread out.
+pub fn backoff(attempt: u32, jitter: f64) -> Duration {
+    let exponent = attempt.saturating_sub(1).min(20);
+    let base = BACKOFF_BASE.saturating_mul(1u32 << exponent).min(BACKOFF_MAX);
+    base.mul_f64(1.0 + 0.2 * jitter.clamp(0.0, 1.0))
+}
+
+fn jitter_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1000) / 1000.0
+}
+
+pub(crate) fn key(cc: &ChatCluster) -> String {
+    format!("{}/{}", cc.namespace().unwrap_or_default(), cc.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1, 0.0), Duration::from_millis(500));
+        assert_eq!(backoff(2, 0.0), Duration::from_secs(1));
+        assert_eq!(backoff(4, 0.0), Duration::from_secs(4));
+        assert_eq!(backoff(30, 0.0), BACKOFF_MAX);
+        assert_eq!(backoff(1, 1.0), Duration::from_millis(600));
+    }
+
+    #[test]
+    fn long_notes_are_cut_to_fit_an_event() {
+        assert_eq!(truncate_note("short"), "short");
+        let long = "é".repeat(600); // 1,200 bytes
+        let cut = truncate_note(&long);
+        assert!(cut.len() <= MAX_NOTE_BYTES, "{} bytes", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(cut.len() > MAX_NOTE_BYTES - 8, "cut more than needed: {} bytes", cut.len());
+    }
+}
