@@ -24,7 +24,7 @@ use crate::calls::{self, Verb, counted};
 use crate::desired;
 use crate::metrics::Metrics;
 pub use crate::scope::Scope;
-use crate::{Error, FIELD_MANAGER, Result, observe, status};
+use crate::{Error, FIELD_MANAGER, Result, observe, rollout, status};
 
 /// Re-check a settled cluster this often even without events.
 const RESYNC: Duration = Duration::from_secs(300);
@@ -44,6 +44,8 @@ pub struct Context {
     pub clusters: Store<ChatCluster>,
     /// Cancelled when this replica stops leading.
     stop: CancellationToken,
+    /// Dial only loopback gateway addresses (`discovery::Options::loopback_only`).
+    pub admin_loopback_only: bool,
     /// Consecutive failures per ChatCluster, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -64,6 +66,7 @@ impl Context {
             owned,
             clusters,
             stop,
+            admin_loopback_only: false,
             failures: Mutex::default(),
         }
     }
@@ -100,7 +103,13 @@ impl Context {
             .is_some_and(|cc| cc.metadata.deletion_timestamp.is_none())
     }
 
-    async fn publish(&self, cc: &ChatCluster, event: Event) {
+    /// Whether this replica still leads (writes outside the fenced API
+    /// client, such as a gateway's drain request, check it first).
+    pub fn leading(&self) -> bool {
+        !self.stop.is_cancelled()
+    }
+
+    pub(crate) async fn publish(&self, cc: &ChatCluster, event: Event) {
         let event = Event { note: event.note.map(|note| truncate_note(&note)), ..event };
         if let Err(e) = counted(Verb::Create, self.recorder.publish(&event, &cc.object_ref(&()))).await {
             tracing::warn!(error = %e, reason = event.reason, "could not publish event");
@@ -218,11 +227,14 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         }
     }
 
+    let rollout = rollout::drive(cc, ctx, &namespace).await?;
+
     // Observe → status.
     let mut observed = observe::observe(&ctx.client, &ctx.owned, cc, &namespace).await?;
     observed.refused = refused;
     let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH));
-    let new_status = status::compute(cc, &observed, cc.status.as_ref(), &now);
+    let mut new_status = status::compute(cc, &observed, cc.status.as_ref(), &now);
+    rollout.apply(&mut new_status, cc.status.as_ref(), &now);
     if cc.status.as_ref() != Some(&new_status) {
         let became_degraded = new_status
             .conditions
@@ -245,14 +257,15 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         }
     }
 
-    Ok(if !observed.refused.is_empty() {
+    let action = if !observed.refused.is_empty() {
         // Retried with backoff, like a failed reconcile, until the spec is fixed.
         Action::requeue(ctx.next_backoff(cc))
     } else if !observed.missing_secrets.is_empty() || !observed.stuck.is_empty() {
         Action::requeue(RECHECK_DEGRADED)
     } else {
         Action::requeue(RESYNC)
-    })
+    };
+    Ok(rollout.requeue().map_or(action, Action::requeue))
 }
 
 /// Whether `conditions` already hold `condition` with the same status, reason and message.
