@@ -18,6 +18,10 @@
 //! stops the rollout (`Degraded`); `kubechat.dev/paused: "true"` on the
 //! ChatCluster stops it at the next pod boundary.
 //!
+//! "Listed" means the endpoint ConfigMap lists the pod ready and the pod's
+//! own gateway answers ready at the listed URL (the list is by pod name, so
+//! a stale entry of the pod it replaced does not count).
+//!
 //! Pods are not in the watch caches: they are listed only while the
 //! StatefulSet shows a rollout or a pod short of ready, or a rollout is in
 //! the status.
@@ -30,9 +34,9 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
 use kubechat_crds::{ChatCluster, ChatClusterStatus};
 use serde_json::json;
 
@@ -183,6 +187,11 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<R
             // Asking again is how a drain is followed (and resumed by a new
             // leader): the gateway keeps a running drain's clock.
             state.connections = start_drain(ctx, cc, pod).await.map(|p| p.connections_left);
+        } else if state.listed_ready && !state.deleting {
+            // The list is by pod name: an entry may still describe the pod
+            // this one replaced. Only its own gateway, at the listed URL, counts.
+            let url = endpoints.as_ref().and_then(|e| e.gateways.iter().find(|g| g.pod == state.name)).map(|g| &g.url);
+            state.listed_ready = serves_at(ctx, cc, pod, url).await;
         }
         states.push(state);
     }
@@ -201,13 +210,14 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<R
         tracing::info!(step = ?plan.step, rollout = ?plan.rollout.as_ref().map(|r| &r.summary), "rollout step");
     }
     if let Some(pod) = &plan.replaced {
-        publish(ctx, cc, "PodReplaced", format!("{pod} runs the new revision and serves clients")).await;
+        let related = pods.iter().find(|p| p.name_any() == *pod);
+        publish(ctx, cc, "PodReplaced", format!("{pod} runs the new revision and serves clients"), related).await;
     }
     execute(ctx, cc, &pods_api, &pods, &plan.step, now).await?;
     if plan.finished {
         let started = input.previous.as_ref().and_then(|p| parse_time(&p.started));
         let took = started.map_or_else(String::new, |s| format!(" in {} s", now - s));
-        publish(ctx, cc, "RolloutFinished", format!("every gateway runs the new revision{took}")).await;
+        publish(ctx, cc, "RolloutFinished", format!("every gateway runs the new revision{took}"), None).await;
     }
     Ok(Report { plan: Some(plan) })
 }
@@ -230,10 +240,12 @@ async fn execute(ctx: &Context, cc: &ChatCluster, api: &Api<Pod>, pods: &[Pod], 
             set_serving(api, name, false).await?;
             let progress = start_drain(ctx, cc, pod).await;
             let held = progress.map_or_else(|| "unknown".to_string(), |p| p.connections_left.to_string());
-            publish(ctx, cc, "DrainStarted", format!("draining {name} ({held} connections) before replacing it")).await;
+            let note = format!("draining {name} ({held} connections) before replacing it");
+            publish(ctx, cc, "DrainStarted", note, Some(pod)).await;
         }
         Step::Delete { pod: name, drained_for, connections_left } => {
-            let uid = find(name).and_then(|p| p.uid());
+            let pod = find(name);
+            let uid = pod.and_then(|p| p.uid());
             // The uid makes sure the pod deleted is the one that was drained.
             let params = DeleteParams {
                 preconditions: Some(Preconditions { uid, resource_version: None }),
@@ -247,7 +259,7 @@ async fn execute(ctx: &Context, cc: &ChatCluster, api: &Api<Pod>, pods: &[Pod], 
             if let Some(seconds) = drained_for {
                 let left = connections_left.map_or_else(|| "unknown".to_string(), |c| c.to_string());
                 let note = format!("{name} drained in {seconds} s ({left} connections left); deleted for replacement");
-                publish(ctx, cc, "DrainFinished", note).await;
+                publish(ctx, cc, "DrainFinished", note, pod).await;
             }
         }
     }
@@ -290,13 +302,31 @@ async fn start_drain(ctx: &Context, cc: &ChatCluster, pod: &Pod) -> Option<poll:
     }
 }
 
-async fn publish(ctx: &Context, cc: &ChatCluster, reason: &str, note: String) {
+/// Whether the pod's own gateway answers ready (not draining) and
+/// advertises `listed_url`.
+async fn serves_at(ctx: &Context, cc: &ChatCluster, pod: &Pod, listed_url: Option<&String>) -> bool {
+    let Ok(addr) = discovery::admin_addr(pod, cc, ctx.admin_loopback_only) else { return false };
+    match poll::read_load(addr, ADMIN_TIMEOUT).await {
+        Ok(load) => {
+            load.pod == pod.name_any()
+                && load.ready
+                && !load.draining
+                && (load.url.is_empty() || Some(&load.url) == listed_url)
+        }
+        Err(_) => false,
+    }
+}
+
+/// An Event about the rollout; `pod` is its related object, so each pod's
+/// Event is its own (the recorder merges Events of the same reason and
+/// related object into one series).
+async fn publish(ctx: &Context, cc: &ChatCluster, reason: &str, note: String, pod: Option<&Pod>) {
     let event = Event {
         type_: EventType::Normal,
         reason: reason.into(),
         note: Some(note),
         action: "Rollout".into(),
-        secondary: None,
+        secondary: pod.map(|p| p.object_ref(&())),
     };
     ctx.publish(cc, event).await;
 }
