@@ -47,6 +47,7 @@ pub const DEFAULT_SCYLLA_IMAGE: &str = "scylladb/scylla:2025.1";
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Gateways", "type": "string", "jsonPath": ".status.gatewaysReady"}"#,
     printcolumn = r#"{"name": "Connections", "type": "integer", "jsonPath": ".status.connections"}"#,
+    printcolumn = r#"{"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.summary"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -106,6 +107,9 @@ pub struct GatewaySpec {
     /// How the operator publishes the gateways' load for service discovery.
     #[serde(default)]
     pub discovery: DiscoverySpec,
+    /// How the operator replaces gateways when their pod template changes.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
 }
 
 impl Default for GatewaySpec {
@@ -119,6 +123,7 @@ impl Default for GatewaySpec {
             drain: DrainSpec::default(),
             autoscale: None,
             discovery: DiscoverySpec::default(),
+            rollout: RolloutSpec::default(),
         }
     }
 }
@@ -210,6 +215,30 @@ impl Default for DiscoverySpec {
 
 fn default_discovery_interval_seconds() -> i32 {
     5
+}
+
+/// The operator replaces gateways one at a time, highest ordinal first, each
+/// drained (`drain`) before it is deleted. The annotation
+/// `kubechat.dev/paused: "true"` on the ChatCluster stops it before the next pod.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Seconds a replacement gateway has to become ready, serving and listed
+    /// for discovery; after that the rollout stops (`Degraded`) instead of
+    /// draining the next gateway.
+    #[serde(default = "default_pod_ready_timeout_seconds")]
+    #[schemars(range(min = 10, max = 86_400))]
+    pub pod_ready_timeout_seconds: i32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self { pod_ready_timeout_seconds: default_pod_ready_timeout_seconds() }
+    }
+}
+
+fn default_pod_ready_timeout_seconds() -> i32 {
+    300
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -715,6 +744,34 @@ pub struct ChatClusterStatus {
     /// ConfigMap that lists the gateways for service discovery.
     #[serde(default)]
     pub endpoint_config_map: String,
+    /// The gateway rollout in progress; null when none is. Always serialized
+    /// (a merge patch must be able to clear it).
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Where a gateway rollout stands (the operator resumes from here and from
+/// the pods' annotations after a restart or a leader change).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The StatefulSet revision the gateways are moving to.
+    pub revision: String,
+    /// The pod the current phase is about.
+    #[serde(default)]
+    pub pod: String,
+    /// `Draining`, `Replacing` (waiting for the new pod), `Stuck`, `Paused` or `Waiting`.
+    pub phase: String,
+    /// When the rollout started (RFC 3339).
+    pub started: String,
+    /// Connections the draining gateway still holds, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_left: Option<i64>,
+    /// Gateways at the new revision and serving.
+    pub updated: i32,
+    pub total: i32,
+    /// One line for `kubectl get`, e.g. `Draining chat-gateway-1 (1/3)`.
+    pub summary: String,
 }
 
 /// One gateway's load in the status (the endpoint ConfigMap has the full entry).

@@ -13,7 +13,8 @@
 //!   folders: in environment values, and in JSON files of ConfigMap volumes
 //!   (the gateway config names the signing key by its container path).
 //!
-//! A Pod that is deleted gets SIGTERM, then SIGKILL after its grace period
+//! A Pod whose image contains [`BROKEN_IMAGE_MARK`] is never started (an
+//! image that cannot be pulled). A Pod that is deleted gets SIGTERM, then SIGKILL after its grace period
 //! (at most [`MAX_GRACE`]). A process that exits (or that a test kills) is
 //! not restarted: a test sees exactly what it did.
 
@@ -34,6 +35,8 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Pods whose image contains this are never started (see [`ProcessKubelet`]).
+pub const BROKEN_IMAGE_MARK: &str = "broken";
 /// How long a deleted Pod's process may take to stop after SIGTERM.
 pub const MAX_GRACE: Duration = Duration::from_secs(30);
 const SYNC_EVERY: Duration = Duration::from_millis(100);
@@ -278,7 +281,7 @@ impl Sync {
                 let uid = pod.uid().unwrap_or_default();
                 let has_ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()).is_some_and(|ip| !ip.is_empty());
                 let known = self.with(|p| p.get(&pod.name_any()).is_some_and(|p| p.uid == uid));
-                if pod.metadata.deletion_timestamp.is_none() && has_ip && !known {
+                if pod.metadata.deletion_timestamp.is_none() && has_ip && !known && !refused(pod) {
                     self.start(pod).await;
                 }
             }
@@ -469,6 +472,13 @@ impl Sync {
         }
         Err(format!("{}: unsupported valueFrom", var.name))
     }
+}
+
+/// A Pod whose image names [`BROKEN_IMAGE_MARK`]: never started, like an
+/// image that cannot be pulled (for tests of a rollout that gets stuck).
+fn refused(pod: &Pod) -> bool {
+    let image = pod.spec.as_ref().and_then(|s| s.containers.first()).and_then(|c| c.image.as_deref());
+    image.is_some_and(|i| i.contains(BROKEN_IMAGE_MARK))
 }
 
 async fn stop_child(mut child: Child, grace: Duration) {

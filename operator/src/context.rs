@@ -29,6 +29,8 @@ pub struct Context {
     pub clusters: Store<ChatCluster>,
     /// Cancelled when this replica stops leading.
     pub(crate) stop: CancellationToken,
+    /// Dial only loopback gateway addresses (`discovery::Options::loopback_only`).
+    pub admin_loopback_only: bool,
     /// Consecutive failures per ChatCluster, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -49,6 +51,7 @@ impl Context {
             owned,
             clusters,
             stop,
+            admin_loopback_only: false,
             failures: Mutex::default(),
         }
     }
@@ -87,6 +90,12 @@ impl Context {
         self.clusters
             .get(&ObjectRef::new(name).within(namespace))
             .is_some_and(|cc| cc.metadata.deletion_timestamp.is_none())
+    }
+
+    /// Whether this replica still leads (writes outside the fenced API
+    /// client, such as a gateway's drain request, check it first).
+    pub fn leading(&self) -> bool {
+        !self.stop.is_cancelled()
     }
 
     pub(crate) async fn publish(&self, cc: &ChatCluster, event: Event) {

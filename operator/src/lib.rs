@@ -12,6 +12,8 @@
 //! - [`status`]: pure computation of the status and its conditions.
 //! - [`discovery`]: polls every gateway's load and publishes the endpoint
 //!   ConfigMap (a loop beside the controller; the reconcile only reads it).
+//! - [`rollout`]: replaces gateways one drained pod at a time when their
+//!   pod template changes (a pure plan and a driver the reconcile calls).
 //! - [`run`]: runs the controller while this replica leads.
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease.
 //! - [`cache`]: watch caches of owned objects, read by the reconcile.
@@ -34,6 +36,7 @@ pub mod observe;
 pub mod prune;
 pub mod quantity;
 pub mod reconcile;
+pub mod rollout;
 pub mod run;
 pub mod scope;
 pub mod status;

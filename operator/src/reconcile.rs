@@ -22,7 +22,7 @@ pub use crate::context::Context;
 use crate::context::key;
 use crate::desired;
 pub use crate::scope::Scope;
-use crate::{Error, FIELD_MANAGER, Result, observe, status};
+use crate::{Error, FIELD_MANAGER, Result, observe, rollout, status};
 
 /// Re-check a settled cluster this often even without events.
 const RESYNC: Duration = Duration::from_secs(300);
@@ -113,11 +113,14 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     // Objects the spec no longer calls for (a backend switched to external).
     refused.extend(crate::prune::prune(cc, ctx, &namespace, &desired).await);
 
+    let rollout = rollout::drive(cc, ctx, &namespace).await?;
+
     // Observe → status.
     let mut observed = observe::observe(&ctx.client, &ctx.owned, cc, &namespace).await?;
     observed.refused = refused;
     let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH));
-    let new_status = status::compute(cc, &observed, cc.status.as_ref(), &now);
+    let mut new_status = status::compute(cc, &observed, cc.status.as_ref(), &now);
+    rollout.apply(&mut new_status, cc.status.as_ref(), &now);
     if cc.status.as_ref() != Some(&new_status) {
         let became_degraded = new_status
             .conditions
@@ -145,11 +148,13 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(ctx.next_backoff(cc)));
     }
     ctx.reset_failures(&key(cc));
-    Ok(if !observed.missing_secrets.is_empty() || !observed.stuck.is_empty() {
+    let action = if !observed.missing_secrets.is_empty() || !observed.stuck.is_empty() {
         Action::requeue(RECHECK_DEGRADED)
     } else {
         Action::requeue(RESYNC)
-    })
+    };
+    // A rollout step in flight is checked again sooner.
+    Ok(rollout.requeue().map_or(action, Action::requeue))
 }
 
 /// Whether `conditions` already hold `condition` with the same status, reason and message.

@@ -110,7 +110,9 @@ async fn run_leading(leading: Leading, scope: Scope, discovery: discovery::Optio
     let Leading { client, metrics, reporter } = leading;
     let (controller, owned) = reconcile::controller(client.clone(), &scope);
     let clusters = controller.store();
-    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), reporter, owned, clusters.clone(), stop.clone()));
+    let mut ctx = Context::new(client.clone(), metrics.clone(), reporter, owned, clusters.clone(), stop.clone());
+    ctx.admin_loopback_only = discovery.loopback_only;
+    let ctx = Arc::new(ctx);
     let poller = discovery::run(client, scope, clusters, metrics, discovery, stop.clone());
     let controller_stop = stop.clone();
     tokio::join!(run_controller(controller, ctx, async move { controller_stop.cancelled().await }), poller);

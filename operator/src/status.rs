@@ -151,6 +151,8 @@ pub fn compute(
                 draining: g.draining,
             })
             .collect(),
+        // Filled in by the rollout driver (`rollout::Report`).
+        rollout: None,
         endpoint_config_map: Names(&cc.name_any()).endpoints(),
     }
 }

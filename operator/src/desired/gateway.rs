@@ -4,13 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::Affinity;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe,
-    SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodReadinessGate, PodSpec,
+    PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -35,6 +35,10 @@ pub const AUTH_DIR: &str = "/var/run/kubechat/auth";
 pub const ENDPOINTS_KEY: &str = "endpoints.json";
 /// The pod's IP, for the gateway to bind and advertise.
 pub const POD_IP_ENV: &str = "KUBECHAT_POD_IP";
+/// Readiness gate of every gateway pod: the operator sets it True once the
+/// gateway is ready and False before draining it, so a pod leaves the
+/// client Service while its connections stay (see `crate::rollout`).
+pub const SERVING_CONDITION: &str = "kubechat.dev/serving";
 /// Non-root uid of the kubechat image.
 pub const KUBECHAT_UID: i64 = 65532;
 
@@ -253,6 +257,8 @@ pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap) -> StatefulSet {
             service_name: Some(names.gateway_headless()),
             // Gateways are independent: start and stop them in parallel.
             pod_management_policy: Some("Parallel".into()),
+            // The operator replaces pods itself, each drained first (`crate::rollout`).
+            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("OnDelete".into()), rolling_update: None }),
             selector: LabelSelector { match_labels: Some(selector.clone()), ..Default::default() },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -268,6 +274,7 @@ pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap) -> StatefulSet {
                     termination_grace_period_seconds: Some(i64::from(gateway.drain.window_seconds) + 30),
                     automount_service_account_token: Some(false),
                     affinity: Some(spread_over_nodes(selector)),
+                    readiness_gates: Some(vec![PodReadinessGate { condition_type: SERVING_CONDITION.into() }]),
                     ..Default::default()
                 }),
             },
@@ -432,6 +439,18 @@ mod tests {
         let cm = endpoints_config_map(&ChatCluster::test());
         assert_eq!(cm.metadata.name.as_deref(), Some("chat-endpoints"));
         assert!(cm.data.is_none() && cm.binary_data.is_none());
+    }
+
+    #[test]
+    fn the_operator_replaces_pods_behind_a_readiness_gate() {
+        let cc = ChatCluster::test();
+        let sts = stateful_set(&cc, &config_map(&cc));
+        let strategy = sts.spec.update_strategy.expect("update strategy");
+        assert_eq!(strategy.type_.as_deref(), Some("OnDelete"));
+        let gates = sts.spec.template.spec.expect("pod spec").readiness_gates.unwrap_or_default();
+        assert_eq!(gates.iter().map(|g| g.condition_type.as_str()).collect::<Vec<_>>(), [SERVING_CONDITION]);
+        let pdb = disruption_budget(&cc).spec.expect("spec");
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)), "never two gateways down at once");
     }
 
     #[test]

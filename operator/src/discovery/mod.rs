@@ -402,12 +402,7 @@ impl Round {
     }
 
     fn admin_addr(&self, pod: &Pod) -> Result<SocketAddr, PollError> {
-        let not_dialed = |why: &str| PollError::NotDialed(why.to_string());
-        let addr = pod_port(pod, "admin", self.cc.spec.gateway.ports.admin).ok_or_else(|| not_dialed("no pod IP"))?;
-        if self.options.loopback_only && !addr.ip().is_loopback() {
-            return Err(not_dialed("not a loopback address (loopback-only mode)"));
-        }
-        Ok(addr)
+        admin_addr(pod, &self.cc, self.options.loopback_only)
     }
 
     /// Writes `doc` over the ConfigMap at `version`, returning the new
@@ -441,6 +436,17 @@ impl Round {
             Err(e) => Err(Error::kube(format!("writing the endpoint list {namespace}/{name}"))(e)),
         }
     }
+}
+
+/// The gateway's admin address (its pod IP); with `loopback_only`, only a
+/// loopback one (see [`Options::loopback_only`]).
+pub fn admin_addr(pod: &Pod, cc: &ChatCluster, loopback_only: bool) -> Result<SocketAddr, PollError> {
+    let not_dialed = |why: &str| PollError::NotDialed(why.to_string());
+    let addr = pod_port(pod, "admin", cc.spec.gateway.ports.admin).ok_or_else(|| not_dialed("no pod IP"))?;
+    if loopback_only && !addr.ip().is_loopback() {
+        return Err(not_dialed("not a loopback address (loopback-only mode)"));
+    }
+    Ok(addr)
 }
 
 /// An address can be reused by another pod: only its own gateway counts.

@@ -1,4 +1,5 @@
-//! Reading one gateway's load: `GET http://<pod IP>:<admin port>/v1/admin/load`.
+//! Reading one gateway's load, `GET http://<pod IP>:<admin port>/v1/admin/load`,
+//! and starting its drain (`POST …/v1/admin/drain`, for the rollout).
 //!
 //! One short-lived HTTP/1.1 connection per poll (a poll every few seconds
 //! per gateway does not need pooling), everything under one timeout, the
@@ -7,10 +8,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper::header::{CONNECTION, HOST};
-use hyper::{Request, StatusCode};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
@@ -79,17 +80,72 @@ impl PollError {
 
 /// Reads the load report at `addr`, giving up after `timeout`.
 pub async fn read_load(addr: SocketAddr, timeout: Duration) -> Result<LoadReport, PollError> {
-    tokio::time::timeout(timeout, get_json(addr)).await.map_err(|_| PollError::Timeout(timeout))?
+    let request = || request(Method::GET, addr, LOAD_PATH, Full::default());
+    tokio::time::timeout(timeout, async { parse(&exchange(addr, request()?).await?, &[StatusCode::OK]) })
+        .await
+        .map_err(|_| PollError::Timeout(timeout))?
 }
 
-async fn get_json(addr: SocketAddr) -> Result<LoadReport, PollError> {
-    let stream = TcpStream::connect(addr).await.map_err(PollError::Connect)?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let request = Request::get(LOAD_PATH)
+/// Path of the drain endpoint on the gateway's admin port.
+pub const DRAIN_PATH: &str = "/v1/admin/drain";
+
+/// A drain's progress as the gateway reports it (docs/admin.md).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainProgress {
+    pub draining: bool,
+    pub finished: bool,
+    pub connections_left: u64,
+    #[serde(default)]
+    pub moved: u64,
+}
+
+/// Starts a drain at `addr` (`POST /v1/admin/drain`), or reads the one that
+/// runs already: the gateway does not restart a running drain's clock, so
+/// asking again is harmless.
+pub async fn drain(
+    addr: SocketAddr,
+    deadline_seconds: u32,
+    max_reconnects_per_second: u32,
+    timeout: Duration,
+) -> Result<DrainProgress, PollError> {
+    let body =
+        serde_json::json!({"deadlineSeconds": deadline_seconds, "maxReconnectsPerSecond": max_reconnects_per_second});
+    let body = Full::new(Bytes::from(body.to_string()));
+    tokio::time::timeout(timeout, async {
+        parse(
+            &exchange(addr, request(Method::POST, addr, DRAIN_PATH, body)?).await?,
+            &[StatusCode::OK, StatusCode::ACCEPTED],
+        )
+    })
+    .await
+    .map_err(|_| PollError::Timeout(timeout))?
+}
+
+fn request(method: Method, addr: SocketAddr, path: &str, body: Full<Bytes>) -> Result<Request<Full<Bytes>>, PollError> {
+    Request::builder()
+        .method(method)
+        .uri(path)
         .header(HOST, addr.to_string())
         .header(CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| PollError::Body(e.to_string()))?;
+        .header(CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(|e| PollError::Body(e.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    (status, body): &(StatusCode, Bytes),
+    expected: &[StatusCode],
+) -> Result<T, PollError> {
+    if !expected.contains(status) {
+        return Err(PollError::Status(*status));
+    }
+    Ok(serde_json::from_slice(body)?)
+}
+
+async fn exchange(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), PollError> {
+    let stream = TcpStream::connect(addr).await.map_err(PollError::Connect)?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     // The connection is driven here rather than spawned, so a timeout drops
     // it with everything else instead of leaving a task behind.
     let exchange = async move {
@@ -100,10 +156,7 @@ async fn get_json(addr: SocketAddr) -> Result<LoadReport, PollError> {
             .await
             .map_err(|e| PollError::Body(e.to_string()))?
             .to_bytes();
-        if status != StatusCode::OK {
-            return Err(PollError::Status(status));
-        }
-        Ok(serde_json::from_slice(&body)?)
+        Ok((status, body))
     };
     let (result, _closed) = tokio::join!(exchange, connection);
     result
@@ -162,6 +215,26 @@ mod tests {
         assert_eq!(read_load(addr, Duration::from_secs(2)).await.expect_err("garbage").label(), "invalid");
         let addr = serve_once(ok(r#"{"pod":"x"}"#)).await;
         assert_eq!(read_load(addr, Duration::from_secs(2)).await.expect_err("fields missing").label(), "invalid");
+    }
+
+    #[tokio::test]
+    async fn starts_a_drain_and_reads_its_progress() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = vec![0u8; 4096];
+            let n = socket.read(&mut request).await.expect("read");
+            let text = String::from_utf8_lossy(&request[..n]).into_owned();
+            assert!(text.starts_with("POST /v1/admin/drain HTTP/1.1\r\n"), "{text}");
+            assert!(text.ends_with(r#"{"deadlineSeconds":30,"maxReconnectsPerSecond":100}"#), "{text}");
+            let body =
+                r#"{"draining":true,"finished":false,"startedAtMs":1,"deadlineAtMs":2,"connectionsLeft":7,"moved":3}"#;
+            let response = format!("HTTP/1.1 202 Accepted\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+        let progress = drain(addr, 30, 100, Duration::from_secs(2)).await.expect("progress");
+        assert_eq!(progress, DrainProgress { draining: true, finished: false, connections_left: 7, moved: 3 });
     }
 
     #[tokio::test]

@@ -1,0 +1,459 @@
+//! The next step of a gateway rollout, from what the cluster shows. Pure:
+//! no clock, no I/O, so every case is a unit test.
+//!
+//! The state lives in the cluster: the StatefulSet's `updateRevision`, each
+//! pod's revision, readiness gate and drain annotation, the endpoint list
+//! and the previous `status.rollout`. A new leader computes the same step
+//! from the same objects, so it neither drains a pod twice nor skips one.
+
+use kubechat_crds::RolloutStatus;
+
+/// Phases shown in `status.rollout.phase`.
+pub const DRAINING: &str = "Draining";
+pub const REPLACING: &str = "Replacing";
+pub const STUCK: &str = "Stuck";
+pub const PAUSED: &str = "Paused";
+pub const WAITING: &str = "Waiting";
+
+/// One gateway pod as observed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodState {
+    pub name: String,
+    pub ordinal: i32,
+    /// Its `controller-revision-hash`.
+    pub revision: String,
+    /// Creation time, Unix seconds.
+    pub created: i64,
+    /// Being deleted.
+    pub deleting: bool,
+    /// Its containers pass their readiness probe (`ContainersReady`).
+    pub containers_ready: bool,
+    /// The `kubechat.dev/serving` condition (`None`: not set).
+    pub serving: Option<bool>,
+    /// When the operator started draining it (its annotation), Unix seconds.
+    pub drain_started: Option<i64>,
+    /// Listed as ready in the endpoint ConfigMap.
+    pub listed_ready: bool,
+    /// Connections it holds: the drain's count for a draining pod, else the
+    /// endpoint list's (`None`: unknown).
+    pub connections: Option<u64>,
+}
+
+impl PodState {
+    /// Serving clients as far as everyone can tell: gate open and listed.
+    fn up(&self) -> bool {
+        !self.deleting && self.serving == Some(true) && self.listed_ready
+    }
+}
+
+/// Everything the plan depends on.
+#[derive(Clone, Debug, Default)]
+pub struct Input {
+    pub replicas: i32,
+    /// The StatefulSet's `updateRevision`; `None` while its status does not
+    /// describe the current spec yet.
+    pub update_revision: Option<String>,
+    pub pods: Vec<PodState>,
+    /// The ChatCluster carries `kubechat.dev/paused: "true"`.
+    pub paused: bool,
+    pub previous: Option<RolloutStatus>,
+    /// Unix seconds.
+    pub now: i64,
+    /// Seconds after which a drain counts as over, emptied or not.
+    pub drain_deadline: i64,
+    /// Seconds a replacement has to come up.
+    pub ready_timeout: i64,
+}
+
+/// What to do now (one step per reconcile).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to do and nothing to wait for.
+    Idle,
+    /// Nothing to do now; look again soon.
+    Wait,
+    /// Open the readiness gate of a pod whose gateway is ready.
+    MarkServing(String),
+    /// Close the gate, record the drain on the pod and start it.
+    StartDrain(String),
+    /// Delete the pod (the StatefulSet re-creates it at the new revision).
+    /// `drained_for`: seconds it drained (`None`: nothing to drain).
+    Delete { pod: String, drained_for: Option<i64>, connections_left: Option<u64> },
+}
+
+/// The step and what to report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub step: Step,
+    /// `status.rollout` (`None`: no rollout).
+    pub rollout: Option<RolloutStatus>,
+    /// A replacement that did not come up in time: the Degraded message.
+    pub stuck: Option<String>,
+    /// A pod whose replacement just came up (a `PodReplaced` Event).
+    pub replaced: Option<String>,
+    /// The rollout just finished (a `RolloutFinished` Event).
+    pub finished: bool,
+}
+
+impl Plan {
+    fn idle(finished: bool) -> Self {
+        Plan { step: Step::Idle, rollout: None, stuck: None, replaced: None, finished }
+    }
+}
+
+pub fn plan(input: &Input) -> Plan {
+    // Pods past the wanted count are the StatefulSet's to remove.
+    let pods: Vec<&PodState> = input.pods.iter().filter(|p| p.ordinal < input.replicas).collect();
+
+    // A new pod (any revision, rollout or not) whose gateway is ready gets
+    // its gate opened; pods the rollout drains keep theirs closed.
+    let opening =
+        pods.iter().find(|p| !p.deleting && p.drain_started.is_none() && p.containers_ready && p.serving != Some(true));
+
+    let Some(revision) = input.update_revision.clone() else {
+        // The StatefulSet has not caught up with its spec: wait, keep the status.
+        let step = opening.map_or(Step::Wait, |p| Step::MarkServing(p.name.clone()));
+        return Plan { step, rollout: input.previous.clone(), stuck: None, replaced: None, finished: false };
+    };
+    let outdated: Vec<&PodState> = pods.iter().copied().filter(|p| p.revision != revision).collect();
+    let updated = pods.iter().filter(|p| p.revision == revision && p.up()).count();
+    let all_up = pods.len() == usize::try_from(input.replicas).unwrap_or(0) && pods.iter().all(|p| p.up());
+
+    if outdated.is_empty() && input.previous.is_none() {
+        // Not a rollout (a first start, a scale-up, a restarted pod).
+        return match opening {
+            Some(p) => Plan { step: Step::MarkServing(p.name.clone()), ..Plan::idle(false) },
+            None if all_up => Plan::idle(false),
+            None => Plan { step: Step::Wait, ..Plan::idle(false) },
+        };
+    }
+    if outdated.is_empty() && all_up {
+        return Plan { replaced: replaced(input, &pods, &revision), ..Plan::idle(true) };
+    }
+
+    let started = input.previous.as_ref().map_or_else(|| super::rfc3339(input.now), |p| p.started.clone());
+    let total = input.replicas;
+    let updated = i32::try_from(updated).unwrap_or(i32::MAX);
+    let status = |phase: &str, pod: &str, connections_left: Option<u64>| RolloutStatus {
+        revision: revision.clone(),
+        pod: pod.to_string(),
+        phase: phase.to_string(),
+        started: started.clone(),
+        connections_left: connections_left.map(|c| i64::try_from(c).unwrap_or(i64::MAX)),
+        updated,
+        total,
+        summary: if pod.is_empty() {
+            format!("{phase} ({updated}/{total})")
+        } else {
+            format!("{phase} {pod} ({updated}/{total})")
+        },
+    };
+    let result = |step: Step, rollout: RolloutStatus, stuck: Option<String>| Plan {
+        step,
+        rollout: Some(rollout),
+        stuck,
+        replaced: replaced(input, &pods, &revision),
+        finished: false,
+    };
+
+    // 1. A drain under way goes on to its end, paused or not.
+    if let Some(p) = pods.iter().find(|p| !p.deleting && p.drain_started.is_some()) {
+        let since = p.drain_started.unwrap_or(input.now);
+        let over = p.connections == Some(0) || input.now - since >= input.drain_deadline;
+        let step = if over {
+            Step::Delete { pod: p.name.clone(), drained_for: Some(input.now - since), connections_left: p.connections }
+        } else {
+            Step::Wait
+        };
+        return result(step, status(DRAINING, &p.name, p.connections), None);
+    }
+
+    // 2. Gates to open come first: a replacement is not up until then.
+    if let Some(p) = opening {
+        return result(Step::MarkServing(p.name.clone()), status(REPLACING, &p.name, None), None);
+    }
+
+    // 3. One gateway down at a time: wait for a pod on its way out, a
+    //    missing one, or a replacement not up yet.
+    if let Some(p) = pods.iter().find(|p| p.deleting) {
+        return result(Step::Wait, status(REPLACING, &p.name, None), None);
+    }
+    let missing = (0..input.replicas).find(|o| pods.iter().all(|p| p.ordinal != *o));
+    if let Some(ordinal) = missing {
+        let name = input
+            .previous
+            .as_ref()
+            .map(|p| p.pod.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("ordinal {ordinal}"));
+        return result(Step::Wait, status(REPLACING, &name, None), None);
+    }
+    if let Some(p) = pods.iter().find(|p| p.revision == revision && !p.up()) {
+        let waited = input.now - p.created;
+        if waited >= input.ready_timeout {
+            let message = format!(
+                "gateway pod {} at the new revision is not ready, serving and listed after {waited} s (limit {} s); \
+                 the rollout stops here: fix the spec to resume",
+                p.name, input.ready_timeout
+            );
+            return result(Step::Wait, status(STUCK, &p.name, None), Some(message));
+        }
+        return result(Step::Wait, status(REPLACING, &p.name, None), None);
+    }
+
+    // 4. A pod boundary: stop here while paused.
+    if input.paused {
+        return result(Step::Wait, status(PAUSED, "", None), None);
+    }
+
+    // 5. The next pod: one that is down anyway first (nothing to drain,
+    //    and replacing it takes no second gateway down), then the highest ordinal.
+    let down = outdated.iter().filter(|p| !p.up() && p.connections.unwrap_or(0) == 0).max_by_key(|p| p.ordinal);
+    if let Some(p) = down {
+        let step = Step::Delete { pod: p.name.clone(), drained_for: None, connections_left: None };
+        return result(step, status(REPLACING, &p.name, None), None);
+    }
+    match outdated.iter().max_by_key(|p| p.ordinal) {
+        Some(p) => result(Step::StartDrain(p.name.clone()), status(DRAINING, &p.name, p.connections), None),
+        // Every pod is at the new revision but some is not up: waited for above.
+        None => result(Step::Wait, status(WAITING, "", None), None),
+    }
+}
+
+/// The pod the previous status was replacing, if its replacement is now up.
+fn replaced(input: &Input, pods: &[&PodState], revision: &str) -> Option<String> {
+    let previous = input.previous.as_ref()?;
+    if previous.phase != DRAINING && previous.phase != REPLACING && previous.phase != STUCK {
+        return None;
+    }
+    pods.iter().find(|p| p.name == previous.pod && p.revision == revision && p.up()).map(|p| p.name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "rev-old";
+    const NEW: &str = "rev-new";
+
+    fn pod(ordinal: i32, revision: &str) -> PodState {
+        PodState {
+            name: format!("chat-gateway-{ordinal}"),
+            ordinal,
+            revision: revision.into(),
+            created: 1_000,
+            deleting: false,
+            containers_ready: true,
+            serving: Some(true),
+            drain_started: None,
+            listed_ready: true,
+            connections: Some(100),
+        }
+    }
+
+    fn input(pods: Vec<PodState>) -> Input {
+        Input {
+            replicas: 3,
+            update_revision: Some(NEW.into()),
+            pods,
+            paused: false,
+            previous: None,
+            now: 2_000,
+            drain_deadline: 60,
+            ready_timeout: 300,
+        }
+    }
+
+    fn previous(phase: &str, pod: &str) -> Option<RolloutStatus> {
+        Some(RolloutStatus {
+            revision: NEW.into(),
+            pod: pod.into(),
+            phase: phase.into(),
+            started: "2025-01-01T00:00:00Z".into(),
+            ..Default::default()
+        })
+    }
+
+    fn draining(mut p: PodState, since: i64, left: u64) -> PodState {
+        p.drain_started = Some(since);
+        p.serving = Some(false);
+        p.listed_ready = false;
+        p.connections = Some(left);
+        p
+    }
+
+    #[test]
+    fn a_settled_cluster_has_nothing_to_do() {
+        let plan = plan(&input(vec![pod(0, NEW), pod(1, NEW), pod(2, NEW)]));
+        assert_eq!(plan, Plan::idle(false));
+    }
+
+    #[test]
+    fn a_new_pod_gets_its_gate_opened_once_its_gateway_is_ready() {
+        let mut fresh = pod(2, NEW);
+        fresh.serving = None;
+        fresh.listed_ready = false;
+        let p = plan(&input(vec![pod(0, NEW), pod(1, NEW), fresh.clone()]));
+        assert_eq!(p.step, Step::MarkServing("chat-gateway-2".into()));
+        assert!(p.rollout.is_none(), "not a rollout");
+        fresh.containers_ready = false;
+        assert_eq!(plan(&input(vec![pod(0, NEW), pod(1, NEW), fresh])).step, Step::Wait, "not ready: wait");
+    }
+
+    #[test]
+    fn a_rollout_drains_the_highest_ordinal_first() {
+        let p = plan(&input(vec![pod(0, OLD), pod(1, OLD), pod(2, OLD)]));
+        assert_eq!(p.step, Step::StartDrain("chat-gateway-2".into()));
+        let rollout = p.rollout.expect("rollout status");
+        assert_eq!((rollout.phase.as_str(), rollout.pod.as_str()), (DRAINING, "chat-gateway-2"));
+        assert_eq!((rollout.updated, rollout.total), (0, 3));
+        assert_eq!(rollout.summary, "Draining chat-gateway-2 (0/3)");
+        assert_eq!(rollout.started, super::super::rfc3339(2_000));
+    }
+
+    #[test]
+    fn a_drain_runs_until_empty_or_its_deadline() {
+        let pods = |left| vec![pod(0, OLD), pod(1, OLD), draining(pod(2, OLD), 1_990, left)];
+        let p = plan(&Input { previous: previous(DRAINING, "chat-gateway-2"), ..input(pods(40)) });
+        assert_eq!(p.step, Step::Wait);
+        assert_eq!(p.rollout.as_ref().and_then(|r| r.connections_left), Some(40));
+        let p = plan(&Input { previous: previous(DRAINING, "chat-gateway-2"), ..input(pods(0)) });
+        assert_eq!(
+            p.step,
+            Step::Delete { pod: "chat-gateway-2".into(), drained_for: Some(10), connections_left: Some(0) }
+        );
+        let late = Input { now: 2_050, ..input(pods(40)) };
+        assert!(
+            matches!(plan(&late).step, Step::Delete { drained_for: Some(60), connections_left: Some(40), .. }),
+            "the deadline ends it"
+        );
+    }
+
+    #[test]
+    fn a_drain_whose_gateway_cannot_be_read_ends_at_the_deadline() {
+        let mut unread = draining(pod(2, OLD), 1_990, 0);
+        unread.connections = None;
+        assert_eq!(plan(&input(vec![pod(0, OLD), pod(1, OLD), unread.clone()])).step, Step::Wait);
+        let late = Input { now: 2_100, ..input(vec![pod(0, OLD), pod(1, OLD), unread]) };
+        assert!(matches!(plan(&late).step, Step::Delete { .. }));
+    }
+
+    #[test]
+    fn the_replacement_must_be_up_before_the_next_drain() {
+        let mut deleting = draining(pod(2, OLD), 1_990, 0);
+        deleting.deleting = true;
+        let prev = previous(DRAINING, "chat-gateway-2");
+        let p = plan(&Input { previous: prev.clone(), ..input(vec![pod(0, OLD), pod(1, OLD), deleting]) });
+        assert_eq!(p.step, Step::Wait, "old pod still terminating");
+        let p = plan(&Input { previous: prev.clone(), ..input(vec![pod(0, OLD), pod(1, OLD)]) });
+        assert_eq!(p.step, Step::Wait, "replacement not created yet");
+        assert_eq!(p.rollout.expect("status").phase, REPLACING);
+        let mut starting = pod(2, NEW);
+        starting.created = 1_995;
+        starting.listed_ready = false;
+        let p = plan(&Input { previous: prev.clone(), ..input(vec![pod(0, OLD), pod(1, OLD), starting]) });
+        assert_eq!(p.step, Step::Wait, "replacement not listed yet");
+        let p = plan(&Input { previous: prev, ..input(vec![pod(0, OLD), pod(1, OLD), pod(2, NEW)]) });
+        assert_eq!(p.step, Step::StartDrain("chat-gateway-1".into()));
+        assert_eq!(p.replaced.as_deref(), Some("chat-gateway-2"), "a PodReplaced Event");
+        assert_eq!(p.rollout.expect("status").updated, 1);
+    }
+
+    #[test]
+    fn a_replacement_that_never_comes_up_stops_the_rollout() {
+        let mut broken = pod(2, NEW);
+        broken.listed_ready = false;
+        broken.connections = None;
+        broken.created = 1_700; // 300 s ago
+        let p = plan(&Input {
+            previous: previous(REPLACING, "chat-gateway-2"),
+            ..input(vec![pod(0, OLD), pod(1, OLD), broken])
+        });
+        assert_eq!(p.step, Step::Wait, "the next pod is not drained");
+        let message = p.stuck.expect("Degraded");
+        assert!(message.contains("chat-gateway-2"), "{message}");
+        assert_eq!(p.rollout.expect("status").phase, STUCK);
+    }
+
+    #[test]
+    fn fixing_the_spec_replaces_the_broken_pod_without_a_drain() {
+        // The broken pod is now at an old revision and holds no one.
+        let mut broken = pod(2, "rev-broken");
+        broken.listed_ready = false;
+        broken.connections = None;
+        let p = plan(&Input {
+            previous: previous(STUCK, "chat-gateway-2"),
+            ..input(vec![pod(0, OLD), pod(1, OLD), broken])
+        });
+        assert_eq!(p.step, Step::Delete { pod: "chat-gateway-2".into(), drained_for: None, connections_left: None });
+        assert!(p.stuck.is_none());
+    }
+
+    #[test]
+    fn a_pod_that_is_down_anyway_goes_first() {
+        let mut down = pod(0, OLD);
+        down.listed_ready = false;
+        down.connections = Some(0);
+        let p = plan(&input(vec![down, pod(1, OLD), pod(2, OLD)]));
+        assert_eq!(p.step, Step::Delete { pod: "chat-gateway-0".into(), drained_for: None, connections_left: None });
+    }
+
+    #[test]
+    fn pause_stops_at_a_pod_boundary_only() {
+        let paused = |pods| Input { paused: true, previous: previous(DRAINING, "chat-gateway-2"), ..input(pods) };
+        let p = plan(&paused(vec![pod(0, OLD), pod(1, OLD), pod(2, NEW)]));
+        assert_eq!(p.step, Step::Wait, "no new drain while paused");
+        assert_eq!(p.rollout.expect("status").phase, PAUSED);
+        let p = plan(&paused(vec![pod(0, OLD), pod(1, OLD), draining(pod(2, OLD), 1_990, 0)]));
+        assert!(matches!(p.step, Step::Delete { .. }), "a drain under way finishes");
+        let p = plan(&Input { paused: false, ..paused(vec![pod(0, OLD), pod(1, OLD), pod(2, NEW)]) });
+        assert_eq!(p.step, Step::StartDrain("chat-gateway-1".into()), "resumed");
+    }
+
+    #[test]
+    fn a_drain_recorded_on_the_pod_is_resumed_not_restarted() {
+        // A new leader sees the annotation: it waits on that drain (the
+        // driver asks the gateway, which keeps its clock), never starts another.
+        let pods = vec![pod(0, OLD), draining(pod(1, OLD), 1_995, 30), pod(2, NEW)];
+        let p = plan(&input(pods));
+        assert_eq!(p.step, Step::Wait);
+        assert_eq!(p.rollout.expect("status").pod, "chat-gateway-1");
+    }
+
+    #[test]
+    fn the_rollout_finishes_when_every_pod_is_new_and_up() {
+        let p = plan(&Input {
+            previous: previous(REPLACING, "chat-gateway-0"),
+            ..input(vec![pod(0, NEW), pod(1, NEW), pod(2, NEW)])
+        });
+        assert_eq!(p.step, Step::Idle);
+        assert!(p.finished && p.rollout.is_none());
+        assert_eq!(p.replaced.as_deref(), Some("chat-gateway-0"));
+    }
+
+    #[test]
+    fn an_unsettled_stateful_set_is_waited_for() {
+        let p = plan(&Input {
+            update_revision: None,
+            previous: previous(DRAINING, "chat-gateway-2"),
+            ..input(vec![pod(0, OLD), pod(1, OLD), pod(2, OLD)])
+        });
+        assert_eq!(p.step, Step::Wait);
+        assert_eq!(p.rollout, previous(DRAINING, "chat-gateway-2"), "status kept");
+    }
+
+    #[test]
+    fn pods_beyond_the_replica_count_are_ignored() {
+        let p = plan(&Input { replicas: 2, ..input(vec![pod(0, NEW), pod(1, NEW), pod(2, OLD)]) });
+        assert_eq!(p, Plan::idle(false));
+    }
+
+    #[test]
+    fn the_started_time_is_kept_across_steps() {
+        let p = plan(&Input {
+            previous: previous(REPLACING, "chat-gateway-2"),
+            ..input(vec![pod(0, OLD), pod(1, OLD), pod(2, NEW)])
+        });
+        assert_eq!(p.rollout.expect("status").started, "2025-01-01T00:00:00Z");
+    }
+}
