@@ -46,7 +46,7 @@ use crate::desired::gateway::{COMPONENT, ENDPOINTS_KEY, SERVING_CONDITION};
 use crate::desired::{LABEL_COMPONENT, LABEL_INSTANCE, Names};
 use crate::discovery::endpoints::Endpoints;
 use crate::discovery::{self, poll};
-use crate::reconcile::Context;
+use crate::context::Context;
 use crate::status::{DEGRADED, PROGRESSING};
 use crate::{Error, Result};
 
