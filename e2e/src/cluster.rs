@@ -11,7 +11,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
-use kubechat_crds::ChatCluster;
+use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, RedisSpec, ScyllaSpec};
 use kubechat_operator::leader::LeaderConfig;
 use kubechat_operator::metrics::Metrics;
 use kubechat_operator::reconcile::Scope;
@@ -143,4 +143,33 @@ impl RunningOperator {
             .map(|m| m.get_counter().get_value() as u64)
             .sum()
     }
+}
+
+/// An external Redis at an address nothing dials.
+pub fn external_redis() -> RedisSpec {
+    RedisSpec {
+        managed: None,
+        external: Some(ExternalRedis { url: "redis://redis.example:6379".into(), password_secret: None }),
+    }
+}
+
+/// An external ScyllaDB at an address nothing dials.
+pub fn external_scylla() -> ScyllaSpec {
+    ScyllaSpec {
+        managed: None,
+        external: Some(ExternalScylla {
+            contact_points: vec!["scylla.example:9042".into()],
+            credentials_secret: None,
+            local_datacenter: None,
+        }),
+        ..ScyllaSpec::default()
+    }
+}
+
+/// A ChatCluster whose Redis and ScyllaDB are external: no volumes to
+/// provision, so its pods become Ready on kwok's fake nodes.
+pub fn with_external_backends(name: &str, gateways: i32) -> ChatCluster {
+    let mut spec = ChatClusterSpec { redis: external_redis(), scylla: external_scylla(), ..ChatClusterSpec::default() };
+    spec.gateway.replicas = gateways;
+    ChatCluster::new(name, spec)
 }

@@ -14,8 +14,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::{Client, Resource, ResourceExt};
-use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, RedisSpec, ScyllaSpec, SecretKeyRef};
-use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
+use kubechat_crds::{ChatCluster, SecretKeyRef};
+use kubechat_e2e::cluster::{
+    RunningOperator, create_namespace, delete_namespace, install_crd, wait_for, with_external_backends,
+};
 use kubechat_e2e::components::connect_kube;
 use kubechat_e2e::tools::run_tool;
 use kubechat_operator::leader::LeaderConfig;
@@ -29,29 +31,6 @@ fn example(name: &str) -> ChatCluster {
     let path = examples_dir().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
-}
-
-/// A cluster whose Redis and Scylla are external: no volumes to provision, so
-/// its pods become Ready on kwok's fake nodes.
-fn with_external_backends(name: &str, gateways: i32) -> ChatCluster {
-    let mut spec = ChatClusterSpec {
-        redis: RedisSpec {
-            managed: None,
-            external: Some(ExternalRedis { url: "redis://redis.example:6379".into(), password_secret: None }),
-        },
-        scylla: ScyllaSpec {
-            managed: None,
-            external: Some(ExternalScylla {
-                contact_points: vec!["scylla.example:9042".into()],
-                credentials_secret: None,
-                local_datacenter: None,
-            }),
-            ..ScyllaSpec::default()
-        },
-        ..ChatClusterSpec::default()
-    };
-    spec.gateway.replicas = gateways;
-    ChatCluster::new(name, spec)
 }
 
 async fn setup(prefix: &str) -> (Client, String) {

@@ -12,10 +12,10 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kubechat_crds::{
-    ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, RedisSpec, ScyllaSpec, SecretKeyRef, WebhookProvider,
+use kubechat_crds::{ChatCluster, ChatClusterSpec, SecretKeyRef, WebhookProvider};
+use kubechat_e2e::cluster::{
+    RunningOperator, create_namespace, delete_namespace, install_crd, wait_for, with_external_backends,
 };
-use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
 use kubechat_e2e::components::connect_kube;
 use serde_json::json;
 
@@ -26,27 +26,11 @@ async fn setup(prefix: &str) -> (Client, String) {
     (client, namespace)
 }
 
-/// External backends: no volumes, so the pods become Ready on kwok.
+/// One gateway, external backends, and `edit` applied.
 fn cluster(name: &str, edit: impl FnOnce(&mut ChatClusterSpec)) -> ChatCluster {
-    let mut spec = ChatClusterSpec {
-        redis: RedisSpec {
-            managed: None,
-            external: Some(ExternalRedis { url: "redis://redis.example:6379".into(), password_secret: None }),
-        },
-        scylla: ScyllaSpec {
-            managed: None,
-            external: Some(ExternalScylla {
-                contact_points: vec!["scylla.example:9042".into()],
-                credentials_secret: None,
-                local_datacenter: None,
-            }),
-            ..ScyllaSpec::default()
-        },
-        ..ChatClusterSpec::default()
-    };
-    spec.gateway.replicas = 1;
-    edit(&mut spec);
-    ChatCluster::new(name, spec)
+    let mut cc = with_external_backends(name, 1);
+    edit(&mut cc.spec);
+    cc
 }
 
 /// CPU requests above the limit: the CRD accepts any ResourceRequirements,

@@ -10,8 +10,8 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, RedisSpec, ScyllaSpec};
-use kubechat_e2e::cluster::{create_namespace, delete_namespace, install_crd, wait_for};
+use kubechat_crds::ChatCluster;
+use kubechat_e2e::cluster::{create_namespace, delete_namespace, install_crd, wait_for, with_external_backends};
 use kubechat_e2e::components::connect_kube;
 use kubechat_e2e::operator_process::{ApiCall, ApiRecorder, OperatorProcess};
 use serde_json::json;
@@ -20,28 +20,6 @@ use serde_json::json;
 const LEASE_SECONDS: u64 = 4;
 const LEASE: Duration = Duration::from_secs(LEASE_SECONDS);
 const LEASE_NAME: &str = "kubechat-operator";
-
-/// External backends: nothing to provision, so kwok's fake nodes suffice.
-fn cluster(name: &str, gateways: i32) -> ChatCluster {
-    let mut spec = ChatClusterSpec {
-        redis: RedisSpec {
-            managed: None,
-            external: Some(ExternalRedis { url: "redis://redis.example:6379".into(), password_secret: None }),
-        },
-        scylla: ScyllaSpec {
-            managed: None,
-            external: Some(ExternalScylla {
-                contact_points: vec!["scylla.example:9042".into()],
-                credentials_secret: None,
-                local_datacenter: None,
-            }),
-            ..ScyllaSpec::default()
-        },
-        ..ChatClusterSpec::default()
-    };
-    spec.gateway.replicas = gateways;
-    ChatCluster::new(name, spec)
-}
 
 async fn holder(client: &Client, namespace: &str) -> Option<String> {
     let lease = Api::<Lease>::namespaced(client.clone(), namespace).get_opt(LEASE_NAME).await.ok()??;
@@ -103,7 +81,7 @@ async fn a_paused_leader_writes_nothing_after_a_standby_took_over() {
     let mut b = OperatorProcess::start(&kubeconfig_b, &namespace, "b", LEASE_SECONDS, dir.path());
 
     Api::<ChatCluster>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &cluster("fenced", 1))
+        .create(&PostParams::default(), &with_external_backends("fenced", 1))
         .await
         .expect("create the ChatCluster");
     assert!(

@@ -19,25 +19,16 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
-use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalScylla, RetentionPolicy, ScyllaSpec};
-use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
+use kubechat_crds::{ChatCluster, ChatClusterSpec, RetentionPolicy};
+use kubechat_e2e::cluster::{
+    RunningOperator, create_namespace, delete_namespace, external_scylla, install_crd, wait_for,
+};
 use kubechat_e2e::components::connect_kube;
 use serde_json::json;
 
 /// Managed Redis, external ScyllaDB (fewer objects to wait for).
 fn managed_redis(name: &str) -> ChatCluster {
-    let spec = ChatClusterSpec {
-        scylla: ScyllaSpec {
-            managed: None,
-            external: Some(ExternalScylla {
-                contact_points: vec!["scylla.example:9042".into()],
-                credentials_secret: None,
-                local_datacenter: None,
-            }),
-            ..ScyllaSpec::default()
-        },
-        ..ChatClusterSpec::default()
-    };
+    let spec = ChatClusterSpec { scylla: external_scylla(), ..ChatClusterSpec::default() };
     let mut cc = ChatCluster::new(name, spec);
     cc.spec.gateway.replicas = 1;
     cc

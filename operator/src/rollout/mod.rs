@@ -42,11 +42,11 @@ use serde_json::json;
 
 use self::plan::{Input, Plan, PodState, Step};
 use crate::calls::{Verb, counted};
+use crate::context::Context;
 use crate::desired::gateway::{COMPONENT, ENDPOINTS_KEY, SERVING_CONDITION};
 use crate::desired::{LABEL_COMPONENT, LABEL_INSTANCE, Names};
 use crate::discovery::endpoints::Endpoints;
 use crate::discovery::{self, poll};
-use crate::context::Context;
 use crate::status::{DEGRADED, PROGRESSING};
 use crate::{Error, Result};
 
