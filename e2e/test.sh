@@ -44,6 +44,9 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "building tests"
 cargo test --workspace --locked --no-run
+# Suites that run the operator and gateway as processes start these binaries
+# (a package's binaries are built only for its own integration tests).
+cargo build --workspace --bins --locked
 step "release binaries for the container images (e2e/tests/image.rs)"
 cargo build --release --locked -p kubechat-gateway -p kubechat-operator
 
