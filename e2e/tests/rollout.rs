@@ -28,8 +28,10 @@ use kubechat_e2e::unique_name;
 use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
 use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
 use kubechat_operator::discovery::endpoints::Endpoints;
+use kubechat_operator::leader::LeaderConfig;
 use kubechat_operator::rollout::{DRAIN_STARTED_ANNOTATION, PAUSED_ANNOTATION};
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +44,7 @@ const WINDOW_SECONDS: i32 = 6;
 const RATE: usize = 100;
 const READY_TIMEOUT_SECONDS: i32 = 15;
 const NAME: &str = "chat";
+const LEASE: Duration = Duration::from_secs(3);
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()).expect("a free port").port()
@@ -51,7 +54,8 @@ struct Harness {
     client: Client,
     namespace: String,
     keyspace: String,
-    operator: RunningOperator,
+    /// Live operators; with leader election the first one started leads.
+    operators: Vec<RunningOperator>,
     kubelet: ProcessKubelet,
     tokens: Tokens,
     key: Vec<u8>,
@@ -60,6 +64,12 @@ struct Harness {
 
 impl Harness {
     async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, &[]).await
+    }
+
+    /// With `leaders` empty, one operator without leader election; else one
+    /// operator per identity, sharing a Lease, the first one leading.
+    async fn start_with(prefix: &str, leaders: &[&str]) -> Self {
         let redis = PrivateRedis::start().await;
         let client = connect_kube().await;
         install_crd(&client).await;
@@ -100,7 +110,20 @@ impl Harness {
         spec.gateway.rollout.pod_ready_timeout_seconds = READY_TIMEOUT_SECONDS;
         spec.push_workers.replicas = 0;
 
-        let operator = RunningOperator::start(&client, &namespace, None);
+        let mut operators = Vec::new();
+        if leaders.is_empty() {
+            operators.push(RunningOperator::start(&client, &namespace, None));
+        }
+        for identity in leaders {
+            let operator = RunningOperator::start(&client, &namespace, Some(lease(&namespace, identity)));
+            if operators.is_empty() {
+                let metrics = operator.metrics.clone();
+                let leading =
+                    wait_for(Duration::from_secs(10), || async { (metrics.leader.get() == 1).then_some(()) }).await;
+                assert!(leading.is_some(), "{identity} never became leader");
+            }
+            operators.push(operator);
+        }
         let kubelet = ProcessKubelet::start(&client, &namespace, NAME);
         Api::<ChatCluster>::namespaced(client.clone(), &namespace)
             .create(&PostParams::default(), &ChatCluster::new(NAME, spec))
@@ -116,7 +139,7 @@ impl Harness {
             .0
             .clone();
         let harness =
-            Self { client, namespace, keyspace, operator, kubelet, tokens: Tokens::new(&key), key, _redis: redis };
+            Self { client, namespace, keyspace, operators, kubelet, tokens: Tokens::new(&key), key, _redis: redis };
         harness.wait_listed(Duration::from_secs(60)).await;
         harness
     }
@@ -166,11 +189,23 @@ impl Harness {
 
     /// The rollout Events (reason, note), oldest first.
     async fn rollout_events(&self) -> Vec<(String, String)> {
+        self.rollout_occurrences().await.into_iter().map(|(reason, note, _)| (reason, note)).collect()
+    }
+
+    /// Whether a rollout Event `reason` about gateway pod `n` was published.
+    async fn has_event(&self, reason: &str, n: usize) -> bool {
+        self.rollout_events().await.iter().any(|(r, note)| r == reason && pod_of(note) == gateway(n))
+    }
+
+    /// The rollout Events (reason, note, occurrences), oldest first: a
+    /// repeat of the same reason about the same object by the same operator
+    /// is one Event with a `series.count`; another operator's is an Event of its own.
+    async fn rollout_occurrences(&self) -> Vec<(String, String, i32)> {
         let events = Api::<Event>::namespaced(self.client.clone(), &self.namespace)
             .list(&ListParams::default())
             .await
             .expect("list Events");
-        let mut steps: Vec<(i64, String, String)> = events
+        let mut steps: Vec<(i64, String, String, i32)> = events
             .items
             .into_iter()
             .filter(|e| {
@@ -181,11 +216,12 @@ impl Harness {
             })
             .map(|e| {
                 let at = e.event_time.as_ref().map_or(0, |t| t.0.as_microsecond());
-                (at, e.reason.unwrap_or_default(), e.note.unwrap_or_default())
+                let count = e.series.as_ref().map_or(1, |s| s.count);
+                (at, e.reason.unwrap_or_default(), e.note.unwrap_or_default(), count)
             })
             .collect();
         steps.sort();
-        steps.into_iter().map(|(_, reason, note)| (reason, note)).collect()
+        steps.into_iter().map(|(_, reason, note, count)| (reason, note, count)).collect()
     }
 
     /// Waits until the rollout to `image` is over: no rollout in the
@@ -229,12 +265,27 @@ impl Harness {
     }
 
     async fn stop(self) {
-        assert_eq!(self.operator.errors(), 0, "reconcile errors");
+        for operator in &self.operators {
+            assert_eq!(operator.errors(), 0, "reconcile errors");
+        }
         self.kubelet.stop().await;
-        self.operator.stop().await;
+        for operator in self.operators {
+            operator.stop().await;
+        }
         delete_namespace(&self.client, &self.namespace).await;
         let session = connect_cql().await;
         let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), ()).await;
+    }
+}
+
+/// A short Lease, so a standby takes over a few seconds after a crash.
+fn lease(namespace: &str, identity: &str) -> LeaderConfig {
+    LeaderConfig {
+        lease_name: "kubechat-operator".into(),
+        namespace: namespace.into(),
+        identity: identity.into(),
+        lease_duration: LEASE,
+        renew_every: Duration::from_millis(500),
     }
 }
 
@@ -254,14 +305,13 @@ fn expected_steps() -> Vec<(&'static str, String)> {
     steps
 }
 
+/// The gateway pod an Event's note is about ("" for none).
+fn pod_of(note: &str) -> String {
+    (0..GATEWAYS).map(gateway).find(|g| note.contains(&format!("{g} ")) || note.starts_with(g)).unwrap_or_default()
+}
+
 fn assert_steps(events: &[(String, String)]) {
-    let got: Vec<(&str, String)> = events
-        .iter()
-        .map(|(reason, note)| {
-            let pod = (0..GATEWAYS).map(gateway).find(|g| note.contains(&format!("{g} ")) || note.starts_with(g));
-            (reason.as_str(), pod.unwrap_or_default())
-        })
-        .collect();
+    let got: Vec<(&str, String)> = events.iter().map(|(reason, note)| (reason.as_str(), pod_of(note))).collect();
     assert_eq!(got, expected_steps(), "rollout Events out of order: {events:#?}");
 }
 
@@ -678,5 +728,143 @@ async fn pause_holds_a_rollout_at_a_pod_boundary_and_a_replacement_that_never_st
     let degraded = cc.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded").cloned());
     assert_eq!(degraded.map(|c| c.status), Some("False".into()), "still degraded after the fix");
     h.wait_listed(Duration::from_secs(30)).await;
+    h.stop().await;
+}
+
+/// Opens `per_gateway` connections to every listed gateway that heartbeat
+/// but ignore `reconnect` frames and never come back: each drain then lasts
+/// its whole window (the gateway closes them at its end).
+async fn hold_connections(h: &Harness, per_gateway: usize, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
+    let listed = h.wait_listed(Duration::from_secs(30)).await;
+    let mut held = Vec::new();
+    for (g, endpoint) in listed.gateways.iter().enumerate() {
+        for n in 0..per_gateway {
+            let token = h.tokens.mint(&format!("stay{g}-{n}"), "phone");
+            let (socket, _) = tokio_tungstenite::connect_async(format!("{}?token={token}", endpoint.url))
+                .await
+                .unwrap_or_else(|e| panic!("connect to {}: {e}", endpoint.url));
+            let stop = stop.clone();
+            held.push(tokio::spawn(async move {
+                let (mut sink, mut stream) = socket.split();
+                let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = heartbeat.tick() => {
+                            let _ = sink.send(Message::Text(r#"{"type":"heartbeat"}"#.into())).await;
+                        }
+                        frame = stream.next() => if !matches!(frame, Some(Ok(_))) { return },
+                    }
+                }
+            }));
+        }
+    }
+    held
+}
+
+/// Records, every 200 ms until `stop`, each gateway pod's drain annotation
+/// by pod uid: (pod name, every distinct value seen). A pod drained twice
+/// shows two values; one drained once, one.
+fn watch_drain_annotations(
+    h: &Harness,
+    stop: &CancellationToken,
+) -> JoinHandle<BTreeMap<String, (String, Vec<String>)>> {
+    let (pods, stop) = (h.pods(), stop.clone());
+    tokio::spawn(async move {
+        let mut seen: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+        while !stop.is_cancelled() {
+            let listed = pods.list(&ListParams::default().labels("app.kubernetes.io/component=gateway")).await;
+            for pod in listed.map(|l| l.items).unwrap_or_default() {
+                let Some(value) = pod.annotations().get(DRAIN_STARTED_ANNOTATION).cloned() else { continue };
+                let entry = seen.entry(pod.uid().unwrap_or_default()).or_insert_with(|| (pod.name_any(), Vec::new()));
+                if !entry.1.contains(&value) {
+                    entry.1.push(value);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        seen
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_operator_finishes_a_rollout_after_the_leader_crashes_without_draining_a_pod_twice() {
+    const HELD: usize = 20;
+    const IMAGE: &str = "ghcr.io/kubechat/kubechat:0.2.0";
+    let mut h = Harness::start_with("rollout-failover", &["first", "second"]).await;
+    let stop = CancellationToken::new();
+    let held = hold_connections(&h, HELD, &stop).await;
+    let annotations = watch_drain_annotations(&h, &stop);
+
+    let started = Instant::now();
+    h.set_image(IMAGE).await;
+
+    // 1. Crash the leader (no Lease released) while pod 2 drains.
+    let draining = wait_for(Duration::from_secs(60), || async { h.has_event("DrainStarted", 2).await.then_some(()) });
+    assert!(draining.await.is_some(), "the rollout did not start; {}", h.kubelet.describe());
+    let first_kill_at = started.elapsed();
+    h.operators.remove(0).kill();
+    let killed = Instant::now();
+    let second = h.operators[0].metrics.clone();
+    let led = wait_for(Duration::from_secs(20), || async { (second.leader.get() == 1).then_some(()) }).await;
+    assert!(led.is_some(), "the standby did not take the Lease over");
+    let first_takeover = killed.elapsed();
+    let still_draining = h.cluster().await.status.and_then(|s| s.rollout).map(|r| format!("{} {}", r.phase, r.pod));
+
+    // 2. A third replica stands by; crash the second leader as soon as pod 2's
+    //    replacement is reported (the next reconcile would start pod 1's drain).
+    h.operators.push(RunningOperator::start(&h.client, &h.namespace, Some(lease(&h.namespace, "third"))));
+    let replaced = wait_for(Duration::from_secs(60), || async { h.has_event("PodReplaced", 2).await.then_some(()) });
+    assert!(replaced.await.is_some(), "the new leader did not replace pod 2; {}", h.kubelet.describe());
+    let pod1_drain_started_before_crash = h.drain_annotated().await.contains(&gateway(1));
+    h.operators.remove(0).kill();
+    let killed = Instant::now();
+    let third = h.operators[0].metrics.clone();
+    let led = wait_for(Duration::from_secs(20), || async { (third.leader.get() == 1).then_some(()) }).await;
+    assert!(led.is_some(), "the third replica did not take the Lease over");
+    let second_takeover = killed.elapsed();
+
+    h.wait_rollout_finished(IMAGE, Duration::from_secs(180)).await;
+    let took = started.elapsed();
+    stop.cancel();
+    for task in held {
+        let _ = task.await;
+    }
+    let annotations = annotations.await.expect("annotation watcher");
+
+    let occurrences = h.rollout_occurrences().await;
+    let count = |reason: &str, n: usize| -> i32 {
+        occurrences.iter().filter(|(r, note, _)| r == reason && pod_of(note) == gateway(n)).map(|(_, _, c)| c).sum()
+    };
+    let order = |reason: &str| -> Vec<String> {
+        occurrences.iter().filter(|(r, _, _)| r == reason).map(|(_, note, _)| pod_of(note)).collect()
+    };
+    let per_pod = |reason: &str| (0..GATEWAYS).map(|n| (gateway(n), count(reason, n))).collect::<Vec<_>>();
+    println!(
+        "failover rollout of {GATEWAYS} gateways ({HELD} held connections each, drain window {WINDOW_SECONDS} s, \
+         lease {LEASE:?}) took {took:.1?}; leader killed {first_kill_at:.1?} in while draining pod 2, standby \
+         leading after {first_takeover:.1?} (rollout then: {still_draining:?}); second leader killed right after \
+         PodReplaced of pod 2 (pod 1's drain already recorded: {pod1_drain_started_before_crash}), third leading \
+         after {second_takeover:.1?}; DrainStarted {:?}; DrainFinished {:?}; PodReplaced {:?}; drain annotations \
+         by pod uid {annotations:?}; drains: {:?}",
+        per_pod("DrainStarted"),
+        per_pod("DrainFinished"),
+        per_pod("PodReplaced"),
+        occurrences.iter().filter(|(r, _, _)| r == "DrainFinished").map(|(_, note, _)| note).collect::<Vec<_>>(),
+    );
+    let pods_high_first: Vec<String> = (0..GATEWAYS).rev().map(gateway).collect();
+    assert_eq!(order("DrainStarted"), pods_high_first, "drains out of order or repeated: {occurrences:#?}");
+    assert_eq!(order("PodReplaced"), pods_high_first, "replacements out of order or repeated: {occurrences:#?}");
+    for n in 0..GATEWAYS {
+        assert_eq!(count("DrainStarted", n), 1, "{} drain Events: {occurrences:#?}", gateway(n));
+        assert_eq!(count("PodReplaced", n), 1, "{} replacement Events: {occurrences:#?}", gateway(n));
+    }
+    assert_eq!(order("RolloutFinished").len(), 1, "RolloutFinished: {occurrences:#?}");
+    // The ground truth beside the Events: each old pod got one drain start, once.
+    assert_eq!(annotations.len(), GATEWAYS, "drained pods (by uid): {annotations:?}");
+    for (name, values) in annotations.values() {
+        assert_eq!(values.len(), 1, "{name} was drained more than once: {values:?}");
+    }
+    assert_eq!(h.drain_annotated().await, Vec::<String>::new(), "a new pod carries a drain");
     h.stop().await;
 }
