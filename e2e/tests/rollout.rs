@@ -852,11 +852,19 @@ async fn a_standby_operator_finishes_a_rollout_after_the_leader_crashes_without_
         per_pod("PodReplaced"),
         occurrences.iter().filter(|(r, _, _)| r == "DrainFinished").map(|(_, note, _)| note).collect::<Vec<_>>(),
     );
+    // Events are published after the state they report is recorded on the
+    // pod: a leader killed between the two loses that Event (pod 1's
+    // DrainStarted, when the second leader dies mid-step), never repeats it.
+    // The drains themselves are counted by their annotations below.
     let pods_high_first: Vec<String> = (0..GATEWAYS).rev().map(gateway).collect();
-    assert_eq!(order("DrainStarted"), pods_high_first, "drains out of order or repeated: {occurrences:#?}");
+    let in_order =
+        |seen: Vec<String>| pods_high_first.iter().filter(|p| seen.contains(p)).cloned().collect::<Vec<_>>() == seen;
+    assert!(in_order(order("DrainStarted")), "drains out of order or repeated: {occurrences:#?}");
     assert_eq!(order("PodReplaced"), pods_high_first, "replacements out of order or repeated: {occurrences:#?}");
     for n in 0..GATEWAYS {
-        assert_eq!(count("DrainStarted", n), 1, "{} drain Events: {occurrences:#?}", gateway(n));
+        let drains = count("DrainStarted", n);
+        let expected = if n == 1 { 0..=1 } else { 1..=1 };
+        assert!(expected.contains(&drains), "{} drain Events: {drains}: {occurrences:#?}", gateway(n));
         assert_eq!(count("PodReplaced", n), 1, "{} replacement Events: {occurrences:#?}", gateway(n));
     }
     assert_eq!(order("RolloutFinished").len(), 1, "RolloutFinished: {occurrences:#?}");

@@ -54,6 +54,9 @@ use crate::{Error, Result};
 pub const PAUSED_ANNOTATION: &str = "kubechat.dev/paused";
 /// On a gateway pod: when the operator started draining it (RFC 3339).
 pub const DRAIN_STARTED_ANNOTATION: &str = "kubechat.dev/drain-started";
+/// On a new gateway pod: its `PodReplaced` Event was published (so a new
+/// leader, or a reconcile reading a stale status, does not repeat it).
+pub const REPLACEMENT_REPORTED_ANNOTATION: &str = "kubechat.dev/replacement-reported";
 const REVISION_LABEL: &str = "controller-revision-hash";
 /// A drain counts as over this long after its window, emptied or not (the
 /// gateway closes whoever is left at the window's end, over a second).
@@ -210,6 +213,12 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<R
         tracing::info!(step = ?plan.step, rollout = ?plan.rollout.as_ref().map(|r| &r.summary), "rollout step");
     }
     if let Some(pod) = &plan.replaced {
+        // Recorded before the Event: a crash in between loses the Event,
+        // never repeats it.
+        let patch = json!({"metadata": {"annotations": {REPLACEMENT_REPORTED_ANNOTATION: rfc3339(now)}}});
+        counted(Verb::Patch, pods_api.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)))
+            .await
+            .map_err(Error::kube(format!("recording the replacement of pod {pod}")))?;
         let related = pods.iter().find(|p| p.name_any() == *pod);
         publish(ctx, cc, "PodReplaced", format!("{pod} runs the new revision and serves clients"), related).await;
     }
@@ -352,6 +361,7 @@ fn pod_state(pod: &Pod, endpoints: Option<&Endpoints>) -> PodState {
         drain_started: pod.annotations().get(DRAIN_STARTED_ANNOTATION).and_then(|t| parse_time(t)),
         listed_ready: listed.is_some_and(|g| g.ready),
         connections: listed.map(|g| g.connections),
+        replacement_reported: pod.annotations().contains_key(REPLACEMENT_REPORTED_ANNOTATION),
         name,
     }
 }

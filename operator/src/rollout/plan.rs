@@ -37,6 +37,8 @@ pub struct PodState {
     /// Connections it holds: the drain's count for a draining pod, else the
     /// endpoint list's (`None`: unknown).
     pub connections: Option<u64>,
+    /// Its `PodReplaced` Event was already published (its annotation).
+    pub replacement_reported: bool,
 }
 
 impl PodState {
@@ -226,7 +228,11 @@ fn replaced(input: &Input, pods: &[&PodState], revision: &str) -> Option<String>
     if previous.phase != DRAINING && previous.phase != REPLACING && previous.phase != STUCK {
         return None;
     }
-    pods.iter().find(|p| p.name == previous.pod && p.revision == revision && p.up()).map(|p| p.name.clone())
+    // Reported once per pod, whoever leads and however stale the status
+    // this reconcile read.
+    pods.iter()
+        .find(|p| p.name == previous.pod && p.revision == revision && p.up() && !p.replacement_reported)
+        .map(|p| p.name.clone())
 }
 
 #[cfg(test)]
@@ -248,6 +254,7 @@ mod tests {
             drain_started: None,
             listed_ready: true,
             connections: Some(100),
+            replacement_reported: false,
         }
     }
 
@@ -357,6 +364,18 @@ mod tests {
         assert_eq!(p.step, Step::StartDrain("chat-gateway-1".into()));
         assert_eq!(p.replaced.as_deref(), Some("chat-gateway-2"), "a PodReplaced Event");
         assert_eq!(p.rollout.expect("status").updated, 1);
+    }
+
+    #[test]
+    fn a_replacement_is_reported_once_even_from_a_stale_status() {
+        // The status still says pod 2 (a new leader, or a cache behind the
+        // last write), but its replacement was already reported.
+        let mut reported = pod(2, NEW);
+        reported.replacement_reported = true;
+        let stale = previous(DRAINING, "chat-gateway-2");
+        let p = plan(&Input { previous: stale, ..input(vec![pod(0, OLD), pod(1, OLD), reported]) });
+        assert_eq!(p.step, Step::StartDrain("chat-gateway-1".into()), "the rollout goes on");
+        assert_eq!(p.replaced, None, "no second PodReplaced");
     }
 
     #[test]
