@@ -441,12 +441,24 @@ async fn drain_one_of_three(how: How) {
     // second (plus the time a busy 2-core machine takes to schedule it).
     assert!(moved_by <= Duration::from_secs(WINDOW_SECONDS + 3), "moved in {moved_by:?}");
     // The server never sends more than the bound within one of its seconds.
-    // Clients' receipt times also carry this busy test process's scheduling
-    // (3,000 clients on 2 cores), which bunches a few batches: a quarter more.
     if let Some(max) = server_max {
         assert!(max.as_u64().is_some_and(|m| m <= RATE), "server sent {max} away in one second");
     }
-    assert!(away.iter().all(|c| *c as u64 <= RATE * 5 / 4), "reconnect frames per second {away:?}");
+    // Clients' receipt times also carry this busy test process's scheduling
+    // (3,000 clients on 2 cores): a starved second delivers late and the next
+    // catches up. So the receipts are held to the pace over every prefix of
+    // the drain (a quarter more), and any single second to twice the bound:
+    // a storm (everyone at once) fails both.
+    let mut received = 0;
+    for (second, count) in away.iter().enumerate() {
+        received += *count as u64;
+        let allowed = RATE * (second as u64 + 1) * 5 / 4;
+        assert!(
+            received <= allowed,
+            "{received} reconnect frames by second {second} (pace allows {allowed}): {away:?}"
+        );
+    }
+    assert!(away.iter().all(|c| *c as u64 <= RATE * 2), "reconnect frames per second {away:?}");
     // Stored once: every recipient's inbox holds each message once.
     for (recipient, ids) in &seen.inbox_counts {
         let twice: Vec<&String> = ids.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id).collect();

@@ -199,11 +199,12 @@ impl Drain {
         }
     }
 
-    fn note_moved(&self, n: u64) {
+    /// `n` clients sent away at `at`.
+    fn note_moved(&self, n: u64, at: Instant) {
         let mut guard = self.lock();
         let Some(run) = guard.as_mut() else { return };
         run.moved += n;
-        let second = run.started.elapsed().as_secs();
+        let second = at.saturating_duration_since(run.started).as_secs();
         match run.per_second.back_mut() {
             Some((s, count)) if *s == second => *count += n,
             _ => run.per_second.push_back((second, n)),
@@ -233,9 +234,11 @@ impl Drain {
 const TICK: Duration = Duration::from_millis(100);
 
 /// Sends clients away in batches every [`TICK`]: at the pace that empties
-/// the gateway by 80 % of the window, never faster than the bound (a token
-/// bucket refilled at that rate and holding at most one tick's worth, so no
-/// second ever sees more than the bound).
+/// the gateway by 80 % of the window, never faster than the bound. A token
+/// bucket refilled at that rate and holding at most one tick's worth sets
+/// the pace; a record of the last second's sends enforces the bound, since
+/// a batch leaves only after its reconnect frame is built (a Redis read
+/// whose time varies), which can bunch batches decided a tick apart.
 async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
     let deadline = Instant::now() + params.deadline;
     let finish_by = Instant::now() + params.deadline.mul_f64(0.8);
@@ -243,6 +246,7 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
     let mut pending = gateway.chat.hub().outboxes();
     let mut tokens = 0.0_f64;
     let mut last = Instant::now();
+    let mut last_second: VecDeque<(Instant, usize)> = VecDeque::new();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -283,10 +287,21 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
         // the bounded rate instead of a longer delay smearing batches together.
         let spread_ms = TICK.as_millis() as u64;
         let farewell = reconnect_frame(&gateway, "this gateway is draining", spread_ms).await;
+        let sent_at = Instant::now();
+        while last_second.front().is_some_and(|(at, _)| sent_at.duration_since(*at) >= Duration::from_secs(1)) {
+            last_second.pop_front();
+        }
+        let room = (params.max_reconnects_per_second as usize)
+            .saturating_sub(last_second.iter().map(|(_, n)| n).sum::<usize>());
+        let batch = batch.min(room).min(pending.len());
+        if batch == 0 {
+            continue;
+        }
+        last_second.push_back((sent_at, batch));
         for outbox in pending.drain(..batch) {
             outbox.farewell(&farewell, Kick::Reconnect);
         }
-        gateway.drain.note_moved(batch as u64);
+        gateway.drain.note_moved(batch as u64, sent_at);
         gateway.metrics.drain_moved.inc_by(batch as u64);
     }
     tracing::info!(moved = gateway.drain.progress(0).moved, "drain finished");
@@ -420,8 +435,8 @@ mod tests {
             closed_at_deadline: 0,
             finished: false,
         });
-        drain.note_moved(3);
-        drain.note_moved(4);
+        drain.note_moved(3, Instant::now());
+        drain.note_moved(4, Instant::now());
         let progress = drain.progress(10);
         assert_eq!((progress.moved, progress.observed_max_per_second, progress.connections_left), (7, 7, 10));
         assert!(progress.draining && !progress.finished);
