@@ -5,6 +5,7 @@
 //! reported even when no client is sending). Exposed on `/readyz`, as the
 //! `kubechat_gateway_store_up` metric, and to the operator.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,15 +32,17 @@ pub const IDLE_PROBE: Duration = Duration::from_secs(2);
 
 pub struct StoreHealth {
     status: Mutex<StoreStatus>,
-    /// When an operation last had an outcome.
-    last_outcome: Mutex<Instant>,
+    /// When an operation last had an outcome, as ms since `created`: an
+    /// atomic, since every store operation of the send path writes it.
+    last_outcome_ms: AtomicU64,
+    created: Instant,
     gauge: IntGauge,
 }
 
 impl StoreHealth {
     pub fn new(gauge: IntGauge) -> Self {
         gauge.set(1);
-        Self { status: Mutex::new(StoreStatus::Up), last_outcome: Mutex::new(Instant::now()), gauge }
+        Self { status: Mutex::new(StoreStatus::Up), last_outcome_ms: AtomicU64::new(0), created: Instant::now(), gauge }
     }
 
     pub fn status(&self) -> StoreStatus {
@@ -51,13 +54,15 @@ impl StoreHealth {
     }
 
     fn idle_for(&self) -> Duration {
-        self.last_outcome.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+        let last = Duration::from_millis(self.last_outcome_ms.load(Ordering::Relaxed));
+        self.created.elapsed().saturating_sub(last)
     }
 
     /// Counts an operation's outcome: only "unavailable" means down (a
     /// corrupt row is a data problem, not an outage).
     fn record<T>(&self, result: &StoreResult<T>) {
-        *self.last_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let now_ms = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_outcome_ms.store(now_ms, Ordering::Relaxed);
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         match (result, &mut *status) {
             (Ok(_), StoreStatus::Up) | (Err(StoreError::Corrupt(_)), _) => {}
