@@ -356,7 +356,9 @@ component_port() {
 await() {
   local name="$1" timeout="$2" deadline=$((SECONDS + $2))
   until healthy "$name"; do
-    running "$name" || fail "$name" "exited during startup"
+    # The pid alone: until the launcher's shell has exec'd the binary, its
+    # command line is still bash, which `running` would take for an exit.
+    pid_alive "$(pid_file "$name")" || fail "$name" "exited during startup"
     ((SECONDS < deadline)) || fail "$name" "not healthy after ${timeout} s"
     sleep 0.25
   done
