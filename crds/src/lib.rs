@@ -48,6 +48,7 @@ pub const DEFAULT_SCYLLA_IMAGE: &str = "scylladb/scylla:2025.1";
     printcolumn = r#"{"name": "Gateways", "type": "string", "jsonPath": ".status.gatewaysReady"}"#,
     printcolumn = r#"{"name": "Connections", "type": "integer", "jsonPath": ".status.connections"}"#,
     printcolumn = r#"{"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.summary"}"#,
+    printcolumn = r#"{"name": "Autoscale", "type": "string", "priority": 1, "jsonPath": ".status.autoscale.reason"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -246,13 +247,26 @@ fn default_pod_ready_timeout_seconds() -> i32 {
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
     .message("gateway.autoscale.minReplicas must be less than or equal to maxReplicas"))]
 pub struct AutoscaleSpec {
+    /// Fewest gateways, whatever the load.
     #[schemars(range(min = 1, max = 1000))]
     pub min_replicas: i32,
+    /// Most gateways, whatever the load.
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
-    /// Average connections per gateway the autoscaler aims for.
+    /// Average connections per gateway the autoscaler aims for: it runs
+    /// ceil(connections / target) gateways, within min..max.
     #[schemars(range(min = 1, max = 10_000_000))]
     pub target_connections_per_pod: i64,
+    /// Seconds the connections must keep needing fewer gateways before any
+    /// is removed. Gateways are added at once; removed one at a time, the
+    /// highest ordinal first, each drained before it goes.
+    #[serde(default = "default_scale_down_cooldown_seconds")]
+    #[schemars(range(min = 0, max = 86_400))]
+    pub scale_down_cooldown_seconds: i32,
+}
+
+fn default_scale_down_cooldown_seconds() -> i32 {
+    300
 }
 
 // ------------------------------------------------------------ backends --
@@ -748,6 +762,34 @@ pub struct ChatClusterStatus {
     /// (a merge patch must be able to clear it).
     #[serde(default)]
     pub rollout: Option<RolloutStatus>,
+    /// What the autoscaler wants and why; null without `gateway.autoscale`.
+    /// Always serialized (a merge patch must be able to clear it).
+    #[serde(default)]
+    pub autoscale: Option<AutoscaleStatus>,
+}
+
+/// The autoscaler's view: gateways running, gateways the connections call
+/// for, and why the two differ.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscaleStatus {
+    /// Gateways the StatefulSet runs now.
+    pub current_replicas: i32,
+    /// Gateways the connections call for, within min..max.
+    pub desired_replicas: i32,
+    /// The connections this was decided on (the endpoint list's total).
+    pub connections: i64,
+    /// `Stable`, `ScaledUp`, `CoolingDown`, `ScalingDown`, `AtMaximum` or `NoLoadReport`.
+    pub reason: String,
+    /// One sentence for people.
+    pub message: String,
+    /// Since when the connections have called for fewer gateways than run
+    /// (RFC 3339); the cool-down counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below_since: Option<String>,
+    /// When the gateway count last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
 }
 
 /// Where a gateway rollout stands (the operator resumes from here and from

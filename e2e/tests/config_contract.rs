@@ -208,7 +208,7 @@ fn the_gateway_reads_the_config_the_operator_writes() {
     for cc in clusters() {
         let name = cc.name_any();
         let config_map = gateway::config_map(&cc);
-        let stateful_set = gateway::stateful_set(&cc, &config_map);
+        let stateful_set = gateway::stateful_set(&cc, &config_map, cc.spec.gateway.replicas);
         let (pod, container) = pod_of(stateful_set.spec.template.spec.as_ref(), "gateway");
         let sees = Sees::new(&pod, &container, &[&config_map]);
 

@@ -12,14 +12,17 @@
 //! - [`status`]: pure computation of the status and its conditions.
 //! - [`discovery`]: polls every gateway's load and publishes the endpoint
 //!   ConfigMap (a loop beside the controller; the reconcile only reads it).
-//! - [`rollout`]: replaces gateways one drained pod at a time when their
-//!   pod template changes (a pure plan and a driver the reconcile calls).
+//! - [`scale`]: how many gateways: `replicas`, or what the connections call
+//!   for under `autoscale` (pure); gateways are removed only after a drain.
+//! - [`rollout`]: drains gateways one pod at a time, highest ordinal first,
+//!   to replace them when their pod template changes or to remove them when
+//!   the cluster shrinks (a pure plan and a driver the reconcile calls).
 //! - [`run`]: runs the controller while this replica leads.
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease.
 //! - [`cache`]: watch caches of owned objects, read by the reconcile.
 //! - [`calls`]: counts the API requests of each reconcile.
 //! - [`metrics`] and [`admin`]: Prometheus metrics and the health/metrics HTTP server.
-//! - [`scope`]: which namespaces are watched.
+//! - [`scope`]: which namespaces are watched; [`time`]: status times.
 //! - [`error`]: the crate's error type.
 
 pub mod admin;
@@ -38,8 +41,10 @@ pub mod quantity;
 pub mod reconcile;
 pub mod rollout;
 pub mod run;
+pub mod scale;
 pub mod scope;
 pub mod status;
+pub mod time;
 
 pub use error::{Error, Result};
 

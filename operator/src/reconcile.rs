@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -21,8 +22,11 @@ use crate::calls::{self, Verb, counted};
 pub use crate::context::Context;
 use crate::context::key;
 use crate::desired;
+use crate::desired::Names;
+use crate::desired::gateway::ENDPOINTS_KEY;
+use crate::discovery::endpoints::Endpoints;
 pub use crate::scope::Scope;
-use crate::{Error, FIELD_MANAGER, Result, observe, rollout, status};
+use crate::{Error, FIELD_MANAGER, Result, observe, rollout, scale, status, time};
 
 /// Re-check a settled cluster this often even without events.
 const RESYNC: Duration = Duration::from_secs(300);
@@ -76,12 +80,21 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         () = ctx.stop.cancelled() => return Ok(Action::await_change()),
     }
 
-    // Desired → apply. One object the apiserver refuses does not hold back
-    // the others: each failure is reported in the status instead.
     for secret in desired::generated_secrets(cc) {
         ensure_generated_secret(cc, ctx, &namespace, &secret).await?;
     }
-    let desired = desired::desired_objects(cc);
+
+    // How many gateways, then the next rollout or scale-down step: a
+    // gateway is removed only once drained, by the replicas the step lowers.
+    let now = time::now();
+    let mut scale = scale::decide(&scale_input(cc, ctx, &namespace, now));
+    let driven = rollout::drive(cc, ctx, &namespace, scale.keep).await;
+    let removed = driven.as_ref().ok().and_then(rollout::Report::replicas);
+    let gateways = removed.unwrap_or(scale.replicas);
+
+    // Desired → apply. One object the apiserver refuses does not hold back
+    // the others: each failure is reported in the status instead.
+    let desired = desired::desired_objects(cc, gateways);
     let mut refused = Vec::new();
     for object in &desired {
         match apply::apply(&ctx.client, &ctx.owned, &namespace, object).await {
@@ -113,13 +126,23 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     // Objects the spec no longer calls for (a backend switched to external).
     refused.extend(crate::prune::prune(cc, ctx, &namespace, &desired).await);
 
-    let rollout = rollout::drive(cc, ctx, &namespace).await?;
+    let gateway_prefix = format!("StatefulSet {}:", Names(&cc.name_any()).gateway());
+    if !refused.iter().any(|r| r.starts_with(&gateway_prefix)) {
+        publish_scaling(cc, ctx, &scale, driven.as_ref().ok(), gateways).await;
+    }
+    let rollout = driven?;
+    if let (Some(replicas), Some(status)) = (removed, scale.status.as_mut()) {
+        status.current_replicas = replicas;
+        status.last_scale_time = Some(time::rfc3339(now));
+    }
 
     // Observe → status.
     let mut observed = observe::observe(&ctx.client, &ctx.owned, cc, &namespace).await?;
     observed.refused = refused;
-    let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH));
+    observed.gateways_wanted = Some(scale.keep);
+    let now = Time(Timestamp::from_second(now).unwrap_or(Timestamp::UNIX_EPOCH));
     let mut new_status = status::compute(cc, &observed, cc.status.as_ref(), &now);
+    new_status.autoscale = scale.status.clone();
     rollout.apply(&mut new_status, cc.status.as_ref(), &now);
     if cc.status.as_ref() != Some(&new_status) {
         let became_degraded = new_status
@@ -153,8 +176,59 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     } else {
         Action::requeue(RESYNC)
     };
-    // A rollout step in flight is checked again sooner.
-    Ok(rollout.requeue().map_or(action, Action::requeue))
+    // A rollout step in flight, or the end of a cool-down, is checked again sooner.
+    let sooner = [rollout.requeue(), scale.recheck].into_iter().flatten().min();
+    Ok(sooner.map_or(action, Action::requeue))
+}
+
+/// What the gateway count depends on, from the caches: the StatefulSet's
+/// replicas and the connections the endpoint list publishes.
+fn scale_input<'a>(cc: &'a ChatCluster, ctx: &Context, namespace: &str, now: i64) -> scale::Input<'a> {
+    let names = Names(&cc.name_any());
+    let current = ctx.owned.get::<StatefulSet>(namespace, &names.gateway()).and_then(|s| s.spec.replicas);
+    let connections = ctx
+        .owned
+        .get::<ConfigMap>(namespace, &names.endpoints())
+        .and_then(|cm| Endpoints::parse(cm.data.as_ref()?.get(ENDPOINTS_KEY)?))
+        .map(|e| e.total_connections());
+    let previous = cc.status.as_ref().and_then(|s| s.autoscale.as_ref());
+    scale::Input { gateway: &cc.spec.gateway, current, connections, previous, now }
+}
+
+/// `ScaledUp` and `ScaledDown` Events, once the StatefulSet has its new
+/// replicas. The Event's related object is the highest pod added or the one
+/// removed, so each change is an Event of its own.
+async fn publish_scaling(
+    cc: &ChatCluster,
+    ctx: &Context,
+    scale: &scale::Scale,
+    driven: Option<&rollout::Report>,
+    gateways: i32,
+) {
+    let names = Names(&cc.name_any());
+    let pod = |ordinal: i32| ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(format!("{}-{ordinal}", names.gateway())),
+        namespace: cc.namespace(),
+        ..ObjectReference::default()
+    };
+    let changes = [
+        (scale.scaled_up.clone(), "ScaledUp", gateways - 1),
+        (driven.and_then(rollout::Report::scaled_down), "ScaledDown", gateways),
+    ];
+    for (note, reason, ordinal) in changes {
+        let Some(note) = note else { continue };
+        tracing::info!(cluster = %cc.name_any(), "{note}");
+        let event = Event {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Scale".into(),
+            secondary: Some(pod(ordinal)),
+        };
+        ctx.publish(cc, event).await;
+    }
 }
 
 /// Whether `conditions` already hold `condition` with the same status, reason and message.

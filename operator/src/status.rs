@@ -5,9 +5,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus, GatewayPodStatus};
 
-use crate::desired::{Names, gateway};
+use crate::desired::Names;
 use crate::discovery::endpoints::Backends;
 use crate::observe::{Observed, Workload};
+use crate::scale;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -42,7 +43,11 @@ impl Component<'_> {
 fn components<'a>(cc: &ChatCluster, observed: &'a Observed) -> [Component<'a>; 4] {
     let spec = &cc.spec;
     [
-        Component { name: "gateway", desired: gateway::desired_replicas(cc), observed: observed.gateway.as_ref() },
+        Component {
+            name: "gateway",
+            desired: observed.gateways_wanted.unwrap_or_else(|| scale::initial_replicas(&spec.gateway)),
+            observed: observed.gateway.as_ref(),
+        },
         Component {
             name: "redis",
             desired: i32::from(spec.redis.effective_managed().is_some()),
@@ -151,8 +156,9 @@ pub fn compute(
                 draining: g.draining,
             })
             .collect(),
-        // Filled in by the rollout driver (`rollout::Report`).
+        // Filled in by the rollout driver (`rollout::Report`) and the reconcile (`scale::Scale`).
         rollout: None,
+        autoscale: None,
         endpoint_config_map: Names(&cc.name_any()).endpoints(),
     }
 }

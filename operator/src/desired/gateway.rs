@@ -42,26 +42,17 @@ pub const SERVING_CONDITION: &str = "kubechat.dev/serving";
 /// Non-root uid of the kubechat image.
 pub const KUBECHAT_UID: i64 = 65532;
 
-pub fn objects(cc: &ChatCluster) -> Vec<DesiredObject> {
+/// `replicas`: the StatefulSet's, as `crate::scale` decided.
+pub fn objects(cc: &ChatCluster, replicas: i32) -> Vec<DesiredObject> {
     let config = config_map(cc);
     vec![
-        DesiredObject::StatefulSet(stateful_set(cc, &config)),
+        DesiredObject::StatefulSet(stateful_set(cc, &config, replicas)),
         DesiredObject::ConfigMap(config),
         DesiredObject::ConfigMap(endpoints_config_map(cc)),
         DesiredObject::Service(client_service(cc)),
         DesiredObject::Service(headless_service(cc)),
         DesiredObject::PodDisruptionBudget(disruption_budget(cc)),
     ]
-}
-
-/// Gateways wanted now: `replicas`, kept within the autoscale bounds when
-/// autoscaling is on.
-pub fn desired_replicas(cc: &ChatCluster) -> i32 {
-    let gateway = &cc.spec.gateway;
-    match &gateway.autoscale {
-        Some(a) => gateway.replicas.clamp(a.min_replicas, a.max_replicas.max(a.min_replicas)),
-        None => gateway.replicas,
-    }
 }
 
 /// The config every gateway and push worker reads (no secrets: those are
@@ -217,7 +208,7 @@ pub fn config_hash(cc: &ChatCluster) -> String {
     content_hash(serde_json::to_string(&config.data).unwrap_or_default().as_bytes())
 }
 
-pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap) -> StatefulSet {
+pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap, replicas: i32) -> StatefulSet {
     let names = Names(&cc.name_any());
     let gateway = &cc.spec.gateway;
     let selector = selector_labels(cc, COMPONENT);
@@ -253,7 +244,7 @@ pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap) -> StatefulSet {
     StatefulSet {
         metadata: owned_meta(cc, names.gateway(), COMPONENT),
         spec: StatefulSetSpec {
-            replicas: Some(desired_replicas(cc)),
+            replicas: Some(replicas),
             service_name: Some(names.gateway_headless()),
             // Gateways are independent: start and stop them in parallel.
             pod_management_policy: Some("Parallel".into()),
@@ -361,25 +352,11 @@ pub fn disruption_budget(cc: &ChatCluster) -> PodDisruptionBudget {
 mod tests {
     use super::*;
     use crate::desired::fixtures::ChatClusterExt;
-    use kubechat_crds::AutoscaleSpec;
 
     #[test]
-    fn replicas_follow_the_spec() {
+    fn replicas_are_what_the_scale_decided_not_the_spec() {
         let cc = ChatCluster::test().with_gateway_replicas(5);
-        assert_eq!(stateful_set(&cc, &config_map(&cc)).spec.replicas, Some(5));
-    }
-
-    #[test]
-    fn autoscale_bounds_clamp_replicas() {
-        let autoscaled = |replicas, min, max| {
-            ChatCluster::test().with_gateway_replicas(replicas).with_spec(|s| {
-                s.gateway.autoscale =
-                    Some(AutoscaleSpec { min_replicas: min, max_replicas: max, target_connections_per_pod: 1000 })
-            })
-        };
-        assert_eq!(desired_replicas(&autoscaled(1, 3, 6)), 3);
-        assert_eq!(desired_replicas(&autoscaled(9, 3, 6)), 6);
-        assert_eq!(desired_replicas(&autoscaled(4, 3, 6)), 4);
+        assert_eq!(stateful_set(&cc, &config_map(&cc), 7).spec.replicas, Some(7));
     }
 
     #[test]
@@ -387,7 +364,7 @@ mod tests {
         let a = ChatCluster::test();
         let b = ChatCluster::test().with_spec(|s| s.chat.max_group_members = 200);
         let hash = |cc: &ChatCluster| {
-            stateful_set(cc, &config_map(cc)).spec.template.metadata.and_then(|m| m.annotations).unwrap_or_default()
+            stateful_set(cc, &config_map(cc), 2).spec.template.metadata.and_then(|m| m.annotations).unwrap_or_default()
                 [CONFIG_HASH_ANNOTATION]
                 .clone()
         };
@@ -410,7 +387,7 @@ mod tests {
     #[test]
     fn pods_run_hardened_and_mount_the_signing_key() {
         let cc = ChatCluster::test();
-        let sts = stateful_set(&cc, &config_map(&cc));
+        let sts = stateful_set(&cc, &config_map(&cc), 2);
         let pod = sts.spec.template.spec.expect("pod spec");
         let container = &pod.containers[0];
         let security = container.security_context.clone().expect("security context");
@@ -426,7 +403,7 @@ mod tests {
     #[test]
     fn gateways_bind_and_advertise_their_pod_ip() {
         let cc = ChatCluster::test();
-        let pod = stateful_set(&cc, &config_map(&cc)).spec.template.spec.expect("pod spec");
+        let pod = stateful_set(&cc, &config_map(&cc), 2).spec.template.spec.expect("pod spec");
         let env = pod.containers[0].env.clone().unwrap_or_default();
         let pod_ip = env.iter().find(|e| e.name == POD_IP_ENV).expect("KUBECHAT_POD_IP");
         let field = pod_ip.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("from a field");
@@ -444,7 +421,7 @@ mod tests {
     #[test]
     fn the_operator_replaces_pods_behind_a_readiness_gate() {
         let cc = ChatCluster::test();
-        let sts = stateful_set(&cc, &config_map(&cc));
+        let sts = stateful_set(&cc, &config_map(&cc), 2);
         let strategy = sts.spec.update_strategy.expect("update strategy");
         assert_eq!(strategy.type_.as_deref(), Some("OnDelete"));
         let gates = sts.spec.template.spec.expect("pod spec").readiness_gates.unwrap_or_default();

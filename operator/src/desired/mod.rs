@@ -104,12 +104,13 @@ impl DesiredObject {
 /// Every object a ChatCluster should have, in apply order (config before the
 /// workloads that mount it, a backend's NetworkPolicy before the backend).
 /// Generated Secrets are separate: they are created once and never
-/// re-applied (see [`secrets`]).
-pub fn desired_objects(cc: &ChatCluster) -> Vec<DesiredObject> {
+/// re-applied (see [`secrets`]). `gateways`: the gateway StatefulSet's
+/// replicas, as `crate::scale` decided.
+pub fn desired_objects(cc: &ChatCluster, gateways: i32) -> Vec<DesiredObject> {
     let mut objects = network::objects(cc);
     objects.extend(redis::objects(cc));
     objects.extend(scylla::objects(cc));
-    objects.extend(gateway::objects(cc));
+    objects.extend(gateway::objects(cc, gateways));
     objects.push(DesiredObject::Deployment(push::deployment(cc)));
     objects
 }
@@ -299,7 +300,7 @@ mod tests {
     #[test]
     fn minimal_cluster_gets_every_component() {
         let kinds: Vec<(String, &str)> =
-            desired_objects(&ChatCluster::test()).iter().map(|o| (o.name(), o.kind())).collect();
+            desired_objects(&ChatCluster::test(), 2).iter().map(|o| (o.name(), o.kind())).collect();
         for expected in [
             ("chat-redis", "StatefulSet"),
             ("chat-redis", "Service"),
@@ -332,7 +333,8 @@ mod tests {
                 local_datacenter: None,
             });
         });
-        let names: Vec<String> = desired_objects(&cc).iter().map(DesiredObject::name).collect();
+        let names: Vec<String> =
+            desired_objects(&cc, cc.spec.gateway.replicas).iter().map(DesiredObject::name).collect();
         assert!(!names.iter().any(|n| n.contains("redis") || n.contains("scylla")), "{names:?}");
     }
 
@@ -350,18 +352,18 @@ mod tests {
         assert_eq!(implicit.spec.scylla.managed, None);
         let explicit =
             parse(serde_json::json!({"redis": {"managed": {}}, "scylla": {"managed": {}, "keyspace": "chat"}}));
-        let objects = desired_objects(&implicit);
+        let objects = desired_objects(&implicit, implicit.spec.gateway.replicas);
         let names: Vec<(String, &str)> = objects.iter().map(|o| (o.name(), o.kind())).collect();
         for expected in [("chat-scylla", "StatefulSet"), ("chat-scylla", "Service"), ("chat-redis", "StatefulSet")] {
             assert!(names.contains(&(expected.0.to_string(), expected.1)), "missing {expected:?} in {names:?}");
         }
-        assert_eq!(objects, desired_objects(&explicit));
+        assert_eq!(objects, desired_objects(&explicit, explicit.spec.gateway.replicas));
         assert_eq!(scylla::replication_factor(&implicit), 1);
     }
 
     #[test]
     fn every_object_is_owned_by_the_cluster_and_labelled() {
-        for object in desired_objects(&ChatCluster::test()) {
+        for object in desired_objects(&ChatCluster::test(), 2) {
             let meta = match &object {
                 DesiredObject::StatefulSet(o) => &o.metadata,
                 DesiredObject::Deployment(o) => &o.metadata,
@@ -439,7 +441,7 @@ mod tests {
     fn every_pod_passes_the_restricted_pod_security_profile() {
         let cc = ChatCluster::test();
         let mut pods = Vec::new();
-        for object in desired_objects(&cc) {
+        for object in desired_objects(&cc, cc.spec.gateway.replicas) {
             match object {
                 DesiredObject::StatefulSet(o) => pods.push((o.metadata.name, o.spec.template.spec)),
                 DesiredObject::Deployment(o) => pods.push((o.metadata.name, o.spec.template.spec)),
@@ -462,7 +464,7 @@ mod tests {
     /// empty input's is the standard test vector), not compared with themselves.
     #[test]
     fn a_created_backend_says_whether_its_claims_outlive_it() {
-        let objects = desired_objects(&ChatCluster::test());
+        let objects = desired_objects(&ChatCluster::test(), 2);
         let note = |name: &str| {
             let o = objects.iter().find(|o| o.kind() == "StatefulSet" && o.name() == name).expect(name);
             o.applied_note("Created")
@@ -477,7 +479,9 @@ mod tests {
                 m.storage.pvc_retention.when_deleted = kubechat_crds::RetentionPolicy::Delete;
             }
         });
-        let redis = desired_objects(&cc).into_iter().find(|o| o.name() == "chat-redis" && o.kind() == "StatefulSet");
+        let redis = desired_objects(&cc, cc.spec.gateway.replicas)
+            .into_iter()
+            .find(|o| o.name() == "chat-redis" && o.kind() == "StatefulSet");
         assert!(redis.expect("redis").applied_note("Created").contains("deleted with it"));
     }
 

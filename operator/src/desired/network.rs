@@ -143,7 +143,7 @@ mod tests {
     #[test]
     fn the_peers_are_the_labels_the_workloads_carry() {
         let cc = ChatCluster::test();
-        let gateway_pods = gateway::stateful_set(&cc, &gateway::config_map(&cc)).spec.template.metadata;
+        let gateway_pods = gateway::stateful_set(&cc, &gateway::config_map(&cc), 2).spec.template.metadata;
         let push_pods = push::deployment(&cc).spec.template.metadata;
         let peers = clients(&cc);
         for (peer, pods) in peers.iter().zip([gateway_pods, push_pods]) {

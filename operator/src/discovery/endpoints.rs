@@ -95,6 +95,9 @@ pub enum Reason {
     Address,
     /// It sees Redis or the store differently.
     Backends,
+    /// The total now calls for another number of gateways at the
+    /// autoscaler's target per gateway (the autoscaler reads this list).
+    Scale,
     /// Some gateway's connections moved by the threshold or more.
     Load,
     /// Connections moved by less than the threshold, and the list has not
@@ -113,6 +116,7 @@ impl Reason {
             Reason::Version => "version",
             Reason::Address => "address",
             Reason::Backends => "backends",
+            Reason::Scale => "scale",
             Reason::Load => "load",
             Reason::SmallLoad => "small_load",
         }
@@ -130,6 +134,9 @@ pub struct Policy {
     /// Smaller moves are published once the list is this old, so the counts
     /// (and `status.connections`) converge to the truth without a write per poll.
     pub small_change_every: Duration,
+    /// The autoscaler's connections per gateway, when it is on: a total
+    /// that calls for another gateway count is a meaningful change.
+    pub scale_target: Option<u64>,
 }
 
 impl Policy {
@@ -142,7 +149,13 @@ impl Policy {
             interval,
             threshold_percent: Self::THRESHOLD_PERCENT,
             small_change_every: interval.saturating_mul(Self::SMALL_CHANGE_INTERVALS),
+            scale_target: None,
         }
+    }
+
+    /// Also publish when the total calls for another number of gateways at `target` each.
+    pub fn with_scale_target(self, target: Option<u64>) -> Self {
+        Self { scale_target: target.map(|t| t.max(1)), ..self }
     }
 
     /// Connections a gateway of `capacity` must gain or lose to count.
@@ -170,6 +183,11 @@ pub fn classify(published: &[GatewayEndpoint], observed: &[GatewayEndpoint], pol
         Some(Reason::Address)
     } else if first(|p, o| p.backends != o.backends) {
         Some(Reason::Backends)
+    } else if policy.scale_target.is_some_and(|target| {
+        let gateways = |list: &[GatewayEndpoint]| list.iter().map(|g| g.connections).sum::<u64>().div_ceil(target);
+        gateways(published) != gateways(observed)
+    }) {
+        Some(Reason::Scale)
     } else if pairs().any(|(p, o)| p.connections.abs_diff(o.connections) >= policy.threshold(o.capacity)) {
         Some(Reason::Load)
     } else if first(|p, o| p.connections != o.connections) {
@@ -243,6 +261,10 @@ mod tests {
         Policy::new(Duration::from_secs(5))
     }
 
+    fn policy_without_autoscale() -> Policy {
+        policy().with_scale_target(None)
+    }
+
     #[test]
     fn threshold_is_five_percent_of_capacity_and_at_least_one() {
         let p = policy();
@@ -251,6 +273,21 @@ mod tests {
         assert_eq!(p.threshold(30), 2, "rounded up");
         assert_eq!(p.threshold(1), 1);
         assert_eq!(p.threshold(0), 1);
+    }
+
+    #[test]
+    fn a_total_that_calls_for_another_gateway_count_is_published_at_once() {
+        let policy = policy().with_scale_target(Some(100));
+        let before = published(0, vec![gateway("a", 95), gateway("b", 100)]);
+        // +10 is under the 5 % threshold (50 of 1000) but 205 needs 3 gateways, 195 needed 2.
+        let after = vec![gateway("a", 105), gateway("b", 100)];
+        assert_eq!(
+            decide(Some(&before), &after, at(5), &policy),
+            Decision::Write { reason: Reason::Scale, after: Duration::ZERO }
+        );
+        let same_count = vec![gateway("a", 90), gateway("b", 100)];
+        assert_eq!(decide(Some(&before), &same_count, at(5), &policy), Decision::Keep, "still 2");
+        assert_eq!(decide(Some(&before), &after, at(5), &policy_without_autoscale()), Decision::Keep);
     }
 
     #[test]

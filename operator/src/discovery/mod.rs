@@ -344,7 +344,8 @@ impl Round {
         // The reconcile creates the ConfigMap (labels, owner); wait for it.
         let Some(config_map) = self.config_map.clone() else { return Ok(None) };
         let (published, version) = published(&config_map, self.last_write.as_ref());
-        let policy = Policy::new(interval(&self.cc));
+        let target = self.cc.spec.gateway.autoscale.as_ref().map(|a| a.target_connections_per_pod);
+        let policy = Policy::new(interval(&self.cc)).with_scale_target(target.and_then(|t| u64::try_from(t).ok()));
         let timeout = poll_timeout(policy.interval);
         let previous: BTreeMap<&str, &GatewayEndpoint> =
             published.iter().flat_map(|p| &p.gateways).map(|g| (g.pod.as_str(), g)).collect();

@@ -45,6 +45,9 @@ pub struct Observed {
     pub refused: Vec<String>,
     /// Why pods that should exist cannot be created or started (see [`stuck`]).
     pub stuck: Vec<String>,
+    /// Gateways the cluster is heading for (`crate::scale`'s `keep`;
+    /// `None`: the spec's count).
+    pub gateways_wanted: Option<i32>,
 }
 
 /// Secrets the spec refers to, as (name, key) pairs. The generated auth
@@ -150,6 +153,7 @@ pub async fn observe(client: &Client, owned: &Owned, cc: &ChatCluster, namespace
         endpoints,
         refused: Vec::new(),
         stuck,
+        gateways_wanted: None,
     })
 }
 

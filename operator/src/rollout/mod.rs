@@ -1,4 +1,5 @@
-//! Gateway rollouts driven by the operator, one drained pod at a time.
+//! Gateway rollouts and scale-downs driven by the operator, one drained
+//! pod at a time.
 //!
 //! The gateway StatefulSet uses `updateStrategy: OnDelete`, so a changed pod
 //! template replaces nothing by itself. Each reconcile the driver here
@@ -13,7 +14,10 @@
 //! 4. open the new pod's gate once its gateway is ready, and wait until it
 //!    is ready, serving and listed before the next pod.
 //!
-//! Highest ordinal first; never a second gateway down. A replacement that
+//! Highest ordinal first; never a second gateway down. A scale-down (fewer
+//! gateways to keep than the StatefulSet runs, `crate::scale`) drains the
+//! highest pod the same way, then lowers the StatefulSet's replicas instead
+//! of deleting the pod ([`Report::replicas`]). A replacement that
 //! does not come up within `spec.gateway.rollout.podReadyTimeoutSeconds`
 //! stops the rollout (`Degraded`); `kubechat.dev/paused: "true"` on the
 //! ChatCluster stops it at the next pod boundary.
@@ -23,8 +27,8 @@
 //! a stale entry of the pod it replaced does not count).
 //!
 //! Pods are not in the watch caches: they are listed only while the
-//! StatefulSet shows a rollout or a pod short of ready, or a rollout is in
-//! the status.
+//! StatefulSet shows a rollout or a pod short of ready, a rollout is in
+//! the status, or the cluster shrinks.
 
 pub mod plan;
 
@@ -48,6 +52,7 @@ use crate::desired::{LABEL_COMPONENT, LABEL_INSTANCE, Names};
 use crate::discovery::endpoints::Endpoints;
 use crate::discovery::{self, poll};
 use crate::status::{DEGRADED, PROGRESSING};
+use crate::time;
 use crate::{Error, Result};
 
 /// On the ChatCluster: `"true"` stops a rollout before its next pod.
@@ -72,9 +77,28 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 pub struct Report {
     plan: Option<Plan>,
+    /// The StatefulSet's replicas before this reconcile.
+    replicas: i32,
 }
 
 impl Report {
+    /// The StatefulSet's replicas after a drained pod is removed (`None`:
+    /// no removal this reconcile).
+    pub fn replicas(&self) -> Option<i32> {
+        match self.plan.as_ref()?.step {
+            Step::Remove { ordinal, .. } => Some(ordinal),
+            _ => None,
+        }
+    }
+
+    /// The note of a `ScaledDown` Event, when a pod was removed.
+    pub fn scaled_down(&self) -> Option<String> {
+        let Step::Remove { ordinal, pod, drained_for, .. } = &self.plan.as_ref()?.step else { return None };
+        let pod = pod.as_deref().unwrap_or("a pod that does not exist");
+        let how = drained_for.map_or_else(|| "which served no one".to_string(), |s| format!("after a {s} s drain"));
+        Some(format!("Scaled gateways {} → {ordinal}: removed {pod}, {how}", self.replicas))
+    }
+
     /// How soon to reconcile again; `None`: the rollout does not care.
     pub fn requeue(&self) -> Option<Duration> {
         let plan = self.plan.as_ref()?;
@@ -94,6 +118,9 @@ impl Report {
             return;
         };
         status.rollout = plan.rollout.clone();
+        if let (None, Some(doing)) = (&plan.rollout, &plan.shrinking) {
+            set_condition(status, previous, now, PROGRESSING, ("True", "ScalingDown", doing.clone()));
+        }
         let Some(rollout) = &plan.rollout else { return };
         let progress = format!("{}/{} gateways updated", rollout.updated, rollout.total);
         let progressing = match (&plan.stuck, rollout.phase.as_str()) {
@@ -142,18 +169,10 @@ fn set_condition(
     }
 }
 
-/// RFC 3339, whole seconds.
-pub fn rfc3339(unix_seconds: i64) -> String {
-    Timestamp::from_second(unix_seconds).unwrap_or(Timestamp::UNIX_EPOCH).to_string()
-}
-
-fn parse_time(text: &str) -> Option<i64> {
-    text.parse::<Timestamp>().ok().map(|t| t.as_second())
-}
-
 /// Observes the gateway pods when something may need doing, and takes the
-/// next rollout step.
-pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<Report> {
+/// next rollout or scale-down step. `keep`: the gateways to keep
+/// (`crate::scale`), below the StatefulSet's replicas when it shrinks.
+pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str, keep: i32) -> Result<Report> {
     let names = Names(&cc.name_any());
     let Some(sts) = ctx.owned.get::<StatefulSet>(namespace, &names.gateway()) else {
         return Ok(Report::default());
@@ -166,7 +185,8 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<R
         && status.replicas == replicas
         && status.updated_replicas == Some(replicas)
         && status.ready_replicas == Some(replicas);
-    if settled && !rolling {
+    let shrinking = keep < replicas;
+    if settled && !rolling && !shrinking {
         return Ok(Report::default());
     }
 
@@ -196,10 +216,20 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<R
             let url = endpoints.as_ref().and_then(|e| e.gateways.iter().find(|g| g.pod == state.name)).map(|g| &g.url);
             state.listed_ready = serves_at(ctx, cc, pod, url).await;
         }
+        if shrinking && state.ordinal == replicas - 1 && state.drain_started.is_none() && !state.deleting {
+            // Removed without a drain if it holds no one: ask it, rather
+            // than trust a list a timed-out poll may have zeroed.
+            if let Ok(addr) = discovery::admin_addr(pod, cc, ctx.admin_loopback_only)
+                && let Ok(load) = poll::read_load(addr, ADMIN_TIMEOUT).await
+            {
+                state.connections = Some(load.connections);
+            }
+        }
         states.push(state);
     }
     let input = Input {
         replicas,
+        keep,
         update_revision: if current { status.update_revision.clone() } else { None },
         pods: states,
         paused: cc.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v == "true"),
@@ -215,23 +245,36 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str) -> Result<R
     if let Some(pod) = &plan.replaced {
         // Recorded before the Event: a crash in between loses the Event,
         // never repeats it.
-        let patch = json!({"metadata": {"annotations": {REPLACEMENT_REPORTED_ANNOTATION: rfc3339(now)}}});
+        let patch = json!({"metadata": {"annotations": {REPLACEMENT_REPORTED_ANNOTATION: time::rfc3339(now)}}});
         counted(Verb::Patch, pods_api.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)))
             .await
             .map_err(Error::kube(format!("recording the replacement of pod {pod}")))?;
         let related = pods.iter().find(|p| p.name_any() == *pod);
         publish(ctx, cc, "PodReplaced", format!("{pod} runs the new revision and serves clients"), related).await;
     }
-    execute(ctx, cc, &pods_api, &pods, &plan.step, now).await?;
+    let purpose = match &plan.step {
+        Step::StartDrain(name) if ordinal(name) >= keep => "removing",
+        _ => "replacing",
+    };
+    execute(ctx, cc, &pods_api, &pods, &plan.step, now, purpose).await?;
     if plan.finished {
-        let started = input.previous.as_ref().and_then(|p| parse_time(&p.started));
+        let started = input.previous.as_ref().and_then(|p| time::parse(&p.started));
         let took = started.map_or_else(String::new, |s| format!(" in {} s", now - s));
         publish(ctx, cc, "RolloutFinished", format!("every gateway runs the new revision{took}"), None).await;
     }
-    Ok(Report { plan: Some(plan) })
+    Ok(Report { plan: Some(plan), replicas })
 }
 
-async fn execute(ctx: &Context, cc: &ChatCluster, api: &Api<Pod>, pods: &[Pod], step: &Step, now: i64) -> Result<()> {
+/// Takes `step`. `purpose` ("replacing", "removing") goes into the `DrainStarted` Event.
+async fn execute(
+    ctx: &Context,
+    cc: &ChatCluster,
+    api: &Api<Pod>,
+    pods: &[Pod],
+    step: &Step,
+    now: i64,
+    purpose: &str,
+) -> Result<()> {
     let find = |name: &str| pods.iter().find(|p| p.name_any() == name);
     match step {
         Step::Idle | Step::Wait => {}
@@ -242,14 +285,14 @@ async fn execute(ctx: &Context, cc: &ChatCluster, api: &Api<Pod>, pods: &[Pod], 
                 return Ok(());
             }
             // Recorded on the pod first: whoever leads next resumes this drain.
-            let patch = json!({"metadata": {"annotations": {DRAIN_STARTED_ANNOTATION: rfc3339(now)}}});
+            let patch = json!({"metadata": {"annotations": {DRAIN_STARTED_ANNOTATION: time::rfc3339(now)}}});
             counted(Verb::Patch, api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)))
                 .await
                 .map_err(Error::kube(format!("recording the drain on pod {name}")))?;
             set_serving(api, name, false).await?;
             let progress = start_drain(ctx, cc, pod).await;
             let held = progress.map_or_else(|| "unknown".to_string(), |p| p.connections_left.to_string());
-            let note = format!("draining {name} ({held} connections) before replacing it");
+            let note = format!("draining {name} ({held} connections) before {purpose} it");
             publish(ctx, cc, "DrainStarted", note, Some(pod)).await;
         }
         Step::Delete { pod: name, drained_for, connections_left } => {
@@ -271,6 +314,13 @@ async fn execute(ctx: &Context, cc: &ChatCluster, api: &Api<Pod>, pods: &[Pod], 
                 publish(ctx, cc, "DrainFinished", note, pod).await;
             }
         }
+        Step::Remove { pod: Some(name), drained_for: Some(seconds), connections_left, .. } => {
+            // The reconcile lowers the StatefulSet's replicas (`Report::replicas`).
+            let left = connections_left.map_or_else(|| "unknown".to_string(), |c| c.to_string());
+            let note = format!("{name} drained in {seconds} s ({left} connections left); removing it");
+            publish(ctx, cc, "DrainFinished", note, find(name)).await;
+        }
+        Step::Remove { .. } => {}
     }
     Ok(())
 }
@@ -340,6 +390,11 @@ async fn publish(ctx: &Context, cc: &ChatCluster, reason: &str, note: String, po
     ctx.publish(cc, event).await;
 }
 
+/// A StatefulSet pod's ordinal, from its name (-1 for another name).
+fn ordinal(pod: &str) -> i32 {
+    pod.rsplit('-').next().and_then(|o| o.parse().ok()).unwrap_or(-1)
+}
+
 /// What the plan needs of one pod.
 fn pod_state(pod: &Pod, endpoints: Option<&Endpoints>) -> PodState {
     let name = pod.name_any();
@@ -352,13 +407,13 @@ fn pod_state(pod: &Pod, endpoints: Option<&Endpoints>) -> PodState {
     };
     let listed = endpoints.and_then(|e| e.gateways.iter().find(|g| g.pod == name));
     PodState {
-        ordinal: name.rsplit('-').next().and_then(|o| o.parse().ok()).unwrap_or(-1),
+        ordinal: ordinal(&name),
         revision: pod.labels().get(REVISION_LABEL).cloned().unwrap_or_default(),
         created: pod.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
         deleting: pod.metadata.deletion_timestamp.is_some(),
         containers_ready: condition("ContainersReady") == Some(true),
         serving: condition(SERVING_CONDITION),
-        drain_started: pod.annotations().get(DRAIN_STARTED_ANNOTATION).and_then(|t| parse_time(t)),
+        drain_started: pod.annotations().get(DRAIN_STARTED_ANNOTATION).and_then(|t| time::parse(t)),
         listed_ready: listed.is_some_and(|g| g.ready),
         connections: listed.map(|g| g.connections),
         replacement_reported: pod.annotations().contains_key(REPLACEMENT_REPORTED_ANNOTATION),
@@ -437,7 +492,9 @@ mod tests {
                 stuck: Some("chat-gateway-2 is not ready".into()),
                 replaced: None,
                 finished: false,
+                shrinking: None,
             }),
+            replicas: 3,
         };
         let mut status = ChatClusterStatus::default();
         report.apply(&mut status, None, &now);

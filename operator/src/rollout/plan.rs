@@ -1,5 +1,10 @@
-//! The next step of a gateway rollout, from what the cluster shows. Pure:
-//! no clock, no I/O, so every case is a unit test.
+//! The next step of a gateway rollout or scale-down, from what the cluster
+//! shows. Pure: no clock, no I/O, so every case is a unit test.
+//!
+//! Both drain gateways the same way, one at a time, highest ordinal first.
+//! A rollout then deletes the pod for the StatefulSet to re-create at the
+//! new revision; a scale-down (fewer pods to keep than the StatefulSet
+//! runs) instead lowers its replicas, which removes the drained pod.
 //!
 //! The state lives in the cluster: the StatefulSet's `updateRevision`, each
 //! pod's revision, readiness gate and drain annotation, the endpoint list
@@ -51,7 +56,11 @@ impl PodState {
 /// Everything the plan depends on.
 #[derive(Clone, Debug, Default)]
 pub struct Input {
+    /// The StatefulSet's replicas.
     pub replicas: i32,
+    /// Gateways to keep (`crate::scale`); below `replicas`, the highest
+    /// ordinals are drained and removed one at a time.
+    pub keep: i32,
     /// The StatefulSet's `updateRevision`; `None` while its status does not
     /// describe the current spec yet.
     pub update_revision: Option<String>,
@@ -81,6 +90,9 @@ pub enum Step {
     /// Delete the pod (the StatefulSet re-creates it at the new revision).
     /// `drained_for`: seconds it drained (`None`: nothing to drain).
     Delete { pod: String, drained_for: Option<i64>, connections_left: Option<u64> },
+    /// Lower the StatefulSet's replicas to `ordinal`, which removes the
+    /// highest pod (`pod`; `None`: it does not exist), drained or holding no one.
+    Remove { ordinal: i32, pod: Option<String>, drained_for: Option<i64>, connections_left: Option<u64> },
 }
 
 /// The step and what to report.
@@ -95,33 +107,41 @@ pub struct Plan {
     pub replaced: Option<String>,
     /// The rollout just finished (a `RolloutFinished` Event).
     pub finished: bool,
+    /// A scale-down under way: what it does now (the `Progressing` message).
+    pub shrinking: Option<String>,
 }
 
 impl Plan {
     fn idle(finished: bool) -> Self {
-        Plan { step: Step::Idle, rollout: None, stuck: None, replaced: None, finished }
+        Plan { step: Step::Idle, rollout: None, stuck: None, replaced: None, finished, shrinking: None }
     }
 }
 
 pub fn plan(input: &Input) -> Plan {
     // Pods past the wanted count are the StatefulSet's to remove.
     let pods: Vec<&PodState> = input.pods.iter().filter(|p| p.ordinal < input.replicas).collect();
+    let keep = input.keep.clamp(0, input.replicas);
+    let shrinking = keep < input.replicas;
+    // The one pod a scale-down removes next.
+    let top = input.replicas - 1;
 
     // A new pod (any revision, rollout or not) whose gateway is ready gets
-    // its gate opened; pods the rollout drains keep theirs closed.
-    let opening =
-        pods.iter().find(|p| !p.deleting && p.drain_started.is_none() && p.containers_ready && p.serving != Some(true));
+    // its gate opened; pods being drained, and pods about to be removed, keep theirs closed.
+    let opening = pods.iter().find(|p| {
+        !p.deleting && p.drain_started.is_none() && p.containers_ready && p.serving != Some(true) && p.ordinal < keep
+    });
 
     let Some(revision) = input.update_revision.clone() else {
         // The StatefulSet has not caught up with its spec: wait, keep the status.
         let step = opening.map_or(Step::Wait, |p| Step::MarkServing(p.name.clone()));
-        return Plan { step, rollout: input.previous.clone(), stuck: None, replaced: None, finished: false };
+        return Plan { step, rollout: input.previous.clone(), ..Plan::idle(false) };
     };
     let outdated: Vec<&PodState> = pods.iter().copied().filter(|p| p.revision != revision).collect();
     let updated = pods.iter().filter(|p| p.revision == revision && p.up()).count();
     let all_up = pods.len() == usize::try_from(input.replicas).unwrap_or(0) && pods.iter().all(|p| p.up());
+    let rolling = !outdated.is_empty() || input.previous.is_some();
 
-    if outdated.is_empty() && input.previous.is_none() {
+    if !rolling && !shrinking {
         // Not a rollout (a first start, a scale-up, a restarted pod).
         return match opening {
             Some(p) => Plan { step: Step::MarkServing(p.name.clone()), ..Plan::idle(false) },
@@ -129,11 +149,12 @@ pub fn plan(input: &Input) -> Plan {
             None => Plan { step: Step::Wait, ..Plan::idle(false) },
         };
     }
-    if outdated.is_empty() && all_up {
+    if outdated.is_empty() && all_up && input.previous.is_some() {
+        // A scale-down still due starts at the next reconcile.
         return Plan { replaced: replaced(input, &pods, &revision), ..Plan::idle(true) };
     }
 
-    let started = input.previous.as_ref().map_or_else(|| super::rfc3339(input.now), |p| p.started.clone());
+    let started = input.previous.as_ref().map_or_else(|| crate::time::rfc3339(input.now), |p| p.started.clone());
     let total = input.replicas;
     let updated = i32::try_from(updated).unwrap_or(i32::MAX);
     let status = |phase: &str, pod: &str, connections_left: Option<u64>| RolloutStatus {
@@ -150,29 +171,56 @@ pub fn plan(input: &Input) -> Plan {
             format!("{phase} {pod} ({updated}/{total})")
         },
     };
+    // Only a rollout shows in `status.rollout`; a scale-down alone shows in `Progressing`.
     let result = |step: Step, rollout: RolloutStatus, stuck: Option<String>| Plan {
         step,
-        rollout: Some(rollout),
+        rollout: rolling.then_some(rollout),
         stuck,
         replaced: replaced(input, &pods, &revision),
         finished: false,
+        shrinking: None,
     };
+    let scaling = |what: String| Some(format!("{what} ({} → {keep} gateways)", input.replicas));
 
-    // 1. A drain under way goes on to its end, paused or not.
+    // 1. A drain under way goes on to its end, paused or not. The highest
+    //    pod, when the cluster shrinks, is then removed instead of replaced.
     if let Some(p) = pods.iter().find(|p| !p.deleting && p.drain_started.is_some()) {
         let since = p.drain_started.unwrap_or(input.now);
         let over = p.connections == Some(0) || input.now - since >= input.drain_deadline;
-        let step = if over {
-            Step::Delete { pod: p.name.clone(), drained_for: Some(input.now - since), connections_left: p.connections }
-        } else {
-            Step::Wait
+        let removing = shrinking && p.ordinal == top;
+        let (drained_for, connections_left) = (Some(input.now - since), p.connections);
+        let step = match (over, removing) {
+            (false, _) => Step::Wait,
+            (true, false) => Step::Delete { pod: p.name.clone(), drained_for, connections_left },
+            (true, true) => Step::Remove { ordinal: top, pod: Some(p.name.clone()), drained_for, connections_left },
         };
-        return result(step, status(DRAINING, &p.name, p.connections), None);
+        let left = p.connections.map_or_else(String::new, |c| format!(", {c} connections left"));
+        return Plan {
+            shrinking: removing.then(|| scaling(format!("draining {} before removing it{left}", p.name))).flatten(),
+            ..result(step, status(DRAINING, &p.name, p.connections), None)
+        };
     }
 
     // 2. Gates to open come first: a replacement is not up until then.
     if let Some(p) = opening {
         return result(Step::MarkServing(p.name.clone()), status(REPLACING, &p.name, None), None);
+    }
+
+    // 2b. A pod to remove that serves no one goes without a drain, and
+    //     without waiting for the others (it takes no serving gateway down).
+    if shrinking {
+        let highest = pods.iter().find(|p| p.ordinal == top);
+        let idle = highest.is_none_or(|p| !p.deleting && !p.up() && p.connections.unwrap_or(0) == 0);
+        if idle {
+            let pod = highest.map(|p| p.name.clone());
+            let what = pod.as_deref().map_or_else(|| format!("ordinal {top}"), str::to_string);
+            let step = Step::Remove { ordinal: top, pod, drained_for: None, connections_left: None };
+            let phase = status(REPLACING, &what, None);
+            return Plan {
+                shrinking: scaling(format!("removing {what}, which serves no one")),
+                ..result(step, phase, None)
+            };
+        }
     }
 
     // 3. One gateway down at a time: wait for a pod on its way out, a
@@ -190,9 +238,10 @@ pub fn plan(input: &Input) -> Plan {
             .unwrap_or_else(|| format!("ordinal {ordinal}"));
         return result(Step::Wait, status(REPLACING, &name, None), None);
     }
-    if let Some(p) = pods.iter().find(|p| p.revision == revision && !p.up()) {
+    // (The pod a scale-down is about to drain does not count as another one down.)
+    if let Some(p) = pods.iter().find(|p| p.revision == revision && !p.up() && !(shrinking && p.ordinal == top)) {
         let waited = input.now - p.created;
-        if waited >= input.ready_timeout {
+        if waited >= input.ready_timeout && rolling {
             let message = format!(
                 "gateway pod {} at the new revision is not ready, serving and listed after {waited} s (limit {} s); \
                  the rollout stops here: fix the spec to resume",
@@ -203,13 +252,21 @@ pub fn plan(input: &Input) -> Plan {
         return result(Step::Wait, status(REPLACING, &p.name, None), None);
     }
 
-    // 4. A pod boundary: stop here while paused.
+    // 4. A pod boundary: stop here while paused (a scale-down too).
     if input.paused {
-        return result(Step::Wait, status(PAUSED, "", None), None);
+        let doing = shrinking.then(|| scaling(format!("paused by the annotation {}", super::PAUSED_ANNOTATION)));
+        return Plan { shrinking: doing.flatten(), ..result(Step::Wait, status(PAUSED, "", None), None) };
     }
 
-    // 5. The next pod: one that is down anyway first (nothing to drain,
-    //    and replacing it takes no second gateway down), then the highest ordinal.
+    // 5. A scale-down drains the highest pod, which 2b found serving.
+    if shrinking && let Some(p) = pods.iter().find(|p| p.ordinal == top) {
+        let step = Step::StartDrain(p.name.clone());
+        let doing = scaling(format!("draining {} before removing it", p.name));
+        return Plan { shrinking: doing, ..result(step, status(DRAINING, &p.name, p.connections), None) };
+    }
+
+    // 6. The next pod of a rollout: one that is down anyway first (nothing
+    //    to drain, and replacing it takes no second gateway down), then the highest ordinal.
     let down = outdated.iter().filter(|p| !p.up() && p.connections.unwrap_or(0) == 0).max_by_key(|p| p.ordinal);
     if let Some(p) = down {
         let step = Step::Delete { pod: p.name.clone(), drained_for: None, connections_left: None };
@@ -261,6 +318,7 @@ mod tests {
     fn input(pods: Vec<PodState>) -> Input {
         Input {
             replicas: 3,
+            keep: 3,
             update_revision: Some(NEW.into()),
             pods,
             paused: false,
@@ -315,7 +373,7 @@ mod tests {
         assert_eq!((rollout.phase.as_str(), rollout.pod.as_str()), (DRAINING, "chat-gateway-2"));
         assert_eq!((rollout.updated, rollout.total), (0, 3));
         assert_eq!(rollout.summary, "Draining chat-gateway-2 (0/3)");
-        assert_eq!(rollout.started, super::super::rfc3339(2_000));
+        assert_eq!(rollout.started, crate::time::rfc3339(2_000));
     }
 
     #[test]
@@ -465,6 +523,99 @@ mod tests {
     fn pods_beyond_the_replica_count_are_ignored() {
         let p = plan(&Input { replicas: 2, ..input(vec![pod(0, NEW), pod(1, NEW), pod(2, OLD)]) });
         assert_eq!(p, Plan::idle(false));
+    }
+
+    fn shrink(keep: i32, pods: Vec<PodState>) -> Input {
+        Input { keep, ..input(pods) }
+    }
+
+    #[test]
+    fn a_scale_down_drains_the_highest_pod_then_removes_it() {
+        let p = plan(&shrink(2, vec![pod(0, NEW), pod(1, NEW), pod(2, NEW)]));
+        assert_eq!(p.step, Step::StartDrain("chat-gateway-2".into()));
+        assert_eq!(p.rollout, None, "not a rollout");
+        assert_eq!(p.shrinking.as_deref(), Some("draining chat-gateway-2 before removing it (3 → 2 gateways)"));
+
+        let busy = vec![pod(0, NEW), pod(1, NEW), draining(pod(2, NEW), 1_990, 12)];
+        assert_eq!(plan(&shrink(2, busy)).step, Step::Wait, "still 12 connections");
+        let drained = vec![pod(0, NEW), pod(1, NEW), draining(pod(2, NEW), 1_990, 0)];
+        let p = plan(&shrink(2, drained));
+        assert_eq!(
+            p.step,
+            Step::Remove {
+                ordinal: 2,
+                pod: Some("chat-gateway-2".into()),
+                drained_for: Some(10),
+                connections_left: Some(0)
+            },
+            "removed, not deleted for a replacement"
+        );
+    }
+
+    #[test]
+    fn a_scale_down_removes_one_pod_at_a_time() {
+        // After a removal the StatefulSet says 2 and the removed pod is
+        // terminating: nothing else is drained until it is gone.
+        let mut leaving = draining(pod(2, NEW), 1_990, 0);
+        leaving.deleting = true;
+        let p = plan(&Input { replicas: 2, ..shrink(1, vec![pod(0, NEW), pod(1, NEW), leaving]) });
+        assert_eq!(p.step, Step::StartDrain("chat-gateway-1".into()), "pod 2 is past the replicas: not waited for");
+        // A pod below the top that is down: the top is not drained meanwhile.
+        let mut down = pod(0, NEW);
+        down.listed_ready = false;
+        down.connections = Some(0);
+        let p = plan(&shrink(1, vec![down, pod(1, NEW), pod(2, NEW)]));
+        assert_eq!(p.step, Step::Wait, "never two gateways down");
+    }
+
+    #[test]
+    fn a_pod_to_remove_that_serves_no_one_goes_without_a_drain() {
+        let mut idle = pod(2, NEW);
+        idle.listed_ready = false;
+        idle.connections = Some(0);
+        let mut down = pod(0, NEW);
+        down.listed_ready = false;
+        let p = plan(&shrink(2, vec![down, pod(1, NEW), idle]));
+        assert_eq!(
+            p.step,
+            Step::Remove { ordinal: 2, pod: Some("chat-gateway-2".into()), drained_for: None, connections_left: None }
+        );
+        // A pod that never came to be (a quota, say) is removed too.
+        let p = plan(&shrink(2, vec![pod(0, NEW), pod(1, NEW)]));
+        assert_eq!(p.step, Step::Remove { ordinal: 2, pod: None, drained_for: None, connections_left: None });
+        // But one that holds connections is drained, even if the list says it is not ready.
+        let mut busy = pod(2, NEW);
+        busy.listed_ready = false;
+        busy.connections = Some(40);
+        assert_eq!(
+            plan(&shrink(2, vec![pod(0, NEW), pod(1, NEW), busy])).step,
+            Step::StartDrain("chat-gateway-2".into())
+        );
+    }
+
+    #[test]
+    fn a_pod_about_to_be_removed_does_not_get_its_gate_opened() {
+        let mut fresh = pod(2, NEW);
+        fresh.serving = None;
+        fresh.listed_ready = false;
+        fresh.connections = None;
+        let p = plan(&shrink(2, vec![pod(0, NEW), pod(1, NEW), fresh]));
+        assert!(matches!(p.step, Step::Remove { ordinal: 2, .. }), "{:?}", p.step);
+    }
+
+    #[test]
+    fn a_rollout_drain_of_the_highest_pod_ends_in_its_removal_when_the_cluster_shrinks() {
+        let pods = vec![pod(0, OLD), pod(1, OLD), draining(pod(2, OLD), 1_990, 0)];
+        let p = plan(&Input { previous: previous(DRAINING, "chat-gateway-2"), ..shrink(2, pods) });
+        assert!(matches!(p.step, Step::Remove { ordinal: 2, .. }), "{:?}", p.step);
+        assert!(p.rollout.is_some(), "the rollout goes on with the pods left");
+    }
+
+    #[test]
+    fn a_scale_down_waits_while_paused() {
+        let p = plan(&Input { paused: true, ..shrink(2, vec![pod(0, NEW), pod(1, NEW), pod(2, NEW)]) });
+        assert_eq!(p.step, Step::Wait);
+        assert!(p.shrinking.is_some_and(|s| s.contains("paused")));
     }
 
     #[test]
