@@ -115,6 +115,18 @@ struct Process {
 
 type Processes = Arc<Mutex<BTreeMap<String, Process>>>;
 
+/// The pods whose process runs, readable from any task.
+#[derive(Clone)]
+pub struct RunningPods(Processes);
+
+impl RunningPods {
+    /// Pods whose process runs, by name.
+    pub fn get(&self) -> Vec<RunningPod> {
+        let processes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        processes.values().filter(|p| p.child.is_some() && p.exit.is_none()).map(|p| p.pod.clone()).collect()
+    }
+}
+
 /// Runs the gateway Pods of one ChatCluster as local processes.
 pub struct ProcessKubelet {
     processes: Processes,
@@ -182,7 +194,12 @@ impl ProcessKubelet {
 
     /// Pods whose process runs, by name.
     pub fn running(&self) -> Vec<RunningPod> {
-        self.with(|p| p.values().filter(|p| p.child.is_some() && p.exit.is_none()).map(|p| p.pod.clone()).collect())
+        self.running_pods().get()
+    }
+
+    /// [`running`](Self::running) for a task of its own.
+    pub fn running_pods(&self) -> RunningPods {
+        RunningPods(self.processes.clone())
     }
 
     /// SIGKILL: no drain, no goodbye.

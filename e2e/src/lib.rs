@@ -19,6 +19,7 @@
 pub mod client;
 pub mod cluster;
 pub mod components;
+pub mod gateways;
 pub mod kubelet;
 pub mod operator_process;
 pub mod tools;

@@ -15,17 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
-use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, GatewayPorts, RedisSpec, ScyllaSpec};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kubechat_crds::ChatCluster;
 use kubechat_e2e::client::Tokens;
-use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
-use kubechat_e2e::components::{PrivateRedis, connect_cql, connect_kube, cql_node};
-use kubechat_e2e::kubelet::ProcessKubelet;
-use kubechat_e2e::unique_name;
-use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
+use kubechat_e2e::cluster::{RunningOperator, wait_for};
+use kubechat_e2e::gateways::{NAME, RealGateways, Setup};
 use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
 use kubechat_operator::discovery::endpoints::Endpoints;
 use kubechat_operator::leader::LeaderConfig;
@@ -36,30 +33,27 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 const GATEWAYS: usize = 3;
-const INTERVAL: Duration = Duration::from_secs(1);
 const CLIENTS: usize = 1000;
 /// Clients that send one message a second to a partner in the other half.
 const SENDERS: usize = 100;
 const WINDOW_SECONDS: i32 = 6;
 const RATE: usize = 100;
 const READY_TIMEOUT_SECONDS: i32 = 15;
-const NAME: &str = "chat";
 const LEASE: Duration = Duration::from_secs(3);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()).expect("a free port").port()
+struct Harness(RealGateways);
+
+impl std::ops::Deref for Harness {
+    type Target = RealGateways;
+    fn deref(&self) -> &RealGateways {
+        &self.0
+    }
 }
 
-struct Harness {
-    client: Client,
-    namespace: String,
-    keyspace: String,
-    /// Live operators; with leader election the first one started leads.
-    operators: Vec<RunningOperator>,
-    kubelet: ProcessKubelet,
-    tokens: Tokens,
-    key: Vec<u8>,
-    _redis: PrivateRedis,
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut RealGateways {
+        &mut self.0
+    }
 }
 
 impl Harness {
@@ -70,107 +64,19 @@ impl Harness {
     /// With `leaders` empty, one operator without leader election; else one
     /// operator per identity, sharing a Lease, the first one leading.
     async fn start_with(prefix: &str, leaders: &[&str]) -> Self {
-        let redis = PrivateRedis::start().await;
-        let client = connect_kube().await;
-        install_crd(&client).await;
-        let namespace = create_namespace(&client, prefix).await;
-        let keyspace = unique_name(prefix).replace('-', "_");
-        let config = ScyllaConfig {
-            contact_points: vec![cql_node()],
-            keyspace: keyspace.clone(),
-            replication_factor: 1,
-            ..ScyllaConfig::default()
-        };
-        ScyllaStore::connect(config).await.unwrap_or_else(|e| {
-            panic!("Cassandra (CQL) is not usable at {}: {e}; start it with `e2e/local/cassandra.sh start`", cql_node())
-        });
-        let mut spec = ChatClusterSpec {
-            redis: RedisSpec {
-                managed: None,
-                external: Some(ExternalRedis { url: redis.url(), password_secret: None }),
-            },
-            scylla: ScyllaSpec {
-                managed: None,
-                external: Some(ExternalScylla {
-                    contact_points: vec![cql_node()],
-                    credentials_secret: None,
-                    local_datacenter: None,
-                }),
-                keyspace: keyspace.clone(),
-                replication_factor: Some(1),
-            },
-            ..ChatClusterSpec::default()
-        };
-        spec.gateway.replicas = GATEWAYS as i32;
-        spec.gateway.max_connections_per_pod = 5000;
-        spec.gateway.ports = GatewayPorts { websocket: i32::from(free_port()), admin: i32::from(free_port()) };
-        spec.gateway.discovery.interval_seconds = INTERVAL.as_secs() as i32;
-        spec.gateway.drain.window_seconds = WINDOW_SECONDS;
-        spec.gateway.drain.max_reconnects_per_second = RATE as i32;
-        spec.gateway.rollout.pod_ready_timeout_seconds = READY_TIMEOUT_SECONDS;
-        spec.push_workers.replicas = 0;
-
-        let mut operators = Vec::new();
-        if leaders.is_empty() {
-            operators.push(RunningOperator::start(&client, &namespace, None));
-        }
-        for identity in leaders {
-            let operator = RunningOperator::start(&client, &namespace, Some(lease(&namespace, identity)));
-            if operators.is_empty() {
-                let metrics = operator.metrics.clone();
-                let leading =
-                    wait_for(Duration::from_secs(10), || async { (metrics.leader.get() == 1).then_some(()) }).await;
-                assert!(leading.is_some(), "{identity} never became leader");
-            }
-            operators.push(operator);
-        }
-        let kubelet = ProcessKubelet::start(&client, &namespace, NAME);
-        Api::<ChatCluster>::namespaced(client.clone(), &namespace)
-            .create(&PostParams::default(), &ChatCluster::new(NAME, spec))
-            .await
-            .expect("create the ChatCluster");
-        kubelet.wait_ready(GATEWAYS, Duration::from_secs(120)).await;
-        let key = Api::<Secret>::namespaced(client.clone(), &namespace)
-            .get(&format!("{NAME}-auth"))
-            .await
-            .expect("the generated signing key")
-            .data
-            .unwrap_or_default()["signing-key"]
-            .0
-            .clone();
-        let harness =
-            Self { client, namespace, keyspace, operators, kubelet, tokens: Tokens::new(&key), key, _redis: redis };
-        harness.wait_listed(Duration::from_secs(60)).await;
-        harness
+        let setup = Setup { prefix, gateways: GATEWAYS, leaders, lease: LEASE };
+        Self(
+            RealGateways::start(setup, |spec| {
+                spec.gateway.drain.window_seconds = WINDOW_SECONDS;
+                spec.gateway.drain.max_reconnects_per_second = RATE as i32;
+                spec.gateway.rollout.pod_ready_timeout_seconds = READY_TIMEOUT_SECONDS;
+            })
+            .await,
+        )
     }
 
-    fn clusters(&self) -> Api<ChatCluster> {
-        Api::namespaced(self.client.clone(), &self.namespace)
-    }
-
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), &self.namespace)
-    }
-
-    async fn cluster(&self) -> ChatCluster {
-        self.clusters().get(NAME).await.expect("ChatCluster")
-    }
-
-    async fn endpoints(&self) -> Option<Endpoints> {
-        let cm = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
-            .get(&format!("{NAME}-endpoints"))
-            .await
-            .ok()?;
-        Endpoints::parse(cm.data?.get(ENDPOINTS_KEY)?)
-    }
-
-    /// Waits until every gateway is listed ready.
     async fn wait_listed(&self, timeout: Duration) -> Endpoints {
-        let listed = wait_for(timeout, || async {
-            self.endpoints().await.filter(|e| e.gateways.len() == GATEWAYS && e.gateways.iter().all(|g| g.ready))
-        })
-        .await;
-        listed.unwrap_or_else(|| panic!("not every gateway listed ready; {}", self.kubelet.describe()))
+        self.0.wait_listed(GATEWAYS, timeout).await
     }
 
     async fn set_image(&self, image: &str) {
@@ -249,11 +155,6 @@ impl Harness {
         })
     }
 
-    async fn gateway_pods(&self) -> Vec<Pod> {
-        let pods = self.pods().list(&ListParams::default().labels("app.kubernetes.io/component=gateway")).await;
-        pods.expect("list pods").items
-    }
-
     async fn drain_annotated(&self) -> Vec<String> {
         let pods = self.pods().list(&ListParams::default().labels("app.kubernetes.io/component=gateway")).await;
         pods.expect("list pods")
@@ -265,28 +166,13 @@ impl Harness {
     }
 
     async fn stop(self) {
-        for operator in &self.operators {
-            assert_eq!(operator.errors(), 0, "reconcile errors");
-        }
-        self.kubelet.stop().await;
-        for operator in self.operators {
-            operator.stop().await;
-        }
-        delete_namespace(&self.client, &self.namespace).await;
-        let session = connect_cql().await;
-        let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), ()).await;
+        self.0.stop().await;
     }
 }
 
 /// A short Lease, so a standby takes over a few seconds after a crash.
 fn lease(namespace: &str, identity: &str) -> LeaderConfig {
-    LeaderConfig {
-        lease_name: "kubechat-operator".into(),
-        namespace: namespace.into(),
-        identity: identity.into(),
-        lease_duration: LEASE,
-        renew_every: Duration::from_millis(500),
-    }
+    kubechat_e2e::gateways::lease(namespace, identity, LEASE)
 }
 
 fn gateway(n: usize) -> String {
@@ -813,7 +699,8 @@ async fn a_standby_operator_finishes_a_rollout_after_the_leader_crashes_without_
 
     // 2. A third replica stands by; crash the second leader as soon as pod 2's
     //    replacement is reported (the next reconcile would start pod 1's drain).
-    h.operators.push(RunningOperator::start(&h.client, &h.namespace, Some(lease(&h.namespace, "third"))));
+    let standby = RunningOperator::start(&h.client, &h.namespace, Some(lease(&h.namespace, "third")));
+    h.operators.push(standby);
     let replaced = wait_for(Duration::from_secs(60), || async { h.has_event("PodReplaced", 2).await.then_some(()) });
     assert!(replaced.await.is_some(), "the new leader did not replace pod 2; {}", h.kubelet.describe());
     let pod1_drain_started_before_crash = h.drain_annotated().await.contains(&gateway(1));

@@ -90,7 +90,13 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     let mut scale = scale::decide(&scale_input(cc, ctx, &namespace, now));
     let driven = rollout::drive(cc, ctx, &namespace, scale.keep).await;
     let removed = driven.as_ref().ok().and_then(rollout::Report::replicas);
-    let gateways = removed.unwrap_or(scale.replicas);
+    // Read again now: the StatefulSet may have changed while the driver ran
+    // (a removal a moment ago), and applying an older count would undo it.
+    let gateways = removed.or(scale.replicas).unwrap_or_else(|| {
+        let names = Names(&cc.name_any());
+        let live = ctx.owned.get::<StatefulSet>(&namespace, &names.gateway()).and_then(|s| s.spec.replicas);
+        live.unwrap_or_else(|| scale::initial_replicas(&cc.spec.gateway))
+    });
 
     // Desired → apply. One object the apiserver refuses does not hold back
     // the others: each failure is reported in the status instead.

@@ -10,9 +10,9 @@
 //!   the whole cool-down (`scaleDownCooldownSeconds`), and never fewer than
 //!   the connections need now;
 //! - either way a gateway is removed only after a drain: [`Scale::keep`]
-//!   below [`Scale::replicas`] tells the rollout driver to drain the highest
-//!   ordinal, and the driver lowers the StatefulSet's replicas once it is
-//!   empty (`crate::rollout`).
+//!   below the StatefulSet's replicas tells the rollout driver to drain the
+//!   highest ordinal, and the driver lowers the replicas once it is empty
+//!   (`crate::rollout`).
 //!
 //! The state between reconciles is the StatefulSet's replicas and
 //! `status.autoscale` (when the cool-down started), not memory.
@@ -49,9 +49,11 @@ pub struct Input<'a> {
 /// The decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scale {
-    /// The StatefulSet's replicas now: never lower than it is (a removal
-    /// waits for a drain), higher at once when more are needed.
-    pub replicas: i32,
+    /// The StatefulSet's replicas to set: `Some` when more are needed (at
+    /// once) or it is about to be created; `None`: as they are, whatever
+    /// they are by the time they are applied (a removal waits for a drain,
+    /// and a count read a moment ago may already be out of date).
+    pub replicas: Option<i32>,
     /// Gateways to keep. Below `replicas`: drain the highest ordinal, then
     /// lower `replicas` by one, until they meet.
     pub keep: i32,
@@ -82,9 +84,11 @@ pub fn needed(autoscale: &AutoscaleSpec, connections: u64) -> i32 {
 
 pub fn decide(input: &Input) -> Scale {
     let current = input.current.unwrap_or_else(|| initial_replicas(input.gateway));
+    // More gateways (or a first count) are set at once; fewer never are.
+    let set = |wanted: i32| (input.current.is_none() || wanted > current).then_some(wanted.max(current));
     let Some(autoscale) = &input.gateway.autoscale else {
         let wanted = input.gateway.replicas;
-        return Scale { replicas: wanted.max(current), keep: wanted, status: None, scaled_up: None, recheck: None };
+        return Scale { replicas: set(wanted), keep: wanted, status: None, scaled_up: None, recheck: None };
     };
     let (min, max) = (autoscale.min_replicas, autoscale.max_replicas.max(autoscale.min_replicas));
     let target = autoscale.target_connections_per_pod;
@@ -117,7 +121,7 @@ pub fn decide(input: &Input) -> Scale {
     if desired > current {
         let change = format!("{current} → {desired}: {need}");
         return Scale {
-            replicas: desired,
+            replicas: set(desired),
             keep: desired,
             status: status(SCALED_UP, format!("scaled {change}"), None, Some(time::rfc3339(input.now))),
             scaled_up: input.current.is_some().then(|| format!("Scaled gateways {change}")),
@@ -126,7 +130,7 @@ pub fn decide(input: &Input) -> Scale {
     }
     let steady =
         |keep: i32, reason: &str, message: String, below_since: Option<i64>, recheck: Option<Duration>| Scale {
-            replicas: current,
+            replicas: set(current),
             keep,
             status: status(reason, message, below_since, last_scale_time.clone()),
             scaled_up: None,
@@ -194,11 +198,11 @@ mod tests {
     fn without_autoscale_the_spec_decides_and_a_removal_waits_for_a_drain() {
         let gateway = GatewaySpec { replicas: 3, ..GatewaySpec::default() };
         let up = decide(&Input { connections: None, ..input(&gateway, 2, 0, 0) });
-        assert_eq!((up.replicas, up.keep, up.status), (3, 3, None));
+        assert_eq!((up.replicas, up.keep, up.status), (Some(3), 3, None));
         let down = decide(&input(&gateway, 5, 999_999, 0));
-        assert_eq!((down.replicas, down.keep), (5, 3), "keep 3, drain the other two first");
+        assert_eq!((down.replicas, down.keep), (None, 3), "keep 3, drain the other two first");
         let new = decide(&Input { current: None, ..input(&gateway, 0, 0, 0) });
-        assert_eq!((new.replicas, new.keep), (3, 3));
+        assert_eq!((new.replicas, new.keep), (Some(3), 3));
     }
 
     #[test]
@@ -215,7 +219,7 @@ mod tests {
     fn more_connections_add_gateways_at_once() {
         let spec = autoscaled(1, 10, 100, 300);
         let s = decide(&input(&spec, 2, 450, 1_000));
-        assert_eq!((s.replicas, s.keep), (5, 5));
+        assert_eq!((s.replicas, s.keep), (Some(5), 5));
         let status = s.status.expect("status");
         assert_eq!((status.reason.as_str(), status.current_replicas, status.desired_replicas), (SCALED_UP, 2, 5));
         assert_eq!(status.last_scale_time, Some(time::rfc3339(1_000)));
@@ -226,7 +230,7 @@ mod tests {
     fn fewer_connections_remove_gateways_only_after_the_cool_down() {
         let spec = autoscaled(1, 10, 100, 300);
         let first = decide(&input(&spec, 4, 150, 1_000));
-        assert_eq!((first.replicas, first.keep), (4, 4), "nothing removed yet");
+        assert_eq!((first.replicas, first.keep), (None, 4), "nothing removed yet");
         let status = first.status.clone().expect("status");
         assert_eq!((status.reason.as_str(), status.desired_replicas), (COOLING_DOWN, 2));
         assert_eq!(status.below_since, Some(time::rfc3339(1_000)));
@@ -238,7 +242,7 @@ mod tests {
         assert_eq!(later.status.as_ref().and_then(|s| s.below_since.clone()), Some(time::rfc3339(1_000)), "kept");
 
         let over = decide(&Input { previous: Some(&status), ..input(&spec, 4, 150, 1_300) });
-        assert_eq!((over.replicas, over.keep), (4, 2), "drain down to what the connections need");
+        assert_eq!((over.replicas, over.keep), (None, 2), "drain down to what the connections need");
         assert_eq!(over.status.expect("status").reason, SCALING_DOWN);
     }
 
@@ -259,7 +263,7 @@ mod tests {
     fn never_fewer_than_the_connections_need_while_shrinking() {
         let spec = autoscaled(1, 10, 100, 0);
         let s = decide(&input(&spec, 5, 401, 1_000));
-        assert_eq!((s.replicas, s.keep), (5, 5), "401 connections need 5");
+        assert_eq!((s.replicas, s.keep), (None, 5), "401 connections need 5");
         let s = decide(&input(&spec, 5, 399, 1_000));
         assert_eq!(s.keep, 4, "no cool-down: drain one");
     }
@@ -268,7 +272,7 @@ mod tests {
     fn a_lowered_maximum_removes_gateways_without_a_cool_down() {
         let spec = autoscaled(1, 3, 100, 300);
         let s = decide(&input(&spec, 6, 250, 1_000));
-        assert_eq!((s.replicas, s.keep), (6, 3), "down to the maximum now, the rest after the cool-down");
+        assert_eq!((s.replicas, s.keep), (None, 3), "down to the maximum now, the rest after the cool-down");
         assert_eq!(s.status.expect("status").reason, COOLING_DOWN);
     }
 
@@ -276,7 +280,7 @@ mod tests {
     fn load_beyond_the_maximum_says_so() {
         let spec = autoscaled(1, 3, 100, 300);
         let s = decide(&input(&spec, 3, 1_000, 1_000));
-        assert_eq!((s.replicas, s.keep), (3, 3));
+        assert_eq!((s.replicas, s.keep), (None, 3));
         let status = s.status.expect("status");
         assert_eq!(status.reason, AT_MAXIMUM);
         assert!(status.message.contains("would need 10"), "{}", status.message);
@@ -286,9 +290,9 @@ mod tests {
     fn without_a_load_report_only_the_bounds_move_the_count() {
         let spec = autoscaled(3, 6, 100, 300);
         let below = decide(&Input { connections: None, ..input(&spec, 2, 0, 0) });
-        assert_eq!((below.replicas, below.keep), (3, 3));
+        assert_eq!((below.replicas, below.keep), (Some(3), 3));
         let inside = decide(&Input { connections: None, ..input(&spec, 4, 0, 0) });
-        assert_eq!((inside.replicas, inside.keep), (4, 4));
+        assert_eq!((inside.replicas, inside.keep), (None, 4));
         assert_eq!(inside.status.expect("status").reason, NO_LOAD_REPORT);
     }
 
@@ -300,7 +304,7 @@ mod tests {
             assert_eq!(initial_replicas(&spec), expected);
         }
         let s = decide(&Input { current: None, connections: None, ..input(&spec, 0, 0, 0) });
-        assert_eq!((s.replicas, s.scaled_up), (4, None), "no Event for a creation");
+        assert_eq!((s.replicas, s.scaled_up), (Some(4), None), "no Event for a creation");
     }
 
     #[test]

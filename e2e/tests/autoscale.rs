@@ -1,0 +1,370 @@
+//! Autoscaling by connections, end to end: an in-process operator, the
+//! local control plane, a private Redis, Cassandra, and a real
+//! `kubechat-gateway` process per gateway Pod (`kubechat_e2e::kubelet`).
+//!
+//! Clients find gateways the way real ones do, in the endpoint list, and
+//! follow `reconnect` frames. Load over the target adds gateways within a
+//! discovery interval or so; once it falls, after the cool-down the highest
+//! gateway is drained and only then removed, one at a time, and no gateway
+//! ever holds more than its capacity (each one's own count, read every 100 ms).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams};
+use kubechat_e2e::client::Tokens;
+use kubechat_e2e::cluster::wait_for;
+use kubechat_e2e::gateways::{NAME, RealGateways, Setup};
+use kubechat_operator::discovery::poll;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+const TARGET: i64 = 100;
+/// Each gateway's `maxConnectionsPerPod`: half again the target, so the
+/// clients the last gateways shed must spread over the ones left.
+const CAPACITY: u64 = 150;
+const COOLDOWN_SECONDS: i32 = 10;
+const WINDOW_SECONDS: i32 = 5;
+const RATE: i32 = 100;
+const INTERVAL: Duration = Duration::from_secs(1);
+
+/// Ready gateways as the endpoint list shows them, and what clients did.
+#[derive(Default)]
+struct World {
+    /// (url, connections, capacity) of each gateway listed ready.
+    listed: Mutex<Vec<(String, u64, u64)>>,
+    /// Clients holding a connection now.
+    connected: AtomicUsize,
+    /// Connection attempts refused or failed.
+    refused: AtomicUsize,
+    /// `reconnect` frames followed.
+    moved: AtomicUsize,
+}
+
+impl World {
+    /// A listed gateway: for two clients in three the one with the most
+    /// room, as discovery recommends; for the third any with room, by `n`.
+    fn pick(&self, n: usize) -> Option<String> {
+        let listed = self.listed.lock().expect("lock");
+        if !n.is_multiple_of(3) {
+            return listed.iter().max_by_key(|(_, c, cap)| cap.saturating_sub(*c)).map(|(url, _, _)| url.clone());
+        }
+        let roomy: Vec<&String> = listed.iter().filter(|(_, c, cap)| c < cap).map(|(url, _, _)| url).collect();
+        let from: Vec<&String> = if roomy.is_empty() { listed.iter().map(|(url, _, _)| url).collect() } else { roomy };
+        (!from.is_empty()).then(|| from[n % from.len()].clone())
+    }
+}
+
+fn jitter(n: usize, attempt: usize, within_ms: u64) -> Duration {
+    let mixed = (n as u64).wrapping_mul(2_654_435_761).wrapping_add((attempt as u64).wrapping_mul(40_503));
+    Duration::from_millis(mixed % within_ms.max(1))
+}
+
+/// One device: connects to a listed gateway, heartbeats, follows
+/// `reconnect` frames and reconnects when dropped, until `stop`.
+async fn client(world: Arc<World>, token: String, n: usize, stop: CancellationToken) {
+    let mut next: Option<String> = None;
+    let mut attempt = 0;
+    while !stop.is_cancelled() {
+        attempt += 1;
+        let Some(url) = next.take().or_else(|| world.pick(n + attempt)) else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let connect = tokio_tungstenite::connect_async(format!("{url}?token={token}"));
+        let Ok(Ok((socket, _))) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
+            world.refused.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(200) + jitter(n, attempt, 300)).await;
+            continue;
+        };
+        world.connected.fetch_add(1, Ordering::Relaxed);
+        let (mut sink, mut stream) = socket.split();
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
+        let mut pause = Duration::from_millis(100) + jitter(n, attempt, 200);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    break;
+                }
+                _ = heartbeat.tick() => {
+                    let _ = sink.send(Message::Text(r#"{"type":"heartbeat"}"#.into())).await;
+                }
+                frame = stream.next() => match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        let frame: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                        if frame["type"] == "reconnect" {
+                            world.moved.fetch_add(1, Ordering::Relaxed);
+                            next = frame["url"].as_str().map(str::to_string);
+                            pause = jitter(n, attempt, frame["within_ms"].as_u64().unwrap_or(1000));
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+        world.connected.fetch_sub(1, Ordering::Relaxed);
+        if !stop.is_cancelled() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// Clients `from..to`, each with its own stop.
+fn start_clients(
+    world: &Arc<World>,
+    tokens: &Tokens,
+    range: std::ops::Range<usize>,
+) -> Vec<(CancellationToken, JoinHandle<()>)> {
+    range
+        .map(|n| {
+            let stop = CancellationToken::new();
+            let token = tokens.mint(&format!("u{n}"), "phone");
+            (stop.clone(), tokio::spawn(client(world.clone(), token, n, stop)))
+        })
+        .collect()
+}
+
+async fn stop_clients(clients: Vec<(CancellationToken, JoinHandle<()>)>) {
+    for (stop, _) in &clients {
+        stop.cancel();
+    }
+    for (_, task) in clients {
+        let _ = task.await;
+    }
+}
+
+/// What the watcher saw: the highest connection count any gateway reported
+/// of itself, and the StatefulSet's replicas over time.
+#[derive(Default)]
+struct Seen {
+    most_on_one: BTreeMap<String, u64>,
+    replicas: Vec<(Duration, i32)>,
+    /// When the connected clients first exceeded each multiple of the target.
+    crossed: BTreeMap<usize, Duration>,
+}
+
+/// Keeps `world.listed` current from the endpoint list, and records every
+/// gateway's own connection count and the StatefulSet's replicas.
+fn watch(h: &RealGateways, world: Arc<World>, seen: Arc<Mutex<Seen>>, started: Instant) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let (client, namespace) = (h.client.clone(), h.namespace.clone());
+    let running = h.kubelet.running_pods();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
+        let config_maps = Api::namespaced(client, &namespace);
+        let mut tick = 0_u64;
+        while !token.is_cancelled() {
+            for pod in running.get() {
+                if let Ok(load) = poll::read_load(pod.admin, Duration::from_millis(500)).await {
+                    let mut seen = seen.lock().expect("lock");
+                    let most = seen.most_on_one.entry(pod.name.clone()).or_default();
+                    *most = (*most).max(load.connections);
+                }
+            }
+            if tick.is_multiple_of(2) {
+                if let Some(e) = kubechat_e2e::gateways::read_endpoints(&config_maps).await {
+                    let ready = e.gateways.iter().filter(|g| g.ready);
+                    *world.listed.lock().expect("lock") =
+                        ready.map(|g| (g.url.clone(), g.connections, g.capacity)).collect();
+                }
+                if let Ok(sts) = sets.get(&format!("{NAME}-gateway")).await {
+                    let replicas = sts.spec.replicas.unwrap_or(0);
+                    let mut seen = seen.lock().expect("lock");
+                    if seen.replicas.last().map(|(_, r)| *r) != Some(replicas) {
+                        seen.replicas.push((started.elapsed(), replicas));
+                    }
+                }
+            }
+            let now = world.connected.load(Ordering::Relaxed);
+            for multiple in 1..=now.saturating_sub(1) / TARGET as usize {
+                seen.lock().expect("lock").crossed.entry(multiple * TARGET as usize).or_insert(started.elapsed());
+            }
+            tick += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    stop
+}
+
+/// When the StatefulSet first had `replicas` after `since` (both since the test's start).
+fn reached(seen: &Mutex<Seen>, replicas: i32, since: Duration) -> Option<Duration> {
+    let seen = seen.lock().expect("lock");
+    seen.replicas.iter().find(|(at, r)| *r == replicas && *at >= since).map(|(at, _)| *at)
+}
+
+/// The scaling Events (reason, note), oldest first.
+async fn scaling_events(h: &RealGateways) -> Vec<(String, String)> {
+    let events = Api::<Event>::namespaced(h.client.clone(), &h.namespace)
+        .list(&ListParams::default())
+        .await
+        .expect("list Events");
+    let mut steps: Vec<(i64, String, String)> = events
+        .items
+        .into_iter()
+        .filter(|e| matches!(e.reason.as_deref(), Some("ScaledUp" | "ScaledDown" | "DrainStarted" | "DrainFinished")))
+        .map(|e| {
+            let at = e.event_time.as_ref().map_or(0, |t| t.0.as_microsecond());
+            (at, e.reason.unwrap_or_default(), e.note.unwrap_or_default())
+        })
+        .collect();
+    steps.sort();
+    steps.into_iter().map(|(_, reason, note)| (reason, note)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down_one_drained_pod_at_a_time() {
+    let setup = Setup { prefix: "autoscale", gateways: 1, leaders: &[], lease: Duration::ZERO };
+    let h = RealGateways::start(setup, |spec| {
+        spec.gateway.replicas = 1;
+        spec.gateway.max_connections_per_pod = CAPACITY as i64;
+        spec.gateway.drain.window_seconds = WINDOW_SECONDS;
+        spec.gateway.drain.max_reconnects_per_second = RATE;
+        spec.gateway.autoscale = Some(kubechat_crds::AutoscaleSpec {
+            min_replicas: 1,
+            max_replicas: 4,
+            target_connections_per_pod: TARGET,
+            scale_down_cooldown_seconds: COOLDOWN_SECONDS,
+        });
+    })
+    .await;
+    let started = Instant::now();
+    let world = Arc::new(World::default());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let watcher = watch(&h, world.clone(), seen.clone(), started);
+    wait_for(Duration::from_secs(10), || async { (!world.listed.lock().expect("lock").is_empty()).then_some(()) })
+        .await
+        .expect("the watcher sees the first gateway");
+    let connected = |n: usize| {
+        let world = world.clone();
+        async move { (world.connected.load(Ordering::Relaxed) == n).then_some(()) }
+    };
+    let crossed = |connections: usize| seen.lock().expect("lock").crossed.get(&connections).copied();
+
+    // Up: 90 clients need one gateway; 30 more call for a second, at once;
+    // 100 more for a third.
+    let mut clients = start_clients(&world, &h.tokens, 0..90);
+    wait_for(Duration::from_secs(30), || connected(90)).await.expect("90 clients connected");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reached(&seen, 2, Duration::ZERO), None, "90 connections need one gateway");
+    clients.extend(start_clients(&world, &h.tokens, 90..120));
+    let up = wait_for(Duration::from_secs(15), || async { reached(&seen, 2, Duration::ZERO) }).await;
+    let up = up.unwrap_or_else(|| panic!("no second gateway for 120 connections; {}", h.kubelet.describe()));
+    let first_reaction = up.saturating_sub(crossed(100).expect("over 100 connections"));
+    h.wait_listed(2, Duration::from_secs(60)).await;
+    let first_serving = started.elapsed().saturating_sub(crossed(100).expect("over 100 connections"));
+    clients.extend(start_clients(&world, &h.tokens, 120..220));
+    let up = wait_for(Duration::from_secs(15), || async { reached(&seen, 3, Duration::ZERO) }).await;
+    let up = up.unwrap_or_else(|| panic!("no third gateway for 220 connections; {}", h.kubelet.describe()));
+    let second_reaction = up.saturating_sub(crossed(200).expect("over 200 connections"));
+    h.wait_listed(3, Duration::from_secs(60)).await;
+    // 30 more, so the third gateway holds some too.
+    wait_for(Duration::from_secs(10), || async { (world.listed.lock().expect("lock").len() == 3).then_some(()) })
+        .await
+        .expect("clients see the third gateway");
+    clients.extend(start_clients(&world, &h.tokens, 220..250));
+    let everyone = wait_for(Duration::from_secs(60), || connected(250)).await;
+    assert!(
+        everyone.is_some(),
+        "only {} of 250 clients connected on 3 gateways",
+        world.connected.load(Ordering::Relaxed)
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spread: Vec<(String, u64)> =
+        h.endpoints().await.into_iter().flat_map(|e| e.gateways).map(|g| (g.pod, g.connections)).collect();
+
+    // Down: three in five leave, from every gateway; 100 need one gateway.
+    // Nothing is removed during the cool-down.
+    let (staying, leaving): (Vec<_>, Vec<_>) = clients.into_iter().enumerate().partition(|(n, _)| n % 5 < 2);
+    stop_clients(leaving.into_iter().map(|(_, c)| c).collect()).await;
+    let dropped = started.elapsed();
+    let cooling = wait_for(Duration::from_secs(10), || async {
+        let status = h.cluster().await.status?.autoscale?;
+        (status.reason == "CoolingDown").then_some(status)
+    })
+    .await
+    .expect("the status shows the cool-down");
+    assert_eq!((cooling.current_replicas, cooling.desired_replicas), (3, 1), "{cooling:?}");
+    assert!(cooling.message.contains("cool-down"), "{}", cooling.message);
+    let two = wait_for(Duration::from_secs(60), || async { reached(&seen, 2, dropped) }).await;
+    let two = two.unwrap_or_else(|| panic!("gateway 2 never removed; {}", h.kubelet.describe()));
+    let one = wait_for(Duration::from_secs(60), || async { reached(&seen, 1, dropped) }).await;
+    let one = one.unwrap_or_else(|| panic!("gateway 1 never removed; {}", h.kubelet.describe()));
+    h.wait_listed(1, Duration::from_secs(30)).await;
+    let settled = wait_for(Duration::from_secs(30), || connected(100)).await;
+    let after = world.connected.load(Ordering::Relaxed);
+
+    let events = scaling_events(&h).await;
+    let status = h.cluster().await.status.and_then(|s| s.autoscale);
+    stop_clients(staying.into_iter().map(|(_, c)| c).collect()).await;
+    watcher.cancel();
+    let most = seen.lock().expect("lock").most_on_one.clone();
+    let replicas = seen.lock().expect("lock").replicas.clone();
+    println!(
+        "autoscale: scale-up reactions {first_reaction:.1?} (1 → 2) and {second_reaction:.1?} (2 → 3) after the load \
+         crossed a multiple of the target (discovery interval {INTERVAL:?}); the second gateway was listed ready \
+         {first_serving:.1?} after; 250 clients spread {spread:?}; scale-down 3 → 2 at {:.1?} and 2 → 1 at {:.1?} \
+         after the load fell (cool-down {COOLDOWN_SECONDS} s, drain window {WINDOW_SECONDS} s); most connections any \
+         gateway held: {most:?} (capacity {CAPACITY}); {} reconnect frames followed, {} attempts refused; replicas \
+         over time {replicas:?}; events {events:#?}",
+        two.saturating_sub(dropped),
+        one.saturating_sub(dropped),
+        world.moved.load(Ordering::Relaxed),
+        world.refused.load(Ordering::Relaxed),
+    );
+
+    assert!(first_reaction < INTERVAL * 4, "1 → 2 took {first_reaction:?}");
+    assert!(second_reaction < INTERVAL * 4, "2 → 3 took {second_reaction:?}");
+    let cooldown = Duration::from_secs(COOLDOWN_SECONDS as u64);
+    assert!(two.saturating_sub(dropped) >= cooldown, "a gateway was removed during the cool-down");
+    assert!(settled.is_some(), "{after} of 100 clients connected after the scale-down");
+    assert!(spread.iter().all(|(_, c)| *c > 0), "every gateway held clients before the scale-down: {spread:?}");
+    for (pod, held) in &most {
+        assert!(*held <= CAPACITY, "{pod} held {held} connections, over its capacity {CAPACITY}");
+    }
+    // Each removal: the highest pod drained (emptied), then the replicas lowered.
+    let reasons: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|(reason, _)| reason != "ScaledUp")
+        .map(|(reason, note)| {
+            let pod = if note.contains("chat-gateway-2") {
+                "2"
+            } else if note.contains("chat-gateway-1") {
+                "1"
+            } else {
+                "?"
+            };
+            (reason.as_str(), pod)
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("DrainStarted", "2"),
+            ("DrainFinished", "2"),
+            ("ScaledDown", "2"),
+            ("DrainStarted", "1"),
+            ("DrainFinished", "1"),
+            ("ScaledDown", "1")
+        ],
+        "{events:#?}"
+    );
+    for (reason, note) in &events {
+        if reason == "DrainFinished" {
+            assert!(note.contains("(0 connections left)"), "removed before its drain emptied it: {note}");
+        }
+    }
+    assert_eq!(events.iter().filter(|(r, _)| r == "ScaledUp").count(), 2, "{events:#?}");
+    let status = status.expect("status.autoscale");
+    assert_eq!((status.current_replicas, status.desired_replicas), (1, 1), "{status:?}");
+    h.stop().await;
+}
