@@ -6,7 +6,8 @@
 # StatefulSets, garbage collection, ServiceAccounts etc. behave as in a cluster.
 #
 #   control-plane.sh install        build the binaries into $KUBECHAT_BIN
-#   control-plane.sh start          install if needed, then start everything
+#   control-plane.sh start [--fresh]  install if needed, then start everything
+#                                   (--fresh: a stopped etcd starts from empty data)
 #   control-plane.sh status         print each component; non-zero if any is down
 #   control-plane.sh stop [--wipe]  stop everything; --wipe drops etcd data + PKI
 #
@@ -576,9 +577,21 @@ ensure_cluster_objects() {
 }
 
 cmd_start() {
-  local start=$SECONDS
+  local start=$SECONDS fresh=false
+  case "${1:-}" in
+    "") ;;
+    --fresh) fresh=true ;;
+    *) die "usage: $0 start [--fresh]" ;;
+  esac
   mkdir -p "$KUBE_DIR"
   lock 9 "$KUBE_DIR/.lock"
+  # Objects a test run leaves behind (a failed test's namespace) pile up
+  # run after run: their Services alone exhaust the /24 service range. A
+  # test run starts from an empty etcd; a running one is left alone.
+  if $fresh && ! running etcd && [[ -d "$ETCD_DATA_DIR" ]]; then
+    rm -rf "$ETCD_DATA_DIR"
+    log "wiped $ETCD_DATA_DIR (--fresh)"
+  fi
   cmd_install
   command -v curl >/dev/null || apt_install curl
   check_ports
@@ -640,7 +653,7 @@ usage() {
 main() {
   case "${1:-}" in
     install) cmd_install ;;
-    start) cmd_start ;;
+    start) shift; cmd_start "$@" ;;
     status) cmd_status ;;
     stop) shift; cmd_stop "$@" ;;
     *) usage ;;

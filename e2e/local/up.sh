@@ -10,8 +10,8 @@ components=(redis cassandra control-plane centrifugo)
 declare -A pids
 for c in "${components[@]}"; do
   args=(start)
-  # A test run's Cassandra starts empty (see cassandra.sh start --fresh).
-  [[ "$c" == cassandra ]] && args+=(--fresh)
+  # A test run's Cassandra and etcd start empty (see their `start --fresh`).
+  [[ "$c" == cassandra || "$c" == control-plane ]] && args+=(--fresh)
   bash "$HERE/$c.sh" "${args[@]}" &
   pids[$c]=$!
 done
