@@ -26,8 +26,8 @@ pub const NAME: &str = "chat";
 /// The selector of its gateway pods.
 pub const GATEWAY_PODS: &str = "app.kubernetes.io/component=gateway";
 
-/// A free TCP port on this machine (for the gateways' ports, which every
-/// gateway process binds on its own loopback IP).
+/// A free TCP port on this machine: free on every address (0.0.0.0), so
+/// also on each gateway Pod's loopback IP, where its process binds it.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
@@ -41,6 +41,48 @@ pub fn lease(namespace: &str, identity: &str, duration: Duration) -> LeaderConfi
         lease_duration: duration,
         renew_every: Duration::from_millis(500),
     }
+}
+
+/// A keyspace name of its own, its schema created in Cassandra before any
+/// gateway starts (gateways starting together would race on creating it).
+pub async fn new_keyspace(prefix: &str) -> String {
+    let keyspace = unique_name(prefix).replace('-', "_");
+    let config = ScyllaConfig {
+        contact_points: vec![cql_node()],
+        keyspace: keyspace.clone(),
+        replication_factor: 1,
+        ..ScyllaConfig::default()
+    };
+    ScyllaStore::connect(config).await.unwrap_or_else(|e| {
+        panic!("Cassandra (CQL) is not usable at {}: {e}; start it with `e2e/local/cassandra.sh start`", cql_node())
+    });
+    keyspace
+}
+
+/// A spec for real gateways: Redis at `redis`, the local Cassandra with
+/// `keyspace`, `gateways` replicas on free ports, capacity 5,000, discovery
+/// every second, no push workers.
+pub fn spec(redis: String, keyspace: &str, gateways: usize) -> ChatClusterSpec {
+    let mut spec = ChatClusterSpec {
+        redis: RedisSpec { managed: None, external: Some(ExternalRedis { url: redis, password_secret: None }) },
+        scylla: ScyllaSpec {
+            managed: None,
+            external: Some(ExternalScylla {
+                contact_points: vec![cql_node()],
+                credentials_secret: None,
+                local_datacenter: None,
+            }),
+            keyspace: keyspace.to_string(),
+            replication_factor: Some(1),
+        },
+        ..ChatClusterSpec::default()
+    };
+    spec.gateway.replicas = i32::try_from(gateways).expect("gateways");
+    spec.gateway.max_connections_per_pod = 5000;
+    spec.gateway.ports = GatewayPorts { websocket: i32::from(free_port()), admin: i32::from(free_port()) };
+    spec.gateway.discovery.interval_seconds = 1;
+    spec.push_workers.replicas = 0;
+    spec
 }
 
 /// What to start.
@@ -78,38 +120,8 @@ impl RealGateways {
         let client = connect_kube().await;
         install_crd(&client).await;
         let namespace = create_namespace(&client, setup.prefix).await;
-        let keyspace = unique_name(setup.prefix).replace('-', "_");
-        let config = ScyllaConfig {
-            contact_points: vec![cql_node()],
-            keyspace: keyspace.clone(),
-            replication_factor: 1,
-            ..ScyllaConfig::default()
-        };
-        ScyllaStore::connect(config).await.unwrap_or_else(|e| {
-            panic!("Cassandra (CQL) is not usable at {}: {e}; start it with `e2e/local/cassandra.sh start`", cql_node())
-        });
-        let mut spec = ChatClusterSpec {
-            redis: RedisSpec {
-                managed: None,
-                external: Some(ExternalRedis { url: redis.url(), password_secret: None }),
-            },
-            scylla: ScyllaSpec {
-                managed: None,
-                external: Some(ExternalScylla {
-                    contact_points: vec![cql_node()],
-                    credentials_secret: None,
-                    local_datacenter: None,
-                }),
-                keyspace: keyspace.clone(),
-                replication_factor: Some(1),
-            },
-            ..ChatClusterSpec::default()
-        };
-        spec.gateway.replicas = i32::try_from(setup.gateways).expect("gateways");
-        spec.gateway.max_connections_per_pod = 5000;
-        spec.gateway.ports = GatewayPorts { websocket: i32::from(free_port()), admin: i32::from(free_port()) };
-        spec.gateway.discovery.interval_seconds = 1;
-        spec.push_workers.replicas = 0;
+        let keyspace = new_keyspace(setup.prefix).await;
+        let mut spec = spec(redis.url(), &keyspace, setup.gateways);
         configure(&mut spec);
 
         let mut operators = Vec::new();

@@ -18,14 +18,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, GatewayPorts, RedisSpec, ScyllaSpec};
+use kubechat_crds::ChatCluster;
 use kubechat_e2e::client::{LoadClient, Tokens};
 use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
-use kubechat_e2e::components::{PrivateRedis, connect_cql, connect_kube, cql_node, redis_url};
+use kubechat_e2e::components::{PrivateRedis, connect_cql, connect_kube, redis_url};
+use kubechat_e2e::gateways::{new_keyspace, spec};
 use kubechat_e2e::kubelet::{ProcessKubelet, RunningPod};
 use kubechat_e2e::tools::run_tool;
-use kubechat_e2e::unique_name;
-use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
 use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
 use kubechat_operator::discovery::endpoints::{Endpoints, Policy};
 use kubechat_operator::discovery::poll::read_load;
@@ -44,11 +43,6 @@ fn redis_database() -> u32 {
     let db = NEXT.fetch_add(1, Ordering::Relaxed);
     assert!(db <= 15, "more tests than Redis databases");
     db
-}
-
-fn free_port() -> u16 {
-    // Free on every address (0.0.0.0), so also on the Pod's loopback IP.
-    std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 /// The tests share the local Cassandra; the one that stops it holds this
@@ -94,37 +88,10 @@ impl Harness {
         let namespace = create_namespace(&client, prefix).await;
         let name = "chat".to_string();
 
-        // Gateways starting together would race on creating the schema.
-        let keyspace = unique_name(prefix).replace('-', "_");
-        let config = ScyllaConfig {
-            contact_points: vec![cql_node()],
-            keyspace: keyspace.clone(),
-            replication_factor: 1,
-            ..ScyllaConfig::default()
-        };
-        ScyllaStore::connect(config).await.unwrap_or_else(|e| {
-            panic!("Cassandra (CQL) is not usable at {}: {e}; start it with `e2e/local/cassandra.sh start`", cql_node())
-        });
-
-        let mut spec = ChatClusterSpec {
-            redis: RedisSpec { managed: None, external: Some(ExternalRedis { url: redis, password_secret: None }) },
-            scylla: ScyllaSpec {
-                managed: None,
-                external: Some(ExternalScylla {
-                    contact_points: vec![cql_node()],
-                    credentials_secret: None,
-                    local_datacenter: None,
-                }),
-                keyspace: keyspace.clone(),
-                replication_factor: Some(1),
-            },
-            ..ChatClusterSpec::default()
-        };
-        spec.gateway.replicas = GATEWAYS as i32;
+        let keyspace = new_keyspace(prefix).await;
+        let mut spec = spec(redis, &keyspace, GATEWAYS);
         spec.gateway.max_connections_per_pod = CAPACITY as i64;
-        spec.gateway.ports = GatewayPorts { websocket: i32::from(free_port()), admin: i32::from(free_port()) };
         spec.gateway.discovery.interval_seconds = INTERVAL.as_secs() as i32;
-        spec.push_workers.replicas = 0;
 
         let operator = RunningOperator::start(&client, &namespace, None);
         let kubelet = ProcessKubelet::start(&client, &namespace, &name);
