@@ -80,7 +80,9 @@ pub struct ChatClusterSpec {
 #[x_kube(validation = Rule::new("!has(self.autoscale) || self.autoscale.targetConnectionsPerPod <= self.maxConnectionsPerPod")
     .message("gateway.autoscale.targetConnectionsPerPod must not exceed gateway.maxConnectionsPerPod"))]
 pub struct GatewaySpec {
-    /// Number of gateway pods when autoscaling is off.
+    /// Number of gateway pods when autoscaling is off (with it, only the
+    /// first count, kept within its bounds). Lowering it removes the
+    /// highest-ordinal gateways one at a time, each drained first.
     #[serde(default = "default_gateway_replicas")]
     #[schemars(range(min = 1, max = 1000))]
     pub replicas: i32,
