@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Owned;
 use crate::calls::{Verb, counted};
+use crate::leader::Authority;
 use crate::metrics::Metrics;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -31,6 +32,10 @@ pub struct Context {
     pub(crate) stop: CancellationToken,
     /// Dial only loopback gateway addresses (`discovery::Options::loopback_only`).
     pub admin_loopback_only: bool,
+    /// The Lease term this replica leads by (`None`: no leader election).
+    /// The API client is fenced by it; what the operator sends elsewhere
+    /// (a gateway's drain request) checks it through [`leading`](Self::leading).
+    pub authority: Option<Authority>,
     /// Consecutive failures per ChatCluster, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -52,6 +57,7 @@ impl Context {
             clusters,
             stop,
             admin_loopback_only: false,
+            authority: None,
             failures: Mutex::default(),
         }
     }
@@ -93,9 +99,10 @@ impl Context {
     }
 
     /// Whether this replica still leads (writes outside the fenced API
-    /// client, such as a gateway's drain request, check it first).
+    /// client, such as a gateway's drain request, check it first): not
+    /// stopped, and within its Lease term, which ends before the stop does.
     pub fn leading(&self) -> bool {
-        !self.stop.is_cancelled()
+        may_act(self.stop.is_cancelled(), self.authority.as_ref())
     }
 
     pub(crate) async fn publish(&self, cc: &ChatCluster, event: Event) {
@@ -104,6 +111,10 @@ impl Context {
             tracing::warn!(error = %e, reason = event.reason, "could not publish event");
         }
     }
+}
+
+fn may_act(stopped: bool, authority: Option<&Authority>) -> bool {
+    !stopped && authority.is_none_or(Authority::is_leading)
 }
 
 /// The apiserver refuses Event notes over 1 KiB (and with them the Event).
@@ -149,6 +160,13 @@ mod tests {
         assert_eq!(backoff(4, 0.0), Duration::from_secs(4));
         assert_eq!(backoff(30, 0.0), BACKOFF_MAX);
         assert_eq!(backoff(1, 1.0), Duration::from_millis(600));
+    }
+
+    #[test]
+    fn only_a_running_replica_within_its_term_acts() {
+        assert!(may_act(false, None), "no leader election: the one replica acts");
+        assert!(!may_act(true, None), "stopped");
+        assert!(!may_act(false, Some(&Authority::new())), "no term granted, or it ended");
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub async fn run(
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: options.instance.clone() };
 
     let Some(leader_config) = options.leader else {
-        let ctx = Leading { client, metrics: metrics.clone(), reporter };
+        let ctx = Leading { client, metrics: metrics.clone(), reporter, authority: None };
         metrics.leader.set(1);
         ready.store(true, Ordering::Relaxed);
         run_leading(ctx, options.scope, options.discovery, shutdown.clone()).await;
@@ -57,7 +57,12 @@ pub async fn run(
     // Everything the controller and discovery write goes through the fence;
     // only the election itself writes with the plain client.
     let authority = Authority::new();
-    let ctx = Leading { client: authority.fence(client.clone()), metrics: metrics.clone(), reporter };
+    let ctx = Leading {
+        client: authority.fence(client.clone()),
+        metrics: metrics.clone(),
+        reporter,
+        authority: Some(authority.clone()),
+    };
     let (leading_tx, mut leading) = watch::channel(false);
     let elector_stop = shutdown.child_token();
     let elector = LeaderElector::new(client, leader_config).run(authority, leading_tx, elector_stop.clone());
@@ -102,16 +107,19 @@ struct Leading {
     client: Client,
     metrics: Metrics,
     reporter: Reporter,
+    /// The Lease term, when elected.
+    authority: Option<Authority>,
 }
 
 /// What the leader runs until `stop`: the controller and, from its cache of
 /// ChatClusters, the discovery loop.
 async fn run_leading(leading: Leading, scope: Scope, discovery: discovery::Options, stop: CancellationToken) {
-    let Leading { client, metrics, reporter } = leading;
+    let Leading { client, metrics, reporter, authority } = leading;
     let (controller, owned) = reconcile::controller(client.clone(), &scope);
     let clusters = controller.store();
     let mut ctx = Context::new(client.clone(), metrics.clone(), reporter, owned, clusters.clone(), stop.clone());
     ctx.admin_loopback_only = discovery.loopback_only;
+    ctx.authority = authority;
     let ctx = Arc::new(ctx);
     let poller = discovery::run(client, scope, clusters, metrics, discovery, stop.clone());
     let controller_stop = stop.clone();
