@@ -2,8 +2,8 @@
 //! operator, the local control plane, a private Redis, Cassandra, and a real
 //! `kubechat-gateway` process per gateway Pod (`kubechat_e2e::kubelet`).
 //!
-//! - Under load: 1,000 clients with steady one-to-one traffic while the
-//!   image changes on three gateways. The pods are replaced 2, 1, 0, each
+//! - Under load: 1,000 clients with steady one-to-one and group traffic
+//!   while the image changes on three gateways. The pods are replaced 2, 1, 0, each
 //!   after its drain finished; no acknowledged message is lost; reconnects
 //!   stay under the drain's bound; the status and Events show each step.
 //! - Without load: a pause holds the rollout at a pod boundary until it is
@@ -36,6 +36,10 @@ const GATEWAYS: usize = 3;
 const CLIENTS: usize = 1000;
 /// Clients that send one message a second to a partner in the other half.
 const SENDERS: usize = 100;
+/// Of the senders, these send to a group of their own (the rest one-to-one).
+const GROUP_SENDERS: usize = 10;
+/// Members of each group, the sender included.
+const GROUP_SIZE: usize = 20;
 const WINDOW_SECONDS: i32 = 6;
 const RATE: usize = 100;
 const READY_TIMEOUT_SECONDS: i32 = 15;
@@ -214,6 +218,8 @@ struct Seen {
     sent_away: Vec<Duration>,
     /// Connections opened after the first (reconnects).
     reconnects: usize,
+    /// Group messages acknowledged (each is in `acked` once per other member).
+    group_messages: usize,
     connected: HashSet<String>,
 }
 
@@ -222,6 +228,9 @@ struct World {
     /// Ready gateway URLs as the endpoint ConfigMap lists them.
     urls: Mutex<Vec<String>>,
     started: Instant,
+    /// Group id → members, and each group sender's group.
+    groups: HashMap<String, Vec<String>>,
+    group_of: HashMap<usize, String>,
 }
 
 impl World {
@@ -253,6 +262,10 @@ async fn device(world: Arc<World>, tokens: Arc<Tokens>, n: usize, stop: Cancella
     let mut attempt = 0_u64;
     let mut outstanding: Option<Value> = None;
     let sender = n < SENDERS;
+    let to = match world.group_of.get(&n) {
+        Some(group) => json!({"group": group}),
+        None => json!({"user": user(n + CLIENTS / 2)}),
+    };
     while !stop.is_cancelled() {
         attempt += 1;
         let target = match url.take() {
@@ -295,8 +308,8 @@ async fn device(world: Arc<World>, tokens: Arc<Tokens>, n: usize, stop: Cancella
                 () = stop.cancelled() => return,
                 _ = tick.tick(), if sender && outstanding.is_none() => {
                     seq += 1;
-                    let frame = json!({"type":"send","req":format!("s{seq}"),"to":{"user":user(n + CLIENTS / 2)},
-                                       "text":"hi","key":format!("{me}-{seq}")});
+                    let frame = json!({"type":"send","req":format!("s{seq}"),"to":to,"text":"hi",
+                                       "key":format!("{me}-{seq}")});
                     let sent = sink.send(Message::Text(frame.to_string().into())).await;
                     outstanding = Some(frame);
                     if sent.is_err() {
@@ -368,8 +381,20 @@ fn note(world: &World, me: &str, frame: &Value, outstanding: &mut Option<Value>,
         }
         "ack" => {
             if let Some(sent) = outstanding.take() {
-                let to = sent["to"]["user"].as_str().unwrap_or_default().to_string();
-                seen.acked.push((to, frame["id"].as_str().unwrap_or_default().to_string()));
+                let id = frame["id"].as_str().unwrap_or_default().to_string();
+                match sent["to"]["group"].as_str() {
+                    // Every other member must get a group message.
+                    Some(group) => {
+                        seen.group_messages += 1;
+                        for member in world.groups.get(group).into_iter().flatten().filter(|m| *m != me) {
+                            seen.acked.push((member.clone(), id.clone()));
+                        }
+                    }
+                    None => {
+                        let to = sent["to"]["user"].as_str().unwrap_or_default().to_string();
+                        seen.acked.push((to, id));
+                    }
+                }
             }
             Next::Nothing
         }
@@ -384,6 +409,24 @@ fn note(world: &World, me: &str, frame: &Value, outstanding: &mut Option<Value>,
             Next::MoveTo(frame["url"].as_str().map(str::to_string), frame["within_ms"].as_u64().unwrap_or(1000))
         }
         _ => Next::Nothing,
+    }
+}
+
+/// Creates a group owned by `owner` with `members`; its id.
+async fn create_group(url: &str, tokens: &Tokens, owner: &str, members: &[String]) -> String {
+    let token = tokens.mint(owner, "setup");
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("{url}?token={token}")).await.expect("connect to create a group");
+    let create = json!({"type":"create_group","req":"g","name":format!("{owner}'s group"),"members":members});
+    socket.send(Message::Text(create.to_string().into())).await.expect("send create_group");
+    loop {
+        let Some(Ok(Message::Text(text))) = socket.next().await else { panic!("no answer to create_group") };
+        let frame: Value = serde_json::from_str(&text).expect("json");
+        match frame["type"].as_str() {
+            Some("group") => return frame["group"]["id"].as_str().expect("group id").to_string(),
+            Some("error") => panic!("create_group refused: {frame}"),
+            _ => {}
+        }
     }
 }
 
@@ -428,7 +471,17 @@ fn per_second(times: &[Duration]) -> BTreeMap<u64, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_losing_acked_messages() {
     let h = Harness::start("rollout-load").await;
-    let world = Arc::new(World { seen: Mutex::default(), urls: Mutex::default(), started: Instant::now() });
+    // Group sender n owns a group with GROUP_SIZE - 1 non-senders.
+    let url = h.wait_listed(Duration::from_secs(10)).await.gateways[0].url.clone();
+    let (mut groups, mut group_of) = (HashMap::new(), HashMap::new());
+    for n in 0..GROUP_SENDERS {
+        let members: Vec<String> = (0..GROUP_SIZE - 1).map(|i| user(SENDERS + n * (GROUP_SIZE - 1) + i)).collect();
+        let id = create_group(&url, &h.tokens, &user(n), &members).await;
+        groups.insert(id.clone(), members.into_iter().chain([user(n)]).collect::<Vec<_>>());
+        group_of.insert(n, id);
+    }
+    let world =
+        Arc::new(World { seen: Mutex::default(), urls: Mutex::default(), started: Instant::now(), groups, group_of });
     let stop = CancellationToken::new();
 
     // The ready URLs as clients would discover them; and, at every look,
@@ -545,15 +598,18 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
     let reconnects = seen.reconnects - reconnects_before;
     println!(
         "rollout of {GATEWAYS} gateways with {CLIENTS} clients took {took:.1?}; drains: {drains:?}; acked {} \
-         (recipients audited by a final sync: {}), lost {}; reconnects {reconnects}, paced reconnect frames per \
+         deliveries ({} of them group messages to {GROUP_SIZE}-member groups, one delivery per other member; \
+         recipients audited by a final sync: {}), lost {}; reconnects {reconnects}, paced reconnect frames per \
          second max {max_per_second} (bound {RATE}); status phases {phases:?}",
         seen.acked.len(),
+        seen.group_messages,
         audited.len(),
         lost.len(),
     );
     let _ = delivered_live_or_synced;
     assert!(lost.is_empty(), "acked messages lost: {lost:?}");
     assert!(seen.acked.len() > SENDERS * 10, "too little traffic to tell: {} acked", seen.acked.len());
+    assert!(seen.group_messages > GROUP_SENDERS * 10, "too little group traffic: {}", seen.group_messages);
     assert!(reconnects >= CLIENTS, "only {reconnects} reconnects: were the clients moved at all?");
     assert!(max_per_second <= RATE * 5 / 4, "paced reconnect frames per second {bursts:?} over the bound {RATE}");
     h.stop().await;
