@@ -508,6 +508,38 @@ mod tests {
     }
 
     #[test]
+    fn a_scale_down_shows_in_progressing_and_lowers_the_replicas_once_drained() {
+        let removing = Report {
+            plan: Some(Plan {
+                step: Step::Remove {
+                    ordinal: 2,
+                    pod: Some("chat-gateway-2".into()),
+                    drained_for: Some(4),
+                    connections_left: Some(0),
+                },
+                rollout: None,
+                stuck: None,
+                replaced: None,
+                finished: false,
+                shrinking: Some("draining chat-gateway-2 before removing it (3 → 2 gateways)".into()),
+            }),
+            replicas: 3,
+        };
+        let mut status = ChatClusterStatus::default();
+        removing.apply(&mut status, None, &Time(Timestamp::UNIX_EPOCH));
+        let progressing = status.conditions.iter().find(|c| c.type_ == PROGRESSING).expect("Progressing");
+        assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("True", "ScalingDown"));
+        assert_eq!(status.rollout, None);
+        assert_eq!(removing.replicas(), Some(2));
+        assert_eq!(
+            removing.scaled_down().as_deref(),
+            Some("Scaled gateways 3 → 2: removed chat-gateway-2, after a 4 s drain")
+        );
+        assert_eq!(removing.requeue(), Some(REQUEUE_ACTIVE));
+        assert_eq!(Report::default().replicas(), None, "no removal without a plan");
+    }
+
+    #[test]
     fn without_a_look_at_the_pods_the_rollout_in_the_status_stays() {
         let previous = ChatClusterStatus {
             rollout: Some(RolloutStatus { phase: plan::DRAINING.into(), ..Default::default() }),
