@@ -7,6 +7,7 @@
 //! discovery interval or so; once it falls, after the cool-down the highest
 //! gateway is drained and only then removed, one at a time, and no gateway
 //! ever holds more than its capacity (each one's own count, read every 100 ms).
+//! Lowering `replicas` by hand removes gateways the same way.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kubechat_e2e::client::Tokens;
 use kubechat_e2e::cluster::wait_for;
 use kubechat_e2e::gateways::{NAME, RealGateways, Setup};
@@ -57,7 +58,7 @@ impl World {
         }
         let roomy: Vec<&String> = listed.iter().filter(|(_, c, cap)| c < cap).map(|(url, _, _)| url).collect();
         let from: Vec<&String> = if roomy.is_empty() { listed.iter().map(|(url, _, _)| url).collect() } else { roomy };
-        (!from.is_empty()).then(|| from[n % from.len()].clone())
+        (!from.is_empty()).then(|| from[(n / 3) % from.len()].clone())
     }
 }
 
@@ -221,6 +222,102 @@ async fn scaling_events(h: &RealGateways) -> Vec<(String, String)> {
     steps.into_iter().map(|(_, reason, note)| (reason, note)).collect()
 }
 
+/// Each removal, 2 then 1: the highest pod drained (emptied), then the
+/// replicas lowered (`ScaledDown`), before the next drain starts.
+fn assert_removed_one_drained_pod_at_a_time(events: &[(String, String)]) {
+    let steps: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|(reason, _)| reason != "ScaledUp")
+        .map(|(reason, note)| {
+            let pod = if note.contains("chat-gateway-2") {
+                "2"
+            } else if note.contains("chat-gateway-1") {
+                "1"
+            } else {
+                "?"
+            };
+            (reason.as_str(), pod)
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("DrainStarted", "2"),
+            ("DrainFinished", "2"),
+            ("ScaledDown", "2"),
+            ("DrainStarted", "1"),
+            ("DrainFinished", "1"),
+            ("ScaledDown", "1")
+        ],
+        "{events:#?}"
+    );
+    for (reason, note) in events {
+        if reason == "DrainFinished" {
+            assert!(note.contains("(0 connections left)"), "removed before its drain emptied it: {note}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_replicas_drains_each_gateway_it_removes() {
+    const CLIENTS: usize = 140;
+    let setup = Setup { prefix: "scale-down", gateways: 3, leaders: &[], lease: Duration::ZERO };
+    let h = RealGateways::start(setup, |spec| {
+        spec.gateway.max_connections_per_pod = CAPACITY as i64;
+        spec.gateway.drain.window_seconds = WINDOW_SECONDS;
+        spec.gateway.drain.max_reconnects_per_second = RATE;
+    })
+    .await;
+    let started = Instant::now();
+    let world = Arc::new(World::default());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let watcher = watch(&h, world.clone(), seen.clone(), started);
+    wait_for(Duration::from_secs(10), || async { (world.listed.lock().expect("lock").len() == 3).then_some(()) })
+        .await
+        .expect("the watcher sees three gateways");
+    let connected = |n: usize| {
+        let world = world.clone();
+        async move { (world.connected.load(Ordering::Relaxed) == n).then_some(()) }
+    };
+    let clients = start_clients(&world, &h.tokens, 0..CLIENTS);
+    wait_for(Duration::from_secs(30), || connected(CLIENTS)).await.expect("every client connected");
+    let spread = wait_for(Duration::from_secs(15), || async {
+        let gateways = h.endpoints().await?.gateways;
+        let total: u64 = gateways.iter().map(|g| g.connections).sum();
+        (total == CLIENTS as u64).then(|| gateways.into_iter().map(|g| (g.pod, g.connections)).collect::<Vec<_>>())
+    })
+    .await
+    .expect("the list shows every client");
+    assert!(spread.iter().all(|(_, c)| *c > 0), "every gateway holds clients: {spread:?}");
+
+    // 3 → 1: everyone must end up on the one gateway left, which has room for all.
+    let lowered = started.elapsed();
+    let patch = serde_json::json!({"spec": {"gateway": {"replicas": 1}}});
+    h.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("lower the replicas");
+    let one = wait_for(Duration::from_secs(60), || async { reached(&seen, 1, lowered) }).await;
+    let one = one.unwrap_or_else(|| panic!("not down to one gateway; {}", h.kubelet.describe()));
+    h.wait_listed(1, Duration::from_secs(30)).await;
+    let settled = wait_for(Duration::from_secs(30), || connected(CLIENTS)).await;
+    let after = world.connected.load(Ordering::Relaxed);
+    let events = scaling_events(&h).await;
+    stop_clients(clients).await;
+    watcher.cancel();
+    let most = seen.lock().expect("lock").most_on_one.clone();
+    println!(
+        "replicas 3 → 1 with {CLIENTS} clients {spread:?}: one gateway left {:.1?} after the edit; most connections \
+         any gateway held {most:?} (capacity {CAPACITY}); {} reconnect frames followed; events {events:#?}",
+        one.saturating_sub(lowered),
+        world.moved.load(Ordering::Relaxed),
+    );
+    assert_removed_one_drained_pod_at_a_time(&events);
+    assert!(settled.is_some(), "{after} of {CLIENTS} clients connected on the gateway left");
+    for (pod, held) in &most {
+        assert!(*held <= CAPACITY, "{pod} held {held} connections, over its capacity {CAPACITY}");
+    }
+    assert_eq!(h.cluster().await.status.and_then(|s| s.autoscale), None, "no autoscaler status without autoscale");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down_one_drained_pod_at_a_time() {
     let setup = Setup { prefix: "autoscale", gateways: 1, leaders: &[], lease: Duration::ZERO };
@@ -333,38 +430,7 @@ async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down
     for (pod, held) in most_before.iter().chain(&most) {
         assert!(*held <= CAPACITY, "{pod} held {held} connections, over its capacity {CAPACITY}");
     }
-    // Each removal: the highest pod drained (emptied), then the replicas lowered.
-    let reasons: Vec<(&str, &str)> = events
-        .iter()
-        .filter(|(reason, _)| reason != "ScaledUp")
-        .map(|(reason, note)| {
-            let pod = if note.contains("chat-gateway-2") {
-                "2"
-            } else if note.contains("chat-gateway-1") {
-                "1"
-            } else {
-                "?"
-            };
-            (reason.as_str(), pod)
-        })
-        .collect();
-    assert_eq!(
-        reasons,
-        [
-            ("DrainStarted", "2"),
-            ("DrainFinished", "2"),
-            ("ScaledDown", "2"),
-            ("DrainStarted", "1"),
-            ("DrainFinished", "1"),
-            ("ScaledDown", "1")
-        ],
-        "{events:#?}"
-    );
-    for (reason, note) in &events {
-        if reason == "DrainFinished" {
-            assert!(note.contains("(0 connections left)"), "removed before its drain emptied it: {note}");
-        }
-    }
+    assert_removed_one_drained_pod_at_a_time(&events);
     assert_eq!(events.iter().filter(|(r, _)| r == "ScaledUp").count(), 2, "{events:#?}");
     let status = status.expect("status.autoscale");
     assert_eq!((status.current_replicas, status.desired_replicas), (1, 1), "{status:?}");
