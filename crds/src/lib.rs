@@ -77,8 +77,10 @@ pub struct ChatClusterSpec {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.autoscale) || self.autoscale.targetConnectionsPerPod <= self.maxConnectionsPerPod")
-    .message("gateway.autoscale.targetConnectionsPerPod must not exceed gateway.maxConnectionsPerPod"))]
+// Strictly less: at a target equal to the capacity, a full gateway refuses
+// the very clients that would show the autoscaler more load.
+#[x_kube(validation = Rule::new("!has(self.autoscale) || self.autoscale.targetConnectionsPerPod < self.maxConnectionsPerPod")
+    .message("gateway.autoscale.targetConnectionsPerPod must be less than gateway.maxConnectionsPerPod (a full gateway refuses the clients that would show the autoscaler more load)"))]
 pub struct GatewaySpec {
     /// Number of gateway pods when autoscaling is off (with it, only the
     /// first count, kept within its bounds). Lowering it removes the
