@@ -7,7 +7,8 @@
 //! discovery interval or so; once it falls, after the cool-down the highest
 //! gateway is drained and only then removed, one at a time, and no gateway
 //! ever holds more than its capacity (each one's own count, read every 100 ms).
-//! Lowering `replicas` by hand removes gateways the same way.
+//! Lowering `replicas` by hand removes gateways the same way, and a standby
+//! operator finishes a scale-down whose leader crashed mid-drain.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -315,6 +316,76 @@ async fn lowering_replicas_drains_each_gateway_it_removes() {
         assert!(*held <= CAPACITY, "{pod} held {held} connections, over its capacity {CAPACITY}");
     }
     assert_eq!(h.cluster().await.status.and_then(|s| s.autoscale), None, "no autoscaler status without autoscale");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_finishes_a_scale_down_after_the_leader_crashes_without_draining_a_gateway_twice() {
+    const CLIENTS: usize = 90;
+    const LEASE: Duration = Duration::from_secs(3);
+    let setup = Setup { prefix: "scale-failover", gateways: 3, leaders: &["first", "second"], lease: LEASE };
+    let mut h = RealGateways::start(setup, |spec| {
+        spec.gateway.max_connections_per_pod = CAPACITY as i64;
+        spec.gateway.drain.window_seconds = WINDOW_SECONDS;
+        // Slow enough that the crash lands in the middle of the first drain.
+        spec.gateway.drain.max_reconnects_per_second = 10;
+    })
+    .await;
+    let started = Instant::now();
+    let world = Arc::new(World::default());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let watcher = watch(&h, world.clone(), seen.clone(), started);
+    wait_for(Duration::from_secs(10), || async { (world.listed.lock().expect("lock").len() == 3).then_some(()) })
+        .await
+        .expect("the watcher sees three gateways");
+    let connected = |n: usize| {
+        let world = world.clone();
+        async move { (world.connected.load(Ordering::Relaxed) == n).then_some(()) }
+    };
+    let clients = start_clients(&world, &h.tokens, 0..CLIENTS);
+    wait_for(Duration::from_secs(30), || connected(CLIENTS)).await.expect("every client connected");
+
+    let lowered = started.elapsed();
+    let patch = serde_json::json!({"spec": {"gateway": {"replicas": 1}}});
+    h.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("lower the replicas");
+    let draining = wait_for(Duration::from_secs(30), || async {
+        let events = scaling_events(&h).await;
+        events.iter().any(|(r, note)| r == "DrainStarted" && note.contains("chat-gateway-2")).then_some(())
+    })
+    .await;
+    assert!(draining.is_some(), "gateway 2 was never drained; {}", h.kubelet.describe());
+    let top = h.kubelet.running().into_iter().find(|p| p.name.ends_with("-2")).expect("gateway 2 runs");
+    let still_held = poll::read_load(top.admin, Duration::from_secs(1)).await.map(|l| l.connections).unwrap_or(0);
+    h.operators.remove(0).kill();
+    let killed = Instant::now();
+    let standby = h.operators[0].metrics.clone();
+    let led = wait_for(Duration::from_secs(20), || async { (standby.leader.get() == 1).then_some(()) }).await;
+    assert!(led.is_some(), "the standby did not take the Lease over");
+    let takeover = killed.elapsed();
+
+    let one = wait_for(Duration::from_secs(90), || async { reached(&seen, 1, lowered) }).await;
+    let one = one.unwrap_or_else(|| panic!("not down to one gateway; {}", h.kubelet.describe()));
+    h.wait_listed(1, Duration::from_secs(30)).await;
+    let settled = wait_for(Duration::from_secs(30), || connected(CLIENTS)).await;
+    let after = world.connected.load(Ordering::Relaxed);
+    let events = scaling_events(&h).await;
+    stop_clients(clients).await;
+    watcher.cancel();
+    let drains = |pod: &str| events.iter().filter(|(r, n)| r == "DrainStarted" && n.contains(pod)).count();
+    println!(
+        "scale-down 3 → 1 with {CLIENTS} clients, leader killed during gateway 2's drain (it held {}): standby \
+         leading after {takeover:.1?}; one gateway left {:.1?} after the edit; events {events:#?}",
+        still_held,
+        one.saturating_sub(lowered),
+    );
+    assert!(still_held > 0, "the leader was killed after gateway 2's drain had ended: nothing was left to resume");
+    assert_eq!((drains("chat-gateway-2"), drains("chat-gateway-1")), (1, 1), "each gateway drained once: {events:#?}");
+    for (reason, note) in &events {
+        if reason == "DrainFinished" {
+            assert!(note.contains("(0 connections left)"), "removed before its drain emptied it: {note}");
+        }
+    }
+    assert!(settled.is_some(), "{after} of {CLIENTS} clients connected on the gateway left");
     h.stop().await;
 }
 
