@@ -198,6 +198,32 @@ fn watch(h: &RealGateways, world: Arc<World>, seen: Arc<Mutex<Seen>>, started: I
     stop
 }
 
+/// The clients' world, what the watcher sees, and the watcher's stop.
+struct Scene {
+    world: Arc<World>,
+    seen: Arc<Mutex<Seen>>,
+    started: Instant,
+    watcher: CancellationToken,
+}
+
+impl Scene {
+    /// Starts the watcher on `h` and waits until it lists `gateways` ready gateways.
+    async fn start(h: &RealGateways, gateways: usize) -> Self {
+        let started = Instant::now();
+        let world = Arc::new(World::default());
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let watcher = watch(h, world.clone(), seen.clone(), started);
+        let listed = || async { (world.listed.lock().expect("lock").len() == gateways).then_some(()) };
+        wait_for(Duration::from_secs(10), listed).await.unwrap_or_else(|| panic!("{gateways} gateways never listed"));
+        Self { world, seen, started, watcher }
+    }
+}
+
+/// `Some` once exactly `n` clients hold a connection (for `wait_for`).
+async fn connected(world: &World, n: usize) -> Option<()> {
+    (world.connected.load(Ordering::Relaxed) == n).then_some(())
+}
+
 /// When the StatefulSet first had `replicas` after `since` (both since the test's start).
 fn reached(seen: &Mutex<Seen>, replicas: i32, since: Duration) -> Option<Duration> {
     let seen = seen.lock().expect("lock");
@@ -269,19 +295,9 @@ async fn lowering_replicas_drains_each_gateway_it_removes() {
         spec.gateway.drain.max_reconnects_per_second = RATE;
     })
     .await;
-    let started = Instant::now();
-    let world = Arc::new(World::default());
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let watcher = watch(&h, world.clone(), seen.clone(), started);
-    wait_for(Duration::from_secs(10), || async { (world.listed.lock().expect("lock").len() == 3).then_some(()) })
-        .await
-        .expect("the watcher sees three gateways");
-    let connected = |n: usize| {
-        let world = world.clone();
-        async move { (world.connected.load(Ordering::Relaxed) == n).then_some(()) }
-    };
+    let Scene { world, seen, started, watcher } = Scene::start(&h, 3).await;
     let clients = start_clients(&world, &h.tokens, 0..CLIENTS);
-    wait_for(Duration::from_secs(30), || connected(CLIENTS)).await.expect("every client connected");
+    wait_for(Duration::from_secs(30), || connected(&world, CLIENTS)).await.expect("every client connected");
     let spread = wait_for(Duration::from_secs(15), || async {
         let gateways = h.endpoints().await?.gateways;
         let total: u64 = gateways.iter().map(|g| g.connections).sum();
@@ -298,7 +314,7 @@ async fn lowering_replicas_drains_each_gateway_it_removes() {
     let one = wait_for(Duration::from_secs(60), || async { reached(&seen, 1, lowered) }).await;
     let one = one.unwrap_or_else(|| panic!("not down to one gateway; {}", h.kubelet.describe()));
     h.wait_listed(1, Duration::from_secs(30)).await;
-    let settled = wait_for(Duration::from_secs(30), || connected(CLIENTS)).await;
+    let settled = wait_for(Duration::from_secs(30), || connected(&world, CLIENTS)).await;
     let after = world.connected.load(Ordering::Relaxed);
     let events = scaling_events(&h).await;
     stop_clients(clients).await;
@@ -331,19 +347,9 @@ async fn a_standby_finishes_a_scale_down_after_the_leader_crashes_without_draini
         spec.gateway.drain.max_reconnects_per_second = 10;
     })
     .await;
-    let started = Instant::now();
-    let world = Arc::new(World::default());
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let watcher = watch(&h, world.clone(), seen.clone(), started);
-    wait_for(Duration::from_secs(10), || async { (world.listed.lock().expect("lock").len() == 3).then_some(()) })
-        .await
-        .expect("the watcher sees three gateways");
-    let connected = |n: usize| {
-        let world = world.clone();
-        async move { (world.connected.load(Ordering::Relaxed) == n).then_some(()) }
-    };
+    let Scene { world, seen, started, watcher } = Scene::start(&h, 3).await;
     let clients = start_clients(&world, &h.tokens, 0..CLIENTS);
-    wait_for(Duration::from_secs(30), || connected(CLIENTS)).await.expect("every client connected");
+    wait_for(Duration::from_secs(30), || connected(&world, CLIENTS)).await.expect("every client connected");
 
     let lowered = started.elapsed();
     let patch = serde_json::json!({"spec": {"gateway": {"replicas": 1}}});
@@ -366,7 +372,7 @@ async fn a_standby_finishes_a_scale_down_after_the_leader_crashes_without_draini
     let one = wait_for(Duration::from_secs(90), || async { reached(&seen, 1, lowered) }).await;
     let one = one.unwrap_or_else(|| panic!("not down to one gateway; {}", h.kubelet.describe()));
     h.wait_listed(1, Duration::from_secs(30)).await;
-    let settled = wait_for(Duration::from_secs(30), || connected(CLIENTS)).await;
+    let settled = wait_for(Duration::from_secs(30), || connected(&world, CLIENTS)).await;
     let after = world.connected.load(Ordering::Relaxed);
     let events = scaling_events(&h).await;
     stop_clients(clients).await;
@@ -405,23 +411,13 @@ async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down
         });
     })
     .await;
-    let started = Instant::now();
-    let world = Arc::new(World::default());
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let watcher = watch(&h, world.clone(), seen.clone(), started);
-    wait_for(Duration::from_secs(10), || async { (!world.listed.lock().expect("lock").is_empty()).then_some(()) })
-        .await
-        .expect("the watcher sees the first gateway");
-    let connected = |n: usize| {
-        let world = world.clone();
-        async move { (world.connected.load(Ordering::Relaxed) == n).then_some(()) }
-    };
+    let Scene { world, seen, started, watcher } = Scene::start(&h, 1).await;
     let crossed = |connections: usize| seen.lock().expect("lock").crossed.get(&connections).copied();
 
     // Up: 90 clients need one gateway; 30 more call for a second, at once;
     // 100 more for a third.
     let mut clients = start_clients(&world, &h.tokens, 0..90);
-    wait_for(Duration::from_secs(30), || connected(90)).await.expect("90 clients connected");
+    wait_for(Duration::from_secs(30), || connected(&world, 90)).await.expect("90 clients connected");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(reached(&seen, 2, Duration::ZERO), None, "90 connections need one gateway");
     clients.extend(start_clients(&world, &h.tokens, 90..120));
@@ -440,7 +436,7 @@ async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down
         .await
         .expect("clients see the third gateway");
     clients.extend(start_clients(&world, &h.tokens, 220..250));
-    let everyone = wait_for(Duration::from_secs(60), || connected(250)).await;
+    let everyone = wait_for(Duration::from_secs(60), || connected(&world, 250)).await;
     assert!(
         everyone.is_some(),
         "only {} of 250 clients connected on 3 gateways",
@@ -470,7 +466,7 @@ async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down
     let one = wait_for(Duration::from_secs(60), || async { reached(&seen, 1, dropped) }).await;
     let one = one.unwrap_or_else(|| panic!("gateway 1 never removed; {}", h.kubelet.describe()));
     h.wait_listed(1, Duration::from_secs(30)).await;
-    let settled = wait_for(Duration::from_secs(30), || connected(100)).await;
+    let settled = wait_for(Duration::from_secs(30), || connected(&world, 100)).await;
     let after = world.connected.load(Ordering::Relaxed);
 
     let events = scaling_events(&h).await;
