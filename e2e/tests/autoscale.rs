@@ -249,6 +249,43 @@ async fn scaling_events(h: &RealGateways) -> Vec<(String, String)> {
     steps.into_iter().map(|(_, reason, note)| (reason, note)).collect()
 }
 
+/// Sets `replicas: 1`; when, since `started`.
+async fn lower_to_one(h: &RealGateways, started: Instant) -> Duration {
+    let lowered = started.elapsed();
+    let patch = serde_json::json!({"spec": {"gateway": {"replicas": 1}}});
+    h.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("lower the replicas");
+    lowered
+}
+
+/// How a scale-down to one gateway ended.
+struct DownToOne {
+    /// When the StatefulSet was down to one, since the test's start.
+    one: Duration,
+    /// Every client connected again.
+    settled: Option<()>,
+    /// Clients connected at the end.
+    after: usize,
+    events: Vec<(String, String)>,
+}
+
+/// Waits (up to `seconds`) until the StatefulSet is down to one gateway
+/// after `since`, then until it is listed and `clients` are connected again.
+async fn down_to_one(
+    h: &RealGateways,
+    world: &World,
+    seen: &Mutex<Seen>,
+    since: Duration,
+    clients: usize,
+    seconds: u64,
+) -> DownToOne {
+    let one = wait_for(Duration::from_secs(seconds), || async { reached(seen, 1, since) }).await;
+    let one = one.unwrap_or_else(|| panic!("not down to one gateway; {}", h.kubelet.describe()));
+    h.wait_listed(1, Duration::from_secs(30)).await;
+    let settled = wait_for(Duration::from_secs(30), || connected(world, clients)).await;
+    let after = world.connected.load(Ordering::Relaxed);
+    DownToOne { one, settled, after, events: scaling_events(h).await }
+}
+
 /// Each removal, 2 then 1: the highest pod drained (emptied), then the
 /// replicas lowered (`ScaledDown`), before the next drain starts.
 fn assert_removed_one_drained_pod_at_a_time(events: &[(String, String)]) {
@@ -308,15 +345,8 @@ async fn lowering_replicas_drains_each_gateway_it_removes() {
     assert!(spread.iter().all(|(_, c)| *c > 0), "every gateway holds clients: {spread:?}");
 
     // 3 → 1: everyone must end up on the one gateway left, which has room for all.
-    let lowered = started.elapsed();
-    let patch = serde_json::json!({"spec": {"gateway": {"replicas": 1}}});
-    h.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("lower the replicas");
-    let one = wait_for(Duration::from_secs(60), || async { reached(&seen, 1, lowered) }).await;
-    let one = one.unwrap_or_else(|| panic!("not down to one gateway; {}", h.kubelet.describe()));
-    h.wait_listed(1, Duration::from_secs(30)).await;
-    let settled = wait_for(Duration::from_secs(30), || connected(&world, CLIENTS)).await;
-    let after = world.connected.load(Ordering::Relaxed);
-    let events = scaling_events(&h).await;
+    let lowered = lower_to_one(&h, started).await;
+    let DownToOne { one, settled, after, events } = down_to_one(&h, &world, &seen, lowered, CLIENTS, 60).await;
     stop_clients(clients).await;
     watcher.cancel();
     let most = seen.lock().expect("lock").most_on_one.clone();
@@ -351,9 +381,7 @@ async fn a_standby_finishes_a_scale_down_after_the_leader_crashes_without_draini
     let clients = start_clients(&world, &h.tokens, 0..CLIENTS);
     wait_for(Duration::from_secs(30), || connected(&world, CLIENTS)).await.expect("every client connected");
 
-    let lowered = started.elapsed();
-    let patch = serde_json::json!({"spec": {"gateway": {"replicas": 1}}});
-    h.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("lower the replicas");
+    let lowered = lower_to_one(&h, started).await;
     let draining = wait_for(Duration::from_secs(30), || async {
         let events = scaling_events(&h).await;
         events.iter().any(|(r, note)| r == "DrainStarted" && note.contains("chat-gateway-2")).then_some(())
@@ -369,12 +397,7 @@ async fn a_standby_finishes_a_scale_down_after_the_leader_crashes_without_draini
     assert!(led.is_some(), "the standby did not take the Lease over");
     let takeover = killed.elapsed();
 
-    let one = wait_for(Duration::from_secs(90), || async { reached(&seen, 1, lowered) }).await;
-    let one = one.unwrap_or_else(|| panic!("not down to one gateway; {}", h.kubelet.describe()));
-    h.wait_listed(1, Duration::from_secs(30)).await;
-    let settled = wait_for(Duration::from_secs(30), || connected(&world, CLIENTS)).await;
-    let after = world.connected.load(Ordering::Relaxed);
-    let events = scaling_events(&h).await;
+    let DownToOne { one, settled, after, events } = down_to_one(&h, &world, &seen, lowered, CLIENTS, 90).await;
     stop_clients(clients).await;
     watcher.cancel();
     let drains = |pod: &str| events.iter().filter(|(r, n)| r == "DrainStarted" && n.contains(pod)).count();

@@ -4,8 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -22,9 +21,7 @@ use crate::calls::{self, Verb, counted};
 pub use crate::context::Context;
 use crate::context::key;
 use crate::desired;
-use crate::desired::Names;
-use crate::desired::gateway::ENDPOINTS_KEY;
-use crate::discovery::endpoints::Endpoints;
+use crate::desired::{DesiredObject, Names};
 pub use crate::scope::Scope;
 use crate::{Error, FIELD_MANAGER, Result, observe, rollout, scale, status, time};
 
@@ -93,14 +90,15 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     // Read again now: the StatefulSet may have changed while the driver ran
     // (a removal a moment ago), and applying an older count would undo it.
     let gateways = removed.or(scale.replicas).unwrap_or_else(|| {
-        let names = Names(&cc.name_any());
-        let live = ctx.owned.get::<StatefulSet>(&namespace, &names.gateway()).and_then(|s| s.spec.replicas);
+        let live = observe::gateway_replicas(&ctx.owned, cc, &namespace);
         live.unwrap_or_else(|| scale::initial_replicas(&cc.spec.gateway))
     });
 
     // Desired → apply. One object the apiserver refuses does not hold back
     // the others: each failure is reported in the status instead.
     let desired = desired::desired_objects(cc, gateways);
+    let gateway_set = Names(&cc.name_any()).gateway();
+    let mut gateways_applied = true;
     let mut refused = Vec::new();
     for object in &desired {
         match apply::apply(&ctx.client, &ctx.owned, &namespace, object).await {
@@ -125,6 +123,9 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
                 ctx.metrics.errors.with_label_values(&["apply"]).inc();
                 tracing::warn!(kind = object.kind(), object = object.name(), error = e.api_message(), "apply refused");
                 refused.push(format!("{} {}: {}", object.kind(), object.name(), e.api_message()));
+                if matches!(object, DesiredObject::StatefulSet(_)) && object.name() == gateway_set {
+                    gateways_applied = false;
+                }
             }
         }
     }
@@ -132,8 +133,7 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     // Objects the spec no longer calls for (a backend switched to external).
     refused.extend(crate::prune::prune(cc, ctx, &namespace, &desired).await);
 
-    let gateway_prefix = format!("StatefulSet {}:", Names(&cc.name_any()).gateway());
-    if !refused.iter().any(|r| r.starts_with(&gateway_prefix)) {
+    if gateways_applied {
         publish_scaling(cc, ctx, &scale, driven.as_ref().ok(), gateways).await;
     }
     let rollout = driven?;
@@ -190,13 +190,8 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
 /// What the gateway count depends on, from the caches: the StatefulSet's
 /// replicas and the connections the endpoint list publishes.
 fn scale_input<'a>(cc: &'a ChatCluster, ctx: &Context, namespace: &str, now: i64) -> scale::Input<'a> {
-    let names = Names(&cc.name_any());
-    let current = ctx.owned.get::<StatefulSet>(namespace, &names.gateway()).and_then(|s| s.spec.replicas);
-    let connections = ctx
-        .owned
-        .get::<ConfigMap>(namespace, &names.endpoints())
-        .and_then(|cm| Endpoints::parse(cm.data.as_ref()?.get(ENDPOINTS_KEY)?))
-        .map(|e| e.total_connections());
+    let current = observe::gateway_replicas(&ctx.owned, cc, namespace);
+    let connections = observe::published_endpoints(&ctx.owned, cc, namespace).map(|e| e.total_connections());
     let previous = cc.status.as_ref().and_then(|s| s.autoscale.as_ref());
     scale::Input { gateway: &cc.spec.gateway, current, connections, previous, now }
 }

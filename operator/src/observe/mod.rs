@@ -50,6 +50,18 @@ pub struct Observed {
     pub gateways_wanted: Option<i32>,
 }
 
+/// The gateway list the discovery loop last published, from the cache
+/// (`None`: not published yet, or unreadable).
+pub fn published_endpoints(owned: &Owned, cc: &ChatCluster, namespace: &str) -> Option<Endpoints> {
+    let config_map = owned.get::<ConfigMap>(namespace, &Names(&cc.name_any()).endpoints())?;
+    Endpoints::parse(config_map.data.as_ref()?.get(ENDPOINTS_KEY)?)
+}
+
+/// The gateway StatefulSet's replicas, from the cache (`None`: not created yet).
+pub fn gateway_replicas(owned: &Owned, cc: &ChatCluster, namespace: &str) -> Option<i32> {
+    owned.get::<StatefulSet>(namespace, &Names(&cc.name_any()).gateway())?.spec.replicas
+}
+
 /// Secrets the spec refers to, as (name, key) pairs. The generated auth
 /// Secret is not one of them: the operator creates it.
 pub fn referenced_secrets(cc: &ChatCluster) -> Vec<(String, Option<String>)> {
@@ -133,9 +145,7 @@ pub async fn observe(client: &Client, owned: &Owned, cc: &ChatCluster, namespace
     let redis = cc.spec.redis.effective_managed().and(sts(names.redis()));
     let scylla = cc.spec.scylla.effective_managed().and(sts(names.scylla()));
     let push = owned.get::<Deployment>(namespace, &names.push());
-    let endpoints = owned
-        .get::<ConfigMap>(namespace, &names.endpoints())
-        .and_then(|cm| cm.data.as_ref()?.get(ENDPOINTS_KEY).and_then(|text| Endpoints::parse(text)));
+    let endpoints = published_endpoints(owned, cc, namespace);
 
     let mut stuck = Vec::new();
     for set in [&gateway, &redis, &scylla].into_iter().flatten() {

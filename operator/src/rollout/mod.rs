@@ -35,7 +35,7 @@ pub mod plan;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
@@ -47,13 +47,13 @@ use serde_json::json;
 use self::plan::{Input, Plan, PodState, Step};
 use crate::calls::{Verb, counted};
 use crate::context::Context;
-use crate::desired::gateway::{COMPONENT, ENDPOINTS_KEY, SERVING_CONDITION};
+use crate::desired::gateway::{COMPONENT, SERVING_CONDITION};
 use crate::desired::{LABEL_COMPONENT, LABEL_INSTANCE, Names};
 use crate::discovery::endpoints::Endpoints;
 use crate::discovery::{self, poll};
 use crate::status::{DEGRADED, PROGRESSING};
 use crate::time;
-use crate::{Error, Result};
+use crate::{Error, Result, observe};
 
 /// On the ChatCluster: `"true"` stops a rollout before its next pod.
 pub const PAUSED_ANNOTATION: &str = "kubechat.dev/paused";
@@ -196,11 +196,8 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str, keep: i32) 
         .await
         .map_err(Error::kube("listing gateway pods"))?
         .items;
-    let endpoints = ctx
-        .owned
-        .get::<ConfigMap>(namespace, &names.endpoints())
-        .and_then(|cm| Endpoints::parse(cm.data.as_ref()?.get(ENDPOINTS_KEY)?));
-    let now = Timestamp::now().as_second();
+    let endpoints = observe::published_endpoints(&ctx.owned, cc, namespace);
+    let now = time::now();
     let drain = &cc.spec.gateway.drain;
 
     let mut states = Vec::with_capacity(pods.len());

@@ -180,7 +180,7 @@ pub fn plan(input: &Input) -> Plan {
         finished: false,
         shrinking: None,
     };
-    let scaling = |what: String| Some(format!("{what} ({} → {keep} gateways)", input.replicas));
+    let scaling = |what: String| format!("{what} ({} → {keep} gateways)", input.replicas);
 
     // 1. A drain under way goes on to its end, paused or not. The highest
     //    pod, when the cluster shrinks, is then removed instead of replaced.
@@ -196,7 +196,7 @@ pub fn plan(input: &Input) -> Plan {
         };
         let left = p.connections.map_or_else(String::new, |c| format!(", {c} connections left"));
         return Plan {
-            shrinking: removing.then(|| scaling(format!("draining {} before removing it{left}", p.name))).flatten(),
+            shrinking: removing.then(|| scaling(format!("draining {} before removing it{left}", p.name))),
             ..result(step, status(DRAINING, &p.name, p.connections), None)
         };
     }
@@ -217,7 +217,7 @@ pub fn plan(input: &Input) -> Plan {
             let step = Step::Remove { ordinal: top, pod, drained_for: None, connections_left: None };
             let phase = status(REPLACING, &what, None);
             return Plan {
-                shrinking: scaling(format!("removing {what}, which serves no one")),
+                shrinking: Some(scaling(format!("removing {what}, which serves no one"))),
                 ..result(step, phase, None)
             };
         }
@@ -255,13 +255,13 @@ pub fn plan(input: &Input) -> Plan {
     // 4. A pod boundary: stop here while paused (a scale-down too).
     if input.paused {
         let doing = shrinking.then(|| scaling(format!("paused by the annotation {}", super::PAUSED_ANNOTATION)));
-        return Plan { shrinking: doing.flatten(), ..result(Step::Wait, status(PAUSED, "", None), None) };
+        return Plan { shrinking: doing, ..result(Step::Wait, status(PAUSED, "", None), None) };
     }
 
     // 5. A scale-down drains the highest pod, which 2b found serving.
     if shrinking && let Some(p) = pods.iter().find(|p| p.ordinal == top) {
         let step = Step::StartDrain(p.name.clone());
-        let doing = scaling(format!("draining {} before removing it", p.name));
+        let doing = Some(scaling(format!("draining {} before removing it", p.name)));
         return Plan { shrinking: doing, ..result(step, status(DRAINING, &p.name, p.connections), None) };
     }
 
