@@ -203,7 +203,15 @@ async fn managed_backends_get_a_password_and_network_policies_that_admit_only_th
     assert_eq!(owner, chat.uid(), "owned by its ChatCluster");
     let value = password.data.clone().unwrap_or_default()[redis::PASSWORD_KEY].0.clone();
     assert!(value.len() == 64 && value.iter().all(u8::is_ascii_hexdigit), "32 random bytes in hex");
-    let other_password = secrets.get("other-redis-password").await.expect("other's password").data.unwrap_or_default();
+    // The other cluster's reconcile may not have created its Secret yet.
+    let other_password = wait_for(Duration::from_secs(30), || {
+        let secrets = secrets.clone();
+        async move { secrets.get_opt("other-redis-password").await.ok().flatten() }
+    })
+    .await
+    .expect("the other cluster's generated Redis password Secret")
+    .data
+    .unwrap_or_default();
     assert_ne!(other_password[redis::PASSWORD_KEY].0, value, "each cluster its own password");
 
     // Redis is started with it; gateways and push workers are given it.
