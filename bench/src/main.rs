@@ -79,6 +79,8 @@ enum Workload {
     Pairs(workload::pairs::PairsArgs),
     /// Fan-out into one group of M members at one or more offered rates.
     Group(workload::group::GroupArgs),
+    /// Raw CQL writes against the store itself (the ceiling of the clustered send path).
+    Cql(workload::cql::CqlArgs),
 }
 
 /// Durations are bounded: a benchmark always ends by itself.
@@ -126,7 +128,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.urls.clone()
     };
     let endpoints = urls.iter().map(|u| net::Endpoint::parse(u)).collect::<anyhow::Result<Vec<_>>>()?;
-    let client = Client { server: cli.server, key: key(&cli)?, timeout: Duration::from_secs_f64(cli.timeout) };
+    // The raw CQL workload signs nothing.
+    let key = if matches!(cli.workload, Workload::Cql(_)) { Vec::new() } else { key(&cli)? };
+    let client = Client { server: cli.server, key, timeout: Duration::from_secs_f64(cli.timeout) };
     let run_id = run_id();
     let ctx = Context {
         client,
@@ -142,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Workload::Connect(args) => ("connect", workload::connect::run(&ctx, args).await?),
         Workload::Pairs(args) => ("pairs", workload::pairs::run(&ctx, args).await?),
         Workload::Group(args) => ("group", workload::group::run(&ctx, args).await?),
+        Workload::Cql(args) => ("cql", workload::cql::run(&ctx, args).await?),
     };
     let mut report = json!({
         "tool": "kubechat-bench",

@@ -67,6 +67,14 @@ pub struct ChatLimits {
     /// Groups up to this size get presence changes pushed; larger ones ask.
     #[serde(default = "default_presence_fanout")]
     pub presence_fanout_max_members: usize,
+    /// How long a client may retry a send with the same key and still have
+    /// it stored once (the idempotency reservations' lifetime in Redis).
+    #[serde(default = "default_send_retry_window")]
+    pub send_retry_window_seconds: u64,
+}
+
+fn default_send_retry_window() -> u64 {
+    3600
 }
 
 fn default_presence_fanout() -> usize {
@@ -118,6 +126,10 @@ impl ChatLimits {
         }
     }
 
+    pub fn send_retry_window(&self) -> Duration {
+        Duration::from_secs(self.send_retry_window_seconds.max(1))
+    }
+
     pub fn offline_after(&self) -> Duration {
         Duration::from_secs(u64::from(self.offline_after_seconds))
     }
@@ -165,5 +177,6 @@ mod tests {
         assert_eq!(config.scylla.contact_points.len(), 1);
         assert_eq!(config.chat.chat_config().offline_after, Duration::from_secs(30));
         assert_eq!(config.chat.presence_fanout_max_members, 50, "the default when the operator does not set it");
+        assert_eq!(config.chat.send_retry_window(), Duration::from_secs(3600), "an hour unless set");
     }
 }

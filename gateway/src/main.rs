@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions};
 use kubechat_gateway::broker::redis::RedisBrokerConfig;
+use kubechat_gateway::broker::redis::send_keys::{RedisSendKeys, SendKeyNames};
 use kubechat_gateway::chat::push::RedisPushQueue;
 use kubechat_gateway::config::FileConfig;
 use kubechat_gateway::store::embedded::EmbeddedStore;
@@ -177,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading the signing key {}", file.auth.signing_key_file.display()))?;
             let env = |name: &Option<String>| name.as_ref().and_then(|n| std::env::var(n).ok());
             let credentials = file.scylla.credentials_env.as_ref();
+            let retry_window = file.chat.send_retry_window();
             let store = ScyllaStore::connect(ScyllaConfig {
                 contact_points: file.scylla.contact_points.clone(),
                 keyspace: file.scylla.keyspace.clone(),
@@ -184,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
                 local_datacenter: file.scylla.local_datacenter.clone(),
                 username: credentials.and_then(|c| std::env::var(&c.username).ok()),
                 password: credentials.and_then(|c| std::env::var(&c.password).ok()),
+                retry_window,
                 ..ScyllaConfig::default()
             })
             .await
@@ -198,6 +201,9 @@ async fn main() -> anyhow::Result<()> {
             let redis_client = redis::Client::open(redis_info).context("configuring Redis")?;
             let redis =
                 redis::aio::ConnectionManager::new(redis_client.clone()).await.context("connecting to Redis")?;
+            // Idempotency keys are reserved in Redis: no Paxos round per send.
+            let send_keys = RedisSendKeys::start(redis.clone(), SendKeyNames::default(), retry_window);
+            let store = store.with_send_keys(send_keys);
             let broker = BrokerSetup::Redis {
                 client: Box::new(redis_client),
                 config: RedisBrokerConfig {

@@ -19,6 +19,10 @@ pub struct Metrics {
     pub delivery_local: Histogram,
     pub delivery_forwarded: Histogram,
     pub store_seconds: Histogram,
+    /// Store requests one send took, and how many of them ran one after
+    /// the other (the plan of the send path, observable in production).
+    pub store_requests_per_send: Histogram,
+    pub store_round_trips_per_send: Histogram,
     pub push_jobs: IntCounter,
     /// Connections closed because they could not keep up.
     pub slow_consumers: IntCounter,
@@ -55,6 +59,10 @@ impl Metrics {
         let histogram = |name: &str, help: &str| {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets())).expect("valid metric name")
         };
+        let count_histogram = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(vec![0.0, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0]))
+                .expect("valid metric name")
+        };
         let delivery_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "delivery_seconds",
@@ -75,6 +83,14 @@ impl Metrics {
             acks: IntCounterVec::new(Opts::new("acks_total", "Send outcomes by result"), &["result"])
                 .expect("valid metric name"),
             store_seconds: histogram("store_seconds", "Durable write latency"),
+            store_requests_per_send: count_histogram(
+                "store_requests_per_send",
+                "Store requests one send took (batches and reads; a 1:1 send on ScyllaDB is one)",
+            ),
+            store_round_trips_per_send: count_histogram(
+                "store_round_trips_per_send",
+                "Sequential store round trips of one send (at most two)",
+            ),
             push_jobs: counter("push_jobs_total", "Push jobs enqueued for offline recipients"),
             slow_consumers: counter("slow_consumers_total", "Connections closed for not reading fast enough"),
             backpressure_waits: counter(
@@ -111,6 +127,8 @@ impl Metrics {
             Box::new(metrics.acks.clone()),
             Box::new(metrics.delivery_seconds.clone()),
             Box::new(metrics.store_seconds.clone()),
+            Box::new(metrics.store_requests_per_send.clone()),
+            Box::new(metrics.store_round_trips_per_send.clone()),
             Box::new(metrics.push_jobs.clone()),
             Box::new(metrics.slow_consumers.clone()),
             Box::new(metrics.backpressure_waits.clone()),

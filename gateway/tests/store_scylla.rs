@@ -1,10 +1,13 @@
 //! [`ScyllaStore`] against a real CQL node (Cassandra 5 locally, started by
 //! `e2e/local/cassandra.sh start`; address in `KUBECHAT_CQL_NODE`, default
-//! `127.0.0.1:19042`): the shared store contract (`store_suite`), then what
-//! only this store has (month buckets, batch limits, rows of earlier
+//! `127.0.0.1:19042`) with its idempotency reservations in a real Redis
+//! (`e2e/local/redis.sh start`; `KUBECHAT_REDIS_URL`, default
+//! `redis://127.0.0.1:16379`), as clustered gateways run it: the shared store
+//! contract (`store_suite`), then what only this store has (reservations
+//! lost or unreachable, month buckets, batch limits, rows of earlier
 //! versions, inbox references whose message is missing). Every test works in
-//! its own random keyspace (RF 1) and drops it at the end, so runs never see
-//! each other's data.
+//! its own random keyspace (RF 1) and Redis key prefix and drops both at the
+//! end, so runs never see each other's data.
 
 mod store_suite;
 
@@ -13,8 +16,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kubechat_gateway::broker::redis::send_keys::{RedisSendKeys, SendKeyNames};
 use kubechat_gateway::ids::{self, IdGenerator};
 use kubechat_gateway::store::scylla::{LEGACY_LISTED, ScyllaConfig, ScyllaStore, to_cql};
+use kubechat_gateway::store::send_keys::SendRecord;
 use kubechat_gateway::store::{BUCKET_MS, Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, bucket_of};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -66,13 +71,64 @@ where
     let outcome = tokio::spawn(body(node.clone(), keyspace.clone())).await;
     let admin = admin_session(&node).await;
     admin.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await.expect("drop test keyspace");
+    wipe_reservations(&keyspace).await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
 }
 
+fn redis_url() -> String {
+    std::env::var("KUBECHAT_REDIS_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:16379".into())
+}
+
+/// A connection to the test Redis; fails (never skips) when it is not running.
+async fn redis() -> redis::aio::ConnectionManager {
+    let url = redis_url();
+    let client = redis::Client::open(url.as_str()).expect("Redis URL");
+    tokio::time::timeout(Duration::from_secs(5), redis::aio::ConnectionManager::new(client))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("Redis is not reachable at {url}: start it with `e2e/local/redis.sh start`"))
+}
+
+/// The Redis key prefix of a test keyspace's reservations.
+fn names(keyspace: &str) -> SendKeyNames {
+    SendKeyNames { prefix: format!("{keyspace}:") }
+}
+
+/// A store as a gateway of a cluster runs it: reservations in Redis, on a
+/// Redis that never lost its data (the broker recorded epoch 0).
 async fn connect(node: &str, keyspace: &str) -> ScyllaStore {
-    ScyllaStore::connect(config(node, keyspace)).await.expect("connect to CQL")
+    let mut conn = redis().await;
+    let _: () =
+        redis::cmd("SET").arg(names(keyspace).epoch()).arg(0).arg("NX").query_async(&mut conn).await.expect("epoch");
+    connect_with(node, keyspace, conn).await
+}
+
+async fn connect_with(node: &str, keyspace: &str, conn: redis::aio::ConnectionManager) -> ScyllaStore {
+    let store = ScyllaStore::connect(config(node, keyspace)).await.expect("connect to CQL");
+    store.with_send_keys(RedisSendKeys::start(conn, names(keyspace), Duration::from_secs(3600)))
+}
+
+/// Redis loses every reservation of a test (as a restart without persistence would).
+async fn wipe_reservations(keyspace: &str) {
+    let mut conn = redis().await;
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{}*", names(keyspace).prefix)).query_async(&mut conn).await.expect("keys");
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.expect("del");
+    }
+}
+
+/// What Redis holds for a key.
+async fn reservation(keyspace: &str, sender: &str, key: &str) -> Option<SendRecord> {
+    let held: Option<String> =
+        redis::cmd("GET").arg(names(keyspace).send(sender, key)).query_async(&mut redis().await).await.expect("get");
+    held.map(|h| SendRecord::decode(&h).expect("a readable reservation"))
 }
 
 /// Raw CQL, bypassing the store (to plant or inspect rows).
@@ -201,10 +257,11 @@ async fn suite_concurrent_senders_all_land() {
 // What only the CQL store has.
 
 /// Several gateways (independent stores on one keyspace, each with its own
-/// worker id) retry one send at the same moment, for several keys: exactly
-/// one message is stored per key and every attempt answers with its id,
-/// because the reservation is a lightweight transaction (a read-then-insert
-/// lets the first attempt on each gateway store its own message).
+/// worker id and Redis connection) retry one send at the same moment, for
+/// several keys: exactly one message is stored per key and every attempt
+/// answers with its id, because the reservation is one atomic `SET NX` (a
+/// read-then-insert lets the first attempt on each gateway store its own
+/// message).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_racing_on_several_gateways_store_one_message() {
     with_keyspace(|node, ks| async move {
@@ -243,17 +300,19 @@ async fn retries_racing_on_several_gateways_store_one_message() {
             assert!(answers.iter().any(|a| !a.duplicate), "key {key}: one attempt stored it");
             let history = gateways[0].0.history(&channel, Page::Latest, 100).await.expect("history");
             assert_eq!(store_suite::ids_of(&history), vec![id], "key {key}: one message in history");
-            let reserved: Vec<(i64,)> = cql_rows(
+            let reserved = reservation(&ks, "carol", &key).await.expect("reserved");
+            assert_eq!(reserved.id, id, "key {key}: the reservation names the stored id");
+            let inbox = gateways[1].0.inbox_after("dave", 0, 1000).await.expect("inbox");
+            let inbox_ids: Vec<u64> =
+                inbox.iter().filter(|e| e.message.channel == channel).map(|e| e.message.id).collect();
+            assert_eq!(inbox_ids, vec![id], "key {key}: one inbox entry, of that message");
+            let rows: Vec<(i64,)> = cql_rows(
                 &admin,
-                format!("SELECT message_id FROM {ks}.sends WHERE sender = ? AND idem_key = ?"),
-                ("carol", key.as_str()),
+                format!("SELECT position FROM {ks}.inbox WHERE user_id = ? AND bucket = ?"),
+                ("dave", bucket_of(reserved.position)),
             )
             .await;
-            assert_eq!(reserved, vec![(to_cql(id),)], "key {key}: the reservation names the stored id");
-            let inbox = gateways[1].0.inbox_after("dave", 0, 1000).await.expect("inbox");
-            let inbox_ids: HashSet<u64> =
-                inbox.iter().filter(|e| e.message.channel == channel).map(|e| e.message.id).collect();
-            assert_eq!(inbox_ids, HashSet::from([id]), "key {key}: the inbox refers to that message only");
+            assert_eq!(rows.len(), k + 1, "key {key}: no second inbox row for dave, however many attempts");
         }
     })
     .await;
@@ -400,11 +459,13 @@ async fn a_history_page_costs_one_request_per_bucket_with_data() {
     .await;
 }
 
-/// The bucket row is written once per channel and bucket by a process, not
-/// once per message: after the first send, a send to one recipient is
-/// three requests (reservation, inbox row, history row).
+/// The plan of a send, pinned on the real store: after its channel's
+/// first message this month (the bucket row, one round before the rest), a
+/// one-to-one send is one request (its three rows in one batch to the
+/// replica that owns them) and one round trip; the bucket row is written
+/// once per channel and bucket by a process, not once per message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_lists_its_bucket_once() {
+async fn a_send_is_one_request_once_its_bucket_is_listed() {
     with_keyspace(|node, ks| async move {
         let store = connect(&node, &ks).await;
         let idgen = IdGenerator::new(10, 0);
@@ -412,17 +473,18 @@ async fn a_send_lists_its_bucket_once() {
         for i in 0..4 {
             let m = message(idgen.next_id(), "dm:a:b", "a", "hi");
             let (stored, requests) =
-                cost(&store, store.store_message(send(&m, &format!("k{i}"), &["b"], m.id + 1))).await;
-            stored.expect("store");
-            costs.push(requests);
+                cost(&store, store.store_message(send(&m, &format!("k{i}"), &["a", "b"], m.id + 1))).await;
+            let stored = stored.expect("store");
+            assert_eq!(u64::from(stored.cost.requests), requests, "the cost a send reports is what it sent");
+            costs.push((requests, stored.cost.round_trips));
         }
-        assert_eq!(costs, vec![4, 3, 3, 3]);
+        assert_eq!(costs, vec![(2, 2), (1, 1), (1, 1), (1, 1)]);
         // Another gateway lists it again (an idempotent upsert), then no more.
         let second = connect(&node, &ks).await;
         let m = message(idgen.next_id(), "dm:a:b", "a", "from the second");
-        let (stored, requests) = cost(&second, second.store_message(send(&m, "k9", &["b"], m.id + 1))).await;
+        let (stored, requests) = cost(&second, second.store_message(send(&m, "k9", &["a", "b"], m.id + 1))).await;
         stored.expect("store");
-        assert_eq!(requests, 4);
+        assert_eq!(requests, 2);
         let admin = admin_session(&node).await;
         assert_eq!(listed_buckets(&admin, &ks, "dm:a:b").await, vec![bucket_of(m.id)]);
     })
@@ -744,50 +806,205 @@ async fn an_old_reference_without_its_message_is_skipped() {
     .await;
 }
 
-/// A first attempt that stopped after its reservation and part of its inbox
-/// rows (no history row): the retry finishes it under the reserved id, and
-/// the next retry is a duplicate.
+/// Reserve `(sender, key)` in Redis for a first attempt, as a gateway does
+/// before it writes (and then, here, dies).
+async fn plant_reservation(keyspace: &str, sender: &str, key: &str, record: &SendRecord) {
+    let _: () = redis::cmd("SET")
+        .arg(names(keyspace).send(sender, key))
+        .arg(record.encode())
+        .query_async(&mut redis().await)
+        .await
+        .expect("plant a reservation");
+}
+
+/// A first attempt that stopped after its reservation and part of its rows
+/// (the gateway died): a retry soon after finishes it under the reserved id
+/// at the reserved position, writing no second entry; the next retry finds
+/// it done and writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_finishes_a_partial_send_under_its_id() {
     with_keyspace(|node, ks| async move {
         let store = connect(&node, &ks).await;
-        let admin = admin_session(&node).await;
         let idgen = IdGenerator::new(7, 0);
         let channel = "g:partial";
+        let admin = admin_session(&node).await;
         let (first_id, first_at) = (idgen.next_id(), idgen.next_id());
-        cql(
-            &admin,
-            format!("INSERT INTO {ks}.sends (sender, idem_key, message_id, channel_id) VALUES (?, ?, ?, ?)"),
-            ("alice", "k", to_cql(first_id), channel),
-        )
-        .await;
+        let record = SendRecord { id: first_id, position: first_at, channel: channel.into(), done: false };
+        plant_reservation(&ks, "alice", "k", &record).await;
         plant_reference(&admin, &ks, "bob", first_at, channel, first_id).await;
 
         let retry = message(idgen.next_id(), channel, "alice", "again");
-        let retry_at = idgen.next_id();
-        let stored = store.store_message(send(&retry, "k", &["alice", "bob"], retry_at)).await.expect("retry");
-        assert!(!stored.duplicate, "nothing was stored completely before");
+        let stored = store.store_message(send(&retry, "k", &["alice", "bob"], idgen.next_id())).await.expect("retry");
+        assert!(stored.duplicate, "the key was held: the retry finishes the first attempt");
         let expected = Message { id: first_id, created_at_ms: ids::timestamp_ms(first_id), ..retry.clone() };
-        assert_eq!((stored.message.clone(), stored.position), (expected.clone(), retry_at));
+        assert_eq!((stored.message.clone(), stored.position), (expected.clone(), first_at));
+        assert_eq!(stored.cost.round_trips, 2, "the earlier attempt's history row, then its rows");
         assert_eq!(store.history(channel, Page::Latest, 10).await.expect("history"), vec![expected.clone()]);
-        // The first attempt's entry resolves now too; clients drop the repeat by id.
-        assert_eq!(
-            store.inbox_after("bob", 0, 10).await.expect("bob"),
-            vec![
-                InboxEntry { position: first_at, message: expected.clone() },
-                InboxEntry { position: retry_at, message: expected.clone() },
-            ]
-        );
-        assert_eq!(
-            store.inbox_after("alice", 0, 10).await.expect("alice"),
-            vec![InboxEntry { position: retry_at, message: expected.clone() }]
-        );
+        for user in ["alice", "bob"] {
+            assert_eq!(
+                store.inbox_after(user, 0, 10).await.expect("inbox"),
+                vec![InboxEntry { position: first_at, message: expected.clone() }],
+                "one entry for {user}, at the reserved position"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // the completion is recorded after the ack
+        assert!(reservation(&ks, "alice", "k").await.expect("held").done, "recorded as done");
 
         let again = message(idgen.next_id(), channel, "alice", "again");
         let third = store.store_message(send(&again, "k", &["alice", "bob"], idgen.next_id())).await.expect("third");
         assert!(third.duplicate);
         assert_eq!(third.message, expected);
-        assert_eq!(store.inbox_after("bob", 0, 10).await.expect("bob").len(), 2, "a duplicate writes nothing");
+        assert_eq!((third.cost.requests, third.cost.round_trips), (1, 1), "one read, nothing written");
+        assert_eq!(store.inbox_after("bob", 0, 10).await.expect("bob").len(), 1, "a duplicate writes nothing");
+    })
+    .await;
+}
+
+/// A first attempt a minute old that never finished: its position may lie
+/// behind a cursor a device has stored by now, so the retry writes the
+/// entries at its own position and deletes the old ones: still one entry
+/// per recipient, and in front of every stored cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_retry_moves_the_entries_in_front_of_stored_cursors() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let admin = admin_session(&node).await;
+        let channel = "dm:alice:bob";
+        let (first_id, first_at) = (minted_ago(60_000, 1), minted_ago(60_000, 2));
+        let record = SendRecord { id: first_id, position: first_at, channel: channel.into(), done: false };
+        plant_reservation(&ks, "alice", "late", &record).await;
+        plant_reference(&admin, &ks, "bob", first_at, channel, first_id).await;
+
+        let idgen = IdGenerator::new(7, 0);
+        let retry = message(idgen.next_id(), channel, "alice", "late");
+        let retry_at = idgen.next_id();
+        let stored = store.store_message(send(&retry, "late", &["alice", "bob"], retry_at)).await.expect("retry");
+        let expected = Message { id: first_id, created_at_ms: ids::timestamp_ms(first_id), ..retry.clone() };
+        assert_eq!((stored.message.clone(), stored.position, stored.duplicate), (expected.clone(), retry_at, true));
+        let stored_cursor = minted_ago(10_000, 0);
+        for user in ["alice", "bob"] {
+            assert_eq!(
+                store.inbox_after(user, 0, 10).await.expect("inbox"),
+                vec![InboxEntry { position: retry_at, message: expected.clone() }],
+                "{user}: one entry, moved to the retry's position"
+            );
+            assert_eq!(store.inbox_after(user, stored_cursor, 10).await.expect("after a stored cursor").len(), 1);
+        }
+    })
+    .await;
+}
+
+/// Redis loses every reservation between two attempts of one key (a
+/// restart without persistence): the second attempt finds the first in
+/// the store (the sender's own inbox entry keeps the key) and answers with
+/// its id; nothing is stored twice, in history or any inbox. Keys sent
+/// after the loss are new messages, at two round trips while
+/// reservations may be missing, one again once every earlier
+/// reservation would have expired anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_lost_between_attempts_still_store_one_message() {
+    with_keyspace(|node, ks| async move {
+        let first_gateway = connect(&node, &ks).await;
+        let second_gateway = connect(&node, &ks).await;
+        let idgen = IdGenerator::new(11, 0);
+        let channel = "dm:alice:bob";
+        let first = message(idgen.next_id(), channel, "alice", "once");
+        let first_at = idgen.next_id();
+        let stored = first_gateway.store_message(send(&first, "k", &["alice", "bob"], first_at)).await.expect("first");
+        assert_eq!((stored.duplicate, stored.cost.round_trips), (false, 2), "the bucket row, then the rows");
+
+        wipe_reservations(&ks).await;
+        let retry = message(idgen.next_id(), channel, "alice", "once");
+        let again =
+            second_gateway.store_message(send(&retry, "k", &["alice", "bob"], idgen.next_id())).await.expect("retry");
+        assert!(again.duplicate, "found in the store: {again:?}");
+        assert_eq!(again.message.id, first.id);
+        assert_eq!(again.cost.round_trips, 2, "a look in the store, then the rows");
+        assert_eq!(
+            store_suite::ids_of(&first_gateway.history(channel, Page::Latest, 10).await.expect("history")),
+            vec![first.id]
+        );
+        for user in ["alice", "bob"] {
+            let inbox = first_gateway.inbox_after(user, 0, 10).await.expect("inbox");
+            assert_eq!(inbox.iter().map(|e| e.message.id).collect::<Vec<_>>(), vec![first.id], "{user}");
+        }
+
+        // A new key after the loss: looked up, not found, stored.
+        let other = message(idgen.next_id(), channel, "alice", "new");
+        let fresh =
+            second_gateway.store_message(send(&other, "k2", &["alice", "bob"], idgen.next_id())).await.expect("new");
+        assert!(!fresh.duplicate);
+        assert_eq!(fresh.cost.round_trips, 2);
+        // Once the loss is older than the retry window, a send is one round trip again.
+        let _: () = redis::cmd("SET")
+            .arg(names(&ks).since())
+            .arg(ids::now_ms() - 3_600_001)
+            .query_async(&mut redis().await)
+            .await
+            .expect("age the loss");
+        let third = message(idgen.next_id(), channel, "alice", "later");
+        let later =
+            second_gateway.store_message(send(&third, "k3", &["alice", "bob"], idgen.next_id())).await.expect("later");
+        assert_eq!((later.duplicate, later.cost.round_trips), (false, 1));
+    })
+    .await;
+}
+
+/// With Redis unreachable sends are still stored once: each looks for an
+/// earlier attempt in the store first (two round trips); a retry is found.
+/// The completed reservations are written to Redis once it answers, so a
+/// retry that then reaches a gateway that never lost Redis finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_while_redis_is_unreachable_are_stored_once() {
+    with_keyspace(|node, ks| async move {
+        // A Redis that is not there yet: nothing listens on its port.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(200)))
+            .set_response_timeout(Some(Duration::from_millis(200)))
+            .set_number_of_retries(0);
+        let unreachable = match redis::aio::ConnectionManager::new_lazy_with_config(client, config) {
+            Ok(conn) => conn,
+            Err(e) => panic!("a lazy connection manager: {e}"),
+        };
+        let store = connect_with(&node, &ks, unreachable).await;
+        let idgen = IdGenerator::new(12, 0);
+        let channel = "dm:carol:dave";
+        let m = message(idgen.next_id(), channel, "carol", "no redis");
+        let stored = store.store_message(send(&m, "k", &["carol", "dave"], idgen.next_id())).await.expect("store");
+        assert_eq!((stored.duplicate, stored.cost.round_trips), (false, 2));
+        let retry = message(idgen.next_id(), channel, "carol", "no redis");
+        let again = store.store_message(send(&retry, "k", &["carol", "dave"], idgen.next_id())).await.expect("retry");
+        assert!(again.duplicate && again.message.id == m.id, "{again:?}");
+        assert_eq!(store_suite::ids_of(&store.history(channel, Page::Latest, 10).await.expect("history")), vec![m.id]);
+
+        // Redis comes up: the reservation made without it is written there.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run redis-server ({e}); install it with `e2e/local/redis.sh start`"));
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let held = loop {
+            let held: Option<String> = match client.get_multiplexed_async_connection().await {
+                Ok(mut conn) => {
+                    redis::cmd("GET").arg(names(&ks).send("carol", "k")).query_async(&mut conn).await.ok().flatten()
+                }
+                Err(_) => None,
+            };
+            if held.is_some() || Instant::now() > deadline {
+                break held;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let _ = server.kill();
+        let _ = server.wait();
+        let held = held.map(|h| SendRecord::decode(&h).expect("readable"));
+        assert_eq!(held.map(|r| (r.id, r.done)), Some((m.id, true)), "the backlog reached Redis once it answered");
     })
     .await;
 }

@@ -2,6 +2,7 @@
 //! timed steps of messages over them.
 
 pub mod connect;
+pub mod cql;
 pub mod group;
 pub mod idle;
 pub mod pairs;

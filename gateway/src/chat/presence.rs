@@ -223,14 +223,17 @@ impl ChatService {
     /// changes: direct peers and members of groups small enough to fan out.
     async fn friends_of(&self, user: &str, max_group: usize) -> Result<HashSet<String>, StoreError> {
         let mut friends = HashSet::new();
+        let mut groups = Vec::new();
         for channel in self.store.channels_of(user).await? {
-            if let Some((a, b)) = direct_members(&channel) {
-                friends.extend([a.to_string(), b.to_string()]);
-            } else {
-                let members = self.store.members(&channel).await?;
-                if members.len() <= max_group {
-                    friends.extend(members);
-                }
+            match direct_members(&channel) {
+                Some((a, b)) => friends.extend([a.to_string(), b.to_string()]),
+                None => groups.push(channel),
+            }
+        }
+        // All groups' members in one batched read, not one read per group.
+        for members in self.store.members_of(&groups).await?.into_values() {
+            if members.len() <= max_group {
+                friends.extend(members);
             }
         }
         friends.remove(user);

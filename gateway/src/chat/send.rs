@@ -121,6 +121,8 @@ impl ChatService {
             self.known_direct.insert(channel);
         }
         self.metrics.store_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.store_requests_per_send.observe(f64::from(stored.cost.requests));
+        self.metrics.store_round_trips_per_send.observe(f64::from(stored.cost.round_trips));
         Ok((stored.message, stored.position, stored.duplicate))
     }
 

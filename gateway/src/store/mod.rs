@@ -23,6 +23,7 @@
 pub mod embedded;
 pub mod health;
 pub mod scylla;
+pub mod send_keys;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -76,6 +77,17 @@ pub struct Stored {
     pub position: u64,
     /// The key had been stored before: nothing new was written.
     pub duplicate: bool,
+    /// What storing it took.
+    pub cost: SendCost,
+}
+
+/// The store requests one send took, and how many of them had to wait for
+/// one another (sequential round trips): the cost of the send path, for
+/// the `kubechat_gateway_store_requests_per_send` metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendCost {
+    pub requests: u32,
+    pub round_trips: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +148,15 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()>;
     /// Members of a group, sorted.
     async fn members(&self, group: &str) -> StoreResult<Vec<String>>;
+    /// Members of each of `groups` (sorted; empty for an unknown group), in
+    /// as few requests as the store allows.
+    async fn members_of(&self, groups: &[String]) -> StoreResult<std::collections::HashMap<String, Vec<String>>> {
+        let mut out = std::collections::HashMap::with_capacity(groups.len());
+        for group in groups {
+            out.insert(group.clone(), self.members(group).await?);
+        }
+        Ok(out)
+    }
     /// Channels a user takes part in (groups and direct chats), sorted.
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>>;
 

@@ -43,7 +43,7 @@ pub async fn one_to_one_round_trip(store: &dyn Store) {
     let new = NewMessage { link_channel: true, ..send(&m, "k1", &["alice", "bob"], position) };
 
     let stored = store.store_message(new).await.expect("store");
-    assert_eq!(stored, Stored { message: m.clone(), position, duplicate: false });
+    assert_eq!((stored.message, stored.position, stored.duplicate), (m.clone(), position, false));
 
     for user in ["alice", "bob"] {
         assert_eq!(
@@ -201,6 +201,11 @@ pub async fn groups_members_and_channels(store: &dyn Store) {
     assert!(members.contains(&"zed".to_string()) && !members.contains(&"user-000".to_string()));
     assert_eq!(store.members("g:10").await.expect("other members"), vec!["user-001", "zed"]);
     assert_eq!(store.channels_of("user-000").await.expect("removed user"), Vec::<String>::new());
+    let both = store.members_of(&["g:1".into(), "g:10".into(), "g:none".into()]).await.expect("members of groups");
+    assert_eq!(both.len(), 3);
+    assert_eq!(both["g:1"], members);
+    assert_eq!(both["g:10"], vec!["user-001", "zed"]);
+    assert!(both["g:none"].is_empty(), "an unknown group has no members");
 
     let dm = message(IdGenerator::new(6, 0).next_id(), "dm:user-001:zed", "zed", "hi");
     let new = NewMessage { link_channel: true, ..send(&dm, "k", &["user-001", "zed"], dm.id + 1) };

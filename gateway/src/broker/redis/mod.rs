@@ -24,6 +24,7 @@
 //! have missed (this gateway's connections, and the recipients of forwards
 //! this gateway failed to send).
 
+pub mod send_keys;
 mod upkeep;
 pub mod wire;
 

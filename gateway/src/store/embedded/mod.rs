@@ -46,7 +46,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
+use super::{Group, InboxEntry, Message, NewMessage, Page, SendCost, Store, StoreError, StoreResult, Stored};
 use ops::{Done, Op, Request};
 pub use pipeline::{CHECKPOINT_EVERY, MAX_BATCH};
 use pipeline::{Progress, Threads};
@@ -65,6 +65,9 @@ pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
 const QUEUE: usize = 4096;
 
 const WRITER_STOPPED: &str = "embedded store stopped";
+
+/// A send is one request to the storage thread, one log append.
+const ONE_TRANSACTION: SendCost = SendCost { requests: 1, round_trips: 1 };
 
 type Pair = (&'static str, u64);
 type Link = (&'static str, &'static str);
@@ -269,8 +272,10 @@ impl Store for EmbeddedStore {
             link_channel,
         };
         match self.write(op).await? {
-            Done::Unit => Ok(Stored { message, position, duplicate: false }),
-            Done::Duplicate(json) => Ok(Stored { message: decode("message", &json)?, position: 0, duplicate: true }),
+            Done::Unit => Ok(Stored { message, position, duplicate: false, cost: ONE_TRANSACTION }),
+            Done::Duplicate(json) => {
+                Ok(Stored { message: decode("message", &json)?, position: 0, duplicate: true, cost: ONE_TRANSACTION })
+            }
             Done::Seq(_) => Err(unexpected_answer()),
         }
     }
