@@ -122,6 +122,8 @@ impl ChatLimits {
             heartbeat_seconds: self.heartbeat_seconds,
             offline_after: self.offline_after(),
             presence_fanout_max_members: self.presence_fanout_max_members,
+            // Many gateways share one store: refuse what it cannot take in time.
+            store_admission: Some(crate::chat::admission::AdmissionConfig::default()),
             ..ChatConfig::default()
         }
     }

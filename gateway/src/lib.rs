@@ -11,7 +11,8 @@
 //! - [`ids`]: time-ordered 64-bit ids for messages and inbox positions.
 //! - [`push`]: push workers: Redis Stream consumer group → webhook/FCM/APNs.
 //! - [`protocol`]: frames, validation and error codes (pure, no I/O).
-//! - [`metrics`]: Prometheus metrics; [`throttle`]: warnings that repeat in an incident, rate-limited.
+//! - [`metrics`]: Prometheus metrics; [`throttle`]: warnings that repeat in an incident, rate-limited;
+//!   [`failpoint`]: where tests stop a gateway between two steps.
 //! - [`store`]: the durable storage trait, with ScyllaDB and embedded (redb) implementations.
 
 pub mod app;
@@ -19,6 +20,7 @@ pub mod broker;
 pub mod chat;
 pub mod client;
 pub mod config;
+pub mod failpoint;
 pub mod ids;
 pub mod metrics;
 pub mod protocol;

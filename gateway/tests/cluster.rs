@@ -545,6 +545,71 @@ async fn a_worker_id_in_use_is_refused_scenario() {
     assert!(restarted.admin_get("/readyz").await.is_some_and(|(status, _)| status == 200));
 }
 
+/// Test 6: the gateway of a send is SIGKILLed between two steps of it
+/// (after the idempotency key is reserved; after every row is written,
+/// before the ack), with and without Redis losing all its data before the
+/// client retries on another gateway. Every retry gets an ack naming one
+/// message, which every read API shows exactly once: the recipient's
+/// sync, the sender's own sync (its other devices) and the history.
+async fn a_retry_after_a_crash_and_a_redis_wipe_stores_one_message_scenario() {
+    use kubechat_gateway::failpoint::{SEND_AFTER_RESERVE, SEND_BEFORE_ACK};
+    let mut redis = PrivateRedis::start().await;
+    let spec = ClusterSpec::new(redis.url(), 3).await;
+    let survivor = GatewayProcess::start(&spec, 1).await;
+    // (where the first attempt's gateway dies, Redis wiped before the retry)
+    let cases =
+        [(SEND_AFTER_RESERVE, true), (SEND_BEFORE_ACK, true), (SEND_AFTER_RESERVE, false), (SEND_BEFORE_ACK, false)];
+    for (n, (point, wipe)) in cases.into_iter().enumerate() {
+        let case = format!("{point}, Redis {}", if wipe { "wiped" } else { "kept" });
+        let ordinal = 10 + u16::try_from(n).expect("few cases");
+        let mut crashing =
+            GatewayProcess::start_with(&spec, ordinal, &format!("gw-crash-{n}"), &[("KUBECHAT_FAILPOINTS", point)])
+                .await;
+        let (alice, bob) = (format!("alice{n}"), format!("bob{n}"));
+        let send =
+            json!({"type": "send", "to": {"user": bob}, "text": format!("once, case {n}"), "key": format!("k{n}")});
+        let mut first = ClusterClient::connect(&crashing.url(), &alice, "phone").await;
+        assert!(first.try_request(send.clone(), Duration::from_secs(1)).await.is_none(), "{case}: acked while paused");
+        let paused = Instant::now();
+        while crashing.log_matching(&["paused at a failpoint"]).is_empty() {
+            assert!(paused.elapsed() < Duration::from_secs(10), "{case}: never paused; log:\n{}", crashing.log_tail());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        crashing.kill();
+        if wipe {
+            redis.restart().await;
+        }
+        survivor.wait_ready().await;
+
+        let mut retry = ClusterClient::connect(&survivor.url(), &alice, "phone").await;
+        let ack = retry.request(send).await;
+        assert_eq!(ack["type"], "ack", "{case}: {ack}");
+        let id = ack["id"].as_str().expect("id").to_string();
+        let stored_first = point == SEND_BEFORE_ACK;
+        if stored_first {
+            assert_eq!(ack["duplicate"], json!(true), "{case}: the first attempt's message is acked: {ack}");
+        }
+        let ids = |entries: &[Value]| -> Vec<String> {
+            entries.iter().map(|e| e["message"]["id"].as_str().unwrap_or_default().to_string()).collect()
+        };
+        let mut reader = ClusterClient::connect(&survivor.url(), &bob, "laptop").await;
+        let (received, _) = reader.sync_all("0").await.expect("the recipient syncs");
+        assert_eq!(ids(&received), vec![id.clone()], "{case}: the recipient's inbox");
+        let (own, _) = retry.sync_all("0").await.expect("the sender syncs");
+        assert_eq!(ids(&own), vec![id.clone()], "{case}: the sender's inbox (its other devices)");
+        let channel = ack["channel"].as_str().expect("channel").to_string();
+        let history = reader.request(json!({"type": "history", "channel": channel, "limit": 10})).await;
+        let in_history: Vec<&str> =
+            history["messages"].as_array().expect("messages").iter().filter_map(|m| m["id"].as_str()).collect();
+        assert_eq!(in_history, vec![id.as_str()], "{case}: history");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_after_a_crash_and_a_redis_wipe_stores_one_message() {
+    within(Duration::from_secs(240), a_retry_after_a_crash_and_a_redis_wipe_stores_one_message_scenario()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn messages_cross_gateways_once_and_in_order() {
     within(Duration::from_secs(240), messages_cross_gateways_once_and_in_order_scenario()).await;

@@ -11,6 +11,7 @@
 //!
 //! Other gateways are reached through the [`Broker`].
 
+pub mod admission;
 pub mod hub;
 pub mod members;
 pub mod presence;
@@ -64,6 +65,10 @@ pub struct ChatConfig {
     pub stall_timeout: Duration,
     /// Cached group members are read again after this long at the latest.
     pub members_ttl: Duration,
+    /// Bounds the sends waiting on the store (clustered gateways): past it
+    /// they are refused with `overloaded` instead of queueing. `None`: no
+    /// bound (the standalone gateway slows its senders instead).
+    pub store_admission: Option<admission::AdmissionConfig>,
 }
 
 impl Default for ChatConfig {
@@ -78,6 +83,7 @@ impl Default for ChatConfig {
             push_summary_chars: 80,
             stall_timeout: Duration::from_secs(5),
             members_ttl: Duration::from_secs(60),
+            store_admission: None,
         }
     }
 }
@@ -125,6 +131,8 @@ pub struct ChatService {
     config: ChatConfig,
     metrics: Metrics,
     known_direct: KnownDirectChannels,
+    /// Bounds the sends waiting on the store (clustered gateways).
+    admission: Option<admission::Admission>,
     members: Arc<MemberCache>,
     /// Fan-outs whose push jobs wait for presence to settle.
     deferred_pushes: AtomicUsize,
@@ -259,6 +267,7 @@ impl ChatService {
             presence,
             transitions: senders,
             ids,
+            admission: config.store_admission.clone().map(admission::Admission::new),
             config,
             metrics,
             known_direct: KnownDirectChannels { set: DashSet::new(), capacity: 100_000 },

@@ -67,6 +67,20 @@ impl ChatService {
         let members = self.channel_members(&session.user, &channel).await?;
         self.check_may_mint_ids()?;
 
+        // A slot among the writes the store keeps up with, or a quick refusal.
+        let permit = match &self.admission {
+            Some(admission) => match admission.acquire().await {
+                Some(permit) => Some(permit),
+                None => {
+                    self.metrics.acks.with_label_values(&[ErrorCode::Overloaded.as_str()]).inc();
+                    return Err(ProtocolError::new(
+                        ErrorCode::Overloaded,
+                        "the store is behind: nothing was stored; retry with the same key after a short backoff",
+                    ));
+                }
+            },
+            None => None,
+        };
         let stored = tokio::time::timeout(
             self.config.write_deadline,
             self.store_message(session, &channel, &members, key, text),
@@ -75,6 +89,9 @@ impl ChatService {
         .unwrap_or_else(|_| {
             Err(StoreError::Unavailable(format!("write took longer than {:?}", self.config.write_deadline)))
         });
+        if let Some(permit) = permit {
+            permit.done();
+        }
         let (message, position, duplicate) = match stored {
             Ok(stored) => stored,
             Err(e) => {

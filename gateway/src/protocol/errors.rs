@@ -26,6 +26,9 @@ pub enum ErrorCode {
     RateLimited,
     /// Storage is unreachable: nothing was stored or acknowledged; retry with the same key.
     StorageUnavailable,
+    /// The store is behind: nothing was stored or acknowledged; retry with
+    /// the same key after a short backoff.
+    Overloaded,
     /// Something this request needs is unreachable or not part of this
     /// deployment (presence while Redis is down, push registration on a
     /// standalone gateway). The message says which.
@@ -35,7 +38,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code (a test checks each is documented in docs/protocol.md).
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -48,6 +51,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::RateLimited,
         ErrorCode::StorageUnavailable,
+        ErrorCode::Overloaded,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
@@ -66,6 +70,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -114,8 +119,9 @@ mod tests {
             ErrorCode::Forbidden => 9,
             ErrorCode::RateLimited => 10,
             ErrorCode::StorageUnavailable => 11,
-            ErrorCode::Unavailable => 12,
-            ErrorCode::Internal => 13,
+            ErrorCode::Overloaded => 12,
+            ErrorCode::Unavailable => 13,
+            ErrorCode::Internal => 14,
         };
         for (i, code) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(index(*code), i);

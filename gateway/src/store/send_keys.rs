@@ -73,8 +73,8 @@ pub trait SendKeys: Send + Sync + 'static {
     async fn reserve(&self, sender: &str, key: &str, candidate: &SendRecord) -> Reservation;
 
     /// The rows of `record` are written: remember it as done (replacing what
-    /// the key held). Best effort: a lost completion only makes a later
-    /// retry rewrite the rows.
+    /// the key held). Best effort and quick (it may only queue the write):
+    /// a lost completion only makes a later retry rewrite the rows.
     async fn complete(&self, sender: &str, key: &str, record: &SendRecord);
 }
 

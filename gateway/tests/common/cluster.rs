@@ -163,7 +163,13 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     pub async fn start(spec: &ClusterSpec, ordinal: u16) -> Self {
-        let mut gateway = Self::spawn(spec, ordinal, &format!("gw-{ordinal}"));
+        Self::start_with(spec, ordinal, &format!("gw-{ordinal}"), &[]).await
+    }
+
+    /// Starts gateway `name` with worker id `ordinal` and extra environment
+    /// (e.g. `KUBECHAT_FAILPOINTS`), and waits until it is ready.
+    pub async fn start_with(spec: &ClusterSpec, ordinal: u16, name: &str, env: &[(&str, &str)]) -> Self {
+        let mut gateway = Self::spawn_with(spec, ordinal, name, env);
         gateway.wait_ready().await;
         // A port taken meanwhile by another test would make it exit while
         // that test's process answered the readiness check.
@@ -196,6 +202,10 @@ impl GatewayProcess {
     }
 
     fn spawn(spec: &ClusterSpec, ordinal: u16, name: &str) -> Self {
+        Self::spawn_with(spec, ordinal, name, &[])
+    }
+
+    fn spawn_with(spec: &ClusterSpec, ordinal: u16, name: &str, env: &[(&str, &str)]) -> Self {
         let (ws_port, admin_port) = (free_port(), free_port());
         let name = name.to_string();
         let config = json!({
@@ -224,6 +234,7 @@ impl GatewayProcess {
             .env("RUST_LOG", "info,kubechat_gateway=debug")
             // Bind and advertise on loopback (discovery hands this URL out).
             .env("KUBECHAT_POD_IP", "127.0.0.1")
+            .envs(env.iter().copied())
             .stdout(log_file.try_clone().expect("log file"))
             .stderr(log_file)
             .spawn()

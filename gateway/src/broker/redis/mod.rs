@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{Broker, BrokerError, Frame, GatewayLoad, LocalDelivery, Routed};
 use crate::ids::now_ms;
-use wire::{GATEWAYS, ResyncScope, deliver_channel, encode_forward, gateway_sessions_key, seen_key, sessions_key};
+use wire::{GATEWAYS, ResyncScope, gateway_sessions_key, seen_key, sessions_key};
 
 #[derive(Clone, Debug)]
 pub struct RedisBrokerConfig {
@@ -151,6 +151,7 @@ pub struct RedisBroker {
     /// reaping; routing reads leases and sessions atomically instead).
     alive: RwLock<(tokio::time::Instant, HashSet<String>)>,
     live_sessions: redis::Script,
+    route_script: redis::Script,
     renew_lease_script: redis::Script,
     renew_worker_script: redis::Script,
 }
@@ -193,6 +194,7 @@ impl RedisBroker {
             loads: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), Vec::new())),
             alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), HashSet::new())),
             live_sessions: redis::Script::new(wire::LIVE_SESSIONS_SCRIPT),
+            route_script: redis::Script::new(wire::ROUTE_SCRIPT),
             renew_lease_script: redis::Script::new(wire::RENEW_LEASE_SCRIPT),
             renew_worker_script: redis::Script::new(wire::RENEW_WORKER_SCRIPT),
         });
@@ -317,45 +319,36 @@ impl RedisBroker {
     fn live_gateways<'a>(fields: &'a [String], alive: &HashSet<String>) -> HashSet<&'a str> {
         fields.iter().filter_map(|f| f.split_once('|').map(|(g, _)| g)).filter(|g| alive.contains(*g)).collect()
     }
-
-    /// Publishes each gateway's forward; recipients on a gateway nobody is
-    /// subscribed for (it is reconnecting to Redis) are owed a resync.
-    async fn publish_forwards(&self, by_gateway: HashMap<&str, Vec<String>>, frame: &Frame) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        for (gateway, users) in &by_gateway {
-            pipe.publish(deliver_channel(gateway), encode_forward(users, frame));
-        }
-        let receivers: Vec<i64> = pipe.query_async(&mut self.conn()).await.map_err(unavailable("forwarding"))?;
-        for ((_, users), receivers) in by_gateway.iter().zip(receivers) {
-            if receivers == 0 {
-                self.owe_resync(users);
-            }
-        }
-        Ok(())
-    }
 }
 
 #[async_trait]
 impl Broker for RedisBroker {
+    /// One round trip: the route script looks the sessions up and publishes
+    /// one forward per other gateway holding a recipient.
     async fn route(&self, users: &[String], frame: &Frame) -> Result<Routed, BrokerError> {
         let result = async {
             self.check_reachable()?;
-            let live = self.live_sessions_of(users).await?;
-            let mut by_gateway: HashMap<&str, Vec<String>> = HashMap::new();
-            let mut offline = HashSet::new();
-            for (user, gateways) in users.iter().zip(&live) {
-                if gateways.is_empty() {
-                    offline.insert(user.clone());
-                }
-                let others = gateways.iter().filter(|g| **g != self.config.gateway_id);
-                for gateway in others.map(String::as_str).collect::<HashSet<_>>() {
-                    by_gateway.entry(gateway).or_default().push(user.clone());
-                }
+            let mut invocation = self.route_script.prepare_invoke();
+            invocation.key(wire::EPOCH).key(GATEWAYS);
+            for user in users {
+                invocation.key(sessions_key(user));
             }
-            if !by_gateway.is_empty() {
-                self.publish_forwards(by_gateway, frame).await?;
+            invocation.arg(now_ms()).arg(&self.config.gateway_id).arg(frame.as_str()).arg(wire::DELIVER_PREFIX);
+            for user in users {
+                invocation.arg(user);
             }
-            Ok(Routed { offline, unsettled_for: self.unsettled_for() })
+            let (epoch, offline, unheard): (i64, Vec<usize>, Vec<usize>) =
+                invocation.invoke_async(&mut self.conn()).await.map_err(unavailable("routing"))?;
+            self.epoch_ms.store(epoch, Ordering::Relaxed);
+            let named = |indices: Vec<usize>| -> Vec<String> {
+                indices.into_iter().filter_map(|i| users.get(i.wrapping_sub(1)).cloned()).collect()
+            };
+            let unheard = named(unheard);
+            if !unheard.is_empty() {
+                // Their gateway is reconnecting to Redis: they resync once it is back.
+                self.owe_resync(&unheard);
+            }
+            Ok(Routed { offline: named(offline).into_iter().collect(), unsettled_for: self.unsettled_for() })
         }
         .await;
         if result.is_err() {

@@ -9,12 +9,19 @@
 //!   Redis never did (a new cluster: 0). For one retry window after it, a
 //!   reservation is uncertain and the store looks for earlier attempts.
 //!
+//! A reservation is one pipeline of plain commands, no script: `SET … NX
+//! GET PX` (the record held, if any), then `GET` of the two markers. The
+//! order matters: a wipe between the two can only make the answer
+//! uncertain (the markers are gone), never certain by mistake.
+//!
+//! Completions (the record marked done) are not on the ack's path: they are
+//! queued and written by a background task in one pipeline per batch.
 //! While Redis cannot be reached, reservations are [`Reservation::Unknown`]
-//! (the store looks in its own rows) and completed sends are kept in a
-//! bounded backlog, written with `SET NX` once Redis answers: a retry that
-//! reaches another gateway then still finds them. A backlog that overflowed
-//! moves `send-keys-since` to now instead (every gateway looks in the store
-//! for one window).
+//! (the store looks in its own rows) and completed sends wait in a bounded
+//! backlog, written with `SET NX` once Redis answers: a retry that reaches
+//! another gateway then still finds them. A backlog that overflowed moves
+//! `send-keys-since` to now instead (every gateway looks in the store for
+//! one window).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -22,6 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
 
 use crate::ids::now_ms;
 use crate::store::send_keys::{Reservation, SendKeys, SendRecord};
@@ -33,24 +41,8 @@ const BACKLOG_CAP: usize = 100_000;
 /// `Unknown` at once instead of each waiting for a timeout).
 const SKIP_AFTER_FAILURE_MS: i64 = 250;
 
-/// How often a backlog is offered to Redis while nothing else asks.
-const FLUSH_EVERY: Duration = Duration::from_millis(200);
-
-/// Reserve atomically (module docs).
-/// KEYS: [send key, since key, epoch key]; ARGV: [record, window ms, now ms].
-/// Returns {1, record held} | {0 certain | 2 uncertain, since}.
-const RESERVE_SCRIPT: &str = r"
-local held = redis.call('GET', KEYS[1])
-if held then return {1, held} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local since = redis.call('GET', KEYS[2])
-if not since then
-  if redis.call('GET', KEYS[3]) == '0' then since = '0' else since = ARGV[3] end
-  redis.call('SET', KEYS[2], since)
-end
-if tonumber(ARGV[3]) - tonumber(since) < tonumber(ARGV[2]) then return {2, since} end
-return {0, since}
-";
+/// How often the writer retries a backlog while nothing new arrives.
+const RETRY_EVERY: Duration = Duration::from_millis(200);
 
 /// Where the keys live.
 #[derive(Clone, Debug)]
@@ -80,41 +72,62 @@ impl Default for SendKeyNames {
     }
 }
 
+/// Records waiting to be written: completions (`SET`, marking done) and
+/// the backlog of records Redis never saw (`SET NX`).
 #[derive(Default)]
-struct Backlog {
-    records: Vec<(String, String)>,
+struct Queued {
+    completions: Vec<(String, String)>,
+    backlog: Vec<(String, String)>,
     overflowed: bool,
+}
+
+impl Queued {
+    fn is_empty(&self) -> bool {
+        self.completions.is_empty() && self.backlog.is_empty() && !self.overflowed
+    }
+
+    fn keep(&mut self, record: (String, String)) {
+        if self.backlog.len() >= BACKLOG_CAP {
+            self.overflowed = true;
+        } else {
+            self.backlog.push(record);
+        }
+    }
 }
 
 pub struct RedisSendKeys {
     connection: ConnectionManager,
     names: SendKeyNames,
     window: Duration,
-    script: redis::Script,
-    backlog: Mutex<Backlog>,
+    queued: Mutex<Queued>,
+    wake: Notify,
     /// When a command last failed (ms; 0: never).
     failed_at_ms: AtomicI64,
 }
 
 impl RedisSendKeys {
     /// Reservations on `connection` that last `window` (the documented
-    /// retry window); a background task offers the backlog to Redis until
-    /// the keys are dropped.
+    /// retry window); a background task writes completions and the backlog
+    /// until the keys are dropped.
     pub fn start(connection: ConnectionManager, names: SendKeyNames, window: Duration) -> Arc<Self> {
         let keys = Arc::new(Self {
             connection,
             names,
             window,
-            script: redis::Script::new(RESERVE_SCRIPT),
-            backlog: Mutex::default(),
+            queued: Mutex::default(),
+            wake: Notify::new(),
             failed_at_ms: AtomicI64::new(0),
         });
-        tokio::spawn(flush_loop(Arc::downgrade(&keys)));
+        tokio::spawn(write_loop(Arc::downgrade(&keys)));
         keys
     }
 
     fn window_ms(&self) -> i64 {
         i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn failed(&self, error: &redis::RedisError) {
@@ -126,21 +139,23 @@ impl RedisSendKeys {
         now_ms() - self.failed_at_ms.load(Ordering::Relaxed) < SKIP_AFTER_FAILURE_MS
     }
 
-    /// Completed sends not yet in Redis.
+    /// Records made while Redis was unreachable, not yet written there.
     pub fn backlog_len(&self) -> usize {
-        self.backlog.lock().unwrap_or_else(PoisonError::into_inner).records.len()
+        self.lock().backlog.len()
     }
 
-    /// Writes the backlog (`SET NX`: a newer reservation stays); an
-    /// overflowed one moves `send-keys-since` to now. Put back on failure.
-    async fn flush(&self) -> Result<(), redis::RedisError> {
-        let Backlog { records, overflowed } =
-            std::mem::take(&mut *self.backlog.lock().unwrap_or_else(PoisonError::into_inner));
-        if records.is_empty() && !overflowed {
+    /// Writes what is queued in one pipeline; on failure it all stays (as
+    /// backlog: written with `SET NX` later, so a newer reservation stays).
+    async fn write_queued(&self) -> Result<(), redis::RedisError> {
+        let Queued { completions, backlog, overflowed } = std::mem::take(&mut *self.lock());
+        if completions.is_empty() && backlog.is_empty() && !overflowed {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for (key, value) in &records {
+        for (key, value) in &completions {
+            pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(self.window_ms()).ignore();
+        }
+        for (key, value) in &backlog {
             pipe.cmd("SET").arg(key).arg(value).arg("NX").arg("PX").arg(self.window_ms()).ignore();
         }
         if overflowed {
@@ -148,44 +163,84 @@ impl RedisSendKeys {
         }
         match pipe.query_async::<()>(&mut self.connection.clone()).await {
             Ok(()) => {
-                tracing::info!(
-                    records = records.len(),
-                    overflowed,
-                    "send keys: reservations made while Redis was unreachable are recorded"
-                );
+                if !backlog.is_empty() || overflowed {
+                    tracing::info!(
+                        records = backlog.len(),
+                        overflowed,
+                        "send keys: reservations made while Redis was unreachable are recorded"
+                    );
+                }
                 Ok(())
             }
             Err(error) => {
-                let mut backlog = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
-                backlog.overflowed |= overflowed;
-                for record in records {
-                    Self::keep(&mut backlog, record);
+                let mut queued = self.lock();
+                queued.overflowed |= overflowed;
+                for record in completions.into_iter().chain(backlog) {
+                    queued.keep(record);
                 }
                 Err(error)
             }
         }
     }
 
-    fn keep(backlog: &mut Backlog, record: (String, String)) {
-        if backlog.records.len() >= BACKLOG_CAP {
-            backlog.overflowed = true;
-        } else {
-            backlog.records.push(record);
+    /// Reserves with plain commands (module docs).
+    async fn try_reserve(&self, key: &str, candidate: &SendRecord) -> Result<Reservation, redis::RedisError> {
+        let (held, since, epoch): (Option<String>, Option<i64>, Option<String>) = redis::pipe()
+            .cmd("SET")
+            .arg(key)
+            .arg(candidate.encode())
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(self.window_ms())
+            .cmd("GET")
+            .arg(self.names.since())
+            .cmd("GET")
+            .arg(self.names.epoch())
+            .query_async(&mut self.connection.clone())
+            .await?;
+        if let Some(held) = held {
+            return Ok(match SendRecord::decode(&held) {
+                Some(record) => Reservation::Existing(record),
+                None => {
+                    tracing::warn!(held, "send keys: unreadable reservation; looking in the store");
+                    Reservation::Unknown
+                }
+            });
         }
+        let now = now_ms();
+        let since = match since {
+            Some(since) => since,
+            None => {
+                // Lost (or never set): from now, unless Redis never lost data.
+                let since = if epoch.as_deref() == Some("0") { 0 } else { now };
+                let (set,): (Option<String>,) = redis::pipe()
+                    .cmd("SET")
+                    .arg(self.names.since())
+                    .arg(since)
+                    .arg("NX")
+                    .arg("GET")
+                    .query_async(&mut self.connection.clone())
+                    .await?;
+                set.and_then(|s| s.parse().ok()).unwrap_or(since)
+            }
+        };
+        Ok(Reservation::Reserved { certain: now.saturating_sub(since) >= self.window_ms() })
     }
 }
 
-async fn flush_loop(keys: Weak<RedisSendKeys>) {
+async fn write_loop(keys: Weak<RedisSendKeys>) {
     loop {
-        tokio::time::sleep(FLUSH_EVERY).await;
-        let Some(keys) = keys.upgrade() else { return };
-        let pending = {
-            let backlog = keys.backlog.lock().unwrap_or_else(PoisonError::into_inner);
-            !backlog.records.is_empty() || backlog.overflowed
-        };
-        if pending && let Err(error) = keys.flush().await {
-            keys.failed(&error);
+        // Holds the keys for one round at most: once they are dropped, it ends.
+        let Some(live) = keys.upgrade() else { return };
+        let wake = live.wake.notified();
+        if !live.lock().is_empty()
+            && let Err(error) = live.write_queued().await
+        {
+            live.failed(&error);
         }
+        // Woken by a completion, or retried after a while (a backlog).
+        let _ = tokio::time::timeout(RETRY_EVERY, wake).await;
     }
 }
 
@@ -195,33 +250,15 @@ impl SendKeys for RedisSendKeys {
         if self.recently_failed() {
             return Reservation::Unknown;
         }
-        if self.backlog_len() > 0 {
+        if self.backlog_len() > 0 || self.lock().overflowed {
             // Earlier sends first: a retry of one of them must find it.
-            if let Err(error) = self.flush().await {
+            if let Err(error) = self.write_queued().await {
                 self.failed(&error);
                 return Reservation::Unknown;
             }
         }
-        let answer: Result<(i64, String), _> = self
-            .script
-            .key(self.names.send(sender, key))
-            .key(self.names.since())
-            .key(self.names.epoch())
-            .arg(candidate.encode())
-            .arg(self.window_ms())
-            .arg(now_ms())
-            .invoke_async(&mut self.connection.clone())
-            .await;
-        match answer {
-            Ok((0, _)) => Reservation::Reserved { certain: true },
-            Ok((2, _)) => Reservation::Reserved { certain: false },
-            Ok((_, held)) => match SendRecord::decode(&held) {
-                Some(record) => Reservation::Existing(record),
-                None => {
-                    tracing::warn!(%sender, held, "send keys: unreadable reservation; looking in the store");
-                    Reservation::Unknown
-                }
-            },
+        match self.try_reserve(&self.names.send(sender, key), candidate).await {
+            Ok(reservation) => reservation,
             Err(error) => {
                 self.failed(&error);
                 Reservation::Unknown
@@ -230,21 +267,15 @@ impl SendKeys for RedisSendKeys {
     }
 
     async fn complete(&self, sender: &str, key: &str, record: &SendRecord) {
-        let (key, value) = (self.names.send(sender, key), record.encode());
-        if !self.recently_failed() {
-            let set: Result<(), _> = redis::cmd("SET")
-                .arg(&key)
-                .arg(&value)
-                .arg("PX")
-                .arg(self.window_ms())
-                .query_async(&mut self.connection.clone())
-                .await;
-            match set {
-                Ok(()) => return,
-                Err(error) => self.failed(&error),
-            }
+        let entry = (self.names.send(sender, key), record.encode());
+        let mut queued = self.lock();
+        if self.recently_failed() {
+            queued.keep(entry);
+        } else {
+            queued.completions.push(entry);
+            drop(queued);
+            self.wake.notify_one();
         }
-        Self::keep(&mut self.backlog.lock().unwrap_or_else(PoisonError::into_inner), (key, value));
     }
 }
 
@@ -262,13 +293,13 @@ mod tests {
 
     #[test]
     fn the_backlog_is_bounded() {
-        let mut backlog = Backlog::default();
+        let mut queued = Queued::default();
         for n in 0..BACKLOG_CAP {
-            RedisSendKeys::keep(&mut backlog, (format!("k{n}"), String::new()));
+            queued.keep((format!("k{n}"), String::new()));
         }
-        assert!(!backlog.overflowed);
-        RedisSendKeys::keep(&mut backlog, ("one more".into(), String::new()));
-        assert!(backlog.overflowed, "past the cap the gap is recorded instead");
-        assert_eq!(backlog.records.len(), BACKLOG_CAP);
+        assert!(!queued.overflowed);
+        queued.keep(("one more".into(), String::new()));
+        assert!(queued.overflowed, "past the cap the gap is recorded instead");
+        assert_eq!(queued.backlog.len(), BACKLOG_CAP);
     }
 }

@@ -26,7 +26,7 @@ pub fn seen_key(user: &str) -> String {
     format!("kubechat:seen:{user}")
 }
 pub fn deliver_channel(gateway: &str) -> String {
-    format!("kubechat:deliver:{gateway}")
+    format!("{DELIVER_PREFIX}{gateway}")
 }
 pub fn worker_key(worker_id: u16) -> String {
     format!("kubechat:worker-id:{worker_id}")
@@ -119,6 +119,58 @@ for i = 3, #KEYS do
 end
 return {tonumber(epoch), users}
 ";
+
+/// Routing a frame in one round trip: for each user, the gateways holding
+/// a live session (lease not run out), read atomically with the leases as
+/// in [`LIVE_SESSIONS_SCRIPT`]; then one `PUBLISH` per other gateway with
+/// every recipient there (`users\n{frame}`, as [`encode_forward`]).
+/// KEYS: [EPOCH, GATEWAYS, sessions:{user}…]; ARGV: [now ms, this gateway,
+/// frame, deliver channel prefix, user…] (users in the order of their keys).
+/// Returns {epoch, indices (1-based) of users with no live session,
+/// indices of users on gateways nobody was subscribed for}.
+pub const ROUTE_SCRIPT: &str = r"
+local now = tonumber(ARGV[1])
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  redis.call('SET', KEYS[1], ARGV[1])
+  epoch = ARGV[1]
+end
+local offline, by_gateway, order = {}, {}, {}
+for i = 3, #KEYS do
+  local user, live, seen = i - 2, false, {}
+  for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
+    local gateway = string.match(field, '^([^|]*)|')
+    if gateway and not seen[gateway] then
+      seen[gateway] = true
+      local expiry = redis.call('ZSCORE', KEYS[2], gateway)
+      if expiry and tonumber(expiry) > now then
+        live = true
+        if gateway ~= ARGV[2] then
+          if not by_gateway[gateway] then
+            by_gateway[gateway] = {}
+            order[#order + 1] = gateway
+          end
+          table.insert(by_gateway[gateway], user)
+        end
+      end
+    end
+  end
+  if not live then offline[#offline + 1] = user end
+end
+local unheard = {}
+for _, gateway in ipairs(order) do
+  local names = {}
+  for _, user in ipairs(by_gateway[gateway]) do names[#names + 1] = ARGV[4 + user] end
+  local receivers = redis.call('PUBLISH', ARGV[4] .. gateway, table.concat(names, ',') .. '\n' .. ARGV[3])
+  if receivers == 0 then
+    for _, user in ipairs(by_gateway[gateway]) do unheard[#unheard + 1] = user end
+  end
+end
+return {tonumber(epoch), offline, unheard}
+";
+
+/// The prefix of [`deliver_channel`], for [`ROUTE_SCRIPT`].
+pub const DELIVER_PREFIX: &str = "kubechat:deliver:";
 
 /// Worker-id renewal, compare-and-set: extends the claim only if this
 /// gateway holds it, takes it back if nobody does (Redis lost it), and

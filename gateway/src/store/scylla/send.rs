@@ -266,7 +266,9 @@ impl ScyllaStore {
         let candidate = SendRecord { id: message.id, position, channel: message.channel.clone(), done: false };
         let mut cost = Cost::default();
 
-        let earlier = match self.keys.reserve(&message.sender, &key, &candidate).await {
+        let reserved = self.keys.reserve(&message.sender, &key, &candidate).await;
+        crate::failpoint::pause(crate::failpoint::SEND_AFTER_RESERVE).await;
+        let earlier = match reserved {
             Reservation::Reserved { certain: true } => Earlier::None,
             Reservation::Existing(record) => {
                 // Round one: the earlier attempt's history row (and the bucket row, if due).
@@ -343,9 +345,11 @@ impl ScyllaStore {
         if list_bucket {
             self.listed.insert(&message.channel, history_bucket);
         }
+        crate::failpoint::pause(crate::failpoint::SEND_BEFORE_ACK).await;
 
+        // Queued, not awaited: a lost completion only makes a later retry rewrite the rows.
         let record = SendRecord { id: message.id, position, channel: message.channel.clone(), done: true };
-        self.complete_later(message.sender.clone(), key.clone(), record);
+        self.keys.complete(&message.sender, &key, &record).await;
         Ok(cost.stored(message, position, duplicate))
     }
 
@@ -370,13 +374,6 @@ impl ScyllaStore {
             }
         }
         Ok(cost.requests)
-    }
-
-    /// Records the finished send with the reservations without holding up
-    /// the ack (a lost completion only makes a later retry rewrite the rows).
-    fn complete_later(&self, sender: String, key: String, record: SendRecord) {
-        let keys = self.keys.clone();
-        tokio::spawn(async move { keys.complete(&sender, &key, &record).await });
     }
 
     /// The history row of an earlier attempt.
