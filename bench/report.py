@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 SERVERS = ("kubechat", "centrifugo")
-NAMES = ("idle", "connect", "group", "pairs5k", "pairs20k", "cluster")
+NAMES = ("idle", "connect", "group", "pairs5k", "pairs20k")
+VARIANTS = ("before", "after")
 
 
 def sh(*cmd):
@@ -166,17 +167,109 @@ def rows(results, stored):
         out.append((f"stored bytes per group message ({stored['members']} members, "
                     f"{stored['message_text_bytes']}-byte text)", f"{num(stored['bytes_per_message'])} B",
                     "– (in memory)", ""))
-    cluster = measured_steps(kc.get("cluster"))
-    if cluster:
-        s = cluster[0]
-        params = kc["cluster"]["params"]
-        cores = (s.get("server_usage") or {}).get("cores")
-        out.append((f"1:1 across two gateways (Redis + Cassandra), {params['pairs']:,} pairs, "
-                    f"{num(params['rate'])} msg/s",
-                    f"p50 {ms(s['latency'].get('p50_us'))}, p99 {ms(s['latency'].get('p99_us'))}, "
-                    f"{num(cores, 2)} core (both gateways){problems(s)}",
-                    "– (not run)", ""))
     return out
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def metric_mean(text, name):
+    """sum/count of a histogram over every gateway's /metrics in `text`."""
+    total = {"sum": 0.0, "count": 0.0}
+    for line in (text or "").splitlines():
+        for part in total:
+            if line.startswith(f"kubechat_gateway_{name}_{part} "):
+                total[part] += float(line.split()[1])
+    return total["sum"] / total["count"] if total["count"] else None
+
+
+def load_cluster(work):
+    """The two-gateway runs and the raw store runs, by name."""
+    out = {"insert": read_json(work / "cql-insert.json"), "lwt": read_json(work / "cql-lwt.json")}
+    for variant in VARIANTS:
+        for run in ("max", "half"):
+            result = read_json(work / f"cluster-{variant}-{run}.json")
+            if result:
+                try:
+                    result["metrics_text"] = (work / f"cluster-{variant}-{run}.metrics").read_text()
+                except OSError:
+                    result["metrics_text"] = ""
+            out[f"{variant}-{run}"] = result
+    return out
+
+
+def cluster_rows(cluster):
+    """One row per build: what two gateways sustain against the raw store."""
+    insert, lwt = cluster.get("insert"), cluster.get("lwt")
+    if not insert:
+        return [], []
+    raw_rate = insert["closed_loop"]["rate"]
+    half_raw = (insert.get("open_loop") or [None])[0]
+    raw_p99_half = half_raw["latency"].get("p99_us") if half_raw else None
+    lwt_rate = lwt["closed_loop"]["rate"] if lwt else None
+    store = [f"raw single-row INSERT: {num(raw_rate)}/s at {insert['params']['in_flight']} in flight "
+             f"(p99 {ms(insert['closed_loop']['latency'].get('p99_us'))}); at half that rate "
+             f"({num(half_raw['offered_rate'] if half_raw else None)}/s offered) p99 {ms(raw_p99_half)}",
+             f"raw INSERT … IF NOT EXISTS (LWT): {num(lwt_rate)}/s at the same in flight"
+             + (f" ({lwt_rate / raw_rate:.2f} of the INSERT rate)" if lwt_rate and raw_rate else "")]
+    rows = []
+    for variant in VARIANTS:
+        top, half = cluster.get(f"{variant}-max"), cluster.get(f"{variant}-half")
+        top_steps, half_steps = measured_steps(top), measured_steps(half)
+        if not top_steps:
+            continue
+        t = top_steps[0]
+        rate = t["acked"] / t["duration_s"]
+        unanswered = t["sent"] - t["acked"] - sum(t["errors"].values())
+        refused = ", ".join(f"{n:,} {code}" for code, n in sorted(t["errors"].items())) or "none"
+        cores = (t.get("server_usage") or {}).get("cores")
+        cpu_us = cores / rate * 1e6 if cores and rate else None
+        requests = metric_mean(top.get("metrics_text"), "store_requests_per_send")
+        trips = metric_mean(top.get("metrics_text"), "store_round_trips_per_send")
+        h = half_steps[0] if half_steps else None
+        half_p99 = h["ack_latency"].get("p99_us") if h else None
+        rows.append({
+            "build": variant,
+            "offered": t["offered_rate"],
+            "acked_per_s": round(rate),
+            "refused": refused,
+            "unanswered": unanswered,
+            "ack_p50_us": t["ack_latency"].get("p50_us"),
+            "ack_p99_us": t["ack_latency"].get("p99_us"),
+            "half_rate": h["offered_rate"] if h else None,
+            "half_ack_p50_us": h["ack_latency"].get("p50_us") if h else None,
+            "half_ack_p99_us": half_p99,
+            "half_unanswered": (h["sent"] - h["acked"] - sum(h["errors"].values())) if h else None,
+            "gateway_cpu_us_per_send": round(cpu_us, 1) if cpu_us else None,
+            "store_requests_per_send": round(requests, 2) if requests is not None else None,
+            "store_round_trips_per_send": round(trips, 2) if trips is not None else None,
+            "ratio_to_raw_insert": round(rate / raw_rate, 3) if raw_rate else None,
+            "half_p99_over_raw_p99": round(half_p99 / raw_p99_half, 2) if half_p99 and raw_p99_half else None,
+        })
+    return store, rows
+
+
+def cluster_markdown(store, rows):
+    if not rows:
+        return []
+    lines = ["", "Two gateways (Redis + Cassandra), one-to-one, against the store itself, same run:", ""]
+    lines += [f"- {line}" for line in store]
+    lines += ["", "| build | offered | acked/s | ratio to raw INSERT/s | refused | unanswered at the end "
+              "| ack p50 / p99 | at half the sustained rate: ack p50 / p99 (÷ raw INSERT p99) "
+              "| gateway CPU per send (both) | store requests / round trips per send |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['build']} | {num(r['offered'])}/s | {num(r['acked_per_s'])} | {r['ratio_to_raw_insert']} "
+            f"| {r['refused']} | {num(r['unanswered'])} | {ms(r['ack_p50_us'])} / {ms(r['ack_p99_us'])} "
+            f"| {num(r['half_rate'])}/s: {ms(r['half_ack_p50_us'])} / {ms(r['half_ack_p99_us'])} "
+            f"({r['half_p99_over_raw_p99']}) | {num(r['gateway_cpu_us_per_send'])} µs "
+            f"| {num(r['store_requests_per_send'], 2)} / {num(r['store_round_trips_per_send'], 2)} |")
+    return lines
 
 
 def usages(results):
@@ -212,11 +305,12 @@ def main():
                      "centrifugo": os.environ.get("BENCH_CENTRIFUGO_VERSION", "")},
     }
     table = rows(results, stored)
+    cluster_store, cluster = cluster_rows(load_cluster(work))
     samples = list(usages(results))
     meta["max_other_cores"] = round(max((u["other_cores"] for u in samples), default=0), 2)
     meta["max_client_cores"] = round(max((u["client_cores"] for u in samples), default=0), 2)
     report = dict(meta, table=[dict(zip(("workload", "kubechat", "centrifugo", "ratio"), r)) for r in table],
-                  stored_bytes=stored, results=results)
+                  stored_bytes=stored, cluster={"store": cluster_store, "builds": cluster}, results=results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     m = meta["machine"]
@@ -237,6 +331,7 @@ def main():
         "|---|---|---|---|",
     ]
     lines += [f"| {w} | {a} | {b} | {r} |" for w, a, b, r in table]
+    lines += cluster_markdown(cluster_store, cluster)
     if meta["failed"]:
         lines += ["", "Runs that failed: " + ", ".join(meta["failed"]) + "."]
     (out / "latest.md").write_text("\n".join(lines) + "\n")

@@ -8,6 +8,9 @@
 #   bench/run.sh --no-cluster    skip the two-gateway run (Redis + Cassandra)
 #   bench/run.sh --only group,pairs5k   a subset: idle connect group pairs5k pairs20k cluster
 #   bench/run.sh --out DIR       results into DIR (default bench/results)
+#   bench/run.sh --baseline REV  also run the two-gateway row with the gateway
+#                                built at git REV (the code before a change), same run
+#                                (or BENCH_BASELINE_GATEWAY=/path/to/kubechat-gateway)
 #
 # Writes DIR/latest.json (every raw result, the machine, versions, command)
 # and DIR/latest.md (the table with kubechat, Centrifugo and their ratio).
@@ -17,13 +20,14 @@ cd "$REPO_ROOT"
 
 COMMAND="bench/run.sh${*:+ $*}"
 STARTED_AT="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-QUICK=""; CLUSTER=1; ONLY=""; OUT="bench/results"
+QUICK=""; CLUSTER=1; ONLY=""; OUT="bench/results"; BASELINE_REV=""
 while (($#)); do
   case "$1" in
     --quick) QUICK=1 ;;
     --no-cluster) CLUSTER="" ;;
     --only) ONLY="$2"; shift ;;
     --out) OUT="$2"; shift ;;
+    --baseline) BASELINE_REV="$2"; shift ;;
     *) die "unknown argument $1 (see the header of $0)" ;;
   esac
   shift
@@ -53,6 +57,17 @@ GATEWAY="$CARGO_TARGET_DIR/release/kubechat-gateway"
 BENCH="$CARGO_TARGET_DIR/release/kubechat-bench"
 bash e2e/local/centrifugo.sh install
 CENTRIFUGO="$KUBECHAT_BIN/centrifugo"
+BASELINE_GATEWAY="${BENCH_BASELINE_GATEWAY:-}"
+if [[ -n "$BASELINE_REV" && -z "$BASELINE_GATEWAY" ]]; then
+  log "building the baseline gateway at $BASELINE_REV"
+  baseline_src="$KUBECHAT_CACHE/bench-baseline/src"
+  rm -rf "$baseline_src"; mkdir -p "$(dirname "$baseline_src")"
+  git worktree prune
+  git worktree add --force --detach "$baseline_src" "$BASELINE_REV" >/dev/null
+  (cd "$baseline_src" && CARGO_TARGET_DIR="$KUBECHAT_CACHE/bench-baseline/target" \
+    cargo build --release --locked -p kubechat-gateway)
+  BASELINE_GATEWAY="$KUBECHAT_CACHE/bench-baseline/target/release/kubechat-gateway"
+fi
 
 # Both the client and the servers hold up to ~19,900 sockets.
 ulimit -n "$(ulimit -Hn)"
@@ -166,23 +181,31 @@ wanted pairs5k && both pairs5k pairs --pairs "$PAIRS" --rate 5000 --duration "$P
 wanted pairs20k && both pairs20k pairs --pairs "$PAIRS" --rate 20000 --duration "$PAIRS_S"
 
 # ------------------------------------------- two gateways: Redis + Cassandra ----
+#
+# The clustered data path against its ceiling, all in one run on one warm
+# Cassandra: first the store itself (raw single-row INSERTs and LWTs from the
+# same tool, with the same number of requests in flight), then two gateways
+# of each build (--baseline: the code before, same run) with one-to-one pairs
+# at CLUSTER_OFFER msg/s (what they sustain) and at half of what they
+# sustained (ack latency).
 
-cluster() {
-  local c
-  for c in redis cassandra; do
-    if ! bash "e2e/local/$c.sh" status >/dev/null 2>&1; then
-      bash "e2e/local/$c.sh" start || { log "skipping the two-gateway run: $c did not start"; return 0; }
-      STARTED_COMPONENTS+=("$c")
-    fi
-  done
-  local dir="$WORK/cluster" keyspace="bench_$(date +%s)" i
+CLUSTER_OFFER="${BENCH_CLUSTER_OFFER:-5000}"
+CQL_IN_FLIGHT="${BENCH_CQL_IN_FLIGHT:-256}"
+
+# start_pair BINARY NAME WORKER_BASE: two gateways of BINARY on a fresh
+# keyspace; sets CLUSTER_URLS, CLUSTER_PIDS, CLUSTER_ADMIN. The gateway ids
+# are the variant's (NAME without -max/-half): a restart under the same id
+# takes its worker id back at once.
+start_pair() {
+  local binary="$1" name="$2" worker="$3" dir="$WORK/cluster-$2" keyspace i
+  keyspace="bench_${name//-/_}_$(date +%s)"
   mkdir -p "$dir"
   head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/signing-key"
-  local urls=()
+  CLUSTER_URLS=(); CLUSTER_PIDS=(); CLUSTER_ADMIN=()
   for i in 0 1; do
     local ws_port=$((KUBECHAT_PORT + 10 + i)) admin_port=$((KUBECHAT_PORT + 20 + i))
     port_open "$ws_port" && die "port $ws_port is taken"
-    cat >"$dir/gw-$i.json" <<EOF
+    cat >"$dir/gw-$i.json" <<JSON
 {
   "listen": {"websocket": $ws_port, "admin": $admin_port},
   "maxConnections": 20000,
@@ -192,28 +215,77 @@ cluster() {
              "localDatacenter": null, "credentialsEnv": null},
   "auth": {"signingKeyFile": "$dir/signing-key"}
 }
-EOF
+JSON
     # Started one after the other: the first creates the keyspace.
-    RUST_LOG=warn taskset -c "$SERVER_CPU" "$GATEWAY" gateway --config "$dir/gw-$i.json" \
-      --worker-id $((900 + i)) --gateway-id "bench-gw-$i" >"$dir/gw-$i.log" 2>&1 &
-    EXTRA_PIDS+=($!)
+    RUST_LOG=warn taskset -c "$SERVER_CPU" "$binary" gateway --config "$dir/gw-$i.json" \
+      --worker-id $((worker + i)) --gateway-id "bench-${name%-*}-$i" >"$dir/gw-$i.log" 2>&1 &
+    EXTRA_PIDS+=($!); CLUSTER_PIDS+=(--server-pid "$!"); CLUSTER_ADMIN+=("$admin_port")
     local ready=""
     for _ in $(seq 1 600); do
       if [[ "$(curl -s "http://127.0.0.1:$admin_port/readyz" 2>/dev/null)" == ready ]]; then ready=1; break; fi
       pid_running "${EXTRA_PIDS[-1]}" || break
       sleep 0.1
     done
-    [[ -n "$ready" ]] || { tail -n 20 "$dir/gw-$i.log" >&2; FAILED+=(cluster); log "gateway $i not ready"; return 0; }
-    urls+=(--url "ws://127.0.0.1:$ws_port/v1/ws")
+    [[ -n "$ready" ]] || { tail -n 20 "$dir/gw-$i.log" >&2; return 1; }
+    CLUSTER_URLS+=(--url "ws://127.0.0.1:$ws_port/v1/ws")
   done
-  log "pairs across two gateways (Redis + Cassandra)"
-  local pids=()
-  for pid in "${EXTRA_PIDS[@]}"; do pids+=(--server-pid "$pid"); done
-  taskset -c "$CLIENT_CPU" "$BENCH" --server kubechat "${urls[@]}" --key-file "$dir/signing-key" "${pids[@]}" \
-    --json "$WORK/kubechat-cluster.json" pairs --pairs "$PAIRS" --rate 5000 --duration "$PAIRS_S" \
-    || FAILED+=(kubechat-cluster)
+}
+
+stop_pair() {
+  local pid
   for pid in "${EXTRA_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${EXTRA_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   EXTRA_PIDS=()
+}
+
+# pairs_run NAME RATE: one pairs run on two fresh gateways of the variant.
+pairs_run() {
+  local name="$1" rate="$2" port
+  taskset -c "$CLIENT_CPU" "$BENCH" --server kubechat "${CLUSTER_URLS[@]}" \
+    --key-file "$WORK/cluster-$name/signing-key" "${CLUSTER_PIDS[@]}" --json "$WORK/cluster-$name.json" \
+    pairs --pairs "$PAIRS" --rate "$rate" --duration "$PAIRS_S" || FAILED+=("cluster-$name")
+  for port in "${CLUSTER_ADMIN[@]}"; do curl -s "http://127.0.0.1:$port/metrics"; done >"$WORK/cluster-$name.metrics"
+}
+
+# cluster_variant BINARY NAME WORKER_BASE: the sustained run, then the half-rate run.
+cluster_variant() {
+  local binary="$1" name="$2" worker="$3" sustained
+  log "two gateways ($name): $PAIRS pairs at $CLUSTER_OFFER msg/s offered"
+  if ! start_pair "$binary" "$name-max" "$worker"; then
+    FAILED+=("cluster-$name"); log "gateways ($name) not ready"; stop_pair; return 0
+  fi
+  pairs_run "$name-max" "$CLUSTER_OFFER"
+  stop_pair
+  sustained="$(python3 -c 'import json, sys
+s = [x for x in json.load(open(sys.argv[1]))["steps"] if not x["warmup"]][0]
+print(int(s["acked"] / s["duration_s"]))' "$WORK/cluster-$name-max.json" 2>/dev/null || echo 0)"
+  if ((sustained < 2)); then log "($name) sustained nothing: no half-rate run"; return 0; fi
+  log "two gateways ($name): $PAIRS pairs at $((sustained / 2)) msg/s (half of the $sustained/s sustained)"
+  if ! start_pair "$binary" "$name-half" "$worker"; then
+    FAILED+=("cluster-$name"); stop_pair; return 0
+  fi
+  pairs_run "$name-half" "$((sustained / 2))"
+  stop_pair
+}
+
+cluster() {
+  local c
+  for c in redis cassandra; do
+    if ! bash "e2e/local/$c.sh" status >/dev/null 2>&1; then
+      bash "e2e/local/$c.sh" start || { FAILED+=(cluster); log "no two-gateway run: $c did not start"; return 0; }
+      STARTED_COMPONENTS+=("$c")
+    fi
+  done
+  # The store alone (the first run also warms Cassandra up).
+  log "raw Cassandra: single-row INSERT, then LWT, $CQL_IN_FLIGHT in flight"
+  taskset -c "$CLIENT_CPU" "$BENCH" --json "$WORK/cql-warmup.json" cql --contact "127.0.0.1:$CQL_PORT" \
+    --shape insert --in-flight "$CQL_IN_FLIGHT" --duration 10 --warmup 0 >/dev/null 2>&1 || true
+  taskset -c "$CLIENT_CPU" "$BENCH" --json "$WORK/cql-insert.json" cql --contact "127.0.0.1:$CQL_PORT" \
+    --shape insert --in-flight "$CQL_IN_FLIGHT" --duration "$PAIRS_S" --rates 0.5 || FAILED+=(cql-insert)
+  taskset -c "$CLIENT_CPU" "$BENCH" --json "$WORK/cql-lwt.json" cql --contact "127.0.0.1:$CQL_PORT" \
+    --shape lwt --in-flight "$CQL_IN_FLIGHT" --duration "$PAIRS_S" || FAILED+=(cql-lwt)
+  if [[ -n "$BASELINE_GATEWAY" ]]; then cluster_variant "$BASELINE_GATEWAY" before 910; fi
+  cluster_variant "$GATEWAY" after 900
 }
 if [[ -n "$CLUSTER" ]] && wanted cluster; then cluster; fi
 
