@@ -491,6 +491,38 @@ async fn a_send_is_one_request_once_its_bucket_is_listed() {
     .await;
 }
 
+/// Reads go in batches: a sync page of 100 entries from 5 conversations is
+/// one inbox read plus one read per conversation (not one per entry), and
+/// the members of 10 groups (a presence change's friends) are one read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_pages_and_members_are_read_in_batches() {
+    with_keyspace(|node, ks| async move {
+        let store = connect(&node, &ks).await;
+        let idgen = IdGenerator::new(13, 0);
+        // A device's cursor: just before the conversation (an empty month costs a read of its own).
+        let cursor = idgen.next_id();
+        for n in 0..100 {
+            let channel = format!("g:conversation-{}", n % 5);
+            let m = message(idgen.next_id(), &channel, "alice", &format!("m{n}"));
+            store.store_message(send(&m, &format!("k{n}"), &["alice", "bob"], idgen.next_id())).await.expect("store");
+        }
+        let (page, requests) = cost(&store, store.inbox_after("bob", cursor, 100)).await;
+        assert_eq!(page.expect("inbox").len(), 100);
+        assert_eq!(requests, 6, "one inbox read, one per conversation");
+
+        let groups: Vec<String> = (0..10).map(|n| format!("g:team-{n}")).collect();
+        for group in &groups {
+            let g = Group { id: group.clone(), name: "t".into(), owner: "carol".into(), created_at_ms: 1 };
+            store.create_group(&g, &["carol".to_string(), format!("member-of-{group}")]).await.expect("group");
+        }
+        let (members, requests) = cost(&store, store.members_of(&groups)).await;
+        let members = members.expect("members");
+        assert!(groups.iter().all(|g| members[g] == vec!["carol".to_string(), format!("member-of-{g}")]));
+        assert_eq!(requests, 1, "ten groups, one read");
+    })
+    .await;
+}
+
 /// Lists are read in pages: with 10 rows a page, a user's 25 channels and
 /// a group's 25 members take three responses each, and all of them arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,6 +149,9 @@ impl Store for CheckedStore {
     async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
         self.seen(self.inner.members(group).await)
     }
+    async fn members_of(&self, groups: &[String]) -> StoreResult<std::collections::HashMap<String, Vec<String>>> {
+        self.seen(self.inner.members_of(groups).await)
+    }
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
         self.seen(self.inner.channels_of(user).await)
     }
