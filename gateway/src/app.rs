@@ -151,7 +151,9 @@ pub async fn start(
         presence,
         broker: broker.clone(),
         members,
-        ids: IdGenerator::new(options.worker_id, id_floor),
+        // Above the newest stored id (standalone) and where the worker id's
+        // previous holder stopped (cluster): a clock behind cannot reuse ids.
+        ids: IdGenerator::new(options.worker_id, id_floor.max(broker.id_floor())),
         config: options.chat.clone(),
         metrics: metrics.clone(),
     };

@@ -25,6 +25,7 @@ for_both_stores!(
     one_to_one_round_trip,
     group_of_100_gets_every_message_once,
     groups_refuse_the_101st_member_and_outsiders,
+    an_owner_who_leaves_hands_the_group_on,
     a_retried_send_is_stored_once,
     history_pages_in_order,
     an_offline_device_syncs_exactly_what_it_missed,
@@ -133,6 +134,29 @@ async fn groups_refuse_the_101st_member_and_outsiders(backend: Backend) {
     assert_eq!(left["group"]["members"].as_array().map(Vec::len), Some(99));
     let added = owner.request(json!({"type": "add_member", "group": group, "user": "newcomer"})).await;
     assert_eq!(added["group"]["members"].as_array().map(Vec::len), Some(100));
+    gateway.stop(Duration::from_secs(5)).await;
+}
+
+/// The owner leaves: the remaining member whose id sorts first owns the
+/// group and may remove others; the one who left may not.
+async fn an_owner_who_leaves_hands_the_group_on(backend: Backend) {
+    let (gateway, _) = backend.start().await;
+    let mut owner = Client::connect(&gateway, "zoe", "phone").await;
+    let created =
+        owner.request(json!({"type": "create_group", "name": "club", "members": ["carl", "bea", "dan"]})).await;
+    let group = created["group"]["id"].as_str().expect("group id").to_string();
+    assert_eq!(created["group"]["owner"], "zoe");
+    let left = owner.request(json!({"type": "remove_member", "group": group, "user": "zoe"})).await;
+    assert_eq!(left["group"]["owner"], "bea", "the first remaining member by id: {left}");
+
+    let mut bea = Client::connect(&gateway, "bea", "phone").await;
+    let listed = bea.request(json!({"type": "list_members", "group": group})).await;
+    assert_eq!(listed["group"]["owner"], "bea", "stored, not only answered: {listed}");
+    let removed = bea.request(json!({"type": "remove_member", "group": group, "user": "dan"})).await;
+    assert_eq!(removed["group"]["members"], json!(["bea", "carl"]), "{removed}");
+    let mut carl = Client::connect(&gateway, "carl", "phone").await;
+    let forbidden = carl.request(json!({"type": "remove_member", "group": group, "user": "bea"})).await;
+    assert_eq!(forbidden["code"], "forbidden");
     gateway.stop(Duration::from_secs(5)).await;
 }
 

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use common::cluster::{ClusterClient, ClusterSpec, GatewayProcess, PrivateRedis, Received};
+use common::cluster::{ClusterClient, ClusterSpec, CuttableProxy, GatewayProcess, PrivateRedis, Received};
 use serde_json::{Value, json};
 
 /// A hung scenario fails instead of stalling CI.
@@ -603,6 +603,113 @@ async fn a_retry_after_a_crash_and_a_redis_wipe_stores_one_message_scenario() {
             history["messages"].as_array().expect("messages").iter().filter_map(|m| m["id"].as_str()).collect();
         assert_eq!(in_history, vec![id.as_str()], "{case}: history");
     }
+}
+
+/// Sends from `clients` (one each, round robin, every 5 ms) until `stop`;
+/// the acked ids with the time they came, and when a send was first refused.
+async fn send_until(
+    clients: &mut [ClusterClient],
+    to: &str,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Vec<(u64, Instant)>, Option<(Instant, Value)>) {
+    let (mut acked, mut refused) = (Vec::new(), None);
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        for client in clients.iter_mut() {
+            n += 1;
+            let send =
+                json!({"type": "send", "to": {"user": to}, "text": "tick", "key": format!("{}-{n}", client.user)});
+            match client.try_request(send, Duration::from_secs(5)).await {
+                Some(reply) if reply["type"] == "ack" => {
+                    acked.push((reply["id"].as_str().and_then(|s| s.parse().ok()).expect("id"), Instant::now()));
+                }
+                Some(reply) => {
+                    refused.get_or_insert((Instant::now(), reply));
+                }
+                None => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (acked, refused)
+}
+
+/// Test 7: a gateway cut off from Redis (a partition; its pod is then
+/// force-deleted and replaced) keeps its worker id only until its claim
+/// runs out: it stops minting (sends answered `unavailable`) a margin before
+/// the lease ends, and its replacement, same pod name and worker id,
+/// waits for that claim to lapse and mints above the old process's last
+/// possible id. Both take traffic throughout; no id is ever minted twice.
+async fn a_partitioned_gateway_and_its_replacement_never_mint_one_id_twice_scenario() {
+    let redis = PrivateRedis::start().await;
+    let spec = ClusterSpec::new(redis.url(), 3).await;
+    let proxy = CuttableProxy::start(redis.port).await;
+    let old = GatewayProcess::start_custom(&spec, 7, "gw-7", &[], Some(&proxy.url())).await;
+    let mut old_clients = Vec::new();
+    for n in 0..4 {
+        old_clients.push(ClusterClient::connect(&old.url(), &format!("old{n}"), "phone").await);
+    }
+    let stop_old = tokio_util::sync::CancellationToken::new();
+    let old_sends = tokio::spawn({
+        let stop = stop_old.clone();
+        async move { send_until(&mut old_clients, "sink", stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.cut();
+    let cut_at = Instant::now();
+
+    let replacement = GatewayProcess::start(&spec, 7).await; // named gw-7 too
+    let ready_at = Instant::now();
+    let mut new_clients = Vec::new();
+    for n in 0..4 {
+        new_clients.push(ClusterClient::connect(&replacement.url(), &format!("new{n}"), "phone").await);
+    }
+    let stop_new = tokio_util::sync::CancellationToken::new();
+    let new_sends = tokio::spawn({
+        let stop = stop_new.clone();
+        async move { send_until(&mut new_clients, "sink", stop).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_old.cancel();
+    stop_new.cancel();
+    let (old_acked, old_refused) = old_sends.await.expect("old senders");
+    let (new_acked, new_refused) = new_sends.await.expect("new senders");
+
+    assert!(new_refused.is_none(), "the replacement refused a send: {new_refused:?}");
+    assert!(!new_acked.is_empty(), "the replacement took no send");
+    let (refused_at, refusal) = old_refused.expect("the cut-off gateway must stop minting");
+    assert_eq!(refusal["code"], "unavailable", "{refusal}");
+    let stopped_after = refused_at.duration_since(cut_at);
+    // The first refusal a client saw (its sends queue behind slower ones
+    // while Redis is cut), not the instant minting stopped: that one is
+    // pinned below, against the replacement's start.
+    assert!(stopped_after < Duration::from_secs(5), "still minting {stopped_after:?} after the cut (lease 3 s)");
+    let last_old = old_acked.iter().map(|(_, at)| *at).max().expect("the old gateway acked sends");
+    assert!(last_old < ready_at, "the old process acked a send after its replacement was ready");
+    assert!(
+        ready_at.duration_since(cut_at) >= Duration::from_millis(1500),
+        "the replacement did not wait for the claim"
+    );
+
+    let mut ids: Vec<u64> = old_acked.iter().chain(&new_acked).map(|(id, _)| *id).collect();
+    let total = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "an id was minted twice");
+    let newest_old = old_acked.iter().map(|(id, _)| *id).max().expect("old ids");
+    assert!(new_acked.iter().all(|(id, _)| *id > newest_old), "the replacement minted below the old process's ids");
+    eprintln!(
+        "cut-off gateway: {} acked, stopped {stopped_after:?} after the cut; replacement ready {:?} after it, {} acked",
+        old_acked.len(),
+        ready_at.duration_since(cut_at),
+        new_acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_gateway_and_its_replacement_never_mint_one_id_twice() {
+    within(Duration::from_secs(120), a_partitioned_gateway_and_its_replacement_never_mint_one_id_twice_scenario())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -15,7 +15,9 @@ use common::cluster::http_get;
 use common::{Client, KEY};
 use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions};
 use kubechat_gateway::store::embedded::EmbeddedStore;
-use kubechat_gateway::store::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
+use kubechat_gateway::store::{
+    Group, InboxEntry, Join, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored,
+};
 use kubechat_gateway::transport::auth::Authenticator;
 use serde_json::json;
 
@@ -63,6 +65,14 @@ impl Store for FlakyStore {
     async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
         self.check()?;
         self.inner.remove_member(group, user).await
+    }
+    async fn join(&self, group: &str, user: &str, max: usize) -> StoreResult<Join> {
+        self.check()?;
+        self.inner.join(group, user, max).await
+    }
+    async fn set_owner(&self, group: &str, owner: &str) -> StoreResult<()> {
+        self.check()?;
+        self.inner.set_owner(group, owner).await
     }
     async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
         self.check()?;

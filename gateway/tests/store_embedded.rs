@@ -63,6 +63,18 @@ async fn groups_members_and_channels() {
     store_suite::groups_members_and_channels(&store).await;
 }
 
+#[tokio::test]
+async fn suite_a_key_reused_for_another_channel_is_refused() {
+    let (_dir, store) = open();
+    store_suite::a_key_reused_for_another_channel_is_refused(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn suite_the_member_limit_holds_under_racing_joins() {
+    let (_dir, store) = open();
+    store_suite::the_member_limit_holds_under_racing_joins(Arc::new(store)).await;
+}
+
 /// 50 senders at once: every message lands, and they share log commits
 /// (one `fdatasync` per queued batch, not per write).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -254,6 +254,22 @@ async fn suite_concurrent_senders_all_land() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_a_key_reused_for_another_channel_is_refused() {
+    with_keyspace(|node, ks| async move {
+        store_suite::a_key_reused_for_another_channel_is_refused(&connect(&node, &ks).await).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn suite_the_member_limit_holds_under_racing_joins() {
+    with_keyspace(|node, ks| async move {
+        store_suite::the_member_limit_holds_under_racing_joins(Arc::new(connect(&node, &ks).await)).await;
+    })
+    .await;
+}
+
 // What only the CQL store has.
 
 /// Several gateways (independent stores on one keyspace, each with its own

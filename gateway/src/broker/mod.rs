@@ -100,6 +100,11 @@ pub trait Broker: Send + Sync + 'static {
     fn may_mint_ids(&self) -> bool {
         true
     }
+    /// The id this gateway's ids must stay above: where the previous holder
+    /// of its worker id stopped (0 when unknown).
+    fn id_floor(&self) -> u64 {
+        0
+    }
     /// True for a broker backed by Redis (the admin API reports its health).
     fn uses_redis(&self) -> bool {
         false

@@ -35,7 +35,7 @@ use crate::protocol::{
     ClientFrame, ErrorCode, Limits, ProtocolError, ServerFrame, WireInboxEntry, WireMessage, direct_members,
     encode_shared, fit_page, is_group_channel,
 };
-use crate::store::{Group, Page, Store, StoreError};
+use crate::store::{Group, Join, Page, Store, StoreError};
 use hub::{Hub, Kick};
 use members::{MemberCache, Members};
 use presence::PresenceTracker;
@@ -154,6 +154,9 @@ const TRANSITION_SHARDS: usize = 8;
 const TRANSITION_QUEUE: usize = 10_000;
 
 fn storage_error(e: StoreError) -> ProtocolError {
+    if let StoreError::KeyReused { .. } = e {
+        return ProtocolError::new(ErrorCode::InvalidArgument, e.to_string());
+    }
     crate::warn_throttled!(error = %e, "storage operation failed");
     ProtocolError::new(ErrorCode::StorageUnavailable, format!("{e}; nothing was stored, retry with the same key"))
 }
@@ -488,16 +491,17 @@ impl ChatService {
         user: String,
     ) -> Result<ServerFrame, ProtocolError> {
         let group = self.existing_group(&group_id).await?;
-        let members = self.channel_members(&session.user, &group_id).await?;
-        if !members.contains(&user) {
-            if members.len() >= self.config.limits.max_group_members {
+        self.channel_members(&session.user, &group_id).await?;
+        let max = self.config.limits.max_group_members;
+        match self.store.join(&group_id, &user, max).await.map_err(storage_error)? {
+            Join::Added => self.members_changed(&group_id).await,
+            Join::AlreadyMember => {}
+            Join::Full { members } => {
                 return Err(ProtocolError::new(
                     ErrorCode::GroupFull,
-                    format!("{group_id} already has {} members, the maximum", members.len()),
+                    format!("{group_id} has {members} members, the maximum is {max}"),
                 ));
             }
-            self.store.add_member(&group_id, &user).await.map_err(storage_error)?;
-            self.members_changed(&group_id).await;
         }
         self.group_reply(req, group).await
     }
@@ -517,7 +521,21 @@ impl ChatService {
         }
         self.store.remove_member(&group_id, &user).await.map_err(storage_error)?;
         self.members_changed(&group_id).await;
+        let group = if user == group.owner { self.hand_ownership_on(group).await? } else { group };
         self.group_reply(req, group).await
+    }
+
+    /// The owner left: the remaining member whose id sorts first owns the
+    /// group now (none left: the group keeps its last owner, who may join
+    /// again only if added, which nobody can).
+    async fn hand_ownership_on(&self, mut group: Group) -> Result<Group, ProtocolError> {
+        let members = self.store.members(&group.id).await.map_err(storage_error)?;
+        if let Some(next) = members.first() {
+            self.store.set_owner(&group.id, next).await.map_err(storage_error)?;
+            tracing::debug!(group = %group.id, from = %group.owner, to = %next, "the owner left; ownership handed on");
+            group.owner = next.clone();
+        }
+        Ok(group)
     }
 
     async fn list_members(
@@ -578,6 +596,12 @@ mod tests {
         }
         async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
             self.inner.remove_member(group, user).await
+        }
+        async fn join(&self, group: &str, user: &str, max: usize) -> StoreResult<Join> {
+            self.inner.join(group, user, max).await
+        }
+        async fn set_owner(&self, group: &str, owner: &str) -> StoreResult<()> {
+            self.inner.set_owner(group, owner).await
         }
         async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
             self.inner.members(group).await

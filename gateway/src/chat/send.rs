@@ -95,8 +95,9 @@ impl ChatService {
         let (message, position, duplicate) = match stored {
             Ok(stored) => stored,
             Err(e) => {
-                self.metrics.acks.with_label_values(&[ErrorCode::StorageUnavailable.as_str()]).inc();
-                return Err(storage_error(e));
+                let refused = storage_error(e);
+                self.metrics.acks.with_label_values(&[refused.code.as_str()]).inc();
+                return Err(refused);
             }
         };
         self.metrics.acks.with_label_values(&[if duplicate { "duplicate" } else { "ok" }]).inc();

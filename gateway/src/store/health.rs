@@ -59,13 +59,13 @@ impl StoreHealth {
     }
 
     /// Counts an operation's outcome: only "unavailable" means down (a
-    /// corrupt row is a data problem, not an outage).
+    /// corrupt row is a data problem, a reused key a client's: no outage).
     fn record<T>(&self, result: &StoreResult<T>) {
         let now_ms = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_outcome_ms.store(now_ms, Ordering::Relaxed);
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         match (result, &mut *status) {
-            (Ok(_), StoreStatus::Up) | (Err(StoreError::Corrupt(_)), _) => {}
+            (Ok(_), StoreStatus::Up) | (Err(StoreError::Corrupt(_) | StoreError::KeyReused { .. }), _) => {}
             (Ok(_), down) => {
                 if let StoreStatus::Down { since_ms, .. } = down {
                     let lasted_ms = crate::ids::now_ms() - *since_ms;
@@ -145,6 +145,12 @@ impl Store for CheckedStore {
     }
     async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
         self.seen(self.inner.remove_member(group, user).await)
+    }
+    async fn join(&self, group: &str, user: &str, max: usize) -> StoreResult<super::Join> {
+        self.seen(self.inner.join(group, user, max).await)
+    }
+    async fn set_owner(&self, group: &str, owner: &str) -> StoreResult<()> {
+        self.seen(self.inner.set_owner(group, owner).await)
     }
     async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
         self.seen(self.inner.members(group).await)

@@ -99,6 +99,17 @@ pub struct Group {
     pub created_at_ms: i64,
 }
 
+/// What [`Store::join`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Join {
+    Added,
+    AlreadyMember,
+    /// Not added: the group has `members` members, its limit or more.
+    Full {
+        members: usize,
+    },
+}
+
 /// Which side of a message id a history page lies on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Page {
@@ -119,6 +130,10 @@ pub enum StoreError {
     /// Data in the store could not be decoded.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// The sender used this idempotency key for a message to another
+    /// channel: a retry must name the same recipient. Nothing was written.
+    #[error("the key {key:?} was used for a message to {channel}; a retry must go to the same recipient")]
+    KeyReused { key: String, channel: String },
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -127,8 +142,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait Store: Send + Sync + 'static {
     /// Stores a send unless its `(sender, key)` was stored before, in which
     /// case nothing is written and the first message comes back as a
-    /// duplicate. Returns once every part is durable; a failure may leave
-    /// parts written, and a retry with the same key completes them.
+    /// duplicate ([`StoreError::KeyReused`] when that message went to
+    /// another channel). Returns once every part is durable; a failure may
+    /// leave parts written, and a retry with the same key completes them.
     async fn store_message(&self, new: NewMessage) -> StoreResult<Stored>;
 
     /// Inbox entries of `user` with position greater than `after`, oldest
@@ -145,7 +161,14 @@ pub trait Store: Send + Sync + 'static {
     async fn create_group(&self, group: &Group, members: &[String]) -> StoreResult<()>;
     async fn group(&self, id: &str) -> StoreResult<Option<Group>>;
     async fn add_member(&self, group: &str, user: &str) -> StoreResult<()>;
+    /// Adds `user` unless `group` would then have more than `max` members,
+    /// atomically for this store: adds racing on any number of gateways
+    /// never take a group past its limit (two racing for the last place may
+    /// both be refused; either may retry).
+    async fn join(&self, group: &str, user: &str, max: usize) -> StoreResult<Join>;
     async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()>;
+    /// Makes `owner` the owner of `group` (the rest of the group unchanged).
+    async fn set_owner(&self, group: &str, owner: &str) -> StoreResult<()>;
     /// Members of a group, sorted.
     async fn members(&self, group: &str) -> StoreResult<Vec<String>>;
     /// Members of each of `groups` (sorted; empty for an unknown group), in

@@ -106,6 +106,50 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A TCP proxy to a loopback port that the test can cut: every connection
+/// through it drops and new ones are refused, while the target stays up for
+/// everyone else (a network partition of one process).
+pub struct CuttableProxy {
+    pub port: u16,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl CuttableProxy {
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let cut = tokio_util::sync::CancellationToken::new();
+        let stop = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut client, _)) = accepted else { continue };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+        CuttableProxy { port, cut }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+}
+
 /// Settings shared by every gateway of a test cluster.
 pub struct ClusterSpec {
     pub redis_url: String,
@@ -169,7 +213,19 @@ impl GatewayProcess {
     /// Starts gateway `name` with worker id `ordinal` and extra environment
     /// (e.g. `KUBECHAT_FAILPOINTS`), and waits until it is ready.
     pub async fn start_with(spec: &ClusterSpec, ordinal: u16, name: &str, env: &[(&str, &str)]) -> Self {
-        let mut gateway = Self::spawn_with(spec, ordinal, name, env);
+        Self::start_custom(spec, ordinal, name, env, None).await
+    }
+
+    /// As [`Self::start_with`], reaching Redis at `redis_url` instead of the
+    /// spec's (e.g. through a [`CuttableProxy`]).
+    pub async fn start_custom(
+        spec: &ClusterSpec,
+        ordinal: u16,
+        name: &str,
+        env: &[(&str, &str)],
+        redis_url: Option<&str>,
+    ) -> Self {
+        let mut gateway = Self::spawn_custom(spec, ordinal, name, env, redis_url);
         gateway.wait_ready().await;
         // A port taken meanwhile by another test would make it exit while
         // that test's process answered the readiness check.
@@ -206,6 +262,16 @@ impl GatewayProcess {
     }
 
     fn spawn_with(spec: &ClusterSpec, ordinal: u16, name: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_custom(spec, ordinal, name, env, None)
+    }
+
+    fn spawn_custom(
+        spec: &ClusterSpec,
+        ordinal: u16,
+        name: &str,
+        env: &[(&str, &str)],
+        redis_url: Option<&str>,
+    ) -> Self {
         let (ws_port, admin_port) = (free_port(), free_port());
         let name = name.to_string();
         let config = json!({
@@ -217,7 +283,7 @@ impl GatewayProcess {
                 "heartbeatSeconds": spec.heartbeat_seconds,
                 "offlineAfterSeconds": spec.offline_after_seconds,
             },
-            "redis": {"url": spec.redis_url, "passwordEnv": null},
+            "redis": {"url": redis_url.unwrap_or(&spec.redis_url), "passwordEnv": null},
             "scylla": {"contactPoints": [cql_node()], "keyspace": spec.keyspace, "replicationFactor": 1,
                        "localDatacenter": null, "credentialsEnv": null},
             "auth": {"signingKeyFile": spec.dir.path().join("signing-key")},

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kubechat_gateway::ids::{self, IdGenerator};
-use kubechat_gateway::store::{Group, InboxEntry, Message, NewMessage, Page, Store, Stored};
+use kubechat_gateway::store::{Group, InboxEntry, Join, Message, NewMessage, Page, Store, StoreError, Stored};
 
 pub fn message(id: u64, channel: &str, sender: &str, text: &str) -> Message {
     Message {
@@ -81,6 +81,26 @@ pub async fn a_retried_key_is_stored_once(store: &dyn Store) {
     let stored = store.store_message(send(&bobs, "k1", &["alice", "bob"], idgen.next_id())).await.expect("bob");
     assert!(!stored.duplicate);
     assert_eq!(store.history("dm:alice:bob", Page::Latest, 10).await.expect("history").len(), 2);
+}
+
+/// A key reused for a message to another channel is refused, naming the
+/// key and the channel it was used for; nothing is written there.
+pub async fn a_key_reused_for_another_channel_is_refused(store: &dyn Store) {
+    let idgen = IdGenerator::new(4, 0);
+    let first = message(idgen.next_id(), "dm:alice:bob", "alice", "to bob");
+    store.store_message(send(&first, "k1", &["alice", "bob"], idgen.next_id())).await.expect("store");
+    let other = message(idgen.next_id(), "dm:alice:carol", "alice", "to carol, same key");
+    match store.store_message(send(&other, "k1", &["alice", "carol"], idgen.next_id())).await {
+        Err(StoreError::KeyReused { key, channel }) => {
+            assert_eq!((key.as_str(), channel.as_str()), ("k1", "dm:alice:bob"))
+        }
+        other => panic!("a key reused for another channel must be refused: {other:?}"),
+    }
+    assert!(store.history("dm:alice:carol", Page::Latest, 10).await.expect("history").is_empty());
+    assert!(store.inbox_after("carol", 0, 10).await.expect("inbox").is_empty());
+    // The same key to the same channel is still the first message's retry.
+    let again = store.store_message(send(&first, "k1", &["alice", "bob"], idgen.next_id())).await.expect("retry");
+    assert!(again.duplicate && again.message.id == first.id);
 }
 
 /// Concurrent retries of one key (as a client reconnecting in a hurry
@@ -214,6 +234,42 @@ pub async fn groups_members_and_channels(store: &dyn Store) {
     assert_eq!(store.channels_of("zed").await.expect("channels"), vec!["dm:user-001:zed", "g:1", "g:10"]);
     store.remove_member("g:10", "zed").await.expect("remove from other");
     assert_eq!(store.channels_of("zed").await.expect("channels"), vec!["dm:user-001:zed", "g:1"]);
+}
+
+/// A group one short of its limit: of ten users joining at once, at most one
+/// gets in and the group never passes the limit; a member joining again is
+/// no change; ownership can be handed on.
+pub async fn the_member_limit_holds_under_racing_joins(store: Arc<dyn Store>) {
+    let group = Group { id: "g:limit".into(), name: "limit".into(), owner: "m0".into(), created_at_ms: 1 };
+    let members: Vec<String> = (0..9).map(|i| format!("m{i}")).collect();
+    store.create_group(&group, &members).await.expect("create");
+    let joins: Vec<_> = (0..10)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.join("g:limit", &format!("late{i}"), 10).await })
+        })
+        .collect();
+    let mut added = 0;
+    for join in joins {
+        match join.await.expect("join task").expect("join") {
+            Join::Added => added += 1,
+            Join::Full { members } => assert!(members >= 10 - added, "a refusal names the size: {members}"),
+            Join::AlreadyMember => panic!("nobody joined twice"),
+        }
+    }
+    let now = store.members("g:limit").await.expect("members");
+    assert!(added <= 1, "{added} joined a group with one place left");
+    assert_eq!(now.len(), 9 + added, "{now:?}");
+    assert_eq!(store.join("g:limit", "m1", 10).await.expect("again"), Join::AlreadyMember);
+    if added == 0 {
+        assert_eq!(store.join("g:limit", "late-after", 10).await.expect("the last place"), Join::Added);
+    }
+    assert_eq!(store.join("g:limit", "one-too-many", 10).await.expect("full"), Join::Full { members: 10 });
+
+    store.set_owner("g:limit", "m5").await.expect("hand on");
+    let found = store.group("g:limit").await.expect("group").expect("exists");
+    assert_eq!((found.owner.as_str(), found.name.as_str()), ("m5", "limit"), "only the owner changed");
+    assert_eq!(store.members("g:limit").await.expect("members").len(), 10);
 }
 
 /// Many concurrent senders: every message lands once, in history and inboxes.

@@ -139,8 +139,14 @@ pub struct RedisBroker {
     epoch_ms: AtomicI64,
     /// Another gateway holds this one's worker id.
     worker_lost: AtomicBool,
-    /// Last confirmed ownership of the worker id (ms on the wall clock).
+    /// When the last confirmed renewal of the worker-id claim started (ms):
+    /// the claim runs a lease from there.
     worker_renewed_ms: AtomicI64,
+    /// This process among others of the same pod name (drawn at start).
+    instance: String,
+    /// Where the previous holder of the worker id said it would stop minting
+    /// (ms): ids of this process start above it, whatever the clock says.
+    id_floor_ms: AtomicI64,
     /// This gateway's load as last reported.
     load: Mutex<Option<GatewayLoad>>,
     /// Wakes the lease task to publish a load whose state changed.
@@ -189,6 +195,8 @@ impl RedisBroker {
             epoch_ms: AtomicI64::new(0),
             worker_lost: AtomicBool::new(false),
             worker_renewed_ms: AtomicI64::new(0),
+            instance: format!("{:016x}", getrandom::u64().unwrap_or_else(|_| now_ms().cast_unsigned())),
+            id_floor_ms: AtomicI64::new(0),
             load: Mutex::new(None),
             load_changed: Notify::new(),
             loads: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), Vec::new())),
@@ -443,13 +451,15 @@ impl Broker for RedisBroker {
         if self.worker_lost.load(Ordering::Relaxed) {
             return false;
         }
-        // Not confirmed for a whole lease although Redis answers: this process
-        // was paused (another gateway may have taken the id meanwhile). Wait
-        // for the renewal, which runs as soon as the process resumes. While
-        // Redis is unreachable nobody can take it, so minting goes on.
-        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
-        let confirmed_ago = now_ms() - self.worker_renewed_ms.load(Ordering::Relaxed);
-        !(confirmed_ago > lease_ms && self.reachable())
+        // Minting stops where the last confirmed claim ends, a margin before
+        // it, whatever the reason it was not renewed: a pause, or Redis out
+        // of reach (a partition: the pod may have been replaced by a process
+        // that takes the id once this claim lapses, see `claim_worker_id`).
+        now_ms() < self.worker_renewed_ms.load(Ordering::Relaxed) + self.mint_window_ms()
+    }
+
+    fn id_floor(&self) -> u64 {
+        crate::ids::first_id_at(self.id_floor_ms.load(Ordering::Relaxed))
     }
 
     fn sessions_unrecorded(&self) {

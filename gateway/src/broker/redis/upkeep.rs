@@ -21,8 +21,8 @@ use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{
-    self, EPOCH, GATEWAYS, GROUPS_CHANGED, RESYNC, ResyncScope, deliver_channel, gateway_sessions_key, seen_key,
-    sessions_key, worker_key,
+    self, EPOCH, GATEWAYS, GROUPS_CHANGED, RESYNC, ResyncScope, WorkerClaim, deliver_channel, gateway_sessions_key,
+    seen_key, sessions_key, worker_key,
 };
 use super::{RedisBroker, unavailable};
 use crate::broker::{BrokerError, LocalDelivery};
@@ -39,41 +39,96 @@ fn retry_delays() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// How long a worker-id key outlives its claim: a successor reads its
+/// predecessor's `until` from it.
+const WORKER_CLAIM_KEPT_MS: i64 = 24 * 3600 * 1000;
+
+/// What renewing the worker-id claim found.
+enum Claim {
+    /// This process holds it now; `previous` held it before (if anyone did).
+    Mine { previous: Option<WorkerClaim> },
+    /// Another process holds a live claim.
+    Held(WorkerClaim),
+}
+
 impl RedisBroker {
     fn lease_ms(&self) -> i64 {
         i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// Refuses to start when a live gateway of another name holds the worker id.
-    pub(super) async fn claim_worker_id(&self) -> Result<(), BrokerError> {
-        let Some(worker_id) = self.config.worker_id else { return Ok(()) };
-        let holder = self
-            .renew_worker_id(worker_id)
-            .await
-            .map_err(|e| BrokerError(format!("{e} (Redis at {})", self.address)))?;
-        if holder == self.config.gateway_id {
-            return Ok(());
-        }
-        Err(BrokerError(format!(
-            "worker id {worker_id} is held by the live gateway {holder:?} (its claim lapses {:?} after it stops); \
-             every gateway needs its own worker id (KUBECHAT_WORKER_ID)",
-            self.config.lease
-        )))
+    /// How long after a renewal started this gateway may mint: its lease,
+    /// less a margin for clocks that disagree (a tenth, at most a second).
+    pub(super) fn mint_window_ms(&self) -> i64 {
+        let lease = self.lease_ms();
+        lease - (lease / 10).min(1000)
     }
 
-    /// Extends this gateway's claim on its worker id if it still holds it
-    /// (or nobody does); returns the holder.
-    async fn renew_worker_id(&self, worker_id: u16) -> Result<String, BrokerError> {
+    /// Claims the worker id before the gateway serves. A live claim of
+    /// another pod name is a configuration error (two pods, one id): refused.
+    /// A live claim of this pod name is a predecessor (a crash, a force-
+    /// deleted pod maybe still running somewhere): it is waited out, at most
+    /// a lease, and its `until` becomes the floor of this process's ids.
+    pub(super) async fn claim_worker_id(&self) -> Result<(), BrokerError> {
+        let Some(worker_id) = self.config.worker_id else { return Ok(()) };
+        let give_up = tokio::time::Instant::now() + self.config.lease + self.config.renew_every();
+        let mut waited = false;
+        loop {
+            let claim = self
+                .renew_worker_id(worker_id)
+                .await
+                .map_err(|e| BrokerError(format!("{e} (Redis at {})", self.address)))?;
+            let holder = match claim {
+                Claim::Mine { previous } => {
+                    let floor = previous.and_then(|p| p.until_ms).unwrap_or(0);
+                    self.id_floor_ms.store(floor, Ordering::Relaxed);
+                    if waited {
+                        tracing::info!(
+                            worker_id,
+                            floor_ms = floor,
+                            "the previous holder's claim lapsed; worker id taken"
+                        );
+                    }
+                    return Ok(());
+                }
+                Claim::Held(holder) => holder,
+            };
+            let predecessor = holder.gateway == self.config.gateway_id;
+            if !predecessor || tokio::time::Instant::now() >= give_up {
+                return Err(BrokerError(format!(
+                    "worker id {worker_id} is held by the live gateway {:?} (its claim lapses {:?} after it stops); \
+                     every gateway needs its own worker id (KUBECHAT_WORKER_ID)",
+                    holder.gateway, self.config.lease
+                )));
+            }
+            if !waited {
+                tracing::warn!(
+                    worker_id,
+                    until_ms = holder.until_ms,
+                    "an earlier process of this gateway still holds the worker id; waiting for its claim to lapse"
+                );
+                waited = true;
+            }
+            let left = holder.until_ms.map_or(100, |until| (until - now_ms()).clamp(10, 1000));
+            tokio::time::sleep(Duration::from_millis(left.unsigned_abs())).await;
+        }
+    }
+
+    /// Extends this process's claim on its worker id for a lease if it
+    /// still holds it (or nobody does).
+    async fn renew_worker_id(&self, worker_id: u16) -> Result<Claim, BrokerError> {
         let started = now_ms();
-        let holder: String = self
+        let (status, value): (i64, String) = self
             .renew_worker_script
             .key(worker_key(worker_id))
             .arg(&self.config.gateway_id)
-            .arg(self.lease_ms())
+            .arg(&self.instance)
+            .arg(started)
+            .arg(started + self.lease_ms())
+            .arg(WORKER_CLAIM_KEPT_MS)
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable("renewing the worker id"))?;
-        let mine = holder == self.config.gateway_id;
+        let mine = status == 1;
         if mine {
             self.worker_renewed_ms.store(started, Ordering::Relaxed);
         }
@@ -81,13 +136,38 @@ impl RedisBroker {
         match (was_lost, mine) {
             (false, false) => tracing::error!(
                 worker_id,
-                %holder,
+                holder = %value,
                 "another gateway holds this gateway's worker id: sends refused and readiness failed until it is free again"
             ),
             (true, true) => tracing::info!(worker_id, "worker id held again; minting ids"),
             _ => {}
         }
-        Ok(holder)
+        Ok(if mine {
+            Claim::Mine { previous: (!value.is_empty()).then(|| WorkerClaim::parse(&value)) }
+        } else {
+            Claim::Held(WorkerClaim::parse(&value))
+        })
+    }
+
+    /// At shutdown: stop minting, and end the claim a second from now so a
+    /// successor of this pod starts at once instead of a lease later.
+    pub(super) async fn release_worker_id(&self) {
+        let Some(worker_id) = self.config.worker_id else { return };
+        self.worker_lost.store(true, Ordering::Relaxed);
+        let now = now_ms();
+        let released: Result<(i64, String), _> = self
+            .renew_worker_script
+            .key(worker_key(worker_id))
+            .arg(&self.config.gateway_id)
+            .arg(&self.instance)
+            .arg(now)
+            .arg(now + 1000)
+            .arg(WORKER_CLAIM_KEPT_MS)
+            .invoke_async(&mut self.conn())
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(worker_id, error = %e, "worker id not released; a successor waits for the claim to lapse");
+        }
     }
 
     /// Renews the lease (and the worker id). Finding its own lease entry
@@ -150,6 +230,7 @@ impl RedisBroker {
         }
         // The lease is left to expire: the reaper then ends this gateway's
         // sessions exactly as after a crash (after the offline timeout).
+        self.release_worker_id().await;
     }
 
     /// Writes this gateway's last reported load for discovery.

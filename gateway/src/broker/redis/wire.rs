@@ -172,18 +172,54 @@ return {tonumber(epoch), offline, unheard}
 /// The prefix of [`deliver_channel`], for [`ROUTE_SCRIPT`].
 pub const DELIVER_PREFIX: &str = "kubechat:deliver:";
 
-/// Worker-id renewal, compare-and-set: extends the claim only if this
-/// gateway holds it, takes it back if nobody does (Redis lost it), and
-/// otherwise leaves the holder alone and answers who it is.
-/// KEYS: [worker-id key]; ARGV: [gateway id, lease ms].
+/// Worker-id claim, compare-and-set. The value is
+/// `{gateway}|{instance}|{until ms}`: the process holding the id (a pod
+/// name and a number drawn at start, so the old and new process of one
+/// pod are two holders) and until when it may mint with it, which it
+/// promises never to pass without renewing. The key outlives the claim (a
+/// day) so that a successor learns its predecessor's `until`: ids minted
+/// from then on cannot collide, whatever its clock says.
+/// KEYS: [worker-id key]; ARGV: [gateway, instance, now ms, until ms, keep ms].
+/// Returns {1, previous value or ''} when this process holds the claim now,
+/// {0, value} while another holder's claim is live. A value of the older
+/// format (a bare gateway id, expiring with its lease) is live while it exists.
 pub const RENEW_WORKER_SCRIPT: &str = r"
-local holder = redis.call('GET', KEYS[1])
-if not holder or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return ARGV[1]
+local held = redis.call('GET', KEYS[1])
+if held then
+  local gateway, instance, untl = string.match(held, '^([^|]*)|([^|]*)|(%d+)$')
+  if not untl then
+    return {0, held}
+  end
+  local mine = gateway == ARGV[1] and instance == ARGV[2]
+  if not mine and tonumber(untl) > tonumber(ARGV[3]) then
+    return {0, held}
+  end
 end
-return holder
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[4], 'PX', ARGV[5])
+return {1, held or ''}
 ";
+
+/// A worker-id claim as [`RENEW_WORKER_SCRIPT`] stores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerClaim {
+    pub gateway: String,
+    /// `None` for a claim of the older format (gateway id only).
+    pub instance: Option<String>,
+    pub until_ms: Option<i64>,
+}
+
+impl WorkerClaim {
+    pub fn parse(value: &str) -> Self {
+        let mut parts = value.splitn(3, '|');
+        let gateway = parts.next().unwrap_or_default().to_owned();
+        match (parts.next(), parts.next().and_then(|u| u.parse().ok())) {
+            (Some(instance), Some(until)) => {
+                Self { gateway, instance: Some(instance.to_owned()), until_ms: Some(until) }
+            }
+            _ => Self { gateway: value.to_owned(), instance: None, until_ms: None },
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -196,6 +232,15 @@ mod tests {
         let (users, decoded) = decode_forward(payload).expect("decodes");
         assert_eq!(users, vec!["a".to_string(), "b".to_string()]);
         assert_eq!(decoded.as_str(), frame.as_str(), "the frame travels as is, newlines and commas included");
+    }
+
+    #[test]
+    fn worker_claims_parse_both_formats() {
+        assert_eq!(
+            WorkerClaim::parse("gw-0|9f3a|1767225600000"),
+            WorkerClaim { gateway: "gw-0".into(), instance: Some("9f3a".into()), until_ms: Some(1_767_225_600_000) }
+        );
+        assert_eq!(WorkerClaim::parse("gw-0"), WorkerClaim { gateway: "gw-0".into(), instance: None, until_ms: None });
     }
 
     #[test]

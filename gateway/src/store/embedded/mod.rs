@@ -46,7 +46,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Group, InboxEntry, Message, NewMessage, Page, SendCost, Store, StoreError, StoreResult, Stored};
+use super::{Group, InboxEntry, Join, Message, NewMessage, Page, SendCost, Store, StoreError, StoreResult, Stored};
 use ops::{Done, Op, Request};
 pub use pipeline::{CHECKPOINT_EVERY, MAX_BATCH};
 use pipeline::{Progress, Threads};
@@ -117,6 +117,9 @@ fn encode<T: serde::Serialize>(what: &'static str, value: &T) -> StoreResult<Vec
 /// finish its last batch, so the folder can be opened again right away.
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Membership changes with a limit, one at a time: one process owns the
+    /// store, so this makes "count, then add" atomic.
+    membership: tokio::sync::Mutex<()>,
     /// `None` only while dropping.
     writes: Option<mpsc::Sender<Request>>,
     progress: Arc<Progress>,
@@ -138,7 +141,7 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (writes, queue) = mpsc::channel(QUEUE);
         let (progress, threads) = pipeline::start(Arc::clone(&db), &dir.join(LOG_FILE), queue)?;
-        Ok(Self { db, writes: Some(writes), progress, threads: Some(threads) })
+        Ok(Self { db, membership: tokio::sync::Mutex::new(()), writes: Some(writes), progress, threads: Some(threads) })
     }
 
     /// Appends a job to the push queue; returns its sequence number, which
@@ -263,7 +266,7 @@ impl Store for EmbeddedStore {
         let NewMessage { message, key, recipients, position, link_channel } = new;
         let op = Op::Send {
             sender: message.sender.clone(),
-            key,
+            key: key.clone(),
             channel: message.channel.clone(),
             id: message.id,
             json: encode("message", &message)?,
@@ -274,7 +277,11 @@ impl Store for EmbeddedStore {
         match self.write(op).await? {
             Done::Unit => Ok(Stored { message, position, duplicate: false, cost: ONE_TRANSACTION }),
             Done::Duplicate(json) => {
-                Ok(Stored { message: decode("message", &json)?, position: 0, duplicate: true, cost: ONE_TRANSACTION })
+                let first: Message = decode("message", &json)?;
+                if first.channel != message.channel {
+                    return Err(StoreError::KeyReused { key, channel: first.channel });
+                }
+                Ok(Stored { message: first, position: 0, duplicate: true, cost: ONE_TRANSACTION })
             }
             Done::Seq(_) => Err(unexpected_answer()),
         }
@@ -382,8 +389,29 @@ impl Store for EmbeddedStore {
         self.write(Op::AddMember { group: group.into(), user: user.into() }).await.map(drop)
     }
 
+    async fn join(&self, group: &str, user: &str, max: usize) -> StoreResult<Join> {
+        let _one_at_a_time = self.membership.lock().await;
+        let members = self.members(group).await?;
+        if members.iter().any(|m| m == user) {
+            return Ok(Join::AlreadyMember);
+        }
+        if members.len() >= max {
+            return Ok(Join::Full { members: members.len() });
+        }
+        self.add_member(group, user).await?;
+        Ok(Join::Added)
+    }
+
     async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
         self.write(Op::RemoveMember { group: group.into(), user: user.into() }).await.map(drop)
+    }
+
+    async fn set_owner(&self, group: &str, owner: &str) -> StoreResult<()> {
+        let Some(mut found) = self.group(group).await? else { return Ok(()) };
+        found.owner = owner.to_owned();
+        // Writing the group's row again (with no member to add) replaces it.
+        let op = Op::CreateGroup { id: found.id.clone(), json: encode("group", &found)?, members: Vec::new() };
+        self.write(op).await.map(drop)
     }
 
     async fn members(&self, group: &str) -> StoreResult<Vec<String>> {

@@ -207,6 +207,7 @@ fn same_error(err: &StoreError) -> StoreError {
     match err {
         StoreError::Unavailable(detail) => StoreError::Unavailable(detail.clone()),
         StoreError::Corrupt(detail) => StoreError::Corrupt(detail.clone()),
+        StoreError::KeyReused { key, channel } => StoreError::KeyReused { key: key.clone(), channel: channel.clone() },
     }
 }
 

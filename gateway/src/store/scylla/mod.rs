@@ -57,7 +57,7 @@ use scylla::statement::Consistency;
 use scylla::statement::batch::{Batch, BatchType};
 
 use super::send_keys::{Reservation, SendKeys, SendRecord};
-use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
+use super::{Group, InboxEntry, Join, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
 pub use cql::{from_cql, to_cql, write_timestamp};
 pub use reads::{LEGACY_LISTED, READ_CONCURRENCY, drop_repeats};
 pub use send::{Plan, REUSE_POSITION_WITHIN_MS, SendRows, Write, group_writes, plan};
@@ -435,9 +435,34 @@ impl Store for ScyllaStore {
             .await
     }
 
+    /// Optimistic, for gateways that share nothing but the store: add, then
+    /// count; over the limit, take the add back. Two adds racing for the
+    /// last place both see the other and both step back: never over the
+    /// limit, at worst both refused.
+    async fn join(&self, group: &str, user: &str, max: usize) -> StoreResult<Join> {
+        let before = self.members(group).await?;
+        if before.iter().any(|m| m == user) {
+            return Ok(Join::AlreadyMember);
+        }
+        if before.len() >= max {
+            return Ok(Join::Full { members: before.len() });
+        }
+        self.add_member(group, user).await?;
+        let after = self.members(group).await?;
+        if after.len() > max {
+            self.remove_member(group, user).await?;
+            return Ok(Join::Full { members: after.len() - 1 });
+        }
+        Ok(Join::Added)
+    }
+
     async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
         let rows = vec![Membership::NoMember(group, user), Membership::NoChannel(user, group)];
         self.write_memberships("remove member", rows).await
+    }
+
+    async fn set_owner(&self, group: &str, owner: &str) -> StoreResult<()> {
+        self.run(&self.prepared.set_owner, (owner, group), "hand ownership on").await.map(drop)
     }
 
     async fn members(&self, group: &str) -> StoreResult<Vec<String>> {

@@ -241,6 +241,7 @@ pub struct Prepared {
     pub legacy_send: PreparedStatement,
     pub insert_group: PreparedStatement,
     pub select_group: PreparedStatement,
+    pub set_owner: PreparedStatement,
     pub insert_member: PreparedStatement,
     pub delete_member: PreparedStatement,
     pub select_members: PreparedStatement,
@@ -352,6 +353,7 @@ pub async fn prepare_all(session: &Session, config: &ScyllaConfig) -> StoreResul
         ))
         .await?,
         select_group: prepare(format!("SELECT name, owner, created_at_ms FROM {ks}.groups WHERE group_id = ?")).await?,
+        set_owner: prepare(format!("UPDATE {ks}.groups SET owner = ? WHERE group_id = ?")).await?,
         insert_member: prepare(format!("INSERT INTO {ks}.members (group_id, user_id) VALUES (?, ?)")).await?,
         delete_member: prepare(format!("DELETE FROM {ks}.members WHERE group_id = ? AND user_id = ?")).await?,
         select_members: prepare(format!("SELECT user_id FROM {ks}.members WHERE group_id = ?")).await?,

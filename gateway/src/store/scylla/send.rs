@@ -65,7 +65,7 @@ use super::cql::{KeyedMessage, from_cql, to_cql, unavailable, write_timestamp};
 use super::schema::{CLOCK_SKEW_MS, newest_bucket};
 use crate::ids;
 use crate::store::send_keys::{Reservation, SendRecord};
-use crate::store::{Message, NewMessage, SendCost, StoreResult, Stored, bucket_of};
+use crate::store::{Message, NewMessage, SendCost, StoreError, StoreResult, Stored, bucket_of};
 
 /// A retry reuses its earlier attempt's inbox position when that was minted
 /// less than this long ago. Must stay below the chat layer's sync horizon
@@ -306,9 +306,10 @@ impl ScyllaStore {
                     created_at_ms: ids::timestamp_ms(record.id),
                     ..message.clone()
                 });
-                // Done, or a key reused for another channel (whose members
-                // this send does not know): answered as it stands.
-                if record.done || record.channel != message.channel {
+                if record.channel != message.channel {
+                    return Err(StoreError::KeyReused { key, channel: record.channel });
+                }
+                if record.done {
                     return Ok(cost.stored(first, record.position, true));
                 }
                 let age_ms = ids::now_ms() - ids::timestamp_ms(record.position);
