@@ -199,8 +199,14 @@ async fn main() -> anyhow::Result<()> {
                 redis_info = redis_info.set_redis_settings(settings);
             }
             let redis_client = redis::Client::open(redis_info).context("configuring Redis")?;
-            let redis =
-                redis::aio::ConnectionManager::new(redis_client.clone()).await.context("connecting to Redis")?;
+            // Bounded like the broker's: a black-holed Redis costs a command
+            // two seconds, not a hang (the push queue and the send keys share it).
+            let bounded = redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(2)))
+                .set_connection_timeout(Some(Duration::from_secs(2)));
+            let redis = redis::aio::ConnectionManager::new_with_config(redis_client.clone(), bounded)
+                .await
+                .context("connecting to Redis")?;
             // Idempotency keys are reserved in Redis: no Paxos round per send.
             let send_keys = RedisSendKeys::start(redis.clone(), SendKeyNames::default(), retry_window);
             let store = store.with_send_keys(send_keys);

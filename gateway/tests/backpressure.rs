@@ -207,7 +207,6 @@ async fn only_a_member_that_stops_reading_is_closed() {
         assert_eq!(seen.close, None, "{member} kept reading and must stay connected");
         assert_eq!(seen.messages.get("s0").map(Vec::len), Some(count), "{member} got every message");
     }
-    assert!(gateway.metrics.slow_consumers.get() >= 1, "the member that stopped reading was closed");
     // The server gives up on a close frame that cannot be delivered within
     // a second: the stalled connection is gone although its client still
     // has not read anything (everyone else has left by now).
@@ -216,6 +215,8 @@ async fn only_a_member_that_stops_reading_is_closed() {
         assert!(std::time::Instant::now() < deadline, "a connection lingers: {}", gateway.metrics.connections.get());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Connections, not the messages one of them missed.
+    assert_eq!(gateway.metrics.slow_consumers.get(), 1, "one member stopped reading: one slow consumer");
 
     // What the stalled member finally reads: what fit in its buffers, then the end.
     let (_sink, mut stream) = stalled.split();

@@ -24,6 +24,8 @@ use serde_json::json;
 struct FlakyStore {
     inner: Arc<EmbeddedStore>,
     down: AtomicBool,
+    /// Every write takes this long (a slow store); zero by default.
+    write_delay: std::sync::Mutex<Duration>,
 }
 
 impl FlakyStore {
@@ -36,6 +38,8 @@ impl FlakyStore {
 impl Store for FlakyStore {
     async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
         self.check()?;
+        let delay = *self.write_delay.lock().expect("lock");
+        tokio::time::sleep(delay).await;
         self.inner.store_message(new).await
     }
     async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
@@ -88,7 +92,11 @@ impl Store for FlakyStore {
 async fn a_storage_outage_acks_nothing_and_a_retry_stores_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let inner = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
-    let store = Arc::new(FlakyStore { inner: inner.clone(), down: AtomicBool::new(true) });
+    let store = Arc::new(FlakyStore {
+        inner: inner.clone(),
+        down: AtomicBool::new(true),
+        write_delay: std::sync::Mutex::new(Duration::ZERO),
+    });
     let options = GatewayOptions { listen: "127.0.0.1:0".parse().expect("addr"), ..GatewayOptions::default() };
     let gateway = app::start(
         store.clone(),
@@ -135,4 +143,61 @@ async fn a_storage_outage_acks_nothing_and_a_retry_stores_once() {
     let history = bob.request(json!({"type": "history", "channel": "dm:alice:bob"})).await;
     assert_eq!(history["messages"].as_array().map(Vec::len), Some(1));
     gateway.stop(Duration::from_secs(5)).await;
+}
+
+/// A store slow enough that a send waits longer than the idle timeout: the
+/// connection keeps reading heartbeats meanwhile and stays open (it was
+/// closed 4000 when requests stopped the reading), and frames a client
+/// sent within its rate while the server was busy are not refused as a
+/// burst when reading resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_neither_closes_heartbeating_clients_nor_refuses_frames_within_the_rate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let inner = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+    let store = Arc::new(FlakyStore {
+        inner: inner.clone(),
+        down: AtomicBool::new(false),
+        write_delay: std::sync::Mutex::new(Duration::from_secs(3)),
+    });
+    let limits = kubechat_gateway::transport::connection::ConnectionLimits {
+        idle_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let options = GatewayOptions { listen: "127.0.0.1:0".parse().expect("addr"), limits, ..GatewayOptions::default() };
+    let gateway = app::start(
+        store.clone(),
+        Arc::new(inner),
+        BrokerSetup::Local,
+        Authenticator::new(KEY).expect("key"),
+        0,
+        options,
+    )
+    .await
+    .expect("start");
+    // Heartbeats every second, as the protocol asks.
+    let mut alice = common::cluster::ClusterClient::connect(&gateway.ws_url(), "alice", "phone").await;
+    let slow = json!({"type": "send", "to": {"user": "bob"}, "text": "slow", "key": "slow-0"});
+    let ack = alice.try_request(slow, Duration::from_secs(8)).await.expect("an answer, not a close");
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert!(alice.closed.is_none(), "closed while its send waited on the store: {:?}", alice.closed);
+
+    // 40 frames a second for 4 s (limit 50/s, burst 100) while the first of
+    // them waits 3 s on the store: the server reads none of the rest meanwhile.
+    for n in 0..160 {
+        alice.send(
+            json!({"type": "send", "req": format!("q{n}"), "to": {"user": "bob"}, "text": "t", "key": format!("k{n}")}),
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        if n == 4 {
+            // Only the first of them waited on the slow store.
+            *store.write_delay.lock().expect("lock") = Duration::ZERO;
+        }
+    }
+    alice.drain_for(Duration::from_secs(6)).await;
+    let refused = alice.take("error");
+    assert!(refused.is_empty(), "frames within the rate were refused: {} e.g. {:?}", refused.len(), refused.first());
+    let acks = alice.take("ack").len();
+    let rest = alice.take("resync").len();
+    assert_eq!(acks, 160, "other frames: {rest} resyncs, closed {:?}", alice.closed);
+    assert!(alice.closed.is_none());
 }

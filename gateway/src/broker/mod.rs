@@ -39,6 +39,10 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn resync_users(&self, users: &[String], reason: &str);
     /// `(user, device)` of every session this gateway holds (re-registered after Redis restarts).
     fn local_sessions(&self) -> Vec<(String, String)>;
+    /// Sessions an earlier process of this gateway (same id) left registered:
+    /// this one holds them now, lingering until their devices return or the
+    /// offline timeout ends them.
+    fn adopt_sessions(&self, _inherited: Vec<(String, String)>) {}
     /// `user` went offline because the gateway holding them died.
     fn remote_user_offline(&self, user: String);
     /// The members of `group` changed on some gateway.

@@ -222,6 +222,10 @@ impl LocalDelivery for GatewayLocal {
         self.presence.sessions()
     }
 
+    fn adopt_sessions(&self, inherited: Vec<(String, String)>) {
+        self.presence.adopt(inherited);
+    }
+
     fn remote_user_offline(&self, user: String) {
         // Full while Redis or the store is slow: the announcement to friends
         // is dropped (presence requests still answer right).

@@ -145,6 +145,24 @@ impl PresenceTracker {
         });
     }
 
+    /// Takes over sessions an earlier process of this gateway registered
+    /// (a crash or fast restart under the same pod name): they linger here
+    /// from now, so a device that reconnects in time keeps its session and
+    /// one that does not ends it through the sweep, like any dropped
+    /// connection. Already registered with the broker: no transition.
+    pub fn adopt(&self, inherited: Vec<(String, String)>) {
+        let until = Instant::now() + self.offline_after;
+        self.with_sessions(|sessions| {
+            for (user, device) in inherited {
+                let key: (Arc<str>, Arc<str>) = (user.into(), device.into());
+                if let std::collections::hash_map::Entry::Vacant(slot) = sessions.map.entry(key) {
+                    slot.insert(DeviceSession { connections: 0, linger_until: Some(until) });
+                    sessions.lingering += 1;
+                }
+            }
+        });
+    }
+
     /// Every session this gateway holds, lingering ones included.
     pub fn sessions(&self) -> Vec<(String, String)> {
         self.with_sessions(|sessions| sessions.map.keys().map(|(u, d)| (u.to_string(), d.to_string())).collect())
@@ -169,11 +187,24 @@ impl ChatService {
     /// the store.
     pub async fn session_opened(&self, user: &Arc<str>, device: &Arc<str>, wait: Duration) {
         self.presence.connected(user, device, |t| self.queue_transition(t));
-        let (done, registered) = oneshot::channel();
+        let (done, mut registered) = oneshot::channel();
         self.queue(user, ShardWork::Barrier(done));
-        // A dropped barrier (full queue) answers at once: nothing to wait for.
-        if tokio::time::timeout(wait, registered).await.is_err() {
-            tracing::debug!(%user, "session not yet registered with the broker; continuing");
+        // A dropped barrier (full queue) answers at once: the broker is told
+        // to reconcile, which resyncs whom it re-adds.
+        if tokio::time::timeout(wait, &mut registered).await.is_err() {
+            tracing::debug!(%user, "session not yet registered with the broker; continuing, resync once it is");
+            // Messages routed before the registration lands were not
+            // forwarded here, and the client may have synced already: once it
+            // lands, the user's connections here sync again.
+            let (hub, user) = (Arc::clone(&self.hub), user.to_string());
+            tokio::spawn(async move {
+                if registered.await.is_ok() {
+                    let frame = encode_shared(&ServerFrame::Resync {
+                        reason: "this connection's registration completed after its hello".to_string(),
+                    });
+                    hub.deliver(&user, &frame, None);
+                }
+            });
         }
     }
 

@@ -204,7 +204,6 @@ impl ChatService {
         for member in members.iter() {
             self.hub.deliver_into(member, &frame, Some(session.connection), &mut local);
         }
-        self.metrics.slow_consumers.inc_by(local.overflowed as u64);
         if local.queued > 0 {
             self.metrics.delivery_local.observe(received.elapsed().as_secs_f64());
         }
@@ -233,14 +232,11 @@ impl ChatService {
         if !local.backlogged.is_empty() {
             let deadline = tokio::time::Instant::now() + self.config.stall_timeout;
             let waits = local.backlogged.iter().map(|outbox| async move {
-                let drained = outbox.drained(deadline).await;
-                if !drained {
+                if !outbox.drained(deadline).await {
                     outbox.kick(Kick::SlowConsumer);
                 }
-                u64::from(!drained)
             });
-            let stalled: u64 = futures::future::join_all(waits).await.into_iter().sum();
-            self.metrics.slow_consumers.inc_by(stalled);
+            futures::future::join_all(waits).await;
             self.metrics.backpressure_waits.inc();
         }
     }

@@ -49,7 +49,7 @@ impl Authenticator {
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
+                kind => AuthError::Invalid(in_client_terms(kind).into()),
             })?;
         let claims = data.claims;
         if !valid_name(&claims.sub) || !valid_name(&claims.dev) {
@@ -64,6 +64,26 @@ impl Authenticator {
         let claims = Claims { sub: user.into(), dev: device.into(), exp: now + ttl_seconds };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Invalid(e.to_string()))
+    }
+}
+
+/// Why a token was refused, in the terms of docs/protocol.md (the
+/// library's own messages name its internals: `unknown variant none`,
+/// `InvalidSignature`).
+fn in_client_terms(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::InvalidSignature => "the signature does not match: not signed with this cluster's signing key",
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::MissingAlgorithm => {
+            "the token must be signed with HS256 (the header's alg)"
+        }
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            "not a JWT: expected three base64url parts separated by dots"
+        }
+        ErrorKind::Json(_) | ErrorKind::MissingRequiredClaim(_) => {
+            "the header or claims are unreadable: need alg HS256 and the claims sub, dev and exp (seconds)"
+        }
+        ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
+        _ => "the token was refused",
     }
 }
 
@@ -113,6 +133,39 @@ mod tests {
         assert!(matches!(auth.verify("garbage"), Err(AuthError::Invalid(_))));
         let bad_name = auth.mint("a:b", "phone", 60).expect("mint");
         assert!(matches!(auth.verify(&bad_name), Err(AuthError::Invalid(_))));
+    }
+
+    /// Refusals say what is wrong in the client's terms, never the
+    /// library's internals (`unknown variant none`, `InvalidSignature`).
+    #[test]
+    fn refusals_say_what_is_wrong_in_the_clients_terms() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let auth = Authenticator::new(KEY).expect("key");
+        let other = Authenticator::new(b"another key of enough length!!").expect("key");
+        let unsigned =
+            format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"sub":"a","dev":"b","exp":9999999999}"#));
+        let cases = [
+            (other.mint("alice", "phone", 60).expect("mint"), "not signed with this cluster's signing key"),
+            (unsigned, "alg"),
+            ("garbage".to_string(), "not a JWT"),
+            (
+                jsonwebtoken::encode(
+                    &Header::new(Algorithm::HS256),
+                    &serde_json::json!({"sub": "a", "exp": 9_999_999_999_u64}),
+                    &EncodingKey::from_secret(KEY),
+                )
+                .expect("encode"),
+                "claims",
+            ),
+        ];
+        for (token, says) in cases {
+            let Err(AuthError::Invalid(why)) = auth.verify(&token) else { panic!("{token} was accepted") };
+            assert!(why.contains(says), "{token}: {why:?} should say {says:?}");
+            for internal in ["variant", "Invalid", "JSON error", "Base64"] {
+                assert!(!why.contains(internal), "{why:?} names the library's internals");
+            }
+        }
     }
 
     #[test]

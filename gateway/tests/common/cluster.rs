@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
@@ -112,6 +113,31 @@ impl Drop for PrivateRedis {
 pub struct CuttableProxy {
     pub port: u16,
     cut: tokio_util::sync::CancellationToken,
+    /// Added to every chunk in either direction (a slow network), in ms.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Copies `from` to `to`, each chunk `delay_ms` late.
+async fn slow_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let Ok(n) = from.read(&mut buf).await else { return };
+        if n == 0 {
+            return;
+        }
+        let delay = delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl CuttableProxy {
@@ -119,25 +145,35 @@ impl CuttableProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let cut = tokio_util::sync::CancellationToken::new();
-        let stop = cut.clone();
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop, delay) = (cut.clone(), Arc::clone(&delay_ms));
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
                     () = stop.cancelled() => return,
                     accepted = listener.accept() => accepted,
                 };
-                let Ok((mut client, _)) = accepted else { continue };
-                let stop = stop.clone();
+                let Ok((client, _)) = accepted else { continue };
+                let (stop, delay) = (stop.clone(), Arc::clone(&delay));
                 tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let ((client_read, client_write), (server_read, server_write)) =
+                        (client.into_split(), server.into_split());
                     tokio::select! {
                         () = stop.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = slow_copy(client_read, server_write, Arc::clone(&delay)) => {}
+                        () = slow_copy(server_read, client_write, delay) => {}
                     }
                 });
             }
         });
-        CuttableProxy { port, cut }
+        CuttableProxy { port, cut, delay_ms }
+    }
+
+    /// Every chunk through the proxy arrives `delay` late from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn url(&self) -> String {
@@ -376,6 +412,23 @@ impl GatewayProcess {
             body.len()
         );
         http_exchange(self.admin_port, request).await
+    }
+
+    /// SIGSTOP (`resume` continues it): a process that stops running, as
+    /// in a long GC or VM pause, while its sockets stay open.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill").args([signal, &child.id().to_string()]).status();
+            assert!(status.is_ok_and(|s| s.success()), "could not send {signal} to {}", self.name);
+        }
     }
 
     /// SIGKILL: no drain, no goodbye.

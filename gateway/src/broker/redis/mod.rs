@@ -158,6 +158,8 @@ pub struct RedisBroker {
     alive: RwLock<(tokio::time::Instant, HashSet<String>)>,
     live_sessions: redis::Script,
     route_script: redis::Script,
+    reap_script: redis::Script,
+    gateway_sessions_script: redis::Script,
     renew_lease_script: redis::Script,
     renew_worker_script: redis::Script,
 }
@@ -203,10 +205,20 @@ impl RedisBroker {
             alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), HashSet::new())),
             live_sessions: redis::Script::new(wire::LIVE_SESSIONS_SCRIPT),
             route_script: redis::Script::new(wire::ROUTE_SCRIPT),
+            reap_script: redis::Script::new(wire::REAP_SCRIPT),
+            gateway_sessions_script: redis::Script::new(wire::GATEWAY_SESSIONS_SCRIPT),
             renew_lease_script: redis::Script::new(wire::RENEW_LEASE_SCRIPT),
             renew_worker_script: redis::Script::new(wire::RENEW_WORKER_SCRIPT),
         });
         broker.claim_worker_id().await?;
+        // An earlier process of this pod (crashed, or restarted within its
+        // lease) left its sessions registered under this id: hold them,
+        // lingering, instead of leaving them online for good.
+        let inherited = broker.inherited_sessions().await?;
+        if !inherited.is_empty() {
+            tracing::info!(sessions = inherited.len(), "holding the sessions an earlier process of this gateway left");
+            local.adopt_sessions(inherited);
+        }
         broker.renew_lease().await.map_err(|e| BrokerError(format!("{e} (Redis at {})", broker.address)))?;
         tasks.spawn(broker.clone().keep_lease(shutdown.clone()));
         tasks.spawn(broker.clone().subscribe_loop(client, local.clone(), shutdown.clone()));

@@ -39,7 +39,12 @@ const BACKLOG_CAP: usize = 100_000;
 
 /// After a failed command, reservations skip Redis this long (answering
 /// `Unknown` at once instead of each waiting for a timeout).
-const SKIP_AFTER_FAILURE_MS: i64 = 250;
+const SKIP_AFTER_FAILURE_MS: i64 = 1000;
+
+/// The longest a send waits for Redis to reserve its key: a healthy Redis
+/// answers in a millisecond; one that does not answer in time (black-holed,
+/// overloaded) costs the send only this, then the store is asked instead.
+const RESERVE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How often the writer retries a backlog while nothing new arrives.
 const RETRY_EVERY: Duration = Duration::from_millis(200);
@@ -252,15 +257,26 @@ impl SendKeys for RedisSendKeys {
         }
         if self.backlog_len() > 0 || self.lock().overflowed {
             // Earlier sends first: a retry of one of them must find it.
-            if let Err(error) = self.write_queued().await {
+            let written = tokio::time::timeout(RESERVE_TIMEOUT, self.write_queued()).await;
+            if !matches!(written, Ok(Ok(()))) {
+                let error = match written {
+                    Ok(Err(error)) => error,
+                    _ => redis::RedisError::from((redis::ErrorKind::Io, "no answer in time")),
+                };
                 self.failed(&error);
                 return Reservation::Unknown;
             }
         }
-        match self.try_reserve(&self.names.send(sender, key), candidate).await {
-            Ok(reservation) => reservation,
-            Err(error) => {
+        let key = self.names.send(sender, key);
+        match tokio::time::timeout(RESERVE_TIMEOUT, self.try_reserve(&key, candidate)).await {
+            Ok(Ok(reservation)) => reservation,
+            Ok(Err(error)) => {
                 self.failed(&error);
+                Reservation::Unknown
+            }
+            Err(_) => {
+                let timed_out = redis::RedisError::from((redis::ErrorKind::Io, "no answer in time"));
+                self.failed(&timed_out);
                 Reservation::Unknown
             }
         }

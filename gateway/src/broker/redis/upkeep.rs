@@ -39,6 +39,9 @@ fn retry_delays() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// Users a reaper takes per atomic step (bounds how long Redis is busy with one).
+const REAP_CHUNK: usize = 500;
+
 /// How long a worker-id key outlives its claim: a successor reads its
 /// predecessor's `until` from it.
 const WORKER_CLAIM_KEPT_MS: i64 = 24 * 3600 * 1000;
@@ -187,12 +190,13 @@ impl RedisBroker {
             .invoke_async(&mut self.conn())
             .await;
         self.lease_ok.store(result.is_ok(), Ordering::Relaxed);
-        let (added, epoch) = result.map_err(unavailable("renewing the gateway lease"))?;
+        let (lost, epoch) = result.map_err(unavailable("renewing the gateway lease"))?;
         self.epoch_ms.store(epoch, Ordering::Relaxed);
         self.lease_written.store(true, Ordering::Relaxed);
-        if wrote_before && added == 1 {
+        if lost == 1 {
             tracing::warn!(
-                "this gateway's lease was missing from Redis (data lost, or reaped after a pause); re-registering sessions"
+                "this gateway's lease was missing or had lapsed in Redis (data lost, or reaped after a pause); \
+                 re-registering sessions"
             );
             self.unregistered(true);
         }
@@ -490,50 +494,60 @@ impl RedisBroker {
         }
     }
 
+    /// Reaps every dead gateway (one whose lease ran out) in chunks of
+    /// [`REAP_CHUNK`] users per atomic step: each step first checks that the
+    /// gateway is still dead, so one that comes back is never reaped, and
+    /// any number of gateways may reap at once without announcing a user
+    /// offline twice (the users a step takes are gone for the next).
     async fn reap_once(&self, local: &dyn LocalDelivery) -> Result<(), BrokerError> {
         let mut conn = self.conn();
         let dead: Vec<String> =
             conn.zrangebyscore(GATEWAYS, "-inf", now_ms()).await.map_err(unavailable("listing dead gateways"))?;
         for gateway in dead.into_iter().filter(|g| *g != self.config.gateway_id) {
-            // One reaper per dead gateway.
-            let won: bool = redis::cmd("SET")
-                .arg(format!("kubechat:reap:{gateway}"))
-                .arg(&self.config.gateway_id)
-                .arg("NX")
-                .arg("PX")
-                .arg(30_000)
-                .query_async::<Option<String>>(&mut conn)
-                .await
-                .map_err(unavailable("locking a reap"))?
-                .is_some();
-            if !won {
-                continue;
-            }
-            let users: Vec<String> =
-                conn.smembers(gateway_sessions_key(&gateway)).await.map_err(unavailable("reading a dead gateway"))?;
-            let alive = self.alive_gateways().await?;
-            for user in users {
-                let fields: Vec<String> =
-                    conn.hkeys(sessions_key(&user)).await.map_err(unavailable("reading sessions"))?;
-                let prefix = format!("{gateway}|");
-                let stale: Vec<&String> = fields.iter().filter(|f| f.starts_with(&prefix)).collect();
-                if !stale.is_empty() {
-                    let _: () =
-                        conn.hdel(sessions_key(&user), stale).await.map_err(unavailable("removing sessions"))?;
+            let mut offline = 0;
+            loop {
+                let step: Vec<redis::Value> = self
+                    .reap_script
+                    .key(GATEWAYS)
+                    .key(wire::GATEWAY_LOADS)
+                    .key(gateway_sessions_key(&gateway))
+                    .arg(&gateway)
+                    .arg(now_ms())
+                    .arg(wire::SESSIONS_PREFIX)
+                    .arg(wire::SEEN_PREFIX)
+                    .arg(REAP_CHUNK)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(unavailable("reaping a dead gateway"))?;
+                let done = matches!(step.first(), Some(redis::Value::Int(1)));
+                for user in step.iter().skip(1) {
+                    if let Ok(user) = redis::from_redis_value::<String>(user.clone()) {
+                        offline += 1;
+                        local.remote_user_offline(user);
+                    }
                 }
-                if Self::live_gateways(&fields, &alive).is_empty() {
-                    let _: () =
-                        conn.set(seen_key(&user), now_ms()).await.map_err(unavailable("recording last seen"))?;
-                    local.remote_user_offline(user);
+                if done {
+                    break;
                 }
             }
-            let _: () =
-                conn.del(gateway_sessions_key(&gateway)).await.map_err(unavailable("clearing a dead gateway"))?;
-            let _: () =
-                conn.hdel(wire::GATEWAY_LOADS, &gateway).await.map_err(unavailable("clearing a dead gateway"))?;
-            let _: () = conn.zrem(GATEWAYS, &gateway).await.map_err(unavailable("removing a dead gateway"))?;
-            tracing::info!(%gateway, "reaped a dead gateway's sessions");
+            if offline > 0 {
+                tracing::info!(%gateway, offline, "reaped a dead gateway's sessions");
+            }
         }
         Ok(())
+    }
+
+    /// Sessions an earlier process of this gateway id left registered
+    /// (a crash or fast restart under the same pod name), in one step.
+    pub(super) async fn inherited_sessions(&self) -> Result<Vec<(String, String)>, BrokerError> {
+        let flat: Vec<String> = self
+            .gateway_sessions_script
+            .key(gateway_sessions_key(&self.config.gateway_id))
+            .arg(&self.config.gateway_id)
+            .arg(wire::SESSIONS_PREFIX)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable("reading this gateway's earlier sessions"))?;
+        Ok(flat.chunks_exact(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect())
     }
 }

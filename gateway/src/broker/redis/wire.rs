@@ -17,13 +17,13 @@ pub const GROUPS_CHANGED: &str = "kubechat:groups-changed";
 pub const RESYNC: &str = "kubechat:resync";
 
 pub fn sessions_key(user: &str) -> String {
-    format!("kubechat:sessions:{user}")
+    format!("{SESSIONS_PREFIX}{user}")
 }
 pub fn gateway_sessions_key(gateway: &str) -> String {
     format!("kubechat:gateway-sessions:{gateway}")
 }
 pub fn seen_key(user: &str) -> String {
-    format!("kubechat:seen:{user}")
+    format!("{SEEN_PREFIX}{user}")
 }
 pub fn deliver_channel(gateway: &str) -> String {
     format!("{DELIVER_PREFIX}{gateway}")
@@ -71,23 +71,25 @@ pub fn decode_resync(payload: &str) -> Option<(&str, ResyncScope)> {
     Some((from, scope))
 }
 
-/// Lease renewal, atomic with the loss check: adds or updates the lease;
-/// when the entry was missing although this gateway wrote it before, or the
-/// epoch is missing, Redis lost data and the epoch becomes now. A gateway's
-/// first renewal on a Redis without an epoch records 0 (nothing was lost).
+/// Lease renewal, atomic with the loss check: adds or updates the lease.
+/// The epoch is missing when Redis lost its data: it becomes now if this
+/// gateway wrote a lease before (live gateways' data was lost), 0 on a
+/// gateway's first renewal on a fresh Redis. Separately, this gateway's
+/// sessions may be gone although Redis kept its data: its entry was missing
+/// (reaped after a pause) or had lapsed (a reaper may be removing them).
 /// KEYS: [GATEWAYS, EPOCH]; ARGV: [gateway id, expiry ms, wrote before (0/1), now ms].
-/// Returns {1 if the entry was missing, epoch}.
+/// Returns {1 if its sessions must be registered again, epoch}.
 pub const RENEW_LEASE_SCRIPT: &str = r"
-local added = redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local epoch = redis.call('GET', KEYS[2])
-if (added == 1 and ARGV[3] == '1') or (not epoch and ARGV[3] == '1') then
-  epoch = ARGV[4]
-  redis.call('SET', KEYS[2], epoch)
-elseif not epoch then
-  epoch = '0'
+if not epoch then
+  if ARGV[3] == '1' then epoch = ARGV[4] else epoch = '0' end
   redis.call('SET', KEYS[2], epoch)
 end
-return {added, tonumber(epoch)}
+local lost = 0
+if ARGV[3] == '1' and (not old or tonumber(old) <= tonumber(ARGV[4])) then lost = 1 end
+return {lost, tonumber(epoch)}
 ";
 
 /// Routing lookup, atomic: for each user, the gateways holding a session
@@ -168,6 +170,65 @@ for _, gateway in ipairs(order) do
 end
 return {tonumber(epoch), offline, unheard}
 ";
+
+/// The sessions registered under a gateway id, read in one step:
+/// `(user, device)` pairs (flattened).
+/// KEYS: [gateway-sessions:{gateway}]; ARGV: [gateway, sessions key prefix].
+pub const GATEWAY_SESSIONS_SCRIPT: &str = r"
+local prefix = ARGV[1] .. '|'
+local out = {}
+for _, user in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  for _, field in ipairs(redis.call('HKEYS', ARGV[2] .. user)) do
+    if string.sub(field, 1, #prefix) == prefix then
+      out[#out + 1] = user
+      out[#out + 1] = string.sub(field, #prefix + 1)
+    end
+  end
+end
+return out
+";
+
+/// Reaps up to ARGV[5] users of a dead gateway in one atomic step, and the
+/// gateway itself once none is left. Nothing happens if the gateway renewed
+/// its lease meanwhile (it came back): the check and the removal are one
+/// step. Chunks keep one call short however many users a gateway had.
+/// KEYS: [GATEWAYS, GATEWAY_LOADS, gateway-sessions:{gateway}];
+/// ARGV: [gateway, now ms, sessions key prefix, seen key prefix, chunk].
+/// Returns {done (0/1), users now offline everywhere…}.
+pub const REAP_SCRIPT: &str = r"
+local gateway, now = ARGV[1], tonumber(ARGV[2])
+local expiry = redis.call('ZSCORE', KEYS[1], gateway)
+if not expiry or tonumber(expiry) > now then return {1} end
+local prefix = gateway .. '|'
+local out = {0}
+for _, user in ipairs(redis.call('SPOP', KEYS[3], tonumber(ARGV[5]))) do
+  local key = ARGV[3] .. user
+  local live = false
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(field, 1, #prefix) == prefix then
+      redis.call('HDEL', key, field)
+    else
+      local other = string.match(field, '^([^|]*)|')
+      local lease = other and redis.call('ZSCORE', KEYS[1], other)
+      if lease and tonumber(lease) > now then live = true end
+    end
+  end
+  if not live then
+    redis.call('SET', ARGV[4] .. user, ARGV[2])
+    out[#out + 1] = user
+  end
+end
+if redis.call('SCARD', KEYS[3]) == 0 then
+  redis.call('HDEL', KEYS[2], gateway)
+  redis.call('ZREM', KEYS[1], gateway)
+  out[1] = 1
+end
+return out
+";
+
+/// Key prefixes the scripts build keys from.
+pub const SESSIONS_PREFIX: &str = "kubechat:sessions:";
+pub const SEEN_PREFIX: &str = "kubechat:seen:";
 
 /// The prefix of [`deliver_channel`], for [`ROUTE_SCRIPT`].
 pub const DELIVER_PREFIX: &str = "kubechat:deliver:";
