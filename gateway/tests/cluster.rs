@@ -325,6 +325,41 @@ async fn a_late_registration_resyncs_its_connection_scenario() {
     println!("late registration: hello after {hello_after:?}, told after {:?}", started.elapsed());
 }
 
+/// Test 11: a SIGKILLed gateway leaves every other gateway's discovery
+/// answer within two load-publish intervals (2 s each with a 30 s lease),
+/// not when its lease runs out: clients are not sent to a dead gateway.
+async fn a_killed_gateway_leaves_discovery_within_two_publish_intervals_scenario() {
+    let redis = PrivateRedis::start().await;
+    let (_spec, mut gateways) = start_cluster(&redis, 3, 30).await;
+    let listed = |body: &str, port: u16| body.contains(&format!(":{port}/"));
+    let asker = gateways[0].ws_port;
+    let victim = gateways[2].ws_port;
+    let started = Instant::now();
+    loop {
+        let (_, body) = common::cluster::http_get(asker, "/v1/discovery").await.expect("discovery");
+        if listed(&body, victim) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "gw-2 never listed: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gateways[2].kill();
+    let killed = Instant::now();
+    loop {
+        let (_, body) = common::cluster::http_get(asker, "/v1/discovery").await.expect("discovery");
+        if !listed(&body, victim) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(6),
+            "a dead gateway still listed {:?} after its kill: {body}",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("a killed gateway left discovery {:?} after the kill", killed.elapsed());
+}
+
 /// Connects to the first gateway that answers, trying `urls` from `first` on.
 async fn connect_any(urls: &[String], first: usize, user: &str, device: &str) -> ClusterClient {
     let started = Instant::now();
@@ -817,6 +852,11 @@ async fn a_reaped_gateway_comes_back_without_making_presence_unknown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_late_registration_resyncs_its_connection() {
     within(Duration::from_secs(120), a_late_registration_resyncs_its_connection_scenario()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_gateway_leaves_discovery_within_two_publish_intervals() {
+    within(Duration::from_secs(120), a_killed_gateway_leaves_discovery_within_two_publish_intervals_scenario()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

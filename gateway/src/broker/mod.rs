@@ -65,6 +65,15 @@ pub struct GatewayLoad {
     pub ready: bool,
     pub draining: bool,
     pub version: String,
+    /// When the broker last published it (ms; 0 where not published, as in
+    /// the admin API): a load older than two publish intervals belongs to a
+    /// gateway that stopped (killed), and discovery drops it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub published_at_ms: i64,
+}
+
+fn is_zero(ms: &i64) -> bool {
+    *ms == 0
 }
 
 /// What routing a frame found out.

@@ -117,10 +117,14 @@ impl Outbox {
         if backlogged { Pushed::Backlogged } else { Pushed::Queued }
     }
 
-    /// Closes the connection with `why` (the first reason wins).
+    /// Closes the connection with `why` (the first reason wins: a
+    /// connection already sent away keeps its farewell frame).
     pub fn kick(&self, why: Kick) {
         let mut state = self.state();
-        state.kick.get_or_insert(why);
+        if state.kick.is_some() {
+            return;
+        }
+        state.kick = Some(why);
         state.frames = VecDeque::new();
         drop(state);
         self.wake.wake();
@@ -146,6 +150,13 @@ impl Outbox {
     pub fn is_closing(&self) -> bool {
         let state = self.state();
         state.closed || state.kick.is_some()
+    }
+
+    /// Closing, and its last frames (a farewell) taken by the connection
+    /// for writing, or closed already.
+    pub fn farewell_taken(&self) -> bool {
+        let state = self.state();
+        state.closed || (state.kick.is_some() && state.frames.is_empty())
     }
 
     /// Waits until the outbox is at most at its soft limit (or closing).

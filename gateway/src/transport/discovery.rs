@@ -95,6 +95,7 @@ mod tests {
             ready,
             draining,
             version: "test".into(),
+            published_at_ms: 0,
         }
     }
 

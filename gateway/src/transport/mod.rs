@@ -111,6 +111,7 @@ impl Gateway {
             ready: self.is_ready() && self.broker.may_mint_ids(),
             draining: self.drain.is_draining(),
             version: self.identity.version.clone(),
+            published_at_ms: 0,
         }
     }
 
@@ -177,7 +178,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
-        let tasks = gateway.tasks.clone();
+        let (tasks, shutdown) = (gateway.tasks.clone(), gateway.shutdown.clone());
         tasks.spawn(async move {
             let service = service_fn(move |request| {
                 let gateway = gateway.clone();
@@ -188,7 +189,18 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
-            if let Err(e) = connection.await {
+            tokio::pin!(connection);
+            // A keep-alive client (a discovery poller) must not hold the
+            // shutdown for the grace period: idle connections close at once,
+            // a request in progress is answered first.
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
         });

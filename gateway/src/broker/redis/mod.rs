@@ -503,10 +503,15 @@ impl Broker for RedisBroker {
         let alive = self.alive_gateways().await?;
         let all: HashMap<String, String> =
             self.conn().hgetall(wire::GATEWAY_LOADS).await.map_err(unavailable("reading gateway loads"))?;
+        // Published within two intervals: a killed gateway leaves discovery
+        // in seconds, not when its lease runs out (loads of gateways of an
+        // earlier version carry no time and stay until then).
+        let stale_before = now_ms() - 2 * i64::try_from(self.config.renew_every().as_millis()).unwrap_or(i64::MAX);
         let mut loads: Vec<GatewayLoad> = all
             .into_iter()
             .filter(|(gateway, _)| alive.contains(gateway))
-            .filter_map(|(_, json)| serde_json::from_str(&json).ok())
+            .filter_map(|(_, json)| serde_json::from_str::<GatewayLoad>(&json).ok())
+            .filter(|load| load.published_at_ms == 0 || load.published_at_ms >= stale_before)
             .collect();
         loads.sort_by(|a, b| a.pod.cmp(&b.pod));
         *self.loads.write().await = (tokio::time::Instant::now(), loads.clone());

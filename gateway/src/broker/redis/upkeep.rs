@@ -238,8 +238,9 @@ impl RedisBroker {
     }
 
     /// Writes this gateway's last reported load for discovery.
-    async fn publish_load(&self) -> Result<(), BrokerError> {
-        let Some(load) = self.load.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return Ok(()) };
+    pub(super) async fn publish_load(&self) -> Result<(), BrokerError> {
+        let Some(mut load) = self.load.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return Ok(()) };
+        load.published_at_ms = now_ms();
         let json = serde_json::to_string(&load).map_err(|e| BrokerError(format!("encoding the load: {e}")))?;
         let _: () = self
             .conn()
