@@ -10,7 +10,11 @@
 //!   once, durable at the next checkpoint) and takes a checkpoint every
 //!   [`CHECKPOINT_EVERY`] or when the log asks for one. A checkpoint writes
 //!   back every page touched since the last one, tens of milliseconds at
-//!   thousands of messages a second: nobody's answer waits for it.
+//!   thousands of messages a second: nobody's answer waits for it. A batch
+//!   it cannot apply, or a checkpoint that fails (a full disk), stops it:
+//!   no write is accepted until a restart replays the log, and the restart
+//!   refuses to start while a logged write still cannot be applied, so
+//!   nothing is ever checkpointed past an acknowledged write.
 //!
 //! Reads see every write answered before they started: a read first waits
 //! until the applier has applied everything the logger had acknowledged
@@ -154,13 +158,28 @@ pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> S
                 push_seq = push_seq.max((first_seq + jsons.len() as u64).saturating_sub(1));
             }
         }
-        // What clients were told before the restart stands; replaying only
-        // reproduces the state (a write that failed then fails again).
+        // Every write in the log was acknowledged: one that cannot be
+        // applied stops the open before anything is checkpointed past it.
         let refs: Vec<&Op> = ops.iter().collect();
-        apply_record(&db, &refs, &mut users, record.seq);
+        apply(&db, &refs, &mut users, record.seq).map_err(|err| {
+            with_detail(err, |e| {
+                format!(
+                    "replaying log record {} failed: {e}; nothing after record {applied} was checkpointed, so the \
+                     next start replays it again: fix the cause (free disk space, repair the database) and start again",
+                    record.seq
+                )
+            })
+        })?;
         last = record.seq;
     }
-    checkpoint(&db)?;
+    checkpoint(&db).map_err(|err| {
+        with_detail(err, |e| {
+            format!(
+                "the replayed log could not be checkpointed: {e}; nothing was lost (the next start replays it \
+                 again): fix the cause (free disk space) and start again"
+            )
+        })
+    })?;
     if replayed > 0 {
         tracing::info!(records = replayed, "replayed the embedded store's log");
     }
@@ -189,16 +208,12 @@ fn checkpoint(db: &Database) -> StoreResult<()> {
     txn.commit().map_err(storage("committing a checkpoint"))
 }
 
-/// Applies the writes of log record `seq`: together, or one by one if that
-/// fails (so one bad write does not fail its neighbours).
-fn apply_record(db: &Database, ops: &[&Op], users: &mut UserNumbers, seq: u64) -> Vec<StoreResult<Done>> {
-    match apply(db, ops, users, seq) {
-        Ok(done) => done.into_iter().map(Ok).collect(),
-        Err(err) if ops.len() > 1 => {
-            tracing::warn!(error = %err, writes = ops.len(), "embedded store batch failed; applying one by one");
-            ops.iter().map(|op| apply(db, &[*op], users, seq).map(|mut d| d.pop().unwrap_or(Done::Unit))).collect()
-        }
-        Err(err) => vec![Err(err)],
+/// The same error with its detail rewritten.
+fn with_detail(err: StoreError, detail: impl FnOnce(String) -> String) -> StoreError {
+    match err {
+        StoreError::Unavailable(e) => StoreError::Unavailable(detail(e)),
+        StoreError::Corrupt(e) => StoreError::Corrupt(detail(e)),
+        other @ StoreError::KeyReused { .. } => other,
     }
 }
 
@@ -353,8 +368,9 @@ fn run_applier(
         }
         let seq = records.last().map_or(0, |(seq, _)| *seq);
         let ops: Vec<&Op> = records.iter().flat_map(|(_, ops)| ops.iter()).collect();
-        let failed = apply_record(db, &ops, &mut users, seq).into_iter().find_map(Result::err);
-        if let Some(err) = failed {
+        // One transaction: a failure applies none of them and records no
+        // progress, so nothing is ever checkpointed past a write not applied.
+        if let Err(err) = apply(db, &ops, &mut users, seq) {
             // Acknowledged writes are in the log, so a restart applies them;
             // until then nothing more is accepted.
             tracing::error!(error = %err, "embedded store could not apply logged writes; refusing writes until restart");
@@ -372,10 +388,14 @@ fn run_applier(
         }
         progress.advanced.notify_waiters();
         if last_checkpoint.elapsed() >= CHECKPOINT_EVERY || progress.checkpoint_wanted.swap(false, Ordering::AcqRel) {
-            match checkpoint(db) {
-                Ok(()) => progress.durable.store(seq, Ordering::Release),
-                Err(err) => tracing::error!(error = %err, "embedded store checkpoint failed; the log keeps growing"),
+            if let Err(err) = checkpoint(db) {
+                // redb refuses every write after a failed one (it may have
+                // written part of it); the log keeps what was acknowledged.
+                tracing::error!(error = %err, "embedded store checkpoint failed; refusing writes until restart");
+                progress.fail(err.to_string());
+                return;
             }
+            progress.durable.store(seq, Ordering::Release);
             last_checkpoint = Instant::now();
         }
     }
