@@ -5,7 +5,9 @@
 //!   the write-ahead log (one `fdatasync`: now it is durable) and answers.
 //!   Answers depend on little: whether a send's idempotency key was seen (in
 //!   redb, or in a batch logged but not yet applied: the [`Pending`] keys)
-//!   and the numbers of push jobs.
+//!   and the numbers of push jobs. The logger alone forgets pending keys,
+//!   and only those applied before its read snapshot began, so a key is
+//!   always in one or the other.
 //! - The **applier** applies logged batches to redb (transactions visible at
 //!   once, durable at the next checkpoint) and takes a checkpoint every
 //!   [`CHECKPOINT_EVERY`] or when the log asks for one. A checkpoint writes
@@ -24,7 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc as std_mpsc};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -123,10 +125,16 @@ struct Pending {
     order: VecDeque<(u64, (String, String))>,
 }
 
-type SharedPending = Arc<Mutex<Pending>>;
-
-fn lock(pending: &SharedPending) -> MutexGuard<'_, Pending> {
-    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+impl Pending {
+    /// Forgets the keys of records up to `seq`: a read snapshot begun after
+    /// the applier reported `seq` has them.
+    fn forget_through(&mut self, seq: u64) {
+        while self.order.front().is_some_and(|(at, _)| *at <= seq) {
+            if let Some((_, key)) = self.order.pop_front() {
+                self.keys.remove(&key);
+            }
+        }
+    }
 }
 
 /// The running threads; dropping the request sender ends them (the applier
@@ -185,16 +193,15 @@ pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> S
     }
 
     let progress = Arc::new(Progress::new(last));
-    let pending = SharedPending::default();
     let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
     let applier = {
-        let (db, progress, pending) = (Arc::clone(&db), Arc::clone(&progress), Arc::clone(&pending));
+        let (db, progress) = (Arc::clone(&db), Arc::clone(&progress));
         std::thread::Builder::new()
             .name("kubechat-store-apply".into())
-            .spawn(move || run_applier(&db, applier_queue, &progress, &pending, users))
+            .spawn(move || run_applier(&db, applier_queue, &progress, users))
             .map_err(|err| StoreError::Unavailable(format!("starting the embedded store applier: {err}")))?
     };
-    let logger = Logger { db, wal, progress: Arc::clone(&progress), pending, push_seq, to_applier };
+    let logger = Logger { db, wal, progress: Arc::clone(&progress), pending: Pending::default(), push_seq, to_applier };
     let logger = std::thread::Builder::new()
         .name("kubechat-store-log".into())
         .spawn(move || logger.run(queue))
@@ -230,7 +237,7 @@ struct Logger {
     db: Arc<Database>,
     wal: Wal,
     progress: Arc<Progress>,
-    pending: SharedPending,
+    pending: Pending,
     /// The number of the last push job handed out.
     push_seq: u64,
     to_applier: std_mpsc::SyncSender<(u64, Vec<Op>)>,
@@ -264,6 +271,8 @@ impl Logger {
         }
         let seq = self.wal.next_seq();
         let push_seq = self.push_seq;
+        // Read before the snapshot (begun lazily below) is: it sees at least this.
+        self.pending.forget_through(self.progress.applied.load(Ordering::Acquire));
         let mut answers = Vec::with_capacity(batch.len());
         let mut read = None;
         let mut fresh_keys = Vec::new();
@@ -275,12 +284,10 @@ impl Logger {
         batch.iter().for_each(|request| request.op.encode(&mut payload));
         if let Err(err) = self.wal.append(&payload) {
             // Not logged: forget what this batch claimed.
-            let mut pending = lock(&self.pending);
             for key in &fresh_keys {
-                pending.keys.remove(key);
+                self.pending.keys.remove(key);
             }
-            pending.order.retain(|(at, _)| *at != seq);
-            drop(pending);
+            self.pending.order.retain(|(at, _)| *at != seq);
             self.push_seq = push_seq;
             let err = StoreError::Unavailable(format!("writing the log: {err}"));
             tracing::error!(error = %err, requests = batch.len(), "embedded store write failed");
@@ -312,15 +319,14 @@ impl Logger {
         match op {
             Op::Send { sender, key, json, .. } => {
                 let id = (sender.clone(), key.clone());
-                if let Some(first) = lock(&self.pending).keys.get(&id) {
+                if let Some(first) = self.pending.keys.get(&id) {
                     return Ok(Done::Duplicate(first.clone()));
                 }
                 if let Some(first) = self.stored_send(sender, key, read)? {
                     return Ok(Done::Duplicate(first));
                 }
-                let mut pending = lock(&self.pending);
-                pending.keys.insert(id.clone(), json.clone());
-                pending.order.push_back((seq, id.clone()));
+                self.pending.keys.insert(id.clone(), json.clone());
+                self.pending.order.push_back((seq, id.clone()));
                 fresh_keys.push(id);
                 Ok(Done::Unit)
             }
@@ -352,13 +358,13 @@ impl Logger {
     }
 }
 
-fn run_applier(
-    db: &Database,
-    queue: std_mpsc::Receiver<(u64, Vec<Op>)>,
-    progress: &Progress,
-    pending: &SharedPending,
-    mut users: UserNumbers,
-) {
+/// Records up to `seq` are applied: visible to reads begun from now on.
+fn applied_through(progress: &Progress, seq: u64) {
+    progress.applied.store(seq, Ordering::Release);
+    progress.advanced.notify_waiters();
+}
+
+fn run_applier(db: &Database, queue: std_mpsc::Receiver<(u64, Vec<Op>)>, progress: &Progress, mut users: UserNumbers) {
     let mut last_checkpoint = Instant::now();
     while let Ok(first) = queue.recv() {
         // Everything logged meanwhile goes into one transaction.
@@ -377,16 +383,7 @@ fn run_applier(
             progress.fail(err.to_string());
             return;
         }
-        progress.applied.store(seq, Ordering::Release);
-        {
-            let mut pending = lock(pending);
-            while pending.order.front().is_some_and(|(at, _)| *at <= seq) {
-                if let Some((_, key)) = pending.order.pop_front() {
-                    pending.keys.remove(&key);
-                }
-            }
-        }
-        progress.advanced.notify_waiters();
+        applied_through(progress, seq);
         if last_checkpoint.elapsed() >= CHECKPOINT_EVERY || progress.checkpoint_wanted.swap(false, Ordering::AcqRel) {
             if let Err(err) = checkpoint(db) {
                 // redb refuses every write after a failed one (it may have
@@ -402,5 +399,60 @@ fn run_applier(
     match checkpoint(db) {
         Ok(()) => progress.durable.store(progress.applied.load(Ordering::Acquire), Ordering::Release),
         Err(err) => tracing::error!(error = %err, "embedded store checkpoint at shutdown failed; the log is replayed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_op(key: &str, id: u64) -> Op {
+        Op::Send {
+            sender: "alice".into(),
+            key: key.into(),
+            channel: "dm:alice:bob".into(),
+            id,
+            json: format!("{{\"id\":{id}}}").into_bytes(),
+            position: id + 1,
+            recipients: vec!["alice".to_string(), "bob".to_string()].into(),
+            link_channel: false,
+        }
+    }
+
+    #[test]
+    fn a_retry_decided_after_its_first_attempt_was_applied_is_a_duplicate_whatever_its_snapshot() {
+        // Phantom duplicates: the retry used to miss both the pending keys
+        // (the applier had forgotten it) and the snapshot (begun before).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Database::create(dir.path().join("db")).expect("db"));
+        super::super::upgrade::create_tables(&db).expect("tables");
+        let (wal, _) = Wal::open(&dir.path().join("log"), 0).expect("log");
+        let progress = Arc::new(Progress::new(0));
+        let (to_applier, applied_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
+        let mut logger = Logger {
+            db: Arc::clone(&db),
+            wal,
+            progress: Arc::clone(&progress),
+            pending: Pending::default(),
+            push_seq: 0,
+            to_applier,
+        };
+        // The first attempt is logged as record 1.
+        let (reply, _answer) = tokio::sync::oneshot::channel();
+        let mut batch = vec![Request { op: send_op("k", 10), reply }];
+        logger.log_batch(&mut batch);
+        let (seq, ops) = applied_queue.try_recv().expect("handed to the applier");
+
+        // The next batch begins its read snapshot with another send...
+        let (mut read, mut fresh) = (None, Vec::new());
+        let other = logger.decide(&mut send_op("other", 20), 2, &mut read, &mut fresh);
+        assert!(matches!(other, Ok(Done::Unit)));
+        // ...while the applier applies record 1 and says so...
+        let refs: Vec<&Op> = ops.iter().collect();
+        apply(&db, &refs, &mut UserNumbers::new(10), seq).expect("apply");
+        applied_through(&progress, seq);
+        // ...before the retry is decided in the same batch.
+        let retry = logger.decide(&mut send_op("k", 30), 2, &mut read, &mut fresh);
+        assert!(matches!(retry, Ok(Done::Duplicate(_))), "the retry was answered as a new message");
     }
 }
