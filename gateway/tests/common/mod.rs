@@ -228,6 +228,21 @@ impl Client {
         }
     }
 
+    /// The next frame of one of these types (kept-aside frames first).
+    pub async fn expect_frame(&mut self, types: &[&str]) -> Value {
+        let wanted = |frame: &Value| types.iter().any(|t| frame["type"] == *t);
+        if let Some(i) = self.backlog.iter().position(wanted) {
+            return self.backlog.remove(i);
+        }
+        loop {
+            let frame = self.next_frame().await;
+            if wanted(&frame) {
+                return frame;
+            }
+            self.backlog.push(frame);
+        }
+    }
+
     /// Asserts no live message arrives within `wait`.
     pub async fn expect_no_message(&mut self, wait: Duration) {
         assert!(!self.backlog.iter().any(|f| f["type"] == "message"), "{}: unexpected {:?}", self.user, self.backlog);

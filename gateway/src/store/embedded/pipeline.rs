@@ -233,6 +233,9 @@ fn same_error(err: &StoreError) -> StoreError {
     }
 }
 
+/// A batch the logger made durable as log record `.0`, for the applier.
+type Logged = (u64, Vec<Op>);
+
 struct Logger {
     db: Arc<Database>,
     wal: Wal,
@@ -240,7 +243,7 @@ struct Logger {
     pending: Pending,
     /// The number of the last push job handed out.
     push_seq: u64,
-    to_applier: std_mpsc::SyncSender<(u64, Vec<Op>)>,
+    to_applier: std_mpsc::SyncSender<Logged>,
 }
 
 impl Logger {
@@ -266,6 +269,12 @@ impl Logger {
     }
 
     fn log_batch(&mut self, batch: &mut Vec<Request>) {
+        // A caller that stopped waiting (its deadline passed) was told its
+        // write may have been stored: one not logged yet is dropped instead.
+        batch.retain(|request| !request.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         if let Some(why) = self.progress.failure() {
             return Self::refuse(batch, &StoreError::Unavailable(format!("embedded store stopped: {why}")));
         }
@@ -364,7 +373,7 @@ fn applied_through(progress: &Progress, seq: u64) {
     progress.advanced.notify_waiters();
 }
 
-fn run_applier(db: &Database, queue: std_mpsc::Receiver<(u64, Vec<Op>)>, progress: &Progress, mut users: UserNumbers) {
+fn run_applier(db: &Database, queue: std_mpsc::Receiver<Logged>, progress: &Progress, mut users: UserNumbers) {
     let mut last_checkpoint = Instant::now();
     while let Ok(first) = queue.recv() {
         // Everything logged meanwhile goes into one transaction.
@@ -419,29 +428,34 @@ mod tests {
         }
     }
 
+    /// A logger over a real database and log in `dir`, without its
+    /// threads: the test plays the applier. Also what the logger hands it.
+    fn logger(dir: &Path) -> (Arc<Database>, Logger, std_mpsc::Receiver<Logged>) {
+        let db = Arc::new(Database::create(dir.join("db")).expect("db"));
+        super::super::upgrade::create_tables(&db).expect("tables");
+        let (wal, _) = Wal::open(&dir.join("log"), 0).expect("log");
+        let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
+        let progress = Arc::new(Progress::new(0));
+        let logger =
+            Logger { db: Arc::clone(&db), wal, progress, pending: Pending::default(), push_seq: 0, to_applier };
+        (db, logger, applier_queue)
+    }
+
+    fn request(op: Op) -> (Request, tokio::sync::oneshot::Receiver<StoreResult<Done>>) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        (Request { op, reply }, answer)
+    }
+
     #[test]
     fn a_retry_decided_after_its_first_attempt_was_applied_is_a_duplicate_whatever_its_snapshot() {
         // Phantom duplicates: the retry used to miss both the pending keys
         // (the applier had forgotten it) and the snapshot (begun before).
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Database::create(dir.path().join("db")).expect("db"));
-        super::super::upgrade::create_tables(&db).expect("tables");
-        let (wal, _) = Wal::open(&dir.path().join("log"), 0).expect("log");
-        let progress = Arc::new(Progress::new(0));
-        let (to_applier, applied_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
-        let mut logger = Logger {
-            db: Arc::clone(&db),
-            wal,
-            progress: Arc::clone(&progress),
-            pending: Pending::default(),
-            push_seq: 0,
-            to_applier,
-        };
+        let (db, mut logger, applier_queue) = logger(dir.path());
         // The first attempt is logged as record 1.
-        let (reply, _answer) = tokio::sync::oneshot::channel();
-        let mut batch = vec![Request { op: send_op("k", 10), reply }];
-        logger.log_batch(&mut batch);
-        let (seq, ops) = applied_queue.try_recv().expect("handed to the applier");
+        let (first, _answer) = request(send_op("k", 10));
+        logger.log_batch(&mut vec![first]);
+        let (seq, ops) = applier_queue.try_recv().expect("handed to the applier");
 
         // The next batch begins its read snapshot with another send...
         let (mut read, mut fresh) = (None, Vec::new());
@@ -450,9 +464,26 @@ mod tests {
         // ...while the applier applies record 1 and says so...
         let refs: Vec<&Op> = ops.iter().collect();
         apply(&db, &refs, &mut UserNumbers::new(10), seq).expect("apply");
-        applied_through(&progress, seq);
+        applied_through(&logger.progress, seq);
         // ...before the retry is decided in the same batch.
         let retry = logger.decide(&mut send_op("k", 30), 2, &mut read, &mut fresh);
         assert!(matches!(retry, Ok(Done::Duplicate(_))), "the retry was answered as a new message");
+    }
+
+    #[test]
+    fn a_write_whose_caller_gave_up_before_it_was_logged_is_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_db, mut logger, applier_queue) = logger(dir.path());
+        let (abandoned, answer) = request(send_op("k", 10));
+        drop(answer);
+        logger.log_batch(&mut vec![abandoned]);
+        assert_eq!(logger.wal.next_seq(), 1, "nothing was logged");
+        assert!(applier_queue.try_recv().is_err(), "nothing to apply");
+
+        // So its retry is the first of that key.
+        let (retry, mut answer) = request(send_op("k", 20));
+        logger.log_batch(&mut vec![retry]);
+        assert!(matches!(answer.try_recv(), Ok(Ok(Done::Unit))), "stored as new");
+        assert_eq!(applier_queue.try_recv().expect("logged").1, vec![send_op("k", 20)]);
     }
 }
