@@ -60,3 +60,24 @@ async fn a_logged_write_the_database_cannot_take_stops_the_start() {
     edit(false);
     assert_eq!(bobs_inbox(root.path()).await, acked);
 }
+
+/// The standalone gateway has no push workers: a message to an offline
+/// user leaves no job behind that nobody would ever consume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_offline_users_leave_no_push_jobs_behind() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut gateway = Gateway::start(root.path());
+    let mut alice = gateway.connect("alice").await;
+    send_acked(&mut alice, "bob", "m", 20).await;
+    assert!(gateway.stop().success());
+
+    let db = redb::Database::open(data_dir(root.path()).join(DB_FILE)).expect("open the database");
+    let txn = redb::ReadableDatabase::begin_read(&db).expect("read");
+    let push: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("push");
+    let jobs = match txn.open_table(push) {
+        Ok(table) => redb::ReadableTableMetadata::len(&table).expect("count"),
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(err) => panic!("reading the push table: {err}"),
+    };
+    assert_eq!(jobs, 0, "push jobs nobody consumes");
+}

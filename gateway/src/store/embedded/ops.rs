@@ -36,15 +36,6 @@ pub enum Op {
         group: String,
         user: String,
     },
-    /// Jobs numbered `first_seq`, `first_seq + 1`, … (numbered by the
-    /// logger, so a replay numbers them alike).
-    EnqueuePush {
-        first_seq: u64,
-        jsons: Vec<Vec<u8>>,
-    },
-    AckPush {
-        seq: u64,
-    },
 }
 
 /// What a committed write answers.
@@ -52,7 +43,6 @@ pub enum Done {
     Unit,
     /// The send's key was stored before, for this message (JSON).
     Duplicate(Vec<u8>),
-    Seq(u64),
 }
 
 pub struct Request {
@@ -62,6 +52,8 @@ pub struct Request {
 
 /// Log payload: the batch's writes, each a tag byte and its fields
 /// (integers little-endian, strings and byte strings length-prefixed).
+/// Tags 5 and 6 were the push queue's writes (a job, an ack): logs of
+/// earlier versions may hold them, and they are read past.
 impl Op {
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
         let put_u64 = |out: &mut Vec<u8>, n: u64| out.extend_from_slice(&n.to_le_bytes());
@@ -97,18 +89,6 @@ impl Op {
                 out.push(if matches!(self, Op::AddMember { .. }) { 3 } else { 4 });
                 put_bytes(out, group.as_bytes());
                 put_bytes(out, user.as_bytes());
-            }
-            Op::EnqueuePush { first_seq, jsons } => {
-                out.push(5);
-                put_u64(out, *first_seq);
-                put_u64(out, jsons.len() as u64);
-                for json in jsons {
-                    put_bytes(out, json);
-                }
-            }
-            Op::AckPush { seq } => {
-                out.push(6);
-                put_u64(out, *seq);
             }
         }
     }
@@ -174,14 +154,22 @@ pub(super) fn decode_ops(payload: &[u8]) -> Option<Vec<Op>> {
             3 => Op::AddMember { group: reader.string()?, user: reader.string()? },
             4 => Op::RemoveMember { group: reader.string()?, user: reader.string()? },
             5 => {
-                let first_seq = reader.u64()?;
+                // A push job (numbered: `first_seq`, then the jobs).
+                reader.u64()?;
                 let n = usize::try_from(reader.u64()?).ok()?;
                 if n > reader.0.len() / 8 {
                     return None;
                 }
-                Op::EnqueuePush { first_seq, jsons: (0..n).map(|_| reader.bytes()).collect::<Option<_>>()? }
+                for _ in 0..n {
+                    reader.bytes()?;
+                }
+                continue;
             }
-            6 => Op::AckPush { seq: reader.u64()? },
+            6 => {
+                // A push job's ack.
+                reader.u64()?;
+                continue;
+            }
             _ => return None,
         };
         ops.push(op);
@@ -208,8 +196,6 @@ mod tests {
             Op::CreateGroup { id: "g:2".into(), json: b"{}".to_vec(), members: vec!["a".into(), "b".into()] },
             Op::AddMember { group: "g:2".into(), user: "c".into() },
             Op::RemoveMember { group: "g:2".into(), user: "a".into() },
-            Op::EnqueuePush { first_seq: 7, jsons: vec![b"1".to_vec(), Vec::new()] },
-            Op::AckPush { seq: u64::MAX },
         ]
     }
 
@@ -220,6 +206,29 @@ mod tests {
         ops.iter().for_each(|op| op.encode(&mut payload));
         assert_eq!(decode_ops(&payload), Some(ops));
         assert_eq!(decode_ops(&[]), Some(Vec::new()));
+    }
+
+    #[test]
+    fn push_writes_of_earlier_logs_are_read_past() {
+        let mut payload = Vec::new();
+        Op::AddMember { group: "g:2".into(), user: "c".into() }.encode(&mut payload);
+        // A push job batch: first_seq 7, two jobs ("1" and ""), then an ack of job 9.
+        payload.push(5);
+        for n in [7_u64, 2, 1] {
+            payload.extend_from_slice(&n.to_le_bytes());
+        }
+        payload.push(b'1');
+        payload.extend_from_slice(&0_u64.to_le_bytes());
+        payload.push(6);
+        payload.extend_from_slice(&9_u64.to_le_bytes());
+        Op::RemoveMember { group: "g:2".into(), user: "a".into() }.encode(&mut payload);
+        assert_eq!(
+            decode_ops(&payload),
+            Some(vec![
+                Op::AddMember { group: "g:2".into(), user: "c".into() },
+                Op::RemoveMember { group: "g:2".into(), user: "a".into() },
+            ])
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //!   commit, up to [`MAX_BATCH`]), decides each answer, appends the batch to
 //!   the write-ahead log (one `fdatasync`: now it is durable) and answers.
 //!   Answers depend on little: whether a send's idempotency key was seen (in
-//!   redb, or in a batch logged but not yet applied: the [`Pending`] keys)
-//!   and the numbers of push jobs. The logger alone forgets pending keys,
+//!   redb, or in a batch logged but not yet applied: the [`Pending`] keys).
+//!   The logger alone forgets pending keys,
 //!   and only those applied before its read snapshot began, so a key is
 //!   always in one or the other.
 //! - The **applier** applies logged batches to redb (transactions visible at
@@ -36,7 +36,7 @@ use tokio::sync::{Notify, mpsc};
 use super::ops::{Done, Op, Request, decode_ops};
 use super::tables::{UserNumbers, apply};
 use super::wal::Wal;
-use super::{MESSAGES, META, META_PUSH_SEQ, META_WAL_SEQ, SENDS, storage};
+use super::{MESSAGES, META, META_WAL_SEQ, SENDS, storage};
 use crate::store::{StoreError, StoreResult};
 
 /// Most requests logged in one record: bounds the latency a request waits
@@ -146,26 +146,19 @@ pub struct Threads {
 
 /// Replays the log into redb, checkpoints, and starts the two threads.
 pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> StoreResult<(Arc<Progress>, Threads)> {
-    let (applied, push_seq) = {
+    let applied = {
         let txn = db.begin_read().map_err(storage("starting a read"))?;
         let meta = txn.open_table(META).map_err(storage("opening meta"))?;
-        let get = |name| meta.get(name).map(|v| v.map_or(0, |v| v.value()));
-        (get(META_WAL_SEQ).map_err(storage("reading meta"))?, get(META_PUSH_SEQ).map_err(storage("reading meta"))?)
+        meta.get(META_WAL_SEQ).map_err(storage("reading meta"))?.map_or(0, |v| v.value())
     };
     let (wal, records) = Wal::open(log, applied)
         .map_err(|err| StoreError::Unavailable(format!("opening the log {}: {err}", log.display())))?;
     let mut users = UserNumbers::new(1_000_000);
     let mut last = applied;
-    let mut push_seq = push_seq;
     let replayed = records.len();
     for record in records {
         let ops = decode_ops(&record.payload)
             .ok_or_else(|| StoreError::Corrupt(format!("log record {} holds no valid writes", record.seq)))?;
-        for op in &ops {
-            if let Op::EnqueuePush { first_seq, jsons } = op {
-                push_seq = push_seq.max((first_seq + jsons.len() as u64).saturating_sub(1));
-            }
-        }
         // Every write in the log was acknowledged: one that cannot be
         // applied stops the open before anything is checkpointed past it.
         let refs: Vec<&Op> = ops.iter().collect();
@@ -201,7 +194,7 @@ pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> S
             .spawn(move || run_applier(&db, applier_queue, &progress, users))
             .map_err(|err| StoreError::Unavailable(format!("starting the embedded store applier: {err}")))?
     };
-    let logger = Logger { db, wal, progress: Arc::clone(&progress), pending: Pending::default(), push_seq, to_applier };
+    let logger = Logger { db, wal, progress: Arc::clone(&progress), pending: Pending::default(), to_applier };
     let logger = std::thread::Builder::new()
         .name("kubechat-store-log".into())
         .spawn(move || logger.run(queue))
@@ -241,8 +234,6 @@ struct Logger {
     wal: Wal,
     progress: Arc<Progress>,
     pending: Pending,
-    /// The number of the last push job handed out.
-    push_seq: u64,
     to_applier: std_mpsc::SyncSender<Logged>,
 }
 
@@ -279,14 +270,13 @@ impl Logger {
             return Self::refuse(batch, &StoreError::Unavailable(format!("embedded store stopped: {why}")));
         }
         let seq = self.wal.next_seq();
-        let push_seq = self.push_seq;
         // Read before the snapshot (begun lazily below) is: it sees at least this.
         self.pending.forget_through(self.progress.applied.load(Ordering::Acquire));
         let mut answers = Vec::with_capacity(batch.len());
         let mut read = None;
         let mut fresh_keys = Vec::new();
-        for request in batch.iter_mut() {
-            answers.push(self.decide(&mut request.op, seq, &mut read, &mut fresh_keys));
+        for request in batch.iter() {
+            answers.push(self.decide(&request.op, seq, &mut read, &mut fresh_keys));
         }
         drop(read);
         let mut payload = Vec::new();
@@ -297,7 +287,6 @@ impl Logger {
                 self.pending.keys.remove(key);
             }
             self.pending.order.retain(|(at, _)| *at != seq);
-            self.push_seq = push_seq;
             let err = StoreError::Unavailable(format!("writing the log: {err}"));
             tracing::error!(error = %err, requests = batch.len(), "embedded store write failed");
             return Self::refuse(batch, &err);
@@ -320,7 +309,7 @@ impl Logger {
     /// The answer to one write, decided before it is logged as record `seq`.
     fn decide(
         &mut self,
-        op: &mut Op,
+        op: &Op,
         seq: u64,
         read: &mut Option<ReadTransaction>,
         fresh_keys: &mut Vec<(String, String)>,
@@ -339,14 +328,7 @@ impl Logger {
                 fresh_keys.push(id);
                 Ok(Done::Unit)
             }
-            Op::EnqueuePush { first_seq, jsons } => {
-                *first_seq = self.push_seq + 1;
-                self.push_seq += jsons.len() as u64;
-                Ok(Done::Seq(self.push_seq))
-            }
-            Op::CreateGroup { .. } | Op::AddMember { .. } | Op::RemoveMember { .. } | Op::AckPush { .. } => {
-                Ok(Done::Unit)
-            }
+            Op::CreateGroup { .. } | Op::AddMember { .. } | Op::RemoveMember { .. } => Ok(Done::Unit),
         }
     }
 
@@ -436,8 +418,7 @@ mod tests {
         let (wal, _) = Wal::open(&dir.join("log"), 0).expect("log");
         let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
         let progress = Arc::new(Progress::new(0));
-        let logger =
-            Logger { db: Arc::clone(&db), wal, progress, pending: Pending::default(), push_seq: 0, to_applier };
+        let logger = Logger { db: Arc::clone(&db), wal, progress, pending: Pending::default(), to_applier };
         (db, logger, applier_queue)
     }
 
@@ -459,14 +440,14 @@ mod tests {
 
         // The next batch begins its read snapshot with another send...
         let (mut read, mut fresh) = (None, Vec::new());
-        let other = logger.decide(&mut send_op("other", 20), 2, &mut read, &mut fresh);
+        let other = logger.decide(&send_op("other", 20), 2, &mut read, &mut fresh);
         assert!(matches!(other, Ok(Done::Unit)));
         // ...while the applier applies record 1 and says so...
         let refs: Vec<&Op> = ops.iter().collect();
         apply(&db, &refs, &mut UserNumbers::new(10), seq).expect("apply");
         applied_through(&logger.progress, seq);
         // ...before the retry is decided in the same batch.
-        let retry = logger.decide(&mut send_op("k", 30), 2, &mut read, &mut fresh);
+        let retry = logger.decide(&send_op("k", 30), 2, &mut read, &mut fresh);
         assert!(matches!(retry, Ok(Done::Duplicate(_))), "the retry was answered as a new message");
     }
 
