@@ -205,8 +205,10 @@ pub async fn inbox(socket: &mut Socket) -> Vec<String> {
 /// A log file's records: `(offset, seq, payload length)` from its start
 /// (after its header, if it has one) to the first that does not follow.
 pub fn log_records(bytes: &[u8]) -> Vec<(usize, u64, usize)> {
-    // Format 2 starts with a 4 KiB header; earlier formats with records.
-    let mut at = if bytes.starts_with(b"KCHATWAL") { 4096 } else { 0 };
+    // Format 2 starts with a 4 KiB header and pads records to 8 bytes;
+    // earlier formats start with records, unpadded.
+    let format_2 = bytes.starts_with(b"KCHATWAL");
+    let (mut at, align) = if format_2 { (4096, 8) } else { (0, 1) };
     let mut records: Vec<(usize, u64, usize)> = Vec::new();
     while at + 16 <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
@@ -221,12 +223,12 @@ pub fn log_records(bytes: &[u8]) -> Vec<(usize, u64, usize)> {
             break;
         }
         records.push((at, seq, len));
-        at += 16 + len;
+        at += (16 + len).next_multiple_of(align);
     }
     records
 }
 
-/// One log record as the log formats frame it (`len | crc | seq | payload`).
+/// One log record as formats 0 and 1 framed it (`len | crc | seq | payload`).
 pub fn log_record(seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&seq.to_le_bytes());

@@ -27,7 +27,8 @@
 //! - `members`: `(group, user) → ()`; `user_channels`: `(user, channel) → ()`.
 //! - `meta`: `name → u64` counters kept in the same transactions as the data
 //!   (`max_id`, `next_user`, and `wal_seq`: the last log record applied), so
-//!   they never disagree with it after a crash.
+//!   they never disagree with it after a crash; and the log's `store_id`
+//!   and `log_run`, which tie the log files to this database ([`wal`]).
 //!
 //! Stores written by earlier versions are converted when opened
 //! ([`upgrade`]); that includes dropping the push jobs they queued, which
@@ -54,7 +55,8 @@ use pipeline::{Progress, Threads};
 
 /// File name of the database inside the store's folder.
 pub const DB_FILE: &str = "kubechat.redb";
-/// File names of the write-ahead log beside it (`.0` and `.1` are added).
+/// File names of the write-ahead log beside it (`.0` and `.1` are added;
+/// the log of format 0 was this name alone).
 pub const LOG_FILE: &str = "kubechat.wal";
 
 /// redb's page cache: recent history and inboxes stay in memory (its
@@ -86,6 +88,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_MAX_ID: &str = "max_id";
 const META_NEXT_USER: &str = "next_user";
 const META_WAL_SEQ: &str = "wal_seq";
+const META_LOG_RUN: &str = "log_run";
+const META_STORE_ID: &str = "store_id";
 
 /// The inbox key of `position` in the inbox of user number `user`.
 fn inbox_key(user: u64, position: u64) -> u128 {

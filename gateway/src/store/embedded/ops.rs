@@ -134,8 +134,9 @@ impl Reader<'_> {
     }
 }
 
-/// The writes of one log payload; `None` if it is damaged.
-pub(super) fn decode_ops(payload: &[u8]) -> Option<Vec<Op>> {
+/// The writes of one log payload of log format `format`; `None` if it is
+/// damaged.
+pub(super) fn decode_ops(payload: &[u8], format: u32) -> Option<Vec<Op>> {
     let mut reader = Reader(payload);
     let mut ops = Vec::new();
     while !reader.0.is_empty() {
@@ -154,8 +155,10 @@ pub(super) fn decode_ops(payload: &[u8]) -> Option<Vec<Op>> {
             3 => Op::AddMember { group: reader.string()?, user: reader.string()? },
             4 => Op::RemoveMember { group: reader.string()?, user: reader.string()? },
             5 => {
-                // A push job (numbered: `first_seq`, then the jobs).
-                reader.u64()?;
+                // Push jobs: numbered (`first_seq`) from format 1 on, then the jobs.
+                if format > 0 {
+                    reader.u64()?;
+                }
                 let n = usize::try_from(reader.u64()?).ok()?;
                 if n > reader.0.len() / 8 {
                     return None;
@@ -204,31 +207,33 @@ mod tests {
         let ops = every_kind();
         let mut payload = Vec::new();
         ops.iter().for_each(|op| op.encode(&mut payload));
-        assert_eq!(decode_ops(&payload), Some(ops));
-        assert_eq!(decode_ops(&[]), Some(Vec::new()));
+        assert_eq!(decode_ops(&payload, 2), Some(ops));
+        assert_eq!(decode_ops(&[], 2), Some(Vec::new()));
     }
 
     #[test]
     fn push_writes_of_earlier_logs_are_read_past() {
-        let mut payload = Vec::new();
-        Op::AddMember { group: "g:2".into(), user: "c".into() }.encode(&mut payload);
-        // A push job batch: first_seq 7, two jobs ("1" and ""), then an ack of job 9.
-        payload.push(5);
-        for n in [7_u64, 2, 1] {
-            payload.extend_from_slice(&n.to_le_bytes());
+        let member = |add: bool| {
+            let (group, user) = ("g:2".to_string(), if add { "c" } else { "a" }.to_string());
+            if add { Op::AddMember { group, user } } else { Op::RemoveMember { group, user } }
+        };
+        // Two push jobs ("1" and ""), numbered from 7 in format 1 (not in
+        // format 0), then an ack of job 9.
+        for format in [0, 1] {
+            let mut payload = Vec::new();
+            member(true).encode(&mut payload);
+            payload.push(5);
+            let numbers: &[u64] = if format == 0 { &[2, 1] } else { &[7, 2, 1] };
+            for n in numbers {
+                payload.extend_from_slice(&n.to_le_bytes());
+            }
+            payload.push(b'1');
+            payload.extend_from_slice(&0_u64.to_le_bytes());
+            payload.push(6);
+            payload.extend_from_slice(&9_u64.to_le_bytes());
+            member(false).encode(&mut payload);
+            assert_eq!(decode_ops(&payload, format), Some(vec![member(true), member(false)]), "format {format}");
         }
-        payload.push(b'1');
-        payload.extend_from_slice(&0_u64.to_le_bytes());
-        payload.push(6);
-        payload.extend_from_slice(&9_u64.to_le_bytes());
-        Op::RemoveMember { group: "g:2".into(), user: "a".into() }.encode(&mut payload);
-        assert_eq!(
-            decode_ops(&payload),
-            Some(vec![
-                Op::AddMember { group: "g:2".into(), user: "c".into() },
-                Op::RemoveMember { group: "g:2".into(), user: "a".into() },
-            ])
-        );
     }
 
     #[test]
@@ -237,15 +242,15 @@ mod tests {
         every_kind().iter().for_each(|op| op.encode(&mut payload));
         // Every truncation and an unknown tag are refused (no panic, no partial read).
         for cut in 1..payload.len() {
-            if let Some(ops) = decode_ops(&payload[..cut]) {
+            if let Some(ops) = decode_ops(&payload[..cut], 2) {
                 // A cut exactly between two writes decodes to the writes before it.
                 assert!(ops.len() < every_kind().len(), "cut at {cut}");
             }
         }
-        assert_eq!(decode_ops(&[9]), None);
+        assert_eq!(decode_ops(&[9], 2), None);
         // A huge length does not allocate.
         let mut lying = vec![2];
         lying.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert_eq!(decode_ops(&lying), None);
+        assert_eq!(decode_ops(&lying, 2), None);
     }
 }

@@ -35,8 +35,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::ops::{Done, Op, Request, decode_ops};
 use super::tables::{UserNumbers, apply};
-use super::wal::Wal;
-use super::{MESSAGES, META, META_WAL_SEQ, SENDS, storage};
+use super::wal::{self, Wal};
+use super::{MESSAGES, META, META_LOG_RUN, META_STORE_ID, META_WAL_SEQ, SENDS, storage};
 use crate::store::{StoreError, StoreResult};
 
 /// Most requests logged in one record: bounds the latency a request waits
@@ -146,18 +146,29 @@ pub struct Threads {
 
 /// Replays the log into redb, checkpoints, and starts the two threads.
 pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> StoreResult<(Arc<Progress>, Threads)> {
-    let applied = {
+    let read_meta = |name| -> StoreResult<Option<u64>> {
         let txn = db.begin_read().map_err(storage("starting a read"))?;
         let meta = txn.open_table(META).map_err(storage("opening meta"))?;
-        meta.get(META_WAL_SEQ).map_err(storage("reading meta"))?.map_or(0, |v| v.value())
+        Ok(meta.get(name).map_err(storage("reading meta"))?.map(|v| v.value()))
     };
-    let (wal, records) = Wal::open(log, applied)
-        .map_err(|err| StoreError::Unavailable(format!("opening the log {}: {err}", log.display())))?;
+    let applied = read_meta(META_WAL_SEQ)?.unwrap_or(0);
+    let last_run = read_meta(META_LOG_RUN)?.unwrap_or(0);
+    let store = match read_meta(META_STORE_ID)? {
+        Some(store) => store,
+        None => {
+            // Durable before any log file carries it.
+            let store = getrandom::u64()
+                .map_err(|err| StoreError::Unavailable(format!("no randomness for the store's id: {err}")))?;
+            set_meta(&db, META_STORE_ID, store)?;
+            store
+        }
+    };
+    let recovery = wal::recover(log, applied, store, last_run).map_err(log_error)?;
     let mut users = UserNumbers::new(1_000_000);
     let mut last = applied;
-    let replayed = records.len();
-    for record in records {
-        let ops = decode_ops(&record.payload)
+    let replayed = recovery.pending.len();
+    for record in &recovery.pending {
+        let ops = decode_ops(&record.payload, record.format)
             .ok_or_else(|| StoreError::Corrupt(format!("log record {} holds no valid writes", record.seq)))?;
         // Every write in the log was acknowledged: one that cannot be
         // applied stops the open before anything is checkpointed past it.
@@ -184,6 +195,9 @@ pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> S
     if replayed > 0 {
         tracing::info!(records = replayed, "replayed the embedded store's log");
     }
+    let run = last_run + 1;
+    let wal = recovery.start(last, store, run).map_err(log_error)?;
+    set_meta(&db, META_LOG_RUN, run)?;
 
     let progress = Arc::new(Progress::new(last));
     let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
@@ -200,6 +214,25 @@ pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> S
         .spawn(move || logger.run(queue))
         .map_err(|err| StoreError::Unavailable(format!("starting the embedded store logger: {err}")))?;
     Ok((progress, Threads { logger, applier }))
+}
+
+/// A log that cannot be opened: the database is untouched (nothing after its
+/// last checkpoint was replayed into it durably).
+fn log_error(err: wal::LogError) -> StoreError {
+    match err {
+        wal::LogError::Io { .. } => StoreError::Unavailable(err.to_string()),
+        other => StoreError::Corrupt(other.to_string()),
+    }
+}
+
+/// Sets a `meta` counter in a durable commit of its own.
+fn set_meta(db: &Database, name: &str, value: u64) -> StoreResult<()> {
+    let txn = db.begin_write().map_err(storage("starting a write"))?;
+    {
+        let mut meta = txn.open_table(META).map_err(storage("opening meta"))?;
+        meta.insert(name, value).map_err(storage("writing meta"))?;
+    }
+    txn.commit().map_err(storage("committing meta"))
 }
 
 /// A durable redb commit of everything applied so far.
@@ -295,7 +328,9 @@ impl Logger {
         if self.wal.wants_checkpoint() {
             self.progress.checkpoint_wanted.store(true, Ordering::Release);
         }
-        self.wal.checkpointed(self.progress.durable.load(Ordering::Acquire));
+        if let Err(err) = self.wal.checkpointed(self.progress.durable.load(Ordering::Acquire)) {
+            crate::warn_throttled!(error = %err, "could not switch log files; the active one grows past its space");
+        }
         let mut ops = Vec::with_capacity(batch.len());
         for (request, answer) in batch.drain(..).zip(answers) {
             let _ = request.reply.send(answer);
@@ -415,7 +450,7 @@ mod tests {
     fn logger(dir: &Path) -> (Arc<Database>, Logger, std_mpsc::Receiver<Logged>) {
         let db = Arc::new(Database::create(dir.join("db")).expect("db"));
         super::super::upgrade::create_tables(&db).expect("tables");
-        let (wal, _) = Wal::open(&dir.join("log"), 0).expect("log");
+        let wal = wal::recover(&dir.join("log"), 0, 1, 0).and_then(|r| r.start(0, 1, 1)).expect("log");
         let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
         let progress = Arc::new(Progress::new(0));
         let logger = Logger { db: Arc::clone(&db), wal, progress, pending: Pending::default(), to_applier };
