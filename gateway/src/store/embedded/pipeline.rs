@@ -5,9 +5,10 @@
 //!   the write-ahead log (one `fdatasync`: now it is durable) and answers.
 //!   Answers depend on little: whether a send's idempotency key was seen (in
 //!   redb, or in a batch logged but not yet applied: the [`Pending`] keys).
-//!   The logger alone forgets pending keys,
-//!   and only those applied before its read snapshot began, so a key is
-//!   always in one or the other.
+//!   The logger alone forgets pending keys, and only those applied before
+//!   its read snapshot began, so a key is always in one or the other. A
+//!   request whose caller stopped waiting (its deadline passed) and that is
+//!   not logged yet is dropped, not written.
 //! - The **applier** applies logged batches to redb (transactions visible at
 //!   once, durable at the next checkpoint) and takes a checkpoint every
 //!   [`CHECKPOINT_EVERY`] or when the log asks for one. A checkpoint writes
