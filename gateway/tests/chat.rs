@@ -1,5 +1,6 @@
 //! Chat over real WebSockets against an in-process gateway, run twice:
-//! with the embedded store and with Cassandra (+ Redis for push jobs).
+//! with the embedded store and with Cassandra (+ Redis for push jobs), and
+//! push jobs, which only a cluster queues, with Cassandra.
 
 mod common;
 
@@ -33,8 +34,16 @@ for_both_stores!(
     the_stored_cursor_never_passes_recent_entries,
     history_survives_a_restart,
     bad_frames_get_errors_and_the_connection_stays,
-    offline_recipients_get_one_push_job,
 );
+
+/// Push jobs are queued where push workers consume them (a cluster's Redis
+/// stream); a standalone gateway has none and keeps none (`standalone_wal.rs`).
+mod cassandra_only {
+    #[tokio::test]
+    async fn offline_recipients_get_one_push_job() {
+        super::offline_recipients_get_one_push_job(super::Backend::cassandra()).await
+    }
+}
 
 fn id(frame: &Value) -> String {
     frame["id"].as_str().unwrap_or_else(|| panic!("no id in {frame}")).to_string()

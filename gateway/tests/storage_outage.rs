@@ -177,7 +177,8 @@ async fn a_slow_store_neither_closes_heartbeating_clients_nor_refuses_frames_wit
     // Heartbeats every second, as the protocol asks.
     let mut alice = common::cluster::ClusterClient::connect(&gateway.ws_url(), "alice", "phone").await;
     let slow = json!({"type": "send", "to": {"user": "bob"}, "text": "slow", "key": "slow-0"});
-    let ack = alice.try_request(slow, Duration::from_secs(8)).await.expect("an answer, not a close");
+    let ack = alice.try_request(slow, Duration::from_secs(8)).await;
+    let ack = ack.unwrap_or_else(|| panic!("an answer, not a close: closed {:?}", alice.closed));
     assert_eq!(ack["type"], "ack", "{ack}");
     assert!(alice.closed.is_none(), "closed while its send waited on the store: {:?}", alice.closed);
 
@@ -200,4 +201,102 @@ async fn a_slow_store_neither_closes_heartbeating_clients_nor_refuses_frames_wit
     let rest = alice.take("resync").len();
     assert_eq!(acks, 160, "other frames: {rest} resyncs, closed {:?}", alice.closed);
     assert!(alice.closed.is_none());
+}
+
+/// The real store underneath; while `slow` is on, a send's answer comes
+/// back only after the chat layer's write deadline, although the write
+/// itself is stored (a disk that stalls after the write reached it).
+struct SlowAnswers {
+    inner: Arc<EmbeddedStore>,
+    slow: AtomicBool,
+}
+
+#[async_trait]
+impl Store for SlowAnswers {
+    async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
+        let stored = self.inner.store_message(new).await;
+        if self.slow.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        stored
+    }
+    async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
+        self.inner.inbox_after(user, after, limit).await
+    }
+    async fn history(&self, channel: &str, page: Page, limit: usize) -> StoreResult<Vec<Message>> {
+        self.inner.history(channel, page, limit).await
+    }
+    async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>> {
+        self.inner.message(channel, id).await
+    }
+    async fn create_group(&self, group: &Group, members: &[String]) -> StoreResult<()> {
+        self.inner.create_group(group, members).await
+    }
+    async fn group(&self, id: &str) -> StoreResult<Option<Group>> {
+        self.inner.group(id).await
+    }
+    async fn add_member(&self, group: &str, user: &str) -> StoreResult<()> {
+        self.inner.add_member(group, user).await
+    }
+    async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
+        self.inner.remove_member(group, user).await
+    }
+    async fn join(&self, group: &str, user: &str, max: usize) -> StoreResult<Join> {
+        self.inner.join(group, user, max).await
+    }
+    async fn set_owner(&self, group: &str, owner: &str) -> StoreResult<()> {
+        self.inner.set_owner(group, owner).await
+    }
+    async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
+        self.inner.members(group).await
+    }
+    async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
+        self.inner.channels_of(user).await
+    }
+}
+
+/// A write that outlives the deadline may still be stored: the client is
+/// told so (not "nothing was stored"), and its retry with the same key
+/// returns the stored message and reaches the recipient.
+#[tokio::test]
+async fn a_write_past_the_deadline_is_reported_as_maybe_stored_and_its_retry_is_delivered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let inner = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+    let store = Arc::new(SlowAnswers { inner: inner.clone(), slow: AtomicBool::new(true) });
+    let mut options = GatewayOptions { listen: "127.0.0.1:0".parse().expect("addr"), ..GatewayOptions::default() };
+    options.chat.write_deadline = Duration::from_millis(300);
+    let gateway = app::start(
+        store.clone(),
+        Arc::new(inner.clone()),
+        BrokerSetup::Local,
+        Authenticator::new(KEY).expect("key"),
+        0,
+        options,
+    )
+    .await
+    .expect("start");
+    let mut alice = Client::connect(&gateway, "alice", "phone").await;
+    let mut bob = Client::connect(&gateway, "bob", "phone").await;
+
+    let late = alice.send_to_user("bob", "late", "late-1").await;
+    assert_eq!(late["code"], "storage_unavailable", "{late}");
+    let told = late["message"].as_str().expect("message");
+    assert!(told.contains("may have been stored") && told.contains("retry with the same key"), "{told}");
+    let stored = inner.history("dm:alice:bob", Page::Latest, 10).await.expect("history");
+    assert_eq!(stored.len(), 1, "the abandoned write was in fact stored");
+
+    store.slow.store(false, Ordering::Relaxed);
+    let ack = alice.send_to_user("bob", "late", "late-1").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["id"], stored[0].id.to_string(), "the retry returns the stored message");
+    // Delivered live, or bob is told to sync and finds it.
+    let frame = bob.expect_frame(&["message", "resync"]).await;
+    let delivered = if frame["type"] == "message" {
+        vec![frame["message"]["id"].clone()]
+    } else {
+        bob.sync_all("0").await.0.iter().map(|entry| entry["message"]["id"].clone()).collect()
+    };
+    assert_eq!(delivered, vec![ack["id"].clone()], "{frame}");
+    assert_eq!(inner.history("dm:alice:bob", Page::Latest, 10).await.expect("history").len(), 1, "stored once");
+    gateway.stop(Duration::from_secs(5)).await;
 }

@@ -1,6 +1,6 @@
 //! The embedded (redb) store against a real database in a temporary folder:
 //! the shared store contract (`store_suite`), then what only it has (the
-//! file, the push queue, converting an older file).
+//! file, converting an older file).
 
 mod store_suite;
 
@@ -132,7 +132,6 @@ async fn data_survives_reopening() {
             .expect("group");
         store.store_message(send(&m, "k", &["bob"], 7)).await.expect("store");
         store.store_message(send(&message(90, "g:2", "bob", "older"), "k", &[], 8)).await.expect("store older");
-        assert_eq!(store.enqueue_push(serde_json::json!({"to": "bob"})).await.expect("push"), 1);
         assert_eq!(store.max_id().await.expect("max id"), 500);
 
         // While it is open the folder is locked, so a second store cannot corrupt it.
@@ -153,8 +152,6 @@ async fn data_survives_reopening() {
     let retry = store.store_message(send(&message(501, "g:1", "alice", "persisted"), "k", &["bob"], 9)).await;
     assert_eq!(retry.expect("retry after reopen").message, m, "the key survived the restart");
     assert_eq!(store.max_id().await.expect("max id"), 500);
-    assert_eq!(store.push_jobs(10).await.expect("jobs"), vec![(1, serde_json::json!({"to": "bob"}))]);
-    assert_eq!(store.enqueue_push(serde_json::json!(2)).await.expect("push after reopen"), 2);
 }
 
 /// Folders written by earlier layouts of the inbox open with it converted,
@@ -207,27 +204,28 @@ async fn older_inboxes_are_converted_on_open() {
     }
 }
 
+/// Push jobs queued by earlier versions (nothing ever consumed them) are
+/// dropped when the store opens, with their counter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_queue_in_order_until_acked() {
-    let (_dir, store) = open();
-    let jobs = [serde_json::json!({"n": 1}), serde_json::json!({"n": 2}), serde_json::json!({"n": 3})];
-    let mut seqs = Vec::new();
-    for job in &jobs {
-        seqs.push(store.enqueue_push(job.clone()).await.expect("enqueue"));
+async fn push_jobs_of_earlier_versions_are_dropped_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let push: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("push");
+    let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+    {
+        let db = redb::Database::create(dir.path().join(DB_FILE)).expect("create");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut jobs = txn.open_table(push).expect("push");
+            for seq in 1..=3_u64 {
+                jobs.insert(seq, br#"{"user":"bob"}"#.as_slice()).expect("job");
+            }
+            txn.open_table(meta).expect("meta").insert("push_seq", 3).expect("counter");
+        }
+        txn.commit().expect("commit");
     }
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    let queued = store.push_jobs(10).await.expect("jobs");
-    assert_eq!(queued, seqs.iter().copied().zip(jobs.iter().cloned()).collect::<Vec<_>>());
-    assert_eq!(store.push_jobs(2).await.expect("limited"), queued[..2].to_vec());
-
-    store.ack_push(seqs[1]).await.expect("ack middle");
-    assert_eq!(store.push_jobs(10).await.expect("jobs"), vec![queued[0].clone(), queued[2].clone()]);
-    store.ack_push(seqs[0]).await.expect("ack");
-    store.ack_push(seqs[2]).await.expect("ack");
-    store.ack_push(seqs[2]).await.expect("acking twice is harmless");
-    assert!(store.push_jobs(10).await.expect("empty").is_empty());
-
-    // Sequence numbers never repeat, so a late duplicate ack cannot remove a new job.
-    let next = store.enqueue_push(serde_json::json!("later")).await.expect("enqueue later");
-    assert!(next > seqs[2]);
+    drop(EmbeddedStore::open(dir.path()).expect("open converts"));
+    let db = redb::Database::open(dir.path().join(DB_FILE)).expect("reopen");
+    let txn = redb::ReadableDatabase::begin_read(&db).expect("read");
+    assert!(matches!(txn.open_table(push), Err(redb::TableError::TableDoesNotExist(_))), "the queue is gone");
+    assert_eq!(txn.open_table(meta).expect("meta").get("push_seq").expect("get").map(|v| v.value()), None);
 }

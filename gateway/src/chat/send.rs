@@ -46,6 +46,19 @@ pub struct FanOut {
     pub(super) duplicate: bool,
 }
 
+/// A write given up at the deadline was abandoned, not cancelled: the store
+/// may still complete it, so the client is not told that nothing was stored.
+fn abandoned_write(deadline: std::time::Duration) -> ProtocolError {
+    crate::warn_throttled!(deadline_ms = deadline.as_millis() as u64, "a store write passed its deadline");
+    ProtocolError::new(
+        ErrorCode::StorageUnavailable,
+        format!(
+            "the write did not finish within {deadline:?} and may have been stored: retry with the same key \
+             (a stored message is then acked as a duplicate)"
+        ),
+    )
+}
+
 impl ChatService {
     /// Stores a message and returns its ack and the fan-out still owed.
     pub(super) async fn send(
@@ -85,19 +98,20 @@ impl ChatService {
             self.config.write_deadline,
             self.store_message(session, &channel, &members, key, text),
         )
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!("write took longer than {:?}", self.config.write_deadline)))
-        });
+        .await;
         if let Some(permit) = permit {
             permit.done();
         }
         let (message, position, duplicate) = match stored {
-            Ok(stored) => stored,
-            Err(e) => {
+            Ok(Ok(stored)) => stored,
+            Ok(Err(e)) => {
                 let refused = storage_error(e);
                 self.metrics.acks.with_label_values(&[refused.code.as_str()]).inc();
                 return Err(refused);
+            }
+            Err(_) => {
+                self.metrics.acks.with_label_values(&[ErrorCode::StorageUnavailable.as_str()]).inc();
+                return Err(abandoned_write(self.config.write_deadline));
             }
         };
         self.metrics.acks.with_label_values(&[if duplicate { "duplicate" } else { "ok" }]).inc();

@@ -75,6 +75,9 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// A timer this late means the process did not run (see `State::timer`).
+const PAUSE: Duration = Duration::from_millis(500);
+
 /// Frames written per socket flush at most: amortizes the system call
 /// without letting one busy outbox hold the connection's loop for long.
 const WRITE_BATCH: usize = 64;
@@ -92,7 +95,9 @@ impl RateLimiter {
     }
 
     fn allow(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
+        // Refills up to the burst; a credit above it (see `credit`) is kept
+        // until it is spent.
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst.max(self.tokens));
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -100,6 +105,15 @@ impl RateLimiter {
         } else {
             false
         }
+    }
+}
+
+impl RateLimiter {
+    /// The server did not read for `not_read` (its own backpressure): the
+    /// frames a client within the rate sent meanwhile arrive at once, and
+    /// are not charged as a burst.
+    fn credit(&mut self, not_read: Duration, rate: f64) {
+        self.tokens += not_read.as_secs_f64() * rate;
     }
 }
 
@@ -248,8 +262,13 @@ struct State {
     /// The request being handled, the fan-out running and those waiting.
     pending: Pending<Handled>,
     fanning: Pending<()>,
-    /// At most `max_pending_fan_outs`: a vector is queue enough (and smaller).
+    /// At most `max_pending_fan_outs` waiting besides the one running: a
+    /// vector is queue enough (and smaller).
     queued: Vec<FanOut>,
+    /// A request read while the connection was busy, and since when: the
+    /// socket is not read further until it starts (backpressure), but
+    /// heartbeats before it were read and counted.
+    held: Option<(Utf8Bytes, Instant)>,
 }
 
 impl State {
@@ -265,6 +284,44 @@ impl State {
     fn handled(&mut self, Handled { reply, fan_out }: Handled) -> Step {
         self.pending = None;
         self.queued.extend(fan_out);
+        Step::Write(reply.map(|reply| text_frame(&reply)))
+    }
+
+    /// Busy: a request now would wait for the one in flight, or add to the
+    /// fan-outs already behind.
+    fn busy(&self, limits: &ConnectionLimits) -> bool {
+        let behind = self.queued.len() + usize::from(self.fanning.is_some());
+        self.pending.is_some() || behind >= limits.max_pending_fan_outs
+    }
+
+    /// Reading goes on while busy (heartbeats count), up to one held request.
+    fn reading(&self) -> bool {
+        self.held.is_none()
+    }
+
+    /// Starts the held request once the connection is no longer busy; the
+    /// time the socket was not read is credited to the rate limiter.
+    fn start_held(&mut self, gateway: &Gateway) -> Step {
+        if self.busy(&gateway.limits) {
+            return Step::Continue;
+        }
+        let Some((text, since)) = self.held.take() else { return Step::Continue };
+        let now = Instant::now();
+        self.limiter.credit(now.duration_since(since), gateway.limits.frames_per_second);
+        self.request(text, &gateway.chat)
+    }
+
+    /// Decodes and starts one request frame (already charged to the limiter).
+    fn request(&mut self, text: Utf8Bytes, chat: &Arc<ChatService>) -> Step {
+        let reply = match protocol::decode(text.as_str(), &chat.config().limits) {
+            Ok(ClientFrame::Heartbeat { .. }) => None,
+            Ok(frame) => {
+                let (chat, session) = (Arc::clone(chat), Arc::clone(&self.session));
+                self.pending = Some(Box::pin(async move { chat.handle(&session, frame).await }));
+                None
+            }
+            Err(e) => Some(ServerFrame::from(e)),
+        };
         Step::Write(reply.map(|reply| text_frame(&reply)))
     }
 
@@ -288,25 +345,20 @@ impl State {
         match incoming {
             Some(Ok(WsMessage::Text(text))) => {
                 gateway.metrics.frames_in.inc();
-                let reply = if !self.limiter.allow(now, limits.frames_per_second, limits.burst) {
+                if !self.limiter.allow(now, limits.frames_per_second, limits.burst) {
                     // Not decoded, but the refusal still names the request.
                     let refused = ProtocolError::new(ErrorCode::RateLimited, "too many frames; slow down");
-                    Some(refused.with_req(protocol::request_id_of(text.as_str())).into())
+                    let reply = ServerFrame::from(refused.with_req(protocol::request_id_of(text.as_str())));
+                    Step::Write(Some(text_frame(&reply)))
                 } else if text.as_str() == HEARTBEAT {
-                    // Heartbeats only refresh `last_heard`.
-                    None
+                    // Heartbeats only refresh `last_heard`, busy or not.
+                    Step::Continue
+                } else if self.busy(limits) {
+                    self.held = Some((text, now));
+                    Step::Continue
                 } else {
-                    match protocol::decode(text.as_str(), &chat.config().limits) {
-                        Ok(ClientFrame::Heartbeat { .. }) => None,
-                        Ok(frame) => {
-                            let (chat, session) = (Arc::clone(chat), Arc::clone(&self.session));
-                            self.pending = Some(Box::pin(async move { chat.handle(&session, frame).await }));
-                            None
-                        }
-                        Err(e) => Some(ServerFrame::from(e)),
-                    }
-                };
-                Step::Write(reply.map(|reply| text_frame(&reply)))
+                    self.request(text, chat)
+                }
             }
             Some(Ok(WsMessage::Binary(_))) => {
                 gateway.metrics.frames_in.inc();
@@ -328,11 +380,26 @@ impl State {
 
     /// The timer fired: the token expired, the client was silent too long,
     /// or neither yet (frames came since it was set): set it again.
-    fn timer(&self, timer: Pin<&mut Sleep>, expires_at: Instant, limits: &ConnectionLimits) -> Step {
+    fn timer(&mut self, timer: Pin<&mut Sleep>, expires_at: Instant, limits: &ConnectionLimits) -> Step {
         let now = Instant::now();
+        // Fired well after its deadline: this process did not run meanwhile
+        // (a pause, an overloaded node). That time is not the client's
+        // silence: what it sent then is still in the socket, unread.
+        let late = now.saturating_duration_since(timer.deadline());
+        if late > PAUSE && now < expires_at {
+            self.last_heard += late;
+            timer.reset(deadline(expires_at, self.last_heard, limits));
+            return Step::Continue;
+        }
         if now >= expires_at {
             Step::Close(close::TOKEN_EXPIRED)
+        } else if self.held.is_some() {
+            // The server stopped reading (a request waits behind a busy
+            // connection): the silence is its own, not the client's.
+            timer.reset(deadline(expires_at, now, limits));
+            Step::Continue
         } else if now >= self.last_heard + limits.idle_timeout {
+            tracing::debug!(user = %self.session.user, silent = ?now.duration_since(self.last_heard), "closing an idle connection");
             Step::Close(close::IDLE)
         } else {
             timer.reset(deadline(expires_at, self.last_heard, limits));
@@ -424,6 +491,7 @@ pub fn serve(mut accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
             pending: None,
             fanning: None,
             queued: Vec::new(),
+            held: None,
         };
         let config = gateway.chat.config();
         let hello = text_frame(&ServerFrame::Hello {
@@ -444,14 +512,23 @@ pub fn serve(mut accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
         tokio::pin!(timer);
         while let Ok(None) = outcome {
             state.start_fan_out(&gateway.chat);
-            let reading = state.pending.is_none() && state.queued.len() < gateway.limits.max_pending_fan_outs;
+            // A request held while the connection was busy starts as soon as it is not.
+            if let Step::Write(Some(refusal)) = state.start_held(&gateway) {
+                outcome = write(&mut socket, &registration.outbox, &gateway, Some(refusal)).await;
+                continue;
+            }
+            let reading = state.reading();
             // Event and step are consumed in this block: nothing they hold is
             // kept while writing (the one close frame is sent after the loop).
             let first = {
+                // Biased: what the socket holds is read before the timer is
+                // judged, so frames that arrived while this process did not
+                // run (a pause) still count as heard.
                 let event = tokio::select! {
-                    () = std::future::poll_fn(|cx| registration.outbox.poll_ready(cx)) => Event::Outbox,
+                    biased;
                     handled = poll_slot(&mut state.pending), if state.pending.is_some() => Event::Handled(handled),
                     () = poll_slot(&mut state.fanning), if state.fanning.is_some() => Event::FannedOut,
+                    () = std::future::poll_fn(|cx| registration.outbox.poll_ready(cx)) => Event::Outbox,
                     incoming = socket.next(&gateway.websocket), if reading => Event::Incoming(incoming),
                     () = &mut timer => Event::Timer,
                 };
@@ -497,6 +574,8 @@ pub fn serve(mut accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
             Ok(Some(Kick::SlowConsumer)) => {
                 let session = &state.session;
                 tracing::info!(user = %session.user, device = %session.device, "closing a connection that stopped reading");
+                // Counted here, once per connection (not per message it missed).
+                gateway.metrics.slow_consumers.inc();
                 Some(close::SLOW_CONSUMER)
             }
             Ok(None) | Err(Broken) => None,
@@ -513,6 +592,8 @@ pub fn serve(mut accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
         // A send being stored and fan-outs still owed are finished even though
         // the sender left: its messages are acked (or about to be) and the
         // other members must get them live.
+        // A request held unread behind a busy connection was never started:
+        // no reply promised it anything, the client retries it.
         let State { session, pending, fanning, queued, .. } = state;
         if pending.is_some() || fanning.is_some() || !queued.is_empty() {
             let chat = Arc::clone(&gateway.chat);

@@ -72,7 +72,7 @@ impl Backend {
             Backend::Embedded { dir } => {
                 let store = Arc::new(EmbeddedStore::open(dir.path()).expect("open the embedded store"));
                 let floor = store.max_id().await.expect("max id");
-                (store.clone(), Arc::new(store.clone()), PushInspector::Embedded(store), floor)
+                (store.clone(), Arc::new(store), PushInspector::Standalone, floor)
             }
             Backend::Cassandra { keyspace } => {
                 let config = ScyllaConfig {
@@ -117,7 +117,8 @@ impl Backend {
 
 /// Reads back the push jobs a gateway enqueued.
 pub enum PushInspector {
-    Embedded(Arc<EmbeddedStore>),
+    /// The standalone gateway keeps none (it has no push workers).
+    Standalone,
     Redis(redis::aio::ConnectionManager),
 }
 
@@ -125,9 +126,7 @@ impl PushInspector {
     /// Push jobs for `user` (all of them, oldest first).
     pub async fn jobs_for(&self, user: &str) -> Vec<Value> {
         let all: Vec<Value> = match self {
-            PushInspector::Embedded(store) => {
-                store.push_jobs(100_000).await.expect("push jobs").into_iter().map(|(_, job)| job).collect()
-            }
+            PushInspector::Standalone => Vec::new(),
             PushInspector::Redis(connection) => {
                 let mut connection = connection.clone();
                 let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
@@ -222,6 +221,21 @@ impl Client {
         loop {
             let frame = self.next_frame().await;
             if frame["type"] == "message" {
+                return frame;
+            }
+            self.backlog.push(frame);
+        }
+    }
+
+    /// The next frame of one of these types (kept-aside frames first).
+    pub async fn expect_frame(&mut self, types: &[&str]) -> Value {
+        let wanted = |frame: &Value| types.iter().any(|t| frame["type"] == *t);
+        if let Some(i) = self.backlog.iter().position(wanted) {
+            return self.backlog.remove(i);
+        }
+        loop {
+            let frame = self.next_frame().await;
+            if wanted(&frame) {
                 return frame;
             }
             self.backlog.push(frame);

@@ -25,12 +25,14 @@
 //! - `sends`: `(sender, idempotency key) → (id, channel)`.
 //! - `groups`: `group id → Group JSON`.
 //! - `members`: `(group, user) → ()`; `user_channels`: `(user, channel) → ()`.
-//! - `push`: `seq → job JSON`, the standalone push queue, oldest first.
 //! - `meta`: `name → u64` counters kept in the same transactions as the data
-//!   (`max_id`, `push_seq`, `next_user`, and `wal_seq`: the last log record
-//!   applied), so they never disagree with it after a crash.
+//!   (`max_id`, `next_user`, and `wal_seq`: the last log record applied), so
+//!   they never disagree with it after a crash; and the log's `store_id`
+//!   and `log_run`, which tie the log files to this database ([`wal`]).
 //!
-//! Stores written by earlier versions are converted when opened ([`upgrade`]).
+//! Stores written by earlier versions are converted when opened
+//! ([`upgrade`]); that includes dropping the push jobs they queued, which
+//! nothing consumed (a standalone gateway has no push workers).
 
 mod ops;
 mod pipeline;
@@ -53,7 +55,8 @@ use pipeline::{Progress, Threads};
 
 /// File name of the database inside the store's folder.
 pub const DB_FILE: &str = "kubechat.redb";
-/// File names of the write-ahead log beside it (`.0` and `.1` are added).
+/// File names of the write-ahead log beside it (`.0` and `.1` are added;
+/// the log of format 0 was this name alone).
 pub const LOG_FILE: &str = "kubechat.wal";
 
 /// redb's page cache: recent history and inboxes stay in memory (its
@@ -80,13 +83,13 @@ const SENDS: TableDefinition<Link, (u64, &str)> = TableDefinition::new("sends");
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const MEMBERS: TableDefinition<Link, ()> = TableDefinition::new("members");
 const USER_CHANNELS: TableDefinition<Link, ()> = TableDefinition::new("user_channels");
-const PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const META_MAX_ID: &str = "max_id";
-const META_PUSH_SEQ: &str = "push_seq";
 const META_NEXT_USER: &str = "next_user";
 const META_WAL_SEQ: &str = "wal_seq";
+const META_LOG_RUN: &str = "log_run";
+const META_STORE_ID: &str = "store_id";
 
 /// The inbox key of `position` in the inbox of user number `user`.
 fn inbox_key(user: u64, position: u64) -> u128 {
@@ -142,43 +145,6 @@ impl EmbeddedStore {
         let (writes, queue) = mpsc::channel(QUEUE);
         let (progress, threads) = pipeline::start(Arc::clone(&db), &dir.join(LOG_FILE), queue)?;
         Ok(Self { db, membership: tokio::sync::Mutex::new(()), writes: Some(writes), progress, threads: Some(threads) })
-    }
-
-    /// Appends a job to the push queue; returns its sequence number, which
-    /// never repeats (even after the queue emptied or the process restarted).
-    pub async fn enqueue_push(&self, job: serde_json::Value) -> StoreResult<u64> {
-        self.enqueue_pushes(vec![job]).await
-    }
-
-    /// Appends jobs to the push queue in one write; returns the sequence
-    /// number of the last.
-    pub async fn enqueue_pushes(&self, jobs: Vec<serde_json::Value>) -> StoreResult<u64> {
-        let jsons = jobs.iter().map(|job| encode("push job", job)).collect::<StoreResult<Vec<_>>>()?;
-        // Numbered by the logger.
-        match self.write(Op::EnqueuePush { first_seq: 0, jsons }).await? {
-            Done::Seq(seq) => Ok(seq),
-            _ => Err(unexpected_answer()),
-        }
-    }
-
-    /// Up to `limit` queued push jobs, oldest first. They stay queued until
-    /// [`Self::ack_push`], so a crash before the ack means a redelivery.
-    pub async fn push_jobs(&self, limit: usize) -> StoreResult<Vec<(u64, serde_json::Value)>> {
-        self.read(move |txn| {
-            let table = txn.open_table(PUSH).map_err(storage("opening push"))?;
-            let mut jobs = Vec::new();
-            for row in table.iter().map_err(storage("reading push"))?.take(limit) {
-                let (seq, job) = row.map_err(storage("reading push"))?;
-                jobs.push((seq.value(), decode("push job", job.value())?));
-            }
-            Ok(jobs)
-        })
-        .await
-    }
-
-    /// Removes a delivered push job; acking an unknown sequence is a no-op.
-    pub async fn ack_push(&self, seq: u64) -> StoreResult<()> {
-        self.write(Op::AckPush { seq }).await.map(drop)
     }
 
     /// Write-ahead log records (one `fdatasync` each) appended since the
@@ -238,10 +204,6 @@ impl Drop for EmbeddedStore {
     }
 }
 
-fn unexpected_answer() -> StoreError {
-    StoreError::Unavailable("embedded store writer answered another kind of request".into())
-}
-
 /// All rows of `table` whose key starts with `prefix`, in key order.
 fn second_keys<V: redb::Value + 'static>(
     table: &impl ReadableTable<Link, V>,
@@ -283,7 +245,6 @@ impl Store for EmbeddedStore {
                 }
                 Ok(Stored { message: first, position: 0, duplicate: true, cost: ONE_TRANSACTION })
             }
-            Done::Seq(_) => Err(unexpected_answer()),
         }
     }
 

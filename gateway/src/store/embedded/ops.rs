@@ -36,15 +36,6 @@ pub enum Op {
         group: String,
         user: String,
     },
-    /// Jobs numbered `first_seq`, `first_seq + 1`, … (numbered by the
-    /// logger, so a replay numbers them alike).
-    EnqueuePush {
-        first_seq: u64,
-        jsons: Vec<Vec<u8>>,
-    },
-    AckPush {
-        seq: u64,
-    },
 }
 
 /// What a committed write answers.
@@ -52,7 +43,6 @@ pub enum Done {
     Unit,
     /// The send's key was stored before, for this message (JSON).
     Duplicate(Vec<u8>),
-    Seq(u64),
 }
 
 pub struct Request {
@@ -62,6 +52,8 @@ pub struct Request {
 
 /// Log payload: the batch's writes, each a tag byte and its fields
 /// (integers little-endian, strings and byte strings length-prefixed).
+/// Tags 5 and 6 were the push queue's writes (a job, an ack): logs of
+/// earlier versions may hold them, and they are read past.
 impl Op {
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
         let put_u64 = |out: &mut Vec<u8>, n: u64| out.extend_from_slice(&n.to_le_bytes());
@@ -97,18 +89,6 @@ impl Op {
                 out.push(if matches!(self, Op::AddMember { .. }) { 3 } else { 4 });
                 put_bytes(out, group.as_bytes());
                 put_bytes(out, user.as_bytes());
-            }
-            Op::EnqueuePush { first_seq, jsons } => {
-                out.push(5);
-                put_u64(out, *first_seq);
-                put_u64(out, jsons.len() as u64);
-                for json in jsons {
-                    put_bytes(out, json);
-                }
-            }
-            Op::AckPush { seq } => {
-                out.push(6);
-                put_u64(out, *seq);
             }
         }
     }
@@ -154,8 +134,9 @@ impl Reader<'_> {
     }
 }
 
-/// The writes of one log payload; `None` if it is damaged.
-pub(super) fn decode_ops(payload: &[u8]) -> Option<Vec<Op>> {
+/// The writes of one log payload of log format `format`; `None` if it is
+/// damaged.
+pub(super) fn decode_ops(payload: &[u8], format: u32) -> Option<Vec<Op>> {
     let mut reader = Reader(payload);
     let mut ops = Vec::new();
     while !reader.0.is_empty() {
@@ -174,14 +155,24 @@ pub(super) fn decode_ops(payload: &[u8]) -> Option<Vec<Op>> {
             3 => Op::AddMember { group: reader.string()?, user: reader.string()? },
             4 => Op::RemoveMember { group: reader.string()?, user: reader.string()? },
             5 => {
-                let first_seq = reader.u64()?;
+                // Push jobs: numbered (`first_seq`) from format 1 on, then the jobs.
+                if format > 0 {
+                    reader.u64()?;
+                }
                 let n = usize::try_from(reader.u64()?).ok()?;
                 if n > reader.0.len() / 8 {
                     return None;
                 }
-                Op::EnqueuePush { first_seq, jsons: (0..n).map(|_| reader.bytes()).collect::<Option<_>>()? }
+                for _ in 0..n {
+                    reader.bytes()?;
+                }
+                continue;
             }
-            6 => Op::AckPush { seq: reader.u64()? },
+            6 => {
+                // A push job's ack.
+                reader.u64()?;
+                continue;
+            }
             _ => return None,
         };
         ops.push(op);
@@ -208,8 +199,6 @@ mod tests {
             Op::CreateGroup { id: "g:2".into(), json: b"{}".to_vec(), members: vec!["a".into(), "b".into()] },
             Op::AddMember { group: "g:2".into(), user: "c".into() },
             Op::RemoveMember { group: "g:2".into(), user: "a".into() },
-            Op::EnqueuePush { first_seq: 7, jsons: vec![b"1".to_vec(), Vec::new()] },
-            Op::AckPush { seq: u64::MAX },
         ]
     }
 
@@ -218,8 +207,33 @@ mod tests {
         let ops = every_kind();
         let mut payload = Vec::new();
         ops.iter().for_each(|op| op.encode(&mut payload));
-        assert_eq!(decode_ops(&payload), Some(ops));
-        assert_eq!(decode_ops(&[]), Some(Vec::new()));
+        assert_eq!(decode_ops(&payload, 2), Some(ops));
+        assert_eq!(decode_ops(&[], 2), Some(Vec::new()));
+    }
+
+    #[test]
+    fn push_writes_of_earlier_logs_are_read_past() {
+        let member = |add: bool| {
+            let (group, user) = ("g:2".to_string(), if add { "c" } else { "a" }.to_string());
+            if add { Op::AddMember { group, user } } else { Op::RemoveMember { group, user } }
+        };
+        // Two push jobs ("1" and ""), numbered from 7 in format 1 (not in
+        // format 0), then an ack of job 9.
+        for format in [0, 1] {
+            let mut payload = Vec::new();
+            member(true).encode(&mut payload);
+            payload.push(5);
+            let numbers: &[u64] = if format == 0 { &[2, 1] } else { &[7, 2, 1] };
+            for n in numbers {
+                payload.extend_from_slice(&n.to_le_bytes());
+            }
+            payload.push(b'1');
+            payload.extend_from_slice(&0_u64.to_le_bytes());
+            payload.push(6);
+            payload.extend_from_slice(&9_u64.to_le_bytes());
+            member(false).encode(&mut payload);
+            assert_eq!(decode_ops(&payload, format), Some(vec![member(true), member(false)]), "format {format}");
+        }
     }
 
     #[test]
@@ -228,15 +242,15 @@ mod tests {
         every_kind().iter().for_each(|op| op.encode(&mut payload));
         // Every truncation and an unknown tag are refused (no panic, no partial read).
         for cut in 1..payload.len() {
-            if let Some(ops) = decode_ops(&payload[..cut]) {
+            if let Some(ops) = decode_ops(&payload[..cut], 2) {
                 // A cut exactly between two writes decodes to the writes before it.
                 assert!(ops.len() < every_kind().len(), "cut at {cut}");
             }
         }
-        assert_eq!(decode_ops(&[9]), None);
+        assert_eq!(decode_ops(&[9], 2), None);
         // A huge length does not allocate.
         let mut lying = vec![2];
         lying.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert_eq!(decode_ops(&lying), None);
+        assert_eq!(decode_ops(&lying, 2), None);
     }
 }

@@ -4,13 +4,20 @@
 //!   commit, up to [`MAX_BATCH`]), decides each answer, appends the batch to
 //!   the write-ahead log (one `fdatasync`: now it is durable) and answers.
 //!   Answers depend on little: whether a send's idempotency key was seen (in
-//!   redb, or in a batch logged but not yet applied: the [`Pending`] keys)
-//!   and the numbers of push jobs.
+//!   redb, or in a batch logged but not yet applied: the [`Pending`] keys).
+//!   The logger alone forgets pending keys, and only those applied before
+//!   its read snapshot began, so a key is always in one or the other. A
+//!   request whose caller stopped waiting (its deadline passed) and that is
+//!   not logged yet is dropped, not written.
 //! - The **applier** applies logged batches to redb (transactions visible at
 //!   once, durable at the next checkpoint) and takes a checkpoint every
 //!   [`CHECKPOINT_EVERY`] or when the log asks for one. A checkpoint writes
 //!   back every page touched since the last one, tens of milliseconds at
-//!   thousands of messages a second: nobody's answer waits for it.
+//!   thousands of messages a second: nobody's answer waits for it. A batch
+//!   it cannot apply, or a checkpoint that fails (a full disk), stops it:
+//!   no write is accepted until a restart replays the log, and the restart
+//!   refuses to start while a logged write still cannot be applied, so
+//!   nothing is ever checkpointed past an acknowledged write.
 //!
 //! Reads see every write answered before they started: a read first waits
 //! until the applier has applied everything the logger had acknowledged
@@ -20,7 +27,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc as std_mpsc};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,8 +36,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::ops::{Done, Op, Request, decode_ops};
 use super::tables::{UserNumbers, apply};
-use super::wal::Wal;
-use super::{MESSAGES, META, META_PUSH_SEQ, META_WAL_SEQ, SENDS, storage};
+use super::wal::{self, Wal};
+use super::{MESSAGES, META, META_LOG_RUN, META_STORE_ID, META_WAL_SEQ, SENDS, storage};
 use crate::store::{StoreError, StoreResult};
 
 /// Most requests logged in one record: bounds the latency a request waits
@@ -119,10 +126,16 @@ struct Pending {
     order: VecDeque<(u64, (String, String))>,
 }
 
-type SharedPending = Arc<Mutex<Pending>>;
-
-fn lock(pending: &SharedPending) -> MutexGuard<'_, Pending> {
-    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+impl Pending {
+    /// Forgets the keys of records up to `seq`: a read snapshot begun after
+    /// the applier reported `seq` has them.
+    fn forget_through(&mut self, seq: u64) {
+        while self.order.front().is_some_and(|(at, _)| *at <= seq) {
+            if let Some((_, key)) = self.order.pop_front() {
+                self.keys.remove(&key);
+            }
+        }
+    }
 }
 
 /// The running threads; dropping the request sender ends them (the applier
@@ -134,53 +147,93 @@ pub struct Threads {
 
 /// Replays the log into redb, checkpoints, and starts the two threads.
 pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> StoreResult<(Arc<Progress>, Threads)> {
-    let (applied, push_seq) = {
+    let read_meta = |name| -> StoreResult<Option<u64>> {
         let txn = db.begin_read().map_err(storage("starting a read"))?;
         let meta = txn.open_table(META).map_err(storage("opening meta"))?;
-        let get = |name| meta.get(name).map(|v| v.map_or(0, |v| v.value()));
-        (get(META_WAL_SEQ).map_err(storage("reading meta"))?, get(META_PUSH_SEQ).map_err(storage("reading meta"))?)
+        Ok(meta.get(name).map_err(storage("reading meta"))?.map(|v| v.value()))
     };
-    let (wal, records) = Wal::open(log, applied)
-        .map_err(|err| StoreError::Unavailable(format!("opening the log {}: {err}", log.display())))?;
+    let applied = read_meta(META_WAL_SEQ)?.unwrap_or(0);
+    let last_run = read_meta(META_LOG_RUN)?.unwrap_or(0);
+    let store = match read_meta(META_STORE_ID)? {
+        Some(store) => store,
+        None => {
+            // Durable before any log file carries it.
+            let store = getrandom::u64()
+                .map_err(|err| StoreError::Unavailable(format!("no randomness for the store's id: {err}")))?;
+            set_meta(&db, META_STORE_ID, store)?;
+            store
+        }
+    };
+    let recovery = wal::recover(log, applied, store, last_run).map_err(log_error)?;
     let mut users = UserNumbers::new(1_000_000);
     let mut last = applied;
-    let mut push_seq = push_seq;
-    let replayed = records.len();
-    for record in records {
-        let ops = decode_ops(&record.payload)
+    let replayed = recovery.pending.len();
+    for record in &recovery.pending {
+        let ops = decode_ops(&record.payload, record.format)
             .ok_or_else(|| StoreError::Corrupt(format!("log record {} holds no valid writes", record.seq)))?;
-        for op in &ops {
-            if let Op::EnqueuePush { first_seq, jsons } = op {
-                push_seq = push_seq.max((first_seq + jsons.len() as u64).saturating_sub(1));
-            }
-        }
-        // What clients were told before the restart stands; replaying only
-        // reproduces the state (a write that failed then fails again).
+        // Every write in the log was acknowledged: one that cannot be
+        // applied stops the open before anything is checkpointed past it.
         let refs: Vec<&Op> = ops.iter().collect();
-        apply_record(&db, &refs, &mut users, record.seq);
+        apply(&db, &refs, &mut users, record.seq).map_err(|err| {
+            with_detail(err, |e| {
+                format!(
+                    "replaying log record {} failed: {e}; nothing after record {applied} was checkpointed, so the \
+                     next start replays it again: fix the cause (free disk space, repair the database) and start again",
+                    record.seq
+                )
+            })
+        })?;
         last = record.seq;
     }
-    checkpoint(&db)?;
+    checkpoint(&db).map_err(|err| {
+        with_detail(err, |e| {
+            format!(
+                "the replayed log could not be checkpointed: {e}; nothing was lost (the next start replays it \
+                 again): fix the cause (free disk space) and start again"
+            )
+        })
+    })?;
     if replayed > 0 {
         tracing::info!(records = replayed, "replayed the embedded store's log");
     }
+    let run = last_run + 1;
+    let wal = recovery.start(last, store, run).map_err(log_error)?;
+    set_meta(&db, META_LOG_RUN, run)?;
 
     let progress = Arc::new(Progress::new(last));
-    let pending = SharedPending::default();
     let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
     let applier = {
-        let (db, progress, pending) = (Arc::clone(&db), Arc::clone(&progress), Arc::clone(&pending));
+        let (db, progress) = (Arc::clone(&db), Arc::clone(&progress));
         std::thread::Builder::new()
             .name("kubechat-store-apply".into())
-            .spawn(move || run_applier(&db, applier_queue, &progress, &pending, users))
+            .spawn(move || run_applier(&db, applier_queue, &progress, users))
             .map_err(|err| StoreError::Unavailable(format!("starting the embedded store applier: {err}")))?
     };
-    let logger = Logger { db, wal, progress: Arc::clone(&progress), pending, push_seq, to_applier };
+    let logger = Logger { db, wal, progress: Arc::clone(&progress), pending: Pending::default(), to_applier };
     let logger = std::thread::Builder::new()
         .name("kubechat-store-log".into())
         .spawn(move || logger.run(queue))
         .map_err(|err| StoreError::Unavailable(format!("starting the embedded store logger: {err}")))?;
     Ok((progress, Threads { logger, applier }))
+}
+
+/// A log that cannot be opened: the database is untouched (nothing after its
+/// last checkpoint was replayed into it durably).
+fn log_error(err: wal::LogError) -> StoreError {
+    match err {
+        wal::LogError::Io { .. } => StoreError::Unavailable(err.to_string()),
+        other => StoreError::Corrupt(other.to_string()),
+    }
+}
+
+/// Sets a `meta` counter in a durable commit of its own.
+fn set_meta(db: &Database, name: &str, value: u64) -> StoreResult<()> {
+    let txn = db.begin_write().map_err(storage("starting a write"))?;
+    {
+        let mut meta = txn.open_table(META).map_err(storage("opening meta"))?;
+        meta.insert(name, value).map_err(storage("writing meta"))?;
+    }
+    txn.commit().map_err(storage("committing meta"))
 }
 
 /// A durable redb commit of everything applied so far.
@@ -189,16 +242,12 @@ fn checkpoint(db: &Database) -> StoreResult<()> {
     txn.commit().map_err(storage("committing a checkpoint"))
 }
 
-/// Applies the writes of log record `seq`: together, or one by one if that
-/// fails (so one bad write does not fail its neighbours).
-fn apply_record(db: &Database, ops: &[&Op], users: &mut UserNumbers, seq: u64) -> Vec<StoreResult<Done>> {
-    match apply(db, ops, users, seq) {
-        Ok(done) => done.into_iter().map(Ok).collect(),
-        Err(err) if ops.len() > 1 => {
-            tracing::warn!(error = %err, writes = ops.len(), "embedded store batch failed; applying one by one");
-            ops.iter().map(|op| apply(db, &[*op], users, seq).map(|mut d| d.pop().unwrap_or(Done::Unit))).collect()
-        }
-        Err(err) => vec![Err(err)],
+/// The same error with its detail rewritten.
+fn with_detail(err: StoreError, detail: impl FnOnce(String) -> String) -> StoreError {
+    match err {
+        StoreError::Unavailable(e) => StoreError::Unavailable(detail(e)),
+        StoreError::Corrupt(e) => StoreError::Corrupt(detail(e)),
+        other @ StoreError::KeyReused { .. } => other,
     }
 }
 
@@ -211,14 +260,15 @@ fn same_error(err: &StoreError) -> StoreError {
     }
 }
 
+/// A batch the logger made durable as log record `.0`, for the applier.
+type Logged = (u64, Vec<Op>);
+
 struct Logger {
     db: Arc<Database>,
     wal: Wal,
     progress: Arc<Progress>,
-    pending: SharedPending,
-    /// The number of the last push job handed out.
-    push_seq: u64,
-    to_applier: std_mpsc::SyncSender<(u64, Vec<Op>)>,
+    pending: Pending,
+    to_applier: std_mpsc::SyncSender<Logged>,
 }
 
 impl Logger {
@@ -244,29 +294,33 @@ impl Logger {
     }
 
     fn log_batch(&mut self, batch: &mut Vec<Request>) {
+        // A caller that stopped waiting (its deadline passed) was told its
+        // write may have been stored: one not logged yet is dropped instead.
+        batch.retain(|request| !request.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         if let Some(why) = self.progress.failure() {
             return Self::refuse(batch, &StoreError::Unavailable(format!("embedded store stopped: {why}")));
         }
         let seq = self.wal.next_seq();
-        let push_seq = self.push_seq;
+        // Read before the snapshot (begun lazily below) is: it sees at least this.
+        self.pending.forget_through(self.progress.applied.load(Ordering::Acquire));
         let mut answers = Vec::with_capacity(batch.len());
         let mut read = None;
         let mut fresh_keys = Vec::new();
-        for request in batch.iter_mut() {
-            answers.push(self.decide(&mut request.op, seq, &mut read, &mut fresh_keys));
+        for request in batch.iter() {
+            answers.push(self.decide(&request.op, seq, &mut read, &mut fresh_keys));
         }
         drop(read);
         let mut payload = Vec::new();
         batch.iter().for_each(|request| request.op.encode(&mut payload));
         if let Err(err) = self.wal.append(&payload) {
             // Not logged: forget what this batch claimed.
-            let mut pending = lock(&self.pending);
             for key in &fresh_keys {
-                pending.keys.remove(key);
+                self.pending.keys.remove(key);
             }
-            pending.order.retain(|(at, _)| *at != seq);
-            drop(pending);
-            self.push_seq = push_seq;
+            self.pending.order.retain(|(at, _)| *at != seq);
             let err = StoreError::Unavailable(format!("writing the log: {err}"));
             tracing::error!(error = %err, requests = batch.len(), "embedded store write failed");
             return Self::refuse(batch, &err);
@@ -275,7 +329,9 @@ impl Logger {
         if self.wal.wants_checkpoint() {
             self.progress.checkpoint_wanted.store(true, Ordering::Release);
         }
-        self.wal.checkpointed(self.progress.durable.load(Ordering::Acquire));
+        if let Err(err) = self.wal.checkpointed(self.progress.durable.load(Ordering::Acquire)) {
+            crate::warn_throttled!(error = %err, "could not switch log files; the active one grows past its space");
+        }
         let mut ops = Vec::with_capacity(batch.len());
         for (request, answer) in batch.drain(..).zip(answers) {
             let _ = request.reply.send(answer);
@@ -289,7 +345,7 @@ impl Logger {
     /// The answer to one write, decided before it is logged as record `seq`.
     fn decide(
         &mut self,
-        op: &mut Op,
+        op: &Op,
         seq: u64,
         read: &mut Option<ReadTransaction>,
         fresh_keys: &mut Vec<(String, String)>,
@@ -297,26 +353,18 @@ impl Logger {
         match op {
             Op::Send { sender, key, json, .. } => {
                 let id = (sender.clone(), key.clone());
-                if let Some(first) = lock(&self.pending).keys.get(&id) {
+                if let Some(first) = self.pending.keys.get(&id) {
                     return Ok(Done::Duplicate(first.clone()));
                 }
                 if let Some(first) = self.stored_send(sender, key, read)? {
                     return Ok(Done::Duplicate(first));
                 }
-                let mut pending = lock(&self.pending);
-                pending.keys.insert(id.clone(), json.clone());
-                pending.order.push_back((seq, id.clone()));
+                self.pending.keys.insert(id.clone(), json.clone());
+                self.pending.order.push_back((seq, id.clone()));
                 fresh_keys.push(id);
                 Ok(Done::Unit)
             }
-            Op::EnqueuePush { first_seq, jsons } => {
-                *first_seq = self.push_seq + 1;
-                self.push_seq += jsons.len() as u64;
-                Ok(Done::Seq(self.push_seq))
-            }
-            Op::CreateGroup { .. } | Op::AddMember { .. } | Op::RemoveMember { .. } | Op::AckPush { .. } => {
-                Ok(Done::Unit)
-            }
+            Op::CreateGroup { .. } | Op::AddMember { .. } | Op::RemoveMember { .. } => Ok(Done::Unit),
         }
     }
 
@@ -337,13 +385,13 @@ impl Logger {
     }
 }
 
-fn run_applier(
-    db: &Database,
-    queue: std_mpsc::Receiver<(u64, Vec<Op>)>,
-    progress: &Progress,
-    pending: &SharedPending,
-    mut users: UserNumbers,
-) {
+/// Records up to `seq` are applied: visible to reads begun from now on.
+fn applied_through(progress: &Progress, seq: u64) {
+    progress.applied.store(seq, Ordering::Release);
+    progress.advanced.notify_waiters();
+}
+
+fn run_applier(db: &Database, queue: std_mpsc::Receiver<Logged>, progress: &Progress, mut users: UserNumbers) {
     let mut last_checkpoint = Instant::now();
     while let Ok(first) = queue.recv() {
         // Everything logged meanwhile goes into one transaction.
@@ -353,34 +401,106 @@ fn run_applier(
         }
         let seq = records.last().map_or(0, |(seq, _)| *seq);
         let ops: Vec<&Op> = records.iter().flat_map(|(_, ops)| ops.iter()).collect();
-        let failed = apply_record(db, &ops, &mut users, seq).into_iter().find_map(Result::err);
-        if let Some(err) = failed {
+        // One transaction: a failure applies none of them and records no
+        // progress, so nothing is ever checkpointed past a write not applied.
+        if let Err(err) = apply(db, &ops, &mut users, seq) {
             // Acknowledged writes are in the log, so a restart applies them;
             // until then nothing more is accepted.
             tracing::error!(error = %err, "embedded store could not apply logged writes; refusing writes until restart");
             progress.fail(err.to_string());
             return;
         }
-        progress.applied.store(seq, Ordering::Release);
-        {
-            let mut pending = lock(pending);
-            while pending.order.front().is_some_and(|(at, _)| *at <= seq) {
-                if let Some((_, key)) = pending.order.pop_front() {
-                    pending.keys.remove(&key);
-                }
-            }
-        }
-        progress.advanced.notify_waiters();
+        applied_through(progress, seq);
         if last_checkpoint.elapsed() >= CHECKPOINT_EVERY || progress.checkpoint_wanted.swap(false, Ordering::AcqRel) {
-            match checkpoint(db) {
-                Ok(()) => progress.durable.store(seq, Ordering::Release),
-                Err(err) => tracing::error!(error = %err, "embedded store checkpoint failed; the log keeps growing"),
+            if let Err(err) = checkpoint(db) {
+                // redb refuses every write after a failed one (it may have
+                // written part of it); the log keeps what was acknowledged.
+                tracing::error!(error = %err, "embedded store checkpoint failed; refusing writes until restart");
+                progress.fail(err.to_string());
+                return;
             }
+            progress.durable.store(seq, Ordering::Release);
             last_checkpoint = Instant::now();
         }
     }
     match checkpoint(db) {
         Ok(()) => progress.durable.store(progress.applied.load(Ordering::Acquire), Ordering::Release),
         Err(err) => tracing::error!(error = %err, "embedded store checkpoint at shutdown failed; the log is replayed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_op(key: &str, id: u64) -> Op {
+        Op::Send {
+            sender: "alice".into(),
+            key: key.into(),
+            channel: "dm:alice:bob".into(),
+            id,
+            json: format!("{{\"id\":{id}}}").into_bytes(),
+            position: id + 1,
+            recipients: vec!["alice".to_string(), "bob".to_string()].into(),
+            link_channel: false,
+        }
+    }
+
+    /// A logger over a real database and log in `dir`, without its
+    /// threads: the test plays the applier. Also what the logger hands it.
+    fn logger(dir: &Path) -> (Arc<Database>, Logger, std_mpsc::Receiver<Logged>) {
+        let db = Arc::new(Database::create(dir.join("db")).expect("db"));
+        super::super::upgrade::create_tables(&db).expect("tables");
+        let wal = wal::recover(&dir.join("log"), 0, 1, 0).and_then(|r| r.start(0, 1, 1)).expect("log");
+        let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
+        let progress = Arc::new(Progress::new(0));
+        let logger = Logger { db: Arc::clone(&db), wal, progress, pending: Pending::default(), to_applier };
+        (db, logger, applier_queue)
+    }
+
+    fn request(op: Op) -> (Request, tokio::sync::oneshot::Receiver<StoreResult<Done>>) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        (Request { op, reply }, answer)
+    }
+
+    #[test]
+    fn a_retry_decided_after_its_first_attempt_was_applied_is_a_duplicate_whatever_its_snapshot() {
+        // Phantom duplicates: the retry used to miss both the pending keys
+        // (the applier had forgotten it) and the snapshot (begun before).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (db, mut logger, applier_queue) = logger(dir.path());
+        // The first attempt is logged as record 1.
+        let (first, _answer) = request(send_op("k", 10));
+        logger.log_batch(&mut vec![first]);
+        let (seq, ops) = applier_queue.try_recv().expect("handed to the applier");
+
+        // The next batch begins its read snapshot with another send...
+        let (mut read, mut fresh) = (None, Vec::new());
+        let other = logger.decide(&send_op("other", 20), 2, &mut read, &mut fresh);
+        assert!(matches!(other, Ok(Done::Unit)));
+        // ...while the applier applies record 1 and says so...
+        let refs: Vec<&Op> = ops.iter().collect();
+        apply(&db, &refs, &mut UserNumbers::new(10), seq).expect("apply");
+        applied_through(&logger.progress, seq);
+        // ...before the retry is decided in the same batch.
+        let retry = logger.decide(&send_op("k", 30), 2, &mut read, &mut fresh);
+        assert!(matches!(retry, Ok(Done::Duplicate(_))), "the retry was answered as a new message");
+    }
+
+    #[test]
+    fn a_write_whose_caller_gave_up_before_it_was_logged_is_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_db, mut logger, applier_queue) = logger(dir.path());
+        let (abandoned, answer) = request(send_op("k", 10));
+        drop(answer);
+        logger.log_batch(&mut vec![abandoned]);
+        assert_eq!(logger.wal.next_seq(), 1, "nothing was logged");
+        assert!(applier_queue.try_recv().is_err(), "nothing to apply");
+
+        // So its retry is the first of that key.
+        let (retry, mut answer) = request(send_op("k", 20));
+        logger.log_batch(&mut vec![retry]);
+        assert!(matches!(answer.try_recv(), Ok(Ok(Done::Unit))), "stored as new");
+        assert_eq!(applier_queue.try_recv().expect("logged").1, vec![send_op("k", 20)]);
     }
 }

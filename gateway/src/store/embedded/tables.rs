@@ -8,8 +8,8 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::ops::{Done, Op};
 use super::{
-    GROUPS, Link, MEMBERS, MESSAGES, META, META_MAX_ID, META_NEXT_USER, META_PUSH_SEQ, META_WAL_SEQ, POSITIONS, PUSH,
-    Pair, SENDS, USER_CHANNELS, USERS, inbox_key, storage,
+    GROUPS, Link, MEMBERS, MESSAGES, META, META_MAX_ID, META_NEXT_USER, META_WAL_SEQ, POSITIONS, Pair, SENDS,
+    USER_CHANNELS, USERS, inbox_key, storage,
 };
 use crate::store::{StoreError, StoreResult};
 
@@ -73,7 +73,6 @@ struct Tables<'t> {
     groups: Table<'t, &'static str, &'static [u8]>,
     members: Table<'t, Link, ()>,
     user_channels: Table<'t, Link, ()>,
-    push: Table<'t, u64, &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
 }
 
@@ -88,7 +87,6 @@ impl<'t> Tables<'t> {
             groups: txn.open_table(GROUPS).map_err(storage("opening groups"))?,
             members: txn.open_table(MEMBERS).map_err(storage("opening members"))?,
             user_channels: txn.open_table(USER_CHANNELS).map_err(storage("opening user_channels"))?,
-            push: txn.open_table(PUSH).map_err(storage("opening push"))?,
             meta: txn.open_table(META).map_err(storage("opening meta"))?,
         })
     }
@@ -157,22 +155,6 @@ impl<'t> Tables<'t> {
             Op::RemoveMember { group, user } => {
                 self.members.remove((group.as_str(), user.as_str())).map_err(storage("writing members"))?;
                 self.user_channels.remove((user.as_str(), group.as_str())).map_err(storage("writing user_channels"))?;
-                Ok(Done::Unit)
-            }
-            Op::EnqueuePush { first_seq, jsons } => {
-                let mut seq = *first_seq;
-                for json in jsons {
-                    self.push.insert(seq, json.as_slice()).map_err(storage("writing push"))?;
-                    seq += 1;
-                }
-                let last = seq.saturating_sub(1);
-                if last > self.meta(META_PUSH_SEQ)? {
-                    self.meta.insert(META_PUSH_SEQ, last).map_err(storage("writing meta"))?;
-                }
-                Ok(Done::Seq(last))
-            }
-            Op::AckPush { seq } => {
-                self.push.remove(*seq).map_err(storage("writing push"))?;
                 Ok(Done::Unit)
             }
         }

@@ -1,5 +1,7 @@
 //! Creating the tables of a new store and converting the inbox of a store
-//! written by an earlier version, in the transaction that opens it.
+//! written by an earlier version, in the transaction that opens it. Push
+//! jobs queued by earlier versions are dropped: a standalone gateway has
+//! no push workers, so nothing would ever deliver or remove them.
 //!
 //! Inbox layouts so far:
 //! 1. `inbox`: `(user, position) → message JSON` (a copy per recipient).
@@ -9,10 +11,10 @@
 
 use std::collections::HashMap;
 
-use redb::{Database, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction};
 
 use super::{
-    GROUPS, INBOX, MEMBERS, MESSAGES, META, META_NEXT_USER, POSITIONS, PUSH, Pair, SENDS, USER_CHANNELS, USERS, decode,
+    GROUPS, INBOX, MEMBERS, MESSAGES, META, META_NEXT_USER, POSITIONS, Pair, SENDS, USER_CHANNELS, USERS, decode,
     inbox_key, storage,
 };
 use crate::store::{Message, StoreResult};
@@ -21,10 +23,14 @@ use crate::store::{Message, StoreResult};
 const INBOX_V1: TableDefinition<Pair, &[u8]> = TableDefinition::new("inbox");
 /// Layout 2.
 const INBOX_V2: TableDefinition<Pair, Pair> = TableDefinition::new("inbox_refs");
+/// The push queue of earlier versions: `seq → job JSON`, and its counter in `meta`.
+const OLD_PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
+const OLD_PUSH_SEQ: &str = "push_seq";
 
 pub(super) fn create_tables(db: &Database) -> StoreResult<()> {
     let txn = db.begin_write().map_err(storage("creating tables"))?;
     let old_entries = take_old_inbox(&txn)?;
+    drop_old_push_jobs(&txn)?;
     {
         // Opening a table in a write transaction creates it if missing.
         txn.open_table(MESSAGES).map_err(storage("creating messages"))?;
@@ -35,7 +41,6 @@ pub(super) fn create_tables(db: &Database) -> StoreResult<()> {
         txn.open_table(GROUPS).map_err(storage("creating groups"))?;
         txn.open_table(MEMBERS).map_err(storage("creating members"))?;
         txn.open_table(USER_CHANNELS).map_err(storage("creating user_channels"))?;
-        txn.open_table(PUSH).map_err(storage("creating push"))?;
         txn.open_table(META).map_err(storage("creating meta"))?;
     }
     if !old_entries.is_empty() {
@@ -74,6 +79,20 @@ fn take_old_inbox(txn: &WriteTransaction) -> StoreResult<Vec<(String, u64, Strin
         txn.delete_table(INBOX_V1).map_err(storage("removing the old inbox"))?;
     }
     Ok(entries)
+}
+
+fn drop_old_push_jobs(txn: &WriteTransaction) -> StoreResult<()> {
+    let found = txn.list_tables().map_err(storage("listing tables"))?.any(|t| t.name() == OLD_PUSH.name());
+    if found {
+        let table = txn.open_table(OLD_PUSH).map_err(storage("opening the old push queue"))?;
+        let jobs = table.len().map_err(storage("counting the old push jobs"))?;
+        drop(table);
+        txn.delete_table(OLD_PUSH).map_err(storage("removing the old push queue"))?;
+        let mut meta = txn.open_table(META).map_err(storage("opening meta"))?;
+        meta.remove(OLD_PUSH_SEQ).map_err(storage("writing meta"))?;
+        tracing::info!(jobs, "dropped the push jobs earlier versions queued (nothing delivers them)");
+    }
+    Ok(())
 }
 
 fn write_entries(txn: &WriteTransaction, entries: Vec<(String, u64, String, u64)>) -> StoreResult<()> {
