@@ -85,6 +85,7 @@ async fn missing_objects(
     check::<PodDisruptionBudget>(client, namespace, n("gateway"), uid, &mut missing).await;
     check::<Deployment>(client, namespace, n("push"), uid, &mut missing).await;
     check::<Secret>(client, namespace, n("auth"), uid, &mut missing).await;
+    check::<Secret>(client, namespace, n("admin-token"), uid, &mut missing).await;
     if managed_backends {
         check::<StatefulSet>(client, namespace, n("redis"), uid, &mut missing).await;
         check::<Service>(client, namespace, n("redis"), uid, &mut missing).await;
@@ -354,10 +355,10 @@ async fn deleting_the_cluster_garbage_collects_its_objects() {
         .expect("delete ChatCluster");
     let gone = wait_for(Duration::from_secs(60), || {
         let (client, namespace, uid) = (&client, &namespace, &uid);
-        async move { (missing_objects(client, namespace, "chat", uid, true).await.len() == 12).then_some(()) }
+        async move { (missing_objects(client, namespace, "chat", uid, true).await.len() == 13).then_some(()) }
     })
     .await;
-    let left = 12 - missing_objects(&client, &namespace, "chat", &uid, true).await.len();
+    let left = 13 - missing_objects(&client, &namespace, "chat", &uid, true).await.len();
     assert!(gone.is_some(), "{left} owned objects survived their ChatCluster for 60 s (garbage collector running?)");
     operator.stop().await;
     delete_namespace(&client, &namespace).await;

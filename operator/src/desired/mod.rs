@@ -6,9 +6,12 @@
 //! - [`redis`] and [`scylla`]: the managed backends (nothing when external).
 //! - [`push`]: the push-worker Deployment.
 //! - [`auth`]: the token-signing key (generated when the spec names none).
-//! - [`secrets`]: Secrets the operator generates once (signing key, Redis password).
+//! - [`admin_token`]: the token the operator presents to the gateways' admin API.
+//! - [`secrets`]: Secrets the operator generates once (signing key, Redis
+//!   password, admin token).
 //! - [`network`]: NetworkPolicies that admit only the cluster's own pods to its backends.
 
+pub mod admin_token;
 pub mod auth;
 pub mod gateway;
 pub mod network;
@@ -116,10 +119,14 @@ pub fn desired_objects(cc: &ChatCluster, gateways: i32) -> Vec<DesiredObject> {
 }
 
 /// Every Secret the operator generates for `cc`: the token-signing key when
-/// the spec names none, the managed Redis's password when Redis is managed.
-/// Created once and never re-applied (see [`secrets`]).
+/// the spec names none, the managed Redis's password when Redis is managed,
+/// and always the gateways' admin token. Created once and never re-applied
+/// (see [`secrets`]).
 pub fn generated_secrets(cc: &ChatCluster) -> Vec<secrets::GeneratedSecret> {
-    [auth::generated(cc), redis::generated_password(cc)].into_iter().flatten().collect()
+    [auth::generated(cc), redis::generated_password(cc), Some(admin_token::generated(cc))]
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Names of the objects of one ChatCluster, in one place.
@@ -152,6 +159,9 @@ impl Names<'_> {
     }
     pub fn redis_password(&self) -> String {
         format!("{}-redis-password", self.0)
+    }
+    pub fn admin_token(&self) -> String {
+        format!("{}-admin-token", self.0)
     }
 }
 
