@@ -20,9 +20,10 @@
 //! of deleting the pod ([`Report::replicas`]). A replacement that
 //! does not come up within `spec.gateway.rollout.podReadyTimeoutSeconds`
 //! stops the rollout (`Degraded`); `kubechat.dev/paused: "true"` on the
-//! ChatCluster stops it at the next pod boundary. The drain requests carry
-//! the cluster's admin token (`desired::admin_token`), read from the Secret
-//! cache.
+//! ChatCluster stops it at the next pod boundary and cancels a drain under
+//! way (`DELETE /v1/admin/drain`), as does a spec that goes back to the
+//! revision the draining pod runs. The drain requests carry the cluster's
+//! admin token (`desired::admin_token`), read from the Secret cache.
 //!
 //! "Listed" means the endpoint ConfigMap lists the pod ready and the pod's
 //! own gateway answers ready at the listed URL (the list is by pod name, so
@@ -294,6 +295,28 @@ async fn execute(
             let note = format!("draining {name} ({held} connections) before {purpose} it");
             publish(ctx, cc, "DrainStarted", note, Some(pod)).await;
         }
+        Step::CancelDrain { pod: name, reason } => {
+            let Some(pod) = find(name) else { return Ok(()) };
+            // The gateway first: the record goes only once it no longer
+            // drains. One that refused (it finished meanwhile) or did not
+            // answer keeps its record, and the next reconcile decides again.
+            let Some(cancelled) = cancel_drain(ctx, cc, pod).await else { return Ok(()) };
+            let patch = json!({"metadata": {"annotations": {DRAIN_STARTED_ANNOTATION: null}}});
+            counted(Verb::Patch, api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)))
+                .await
+                .map_err(Error::kube(format!("removing the drain record of pod {name}")))?;
+            let since = pod.annotations().get(DRAIN_STARTED_ANNOTATION).and_then(|t| time::parse(t));
+            let after = since.map_or_else(String::new, |s| format!(" after {} s", now - s));
+            let note = if cancelled.cancelled {
+                format!(
+                    "cancelled the drain of {name}{after} ({reason}): {} clients moved, {} stay",
+                    cancelled.moved, cancelled.connections_left
+                )
+            } else {
+                format!("{name} no longer drains ({reason}); {} clients stay", cancelled.connections_left)
+            };
+            publish(ctx, cc, "DrainCancelled", note, Some(pod)).await;
+        }
         Step::Delete { pod: name, drained_for, connections_left } => {
             let pod = find(name);
             let uid = pod.and_then(|p| p.uid());
@@ -356,6 +379,24 @@ async fn start_drain(ctx: &Context, cc: &ChatCluster, pod: &Pod) -> Option<poll:
         Ok(progress) => Some(progress),
         Err(e) => {
             tracing::debug!(pod = %pod.name_any(), error = %e, "drain not started or read");
+            None
+        }
+    }
+}
+
+/// `DELETE /v1/admin/drain` to the pod's gateway; `None` when it refused
+/// (the drain finished, the gateway stops), did not answer, or this replica
+/// no longer leads.
+async fn cancel_drain(ctx: &Context, cc: &ChatCluster, pod: &Pod) -> Option<poll::Cancelled> {
+    if !ctx.leading() {
+        return None;
+    }
+    let addr = discovery::admin_addr(pod, cc, ctx.admin_loopback_only).ok()?;
+    let token = gateway_admin_token(ctx, cc)?;
+    match poll::cancel_drain(addr, &token, ADMIN_TIMEOUT).await {
+        Ok(cancelled) => Some(cancelled),
+        Err(e) => {
+            tracing::info!(pod = %pod.name_any(), error = %e, "drain not cancelled");
             None
         }
     }
