@@ -550,7 +550,7 @@ async fn refused_to_the_charts_service_account(extra: &[&str]) -> (Vec<String>, 
                 && secrets.get_opt("chat-prod-admin-token").await.ok()?.is_some();
             let owned = ListParams::default().labels("app.kubernetes.io/managed-by=kubechat-operator");
             let policies = Api::<NetworkPolicy>::namespaced(admin, &namespace).list(&owned).await.ok()?;
-            (reconciled && generated && policies.items.len() == 4).then_some(())
+            (reconciled && generated && policies.items.len() == 6).then_some(())
         }
     })
     .await;

@@ -1,5 +1,7 @@
 //! The admin API, on the admin port only (the client Service does not
-//! expose it): probes, metrics, this gateway's load, and drain.
+//! expose it; the operator's NetworkPolicy admits only the operator's pods
+//! to it, and the kubelet's probes come from the node): probes, metrics,
+//! this gateway's load, and drain.
 //!
 //! - `GET /healthz`, `GET /readyz`, `GET /metrics`: as on the client port.
 //! - `GET /v1/admin/load`: [`AdminLoad`].
