@@ -1,6 +1,7 @@
 //! Helpers for suites that run against the local control plane: the CRD,
 //! throw-away namespaces, an in-process operator and polling.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -12,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
 use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, RedisSpec, ScyllaSpec};
+use kubechat_operator::desired::network::OperatorPods;
 use kubechat_operator::leader::LeaderConfig;
 use kubechat_operator::metrics::Metrics;
 use kubechat_operator::reconcile::Scope;
@@ -92,6 +94,19 @@ pub struct RunningOperator {
     pub task: JoinHandle<Result<(), RunError>>,
 }
 
+/// Who the in-process operators say they are (the chart's labels for a
+/// release named `e2e` in `kubechat-e2e`): the gateways' NetworkPolicy
+/// admits these pods to the admin port.
+pub fn operator_pods() -> OperatorPods {
+    OperatorPods {
+        namespace: "kubechat-e2e".into(),
+        labels: BTreeMap::from([
+            ("app.kubernetes.io/name".to_string(), "kubechat-operator".to_string()),
+            ("app.kubernetes.io/instance".to_string(), "e2e".to_string()),
+        ]),
+    }
+}
+
 impl RunningOperator {
     /// Starts an operator watching `namespace`, with leader election when
     /// `leader` is given.
@@ -105,6 +120,7 @@ impl RunningOperator {
             leader,
             // Pod IPs are loopback here (e2e/local/control-plane.sh); never dial anything else.
             discovery: kubechat_operator::discovery::Options { loopback_only: true, ..Default::default() },
+            operator_pods: operator_pods(),
         };
         let task = tokio::spawn(run(
             client.clone(),

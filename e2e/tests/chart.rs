@@ -117,6 +117,31 @@ fn the_service_monitor_is_rendered_only_when_asked() {
     assert_eq!(endpoint["path"], "/metrics");
 }
 
+/// The gateways' NetworkPolicy admits the pods the operator names by
+/// `POD_NAMESPACE` and `KUBECHAT_OPERATOR_POD_LABELS` to their admin port:
+/// those must be the chart's operator pods, or rollouts cannot drain.
+#[test]
+fn the_operator_names_its_own_pods_for_the_gateways_admin_port() {
+    use kubechat_operator::desired::network::OperatorPods;
+    let docs = render(&[]).expect("render");
+    let deployments = of_kind(&docs, "Deployment");
+    let operator = deployments.iter().find(|d| d["metadata"]["name"] == "kc-operator").expect("the operator");
+    let template = &operator["spec"]["template"];
+    let env = template["spec"]["containers"][0]["env"].as_sequence().expect("env");
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("no {name}"));
+    assert_eq!(var("POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    let text = var("KUBECHAT_OPERATOR_POD_LABELS")["value"].as_str().expect("a value");
+    let labels = OperatorPods::parse_labels(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    for (key, value) in &labels {
+        assert_eq!(
+            template["metadata"]["labels"][key.as_str()].as_str(),
+            Some(value.as_str()),
+            "the operator's pods do not carry {key}={value}"
+        );
+    }
+    assert_eq!(labels.get("app.kubernetes.io/instance").map(String::as_str), Some("kc"), "this release's pods only");
+}
+
 #[tokio::test]
 async fn install_prints_next_steps_and_helm_test_runs_its_check() {
     let client = connect_kube().await;

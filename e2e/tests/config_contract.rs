@@ -18,7 +18,7 @@ use kubechat_crds::{
 };
 use kubechat_gateway::config::FileConfig;
 use kubechat_gateway::push::{PushWorkerConfig, SecretSource};
-use kubechat_operator::desired::{auth, gateway, push, redis, scylla};
+use kubechat_operator::desired::{admin_token, auth, gateway, push, redis, scylla};
 
 /// What a mounted Secret key or a Secret-sourced variable holds here: its name.
 fn from_secret(name: &str, key: &str) -> String {
@@ -258,6 +258,11 @@ fn the_gateway_reads_the_config_the_operator_writes() {
 
         let signing = auth::signing_key_ref(&cc);
         assert_eq!(sees.file(&file.auth.signing_key_file), from_secret(&signing.name, &signing.key), "{name}");
+
+        // The admin token the operator sends is the one the gateway reads.
+        let token = admin_token::generated(&cc);
+        let token_file = file.admin.token_file.as_ref().unwrap_or_else(|| panic!("{name}: no admin token file"));
+        assert_eq!(sees.file(token_file), from_secret(&token.name, token.key), "{name}: the admin token");
     }
 }
 

@@ -13,7 +13,7 @@ use futures::SinkExt;
 use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions};
 use kubechat_gateway::store::embedded::EmbeddedStore;
 use kubechat_gateway::transport::auth::Authenticator;
-use kubechat_gateway::transport::drain::{Drain, DrainParams};
+use kubechat_gateway::transport::drain::{Drain, DrainParams, Origin};
 use prometheus::core::Collector;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -90,7 +90,8 @@ async fn every_metric_the_dashboard_queries_exists() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    Drain::start(&running.gateway, DrainParams { deadline: Duration::from_secs(2), max_reconnects_per_second: 100 });
+    let params = DrainParams { deadline: Duration::from_secs(2), max_reconnects_per_second: 100 };
+    Drain::start(&running.gateway, params, Origin::Shutdown);
     running.gateway.drain.finished().await;
     let drained = get(running.addr, "/metrics").await;
     for name in names.iter().filter(|n| n.starts_with("kubechat_gateway_")) {

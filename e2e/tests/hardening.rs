@@ -545,10 +545,12 @@ async fn refused_to_the_charts_service_account(extra: &[&str]) -> (Vec<String>, 
             let secrets = Api::<Secret>::namespaced(admin.clone(), &namespace);
             let generated = secrets.get_opt("chat-auth").await.ok()?.is_some()
                 && secrets.get_opt("chat-redis-password").await.ok()?.is_some()
-                && secrets.get_opt("chat-prod-redis-password").await.ok()?.is_some();
+                && secrets.get_opt("chat-prod-redis-password").await.ok()?.is_some()
+                && secrets.get_opt("chat-admin-token").await.ok()?.is_some()
+                && secrets.get_opt("chat-prod-admin-token").await.ok()?.is_some();
             let owned = ListParams::default().labels("app.kubernetes.io/managed-by=kubechat-operator");
             let policies = Api::<NetworkPolicy>::namespaced(admin, &namespace).list(&owned).await.ok()?;
-            (reconciled && generated && policies.items.len() == 4).then_some(())
+            (reconciled && generated && policies.items.len() == 6).then_some(())
         }
     })
     .await;

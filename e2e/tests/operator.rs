@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -85,6 +86,8 @@ async fn missing_objects(
     check::<PodDisruptionBudget>(client, namespace, n("gateway"), uid, &mut missing).await;
     check::<Deployment>(client, namespace, n("push"), uid, &mut missing).await;
     check::<Secret>(client, namespace, n("auth"), uid, &mut missing).await;
+    check::<Secret>(client, namespace, n("admin-token"), uid, &mut missing).await;
+    check::<NetworkPolicy>(client, namespace, n("gateway"), uid, &mut missing).await;
     if managed_backends {
         check::<StatefulSet>(client, namespace, n("redis"), uid, &mut missing).await;
         check::<Service>(client, namespace, n("redis"), uid, &mut missing).await;
@@ -354,10 +357,10 @@ async fn deleting_the_cluster_garbage_collects_its_objects() {
         .expect("delete ChatCluster");
     let gone = wait_for(Duration::from_secs(60), || {
         let (client, namespace, uid) = (&client, &namespace, &uid);
-        async move { (missing_objects(client, namespace, "chat", uid, true).await.len() == 12).then_some(()) }
+        async move { (missing_objects(client, namespace, "chat", uid, true).await.len() == 14).then_some(()) }
     })
     .await;
-    let left = 12 - missing_objects(&client, &namespace, "chat", &uid, true).await.len();
+    let left = 14 - missing_objects(&client, &namespace, "chat", &uid, true).await.len();
     assert!(gone.is_some(), "{left} owned objects survived their ChatCluster for 60 s (garbage collector running?)");
     operator.stop().await;
     delete_namespace(&client, &namespace).await;

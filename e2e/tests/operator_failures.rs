@@ -173,13 +173,13 @@ async fn every_object_gets_an_event_of_its_own_and_long_failures_still_show() {
                 .into_iter()
                 .filter(|e| e.reason.as_deref() == Some("Created"))
                 .collect();
-            (events.len() >= 8).then_some(events)
+            (events.len() >= 10).then_some(events)
         }
     })
     .await
     .unwrap_or_default();
     let notes: BTreeSet<String> = created.iter().filter_map(|e| e.note.clone()).collect();
-    assert!(notes.len() >= 8, "distinct Created Events: {notes:#?}");
+    assert!(notes.len() >= 10, "distinct Created Events: {notes:#?}");
     assert_eq!(notes.len(), created.len(), "one Event per object: {notes:#?}");
     for event in &created {
         assert!(event.series.is_none(), "a Created Event counted as a series: {event:?}");

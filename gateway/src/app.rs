@@ -23,9 +23,10 @@ use crate::ids::IdGenerator;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::health::{CheckedStore, StoreHealth};
+use crate::transport::admin::AdminToken;
 use crate::transport::auth::Authenticator;
 use crate::transport::connection::ConnectionLimits;
-use crate::transport::drain::{Drain, DrainParams};
+use crate::transport::drain::{Drain, DrainParams, Origin};
 use crate::transport::{Gateway, Identity, serve};
 
 #[derive(Clone, Debug)]
@@ -34,6 +35,9 @@ pub struct GatewayOptions {
     pub listen: SocketAddr,
     /// Health, readiness and metrics on a separate address (Kubernetes probes).
     pub admin: Option<SocketAddr>,
+    /// What a caller must present to drain this gateway, or cancel a drain,
+    /// through the admin API (`None`: nobody can; see `transport::admin`).
+    pub admin_token: Option<Arc<AdminToken>>,
     pub chat: ChatConfig,
     pub limits: ConnectionLimits,
     pub max_connections: usize,
@@ -54,6 +58,7 @@ impl Default for GatewayOptions {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin: None,
+            admin_token: None,
             chat: ChatConfig::default(),
             limits: ConnectionLimits::default(),
             max_connections: 100_000,
@@ -99,9 +104,9 @@ impl RunningGateway {
 
     /// Drains (moving every client to another gateway within the drain's
     /// window, see [`crate::transport::drain`]), then stops. A drain already
-    /// running is waited for, not restarted.
+    /// running is waited for, not restarted (nor cancellable any more).
     pub async fn drain_and_stop(self, params: DrainParams, grace: Duration) {
-        Drain::start(&self.gateway, params);
+        Drain::start(&self.gateway, params, Origin::Shutdown);
         self.gateway.drain.finished().await;
         self.stop(grace).await;
     }
@@ -187,6 +192,7 @@ pub async fn start(
         max_frame_bytes,
         websocket: Gateway::websocket_config(max_frame_bytes),
         dev_tokens: options.dev_tokens,
+        admin_token: options.admin_token.clone(),
         ready: Arc::new(AtomicBool::new(true)),
         connection_slots: Arc::new(Semaphore::new(options.max_connections)),
         identity,

@@ -21,6 +21,18 @@ pub struct FileConfig {
     pub auth: AuthConfig,
     #[serde(default)]
     pub drain: DrainSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
+}
+
+/// Who may change this gateway's state through the admin API.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminSettings {
+    /// The file holding the token (`Authorization: Bearer <token>`): the
+    /// operator's generated Secret, mounted. Without one, draining through
+    /// the admin API is refused (SIGTERM still drains).
+    pub token_file: Option<PathBuf>,
 }
 
 /// How this gateway drains (on `POST /v1/admin/drain` without parameters,
@@ -180,5 +192,6 @@ mod tests {
         assert_eq!(config.chat.chat_config().offline_after, Duration::from_secs(30));
         assert_eq!(config.chat.presence_fanout_max_members, 50, "the default when the operator does not set it");
         assert_eq!(config.chat.send_retry_window(), Duration::from_secs(3600), "an hour unless set");
+        assert_eq!(config.admin.token_file, None, "no token: admin drains refused");
     }
 }

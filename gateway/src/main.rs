@@ -14,8 +14,10 @@ use kubechat_gateway::chat::push::RedisPushQueue;
 use kubechat_gateway::config::FileConfig;
 use kubechat_gateway::store::embedded::EmbeddedStore;
 use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
+use kubechat_gateway::transport::admin::AdminToken;
 use kubechat_gateway::transport::auth::Authenticator;
 use kubechat_gateway::transport::connection::ConnectionLimits;
+use kubechat_gateway::transport::drain::{Drain, Origin};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "kubechat WebSocket gateway, push worker and client")]
@@ -220,12 +222,26 @@ async fn main() -> anyhow::Result<()> {
                     worker_id: Some(worker_id),
                 },
             };
+            let admin_token = match &file.admin.token_file {
+                Some(path) => Some(Arc::new(
+                    AdminToken::from_file(path)
+                        .with_context(|| format!("reading the admin token {}", path.display()))?,
+                )),
+                None => {
+                    tracing::warn!(
+                        "the config names no admin.tokenFile: POST and DELETE /v1/admin/drain are refused \
+                         (SIGTERM still drains)"
+                    );
+                    None
+                }
+            };
             let bind = pod_ip.unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
             let host = pod_ip.map_or_else(|| gateway_id.clone(), |ip| ip.to_string());
             let drain = file.drain.params();
             let options = GatewayOptions {
                 listen: SocketAddr::new(bind, file.listen.websocket),
                 admin: Some(SocketAddr::new(bind, file.listen.admin)),
+                admin_token,
                 advertise_url: Some(format!(
                     "ws://{host}:{}{}",
                     file.listen.websocket,
@@ -249,7 +265,9 @@ async fn main() -> anyhow::Result<()> {
             // SIGTERM (pod deletion, node drain) drains first; the operator
             // sets the grace period to the window plus a margin. A second
             // signal stops at once.
-            kubechat_gateway::transport::drain::Drain::start(&running.gateway, drain);
+            Drain::start(&running.gateway, drain, Origin::Shutdown);
+            // Other gateways stop recommending this one at once (their cache aside).
+            running.gateway.broker.publish_load_now(running.gateway.load()).await;
             tokio::select! {
                 () = running.gateway.drain.finished() => {}
                 () = wait_for_signal() => tracing::warn!("second signal: stopping without finishing the drain"),

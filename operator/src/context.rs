@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Owned;
 use crate::calls::{Verb, counted};
+use crate::desired::network::OperatorPods;
 use crate::leader::Authority;
 use crate::metrics::Metrics;
 
@@ -32,6 +33,8 @@ pub struct Context {
     pub(crate) stop: CancellationToken,
     /// Dial only loopback gateway addresses (`discovery::Options::loopback_only`).
     pub admin_loopback_only: bool,
+    /// This operator's pods (the gateways' NetworkPolicy admits them alone to the admin port).
+    pub operator_pods: OperatorPods,
     /// The Lease term this replica leads by (`None`: no leader election).
     /// The API client is fenced by it; what the operator sends elsewhere
     /// (a gateway's drain request) checks it through [`leading`](Self::leading).
@@ -57,6 +60,7 @@ impl Context {
             clusters,
             stop,
             admin_loopback_only: false,
+            operator_pods: OperatorPods::default(),
             authority: None,
             failures: Mutex::default(),
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use kubechat_operator::desired::network::OperatorPods;
 use kubechat_operator::leader::LeaderConfig;
 use kubechat_operator::metrics::Metrics;
 use kubechat_operator::reconcile::Scope;
@@ -29,6 +30,11 @@ struct Args {
     /// Namespace of the Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
+    /// Labels of this operator's pods, `key=value,…`: with the operator's
+    /// namespace (`POD_NAMESPACE`), the only pods the gateways'
+    /// NetworkPolicy admits to their admin port.
+    #[arg(long, env = "KUBECHAT_OPERATOR_POD_LABELS", default_value = "app.kubernetes.io/name=kubechat-operator")]
+    operator_pod_labels: String,
     #[arg(long, env = "KUBECHAT_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
     /// This replica's identity (the pod name).
@@ -75,6 +81,11 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_json);
+    let operator_pods = OperatorPods {
+        namespace: args.lease_namespace.clone(),
+        labels: OperatorPods::parse_labels(&args.operator_pod_labels)
+            .map_err(|e| anyhow::anyhow!("--operator-pod-labels (KUBECHAT_OPERATOR_POD_LABELS): {e}"))?,
+    };
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".into());
@@ -94,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             max_concurrent_polls: args.discovery_concurrency.max(1),
             ..Default::default()
         },
+        operator_pods,
     };
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));

@@ -154,7 +154,7 @@ mod tests {
     }
 
     fn live_stateful_sets(cc: &ChatCluster) -> Vec<Arc<StatefulSet>> {
-        cached(desired_objects(cc, cc.spec.gateway.replicas).into_iter().filter_map(|o| match o {
+        cached(desired_objects(cc, cc.spec.gateway.replicas, &Default::default()).into_iter().filter_map(|o| match o {
             DesiredObject::StatefulSet(s) => Some(s),
             _ => None,
         }))
@@ -165,7 +165,7 @@ mod tests {
     }
 
     fn wanted_for(cc: &ChatCluster) -> BTreeSet<(&'static str, String)> {
-        wanted(&desired_objects(cc, cc.spec.gateway.replicas), &generated_secrets(cc))
+        wanted(&desired_objects(cc, cc.spec.gateway.replicas, &Default::default()), &generated_secrets(cc))
     }
 
     #[test]
@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(names(&unwanted(&after, &wanted, &live_stateful_sets(&before))), ["chat-redis"]);
         let secrets = cached(generated_secrets(&before).iter().map(|g| g.build(&before, &[1])));
         assert_eq!(names(&unwanted(&after, &wanted, &secrets)), ["chat-redis-password"]);
-        let all: Vec<(&str, String)> = desired_objects(&before, before.spec.gateway.replicas)
+        let all: Vec<(&str, String)> = desired_objects(&before, before.spec.gateway.replicas, &Default::default())
             .iter()
             .map(|o| (o.kind(), o.name()))
             .filter(|k| !wanted.contains(k))

@@ -96,7 +96,7 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
 
     // Desired → apply. One object the apiserver refuses does not hold back
     // the others: each failure is reported in the status instead.
-    let desired = desired::desired_objects(cc, gateways);
+    let desired = desired::desired_objects(cc, gateways, &ctx.operator_pods);
     let gateway_set = Names(&cc.name_any()).gateway();
     let mut gateways_applied = true;
     let mut refused = Vec::new();

@@ -9,6 +9,7 @@ use kube::runtime::events::Reporter;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::desired::network::OperatorPods;
 use crate::leader::{Authority, LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Context, check_crd_installed, run_controller};
@@ -23,6 +24,9 @@ pub struct Options {
     /// This replica's name in Events.
     pub instance: Option<String>,
     pub discovery: discovery::Options,
+    /// This operator's pods, the only ones the gateways' NetworkPolicy
+    /// admits to their admin port.
+    pub operator_pods: OperatorPods,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +51,13 @@ pub async fn run(
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: options.instance.clone() };
 
     let Some(leader_config) = options.leader else {
-        let ctx = Leading { client, metrics: metrics.clone(), reporter, authority: None };
+        let ctx = Leading {
+            client,
+            metrics: metrics.clone(),
+            reporter,
+            authority: None,
+            operator_pods: options.operator_pods.clone(),
+        };
         metrics.leader.set(1);
         ready.store(true, Ordering::Relaxed);
         run_leading(ctx, options.scope, options.discovery, shutdown.clone()).await;
@@ -62,6 +72,7 @@ pub async fn run(
         metrics: metrics.clone(),
         reporter,
         authority: Some(authority.clone()),
+        operator_pods: options.operator_pods.clone(),
     };
     let (leading_tx, mut leading) = watch::channel(false);
     let elector_stop = shutdown.child_token();
@@ -109,17 +120,19 @@ struct Leading {
     reporter: Reporter,
     /// The Lease term, when elected.
     authority: Option<Authority>,
+    operator_pods: OperatorPods,
 }
 
 /// What the leader runs until `stop`: the controller and, from its cache of
 /// ChatClusters, the discovery loop.
 async fn run_leading(leading: Leading, scope: Scope, discovery: discovery::Options, stop: CancellationToken) {
-    let Leading { client, metrics, reporter, authority } = leading;
+    let Leading { client, metrics, reporter, authority, operator_pods } = leading;
     let (controller, owned) = reconcile::controller(client.clone(), &scope);
     let clusters = controller.store();
     let mut ctx = Context::new(client.clone(), metrics.clone(), reporter, owned, clusters.clone(), stop.clone());
     ctx.admin_loopback_only = discovery.loopback_only;
     ctx.authority = authority;
+    ctx.operator_pods = operator_pods;
     let ctx = Arc::new(ctx);
     let poller = discovery::run(client, scope, clusters, metrics, discovery, stop.clone());
     let controller_stop = stop.clone();

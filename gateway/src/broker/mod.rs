@@ -125,6 +125,11 @@ pub trait Broker: Send + Sync + 'static {
     /// This gateway's load, published for discovery (soon after `ready` or
     /// `draining` change, otherwise with the lease).
     fn report_load(&self, load: GatewayLoad);
+    /// Reports `load` and publishes it now, waiting for the write (a
+    /// drain's start: other gateways must stop recommending this one).
+    async fn publish_load_now(&self, load: GatewayLoad) {
+        self.report_load(load);
+    }
     /// The last reported load of every live gateway, this one's included.
     async fn gateway_loads(&self) -> Result<Vec<GatewayLoad>, BrokerError>;
     /// Tells the connections of `users` on other gateways to resync (soon,

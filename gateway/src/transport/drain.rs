@@ -6,6 +6,11 @@
 //! way. Nothing acknowledged is lost: clients sync from their cursor where
 //! they reconnect, and a session lingers for the offline timeout, so a user
 //! who reconnects elsewhere in time never looks offline.
+//!
+//! A drain the admin API started can be cancelled until it finishes
+//! ([`Drain::cancel`]): the gateway is ready again at once and the clients
+//! not yet sent away stay. The drain of a shutdown (SIGTERM) cannot: the
+//! process waits for it before it exits.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -13,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::Gateway;
 use super::discovery::recommend;
@@ -95,7 +101,34 @@ pub struct DrainProgress {
     pub closed_at_deadline: u64,
 }
 
+/// Who started a drain, which decides whether it can be cancelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `POST /v1/admin/drain`: cancellable until it finishes.
+    Admin,
+    /// The process is stopping (SIGTERM) and waits for the drain.
+    Shutdown,
+}
+
+/// What [`Drain::cancel`] did (`DELETE /v1/admin/drain`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// A running drain stopped after sending `moved` clients away.
+    Cancelled { moved: u64 },
+    /// No drain was running.
+    NotDraining,
+    /// The drain had finished (every client moved or closed): it stays.
+    Finished,
+    /// The process is stopping: its drain runs to the end.
+    Stopping,
+}
+
 struct Run {
+    /// Tells this run's task apart from a later run's (after a cancel).
+    id: u64,
+    origin: Origin,
+    /// Stops this run's task.
+    stop: CancellationToken,
     params: DrainParams,
     started: Instant,
     started_at_ms: i64,
@@ -111,6 +144,8 @@ struct Run {
 #[derive(Default)]
 pub struct Drain {
     run: Mutex<Option<Run>>,
+    /// Runs started so far (the next run's id).
+    runs: std::sync::atomic::AtomicU64,
     finished: tokio::sync::Notify,
 }
 
@@ -154,14 +189,23 @@ impl Drain {
     }
 
     /// Starts draining with `params` unless a drain runs already (a second
-    /// call does not restart the clock). True when this call started it.
-    pub fn start(gateway: &Arc<Gateway>, params: DrainParams) -> bool {
+    /// call does not restart the clock, but a shutdown makes it its own:
+    /// no longer cancellable). True when this call started it.
+    pub fn start(gateway: &Arc<Gateway>, params: DrainParams, origin: Origin) -> bool {
+        let id = gateway.drain.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stop = CancellationToken::new();
         {
             let mut run = gateway.drain.lock();
-            if run.is_some() {
+            if let Some(run) = run.as_mut() {
+                if origin == Origin::Shutdown {
+                    run.origin = Origin::Shutdown;
+                }
                 return false;
             }
             *run = Some(Run {
+                id,
+                origin,
+                stop: stop.clone(),
                 params,
                 started: Instant::now(),
                 started_at_ms: crate::ids::now_ms(),
@@ -182,8 +226,37 @@ impl Drain {
         gateway.report_load();
         // Not on the gateway's task tracker: a shutdown waits for the drain
         // (SIGTERM), not the other way round.
-        tokio::spawn(run_drain(gateway.clone(), params));
+        tokio::spawn(run_drain(gateway.clone(), params, id, stop));
         true
+    }
+
+    /// Cancels a drain the admin API started and that has not finished:
+    /// the gateway is ready again at once (unless something else keeps it
+    /// from being ready), discovery recommends it again, and the clients not
+    /// yet sent away stay. Those already sent away are gone.
+    pub fn cancel(gateway: &Gateway) -> Cancel {
+        let outcome = {
+            let mut run = gateway.drain.lock();
+            match run.as_ref() {
+                _ if gateway.shutdown.is_cancelled() => Cancel::Stopping,
+                None => Cancel::NotDraining,
+                Some(r) if r.origin == Origin::Shutdown => Cancel::Stopping,
+                Some(r) if r.finished => Cancel::Finished,
+                Some(_) => match run.take() {
+                    Some(r) => {
+                        r.stop.cancel();
+                        Cancel::Cancelled { moved: r.moved }
+                    }
+                    None => Cancel::NotDraining,
+                },
+            }
+        };
+        if let Cancel::Cancelled { moved } = outcome {
+            tracing::info!(moved, connections = gateway.chat.hub().connection_count(), "drain cancelled: ready again");
+            gateway.metrics.draining.set(0);
+            gateway.report_load();
+        }
+        outcome
     }
 
     /// Resolves once the drain finished (immediately if it has).
@@ -199,10 +272,15 @@ impl Drain {
         }
     }
 
-    /// `n` clients sent away at `at`.
-    fn note_moved(&self, n: u64, at: Instant) {
+    /// Whether run `id` is still the one running (not cancelled).
+    fn is_current(&self, id: u64) -> bool {
+        self.lock().as_ref().is_some_and(|run| run.id == id)
+    }
+
+    /// `n` clients sent away at `at` by run `id`.
+    fn note_moved(&self, id: u64, n: u64, at: Instant) {
         let mut guard = self.lock();
-        let Some(run) = guard.as_mut() else { return };
+        let Some(run) = guard.as_mut().filter(|run| run.id == id) else { return };
         run.moved += n;
         let second = at.saturating_duration_since(run.started).as_secs();
         match run.per_second.back_mut() {
@@ -215,15 +293,15 @@ impl Drain {
         run.observed_max_per_second = run.per_second.iter().map(|(_, c)| *c).max().unwrap_or(0);
     }
 
-    fn note_closed_at_deadline(&self, n: u64) {
-        if let Some(run) = self.lock().as_mut() {
+    fn note_closed_at_deadline(&self, id: u64, n: u64) {
+        if let Some(run) = self.lock().as_mut().filter(|run| run.id == id) {
             run.moved += n;
             run.closed_at_deadline += n;
         }
     }
 
-    fn finish(&self) {
-        if let Some(run) = self.lock().as_mut() {
+    fn finish(&self, id: u64) {
+        if let Some(run) = self.lock().as_mut().filter(|run| run.id == id) {
             run.finished = true;
         }
         self.finished.notify_waiters();
@@ -243,7 +321,8 @@ const FAREWELL_WRITE: Duration = Duration::from_secs(2);
 /// the pace; a record of the last second's sends enforces the bound, since
 /// a batch leaves only after its reconnect frame is built (a Redis read
 /// whose time varies), which can bunch batches decided a tick apart.
-async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
+/// Stops when `stop` is cancelled, sending no one else away.
+async fn run_drain(gateway: Arc<Gateway>, params: DrainParams, id: u64, stop: CancellationToken) {
     let deadline = Instant::now() + params.deadline;
     let finish_by = Instant::now() + params.deadline.mul_f64(0.8);
     let max_rate = f64::from(params.max_reconnects_per_second);
@@ -254,7 +333,10 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
         pending.retain(|outbox| !outbox.is_closing());
         if pending.is_empty() {
             // Connections that raced with the start of the drain, if any.
@@ -269,10 +351,14 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
             let left = pending.len() as u64;
             // Everyone left goes at once: spread them over a second.
             let farewell = reconnect_frame(&gateway, "drain deadline reached", 1000).await;
+            // Building the frame awaited Redis: the drain may have been cancelled meanwhile.
+            if !gateway.drain.is_current(id) {
+                return;
+            }
             for outbox in &pending {
                 outbox.farewell(&farewell, Kick::Reconnect);
             }
-            gateway.drain.note_closed_at_deadline(left);
+            gateway.drain.note_closed_at_deadline(id, left);
             gateway.metrics.drain_moved.inc_by(left);
             tracing::info!(closed = left, "drain deadline: closed the remaining connections");
             // Finished only once those frames are out (or could not be
@@ -301,6 +387,9 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
         // the bounded rate instead of a longer delay smearing batches together.
         let spread_ms = TICK.as_millis() as u64;
         let farewell = reconnect_frame(&gateway, "this gateway is draining", spread_ms).await;
+        if !gateway.drain.is_current(id) {
+            return;
+        }
         let sent_at = Instant::now();
         while last_second.front().is_some_and(|(at, _)| sent_at.duration_since(*at) >= Duration::from_secs(1)) {
             last_second.pop_front();
@@ -315,11 +404,14 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams) {
         for outbox in pending.drain(..batch) {
             outbox.farewell(&farewell, Kick::Reconnect);
         }
-        gateway.drain.note_moved(batch as u64, sent_at);
+        gateway.drain.note_moved(id, batch as u64, sent_at);
         gateway.metrics.drain_moved.inc_by(batch as u64);
     }
+    if !gateway.drain.is_current(id) {
+        return;
+    }
     tracing::info!(moved = gateway.drain.progress(0).moved, "drain finished");
-    gateway.drain.finish();
+    gateway.drain.finish(id);
     gateway.report_load();
 }
 
@@ -440,6 +532,9 @@ mod tests {
     fn the_observed_rate_counts_per_second() {
         let drain = Drain::default();
         *drain.lock() = Some(Run {
+            id: 7,
+            origin: Origin::Admin,
+            stop: CancellationToken::new(),
             params: DrainParams::default(),
             started: Instant::now(),
             started_at_ms: 0,
@@ -449,10 +544,15 @@ mod tests {
             closed_at_deadline: 0,
             finished: false,
         });
-        drain.note_moved(3, Instant::now());
-        drain.note_moved(4, Instant::now());
+        drain.note_moved(7, 3, Instant::now());
+        drain.note_moved(7, 4, Instant::now());
+        drain.note_moved(6, 100, Instant::now()); // a cancelled run's late batch
         let progress = drain.progress(10);
         assert_eq!((progress.moved, progress.observed_max_per_second, progress.connections_left), (7, 7, 10));
         assert!(progress.draining && !progress.finished);
+        drain.finish(6);
+        assert!(!drain.progress(10).finished, "an earlier run does not finish this one");
+        drain.finish(7);
+        assert!(drain.progress(10).finished);
     }
 }

@@ -70,6 +70,8 @@ pub struct Gateway {
     pub websocket: WebSocketConfig,
     /// Serve `/dev/token` (never in production).
     pub dev_tokens: bool,
+    /// Required by the admin API's state-changing requests (`None`: refused).
+    pub admin_token: Option<Arc<admin::AdminToken>>,
     pub ready: Arc<AtomicBool>,
     /// One permit per open connection (`maxConnections`).
     pub connection_slots: Arc<Semaphore>,

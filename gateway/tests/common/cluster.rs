@@ -186,6 +186,9 @@ impl CuttableProxy {
     }
 }
 
+/// The admin token every test gateway is configured with.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
 /// Settings shared by every gateway of a test cluster.
 pub struct ClusterSpec {
     pub redis_url: String,
@@ -220,6 +223,7 @@ impl ClusterSpec {
         });
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("signing-key"), KEY).expect("write the signing key");
+        std::fs::write(dir.path().join("admin-token"), format!("{ADMIN_TOKEN}\n")).expect("write the admin token");
         ClusterSpec {
             redis_url,
             keyspace,
@@ -261,7 +265,7 @@ impl GatewayProcess {
         env: &[(&str, &str)],
         redis_url: Option<&str>,
     ) -> Self {
-        let mut gateway = Self::spawn_custom(spec, ordinal, name, env, redis_url);
+        let mut gateway = Self::spawn_custom(spec, ordinal, name, env, redis_url, true);
         gateway.wait_ready().await;
         // A port taken meanwhile by another test would make it exit while
         // that test's process answered the readiness check.
@@ -293,24 +297,34 @@ impl GatewayProcess {
         }
     }
 
+    /// Starts a gateway whose config names no admin token, and waits until it is ready.
+    pub async fn start_without_admin_token(spec: &ClusterSpec, ordinal: u16) -> Self {
+        let gateway = Self::spawn_custom(spec, ordinal, &format!("gw-{ordinal}"), &[], None, false);
+        gateway.wait_ready().await;
+        gateway
+    }
+
     fn spawn(spec: &ClusterSpec, ordinal: u16, name: &str) -> Self {
         Self::spawn_with(spec, ordinal, name, &[])
     }
 
     fn spawn_with(spec: &ClusterSpec, ordinal: u16, name: &str, env: &[(&str, &str)]) -> Self {
-        Self::spawn_custom(spec, ordinal, name, env, None)
+        Self::spawn_custom(spec, ordinal, name, env, None, true)
     }
 
+    /// Spawns a gateway; `redis_url` overrides the spec's, `admin_token`
+    /// configures the admin token (without it the admin API refuses drains).
     fn spawn_custom(
         spec: &ClusterSpec,
         ordinal: u16,
         name: &str,
         env: &[(&str, &str)],
         redis_url: Option<&str>,
+        admin_token: bool,
     ) -> Self {
         let (ws_port, admin_port) = (free_port(), free_port());
         let name = name.to_string();
-        let config = json!({
+        let mut config = json!({
             "listen": {"websocket": ws_port, "admin": admin_port},
             "maxConnections": 10_000,
             "chat": {
@@ -325,6 +339,9 @@ impl GatewayProcess {
             "auth": {"signingKeyFile": spec.dir.path().join("signing-key")},
             "drain": {"windowSeconds": spec.drain_window_seconds, "maxReconnectsPerSecond": spec.drain_rate},
         });
+        if admin_token {
+            config["admin"] = json!({"tokenFile": spec.dir.path().join("admin-token")});
+        }
         let config_path = spec.dir.path().join(format!("{name}.json"));
         std::fs::write(&config_path, config.to_string()).expect("write the gateway config");
         let log = spec.dir.path().join(format!("{name}.log"));
@@ -405,10 +422,23 @@ impl GatewayProcess {
         None
     }
 
-    /// POST `body` (JSON) on the admin port: (status, body).
+    /// POST `body` (JSON) on the admin port with the admin token: (status, body).
     pub async fn admin_post(&self, path: &str, body: &str) -> Option<(u16, String)> {
+        self.admin_request("POST", path, body, Some(&format!("Bearer {ADMIN_TOKEN}"))).await
+    }
+
+    /// `method` `path` with `body` (JSON) on the admin port, with
+    /// `authorization` as the `Authorization` header (none: no header).
+    pub async fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+        authorization: Option<&str>,
+    ) -> Option<(u16, String)> {
+        let authorization = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
         let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         http_exchange(self.admin_port, request).await

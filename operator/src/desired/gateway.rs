@@ -23,7 +23,7 @@ use super::{
     CONFIG_HASH_ANNOTATION, DesiredObject, Names, content_hash, owned_meta, resources_or,
     restricted_container_security, restricted_pod_security, selector_labels,
 };
-use crate::desired::{auth, redis, scylla};
+use crate::desired::{admin_token, auth, redis, scylla};
 
 pub const COMPONENT: &str = "gateway";
 /// Where the gateway reads its config file.
@@ -84,6 +84,7 @@ pub fn config_json(cc: &ChatCluster) -> serde_json::Value {
                 .map(|_| json!({"username": scylla::USERNAME_ENV, "password": scylla::PASSWORD_ENV})),
         },
         "auth": {"signingKeyFile": format!("{AUTH_DIR}/{}", auth::SIGNING_KEY_KEY)},
+        "admin": {"tokenFile": admin_token::token_file()},
         "push": {
             "maxAttempts": spec.push_workers.max_attempts,
             "providers": spec.push_workers.providers,
@@ -220,7 +221,24 @@ pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap, replicas: i32) -> Stat
     // The gateway binds its ports on this address and advertises it to
     // clients (discovery lists it).
     env.push(field_env(POD_IP_ENV, "status.podIP"));
-    let (volumes, volume_mounts) = common_volumes(cc);
+    let (mut volumes, mut volume_mounts) = common_volumes(cc);
+    // The admin token: gateways only (push workers serve no drain).
+    let token = admin_token::generated(cc);
+    volumes.push(Volume {
+        name: "admin-token".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(token.name),
+            items: Some(vec![KeyToPath { key: token.key.into(), path: token.key.into(), ..Default::default() }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    volume_mounts.push(VolumeMount {
+        name: "admin-token".into(),
+        mount_path: admin_token::TOKEN_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
     let container = Container {
         name: "gateway".into(),
         image: Some(gateway.image.clone()),
@@ -398,6 +416,23 @@ mod tests {
         assert_eq!(auth_volume.secret.and_then(|s| s.secret_name).as_deref(), Some("chat-auth"));
         let env: Vec<String> = container.env.clone().unwrap_or_default().into_iter().map(|e| e.name).collect();
         assert!(env.contains(&"KUBECHAT_WORKER_ID".to_string()), "{env:?}");
+    }
+
+    #[test]
+    fn gateways_mount_the_admin_token_their_config_names_and_push_workers_do_not() {
+        let cc = ChatCluster::test();
+        assert_eq!(config_json(&cc)["admin"]["tokenFile"], "/var/run/kubechat/admin/token");
+        let pod = stateful_set(&cc, &config_map(&cc), 2).spec.template.spec.expect("pod spec");
+        let volume = pod.volumes.unwrap_or_default().into_iter().find(|v| v.name == "admin-token").expect("volume");
+        let secret = volume.secret.expect("a Secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("chat-admin-token"));
+        let items = secret.items.unwrap_or_default();
+        assert_eq!((items[0].key.as_str(), items[0].path.as_str()), ("token", "token"));
+        let mount = pod.containers[0].volume_mounts.iter().flatten().find(|m| m.name == "admin-token").cloned();
+        let mount = mount.expect("mounted");
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/var/run/kubechat/admin", Some(true)));
+        let push = crate::desired::push::deployment(&cc).spec.template.spec.expect("push pod");
+        assert!(push.volumes.unwrap_or_default().iter().all(|v| v.name != "admin-token"), "push workers drain nothing");
     }
 
     #[test]

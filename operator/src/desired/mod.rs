@@ -6,9 +6,13 @@
 //! - [`redis`] and [`scylla`]: the managed backends (nothing when external).
 //! - [`push`]: the push-worker Deployment.
 //! - [`auth`]: the token-signing key (generated when the spec names none).
-//! - [`secrets`]: Secrets the operator generates once (signing key, Redis password).
-//! - [`network`]: NetworkPolicies that admit only the cluster's own pods to its backends.
+//! - [`admin_token`]: the token the operator presents to the gateways' admin API.
+//! - [`secrets`]: Secrets the operator generates once (signing key, Redis
+//!   password, admin token).
+//! - [`network`]: NetworkPolicies: only the cluster's own pods reach its
+//!   backends, only the operator reaches the gateways' admin port.
 
+pub mod admin_token;
 pub mod auth;
 pub mod gateway;
 pub mod network;
@@ -105,9 +109,10 @@ impl DesiredObject {
 /// workloads that mount it, a backend's NetworkPolicy before the backend).
 /// Generated Secrets are separate: they are created once and never
 /// re-applied (see [`secrets`]). `gateways`: the gateway StatefulSet's
-/// replicas, as `crate::scale` decided.
-pub fn desired_objects(cc: &ChatCluster, gateways: i32) -> Vec<DesiredObject> {
-    let mut objects = network::objects(cc);
+/// replicas, as `crate::scale` decided; `operator`: the operator's own pods,
+/// the only ones the gateways' admin port admits.
+pub fn desired_objects(cc: &ChatCluster, gateways: i32, operator: &network::OperatorPods) -> Vec<DesiredObject> {
+    let mut objects = network::objects(cc, operator);
     objects.extend(redis::objects(cc));
     objects.extend(scylla::objects(cc));
     objects.extend(gateway::objects(cc, gateways));
@@ -116,10 +121,14 @@ pub fn desired_objects(cc: &ChatCluster, gateways: i32) -> Vec<DesiredObject> {
 }
 
 /// Every Secret the operator generates for `cc`: the token-signing key when
-/// the spec names none, the managed Redis's password when Redis is managed.
-/// Created once and never re-applied (see [`secrets`]).
+/// the spec names none, the managed Redis's password when Redis is managed,
+/// and always the gateways' admin token. Created once and never re-applied
+/// (see [`secrets`]).
 pub fn generated_secrets(cc: &ChatCluster) -> Vec<secrets::GeneratedSecret> {
-    [auth::generated(cc), redis::generated_password(cc)].into_iter().flatten().collect()
+    [auth::generated(cc), redis::generated_password(cc), Some(admin_token::generated(cc))]
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Names of the objects of one ChatCluster, in one place.
@@ -152,6 +161,12 @@ impl Names<'_> {
     }
     pub fn redis_password(&self) -> String {
         format!("{}-redis-password", self.0)
+    }
+    pub fn admin_token(&self) -> String {
+        format!("{}-admin-token", self.0)
+    }
+    pub fn gateway_policy(&self) -> String {
+        format!("{}-gateway", self.0)
     }
 }
 
@@ -294,13 +309,16 @@ pub(crate) mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::fixtures::ChatClusterExt;
+    use super::network::OperatorPods;
     use super::*;
     use kubechat_crds::{ExternalRedis, ExternalScylla};
 
     #[test]
     fn minimal_cluster_gets_every_component() {
-        let kinds: Vec<(String, &str)> =
-            desired_objects(&ChatCluster::test(), 2).iter().map(|o| (o.name(), o.kind())).collect();
+        let kinds: Vec<(String, &str)> = desired_objects(&ChatCluster::test(), 2, &OperatorPods::default())
+            .iter()
+            .map(|o| (o.name(), o.kind()))
+            .collect();
         for expected in [
             ("chat-redis", "StatefulSet"),
             ("chat-redis", "Service"),
@@ -315,10 +333,11 @@ mod tests {
             ("chat-push", "Deployment"),
             ("chat-redis", "NetworkPolicy"),
             ("chat-scylla", "NetworkPolicy"),
+            ("chat-gateway", "NetworkPolicy"),
         ] {
             assert!(kinds.contains(&(expected.0.to_string(), expected.1)), "missing {expected:?} in {kinds:?}");
         }
-        assert_eq!(kinds.len(), 13, "{kinds:?}");
+        assert_eq!(kinds.len(), 14, "{kinds:?}");
     }
 
     #[test]
@@ -333,8 +352,10 @@ mod tests {
                 local_datacenter: None,
             });
         });
-        let names: Vec<String> =
-            desired_objects(&cc, cc.spec.gateway.replicas).iter().map(DesiredObject::name).collect();
+        let names: Vec<String> = desired_objects(&cc, cc.spec.gateway.replicas, &OperatorPods::default())
+            .iter()
+            .map(DesiredObject::name)
+            .collect();
         assert!(!names.iter().any(|n| n.contains("redis") || n.contains("scylla")), "{names:?}");
     }
 
@@ -352,18 +373,18 @@ mod tests {
         assert_eq!(implicit.spec.scylla.managed, None);
         let explicit =
             parse(serde_json::json!({"redis": {"managed": {}}, "scylla": {"managed": {}, "keyspace": "chat"}}));
-        let objects = desired_objects(&implicit, implicit.spec.gateway.replicas);
+        let objects = desired_objects(&implicit, implicit.spec.gateway.replicas, &OperatorPods::default());
         let names: Vec<(String, &str)> = objects.iter().map(|o| (o.name(), o.kind())).collect();
         for expected in [("chat-scylla", "StatefulSet"), ("chat-scylla", "Service"), ("chat-redis", "StatefulSet")] {
             assert!(names.contains(&(expected.0.to_string(), expected.1)), "missing {expected:?} in {names:?}");
         }
-        assert_eq!(objects, desired_objects(&explicit, explicit.spec.gateway.replicas));
+        assert_eq!(objects, desired_objects(&explicit, explicit.spec.gateway.replicas, &OperatorPods::default()));
         assert_eq!(scylla::replication_factor(&implicit), 1);
     }
 
     #[test]
     fn every_object_is_owned_by_the_cluster_and_labelled() {
-        for object in desired_objects(&ChatCluster::test(), 2) {
+        for object in desired_objects(&ChatCluster::test(), 2, &OperatorPods::default()) {
             let meta = match &object {
                 DesiredObject::StatefulSet(o) => &o.metadata,
                 DesiredObject::Deployment(o) => &o.metadata,
@@ -441,7 +462,7 @@ mod tests {
     fn every_pod_passes_the_restricted_pod_security_profile() {
         let cc = ChatCluster::test();
         let mut pods = Vec::new();
-        for object in desired_objects(&cc, cc.spec.gateway.replicas) {
+        for object in desired_objects(&cc, cc.spec.gateway.replicas, &OperatorPods::default()) {
             match object {
                 DesiredObject::StatefulSet(o) => pods.push((o.metadata.name, o.spec.template.spec)),
                 DesiredObject::Deployment(o) => pods.push((o.metadata.name, o.spec.template.spec)),
@@ -464,7 +485,7 @@ mod tests {
     /// empty input's is the standard test vector), not compared with themselves.
     #[test]
     fn a_created_backend_says_whether_its_claims_outlive_it() {
-        let objects = desired_objects(&ChatCluster::test(), 2);
+        let objects = desired_objects(&ChatCluster::test(), 2, &OperatorPods::default());
         let note = |name: &str| {
             let o = objects.iter().find(|o| o.kind() == "StatefulSet" && o.name() == name).expect(name);
             o.applied_note("Created")
@@ -479,7 +500,7 @@ mod tests {
                 m.storage.pvc_retention.when_deleted = kubechat_crds::RetentionPolicy::Delete;
             }
         });
-        let redis = desired_objects(&cc, cc.spec.gateway.replicas)
+        let redis = desired_objects(&cc, cc.spec.gateway.replicas, &OperatorPods::default())
             .into_iter()
             .find(|o| o.name() == "chat-redis" && o.kind() == "StatefulSet");
         assert!(redis.expect("redis").applied_note("Created").contains("deleted with it"));

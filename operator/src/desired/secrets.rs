@@ -66,9 +66,9 @@ mod tests {
     }
 
     #[test]
-    fn a_minimal_cluster_gets_a_signing_key_and_a_redis_password() {
+    fn a_minimal_cluster_gets_a_signing_key_a_redis_password_and_an_admin_token() {
         let names: Vec<String> =
             crate::desired::generated_secrets(&ChatCluster::test()).into_iter().map(|g| g.name).collect();
-        assert_eq!(names, ["chat-auth", "chat-redis-password"]);
+        assert_eq!(names, ["chat-auth", "chat-redis-password", "chat-admin-token"]);
     }
 }

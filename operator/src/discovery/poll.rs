@@ -1,5 +1,6 @@
 //! Reading one gateway's load, `GET http://<pod IP>:<admin port>/v1/admin/load`,
-//! and starting its drain (`POST …/v1/admin/drain`, for the rollout).
+//! and starting or cancelling its drain (`POST` and `DELETE …/v1/admin/drain`,
+//! for the rollout, with the cluster's admin token).
 //!
 //! One short-lived HTTP/1.1 connection per poll (a poll every few seconds
 //! per gateway does not need pooling), everything under one timeout, the
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper::header::{CONNECTION, CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -80,7 +81,7 @@ impl PollError {
 
 /// Reads the load report at `addr`, giving up after `timeout`.
 pub async fn read_load(addr: SocketAddr, timeout: Duration) -> Result<LoadReport, PollError> {
-    let request = || request(Method::GET, addr, LOAD_PATH, Full::default());
+    let request = || request(Method::GET, addr, LOAD_PATH, None, Full::default());
     tokio::time::timeout(timeout, async { parse(&exchange(addr, request()?).await?, &[StatusCode::OK]) })
         .await
         .map_err(|_| PollError::Timeout(timeout))?
@@ -100,11 +101,12 @@ pub struct DrainProgress {
     pub moved: u64,
 }
 
-/// Starts a drain at `addr` (`POST /v1/admin/drain`), or reads the one that
-/// runs already: the gateway does not restart a running drain's clock, so
-/// asking again is harmless.
+/// Starts a drain at `addr` (`POST /v1/admin/drain` with the admin
+/// `token`), or reads the one that runs already: the gateway does not
+/// restart a running drain's clock, so asking again is harmless.
 pub async fn drain(
     addr: SocketAddr,
+    token: &str,
     deadline_seconds: u32,
     max_reconnects_per_second: u32,
     timeout: Duration,
@@ -114,7 +116,7 @@ pub async fn drain(
     let body = Full::new(Bytes::from(body.to_string()));
     tokio::time::timeout(timeout, async {
         parse(
-            &exchange(addr, request(Method::POST, addr, DRAIN_PATH, body)?).await?,
+            &exchange(addr, request(Method::POST, addr, DRAIN_PATH, Some(token), body)?).await?,
             &[StatusCode::OK, StatusCode::ACCEPTED],
         )
     })
@@ -122,15 +124,48 @@ pub async fn drain(
     .map_err(|_| PollError::Timeout(timeout))?
 }
 
-fn request(method: Method, addr: SocketAddr, path: &str, body: Full<Bytes>) -> Result<Request<Full<Bytes>>, PollError> {
-    Request::builder()
+/// What a gateway answers to `DELETE /v1/admin/drain` with 200.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cancelled {
+    /// A running drain was stopped (false: none ran, e.g. a retried request).
+    pub cancelled: bool,
+    /// Clients it had sent away.
+    pub moved: u64,
+    /// Clients still connected, who stay.
+    pub connections_left: u64,
+}
+
+/// Cancels the drain at `addr` (`DELETE /v1/admin/drain` with the admin
+/// `token`). A drain that finished, or a gateway shutting down, answers 409
+/// ([`PollError::Status`]).
+pub async fn cancel_drain(addr: SocketAddr, token: &str, timeout: Duration) -> Result<Cancelled, PollError> {
+    tokio::time::timeout(timeout, async {
+        let request = request(Method::DELETE, addr, DRAIN_PATH, Some(token), Full::default())?;
+        parse(&exchange(addr, request).await?, &[StatusCode::OK])
+    })
+    .await
+    .map_err(|_| PollError::Timeout(timeout))?
+}
+
+fn request(
+    method: Method,
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: Full<Bytes>,
+) -> Result<Request<Full<Bytes>>, PollError> {
+    let mut builder = Request::builder()
         .method(method)
         .uri(path)
         .header(HOST, addr.to_string())
         .header(CONNECTION, "close")
-        .header(CONTENT_TYPE, "application/json")
-        .body(body)
-        .map_err(|e| PollError::Body(e.to_string()))
+        .header(CONTENT_TYPE, "application/json");
+    if let Some(token) = token {
+        builder = builder.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    // The error never shows the token: it names what was wrong, not the value.
+    builder.body(body).map_err(|e| PollError::Body(e.to_string()))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(
@@ -227,14 +262,45 @@ mod tests {
             let n = socket.read(&mut request).await.expect("read");
             let text = String::from_utf8_lossy(&request[..n]).into_owned();
             assert!(text.starts_with("POST /v1/admin/drain HTTP/1.1\r\n"), "{text}");
+            assert!(text.to_lowercase().contains("\r\nauthorization: bearer t0ken\r\n"), "{text}");
             assert!(text.ends_with(r#"{"deadlineSeconds":30,"maxReconnectsPerSecond":100}"#), "{text}");
             let body =
                 r#"{"draining":true,"finished":false,"startedAtMs":1,"deadlineAtMs":2,"connectionsLeft":7,"moved":3}"#;
             let response = format!("HTTP/1.1 202 Accepted\r\ncontent-length: {}\r\n\r\n{body}", body.len());
             let _ = socket.write_all(response.as_bytes()).await;
         });
-        let progress = drain(addr, 30, 100, Duration::from_secs(2)).await.expect("progress");
+        let progress = drain(addr, "t0ken", 30, 100, Duration::from_secs(2)).await.expect("progress");
         assert_eq!(progress, DrainProgress { draining: true, finished: false, connections_left: 7, moved: 3 });
+    }
+
+    /// A one-shot server that checks the request line and token, then answers `response`.
+    async fn serve_delete(response: &'static str) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = vec![0u8; 4096];
+            let n = socket.read(&mut request).await.expect("read");
+            let text = String::from_utf8_lossy(&request[..n]).into_owned();
+            assert!(text.starts_with("DELETE /v1/admin/drain HTTP/1.1\r\n"), "{text}");
+            assert!(text.to_lowercase().contains("\r\nauthorization: bearer t0ken\r\n"), "{text}");
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn cancels_a_drain_and_reports_a_refusal() {
+        let body = r#"{"cancelled":true,"moved":3,"connectionsLeft":40}"#;
+        let ok = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        let addr = serve_delete(Box::leak(ok.into_boxed_str())).await;
+        let cancelled = cancel_drain(addr, "t0ken", Duration::from_secs(2)).await.expect("cancelled");
+        assert_eq!(cancelled, Cancelled { cancelled: true, moved: 3, connections_left: 40 });
+        let body = r#"{"error":"drain_finished","message":"…"}"#;
+        let conflict = format!("HTTP/1.1 409 Conflict\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        let addr = serve_delete(Box::leak(conflict.into_boxed_str())).await;
+        let err = cancel_drain(addr, "t0ken", Duration::from_secs(2)).await.expect_err("finished");
+        assert!(matches!(err, PollError::Status(StatusCode::CONFLICT)), "{err}");
     }
 
     #[tokio::test]

@@ -20,7 +20,10 @@
 //! of deleting the pod ([`Report::replicas`]). A replacement that
 //! does not come up within `spec.gateway.rollout.podReadyTimeoutSeconds`
 //! stops the rollout (`Degraded`); `kubechat.dev/paused: "true"` on the
-//! ChatCluster stops it at the next pod boundary.
+//! ChatCluster stops it at the next pod boundary and cancels a drain under
+//! way (`DELETE /v1/admin/drain`), as does a spec that goes back to the
+//! revision the draining pod runs. The drain requests carry the cluster's
+//! admin token (`desired::admin_token`), read from the Secret cache.
 //!
 //! "Listed" means the endpoint ConfigMap lists the pod ready and the pod's
 //! own gateway answers ready at the listed URL (the list is by pod name, so
@@ -35,7 +38,7 @@ pub mod plan;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
@@ -48,7 +51,7 @@ use self::plan::{Input, Plan, PodState, Step};
 use crate::calls::{Verb, counted};
 use crate::context::Context;
 use crate::desired::gateway::{COMPONENT, SERVING_CONDITION};
-use crate::desired::{LABEL_COMPONENT, LABEL_INSTANCE, Names};
+use crate::desired::{LABEL_COMPONENT, LABEL_INSTANCE, Names, admin_token};
 use crate::discovery::endpoints::Endpoints;
 use crate::discovery::{self, poll};
 use crate::status::{DEGRADED, PROGRESSING};
@@ -292,6 +295,28 @@ async fn execute(
             let note = format!("draining {name} ({held} connections) before {purpose} it");
             publish(ctx, cc, "DrainStarted", note, Some(pod)).await;
         }
+        Step::CancelDrain { pod: name, reason } => {
+            let Some(pod) = find(name) else { return Ok(()) };
+            // The gateway first: the record goes only once it no longer
+            // drains. One that refused (it finished meanwhile) or did not
+            // answer keeps its record, and the next reconcile decides again.
+            let Some(cancelled) = cancel_drain(ctx, cc, pod).await else { return Ok(()) };
+            let patch = json!({"metadata": {"annotations": {DRAIN_STARTED_ANNOTATION: null}}});
+            counted(Verb::Patch, api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)))
+                .await
+                .map_err(Error::kube(format!("removing the drain record of pod {name}")))?;
+            let since = pod.annotations().get(DRAIN_STARTED_ANNOTATION).and_then(|t| time::parse(t));
+            let after = since.map_or_else(String::new, |s| format!(" after {} s", now - s));
+            let note = if cancelled.cancelled {
+                format!(
+                    "cancelled the drain of {name}{after} ({reason}): {} clients moved, {} stay",
+                    cancelled.moved, cancelled.connections_left
+                )
+            } else {
+                format!("{name} no longer drains ({reason}); {} clients stay", cancelled.connections_left)
+            };
+            publish(ctx, cc, "DrainCancelled", note, Some(pod)).await;
+        }
         Step::Delete { pod: name, drained_for, connections_left } => {
             let pod = find(name);
             let uid = pod.and_then(|p| p.uid());
@@ -346,16 +371,54 @@ async fn start_drain(ctx: &Context, cc: &ChatCluster, pod: &Pod) -> Option<poll:
         return None;
     }
     let addr = discovery::admin_addr(pod, cc, ctx.admin_loopback_only).ok()?;
+    let token = gateway_admin_token(ctx, cc)?;
     let drain = &cc.spec.gateway.drain;
     let window = u32::try_from(drain.window_seconds).unwrap_or(60);
     let rate = u32::try_from(drain.max_reconnects_per_second).unwrap_or(500);
-    match poll::drain(addr, window, rate, ADMIN_TIMEOUT).await {
+    match poll::drain(addr, &token, window, rate, ADMIN_TIMEOUT).await {
         Ok(progress) => Some(progress),
         Err(e) => {
             tracing::debug!(pod = %pod.name_any(), error = %e, "drain not started or read");
             None
         }
     }
+}
+
+/// `DELETE /v1/admin/drain` to the pod's gateway; `None` when it refused
+/// (the drain finished, the gateway stops), did not answer, or this replica
+/// no longer leads.
+async fn cancel_drain(ctx: &Context, cc: &ChatCluster, pod: &Pod) -> Option<poll::Cancelled> {
+    if !ctx.leading() {
+        return None;
+    }
+    let addr = discovery::admin_addr(pod, cc, ctx.admin_loopback_only).ok()?;
+    let token = gateway_admin_token(ctx, cc)?;
+    match poll::cancel_drain(addr, &token, ADMIN_TIMEOUT).await {
+        Ok(cancelled) => Some(cancelled),
+        Err(e) => {
+            tracing::info!(pod = %pod.name_any(), error = %e, "drain not cancelled");
+            None
+        }
+    }
+}
+
+/// The cluster's admin token, from the Secret cache (`None`: not seen yet;
+/// the reconcile creates it before any rollout step).
+fn gateway_admin_token(ctx: &Context, cc: &ChatCluster) -> Option<String> {
+    let generated = admin_token::generated(cc);
+    let namespace = cc.namespace().unwrap_or_default();
+    let secret = ctx.owned.get::<Secret>(&namespace, &generated.name);
+    let token = secret
+        .as_ref()
+        .and_then(|s| s.data.as_ref()?.get(generated.key))
+        .and_then(|value| std::str::from_utf8(&value.0).ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string);
+    if token.is_none() {
+        tracing::warn!(secret = generated.name, "no admin token in the Secret cache yet: no drain request sent");
+    }
+    token
 }
 
 /// Whether the pod's own gateway answers ready (not draining) and

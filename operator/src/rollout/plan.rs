@@ -13,6 +13,11 @@
 
 use kubechat_crds::RolloutStatus;
 
+/// Why a drain is cancelled (the `DrainCancelled` Event says it).
+pub const CANCELLED_PAUSED: &str = "the rollout is paused";
+pub const CANCELLED_ROLLED_BACK: &str = "the spec went back to the revision it runs";
+pub const CANCELLED_KEPT: &str = "it is to be kept after all";
+
 /// Phases shown in `status.rollout.phase`.
 pub const DRAINING: &str = "Draining";
 pub const REPLACING: &str = "Replacing";
@@ -87,6 +92,9 @@ pub enum Step {
     MarkServing(String),
     /// Close the gate, record the drain on the pod and start it.
     StartDrain(String),
+    /// Cancel the pod's drain and remove its record (its gate opens once
+    /// it is ready again). `reason`: one of the `CANCELLED_*` texts.
+    CancelDrain { pod: String, reason: &'static str },
     /// Delete the pod (the StatefulSet re-creates it at the new revision).
     /// `drained_for`: seconds it drained (`None`: nothing to drain).
     Delete { pod: String, drained_for: Option<i64>, connections_left: Option<u64> },
@@ -140,8 +148,10 @@ pub fn plan(input: &Input) -> Plan {
     let updated = pods.iter().filter(|p| p.revision == revision && p.up()).count();
     let all_up = pods.len() == usize::try_from(input.replicas).unwrap_or(0) && pods.iter().all(|p| p.up());
     let rolling = !outdated.is_empty() || input.previous.is_some();
+    // A drain recorded on a pod is seen to its end or cancelled below, rollout or not.
+    let draining = pods.iter().any(|p| !p.deleting && p.drain_started.is_some());
 
-    if !rolling && !shrinking {
+    if !rolling && !shrinking && !draining {
         // Not a rollout (a first start, a scale-up, a restarted pod).
         return match opening {
             Some(p) => Plan { step: Step::MarkServing(p.name.clone()), ..Plan::idle(false) },
@@ -182,12 +192,30 @@ pub fn plan(input: &Input) -> Plan {
     };
     let scaling = |what: String| format!("{what} ({} → {keep} gateways)", input.replicas);
 
-    // 1. A drain under way goes on to its end, paused or not. The highest
-    //    pod, when the cluster shrinks, is then removed instead of replaced.
+    // 1. A drain under way goes on to its end, unless it is cancelled: while
+    //    paused, or once nothing calls for it (the pod runs the revision
+    //    wanted and is not to be removed: the spec was rolled back, or
+    //    fewer gateways are no longer wanted). One that is over is not
+    //    cancelled (its clients are gone; the gateway cannot undo it). The
+    //    highest pod, when the cluster shrinks, is then removed instead of replaced.
     if let Some(p) = pods.iter().find(|p| !p.deleting && p.drain_started.is_some()) {
         let since = p.drain_started.unwrap_or(input.now);
         let over = p.connections == Some(0) || input.now - since >= input.drain_deadline;
         let removing = shrinking && p.ordinal == top;
+        let needed = removing || p.revision != revision;
+        let cancel = match (over, input.paused, needed) {
+            (true, _, _) => None,
+            (false, true, _) => Some(CANCELLED_PAUSED),
+            (false, false, false) if input.previous.is_some() => Some(CANCELLED_ROLLED_BACK),
+            (false, false, false) => Some(CANCELLED_KEPT),
+            (false, false, true) => None,
+        };
+        if let Some(reason) = cancel {
+            let step = Step::CancelDrain { pod: p.name.clone(), reason };
+            let phase = if input.paused { PAUSED } else { WAITING };
+            let doing = removing.then(|| scaling(format!("cancelling the drain of {}: {reason}", p.name)));
+            return Plan { shrinking: doing, ..result(step, status(phase, &p.name, p.connections), None) };
+        }
         let (drained_for, connections_left) = (Some(input.now - since), p.connections);
         let step = match (over, removing) {
             (false, _) => Step::Wait,
@@ -476,15 +504,71 @@ mod tests {
     }
 
     #[test]
-    fn pause_stops_at_a_pod_boundary_only() {
+    fn pause_stops_at_a_pod_boundary_and_cancels_a_drain_under_way() {
         let paused = |pods| Input { paused: true, previous: previous(DRAINING, "chat-gateway-2"), ..input(pods) };
         let p = plan(&paused(vec![pod(0, OLD), pod(1, OLD), pod(2, NEW)]));
         assert_eq!(p.step, Step::Wait, "no new drain while paused");
         assert_eq!(p.rollout.expect("status").phase, PAUSED);
+        let p = plan(&paused(vec![pod(0, OLD), pod(1, OLD), draining(pod(2, OLD), 1_990, 40)]));
+        assert_eq!(p.step, Step::CancelDrain { pod: "chat-gateway-2".into(), reason: CANCELLED_PAUSED });
+        assert_eq!(p.rollout.expect("status").phase, PAUSED);
         let p = plan(&paused(vec![pod(0, OLD), pod(1, OLD), draining(pod(2, OLD), 1_990, 0)]));
-        assert!(matches!(p.step, Step::Delete { .. }), "a drain under way finishes");
+        assert!(matches!(p.step, Step::Delete { .. }), "a drain that is over is not undone: the pod goes");
+        let late = Input { now: 2_100, ..paused(vec![pod(0, OLD), pod(1, OLD), draining(pod(2, OLD), 1_990, 40)]) };
+        assert!(matches!(plan(&late).step, Step::Delete { .. }), "past its deadline, the same");
         let p = plan(&Input { paused: false, ..paused(vec![pod(0, OLD), pod(1, OLD), pod(2, NEW)]) });
         assert_eq!(p.step, Step::StartDrain("chat-gateway-1".into()), "resumed");
+    }
+
+    #[test]
+    fn a_cancelled_drain_leaves_the_pod_to_serve_again() {
+        // The drain's record is gone, its gate still closed: it opens once the gateway is ready.
+        let mut cancelled = pod(2, OLD);
+        cancelled.serving = Some(false);
+        cancelled.listed_ready = false;
+        let paused = Input {
+            paused: true,
+            previous: previous(PAUSED, ""),
+            ..input(vec![pod(0, OLD), pod(1, OLD), cancelled.clone()])
+        };
+        assert_eq!(plan(&paused).step, Step::MarkServing("chat-gateway-2".into()));
+        cancelled.containers_ready = false;
+        let p = plan(&Input { pods: vec![pod(0, OLD), pod(1, OLD), cancelled], ..paused });
+        assert_eq!(p.step, Step::Wait, "not ready yet: nothing else is drained meanwhile");
+    }
+
+    #[test]
+    fn a_rollback_cancels_the_drain_of_a_pod_at_the_revision_it_goes_back_to() {
+        // Pod 2 was replaced at NEW; pod 1 (at OLD) drains; the spec goes
+        // back to OLD: pod 1's drain is cancelled, pod 2 is the one to replace.
+        let rolled_back = Input {
+            update_revision: Some(OLD.into()),
+            previous: previous(DRAINING, "chat-gateway-1"),
+            ..input(vec![pod(0, OLD), draining(pod(1, OLD), 1_990, 40), pod(2, NEW)])
+        };
+        let p = plan(&rolled_back);
+        assert_eq!(p.step, Step::CancelDrain { pod: "chat-gateway-1".into(), reason: CANCELLED_ROLLED_BACK });
+        assert_eq!(p.rollout.expect("status").phase, WAITING);
+        // Over already: it is deleted (and comes back at the same revision) instead.
+        let over = Input { pods: vec![pod(0, OLD), draining(pod(1, OLD), 1_990, 0), pod(2, NEW)], ..rolled_back };
+        assert!(matches!(plan(&over).step, Step::Delete { .. }));
+        // Not rolled back: the drain goes on.
+        let p = plan(&Input { update_revision: Some(NEW.into()), ..over.clone() });
+        assert!(matches!(p.step, Step::Delete { .. }));
+        let going_on = Input { pods: vec![pod(0, OLD), draining(pod(1, OLD), 1_990, 40), pod(2, NEW)], ..over };
+        assert_eq!(plan(&Input { update_revision: Some(NEW.into()), ..going_on }).step, Step::Wait);
+    }
+
+    #[test]
+    fn a_scale_down_given_up_cancels_its_drain() {
+        let drain = vec![pod(0, NEW), pod(1, NEW), draining(pod(2, NEW), 1_990, 12)];
+        assert_eq!(plan(&shrink(2, drain.clone())).step, Step::Wait, "still wanted away: the drain goes on");
+        let p = plan(&shrink(3, drain.clone()));
+        assert_eq!(p.step, Step::CancelDrain { pod: "chat-gateway-2".into(), reason: CANCELLED_KEPT });
+        assert_eq!(p.rollout, None, "not a rollout");
+        let p = plan(&Input { paused: true, ..shrink(2, drain) });
+        assert_eq!(p.step, Step::CancelDrain { pod: "chat-gateway-2".into(), reason: CANCELLED_PAUSED });
+        assert!(p.shrinking.is_some_and(|s| s.contains("cancelling the drain of chat-gateway-2")));
     }
 
     #[test]

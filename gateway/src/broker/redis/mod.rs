@@ -492,6 +492,13 @@ impl Broker for RedisBroker {
         }
     }
 
+    async fn publish_load_now(&self, load: GatewayLoad) {
+        *self.load.lock().unwrap_or_else(|p| p.into_inner()) = Some(load);
+        if let Err(e) = self.publish_load().await {
+            tracing::warn!(error = %e, "could not publish this gateway's load; it goes out with the next renewal");
+        }
+    }
+
     async fn gateway_loads(&self) -> Result<Vec<GatewayLoad>, BrokerError> {
         {
             let cached = self.loads.read().await;
