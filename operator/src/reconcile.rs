@@ -202,9 +202,11 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
 /// replicas and the connections the endpoint list publishes.
 fn scale_input<'a>(cc: &'a ChatCluster, ctx: &Context, namespace: &str, now: i64) -> scale::Input<'a> {
     let current = observe::gateway_replicas(&ctx.owned, cc, namespace);
-    let connections = observe::published_endpoints(&ctx.owned, cc, namespace).map(|e| e.total_connections());
+    let endpoints = observe::published_endpoints(&ctx.owned, cc, namespace);
+    let connections = endpoints.as_ref().map(|e| e.total_connections());
+    let unread = endpoints.iter().flat_map(|e| e.unread()).map(|g| g.pod.clone()).collect();
     let previous = cc.status.as_ref().and_then(|s| s.autoscale.as_ref());
-    scale::Input { gateway: &cc.spec.gateway, current, connections, previous, now }
+    scale::Input { gateway: &cc.spec.gateway, current, connections, previous, now, unread }
 }
 
 /// `ScaledUp` and `ScaledDown` Events, once the StatefulSet has its new
