@@ -34,9 +34,19 @@ impl Component<'_> {
         }
     }
 
+    /// "gateway 3/3 ready" alone would contradict an unsettled component:
+    /// say what is still missing.
     fn describe(&self) -> String {
         let s = self.status();
-        format!("{} {}/{} ready", self.name, s.ready, s.desired)
+        let ready = format!("{} {}/{} ready", self.name, s.ready, s.desired);
+        match self.observed {
+            Some(w) if !w.current => format!("{ready} (its controller has not seen the newest spec yet)"),
+            Some(w) if w.updated < self.desired => {
+                format!("{ready}, {}/{} at the newest spec", w.updated, self.desired)
+            }
+            Some(w) if w.desired != self.desired => format!("{ready} (scaling to {})", self.desired),
+            _ => ready,
+        }
     }
 }
 
