@@ -426,12 +426,23 @@ fn default_redis_storage() -> StorageSpec {
     StorageSpec { size: Quantity("1Gi".into()), storage_class_name: None, pvc_retention: PvcRetention::default() }
 }
 
+/// A TCP port, 1 to 65535, as a regular expression (a macro: `concat!`
+/// takes literals only).
+macro_rules! port_pattern {
+    () => {
+        r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+    };
+}
+
 /// `redis[s]://[user][:password@]host[:port][/db][?query][#fragment]`, the
-/// host a DNS name, an IPv4 address or an `[IPv6]` address. Raw CEL string.
+/// host a DNS name, an IPv4 address or an `[IPv6]` address, the port 1 to
+/// 65535. Raw CEL string.
 const REDIS_URL_PATTERN: &str = concat!(
     r"^rediss?://([^@/?#\s]*@)?",
     r"([A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?([.][A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?)*[.]?|\[[0-9A-Fa-f:.]+\])",
-    r"(:[0-9]{1,5})?(/[0-9]*)?([?][^#\s]*)?(#\S*)?$",
+    r"(:",
+    port_pattern!(),
+    r")?(/[0-9]*)?([?][^#\s]*)?(#\S*)?$",
 );
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -443,7 +454,7 @@ pub struct ExternalRedis {
     #[x_kube(validation = Rule::new("self.startsWith('redis://') || self.startsWith('rediss://')")
         .message("redis.external.url must start with redis:// or rediss://"),
         validation = Rule::new(format!("!(self.startsWith('redis://') || self.startsWith('rediss://')) || self.matches(r'{REDIS_URL_PATTERN}')"))
-        .message("redis.external.url must be redis[s]://[user:password@]host[:port][/db], the host a DNS name, an IPv4 address or an [IPv6] address, e.g. redis://redis.prod.svc:6379/0"))]
+        .message("redis.external.url must be redis[s]://[user:password@]host[:port][/db], the host a DNS name, an IPv4 address or an [IPv6] address, the port 1 to 65535, e.g. redis://redis.prod.svc:6379/0"))]
     pub url: String,
     /// Secret key holding the Redis password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -551,8 +562,12 @@ fn default_true() -> bool {
 /// `host` or `host:port`, the host a DNS name, an IPv4 address, an IPv6
 /// address, or `[IPv6]:port`. Raw CEL string.
 const CONTACT_POINT_PATTERN: &str = concat!(
-    r"^([A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?([.][A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?)*[.]?(:[0-9]{1,5})?",
-    r"|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?",
+    r"^([A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?([.][A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?)*[.]?(:",
+    port_pattern!(),
+    r")?",
+    r"|\[[0-9A-Fa-f:.]+\](:",
+    port_pattern!(),
+    r")?",
     r"|[0-9A-Fa-f]*:[0-9A-Fa-f]*:[0-9A-Fa-f:.]*)$",
 );
 
@@ -563,7 +578,7 @@ pub struct ExternalScylla {
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 261)))]
     #[x_kube(validation = Rule::new(format!("self.all(p, p.matches(r'{CONTACT_POINT_PATTERN}'))"))
         // Names the first bad entry: the apiserver does not say which item failed a list rule.
-        .message(Message::Expression(format!("'contact point \"' + self.filter(p, !p.matches(r'{CONTACT_POINT_PATTERN}'))[0] + '\" is wrong: each of scylla.external.contactPoints must be host or host:port, the host a DNS name, an IPv4 address or an IPv6 address ([brackets] with a port), e.g. scylla-0.db.svc:9042'"))))]
+        .message(Message::Expression(format!("'contact point \"' + self.filter(p, !p.matches(r'{CONTACT_POINT_PATTERN}'))[0] + '\" is wrong: each of scylla.external.contactPoints must be host or host:port, the host a DNS name, an IPv4 address or an IPv6 address ([brackets] with a port), the port 1 to 65535, e.g. scylla-0.db.svc:9042'"))))]
     pub contact_points: Vec<String>,
     /// Secret with `username` and `password` keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -895,6 +910,9 @@ mod tests {
             "redis://two hosts",
             "redis://host:6379/0 ",
             "http://redis:6379",
+            "redis://redis:99999",
+            "redis://redis:65536/0",
+            "redis://redis:0",
         ] {
             assert!(!matches(REDIS_URL_PATTERN, bad), "{bad} accepted");
         }
@@ -905,7 +923,24 @@ mod tests {
         for good in ["scylla", "scylla.db.svc:9042", "10.0.0.7", "10.0.0.7:9042", "::1", "fd00::7", "[fd00::7]:9042"] {
             assert!(matches(CONTACT_POINT_PATTERN, good), "{good} refused");
         }
-        for bad in ["not a host port!!", "host:", "host:port", ":9042", "[fd00::7", "fd00::7]:9042", "a/b", ""] {
+        for good in ["scylla:1", "scylla:65535", "[fd00::7]:65535"] {
+            assert!(matches(CONTACT_POINT_PATTERN, good), "{good} refused");
+        }
+        for bad in [
+            "not a host port!!",
+            "host:",
+            "host:port",
+            ":9042",
+            "[fd00::7",
+            "fd00::7]:9042",
+            "a/b",
+            "",
+            "scylla:99999",
+            "scylla:65536",
+            "scylla:0",
+            "scylla:09042",
+            "[fd00::7]:70000",
+        ] {
             assert!(!matches(CONTACT_POINT_PATTERN, bad), "{bad} accepted");
         }
     }

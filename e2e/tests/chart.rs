@@ -68,6 +68,9 @@ fn the_values_schema_refuses_bad_values_with_a_message() {
         ("watchNamespace=Not_A_Namespace", "/watchNamespace"),
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
         ("replica=3", "replica"),
+        ("resources.limits.memory=lots", "/resources/limits/memory"),
+        ("resources.requests.cpu=1.5 cores", "/resources/requests/cpu"),
+        ("resources.request.cpu=1", "request"),
     ] {
         match render(&[set]) {
             Ok(_) => panic!("--set {set} was accepted"),
@@ -252,7 +255,7 @@ async fn the_dev_example_gets_its_components_and_waits_for_storage() {
 }
 
 #[tokio::test]
-async fn the_production_example_is_degraded_without_its_secrets_and_ready_with_them() {
+async fn the_production_example_is_degraded_without_its_secrets_and_not_ready_while_no_gateway_serves() {
     let client = connect_kube().await;
     install_crd(&client).await;
     let namespace = create_namespace(&client, "example-prod").await;
@@ -270,13 +273,36 @@ async fn the_production_example_is_degraded_without_its_secrets_and_ready_with_t
         assert!(degraded.message.contains(secret), "Degraded names {secret}: {}", degraded.message);
     }
 
-    // The whole file (Secrets included): Ready, with external back-ends only.
+    // The whole file (Secrets included): every pod runs, but no gateway
+    // serves (no gateway process answers for these fake pods, and the
+    // example's backends do not exist here), so it is not Ready, and says
+    // why: the gateways' load could not be read.
     kubectl_apply(&namespace, &example_path("production.yaml"));
-    let cc = wait_for_condition(&client, &namespace, "chat-prod", "Ready", "True", "AllComponentsReady").await;
+    wait_for_condition(&client, &namespace, "chat-prod", "Ready", "False", "NoLoadReport").await;
+    // Once discovery has tried every gateway, it names each one and why.
+    let api: Api<ChatCluster> = Api::namespaced(client.clone(), &namespace);
+    let read = wait_for(Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let cc = api.get("chat-prod").await.ok()?;
+            let ready = cc.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?.clone();
+            ready.message.contains("its load could not be read").then_some(cc)
+        }
+    })
+    .await;
+    let cc = read.expect("Ready never named a gateway whose load could not be read");
     let status = cc.status.clone().expect("status");
     assert!(status.gateway.desired >= 3, "autoscale's minimum: {} gateways", status.gateway.desired);
     assert_eq!(cc.spec.gateway.autoscale.as_ref().map(|a| a.max_replicas), Some(20));
-    println!("{} Ready with {} gateways", cc.name_any(), status.gateway.ready);
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
+    assert!(
+        ready.message.contains("chat-prod-gateway-0: its load could not be read"),
+        "Ready says why: {}",
+        ready.message
+    );
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").expect("Degraded");
+    assert_eq!(degraded.status, "False", "nothing is missing any more: {}", degraded.message);
+    println!("{}: {} pods ready, not Ready: {}", cc.name_any(), status.gateway.ready, ready.message);
     assert_eq!(operator.errors(), 0, "reconcile errors");
     operator.stop().await;
     delete_namespace(&client, &namespace).await;

@@ -43,6 +43,19 @@ fn impossible_resources() -> ResourceRequirements {
     }
 }
 
+/// Requests above the limits for four resources: the StatefulSet is
+/// refused with an error per resource, which the apiserver lists in an
+/// order that changes from one request to the next.
+fn many_impossible_resources() -> ResourceRequirements {
+    let quantities = |value: &str| -> BTreeMap<String, Quantity> {
+        ["cpu", "memory", "ephemeral-storage", "hugepages-2Mi"]
+            .into_iter()
+            .map(|r| (r.to_string(), Quantity(value.into())))
+            .collect()
+    };
+    ResourceRequirements { requests: Some(quantities("4Gi")), limits: Some(quantities("1Gi")), ..Default::default() }
+}
+
 fn condition(cc: &ChatCluster, type_: &str) -> Option<(String, String, String)> {
     let c = cc.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
@@ -149,6 +162,37 @@ async fn a_refused_object_does_not_hold_back_the_others_and_says_why() {
 
 fn apply_errors(operator: &RunningOperator) -> u64 {
     operator.metrics.errors.with_label_values(&["apply"]).get()
+}
+
+/// A refusal listing many errors is one status, whatever order the
+/// apiserver lists them in: the status is written a handful of times, not
+/// on every retry (it was rewritten ~38 times a second, each write waking
+/// the next reconcile).
+#[tokio::test]
+async fn a_refusal_with_many_errors_makes_no_status_write_loop() {
+    let (client, namespace) = setup("fail-loop").await;
+    let operator = RunningOperator::start(&client, &namespace, None);
+    let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), &namespace);
+    clusters
+        .create(&PostParams::default(), &cluster("loop", |s| s.gateway.resources = Some(many_impossible_resources())))
+        .await
+        .expect("the apiserver accepts the ChatCluster");
+    let cc = wait_for_cluster(&client, &namespace, "loop", "Degraded by the refused StatefulSet", |cc| {
+        condition(cc, "Degraded").is_some_and(|(status, reason, _)| status == "True" && reason == "ApplyFailed")
+    })
+    .await;
+    let (_, _, message) = condition(&cc, "Degraded").expect("Degraded");
+    assert!(message.matches("must be less than or equal to").count() >= 3, "several errors: {message}");
+
+    let before = operator.metrics.status_updates.get();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let writes = operator.metrics.status_updates.get() - before;
+    println!("status writes in 30 s while refused: {writes}; {message}");
+    assert!(writes <= 3, "{writes} status writes in 30 s for an unchanging refusal");
+    let (_, _, still) = condition(&clusters.get("loop").await.expect("get"), "Degraded").expect("Degraded");
+    assert_eq!(still, message, "the same errors, the same message");
+    operator.stop().await;
+    delete_namespace(&client, &namespace).await;
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@
 //!   stay under the drain's bound; the status and Events show each step.
 //! - Without load: a pause holds the rollout at a pod boundary until it is
 //!   lifted; an image the kubelet refuses to start stops the rollout
-//!   (`Degraded`) without draining the next pod, and a fixed spec resumes it.
+//!   (`Degraded`) without draining the next pod, even when a replicas edit
+//!   removes the broken pod, and a fixed spec resumes it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -86,6 +87,11 @@ impl Harness {
     async fn set_image(&self, image: &str) {
         let patch = json!({"spec": {"gateway": {"image": image}}});
         self.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch the image");
+    }
+
+    async fn set_gateway_replicas(&self, replicas: usize) {
+        let patch = json!({"spec": {"gateway": {"replicas": replicas}}});
+        self.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch the replicas");
     }
 
     async fn set_paused(&self, paused: bool) {
@@ -663,8 +669,26 @@ async fn pause_holds_a_rollout_at_a_pod_boundary_and_a_replacement_that_never_st
         assert_eq!(uid_of(&after, n), uid_of(&before, n), "{} was replaced during a stuck rollout", gateway(n));
     }
 
+    // An unrelated edit (3 → 2 gateways removes the broken pod) leaves the
+    // rollout stuck: no other pod moves to the revision that just failed.
+    h.set_gateway_replicas(2).await;
+    let removed = wait_for(Duration::from_secs(60), || async {
+        (h.gateway_pods().await.iter().all(|p| p.name_any() != gateway(2))).then_some(())
+    })
+    .await;
+    assert!(removed.is_some(), "{} was not removed by the scale-down", gateway(2));
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(h.drain_annotated().await, Vec::<String>::new(), "a pod was drained after the replicas edit");
+    let after = h.gateway_pods().await;
+    for n in [0, 1] {
+        assert_eq!(uid_of(&after, n), uid_of(&before, n), "{} was moved to the failing revision", gateway(n));
+    }
+    let rollout = h.cluster().await.status.and_then(|s| s.rollout);
+    assert_eq!(rollout.map(|r| r.phase), Some("Stuck".into()), "the replicas edit unstuck the rollout");
+
     // Fixing the spec resumes: the broken pod is replaced without a drain, then the rest.
-    h.set_image("ghcr.io/kubechat/kubechat:0.3.0").await;
+    let patch = json!({"spec": {"gateway": {"image": "ghcr.io/kubechat/kubechat:0.3.0", "replicas": GATEWAYS}}});
+    h.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch the spec");
     h.wait_rollout_finished("ghcr.io/kubechat/kubechat:0.3.0", Duration::from_secs(180)).await;
     let cc = h.cluster().await;
     let degraded = cc.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded").cloned());

@@ -41,7 +41,15 @@ pub struct Context {
     pub authority: Option<Authority>,
     /// Consecutive failures per ChatCluster, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// When each ChatCluster's status was last written: writes are bounded
+    /// per cluster (see [`MIN_STATUS_INTERVAL`]).
+    status_written: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// The shortest time between two status writes of one ChatCluster. Status
+/// writes wake every watcher of the ChatCluster (this operator included): a
+/// status that changes on every reconcile must not become a write loop.
+pub const MIN_STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
 impl Context {
     pub fn new(
@@ -63,7 +71,26 @@ impl Context {
             operator_pods: OperatorPods::default(),
             authority: None,
             failures: Mutex::default(),
+            status_written: Mutex::default(),
         }
+    }
+
+    /// How long to wait before this ChatCluster's status may be written
+    /// again (`None`: now, and the write is counted from now).
+    pub(crate) fn status_write_wait(&self, cc: &ChatCluster) -> Option<Duration> {
+        let mut written = self.status_written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        let key = key(cc);
+        if let Some(at) = written.get(&key)
+            && now.duration_since(*at) < MIN_STATUS_INTERVAL
+        {
+            return Some(MIN_STATUS_INTERVAL - now.duration_since(*at));
+        }
+        if written.len() > 10_000 {
+            written.retain(|_, at| now.duration_since(*at) < MIN_STATUS_INTERVAL);
+        }
+        written.insert(key, now);
+        None
     }
 
     pub(crate) fn reset_failures(&self, key: &str) {

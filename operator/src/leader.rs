@@ -244,9 +244,10 @@ impl LeaderElector {
         Self { api: Api::namespaced(client, &config.namespace), config, observed: None }
     }
 
-    /// One round, begun at `started`: take the Lease if free or expired,
-    /// renew it if ours. Returns whether this replica holds it now.
-    pub async fn try_acquire_or_renew(&mut self, started: Instant) -> Result<bool> {
+    /// One round: take the Lease if free or expired, renew it if ours.
+    /// Returns whether this replica holds it now (the caller times its term
+    /// from before the round began).
+    pub async fn try_acquire_or_renew(&mut self) -> Result<bool> {
         let now = Timestamp::now();
         let me = &self.config.identity;
         let Some(mut lease) =
@@ -269,9 +270,15 @@ impl LeaderElector {
                 Err(e) => Err(Error::kube("creating the leader Lease")(e)),
             };
         };
+        // Another holder's Lease is timed from when the read returned: the
+        // version it shows may have been written at any moment of a slow
+        // read, and counting from before it would cut the holder's term
+        // short by the read's duration (two replicas acting at once). Our
+        // own term (`leading_until`) counts from `started`, the safe side.
+        let read_at = Instant::now();
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
-        let seen = observe(self.observed.take(), &version, started);
-        let holder_expired = expired(&seen, started, holder_duration(lease.spec.as_ref()));
+        let seen = observe(self.observed.take(), &version, read_at);
+        let holder_expired = expired(&seen, read_at, holder_duration(lease.spec.as_ref()));
         self.observed = Some(seen);
         let Some(claimed) = claim(lease.spec.as_ref(), me, now, self.config.lease_seconds(), holder_expired) else {
             return Ok(false);
@@ -316,7 +323,7 @@ impl LeaderElector {
             // A round may not outlast the current term: a renewal that hangs
             // must not keep this replica acting.
             let limit = authority.until().filter(|_| authority.is_leading()).unwrap_or(started + period);
-            match tokio::time::timeout_at(limit.into(), self.try_acquire_or_renew(started)).await {
+            match tokio::time::timeout_at(limit.into(), self.try_acquire_or_renew()).await {
                 Ok(Ok(true)) => authority.grant(leading_until(started, lease)),
                 Ok(Ok(false)) => authority.revoke(),
                 Ok(Err(e)) => tracing::warn!(error = %e, "leader election round failed"),

@@ -11,6 +11,9 @@ pub struct Metrics {
     /// Write requests for owned objects, by kind and outcome (created/updated).
     pub objects_applied: IntCounterVec,
     pub status_updates: IntCounter,
+    /// Status writes put off because the cluster's status was written
+    /// moments before (a status changing on every reconcile).
+    pub status_deferred: IntCounter,
     /// Every write request the reconciler made: applies, creates, status updates.
     pub writes: IntCounter,
     pub leader: IntGauge,
@@ -45,6 +48,11 @@ impl Metrics {
         .expect("valid metric");
         let status_updates =
             IntCounter::new("status_updates_total", "ChatCluster status writes").expect("valid metric");
+        let status_deferred = IntCounter::new(
+            "status_writes_deferred_total",
+            "ChatCluster status writes put off: the status was written less than 2 s before",
+        )
+        .expect("valid metric");
         let writes =
             IntCounter::new("api_writes_total", "Write requests made by the reconciler").expect("valid metric");
         let leader = IntGauge::new("leader", "1 while this replica holds the leader lease").expect("valid metric");
@@ -74,6 +82,7 @@ impl Metrics {
             Box::new(duration.clone()),
             Box::new(objects_applied.clone()),
             Box::new(status_updates.clone()),
+            Box::new(status_deferred.clone()),
             Box::new(writes.clone()),
             Box::new(leader.clone()),
             Box::new(polls.clone()),
@@ -92,6 +101,7 @@ impl Metrics {
             duration,
             objects_applied,
             status_updates,
+            status_deferred,
             writes,
             leader,
             polls,

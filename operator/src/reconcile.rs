@@ -150,7 +150,14 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     let mut new_status = status::compute(cc, &observed, cc.status.as_ref(), &now);
     new_status.autoscale = scale.status.clone();
     rollout.apply(&mut new_status, cc.status.as_ref(), &now);
-    if cc.status.as_ref() != Some(&new_status) {
+    let mut status_deferred = None;
+    if cc.status.as_ref() != Some(&new_status)
+        && let Some(wait) = ctx.status_write_wait(cc)
+    {
+        // Written moments ago: write again once the bound allows.
+        ctx.metrics.status_deferred.inc();
+        status_deferred = Some(wait);
+    } else if cc.status.as_ref() != Some(&new_status) {
         let became_degraded = new_status
             .conditions
             .iter()
@@ -174,7 +181,11 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
 
     if !observed.refused.is_empty() {
         // Retried with backoff, like a failed reconcile, until the spec is fixed.
-        return Ok(Action::requeue(ctx.next_backoff(cc)));
+        let backoff = ctx.next_backoff(cc);
+        return Ok(Action::requeue(status_deferred.map_or(backoff, |wait| wait.min(backoff))));
+    }
+    if let Some(wait) = status_deferred {
+        return Ok(Action::requeue(wait));
     }
     ctx.reset_failures(&key(cc));
     let action = if !observed.missing_secrets.is_empty() || !observed.stuck.is_empty() {
@@ -191,9 +202,11 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
 /// replicas and the connections the endpoint list publishes.
 fn scale_input<'a>(cc: &'a ChatCluster, ctx: &Context, namespace: &str, now: i64) -> scale::Input<'a> {
     let current = observe::gateway_replicas(&ctx.owned, cc, namespace);
-    let connections = observe::published_endpoints(&ctx.owned, cc, namespace).map(|e| e.total_connections());
+    let endpoints = observe::published_endpoints(&ctx.owned, cc, namespace);
+    let connections = endpoints.as_ref().map(|e| e.total_connections());
+    let unread = endpoints.iter().flat_map(|e| e.unread()).map(|g| g.pod.clone()).collect();
     let previous = cc.status.as_ref().and_then(|s| s.autoscale.as_ref());
-    scale::Input { gateway: &cc.spec.gateway, current, connections, previous, now }
+    scale::Input { gateway: &cc.spec.gateway, current, connections, previous, now, unread }
 }
 
 /// `ScaledUp` and `ScaledDown` Events, once the StatefulSet has its new

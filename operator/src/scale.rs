@@ -42,6 +42,9 @@ pub struct Input<'a> {
     pub connections: Option<u64>,
     /// The previous `status.autoscale`.
     pub previous: Option<&'a AutoscaleStatus>,
+    /// Gateways whose load could not be read at the last poll (their last
+    /// known connections are counted): no scale-down is decided meanwhile.
+    pub unread: Vec<String>,
     /// Unix seconds.
     pub now: i64,
 }
@@ -152,6 +155,18 @@ pub fn decide(input: &Input) -> Scale {
         };
     }
 
+    // Fewer wanted, but not every gateway answered: an overloaded one that
+    // does not answer must not start (or finish) a cool-down. Held, and the
+    // cool-down starts afresh once every load is read.
+    if !input.unread.is_empty() && current <= max {
+        let message = format!(
+            "the load of {} could not be read (last known connections counted); no scale-down until every \
+             gateway reports ({current} run)",
+            input.unread.join(", ")
+        );
+        return steady(current, NO_LOAD_REPORT, message, None, None);
+    }
+
     // Fewer wanted. Above maxReplicas is removed without waiting (the spec
     // says so); the rest only after the cool-down.
     let below_since = input
@@ -178,6 +193,25 @@ pub fn decide(input: &Input) -> Scale {
 mod tests {
     use super::*;
 
+    /// A gateway that could not be polled (overloaded) holds a scale-down
+    /// that would otherwise start its cool-down, and the cool-down starts
+    /// afresh once it answers; a scale-up is not held.
+    #[test]
+    fn an_unread_gateway_holds_a_scale_down_but_not_a_scale_up() {
+        let gateway = autoscaled(1, 10, 100, 60);
+        let unread = vec!["chat-gateway-2".to_string()];
+        let held = decide(&Input { unread: unread.clone(), ..input(&gateway, 3, 50, 1000) });
+        assert_eq!(held.keep, 3);
+        let status = held.status.expect("status");
+        assert_eq!(status.reason, NO_LOAD_REPORT);
+        assert!(status.message.contains("chat-gateway-2"), "{}", status.message);
+        assert_eq!(status.below_since, None, "no cool-down started");
+        let up = decide(&Input { unread, ..input(&gateway, 3, 450, 1000) });
+        assert_eq!(up.replicas, Some(5), "more gateways are added whatever answered");
+        let answered = decide(&input(&gateway, 3, 50, 1001));
+        assert_eq!(answered.status.expect("status").reason, COOLING_DOWN);
+    }
+
     fn autoscaled(min: i32, max: i32, target: i64, cooldown: i32) -> GatewaySpec {
         GatewaySpec {
             autoscale: Some(AutoscaleSpec {
@@ -191,7 +225,14 @@ mod tests {
     }
 
     fn input<'a>(gateway: &'a GatewaySpec, current: i32, connections: u64, now: i64) -> Input<'a> {
-        Input { gateway, current: Some(current), connections: Some(connections), previous: None, now }
+        Input {
+            gateway,
+            current: Some(current),
+            connections: Some(connections),
+            previous: None,
+            now,
+            unread: Vec::new(),
+        }
     }
 
     #[test]

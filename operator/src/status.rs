@@ -8,7 +8,7 @@ use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus, GatewayPodS
 use crate::desired::Names;
 use crate::discovery::endpoints::Backends;
 use crate::observe::{Observed, Workload};
-use crate::scale;
+use crate::scale::{self, NO_LOAD_REPORT};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -34,9 +34,19 @@ impl Component<'_> {
         }
     }
 
+    /// "gateway 3/3 ready" alone would contradict an unsettled component:
+    /// say what is still missing.
     fn describe(&self) -> String {
         let s = self.status();
-        format!("{} {}/{} ready", self.name, s.ready, s.desired)
+        let ready = format!("{} {}/{} ready", self.name, s.ready, s.desired);
+        match self.observed {
+            Some(w) if !w.current => format!("{ready} (its controller has not seen the newest spec yet)"),
+            Some(w) if w.updated < self.desired => {
+                format!("{ready}, {}/{} at the newest spec", w.updated, self.desired)
+            }
+            Some(w) if w.desired != self.desired => format!("{ready} (scaling to {})", self.desired),
+            _ => ready,
+        }
     }
 }
 
@@ -108,9 +118,14 @@ pub fn compute(
             ("False", "Blocked", bounded(format!("{} (pods cannot start: see Degraded)", unsettled.join(", "))))
         }
     };
+    let (not_serving, unread) = not_serving(observed, parts[0].desired);
     let ready_condition = match (blocking, unsettled.is_empty()) {
         (Some((reason, problems)), _) => ("False", *reason, bounded(problems.join("; "))),
-        (None, true) => ("True", "AllComponentsReady", "every component is ready".to_string()),
+        (None, true) if !not_serving.is_empty() => {
+            let reason = if unread { NO_LOAD_REPORT } else { "GatewaysNotServing" };
+            ("False", reason, bounded(format!("gateways not serving: {}", not_serving.join("; "))))
+        }
+        (None, true) => ("True", "AllComponentsReady", "every component is ready and every gateway serves".to_string()),
         (None, false) if !observed.stuck.is_empty() => ("False", "PodsCannotStart", unsettled.join(", ")),
         (None, false) => ("False", "ComponentsNotReady", unsettled.join(", ")),
     };
@@ -161,6 +176,33 @@ pub fn compute(
         autoscale: None,
         endpoint_config_map: Names(&cc.name_any()).endpoints(),
     }
+}
+
+/// Gateways that should take clients and do not, as the endpoint list
+/// shows them (a draining one is on its way out: the rollout reports it),
+/// and whether any of them because its load could not be read. A pod can
+/// be Ready while its gateway serves no one: Ready means the list says so.
+fn not_serving(observed: &Observed, desired: i32) -> (Vec<String>, bool) {
+    if desired == 0 {
+        return (Vec::new(), false);
+    }
+    let Some(endpoints) = &observed.endpoints else {
+        return (vec!["no endpoint list yet: no gateway's load was read".to_string()], true);
+    };
+    let mut unread = false;
+    let problems = endpoints
+        .gateways
+        .iter()
+        .filter(|g| !g.ready && !g.draining)
+        .map(|g| match &g.load_error {
+            Some(error) => {
+                unread = true;
+                format!("{}: its load could not be read ({error})", g.pod)
+            }
+            None => format!("{}: reports not ready", g.pod),
+        })
+        .collect();
+    (problems, unread)
 }
 
 /// Backends the gateways report down, as the endpoint list shows them
@@ -216,14 +258,53 @@ mod tests {
         Some(Workload { desired: n, ready: n, updated: n, current: true })
     }
 
+    /// Every pod ready and every gateway listed as serving.
     fn all_ready(cc: &ChatCluster) -> Observed {
+        use crate::discovery::endpoints::{Endpoints, GatewayEndpoint};
+        let serving = |n: i32| GatewayEndpoint { pod: format!("chat-gateway-{n}"), ready: true, ..Default::default() };
         Observed {
             gateway: ready(cc.spec.gateway.replicas),
             redis: ready(1),
             scylla: ready(1),
             push_workers: ready(1),
+            endpoints: Some(Endpoints {
+                updated_at: "2025-01-01T00:00:00.000Z".into(),
+                gateways: (0..cc.spec.gateway.replicas).map(serving).collect(),
+            }),
             ..Observed::default()
         }
+    }
+
+    /// Pods ready is not enough: gateways whose load cannot be read (or
+    /// that say they are not ready) serve no one, and Ready says so.
+    #[test]
+    fn ready_means_every_gateway_serves_and_says_why_not() {
+        let cc = ChatCluster::test();
+        let mut observed = all_ready(&cc);
+        for gateway in &mut observed.endpoints.as_mut().expect("endpoints").gateways {
+            gateway.ready = false;
+            gateway.load_error = Some("connecting: Connection refused".into());
+        }
+        let status = compute(&cc, &observed, None, &time(1));
+        let ready = condition(&status, READY);
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", NO_LOAD_REPORT));
+        assert!(
+            ready.message.contains("chat-gateway-0: its load could not be read (connecting: Connection refused)"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(status.gateways_ready, "2/2", "the pods are ready; the gateways are not serving");
+
+        let mut observed = all_ready(&cc);
+        observed.endpoints.as_mut().expect("endpoints").gateways[1].ready = false;
+        let status = compute(&cc, &observed, None, &time(1));
+        let ready = condition(&status, READY);
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "GatewaysNotServing"));
+        assert!(ready.message.contains("chat-gateway-1: reports not ready"), "{}", ready.message);
+
+        let mut observed = all_ready(&cc);
+        observed.endpoints = None;
+        assert_eq!(condition(&compute(&cc, &observed, None, &time(1)), READY).reason, NO_LOAD_REPORT);
     }
 
     fn condition<'a>(status: &'a ChatClusterStatus, type_: &str) -> &'a Condition {
@@ -319,7 +400,7 @@ mod tests {
                 GatewayPodStatus { pod: "chat-gateway-1".into(), connections: 30, ready: false, draining: true },
             ]
         );
-        let unpublished = compute(&cc, &all_ready(&cc), Some(&status), &time(2));
+        let unpublished = compute(&cc, &Observed { endpoints: None, ..all_ready(&cc) }, Some(&status), &time(2));
         assert_eq!(
             (unpublished.connections, unpublished.gateway_pods.len()),
             (0, 0),
@@ -343,7 +424,7 @@ mod tests {
             gateways: vec![
                 gateway("chat-gateway-0", "down", "up"),
                 gateway("chat-gateway-1", "down", "down"),
-                GatewayEndpoint { pod: "chat-gateway-2".into(), ..Default::default() },
+                GatewayEndpoint { pod: "chat-gateway-2".into(), ready: true, ..Default::default() },
             ],
         });
         let status = compute(&cc, &observed, None, &time(1));

@@ -45,6 +45,16 @@ pub const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
 /// so a config change rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "kubechat.dev/config-hash";
 
+/// On the ChatCluster: `"true"` stops rollouts before their next pod: the
+/// gateways' (the rollout driver) and the push workers' (their Deployment
+/// is paused).
+pub const PAUSED_ANNOTATION: &str = "kubechat.dev/paused";
+
+/// The ChatCluster carries [`PAUSED_ANNOTATION`] `"true"`.
+pub fn paused(cc: &ChatCluster) -> bool {
+    cc.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v == "true")
+}
+
 /// One object the operator keeps in place.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DesiredObject {

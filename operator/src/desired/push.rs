@@ -97,6 +97,9 @@ pub fn deployment(cc: &ChatCluster) -> Deployment {
         metadata: owned_meta(cc, Names(&cc.name_any()).push(), COMPONENT),
         spec: DeploymentSpec {
             replicas: Some(spec.push_workers.replicas),
+            // The pause annotation holds their rollout too (a paused
+            // Deployment still scales, but rolls out no template change).
+            paused: super::paused(cc).then_some(true),
             selector: LabelSelector { match_labels: Some(selector_labels(cc, COMPONENT)), ..Default::default() },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -127,6 +130,16 @@ pub fn deployment(cc: &ChatCluster) -> Deployment {
 mod tests {
     use super::*;
     use crate::desired::fixtures::ChatClusterExt;
+
+    /// The pause annotation holds the workers' rollout as it holds the
+    /// gateways' (it held only the gateways').
+    #[test]
+    fn the_pause_annotation_pauses_the_workers_rollout() {
+        let mut cc = ChatCluster::test();
+        assert_eq!(deployment(&cc).spec.paused, None);
+        cc.metadata.annotations = Some(BTreeMap::from([(super::super::PAUSED_ANNOTATION.to_string(), "true".into())]));
+        assert_eq!(deployment(&cc).spec.paused, Some(true));
+    }
 
     #[test]
     fn push_workers_run_the_gateway_image_in_worker_mode() {

@@ -31,6 +31,10 @@ pub struct GatewayEndpoint {
     /// could not be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backends: Option<Backends>,
+    /// Why the operator could not read its load this time (absent when it
+    /// could): `connections` are then the last ones read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_error: Option<String>,
 }
 
 /// Backend health as one gateway reports it: `up`, `down`, or `none` (not used).
@@ -73,6 +77,11 @@ impl Endpoints {
 
     pub fn total_connections(&self) -> u64 {
         self.gateways.iter().map(|g| g.connections).sum()
+    }
+
+    /// Gateways whose load could not be read at the last poll.
+    pub fn unread(&self) -> Vec<&GatewayEndpoint> {
+        self.gateways.iter().filter(|g| g.load_error.is_some()).collect()
     }
 }
 
@@ -246,6 +255,7 @@ mod tests {
             draining: false,
             version: "0.1.0".into(),
             backends: Some(Backends { redis: "up".into(), store: "up".into() }),
+            load_error: None,
         }
     }
 

@@ -275,7 +275,9 @@ fn pod_is_ready(pod: &Pod) -> bool {
 
 /// One gateway's entry from its poll result. `previous` is what was
 /// published for the same pod: a gateway that could not be read keeps its
-/// address, capacity and version, is not ready and counts no connections.
+/// address, capacity, version and last connections (an overloaded gateway
+/// that does not answer must not look empty to the autoscaler), is not
+/// ready, and says why its load is missing.
 pub fn endpoint(
     pod: &Pod,
     polled: Result<LoadReport, PollError>,
@@ -296,11 +298,13 @@ pub fn endpoint(
             draining: report.draining,
             version: report.version,
             backends: report.backends,
+            load_error: None,
             pod: name,
         },
-        Err(_) => GatewayEndpoint {
+        Err(e) => GatewayEndpoint {
             url: previous.map_or_else(fallback_url, |p| p.url.clone()),
-            connections: 0,
+            connections: previous.map_or(0, |p| p.connections),
+            load_error: Some(e.to_string()),
             capacity: previous.map_or(u64::try_from(spec.max_connections_per_pod).unwrap_or(0), |p| p.capacity),
             ready: false,
             draining: false,
@@ -577,16 +581,17 @@ mod tests {
     }
 
     #[test]
-    fn an_unread_gateway_is_unready_with_no_connections_and_keeps_its_address() {
+    fn an_unread_gateway_is_unready_keeps_its_last_load_and_address_and_says_why() {
         let cc = ChatCluster::test();
         let p = pod("chat-gateway-0", Some("127.1.0.1"));
         let before = endpoint(&p, Ok(report("chat-gateway-0", 40)), None, &cc);
         let after = endpoint(&p, Err(refused()), Some(&before), &cc);
         assert_eq!(
             after,
-            GatewayEndpoint { connections: 0, ready: false, backends: None, ..before.clone() },
-            "url, capacity and version as last published"
+            GatewayEndpoint { ready: false, backends: None, load_error: Some(refused().to_string()), ..before.clone() },
+            "url, capacity, version and connections as last published"
         );
+        assert_eq!(after.connections, 40, "an overloaded gateway does not look empty");
         let never_read = endpoint(&p, Err(refused()), None, &cc);
         assert_eq!(never_read.url, "ws://127.1.0.1:7000/v1/ws");
         assert_eq!(never_read.capacity, 50_000, "the spec's maxConnectionsPerPod");

@@ -58,8 +58,7 @@ use crate::status::{DEGRADED, PROGRESSING};
 use crate::time;
 use crate::{Error, Result, observe};
 
-/// On the ChatCluster: `"true"` stops a rollout before its next pod.
-pub const PAUSED_ANNOTATION: &str = "kubechat.dev/paused";
+pub use crate::desired::PAUSED_ANNOTATION;
 /// On a gateway pod: when the operator started draining it (RFC 3339).
 pub const DRAIN_STARTED_ANNOTATION: &str = "kubechat.dev/drain-started";
 /// On a new gateway pod: its `PodReplaced` Event was published (so a new
@@ -232,7 +231,7 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str, keep: i32) 
         keep,
         update_revision: if current { status.update_revision.clone() } else { None },
         pods: states,
-        paused: cc.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v == "true"),
+        paused: crate::desired::paused(cc),
         previous: cc.status.as_ref().and_then(|s| s.rollout.clone()),
         now,
         drain_deadline: i64::from(drain.window_seconds) + DRAIN_MARGIN_SECONDS,
@@ -477,6 +476,7 @@ fn pod_state(pod: &Pod, endpoints: Option<&Endpoints>) -> PodState {
         listed_ready: listed.is_some_and(|g| g.ready),
         connections: listed.map(|g| g.connections),
         replacement_reported: pod.annotations().contains_key(REPLACEMENT_REPORTED_ANNOTATION),
+        load_error: listed.and_then(|g| g.load_error.clone()),
         name,
     }
 }

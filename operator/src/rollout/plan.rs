@@ -49,12 +49,31 @@ pub struct PodState {
     pub connections: Option<u64>,
     /// Its `PodReplaced` Event was already published (its annotation).
     pub replacement_reported: bool,
+    /// Why the operator could not read its gateway's load (endpoint list).
+    pub load_error: Option<String>,
 }
 
 impl PodState {
     /// Serving clients as far as everyone can tell: gate open and listed.
     fn up(&self) -> bool {
         !self.deleting && self.serving == Some(true) && self.listed_ready
+    }
+
+    /// What keeps it from being up, in a status message's words.
+    fn why_not_up(&self) -> String {
+        if self.deleting {
+            return "it is being deleted".into();
+        }
+        if !self.containers_ready {
+            return "its containers are not ready".into();
+        }
+        if self.serving != Some(true) {
+            return "its serving gate is not open".into();
+        }
+        match &self.load_error {
+            Some(error) => format!("its load could not be read ({error})"),
+            None => "its gateway reports not ready".into(),
+        }
     }
 }
 
@@ -181,14 +200,37 @@ pub fn plan(input: &Input) -> Plan {
             format!("{phase} {pod} ({updated}/{total})")
         },
     };
+    // A revision that got stuck stays stuck, whatever else changes (a
+    // replicas edit that removed the broken pod, say), until the spec
+    // changes the revision or the stuck pod comes up after all: no other
+    // pod moves to it (step 6 is not reached) and the status keeps saying so.
+    let stuck_here = input.previous.as_ref().filter(|previous| {
+        previous.phase == STUCK
+            && previous.revision == revision
+            && !pods.iter().any(|p| p.name == previous.pod && p.revision == revision && p.up())
+    });
+    let held = stuck_here.map(|previous| {
+        let message = format!(
+            "the rollout to revision {revision} got stuck at {}; no other pod moves to it until the spec changes \
+             the revision",
+            previous.pod
+        );
+        (previous.pod.clone(), message)
+    });
     // Only a rollout shows in `status.rollout`; a scale-down alone shows in `Progressing`.
-    let result = |step: Step, rollout: RolloutStatus, stuck: Option<String>| Plan {
-        step,
-        rollout: rolling.then_some(rollout),
-        stuck,
-        replaced: replaced(input, &pods, &revision),
-        finished: false,
-        shrinking: None,
+    let result = |step: Step, rollout: RolloutStatus, stuck: Option<String>| {
+        let (rollout, stuck) = match (&held, stuck) {
+            (Some((pod, message)), None) => (status(STUCK, pod, None), Some(message.clone())),
+            (_, stuck) => (rollout, stuck),
+        };
+        Plan {
+            step,
+            rollout: rolling.then_some(rollout),
+            stuck,
+            replaced: replaced(input, &pods, &revision),
+            finished: false,
+            shrinking: None,
+        }
     };
     let scaling = |what: String| format!("{what} ({} → {keep} gateways)", input.replicas);
 
@@ -271,9 +313,11 @@ pub fn plan(input: &Input) -> Plan {
         let waited = input.now - p.created;
         if waited >= input.ready_timeout && rolling {
             let message = format!(
-                "gateway pod {} at the new revision is not ready, serving and listed after {waited} s (limit {} s); \
-                 the rollout stops here: fix the spec to resume",
-                p.name, input.ready_timeout
+                "gateway pod {} at the new revision is not up after {waited} s (limit {} s): {}; the rollout stops \
+                 here, and no other pod moves to this revision until the spec changes it",
+                p.name,
+                input.ready_timeout,
+                p.why_not_up()
             );
             return result(Step::Wait, status(STUCK, &p.name, None), Some(message));
         }
@@ -291,6 +335,10 @@ pub fn plan(input: &Input) -> Plan {
         let step = Step::StartDrain(p.name.clone());
         let doing = Some(scaling(format!("draining {} before removing it", p.name)));
         return Plan { shrinking: doing, ..result(step, status(DRAINING, &p.name, p.connections), None) };
+    }
+
+    if held.is_some() {
+        return result(Step::Wait, status(STUCK, "", None), None);
     }
 
     // 6. The next pod of a rollout: one that is down anyway first (nothing
@@ -340,6 +388,7 @@ mod tests {
             listed_ready: true,
             connections: Some(100),
             replacement_reported: false,
+            load_error: None,
         }
     }
 
@@ -480,16 +529,62 @@ mod tests {
         assert_eq!(p.rollout.expect("status").phase, STUCK);
     }
 
+    /// A replicas edit during a stuck rollout (3 → 2) removes the broken
+    /// pod, but moves no other pod to the revision that just failed: the
+    /// rollout stays stuck until the spec changes the revision.
+    #[test]
+    fn a_stuck_revision_stays_stuck_when_the_broken_pod_is_removed() {
+        let mut broken = pod(2, NEW);
+        broken.listed_ready = false;
+        broken.connections = None;
+        broken.created = 1_700;
+        broken.load_error = Some("cannot connect: Connection refused".into());
+        let stuck = plan(&Input {
+            previous: previous(REPLACING, "chat-gateway-2"),
+            ..input(vec![pod(0, OLD), pod(1, OLD), broken.clone()])
+        });
+        let message = stuck.stuck.clone().expect("stuck");
+        assert!(message.contains("its load could not be read (cannot connect: Connection refused)"), "{message}");
+        let stuck_status = stuck.rollout.expect("status");
+
+        // replicas 3 → 2: the broken pod serves no one and goes at once...
+        let shrink_input =
+            Input { keep: 2, previous: Some(stuck_status.clone()), ..input(vec![pod(0, OLD), pod(1, OLD), broken]) };
+        let removal = plan(&shrink_input);
+        assert!(matches!(removal.step, Step::Remove { ordinal: 2, .. }), "{:?}", removal.step);
+        let after_removal = removal.rollout.expect("status");
+        assert_eq!(after_removal.phase, STUCK, "still stuck while it goes");
+        // ...and then nothing moves to the failing revision.
+        let next = plan(&Input {
+            replicas: 2,
+            keep: 2,
+            previous: Some(after_removal),
+            ..input(vec![pod(0, OLD), pod(1, OLD)])
+        });
+        assert_eq!(next.step, Step::Wait, "no other gateway is drained for the failing revision");
+        assert_eq!(next.rollout.expect("status").phase, STUCK);
+        assert!(next.stuck.expect("still Degraded").contains("until the spec changes the revision"));
+        // A new revision (the spec fixed) moves again.
+        let fixed = plan(&Input {
+            replicas: 2,
+            keep: 2,
+            update_revision: Some("rev-fixed".into()),
+            previous: Some(stuck_status),
+            ..input(vec![pod(0, OLD), pod(1, OLD)])
+        });
+        assert!(matches!(fixed.step, Step::StartDrain(_)), "{:?}", fixed.step);
+    }
+
     #[test]
     fn fixing_the_spec_replaces_the_broken_pod_without_a_drain() {
         // The broken pod is now at an old revision and holds no one.
         let mut broken = pod(2, "rev-broken");
         broken.listed_ready = false;
         broken.connections = None;
-        let p = plan(&Input {
-            previous: previous(STUCK, "chat-gateway-2"),
-            ..input(vec![pod(0, OLD), pod(1, OLD), broken])
-        });
+        // Stuck at the broken revision; the spec now asks for another.
+        let stuck_at_broken =
+            previous(STUCK, "chat-gateway-2").map(|p| RolloutStatus { revision: "rev-broken".into(), ..p });
+        let p = plan(&Input { previous: stuck_at_broken, ..input(vec![pod(0, OLD), pod(1, OLD), broken]) });
         assert_eq!(p.step, Step::Delete { pod: "chat-gateway-2".into(), drained_for: None, connections_left: None });
         assert!(p.stuck.is_none());
     }
