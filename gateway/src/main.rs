@@ -18,6 +18,9 @@ use kubechat_gateway::transport::admin::AdminToken;
 use kubechat_gateway::transport::auth::Authenticator;
 use kubechat_gateway::transport::connection::ConnectionLimits;
 use kubechat_gateway::transport::drain::{Drain, Origin};
+use tracing_subscriber::filter::FilterExt as _;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "kubechat WebSocket gateway, push worker and client")]
@@ -150,12 +153,11 @@ async fn wait_for_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let levels = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The driver's warnings repeat for every attempt during a store outage: throttled.
+    let filter = levels.and(kubechat_gateway::throttle::DriverLogThrottle);
+    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_filter(filter)).init();
     match Cli::parse().command {
         Command::Standalone { data_dir, listen, dev_tokens } => {
             let key = local_signing_key(&data_dir)?;

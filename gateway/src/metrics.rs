@@ -140,6 +140,8 @@ impl Metrics {
             Box::new(metrics.push_deferred.clone()),
             Box::new(metrics.draining.clone()),
             Box::new(metrics.drain_moved.clone()),
+            // The process's one counter (the log filter is process-wide).
+            Box::new(crate::throttle::DRIVER_LINES_HELD.clone()),
         ];
         for collector in collectors {
             // Only duplicate names fail, and these are distinct.

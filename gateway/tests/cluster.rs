@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use common::cluster::{ClusterClient, ClusterSpec, CuttableProxy, GatewayProcess, PrivateRedis, Received};
+use common::cluster::{ClusterClient, ClusterSpec, CuttableProxy, GatewayProcess, PrivateRedis, Received, http_get};
 use serde_json::{Value, json};
 
 /// A hung scenario fails instead of stalling CI.
@@ -892,4 +892,65 @@ async fn a_redis_restart_degrades_then_recovers_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_id_in_use_is_refused() {
     within(Duration::from_secs(120), a_worker_id_in_use_is_refused_scenario()).await;
+}
+
+/// A store outage reads as a few lines, not a flood: the database driver's
+/// warnings and errors pass once per 10 s (there were ~13 a second per
+/// gateway: every reconnect attempt and every failed request), beside
+/// kubechat's own "store unavailable" line. Cassandra is reached through a
+/// proxy that the test cuts, while a client keeps sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_logs_the_drivers_warnings_once_per_interval() {
+    const OUTAGE: Duration = Duration::from_secs(12);
+    let redis = PrivateRedis::start().await;
+    let mut spec = ClusterSpec::new(redis.url(), 30).await;
+    let cql_port: u16 = spec.cql_node.rsplit(':').next().and_then(|p| p.parse().ok()).expect("the CQL node's port");
+    let proxy = CuttableProxy::start(cql_port).await;
+    spec.cql_node = format!("127.0.0.1:{}", proxy.port);
+    let gateway = GatewayProcess::start(&spec, 0).await;
+    let mut alice = ClusterClient::connect(&gateway.url(), "alice", "phone").await;
+    let first = json!({"type":"send","to":{"user":"bob"},"text":"before","key":"k-0"});
+    assert_eq!(alice.request(first).await["type"], "ack", "a send before the outage");
+    let before = gateway.log_matching(&["scylla::"]).lines().count();
+
+    proxy.cut();
+    let started = Instant::now();
+    let mut refused = 0;
+    let mut n = 0;
+    while started.elapsed() < OUTAGE {
+        n += 1;
+        let send = json!({"type":"send","to":{"user":"bob"},"text":"during","key":format!("k-{n}")});
+        if alice.try_request(send, Duration::from_secs(3)).await.is_some_and(|r| r["type"] == "error") {
+            refused += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during: Vec<String> = gateway
+        .log_matching(&["scylla::"])
+        .lines()
+        .skip(before)
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .map(str::to_string)
+        .collect();
+    let (status, metrics) = http_get(gateway.admin_port, "/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    let held: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubechat_gateway_driver_log_lines_held_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no driver_log_lines_held_total in the metrics:\n{metrics}"));
+    println!(
+        "store outage of {OUTAGE:?}, {refused} of {n} sends refused: {} driver warning lines logged, {held} held back",
+        during.len()
+    );
+    assert!(refused > 0, "no send was refused during the outage");
+    assert!(
+        during.len() <= 3,
+        "{} driver warning lines in {OUTAGE:?} (at most one per 10 s):\n{}",
+        during.len(),
+        during.join("\n")
+    );
+    let unavailable = gateway.log_matching(&["store unavailable"]).lines().count();
+    assert_eq!(unavailable, 1, "kubechat's own line says the store is unavailable, once");
+    drop(redis);
 }

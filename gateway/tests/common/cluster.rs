@@ -198,6 +198,8 @@ pub struct ClusterSpec {
     /// What a drain without parameters (SIGTERM) uses.
     pub drain_window_seconds: u32,
     pub drain_rate: u32,
+    /// Where the gateways reach Cassandra (e.g. through a [`CuttableProxy`]).
+    pub cql_node: String,
     pub dir: tempfile::TempDir,
 }
 
@@ -231,6 +233,7 @@ impl ClusterSpec {
             offline_after_seconds,
             drain_window_seconds: 10,
             drain_rate: 100,
+            cql_node: cql_node(),
             dir,
         }
     }
@@ -334,7 +337,7 @@ impl GatewayProcess {
                 "offlineAfterSeconds": spec.offline_after_seconds,
             },
             "redis": {"url": redis_url.unwrap_or(&spec.redis_url), "passwordEnv": null},
-            "scylla": {"contactPoints": [cql_node()], "keyspace": spec.keyspace, "replicationFactor": 1,
+            "scylla": {"contactPoints": [spec.cql_node], "keyspace": spec.keyspace, "replicationFactor": 1,
                        "localDatacenter": null, "credentialsEnv": null},
             "auth": {"signingKeyFile": spec.dir.path().join("signing-key")},
             "drain": {"windowSeconds": spec.drain_window_seconds, "maxReconnectsPerSecond": spec.drain_rate},

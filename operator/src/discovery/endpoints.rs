@@ -32,7 +32,8 @@ pub struct GatewayEndpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backends: Option<Backends>,
     /// Why the operator could not read its load this time (absent when it
-    /// could): `connections` are then the last ones read.
+    /// could): `connections` are then the last ones read, or 0 when the
+    /// gateway is gone (see [`super::endpoint`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_error: Option<String>,
 }

@@ -275,9 +275,11 @@ fn pod_is_ready(pod: &Pod) -> bool {
 
 /// One gateway's entry from its poll result. `previous` is what was
 /// published for the same pod: a gateway that could not be read keeps its
-/// address, capacity, version and last connections (an overloaded gateway
-/// that does not answer must not look empty to the autoscaler), is not
-/// ready, and says why its load is missing.
+/// address, capacity and version, is not ready, and says why its load is
+/// missing. It keeps its last connections too (an overloaded gateway that
+/// does not answer must not look empty to the autoscaler) unless it is gone
+/// (refused: a dead gateway holds no one, and its clients count where they
+/// reconnected).
 pub fn endpoint(
     pod: &Pod,
     polled: Result<LoadReport, PollError>,
@@ -303,7 +305,7 @@ pub fn endpoint(
         },
         Err(e) => GatewayEndpoint {
             url: previous.map_or_else(fallback_url, |p| p.url.clone()),
-            connections: previous.map_or(0, |p| p.connections),
+            connections: if e.gateway_is_gone() { 0 } else { previous.map_or(0, |p| p.connections) },
             load_error: Some(e.to_string()),
             capacity: previous.map_or(u64::try_from(spec.max_connections_per_pod).unwrap_or(0), |p| p.capacity),
             ready: false,
@@ -585,13 +587,22 @@ mod tests {
         let cc = ChatCluster::test();
         let p = pod("chat-gateway-0", Some("127.1.0.1"));
         let before = endpoint(&p, Ok(report("chat-gateway-0", 40)), None, &cc);
-        let after = endpoint(&p, Err(refused()), Some(&before), &cc);
+        let silent = PollError::Timeout(Duration::from_secs(1));
+        let after = endpoint(&p, Err(silent), Some(&before), &cc);
         assert_eq!(
             after,
-            GatewayEndpoint { ready: false, backends: None, load_error: Some(refused().to_string()), ..before.clone() },
+            GatewayEndpoint {
+                ready: false,
+                backends: None,
+                load_error: Some("no answer within 1s".into()),
+                ..before.clone()
+            },
             "url, capacity, version and connections as last published"
         );
         assert_eq!(after.connections, 40, "an overloaded gateway does not look empty");
+        let dead = endpoint(&p, Err(refused()), Some(&before), &cc);
+        assert_eq!(dead.connections, 0, "a gateway that is gone holds no one");
+        assert_eq!((dead.url.as_str(), dead.ready), (before.url.as_str(), false));
         let never_read = endpoint(&p, Err(refused()), None, &cc);
         assert_eq!(never_read.url, "ws://127.1.0.1:7000/v1/ws");
         assert_eq!(never_read.capacity, 50_000, "the spec's maxConnectionsPerPod");

@@ -64,6 +64,18 @@ pub enum PollError {
 }
 
 impl PollError {
+    /// Nothing of that gateway answers at its address (refused, another
+    /// pod's gateway there, no address): its process is gone and holds no
+    /// one. A timeout or a bad answer may come from a gateway too busy to
+    /// answer, which still holds its clients.
+    pub fn gateway_is_gone(&self) -> bool {
+        match self {
+            PollError::Connect(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+            PollError::OtherPod(_) | PollError::NotDialed(_) => true,
+            _ => false,
+        }
+    }
+
     /// Bounded metric label.
     pub fn label(&self) -> &'static str {
         match self {
