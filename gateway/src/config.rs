@@ -194,4 +194,18 @@ mod tests {
         assert_eq!(config.chat.send_retry_window(), Duration::from_secs(3600), "an hour unless set");
         assert_eq!(config.admin.token_file, None, "no token: admin drains refused");
     }
+
+    /// The example in docs/admin.md ("The config file") is a config this
+    /// gateway reads, with the values it shows.
+    #[test]
+    fn the_documented_example_parses() {
+        let doc = include_str!("../../docs/admin.md");
+        let section = doc.split("## The config file").nth(1).expect("docs/admin.md has a config file section");
+        let example = section.split("```json").nth(1).and_then(|rest| rest.split("```").next());
+        let config: FileConfig =
+            serde_json::from_str(example.expect("a JSON example in that section")).expect("the example parses");
+        assert_eq!((config.listen.websocket, config.listen.admin), (8080, 9090));
+        assert_eq!(config.chat.send_retry_window(), Duration::from_secs(3600));
+        assert_eq!(config.admin.token_file, Some(PathBuf::from("/var/run/kubechat/admin/token")));
+    }
 }

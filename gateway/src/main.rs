@@ -44,6 +44,8 @@ enum Command {
     },
     /// A gateway of a ChatCluster (ScyllaDB + Redis), configured by the operator's file.
     Gateway {
+        /// The JSON config the operator mounts from the `<cluster>-gateway-config`
+        /// ConfigMap; its format, with an example, is in docs/admin.md ("The config file").
         #[arg(long, env = "KUBECHAT_CONFIG", default_value = "/etc/kubechat/gateway.json")]
         config: PathBuf,
         /// Unique per running gateway (the StatefulSet ordinal).

@@ -317,8 +317,8 @@ const FAREWELL_WRITE: Duration = Duration::from_secs(2);
 
 /// Sends clients away in batches every [`TICK`]: at the pace that empties
 /// the gateway by 80 % of the window, never faster than the bound. A token
-/// bucket refilled at that rate and holding at most one tick's worth sets
-/// the pace; a record of the last second's sends enforces the bound, since
+/// bucket refilled at that rate and holding at most a second's worth sets
+/// the pace (tokens are spent only on clients actually sent away); a record of the last second's sends enforces the bound, since
 /// a batch leaves only after its reconnect frame is built (a Redis read
 /// whose time varies), which can bunch batches decided a tick apart.
 /// Stops when `stop` is cancelled, sending no one else away.
@@ -374,18 +374,20 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams, id: u64, stop: Ca
         let rate = (pending.len() as f64 / time_left).clamp(1.0, max_rate);
         let elapsed = now.duration_since(last).as_secs_f64();
         last = now;
-        // Up to two ticks' worth: a late tick sends what its time earned
-        // (the pace holds the bound, not ~90 % of it); the record of the
-        // last second below still keeps any second within the bound.
-        tokens = (tokens + rate * elapsed).min((2.0 * max_rate * TICK.as_secs_f64()).max(1.0));
-        let batch = (tokens.floor() as usize).min(pending.len());
-        if batch == 0 {
+        // Up to a second's worth: a late tick (a busy machine) sends what
+        // its time earned, so the pace holds the bound instead of losing
+        // what the delay took; the record of the last second below keeps
+        // any second within the bound.
+        tokens = (tokens + rate * elapsed).min(max_rate.max(1.0));
+        let wanted = (tokens.floor() as usize).min(pending.len());
+        if wanted == 0 {
             continue;
         }
-        tokens -= batch as f64;
-        // A batch's clients spread over the tick: arrivals elsewhere follow
-        // the bounded rate instead of a longer delay smearing batches together.
-        let spread_ms = TICK.as_millis() as u64;
+        // A batch's clients spread over the time the bound gives it (a tick,
+        // or more for a catch-up batch after a late tick): arrivals elsewhere
+        // follow the bounded rate instead of a longer delay smearing batches together.
+        let spread_ms =
+            (TICK.as_millis() as u64).max(wanted as u64 * 1000 / u64::from(params.max_reconnects_per_second.max(1)));
         let farewell = reconnect_frame(&gateway, "this gateway is draining", spread_ms).await;
         if !gateway.drain.is_current(id) {
             return;
@@ -396,10 +398,13 @@ async fn run_drain(gateway: Arc<Gateway>, params: DrainParams, id: u64, stop: Ca
         }
         let room = (params.max_reconnects_per_second as usize)
             .saturating_sub(last_second.iter().map(|(_, n)| n).sum::<usize>());
-        let batch = batch.min(room).min(pending.len());
+        let batch = wanted.min(room).min(pending.len());
         if batch == 0 {
+            // The tokens stay: a batch held by the record of the last second
+            // goes at the next tick, not never (that cost a tenth of the pace).
             continue;
         }
+        tokens -= batch as f64;
         last_second.push_back((sent_at, batch));
         for outbox in pending.drain(..batch) {
             outbox.farewell(&farewell, Kick::Reconnect);
