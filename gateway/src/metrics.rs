@@ -36,6 +36,8 @@ pub struct Metrics {
     pub presence_dropped: IntCounter,
     /// Push jobs held back while presence was uncertain (Redis lost its data).
     pub push_deferred: IntCounter,
+    /// Fan-outs whose push jobs are held now, waiting for presence.
+    pub push_deferred_waiting: IntGauge,
     /// Presence transitions announced, by `online`/`offline`.
     pub presence_changes: IntCounterVec,
     /// 1 while Redis routing and presence work, 0 while degraded.
@@ -103,6 +105,11 @@ impl Metrics {
                 "Presence transitions or offline announcements dropped from a full queue",
             ),
             push_deferred: counter("push_deferred_total", "Push jobs held back while presence was uncertain"),
+            push_deferred_waiting: IntGauge::new(
+                "push_deferred_waiting",
+                "Fan-outs whose push jobs are held until every gateway has re-registered its sessions",
+            )
+            .expect("valid metric name"),
             presence_changes: IntCounterVec::new(
                 Opts::new("presence_changes_total", "Presence transitions announced to friends"),
                 &["status"],
@@ -138,6 +145,7 @@ impl Metrics {
             Box::new(metrics.store_up.clone()),
             Box::new(metrics.presence_dropped.clone()),
             Box::new(metrics.push_deferred.clone()),
+            Box::new(metrics.push_deferred_waiting.clone()),
             Box::new(metrics.draining.clone()),
             Box::new(metrics.drain_moved.clone()),
         ];
