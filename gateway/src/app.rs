@@ -142,7 +142,8 @@ pub async fn start(
     let hub = Hub::new();
     let presence = Arc::new(PresenceTracker::new(options.chat.offline_after));
     let members = Arc::new(MemberCache::new(options.chat.members_ttl, 100_000));
-    let (local, remote_offline) = GatewayLocal::new(hub.clone(), presence.clone(), members.clone(), metrics.clone());
+    let (local, remote_offline) =
+        GatewayLocal::new(hub.clone(), presence.clone(), members.clone(), metrics.clone(), &tasks, shutdown.clone());
     let broker: Arc<dyn Broker> = match broker {
         BrokerSetup::Local => Arc::new(LocalBroker::default()),
         BrokerSetup::Redis { client, config } => {

@@ -36,6 +36,13 @@ pub struct Metrics {
     pub presence_dropped: IntCounter,
     /// Push jobs held back while presence was uncertain (Redis lost its data).
     pub push_deferred: IntCounter,
+    /// Fan-outs whose push jobs are held now, waiting for presence.
+    pub push_deferred_waiting: IntGauge,
+    /// Syncs being served (reading the store) and waiting for a slot.
+    pub syncs_in_progress: IntGauge,
+    pub syncs_waiting: IntGauge,
+    /// Connections owed a `resync`, waiting for their turn.
+    pub resyncs_pending: IntGauge,
     /// Presence transitions announced, by `online`/`offline`.
     pub presence_changes: IntCounterVec,
     /// 1 while Redis routing and presence work, 0 while degraded.
@@ -103,6 +110,20 @@ impl Metrics {
                 "Presence transitions or offline announcements dropped from a full queue",
             ),
             push_deferred: counter("push_deferred_total", "Push jobs held back while presence was uncertain"),
+            push_deferred_waiting: IntGauge::new(
+                "push_deferred_waiting",
+                "Fan-outs whose push jobs are held until every gateway has re-registered its sessions",
+            )
+            .expect("valid metric name"),
+            syncs_in_progress: IntGauge::new("syncs_in_progress", "Syncs being served (reading the store)")
+                .expect("valid metric name"),
+            syncs_waiting: IntGauge::new(
+                "syncs_waiting",
+                "Syncs waiting for a slot (at most chat.maxConcurrentSyncs are served at once)",
+            )
+            .expect("valid metric name"),
+            resyncs_pending: IntGauge::new("resyncs_pending", "Connections owed a resync, told at a bounded rate")
+                .expect("valid metric name"),
             presence_changes: IntCounterVec::new(
                 Opts::new("presence_changes_total", "Presence transitions announced to friends"),
                 &["status"],
@@ -138,6 +159,10 @@ impl Metrics {
             Box::new(metrics.store_up.clone()),
             Box::new(metrics.presence_dropped.clone()),
             Box::new(metrics.push_deferred.clone()),
+            Box::new(metrics.push_deferred_waiting.clone()),
+            Box::new(metrics.syncs_in_progress.clone()),
+            Box::new(metrics.syncs_waiting.clone()),
+            Box::new(metrics.resyncs_pending.clone()),
             Box::new(metrics.draining.clone()),
             Box::new(metrics.drain_moved.clone()),
             // The process's one counter (the log filter is process-wide).

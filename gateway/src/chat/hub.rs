@@ -356,6 +356,25 @@ impl Hub {
         delivered
     }
 
+    /// Every connection here, by id (what a `resync` for everyone queues).
+    pub fn connections(&self) -> Vec<(u64, Arc<Outbox>)> {
+        self.users
+            .iter()
+            .flat_map(|devices| devices.iter().map(|d| (d.connection, Arc::clone(&d.outbox))).collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// The connections of `users` here, by id.
+    pub fn connections_of(&self, users: &[String]) -> Vec<(u64, Arc<Outbox>)> {
+        let mut found = Vec::new();
+        for user in users {
+            if let Some(devices) = self.users.get(user.as_str()) {
+                found.extend(devices.iter().map(|d| (d.connection, Arc::clone(&d.outbox))));
+            }
+        }
+        found
+    }
+
     /// Closes the connections of one device of `user` (its logout).
     pub fn kick_device(&self, user: &str, device: &str, why: Kick) {
         if let Some(devices) = self.users.get(user) {

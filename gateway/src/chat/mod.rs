@@ -16,6 +16,7 @@ pub mod hub;
 pub mod members;
 pub mod presence;
 pub mod push;
+pub mod resync;
 pub mod send;
 
 use std::sync::atomic::AtomicUsize;
@@ -69,6 +70,9 @@ pub struct ChatConfig {
     /// they are refused with `overloaded` instead of queueing. `None`: no
     /// bound (the standalone gateway slows its senders instead).
     pub store_admission: Option<admission::AdmissionConfig>,
+    /// Syncs served at once, at most; more wait for a slot (never refused).
+    /// Bounds what a crowd of clients resyncing together asks of the store.
+    pub max_concurrent_syncs: usize,
 }
 
 impl Default for ChatConfig {
@@ -84,6 +88,7 @@ impl Default for ChatConfig {
             stall_timeout: Duration::from_secs(5),
             members_ttl: Duration::from_secs(60),
             store_admission: None,
+            max_concurrent_syncs: 32,
         }
     }
 }
@@ -136,6 +141,8 @@ pub struct ChatService {
     members: Arc<MemberCache>,
     /// Fan-outs whose push jobs wait for presence to settle.
     deferred_pushes: AtomicUsize,
+    /// Slots of the syncs served at once ([`ChatConfig::max_concurrent_syncs`]).
+    syncs: tokio::sync::Semaphore,
     /// For work that outlives a call (deferred push jobs).
     this: Weak<ChatService>,
 }
@@ -170,11 +177,29 @@ fn push_target_error(e: crate::push::PushTargetError) -> ProtocolError {
     ProtocolError::new(code, e.to_string())
 }
 
+/// Counts one in a gauge for as long as it lives.
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// What the broker's background work may touch of this gateway: its
 /// connections and sessions, and a queue for offline announcements (which
 /// need the whole chat service, built after the broker).
 pub struct GatewayLocal {
     hub: Arc<Hub>,
+    /// Spreads resyncs of many connections over a window.
+    resyncs: Arc<resync::ResyncPacer>,
     presence: Arc<PresenceTracker>,
     members: Arc<MemberCache>,
     remote_offline: mpsc::Sender<String>,
@@ -182,15 +207,20 @@ pub struct GatewayLocal {
 }
 
 impl GatewayLocal {
-    /// The local side of a broker, and the queue [`ChatService::start`] drains.
+    /// The local side of a broker, and the queue [`ChatService::start`]
+    /// drains; its resync pacer runs on `tasks` until `shutdown`.
     pub fn new(
         hub: Arc<Hub>,
         presence: Arc<PresenceTracker>,
         members: Arc<MemberCache>,
         metrics: Metrics,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
     ) -> (Arc<Self>, mpsc::Receiver<String>) {
         let (remote_offline, rx) = mpsc::channel(TRANSITION_QUEUE);
-        (Arc::new(Self { hub, presence, members, remote_offline, metrics }), rx)
+        let resyncs = resync::ResyncPacer::new(metrics.resyncs_pending.clone());
+        tasks.spawn(Arc::clone(&resyncs).run(shutdown));
+        (Arc::new(Self { hub, resyncs, presence, members, remote_offline, metrics }), rx)
     }
 }
 
@@ -205,17 +235,20 @@ impl LocalDelivery for GatewayLocal {
         // Membership notices may have been lost with the live frames.
         self.members.clear();
         let frame = encode_shared(&ServerFrame::Resync { reason: reason.to_string() });
-        let delivered = self.hub.broadcast(&frame);
-        tracing::info!(connections = delivered.queued, reason, "asked every connection to resync");
+        let (waiting, window) = self.resyncs.add(self.hub.connections(), &frame);
+        tracing::info!(waiting, window_ms = window.as_millis() as u64, reason, "asking every connection to resync");
     }
 
     fn resync_users(&self, users: &[String], reason: &str) {
         let frame = encode_shared(&ServerFrame::Resync { reason: reason.to_string() });
-        let mut connections = 0;
-        for user in users {
-            connections += self.hub.deliver(user, &frame, None).queued;
-        }
-        tracing::info!(users = users.len(), connections, reason, "asked connections to resync");
+        let (waiting, window) = self.resyncs.add(self.hub.connections_of(users), &frame);
+        tracing::info!(
+            users = users.len(),
+            waiting,
+            window_ms = window.as_millis() as u64,
+            reason,
+            "asking connections to resync"
+        );
     }
 
     fn local_sessions(&self) -> Vec<(String, String)> {
@@ -266,6 +299,7 @@ impl ChatService {
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..TRANSITION_SHARDS).map(|_| mpsc::channel(TRANSITION_QUEUE)).unzip();
         let ChatParts { store, push, hub, presence, broker, members, ids, config, metrics } = parts;
+        let syncs = tokio::sync::Semaphore::new(config.max_concurrent_syncs.max(1));
         let service = Arc::new_cyclic(|this| Self {
             store,
             push,
@@ -280,6 +314,7 @@ impl ChatService {
             known_direct: KnownDirectChannels { set: DashSet::new(), capacity: 100_000 },
             members,
             deferred_pushes: AtomicUsize::new(0),
+            syncs,
             this: this.clone(),
         });
         for receiver in receivers {
@@ -403,7 +438,13 @@ impl ChatService {
         limit: Option<usize>,
     ) -> Result<ServerFrame, ProtocolError> {
         let limit = limit.unwrap_or(100);
-        let mut entries = self.store.inbox_after(&session.user, after, limit + 1).await.map_err(storage_error)?;
+        let waiting = GaugeGuard::new(&self.metrics.syncs_waiting);
+        let slot = self.syncs.acquire().await;
+        drop(waiting);
+        let _serving = GaugeGuard::new(&self.metrics.syncs_in_progress);
+        let entries = self.store.inbox_after(&session.user, after, limit + 1).await;
+        drop(slot);
+        let mut entries = entries.map_err(storage_error)?;
         let mut has_more = entries.len() > limit;
         entries.truncate(limit);
         let budget = self.config.limits.max_page_bytes;
@@ -673,8 +714,14 @@ mod tests {
         let presence = Arc::new(PresenceTracker::new(Duration::from_secs(30)));
         let members = Arc::new(MemberCache::new(Duration::from_secs(60), 100));
         let metrics = Metrics::new();
-        let (_local, remote_offline) =
-            GatewayLocal::new(hub.clone(), presence.clone(), members.clone(), metrics.clone());
+        let (_local, remote_offline) = GatewayLocal::new(
+            hub.clone(),
+            presence.clone(),
+            members.clone(),
+            metrics.clone(),
+            &TaskTracker::new(),
+            CancellationToken::new(),
+        );
         let parts = ChatParts {
             store: store.clone(),
             push: Arc::new(inner),

@@ -75,15 +75,33 @@ impl PushQueue for Arc<EmbeddedStore> {
 
 /// XADD to [`PUSH_STREAM`], capped (approximately) so an absent consumer
 /// cannot grow Redis without bound.
+///
+/// The connection may have died unnoticed (Redis restarted while the queue
+/// was idle: the first write meets `broken pipe`). The connection manager
+/// only reconnects after such a failure, so a write that failed with the
+/// connection is written again on the fresh one, a few times: a job
+/// written twice is sent once (workers send at most once per message and
+/// device), a job dropped is a lost notification.
 pub struct RedisPushQueue {
     connection: redis::aio::ConnectionManager,
     max_len: usize,
 }
 
+/// Writes of one batch of jobs, at most (the first and the retries on a
+/// fresh connection), and the pause before each retry.
+const ENQUEUE_ATTEMPTS: u32 = 3;
+const ENQUEUE_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl RedisPushQueue {
     pub fn new(connection: redis::aio::ConnectionManager, max_len: usize) -> Self {
         Self { connection, max_len }
     }
+}
+
+/// The connection failed (dropped, reset, refused): another attempt goes
+/// through a new one. Not a timeout: the write may have landed.
+fn connection_failed(e: &redis::RedisError) -> bool {
+    !e.is_timeout() && (e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error())
 }
 
 #[async_trait]
@@ -105,9 +123,23 @@ impl PushQueue for RedisPushQueue {
                 .arg(payload)
                 .ignore();
         }
-        pipe.query_async::<()>(&mut self.connection.clone())
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("push queue (Redis XADD × {}): {e}", jobs.len())))
+        let mut attempt = 1;
+        loop {
+            match pipe.query_async::<()>(&mut self.connection.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < ENQUEUE_ATTEMPTS && connection_failed(&e) => {
+                    tracing::debug!(attempt, error = %e, "push jobs not written; again on a fresh connection");
+                    attempt += 1;
+                    tokio::time::sleep(ENQUEUE_RETRY_DELAY).await;
+                }
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "push queue (Redis XADD × {}, {attempt} attempts): {e}",
+                        jobs.len()
+                    )));
+                }
+            }
+        }
     }
 
     async fn register_target(&self, user: &str, target: &PushTarget) -> Result<(), PushTargetError> {

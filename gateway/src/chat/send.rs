@@ -33,6 +33,9 @@ use crate::store::{Message, NewMessage, StoreError};
 /// Fan-outs whose push jobs may wait for presence to settle at once.
 const MAX_DEFERRED: usize = 10_000;
 
+/// How often held push jobs ask again whether presence is known.
+const DEFERRED_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What is left to do for a stored and acknowledged message.
 pub struct FanOut {
     message: Message,
@@ -171,9 +174,12 @@ impl ChatService {
 
     /// Presence is uncertain (Redis lost its data and gateways are still
     /// re-registering their sessions): a recipient without a session may be
-    /// connected. The jobs wait until it is certain, then go only to those
-    /// still offline. Bounded: past [`MAX_DEFERRED`] waiting, jobs go at once
-    /// (a duplicate notification beats a lost one).
+    /// connected. The jobs wait until it is certain (the broker answers
+    /// presence only once every live gateway has registered its sessions
+    /// again), then go only to those still offline. Bounded: past
+    /// [`MAX_DEFERRED`] waiting, or when presence stays unknown for twice the
+    /// offline timeout, jobs go at once (a duplicate notification beats a
+    /// lost one).
     fn defer_push(&self, jobs: Vec<PushJob>, wait: std::time::Duration) {
         if jobs.is_empty() {
             return;
@@ -185,16 +191,27 @@ impl ChatService {
             return;
         }
         self.metrics.push_deferred.inc_by(jobs.len() as u64);
+        self.metrics.push_deferred_waiting.inc();
         tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + wait + service.config.offline_after * 2;
             tokio::time::sleep(wait).await;
             let users: Vec<String> = jobs.iter().map(|job| job.user.clone()).collect();
-            let jobs = match service.broker.online(&users).await {
-                Ok(online) => jobs.into_iter().filter(|job| !online.contains(&job.user)).collect(),
-                // Still unknown: notify rather than stay silent.
-                Err(_) => jobs,
+            let jobs = loop {
+                match service.broker.online(&users).await {
+                    Ok(online) => break jobs.into_iter().filter(|job| !online.contains(&job.user)).collect(),
+                    // Unknown for this long: notify rather than stay silent.
+                    Err(e) if tokio::time::Instant::now() >= give_up => {
+                        tracing::warn!(jobs = jobs.len(), error = %e, "presence still unknown; held push jobs sent to all");
+                        break jobs;
+                    }
+                    // A gateway is still re-registering its sessions (or Redis
+                    // is out of reach): ask again shortly.
+                    Err(_) => tokio::time::sleep(DEFERRED_RECHECK).await,
+                }
             };
             service.enqueue_push(jobs).await;
             service.deferred_pushes.fetch_sub(1, Ordering::Relaxed);
+            service.metrics.push_deferred_waiting.dec();
         });
     }
 

@@ -115,19 +115,30 @@ pub struct CuttableProxy {
     cut: tokio_util::sync::CancellationToken,
     /// Added to every chunk in either direction (a slow network), in ms.
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// While set, a connection that sends `SUBSCRIBE` is dropped (a
+    /// gateway whose pub/sub connection cannot be restored while its
+    /// commands still work).
+    refuse_subscribe: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Copies `from` to `to`, each chunk `delay_ms` late.
+/// Copies `from` to `to`, each chunk `delay_ms` late; stops at a chunk
+/// holding `SUBSCRIBE` while `refuse_subscribe` is set.
 async fn slow_copy(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    refuse_subscribe: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let Ok(n) = from.read(&mut buf).await else { return };
         if n == 0 {
+            return;
+        }
+        if refuse_subscribe.as_ref().is_some_and(|r| r.load(std::sync::atomic::Ordering::Relaxed))
+            && buf[..n].windows(9).any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+        {
             return;
         }
         let delay = delay_ms.load(std::sync::atomic::Ordering::Relaxed);
@@ -146,7 +157,8 @@ impl CuttableProxy {
         let port = listener.local_addr().expect("proxy address").port();
         let cut = tokio_util::sync::CancellationToken::new();
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (stop, delay) = (cut.clone(), Arc::clone(&delay_ms));
+        let refuse_subscribe = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop, delay, refuse) = (cut.clone(), Arc::clone(&delay_ms), Arc::clone(&refuse_subscribe));
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -154,20 +166,25 @@ impl CuttableProxy {
                     accepted = listener.accept() => accepted,
                 };
                 let Ok((client, _)) = accepted else { continue };
-                let (stop, delay) = (stop.clone(), Arc::clone(&delay));
+                let (stop, delay, refuse) = (stop.clone(), Arc::clone(&delay), Arc::clone(&refuse));
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
                     let ((client_read, client_write), (server_read, server_write)) =
                         (client.into_split(), server.into_split());
                     tokio::select! {
                         () = stop.cancelled() => {}
-                        () = slow_copy(client_read, server_write, Arc::clone(&delay)) => {}
-                        () = slow_copy(server_read, client_write, delay) => {}
+                        () = slow_copy(client_read, server_write, Arc::clone(&delay), Some(refuse)) => {}
+                        () = slow_copy(server_read, client_write, delay, None) => {}
                     }
                 });
             }
         });
-        CuttableProxy { port, cut, delay_ms }
+        CuttableProxy { port, cut, delay_ms, refuse_subscribe }
+    }
+
+    /// While `refuse`, connections that subscribe are dropped.
+    pub fn refuse_subscriptions(&self, refuse: bool) {
+        self.refuse_subscribe.store(refuse, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every chunk through the proxy arrives `delay` late from now on.

@@ -10,6 +10,8 @@
 //! - `gateway-sessions:{gateway}`: set of users with sessions there (for reaping).
 //! - `seen:{user}`: last time a session of the user started or ended (ms).
 //! - `epoch`: when Redis' data began (see [`wire::EPOCH`]).
+//! - `registered`: hash, gateway → the epoch its sessions were last
+//!   registered for (see [`wire::REGISTERED`]).
 //! - `worker-id:{n}`: the gateway holding id-generator worker id `n`.
 //! - Pub/sub channel `deliver:{gateway}`: `user1,user2,…\n{frame}`, each
 //!   gateway subscribed to its own. User ids never hold `,` or a newline, and
@@ -66,11 +68,20 @@ impl RedisBrokerConfig {
         (self.lease / 3).min(Duration::from_secs(2))
     }
 
-    /// How long after Redis' data began every live gateway has re-registered
-    /// its sessions: it notices at its next renewal and re-registers in a
-    /// few commands.
+    /// How long after Redis' data began every live gateway has renewed its
+    /// lease (it notices the loss at its next renewal): from then on the
+    /// gateways that have not yet re-registered their sessions are known
+    /// ([`wire::REGISTERED`]), and presence waits for them.
     pub fn settle_time(&self) -> Duration {
         self.renew_every() + self.command_timeout * 2
+    }
+
+    /// How long after Redis' data began presence waits, at most, for a live
+    /// gateway to re-register its sessions: a gateway that renews its lease
+    /// but cannot register them (its subscription stays broken) counts as
+    /// holding none after this, like one whose lease lapsed.
+    pub fn registration_deadline(&self) -> Duration {
+        self.settle_time() + self.lease
     }
 }
 
@@ -299,16 +310,26 @@ impl RedisBroker {
     }
 
     /// For each user, the live gateways holding a session (one atomic
-    /// script); refreshes the epoch on the way.
+    /// script); refreshes the epoch on the way. Fails while a live gateway
+    /// has not registered its sessions since Redis lost its data (up to
+    /// [`RedisBrokerConfig::registration_deadline`] after it): its users
+    /// would look offline.
     async fn live_sessions_of(&self, users: &[String]) -> Result<Vec<Vec<String>>, BrokerError> {
         let mut invocation = self.live_sessions.prepare_invoke();
-        invocation.key(wire::EPOCH).key(GATEWAYS);
+        invocation.key(wire::EPOCH).key(GATEWAYS).key(wire::REGISTERED);
         for user in users {
             invocation.key(sessions_key(user));
         }
-        let (epoch, gateways): (i64, Vec<Vec<String>>) =
-            invocation.arg(now_ms()).invoke_async(&mut self.conn()).await.map_err(unavailable("reading sessions"))?;
+        let now = now_ms();
+        let (epoch, gateways, unregistered): (i64, Vec<Vec<String>>, i64) =
+            invocation.arg(now).invoke_async(&mut self.conn()).await.map_err(unavailable("reading sessions"))?;
         self.epoch_ms.store(epoch, Ordering::Relaxed);
+        let deadline = i64::try_from(self.config.registration_deadline().as_millis()).unwrap_or(i64::MAX);
+        if unregistered > 0 && now < epoch.saturating_add(deadline) {
+            return Err(BrokerError(format!(
+                "Redis lost its data; {unregistered} gateway(s) still re-registering their sessions"
+            )));
+        }
         Ok(gateways)
     }
 

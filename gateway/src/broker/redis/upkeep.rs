@@ -21,8 +21,8 @@ use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{
-    self, EPOCH, GATEWAYS, GROUPS_CHANGED, RESYNC, ResyncScope, WorkerClaim, deliver_channel, gateway_sessions_key,
-    seen_key, sessions_key, worker_key,
+    self, EPOCH, GATEWAYS, GROUPS_CHANGED, REGISTERED, RESYNC, ResyncScope, WorkerClaim, deliver_channel,
+    gateway_sessions_key, seen_key, sessions_key, worker_key,
 };
 use super::{RedisBroker, unavailable};
 use crate::broker::{BrokerError, LocalDelivery};
@@ -183,6 +183,7 @@ impl RedisBroker {
             .renew_lease_script
             .key(GATEWAYS)
             .key(EPOCH)
+            .key(REGISTERED)
             .arg(&self.config.gateway_id)
             .arg(now + self.lease_ms())
             .arg(i32::from(wrote_before))
@@ -426,6 +427,8 @@ impl RedisBroker {
         sessions_here: &HashSet<(String, String)>,
     ) -> Result<Vec<String>, BrokerError> {
         self.renew_lease().await?;
+        // The epoch these sessions are registered for (a later loss moves it).
+        let epoch = self.epoch_ms.load(Ordering::Relaxed);
         let mine = format!("{}|", self.config.gateway_id);
         let mut devices_here: HashMap<String, HashSet<String>> = HashMap::new();
         for (user, device) in sessions_here {
@@ -479,6 +482,12 @@ impl RedisBroker {
             let _: () = pipe.query_async(&mut self.conn()).await.map_err(unavailable("re-registering sessions"))?;
             gone.into_iter().for_each(|user| local.remote_user_offline(user));
         }
+        // Last: other gateways take this gateway's users as known once it is written.
+        let _: () = self
+            .conn()
+            .hset(REGISTERED, &self.config.gateway_id, epoch)
+            .await
+            .map_err(unavailable("recording the re-registration"))?;
         Ok(readded)
     }
 

@@ -9,6 +9,11 @@ pub const GATEWAYS: &str = "kubechat:gateways";
 /// this key gone). Until every gateway had the time to re-register, a user
 /// without sessions may just not be re-registered yet: presence is unknown.
 pub const EPOCH: &str = "kubechat:epoch";
+/// Hash: gateway id → the [`EPOCH`] its sessions were last registered for
+/// (ms). After Redis lost its data, presence is known again once every live
+/// gateway's entry has caught up with the epoch: a gateway slow to
+/// re-register holds it unknown instead of having its users look offline.
+pub const REGISTERED: &str = "kubechat:registered";
 /// Hash: gateway id → its [`GatewayLoad`](crate::broker::GatewayLoad) as JSON.
 pub const GATEWAY_LOADS: &str = "kubechat:gateway-load";
 pub const GROUPS_CHANGED: &str = "kubechat:groups-changed";
@@ -77,7 +82,9 @@ pub fn decode_resync(payload: &str) -> Option<(&str, ResyncScope)> {
 /// gateway's first renewal on a fresh Redis. Separately, this gateway's
 /// sessions may be gone although Redis kept its data: its entry was missing
 /// (reaped after a pause) or had lapsed (a reaper may be removing them).
-/// KEYS: [GATEWAYS, EPOCH]; ARGV: [gateway id, expiry ms, wrote before (0/1), now ms].
+/// A gateway's first lease (a new process) has nothing to re-register: its
+/// [`REGISTERED`] entry is the epoch at once.
+/// KEYS: [GATEWAYS, EPOCH, REGISTERED]; ARGV: [gateway id, expiry ms, wrote before (0/1), now ms].
 /// Returns {1 if its sessions must be registered again, epoch}.
 pub const RENEW_LEASE_SCRIPT: &str = r"
 local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -89,15 +96,19 @@ if not epoch then
 end
 local lost = 0
 if ARGV[3] == '1' and (not old or tonumber(old) <= tonumber(ARGV[4])) then lost = 1 end
+if ARGV[3] == '0' then redis.call('HSET', KEYS[3], ARGV[1], epoch) end
 return {lost, tonumber(epoch)}
 ";
 
-/// Routing lookup, atomic: for each user, the gateways holding a session
-/// whose lease has not run out, and the epoch (now, if it was missing: Redis
-/// lost its data).
-/// KEYS: [EPOCH, GATEWAYS, sessions:{user}…]; ARGV: [now ms].
-/// Reading sessions and leases in one step leaves no window in which a
-/// gateway that just re-registered looks dead from a stale cache.
+/// Presence lookup, atomic: for each user, the gateways holding a session
+/// whose lease has not run out; the epoch (now, if it was missing: Redis
+/// lost its data); and how many live gateways have not registered their
+/// sessions since that epoch ([`REGISTERED`] behind it; 0 while the epoch
+/// is 0, Redis never lost data).
+/// KEYS: [EPOCH, GATEWAYS, REGISTERED, sessions:{user}…]; ARGV: [now ms].
+/// Reading sessions, leases and registrations in one step leaves no window
+/// in which a gateway that just re-registered looks dead from a stale cache,
+/// or registered with its sessions not yet read.
 pub const LIVE_SESSIONS_SCRIPT: &str = r"
 local now = tonumber(ARGV[1])
 local epoch = redis.call('GET', KEYS[1])
@@ -105,8 +116,15 @@ if not epoch then
   redis.call('SET', KEYS[1], ARGV[1])
   epoch = ARGV[1]
 end
+local unregistered = 0
+if tonumber(epoch) > 0 then
+  for _, gateway in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')) do
+    local at = redis.call('HGET', KEYS[3], gateway)
+    if not at or tonumber(at) < tonumber(epoch) then unregistered = unregistered + 1 end
+  end
+end
 local users = {}
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local live = {}
   for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
     local gateway = string.match(field, '^([^|]*)|')
@@ -119,7 +137,7 @@ for i = 3, #KEYS do
   end
   users[#users + 1] = live
 end
-return {tonumber(epoch), users}
+return {tonumber(epoch), users, unregistered}
 ";
 
 /// Routing a frame in one round trip: for each user, the gateways holding
