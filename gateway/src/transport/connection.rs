@@ -47,8 +47,9 @@ pub struct ConnectionLimits {
     /// Live frames queued for the connection: past `soft` its senders are
     /// slowed down, at `hard` it counts as not reading.
     pub outbox: OutboxLimits,
-    /// Fan-outs of this connection's own sends that may be behind before it
-    /// stops reading further frames (backpressure to the sender).
+    /// Fan-outs of this connection's own sends (running and waiting) that
+    /// may be behind before it stops reading further requests
+    /// (backpressure to the sender): 4 means a fifth send waits.
     pub max_pending_fan_outs: usize,
     /// Sustained frames per second a client may send, and the burst above it.
     pub frames_per_second: f64,
@@ -144,7 +145,7 @@ fn text_frame(frame: &ServerFrame) -> Outbound {
 
 /// Polls the future in `slot` (a `select!` branch that is disabled while
 /// the slot is empty).
-fn poll_slot<T>(slot: &mut Pending<T>) -> impl Future<Output = T> + '_ {
+fn poll_slot<T>(slot: &mut Slot<T>) -> impl Future<Output = T> + '_ {
     std::future::poll_fn(move |cx| match slot {
         Some(future) => future.as_mut().poll(cx),
         None => Poll::Pending,
@@ -251,7 +252,8 @@ enum Step {
     Stop,
 }
 
-type Pending<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
+/// A future the connection loop polls beside its socket, when one is running.
+type Slot<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
 
 /// What a connection keeps between events, besides its socket and timer.
 struct State {
@@ -260,10 +262,10 @@ struct State {
     /// When the client last sent a frame: any frame counts as a heartbeat.
     last_heard: Instant,
     /// The request being handled, the fan-out running and those waiting.
-    pending: Pending<Handled>,
-    fanning: Pending<()>,
-    /// At most `max_pending_fan_outs` waiting besides the one running: a
-    /// vector is queue enough (and smaller).
+    pending: Slot<Handled>,
+    fanning: Slot<()>,
+    /// With the one running, at most `max_pending_fan_outs` (see
+    /// [`State::busy`]): a vector is queue enough (and smaller).
     queued: Vec<FanOut>,
     /// A request read while the connection was busy, and since when: the
     /// socket is not read further until it starts (backpressure), but

@@ -136,10 +136,10 @@ pub struct RedisBroker {
     lease_ok: AtomicBool,
     /// The lease entry was written once (a later renewal that adds it again found it lost).
     lease_written: AtomicBool,
-    /// This gateway's sessions are in Redis. False from the moment they may
-    /// have been lost (subscription dropped, lease found missing, a change
-    /// not written) until they are re-registered.
-    registered: AtomicBool,
+    /// Some of this gateway's sessions may be missing from Redis: from the
+    /// moment they may have been lost (subscription dropped, lease found
+    /// missing, a change not written) until they are registered again.
+    sessions_lost: AtomicBool,
     /// Everyone connected here must resync once sessions are re-registered
     /// (forwards to this gateway may have been lost meanwhile).
     resync_everyone: AtomicBool,
@@ -201,7 +201,8 @@ impl RedisBroker {
             subscribed: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
             lease_written: AtomicBool::new(false),
-            registered: AtomicBool::new(true),
+            // No session yet, so none is missing.
+            sessions_lost: AtomicBool::new(false),
             resync_everyone: AtomicBool::new(false),
             owed: Mutex::default(),
             repair: Notify::new(),
@@ -260,8 +261,8 @@ impl RedisBroker {
 
     /// This gateway's sessions must be written again; `resync_everyone`
     /// when forwards to it may have been lost as well.
-    fn unregistered(&self, resync_everyone: bool) {
-        self.registered.store(false, Ordering::Relaxed);
+    fn mark_sessions_lost(&self, resync_everyone: bool) {
+        self.sessions_lost.store(true, Ordering::Relaxed);
         if resync_everyone {
             self.resync_everyone.store(true, Ordering::Relaxed);
         }
@@ -270,7 +271,7 @@ impl RedisBroker {
 
     /// Remembers that Redis missed a session change.
     fn dirty(&self, error: BrokerError) -> BrokerError {
-        self.unregistered(false);
+        self.mark_sessions_lost(false);
         error
     }
 
@@ -297,7 +298,7 @@ impl RedisBroker {
     /// gateway's sessions not registered, or other gateways possibly not.
     fn check_presence_known(&self) -> Result<(), BrokerError> {
         self.check_reachable()?;
-        if !self.registered.load(Ordering::Relaxed) {
+        if self.sessions_lost.load(Ordering::Relaxed) {
             return Err(BrokerError("this gateway is re-registering its sessions".into()));
         }
         if let Some(left) = self.unsettled_for() {
@@ -474,7 +475,7 @@ impl Broker for RedisBroker {
     }
 
     fn healthy(&self) -> bool {
-        self.reachable() && self.registered.load(Ordering::Relaxed) && self.may_mint_ids()
+        self.reachable() && !self.sessions_lost.load(Ordering::Relaxed) && self.may_mint_ids()
     }
 
     fn may_mint_ids(&self) -> bool {
@@ -496,7 +497,7 @@ impl Broker for RedisBroker {
     }
 
     fn sessions_unrecorded(&self) {
-        self.unregistered(false);
+        self.mark_sessions_lost(false);
     }
 
     fn uses_redis(&self) -> bool {

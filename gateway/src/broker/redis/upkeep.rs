@@ -199,7 +199,7 @@ impl RedisBroker {
                 "this gateway's lease was missing or had lapsed in Redis (data lost, or reaped after a pause); \
                  re-registering sessions"
             );
-            self.unregistered(true);
+            self.mark_sessions_lost(true);
         }
         if let Some(worker_id) = self.config.worker_id {
             self.renew_worker_id(worker_id).await?;
@@ -296,7 +296,7 @@ impl RedisBroker {
             self.subscribed.store(true, Ordering::Relaxed);
             if !first {
                 tracing::info!(failures, "Redis subscription restored");
-                self.unregistered(true);
+                self.mark_sessions_lost(true);
             }
             first = false;
             failures = 0;
@@ -371,7 +371,7 @@ impl RedisBroker {
         if !self.subscribed.load(Ordering::Relaxed) {
             return Err(BrokerError("not subscribed".into()));
         }
-        if !self.registered.load(Ordering::Relaxed) {
+        if self.sessions_lost.load(Ordering::Relaxed) {
             let readded = self.reregister(local).await?;
             if self.resync_everyone.swap(false, Ordering::Relaxed) {
                 local.resync_all("live delivery was interrupted");
@@ -405,14 +405,14 @@ impl RedisBroker {
     /// are announced offline. Done again if sessions changed while it ran.
     /// Returns the users whose sessions were missing from Redis.
     async fn reregister(&self, local: &dyn LocalDelivery) -> Result<Vec<String>, BrokerError> {
-        self.registered.store(true, Ordering::Relaxed);
+        self.sessions_lost.store(false, Ordering::Relaxed);
         let before: HashSet<(String, String)> = local.local_sessions().into_iter().collect();
         let result = self.reconcile_sessions(local, &before).await;
         if result.is_err() || before != local.local_sessions().into_iter().collect() {
-            self.registered.store(false, Ordering::Relaxed);
+            self.sessions_lost.store(true, Ordering::Relaxed);
         }
         match result {
-            Ok(readded) if self.registered.load(Ordering::Relaxed) => {
+            Ok(readded) if !self.sessions_lost.load(Ordering::Relaxed) => {
                 tracing::info!(sessions = before.len(), missing = readded.len(), "sessions registered in Redis again");
                 Ok(readded)
             }
