@@ -504,6 +504,64 @@ mod tests {
         }
     }
 
+    /// An apiserver holding a Lease of "other" (1 s, version 5) whose first
+    /// read answers `first_read_delay` late; records every method.
+    #[derive(Clone)]
+    struct SlowLeaseServer {
+        sent: Arc<Mutex<Vec<Method>>>,
+        first_read_delay: Duration,
+    }
+
+    impl tower_service::Service<Request<Body>> for SlowLeaseServer {
+        type Response = Response<Body>;
+        type Error = BoxError;
+        type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Body>) -> Self::Future {
+            let first = {
+                let mut sent = self.sent.lock().expect("lock");
+                sent.push(request.method().clone());
+                sent.len() == 1
+            };
+            let delay = if first { self.first_read_delay } else { Duration::ZERO };
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let lease = serde_json::json!({
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": "l", "namespace": "n", "resourceVersion": "5"},
+                    "spec": {"holderIdentity": "other", "leaseDurationSeconds": 1, "leaseTransitions": 1,
+                             "acquireTime": "2026-12-04T00:00:00.000000Z", "renewTime": "2026-12-04T00:00:00.000000Z"}
+                });
+                Ok(Response::new(Body::from(lease.to_string().into_bytes())))
+            })
+        }
+    }
+
+    /// A standby times another holder's Lease from when its read returned:
+    /// a read that took longer than the holder's whole term does not make
+    /// the same version look expired at the next round (timed from before
+    /// the read, it did, and the standby took a Lease still held).
+    #[tokio::test]
+    async fn a_slow_read_does_not_shorten_the_holders_term() {
+        let server = SlowLeaseServer { sent: Arc::default(), first_read_delay: Duration::from_millis(1500) };
+        let config = LeaderConfig {
+            lease_name: "l".into(),
+            namespace: "n".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_secs(1),
+            renew_every: Duration::from_millis(100),
+        };
+        let mut elector = LeaderElector::new(Client::new(server.clone(), "n"), config);
+        assert!(!elector.try_acquire_or_renew().await.expect("first round"), "held by another");
+        // At once: the same version, seen well within its 1 s since it was read.
+        assert!(!elector.try_acquire_or_renew().await.expect("second round"), "taken while still held");
+        assert_eq!(*server.sent.lock().expect("lock"), vec![Method::GET, Method::GET], "no write");
+    }
+
     #[tokio::test]
     async fn the_fence_passes_reads_always_and_writes_only_while_leading() {
         let sent = Recording::default();

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use backon::{ConstantBuilder, Retryable};
 use serde::{Deserialize, Serialize};
 
 use crate::push::{PushTarget, PushTargetError};
@@ -98,10 +99,12 @@ impl RedisPushQueue {
     }
 }
 
-/// The connection failed (dropped, reset, refused): another attempt goes
-/// through a new one. Not a timeout: the write may have landed.
+/// The connection broke (dropped, reset: Redis restarted): another attempt
+/// goes through a new one. Not a timeout (the write may have landed), and
+/// not a refusal (Redis is down: retrying at once would only hold up the
+/// fan-out behind it).
 fn connection_failed(e: &redis::RedisError) -> bool {
-    !e.is_timeout() && (e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error())
+    !e.is_timeout() && !e.is_connection_refusal() && (e.is_connection_dropped() || e.is_io_error())
 }
 
 #[async_trait]
@@ -123,23 +126,20 @@ impl PushQueue for RedisPushQueue {
                 .arg(payload)
                 .ignore();
         }
-        let mut attempt = 1;
-        loop {
-            match pipe.query_async::<()>(&mut self.connection.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < ENQUEUE_ATTEMPTS && connection_failed(&e) => {
-                    tracing::debug!(attempt, error = %e, "push jobs not written; again on a fresh connection");
-                    attempt += 1;
-                    tokio::time::sleep(ENQUEUE_RETRY_DELAY).await;
-                }
-                Err(e) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "push queue (Redis XADD × {}, {attempt} attempts): {e}",
-                        jobs.len()
-                    )));
-                }
-            }
-        }
+        let write = || async { pipe.query_async::<()>(&mut self.connection.clone()).await };
+        let retries =
+            ConstantBuilder::default().with_delay(ENQUEUE_RETRY_DELAY).with_max_times(ENQUEUE_ATTEMPTS as usize - 1);
+        write
+            .retry(retries)
+            .when(connection_failed)
+            .notify(|e, _| tracing::debug!(error = %e, "push jobs not written; again on a fresh connection"))
+            .await
+            .map_err(|e| {
+                let jobs = jobs.len();
+                StoreError::Unavailable(format!(
+                    "push queue (Redis XADD × {jobs}, up to {ENQUEUE_ATTEMPTS} attempts): {e}"
+                ))
+            })
     }
 
     async fn register_target(&self, user: &str, target: &PushTarget) -> Result<(), PushTargetError> {

@@ -315,6 +315,16 @@ fn upgrade(mut request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
             "this gateway is draining; ask GET /v1/discovery for another",
         );
     }
+    // Not ready (its readiness says so too): a client let in here would
+    // have every send refused until the worker id is back.
+    if !gateway.broker.may_mint_ids() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this gateway cannot accept writes right now (its worker id is not confirmed); ask GET /v1/discovery for \
+             another",
+        );
+    }
     let claims = match token_from(request.headers(), request.uri().query()).ok_or(AuthError::Missing) {
         Ok(token) => gateway.auth.verify(&token),
         Err(e) => Err(e),
