@@ -14,6 +14,8 @@
 //! - [`metrics`]: Prometheus metrics; [`throttle`]: warnings that repeat in an incident, rate-limited;
 //!   [`failpoint`]: where tests stop a gateway between two steps.
 //! - [`store`]: the durable storage trait, with ScyllaDB and embedded (redb) implementations.
+//! - [`names`]: the shared vocabulary (user and device ids, push platforms and targets): a
+//!   leaf that both [`protocol`] and [`push`] import, so neither imports the other.
 
 pub mod app;
 pub mod broker;
@@ -23,6 +25,7 @@ pub mod config;
 pub mod failpoint;
 pub mod ids;
 pub mod metrics;
+pub mod names;
 pub mod protocol;
 pub mod push;
 pub mod store;

@@ -8,7 +8,9 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use common::cluster::{ClusterClient, ClusterSpec, CuttableProxy, GatewayProcess, PrivateRedis, Received, http_get};
+use common::cluster::{
+    ClusterClient, ClusterSpec, CuttableProxy, GatewayProcess, PrivateRedis, Received, http_get, wait_all_online,
+};
 use serde_json::{Value, json};
 
 /// A hung scenario fails instead of stalling CI.
@@ -18,22 +20,6 @@ async fn within(limit: Duration, scenario: impl std::future::Future<Output = ()>
 
 fn id_of(frame: &Value) -> u64 {
     frame["message"]["id"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no id in {frame}"))
-}
-
-/// Asks `asker` about `users` until all are online: their sessions are registered everywhere.
-async fn wait_all_online(asker: &mut ClusterClient, query: Value) {
-    let started = Instant::now();
-    loop {
-        let reply = asker.request(query.clone()).await;
-        // Right after Redis lost its data presence is unknown for a moment.
-        let unknown = reply["type"] == "error" && reply["code"] == "unavailable";
-        assert!(reply["type"] == "presence" || unknown, "{reply}");
-        if !unknown && reply["users"].as_array().expect("users").iter().all(|u| u["online"] == json!(true)) {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(15), "not everyone online: {reply}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn start_cluster(redis: &PrivateRedis, gateways: u16, offline_after: u32) -> (ClusterSpec, Vec<GatewayProcess>) {
@@ -811,6 +797,10 @@ async fn a_partitioned_gateway_and_its_replacement_never_mint_one_id_twice_scena
     assert!(!new_acked.is_empty(), "the replacement took no send");
     let (refused_at, refusal) = old_refused.expect("the cut-off gateway must stop minting");
     assert_eq!(refusal["code"], "unavailable", "{refusal}");
+    // While it cannot mint ids it is not ready, and refuses new clients too.
+    let late = ClusterClient::try_connect(&old.url(), "late", "phone").await;
+    let refused_upgrade = late.as_ref().err().is_some_and(|e| e.contains("503"));
+    assert!(refused_upgrade, "the cut-off gateway accepted a connection: {:?}", late.as_ref().err());
     let last_old = old_acked.iter().map(|(_, at)| *at).max().expect("the old gateway acked sends");
     // Acks (not the first refusal a client saw: sends queue behind slow ones
     // while Redis is cut) stop within the lease.

@@ -33,32 +33,12 @@ async fn metric(gateway: &GatewayProcess, name: &str) -> Option<f64> {
 async fn push_jobs(redis_url: &str) -> Vec<Value> {
     let client = redis::Client::open(redis_url).expect("redis url");
     let mut connection = client.get_multiplexed_async_connection().await.expect("connect to the private Redis");
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(kubechat_gateway::chat::push::PUSH_STREAM)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut connection)
-        .await
-        .expect("XRANGE");
-    entries
-        .into_iter()
-        .flat_map(|(_, fields)| fields.into_iter().map(|(_, v)| serde_json::from_str(&v).expect("job JSON")))
-        .collect()
+    common::cluster::push_jobs(&mut connection).await
 }
 
 /// Asks `asker` about `users` until presence is known and all are online.
 async fn wait_all_online(asker: &mut ClusterClient, users: &[String]) {
-    let started = Instant::now();
-    loop {
-        let reply = asker.request(json!({"type": "presence", "users": users})).await;
-        let unknown = reply["type"] == "error" && reply["code"] == "unavailable";
-        assert!(reply["type"] == "presence" || unknown, "{reply}");
-        if !unknown && reply["users"].as_array().expect("users").iter().all(|u| u["online"] == json!(true)) {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "not everyone online: {reply}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::cluster::wait_all_online(asker, json!({"type": "presence", "users": users})).await;
 }
 
 /// Issue 25 item 9. Two gateways; 20 users connected to gw-1 get messages

@@ -4,8 +4,8 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::errors::{ErrorCode, ProtocolError};
-use super::{Limits, MAX_KEY_LEN, is_group_channel, valid_name};
-use crate::push::{Platform, PushTarget};
+use super::{Limits, MAX_KEY_LEN, is_group_channel};
+use crate::names::{Platform, PushTarget, valid_name};
 use crate::store::{InboxEntry, Message};
 
 /// Every `type` a client may send.
@@ -204,7 +204,9 @@ impl ClientFrame {
             }
             ClientFrame::RegisterPush { platform, token, .. } => {
                 // The device id comes from the token, which was checked at connect.
-                PushTarget::new("device", *platform, token.as_str()).validate().or_else(|e| invalid(e.to_string()))
+                PushTarget::new("device", *platform, token.as_str())
+                    .validate()
+                    .or_else(|e| invalid(format!("invalid push target: {e}")))
             }
             ClientFrame::ListChannels { .. } | ClientFrame::Heartbeat { .. } | ClientFrame::Logout { .. } => Ok(()),
         }

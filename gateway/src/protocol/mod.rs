@@ -8,6 +8,7 @@
 pub mod errors;
 pub mod frames;
 
+pub use crate::names::{MAX_NAME_LEN, valid_name};
 pub use errors::{ErrorCode, ProtocolError};
 pub use frames::{ClientFrame, Recipient, ServerFrame, WireInboxEntry, WireMessage};
 
@@ -17,8 +18,6 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_REQUEST_ID_LEN: usize = 64;
 /// Longest idempotency key.
 pub const MAX_KEY_LEN: usize = 128;
-/// Longest user, device or group name.
-pub const MAX_NAME_LEN: usize = 64;
 
 /// Limits the decoder enforces (from the ChatCluster's `chat` settings).
 #[derive(Clone, Copy, Debug)]
@@ -155,14 +154,6 @@ pub fn encode(frame: &ServerFrame) -> String {
     // Serializing plain data structs cannot fail; an empty object keeps the
     // connection alive if it ever did.
     serde_json::to_string(frame).unwrap_or_else(|_| "{}".into())
-}
-
-/// Whether `name` is a valid user or device id: 1–64 of `[A-Za-z0-9_.@-]`.
-/// (`:` is excluded so direct channel ids `dm:<a>:<b>` are unambiguous.)
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
 }
 
 /// The channel of a direct conversation: derived from the sorted pair, so

@@ -17,7 +17,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
 use super::config::{ApnsConfig, FcmConfig, SecretSource};
-use super::provider::{HttpRequest, ProviderError, execute};
+use super::http::{HttpRequest, ProviderError, execute};
 
 pub const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";

@@ -11,6 +11,7 @@
 //! - [`worker`]: the consumer-group loop ([`run_push_worker`]).
 //! - [`provider`]: the [`Provider`] trait, the webhook/FCM/APNs request shapes and senders.
 //! - [`credentials`]: the APNs provider token (ES256 JWT) and the FCM OAuth access token.
+//! - [`http`]: the request shape, the shared client, sending and classifying failures.
 //! - [`metrics`]: the Prometheus metrics ([`PushMetrics`]).
 //! - [`admin`]: `/healthz` and `/metrics` of a running worker.
 //!
@@ -32,13 +33,12 @@
 pub mod admin;
 pub mod config;
 pub mod credentials;
+pub mod http;
 pub mod metrics;
 pub mod provider;
 pub mod worker;
 
 use std::collections::HashMap;
-use std::fmt;
-use std::str::FromStr;
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -48,13 +48,11 @@ pub use metrics::PushMetrics;
 pub use provider::{ApnsProvider, FcmProvider, HttpRequest, Provider, ProviderError, Providers, WebhookProvider};
 pub use worker::{run_push_worker, run_push_worker_with};
 
-use crate::protocol::valid_name;
+use crate::names::{InvalidTarget, valid_name};
+pub use crate::names::{MAX_TOKEN_LEN, Platform, PushTarget};
 
 /// Devices one user may register; more are refused.
 pub const MAX_TARGETS_PER_USER: usize = 32;
-/// Longest device token accepted (FCM tokens are ~160 bytes, APNs 64 hex chars; webhooks may
-/// use longer opaque values).
-pub const MAX_TOKEN_LEN: usize = 4096;
 
 /// Redis hash of a user's push targets.
 pub fn targets_key(user: &str) -> String {
@@ -66,56 +64,6 @@ pub fn pushed_key(message_id: &str, device: &str) -> String {
     format!("kubechat:pushed:{message_id}:{device}")
 }
 
-/// How a device is reached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Platform {
-    Webhook,
-    Fcm,
-    Apns,
-}
-
-impl Platform {
-    pub const ALL: [Platform; 3] = [Platform::Webhook, Platform::Fcm, Platform::Apns];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Platform::Webhook => "webhook",
-            Platform::Fcm => "fcm",
-            Platform::Apns => "apns",
-        }
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Platform {
-    type Err = PushTargetError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "webhook" => Ok(Platform::Webhook),
-            "fcm" => Ok(Platform::Fcm),
-            "apns" => Ok(Platform::Apns),
-            other => Err(PushTargetError::Invalid(format!("unknown platform {other:?}"))),
-        }
-    }
-}
-
-/// One registered device of a user.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PushTarget {
-    /// The device id (as in the client's token).
-    pub device: String,
-    pub platform: Platform,
-    /// FCM registration token, APNs device token (hex), or an opaque value passed to the webhook.
-    pub token: String,
-}
-
 /// The value stored in the targets hash.
 #[derive(Serialize, Deserialize)]
 struct StoredTarget {
@@ -123,24 +71,13 @@ struct StoredTarget {
     token: String,
 }
 
-impl PushTarget {
-    pub fn new(device: impl Into<String>, platform: Platform, token: impl Into<String>) -> Self {
-        Self { device: device.into(), platform, token: token.into() }
-    }
+/// How a target is kept in Redis.
+trait Stored: Sized {
+    fn to_json(&self) -> String;
+    fn from_json(device: &str, value: &str) -> Result<Self, PushTargetError>;
+}
 
-    pub fn validate(&self) -> Result<(), PushTargetError> {
-        if !valid_name(&self.device) {
-            return Err(PushTargetError::Invalid("device ids are 1–64 of [A-Za-z0-9_.@-]".into()));
-        }
-        if self.token.is_empty() || self.token.len() > MAX_TOKEN_LEN {
-            return Err(PushTargetError::Invalid(format!("the token must be 1–{MAX_TOKEN_LEN} bytes")));
-        }
-        if self.token.chars().any(char::is_control) {
-            return Err(PushTargetError::Invalid("the token must not contain control characters".into()));
-        }
-        Ok(())
-    }
-
+impl Stored for PushTarget {
     fn to_json(&self) -> String {
         let stored = StoredTarget { platform: self.platform, token: self.token.clone() };
         // A struct of a plain enum and a string always serializes.
@@ -164,6 +101,12 @@ pub enum PushTargetError {
     NotConfigured,
     #[error("push targets (Redis): {0}")]
     Redis(#[from] redis::RedisError),
+}
+
+impl From<InvalidTarget> for PushTargetError {
+    fn from(InvalidTarget(why): InvalidTarget) -> Self {
+        PushTargetError::Invalid(why)
+    }
 }
 
 fn check_user(user: &str) -> Result<(), PushTargetError> {

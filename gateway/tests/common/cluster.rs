@@ -731,3 +731,34 @@ impl Received {
         self.live.contains_key(id) || self.synced.contains(id)
     }
 }
+
+/// Asks `asker` about `users` until all are online: their sessions are registered everywhere.
+pub async fn wait_all_online(asker: &mut ClusterClient, query: Value) {
+    let started = Instant::now();
+    loop {
+        let reply = asker.request(query.clone()).await;
+        // Right after Redis lost its data presence is unknown for a moment.
+        let unknown = reply["type"] == "error" && reply["code"] == "unavailable";
+        assert!(reply["type"] == "presence" || unknown, "{reply}");
+        if !unknown && reply["users"].as_array().expect("users").iter().all(|u| u["online"] == json!(true)) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "not everyone online: {reply}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every push job in the stream, oldest first.
+pub async fn push_jobs(connection: &mut (impl redis::aio::ConnectionLike + Send)) -> Vec<Value> {
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(kubechat_gateway::chat::push::PUSH_STREAM)
+        .arg("-")
+        .arg("+")
+        .query_async(connection)
+        .await
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .flat_map(|(_, fields)| fields.into_iter().map(|(_, v)| serde_json::from_str(&v).expect("job JSON")))
+        .collect()
+}

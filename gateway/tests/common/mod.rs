@@ -127,22 +127,7 @@ impl PushInspector {
     pub async fn jobs_for(&self, user: &str) -> Vec<Value> {
         let all: Vec<Value> = match self {
             PushInspector::Standalone => Vec::new(),
-            PushInspector::Redis(connection) => {
-                let mut connection = connection.clone();
-                let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-                    .arg(kubechat_gateway::chat::push::PUSH_STREAM)
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut connection)
-                    .await
-                    .expect("XRANGE");
-                entries
-                    .into_iter()
-                    .flat_map(|(_, fields)| {
-                        fields.into_iter().map(|(_, v)| serde_json::from_str(&v).expect("job JSON"))
-                    })
-                    .collect()
-            }
+            PushInspector::Redis(connection) => cluster::push_jobs(&mut connection.clone()).await,
         };
         all.into_iter().filter(|job| job["user"] == user).collect()
     }
