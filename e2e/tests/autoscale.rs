@@ -493,7 +493,16 @@ async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down
     let after = world.connected.load(Ordering::Relaxed);
 
     let events = scaling_events(&h).await;
-    let status = h.cluster().await.status.and_then(|s| s.autoscale);
+    // The status follows within a few seconds (writes are bounded to one per 2 s per cluster).
+    let converged = wait_for(Duration::from_secs(10), || async {
+        let status = h.cluster().await.status?.autoscale?;
+        ((status.current_replicas, status.desired_replicas) == (1, 1)).then_some(status)
+    })
+    .await;
+    let status = match converged {
+        Some(status) => Some(status),
+        None => h.cluster().await.status.and_then(|s| s.autoscale),
+    };
     stop_clients(staying.into_iter().map(|(_, c)| c).collect()).await;
     watcher.cancel();
     let most = seen.lock().expect("lock").most_on_one.clone();
