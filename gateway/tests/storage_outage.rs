@@ -21,14 +21,27 @@ use kubechat_gateway::store::{
 use kubechat_gateway::transport::auth::Authenticator;
 use serde_json::json;
 
+/// The real store underneath, with faults switched on and off by the test.
 struct FlakyStore {
     inner: Arc<EmbeddedStore>,
     down: AtomicBool,
     /// Every write takes this long (a slow store); zero by default.
     write_delay: std::sync::Mutex<Duration>,
+    /// While on, a send's answer comes back 2 s after the write itself was
+    /// stored (a disk that stalls after the write reached it).
+    slow_answers: AtomicBool,
 }
 
 impl FlakyStore {
+    fn new(inner: Arc<EmbeddedStore>, write_delay: Duration) -> Self {
+        Self {
+            inner,
+            down: AtomicBool::new(false),
+            write_delay: write_delay.into(),
+            slow_answers: AtomicBool::new(false),
+        }
+    }
+
     fn check(&self) -> StoreResult<()> {
         if self.down.load(Ordering::Relaxed) { Err(StoreError::Unavailable("simulated outage".into())) } else { Ok(()) }
     }
@@ -40,7 +53,11 @@ impl Store for FlakyStore {
         self.check()?;
         let delay = *self.write_delay.lock().expect("lock");
         tokio::time::sleep(delay).await;
-        self.inner.store_message(new).await
+        let stored = self.inner.store_message(new).await;
+        if self.slow_answers.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        stored
     }
     async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
         self.check()?;
@@ -92,11 +109,8 @@ impl Store for FlakyStore {
 async fn a_storage_outage_acks_nothing_and_a_retry_stores_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let inner = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
-    let store = Arc::new(FlakyStore {
-        inner: inner.clone(),
-        down: AtomicBool::new(true),
-        write_delay: std::sync::Mutex::new(Duration::ZERO),
-    });
+    let store = Arc::new(FlakyStore::new(inner.clone(), Duration::ZERO));
+    store.down.store(true, Ordering::Relaxed);
     let options = GatewayOptions { listen: "127.0.0.1:0".parse().expect("addr"), ..GatewayOptions::default() };
     let gateway = app::start(
         store.clone(),
@@ -154,11 +168,7 @@ async fn a_storage_outage_acks_nothing_and_a_retry_stores_once() {
 async fn a_slow_store_neither_closes_heartbeating_clients_nor_refuses_frames_within_the_rate() {
     let dir = tempfile::tempdir().expect("temp dir");
     let inner = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
-    let store = Arc::new(FlakyStore {
-        inner: inner.clone(),
-        down: AtomicBool::new(false),
-        write_delay: std::sync::Mutex::new(Duration::from_secs(3)),
-    });
+    let store = Arc::new(FlakyStore::new(inner.clone(), Duration::from_secs(3)));
     let limits = kubechat_gateway::transport::connection::ConnectionLimits {
         idle_timeout: Duration::from_secs(2),
         ..Default::default()
@@ -203,58 +213,6 @@ async fn a_slow_store_neither_closes_heartbeating_clients_nor_refuses_frames_wit
     assert!(alice.closed.is_none());
 }
 
-/// The real store underneath; while `slow` is on, a send's answer comes
-/// back only after the chat layer's write deadline, although the write
-/// itself is stored (a disk that stalls after the write reached it).
-struct SlowAnswers {
-    inner: Arc<EmbeddedStore>,
-    slow: AtomicBool,
-}
-
-#[async_trait]
-impl Store for SlowAnswers {
-    async fn store_message(&self, new: NewMessage) -> StoreResult<Stored> {
-        let stored = self.inner.store_message(new).await;
-        if self.slow.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-        stored
-    }
-    async fn inbox_after(&self, user: &str, after: u64, limit: usize) -> StoreResult<Vec<InboxEntry>> {
-        self.inner.inbox_after(user, after, limit).await
-    }
-    async fn history(&self, channel: &str, page: Page, limit: usize) -> StoreResult<Vec<Message>> {
-        self.inner.history(channel, page, limit).await
-    }
-    async fn message(&self, channel: &str, id: u64) -> StoreResult<Option<Message>> {
-        self.inner.message(channel, id).await
-    }
-    async fn create_group(&self, group: &Group, members: &[String]) -> StoreResult<()> {
-        self.inner.create_group(group, members).await
-    }
-    async fn group(&self, id: &str) -> StoreResult<Option<Group>> {
-        self.inner.group(id).await
-    }
-    async fn add_member(&self, group: &str, user: &str) -> StoreResult<()> {
-        self.inner.add_member(group, user).await
-    }
-    async fn remove_member(&self, group: &str, user: &str) -> StoreResult<()> {
-        self.inner.remove_member(group, user).await
-    }
-    async fn join(&self, group: &str, user: &str, max: usize) -> StoreResult<Join> {
-        self.inner.join(group, user, max).await
-    }
-    async fn set_owner(&self, group: &str, owner: &str) -> StoreResult<()> {
-        self.inner.set_owner(group, owner).await
-    }
-    async fn members(&self, group: &str) -> StoreResult<Vec<String>> {
-        self.inner.members(group).await
-    }
-    async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
-        self.inner.channels_of(user).await
-    }
-}
-
 /// A write that outlives the deadline may still be stored: the client is
 /// told so (not "nothing was stored"), and its retry with the same key
 /// returns the stored message and reaches the recipient.
@@ -262,7 +220,8 @@ impl Store for SlowAnswers {
 async fn a_write_past_the_deadline_is_reported_as_maybe_stored_and_its_retry_is_delivered() {
     let dir = tempfile::tempdir().expect("temp dir");
     let inner = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
-    let store = Arc::new(SlowAnswers { inner: inner.clone(), slow: AtomicBool::new(true) });
+    let store = Arc::new(FlakyStore::new(inner.clone(), Duration::ZERO));
+    store.slow_answers.store(true, Ordering::Relaxed);
     let mut options = GatewayOptions { listen: "127.0.0.1:0".parse().expect("addr"), ..GatewayOptions::default() };
     options.chat.write_deadline = Duration::from_millis(300);
     let gateway = app::start(
@@ -285,7 +244,7 @@ async fn a_write_past_the_deadline_is_reported_as_maybe_stored_and_its_retry_is_
     let stored = inner.history("dm:alice:bob", Page::Latest, 10).await.expect("history");
     assert_eq!(stored.len(), 1, "the abandoned write was in fact stored");
 
-    store.slow.store(false, Ordering::Relaxed);
+    store.slow_answers.store(false, Ordering::Relaxed);
     let ack = alice.send_to_user("bob", "late", "late-1").await;
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(ack["id"], stored[0].id.to_string(), "the retry returns the stored message");

@@ -264,53 +264,54 @@ mod tests {
         assert_eq!(read_load(addr, Duration::from_secs(2)).await.expect_err("fields missing").label(), "invalid");
     }
 
-    #[tokio::test]
-    async fn starts_a_drain_and_reads_its_progress() {
+    /// A one-shot server that hands the request's text to `check`, then answers `response`.
+    async fn serve_checked(check: impl FnOnce(&str) + Send + 'static, response: String) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.expect("accept");
             let mut request = vec![0u8; 4096];
             let n = socket.read(&mut request).await.expect("read");
-            let text = String::from_utf8_lossy(&request[..n]).into_owned();
-            assert!(text.starts_with("POST /v1/admin/drain HTTP/1.1\r\n"), "{text}");
-            assert!(text.to_lowercase().contains("\r\nauthorization: bearer t0ken\r\n"), "{text}");
-            assert!(text.ends_with(r#"{"deadlineSeconds":30,"maxReconnectsPerSecond":100}"#), "{text}");
-            let body =
-                r#"{"draining":true,"finished":false,"startedAtMs":1,"deadlineAtMs":2,"connectionsLeft":7,"moved":3}"#;
-            let response = format!("HTTP/1.1 202 Accepted\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-            let _ = socket.write_all(response.as_bytes()).await;
-        });
-        let progress = drain(addr, "t0ken", 30, 100, Duration::from_secs(2)).await.expect("progress");
-        assert_eq!(progress, DrainProgress { draining: true, finished: false, connections_left: 7, moved: 3 });
-    }
-
-    /// A one-shot server that checks the request line and token, then answers `response`.
-    async fn serve_delete(response: &'static str) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.expect("accept");
-            let mut request = vec![0u8; 4096];
-            let n = socket.read(&mut request).await.expect("read");
-            let text = String::from_utf8_lossy(&request[..n]).into_owned();
-            assert!(text.starts_with("DELETE /v1/admin/drain HTTP/1.1\r\n"), "{text}");
-            assert!(text.to_lowercase().contains("\r\nauthorization: bearer t0ken\r\n"), "{text}");
+            check(&String::from_utf8_lossy(&request[..n]));
             let _ = socket.write_all(response.as_bytes()).await;
         });
         addr
     }
 
     #[tokio::test]
+    async fn starts_a_drain_and_reads_its_progress() {
+        let body =
+            r#"{"draining":true,"finished":false,"startedAtMs":1,"deadlineAtMs":2,"connectionsLeft":7,"moved":3}"#;
+        let response = format!("HTTP/1.1 202 Accepted\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        let check = |text: &str| {
+            assert!(text.starts_with("POST /v1/admin/drain HTTP/1.1\r\n"), "{text}");
+            assert!(text.to_lowercase().contains("\r\nauthorization: bearer t0ken\r\n"), "{text}");
+            assert!(text.ends_with(r#"{"deadlineSeconds":30,"maxReconnectsPerSecond":100}"#), "{text}");
+        };
+        let addr = serve_checked(check, response).await;
+        let progress = drain(addr, "t0ken", 30, 100, Duration::from_secs(2)).await.expect("progress");
+        assert_eq!(progress, DrainProgress { draining: true, finished: false, connections_left: 7, moved: 3 });
+    }
+
+    /// A one-shot server that checks the request line and token, then answers `response`.
+    async fn serve_delete(response: String) -> SocketAddr {
+        let check = |text: &str| {
+            assert!(text.starts_with("DELETE /v1/admin/drain HTTP/1.1\r\n"), "{text}");
+            assert!(text.to_lowercase().contains("\r\nauthorization: bearer t0ken\r\n"), "{text}");
+        };
+        serve_checked(check, response).await
+    }
+
+    #[tokio::test]
     async fn cancels_a_drain_and_reports_a_refusal() {
         let body = r#"{"cancelled":true,"moved":3,"connectionsLeft":40}"#;
         let ok = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-        let addr = serve_delete(Box::leak(ok.into_boxed_str())).await;
+        let addr = serve_delete(ok).await;
         let cancelled = cancel_drain(addr, "t0ken", Duration::from_secs(2)).await.expect("cancelled");
         assert_eq!(cancelled, Cancelled { cancelled: true, moved: 3, connections_left: 40 });
         let body = r#"{"error":"drain_finished","message":"…"}"#;
         let conflict = format!("HTTP/1.1 409 Conflict\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-        let addr = serve_delete(Box::leak(conflict.into_boxed_str())).await;
+        let addr = serve_delete(conflict).await;
         let err = cancel_drain(addr, "t0ken", Duration::from_secs(2)).await.expect_err("finished");
         assert!(matches!(err, PollError::Status(StatusCode::CONFLICT)), "{err}");
     }
