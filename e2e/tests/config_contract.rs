@@ -16,7 +16,7 @@ use kube::ResourceExt;
 use kubechat_crds::{
     ApnsProvider, ChatCluster, ExternalRedis, ExternalScylla, FcmProvider, SecretKeyRef, WebhookProvider,
 };
-use kubechat_gateway::config::FileConfig;
+use kubechat_gateway::config::{GatewayConfig, chat_config};
 use kubechat_gateway::push::{PushWorkerConfig, SecretSource};
 use kubechat_operator::desired::{admin_token, auth, gateway, push, redis, scylla};
 
@@ -172,7 +172,7 @@ fn everything_external() -> ChatCluster {
     spec.push_workers.providers.webhook = Some(WebhookProvider {
         url: "https://hooks.example/push".into(),
         signing_key_secret: secret("hook", "hmac"),
-        include_text: false,
+        include_text: true,
     });
     spec.push_workers.providers.fcm =
         Some(FcmProvider { project_id: "proj-1".into(), credentials_secret: secret("fcm", "sa.json") });
@@ -216,7 +216,7 @@ fn the_gateway_reads_the_config_the_operator_writes() {
         let root = tempfile::tempdir().expect("a temporary directory");
         sees.write_under(root.path());
         let config_path = sees.config_path();
-        let file = FileConfig::load(&root.path().join(config_path.strip_prefix("/").unwrap_or(&config_path)))
+        let file = GatewayConfig::load(&root.path().join(config_path.strip_prefix("/").unwrap_or(&config_path)))
             .unwrap_or_else(|e| panic!("{name}: the gateway refuses the operator's config: {e:#}"));
 
         let spec = &cc.spec;
@@ -227,7 +227,7 @@ fn the_gateway_reads_the_config_the_operator_writes() {
         assert_eq!(Sees::port(&container, "admin"), i32::from(file.listen.admin), "{name}");
         assert_eq!(i64::try_from(file.max_connections).ok(), Some(spec.gateway.max_connections_per_pod), "{name}");
 
-        let chat = file.chat.chat_config();
+        let chat = chat_config(&file.chat);
         let as_usize = |n: i32| usize::try_from(n).expect("a positive setting");
         assert_eq!(chat.limits.max_message_chars, as_usize(spec.chat.max_message_chars), "{name}");
         assert_eq!(chat.limits.max_group_members, as_usize(spec.chat.max_group_members), "{name}");
@@ -275,7 +275,9 @@ fn the_push_worker_reads_the_config_the_operator_writes() {
         let (pod, container) = pod_of(deployment.spec.template.spec.as_ref(), "push-worker");
         let sees = Sees::new(&pod, &container, &[&config_map]);
 
-        let config = PushWorkerConfig::from_gateway_json(sees.config_text(), "pod-0", |var| sees.env.get(var).cloned())
+        let file: GatewayConfig = serde_json::from_str(sees.config_text())
+            .unwrap_or_else(|e| panic!("{name}: the push worker cannot parse the operator's config: {e}"));
+        let config = PushWorkerConfig::from_gateway_config(&file, "pod-0", |var| sees.env.get(var).cloned())
             .unwrap_or_else(|e| panic!("{name}: the push worker refuses the operator's config: {e:#}"));
 
         let spec = &cc.spec;
@@ -296,11 +298,11 @@ fn the_push_worker_reads_the_config_the_operator_writes() {
             SecretSource::Value(_) => panic!("{name}: a provider secret given as a value"),
         };
         let providers = &spec.push_workers.providers;
-        let webhook = config.providers.webhook.as_ref().map(|w| (w.url.clone(), mounted(&w.signing_key)));
-        let expected = providers
-            .webhook
-            .as_ref()
-            .map(|w| (w.url.clone(), from_secret(&w.signing_key_secret.name, &w.signing_key_secret.key)));
+        let webhook =
+            config.providers.webhook.as_ref().map(|w| (w.url.clone(), w.include_text, mounted(&w.signing_key)));
+        let expected = providers.webhook.as_ref().map(|w| {
+            (w.url.clone(), w.include_text, from_secret(&w.signing_key_secret.name, &w.signing_key_secret.key))
+        });
         assert_eq!(webhook, expected, "{name}: webhook");
         let fcm = config.providers.fcm.as_ref().map(|f| (f.project_id.clone(), mounted(&f.credentials)));
         let expected = providers
@@ -338,4 +340,6 @@ fn the_clusters_cover_every_optional_part() {
     assert!(any(&|cc| providers(cc).webhook.is_some() && providers(cc).fcm.is_some() && providers(cc).apns.is_some()));
     assert!(any(&|cc| providers(cc).apns.is_some_and(|a| a.sandbox)));
     assert!(any(&|cc| providers(cc).webhook.is_none()));
+    assert!(any(&|cc| providers(cc).webhook.is_some_and(|w| w.include_text)));
+    assert!(any(&|cc| providers(cc).webhook.is_some_and(|w| !w.include_text)));
 }

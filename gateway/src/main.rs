@@ -11,13 +11,13 @@ use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions};
 use kubechat_gateway::broker::redis::RedisBrokerConfig;
 use kubechat_gateway::broker::redis::send_keys::{RedisSendKeys, SendKeyNames};
 use kubechat_gateway::chat::push::RedisPushQueue;
-use kubechat_gateway::config::FileConfig;
+use kubechat_gateway::config::{GatewayConfig, chat_config};
 use kubechat_gateway::store::embedded::EmbeddedStore;
 use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
 use kubechat_gateway::transport::admin::AdminToken;
 use kubechat_gateway::transport::auth::Authenticator;
 use kubechat_gateway::transport::connection::ConnectionLimits;
-use kubechat_gateway::transport::drain::{Drain, Origin};
+use kubechat_gateway::transport::drain::{Drain, DrainParams, Origin};
 use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
             running.stop(Duration::from_secs(10)).await;
         }
         Command::Gateway { config, worker_id, gateway_id, pod_ip } => {
-            let file = FileConfig::load(&config)?;
+            let file = GatewayConfig::load(&config)?;
             let key = std::fs::read(&file.auth.signing_key_file)
                 .with_context(|| format!("reading the signing key {}", file.auth.signing_key_file.display()))?;
             let env = |name: &Option<String>| name.as_ref().and_then(|n| std::env::var(n).ok());
@@ -241,7 +241,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let bind = pod_ip.unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
             let host = pod_ip.map_or_else(|| gateway_id.clone(), |ip| ip.to_string());
-            let drain = file.drain.params();
+            let drain = DrainParams::from(&file.drain);
             let options = GatewayOptions {
                 listen: SocketAddr::new(bind, file.listen.websocket),
                 admin: Some(SocketAddr::new(bind, file.listen.admin)),
@@ -253,7 +253,7 @@ async fn main() -> anyhow::Result<()> {
                 )),
                 gateway_id: gateway_id.clone(),
                 drain,
-                chat: file.chat.chat_config(),
+                chat: chat_config(&file.chat),
                 limits: ConnectionLimits { idle_timeout: file.chat.idle_timeout(), ..ConnectionLimits::default() },
                 max_connections: file.max_connections,
                 dev_tokens: false,

@@ -235,7 +235,10 @@ impl Fixture {
             block: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(1),
             providers: ProvidersConfig {
-                webhook: Some(WebhookConfig::new(webhook_url, SecretSource::Value(KEY.into()))),
+                webhook: Some(WebhookConfig {
+                    include_text: true,
+                    ..WebhookConfig::new(webhook_url, SecretSource::Value(KEY.into()))
+                }),
                 ..ProvidersConfig::default()
             },
             ..PushWorkerConfig::default()
@@ -719,13 +722,14 @@ async fn a_gateway_and_a_push_worker_process_notify_an_offline_device() {
     let key_file = spec.dir.path().join("webhook-key");
     std::fs::write(&key_file, KEY).expect("write the webhook key");
     let admin = free_port();
-    let config = json!({
-        "listen": {"websocket": free_port(), "admin": admin},
-        "redis": {"url": redis.url()},
-        "push": {"providers": {"webhook": {"url": format!("{}/ok", receiver.url), "signingKeyFile": key_file}}},
+    let mut config = spec.gateway_config(free_port(), admin);
+    config.push.providers.webhook = Some(kubechat_config::Webhook {
+        url: format!("{}/ok", receiver.url),
+        include_text: true,
+        signing_key_file: Some(key_file),
     });
     let config_file = spec.dir.path().join("push.json");
-    std::fs::write(&config_file, config.to_string()).expect("write the push config");
+    std::fs::write(&config_file, config.to_json_pretty()).expect("write the push config");
     let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_kubechat-gateway"))
         .args(["push-worker", "--config"])
         .arg(&config_file)

@@ -83,7 +83,7 @@ impl Default for ChatConfig {
             sync_horizon: Duration::from_secs(10),
             heartbeat_seconds: 5,
             offline_after: Duration::from_secs(30),
-            presence_fanout_max_members: 50,
+            presence_fanout_max_members: kubechat_config::DEFAULT_PRESENCE_FANOUT_MAX_MEMBERS,
             push_summary_chars: 80,
             stall_timeout: Duration::from_secs(5),
             members_ttl: Duration::from_secs(60),

@@ -81,7 +81,9 @@ pub fn fit_page<T>(items: &mut Vec<T>, budget: usize, size: impl Fn(&T) -> usize
 pub fn decode(text: &str, limits: &Limits) -> Result<ClientFrame, ProtocolError> {
     // Well-formed frames (nearly all) decode straight into their type; the
     // slower path below only runs to explain what is wrong with the rest.
-    if let Ok(frame) = serde_json::from_str::<ClientFrame>(text) {
+    // Only objects: serde's tagged enums would also take `["type", "req"]`.
+    let is_object = text.trim_start().starts_with('{');
+    if let Some(frame) = is_object.then(|| serde_json::from_str::<ClientFrame>(text).ok()).flatten() {
         let req = frame.req().map(|r| r.chars().take(MAX_REQUEST_ID_LEN).collect::<String>());
         return check_req(frame.req())
             .and_then(|()| frame.validate(limits))

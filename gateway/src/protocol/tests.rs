@@ -27,6 +27,8 @@ fn a_send_decodes() {
 fn malformed_frames_get_stable_codes() {
     assert_eq!(code_of("not json"), ErrorCode::BadFrame);
     assert_eq!(code_of("[1,2]"), ErrorCode::BadFrame);
+    // serde would take a tagged enum from an array: a frame is an object.
+    assert_eq!(code_of(r#"["list_channels",""]"#), ErrorCode::BadFrame);
     assert_eq!(code_of(r#"{"no":"type"}"#), ErrorCode::BadFrame);
     assert_eq!(code_of(r#"{"type":"teleport"}"#), ErrorCode::UnknownType);
     assert_eq!(code_of(r#"{"type":"send","to":{"user":"bob"},"key":"k"}"#), ErrorCode::MissingField);

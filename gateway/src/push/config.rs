@@ -1,13 +1,10 @@
-//! Push-worker settings, and their loading from the gateway config file the operator mounts.
+//! Push-worker settings, and their loading from the gateway config file the operator mounts
+//! (`kubechat_config::GatewayConfig`: Redis from `redis`, the providers from `push`).
 //!
-//! The operator writes `push` into `gateway.json` straight from the ChatCluster spec:
-//! `{"maxAttempts": 8, "providers": {"webhook": {"url", "signingKeySecret": {"name","key"},
-//! "includeText"}, "fcm": {"projectId", "credentialsSecret"}, "apns": {"teamId", "keyId",
-//! "topic", "signingKeySecret", "sandbox"}}}`. The Secret references are not readable from a
-//! pod: the referenced keys are expected as files under [`PUSH_SECRETS_DIR`] (override with
-//! `push.secretsDir`), named [`WEBHOOK_SIGNING_KEY_FILE`], [`FCM_CREDENTIALS_FILE`] and
-//! [`APNS_SIGNING_KEY_FILE`] (a Secret volume with `items: [{key: <ref.key>, path: <file>}]`),
-//! or at an explicit path given as `signingKeyFile` / `credentialsFile` in the provider.
+//! Secrets are files: the operator mounts the Secret keys the ChatCluster names under
+//! [`PUSH_SECRETS_DIR`] (override with `push.secretsDir`) as [`WEBHOOK_SIGNING_KEY_FILE`],
+//! [`FCM_CREDENTIALS_FILE`] and [`APNS_SIGNING_KEY_FILE`], unless a provider gives an explicit
+//! `signingKeyFile` / `credentialsFile`.
 
 use std::fmt;
 use std::io::Read as _;
@@ -15,17 +12,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use serde::Deserialize;
+use kubechat_config::GatewayConfig;
 
 use crate::chat::push::PUSH_STREAM;
 
 pub const DEFAULT_CONSUMER_GROUP: &str = "push-workers";
 pub const DEFAULT_DEAD_LETTER_STREAM: &str = "kubechat:push:dead";
-/// Where the push provider secrets are mounted.
-pub const PUSH_SECRETS_DIR: &str = "/var/run/kubechat/push";
-pub const WEBHOOK_SIGNING_KEY_FILE: &str = "webhook-signing-key";
-pub const FCM_CREDENTIALS_FILE: &str = "fcm-credentials.json";
-pub const APNS_SIGNING_KEY_FILE: &str = "apns-signing-key.p8";
+pub use kubechat_config::{APNS_SIGNING_KEY_FILE, FCM_CREDENTIALS_FILE, PUSH_SECRETS_DIR, WEBHOOK_SIGNING_KEY_FILE};
 pub const FCM_BASE_URL: &str = "https://fcm.googleapis.com";
 pub const APNS_PRODUCTION_URL: &str = "https://api.push.apple.com";
 pub const APNS_SANDBOX_URL: &str = "https://api.sandbox.push.apple.com";
@@ -77,11 +70,14 @@ pub struct WebhookConfig {
     pub signing_key: SecretSource,
     /// Whole-request timeout.
     pub timeout: Duration,
+    /// Send the start of the message text (`summary`); off, the receiver
+    /// learns who wrote where, not what.
+    pub include_text: bool,
 }
 
 impl WebhookConfig {
     pub fn new(url: impl Into<String>, signing_key: SecretSource) -> Self {
-        Self { url: url.into(), signing_key, timeout: Duration::from_secs(10) }
+        Self { url: url.into(), signing_key, timeout: Duration::from_secs(10), include_text: false }
     }
 }
 
@@ -215,7 +211,7 @@ impl Default for PushWorkerConfig {
             dead_letter_max_len: 100_000,
             consumer_group: DEFAULT_CONSUMER_GROUP.into(),
             consumer_name: "push-worker".into(),
-            max_attempts: 8,
+            max_attempts: kubechat_config::DEFAULT_PUSH_MAX_ATTEMPTS,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             claim_idle: Duration::from_secs(30),
@@ -231,117 +227,49 @@ impl Default for PushWorkerConfig {
     }
 }
 
-// ------------------------------------------------------------ file format --
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct GatewayFile {
-    #[serde(default)]
-    listen: Option<ListenSection>,
-    redis: RedisSection,
-    #[serde(default)]
-    push: PushSection,
-}
-
-#[derive(Deserialize)]
-struct ListenSection {
-    admin: u16,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RedisSection {
-    url: String,
-    #[serde(default)]
-    password_env: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PushSection {
-    #[serde(default)]
-    max_attempts: Option<u32>,
-    #[serde(default)]
-    secrets_dir: Option<PathBuf>,
-    #[serde(default)]
-    providers: ProvidersSection,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct ProvidersSection {
-    #[serde(default)]
-    webhook: Option<WebhookSection>,
-    #[serde(default)]
-    fcm: Option<FcmSection>,
-    #[serde(default)]
-    apns: Option<ApnsSection>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WebhookSection {
-    url: String,
-    #[serde(default)]
-    signing_key_file: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct FcmSection {
-    project_id: String,
-    #[serde(default)]
-    credentials_file: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ApnsSection {
-    team_id: String,
-    key_id: String,
-    topic: String,
-    #[serde(default)]
-    signing_key_file: Option<PathBuf>,
-    #[serde(default)]
-    sandbox: bool,
-}
-
 impl PushWorkerConfig {
     /// Reads the gateway config file (`KUBECHAT_CONFIG`): Redis from `redis`, the rest from
     /// `push`; the Redis password from the environment variable `redis.passwordEnv` names.
     pub fn load(path: &Path, consumer_name: &str) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        Self::from_gateway_json(&text, consumer_name, |name| std::env::var(name).ok())
-            .with_context(|| format!("parsing config {}", path.display()))
+        let file = GatewayConfig::load(path)?;
+        Self::from_gateway_config(&file, consumer_name, |name| std::env::var(name).ok())
+            .with_context(|| format!("the push settings in {}", path.display()))
     }
 
-    /// [`PushWorkerConfig::load`] on text, with `env` looking up environment variables.
-    pub fn from_gateway_json(
-        text: &str,
+    /// [`PushWorkerConfig::load`] on a parsed file, with `env` looking up environment variables.
+    pub fn from_gateway_config(
+        file: &GatewayConfig,
         consumer_name: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Self> {
-        let file: GatewayFile = serde_json::from_str(text)?;
-        let secrets_dir = file.push.secrets_dir.clone().unwrap_or_else(|| PUSH_SECRETS_DIR.into());
-        let secret =
-            |explicit: Option<PathBuf>, name: &str| SecretSource::File(explicit.unwrap_or(secrets_dir.join(name)));
-        let providers = file.push.providers;
+        let secrets_dir = file.push.secrets_dir();
+        let secret = |explicit: &Option<PathBuf>, name: &str| {
+            SecretSource::File(explicit.clone().unwrap_or_else(|| secrets_dir.join(name)))
+        };
+        let providers = &file.push.providers;
         let config = Self {
-            admin: file.listen.map(|l| std::net::SocketAddr::from(([0, 0, 0, 0], l.admin))),
-            redis_url: file.redis.url,
+            admin: Some(std::net::SocketAddr::from(([0, 0, 0, 0], file.listen.admin))),
+            redis_url: file.redis.url.clone(),
             redis_password: file.redis.password_env.as_deref().and_then(env).map(SecretSource::Value),
             consumer_name: consumer_name.to_string(),
-            max_attempts: file.push.max_attempts.unwrap_or(8),
+            max_attempts: file.push.max_attempts,
             providers: ProvidersConfig {
-                webhook: providers
-                    .webhook
-                    .map(|w| WebhookConfig::new(w.url, secret(w.signing_key_file, WEBHOOK_SIGNING_KEY_FILE))),
+                webhook: providers.webhook.as_ref().map(|w| WebhookConfig {
+                    include_text: w.include_text,
+                    ..WebhookConfig::new(w.url.clone(), secret(&w.signing_key_file, WEBHOOK_SIGNING_KEY_FILE))
+                }),
                 fcm: providers
                     .fcm
-                    .map(|f| FcmConfig::new(f.project_id, secret(f.credentials_file, FCM_CREDENTIALS_FILE))),
-                apns: providers.apns.map(|a| ApnsConfig {
+                    .as_ref()
+                    .map(|f| FcmConfig::new(f.project_id.clone(), secret(&f.credentials_file, FCM_CREDENTIALS_FILE))),
+                apns: providers.apns.as_ref().map(|a| ApnsConfig {
                     sandbox: a.sandbox,
-                    ..ApnsConfig::new(a.team_id, a.key_id, a.topic, secret(a.signing_key_file, APNS_SIGNING_KEY_FILE))
+                    ..ApnsConfig::new(
+                        a.team_id.clone(),
+                        a.key_id.clone(),
+                        a.topic.clone(),
+                        secret(&a.signing_key_file, APNS_SIGNING_KEY_FILE),
+                    )
                 }),
             },
             ..Self::default()
@@ -384,29 +312,43 @@ impl PushWorkerConfig {
 mod tests {
     use super::*;
 
+    /// A config as the operator writes it, with the push section given (JSON).
+    fn gateway_config(push: &str) -> GatewayConfig {
+        let text = format!(
+            r#"{{
+            "listen": {{"websocket": 8080, "admin": 9090}}, "maxConnections": 10,
+            "chat": {{"maxGroupMembers": 100, "maxMessageChars": 10, "heartbeatSeconds": 5, "offlineAfterSeconds": 30}},
+            "redis": {{"url": "redis://chat-redis.ns.svc:6379", "passwordEnv": "KUBECHAT_REDIS_PASSWORD"}},
+            "scylla": {{"contactPoints": ["s:9042"], "keyspace": "k", "replicationFactor": 1,
+                        "localDatacenter": null, "credentialsEnv": null}},
+            "auth": {{"signingKeyFile": "/k"}},
+            "push": {push}
+        }}"#
+        );
+        serde_json::from_str(&text).expect("a valid gateway config")
+    }
+
     /// Hand-written input; the operator's real output goes through
-    /// [`PushWorkerConfig::from_gateway_json`] in `e2e/tests/config_contract.rs`.
+    /// [`PushWorkerConfig::from_gateway_config`] in `e2e/tests/config_contract.rs`.
     #[test]
-    fn the_operators_push_section_becomes_provider_settings() {
-        let text = r#"{
-            "listen": {"websocket": 8080, "admin": 9090},
-            "redis": {"url": "redis://chat-redis.ns.svc:6379", "passwordEnv": "KUBECHAT_REDIS_PASSWORD"},
-            "push": {"maxAttempts": 5, "providers": {
-                "webhook": {"url": "https://hooks.example/push", "signingKeySecret": {"name": "s", "key": "k"},
-                            "includeText": false},
-                "fcm": {"projectId": "proj", "credentialsSecret": {"name": "f", "key": "sa.json"}},
-                "apns": {"teamId": "T", "keyId": "K", "topic": "com.example.chat",
-                         "signingKeySecret": {"name": "a", "key": "key.p8"}, "sandbox": true}
-            }}
-        }"#;
+    fn the_push_section_becomes_provider_settings() {
+        let file = gateway_config(
+            r#"{"maxAttempts": 5, "providers": {
+                "webhook": {"url": "https://hooks.example/push", "includeText": true},
+                "fcm": {"projectId": "proj"},
+                "apns": {"teamId": "T", "keyId": "K", "topic": "com.example.chat", "sandbox": true}
+            }}"#,
+        );
         let env = |name: &str| (name == "KUBECHAT_REDIS_PASSWORD").then(|| "pw".to_string());
-        let config = PushWorkerConfig::from_gateway_json(text, "chat-push-abc", env).expect("parse");
+        let config = PushWorkerConfig::from_gateway_config(&file, "chat-push-abc", env).expect("parse");
         assert_eq!(config.consumer_name, "chat-push-abc");
         assert_eq!(config.max_attempts, 5);
         assert_eq!(config.stream, PUSH_STREAM);
+        assert_eq!(config.admin, Some(std::net::SocketAddr::from(([0, 0, 0, 0], 9090))));
         assert_eq!(config.redis_password, Some(SecretSource::Value("pw".into())));
         let webhook = config.providers.webhook.expect("webhook");
         assert_eq!(webhook.url, "https://hooks.example/push");
+        assert!(webhook.include_text);
         assert_eq!(webhook.signing_key, SecretSource::File(Path::new(PUSH_SECRETS_DIR).join(WEBHOOK_SIGNING_KEY_FILE)));
         let fcm = config.providers.fcm.expect("fcm");
         assert_eq!(fcm.project_id, "proj");
@@ -419,13 +361,13 @@ mod tests {
 
     #[test]
     fn an_empty_push_section_means_no_providers() {
-        let text = r#"{"redis": {"url": "redis://r:6379"}, "push": {"maxAttempts": 8, "providers": {}}}"#;
-        let config = PushWorkerConfig::from_gateway_json(text, "w", |_| None).expect("parse");
+        let file = gateway_config(r#"{"maxAttempts": 8, "providers": {}}"#);
+        let config = PushWorkerConfig::from_gateway_config(&file, "w", |_| None).expect("parse");
         assert!(
             config.providers.webhook.is_none() && config.providers.fcm.is_none() && config.providers.apns.is_none()
         );
-        assert!(PushWorkerConfig::from_gateway_json(text, "", |_| None).is_err());
-        let bad = r#"{"redis": {"url": "redis://r:6379"}, "push": {"maxAttempts": 0}}"#;
-        assert!(PushWorkerConfig::from_gateway_json(bad, "w", |_| None).is_err());
+        assert!(PushWorkerConfig::from_gateway_config(&file, "", |_| None).is_err(), "no consumer name");
+        let bad = gateway_config(r#"{"maxAttempts": 0}"#);
+        assert!(PushWorkerConfig::from_gateway_config(&bad, "w", |_| None).is_err());
     }
 }

@@ -105,16 +105,19 @@ pub fn hex(bytes: &[u8]) -> String {
 
 // ---------------------------------------------------------------- webhook --
 
-/// The webhook's JSON body: a summary of the message, never its full text.
-pub fn webhook_body(job: &PushJob, target: &PushTarget) -> Vec<u8> {
-    let body = json!({
+/// The webhook's JSON body: who wrote where, and with `include_text` the start of the text
+/// (never all of it).
+pub fn webhook_body(job: &PushJob, target: &PushTarget, include_text: bool) -> Vec<u8> {
+    let mut body = json!({
         "user": job.user,
         "device": target.device,
         "message_id": job.message_id,
         "channel": job.channel,
         "sender": job.sender,
-        "summary": job.summary,
     });
+    if include_text {
+        body["summary"] = json!(job.summary);
+    }
     // A JSON value of strings always serializes.
     serde_json::to_vec(&body).unwrap_or_default()
 }
@@ -128,11 +131,11 @@ pub fn webhook_signature(key: &[u8], body: &[u8]) -> String {
 }
 
 /// The signed webhook POST.
-pub fn webhook_request(url: &str, key: &[u8], job: &PushJob, target: &PushTarget) -> HttpRequest {
-    let body = webhook_body(job, target);
+pub fn webhook_request(config: &WebhookConfig, key: &[u8], job: &PushJob, target: &PushTarget) -> HttpRequest {
+    let body = webhook_body(job, target, config.include_text);
     HttpRequest {
         method: reqwest::Method::POST,
-        url: url.to_string(),
+        url: config.url.clone(),
         headers: vec![
             ("Content-Type".into(), "application/json".into()),
             (SIGNATURE_HEADER.into(), webhook_signature(key, &body)),
@@ -144,9 +147,8 @@ pub fn webhook_request(url: &str, key: &[u8], job: &PushJob, target: &PushTarget
 
 pub struct WebhookProvider {
     client: reqwest::Client,
-    url: String,
+    config: WebhookConfig,
     key: Vec<u8>,
-    timeout: Duration,
 }
 
 impl WebhookProvider {
@@ -157,15 +159,15 @@ impl WebhookProvider {
         if key.len() < 16 {
             return Err("webhook signing key: must be at least 16 bytes".into());
         }
-        Ok(Self { client, url: config.url.clone(), key, timeout: config.timeout })
+        Ok(Self { client, config: config.clone(), key })
     }
 }
 
 #[async_trait]
 impl Provider for WebhookProvider {
     async fn send(&self, job: &PushJob, target: &PushTarget) -> Result<(), ProviderError> {
-        let request = webhook_request(&self.url, &self.key, job, target);
-        let response = execute(&self.client, &request, self.timeout).await?;
+        let request = webhook_request(&self.config, &self.key, job, target);
+        let response = execute(&self.client, &request, self.config.timeout).await?;
         classify_status("webhook", &response)
     }
 }
@@ -369,6 +371,7 @@ impl Provider for ApnsProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::push::SecretSource;
 
     fn job() -> PushJob {
         PushJob {
@@ -396,7 +399,11 @@ mod tests {
     #[test]
     fn the_webhook_request_carries_a_summary_signed() {
         let target = PushTarget::new("phone", Platform::Webhook, "opaque");
-        let request = webhook_request("https://hooks.example/p", b"0123456789abcdef", &job(), &target);
+        let config = WebhookConfig {
+            include_text: true,
+            ..WebhookConfig::new("https://hooks.example/p", SecretSource::Value(String::new()))
+        };
+        let request = webhook_request(&config, b"0123456789abcdef", &job(), &target);
         assert_eq!(request.method, reqwest::Method::POST);
         assert_eq!(request.url, "https://hooks.example/p");
         assert_eq!(
@@ -410,6 +417,16 @@ mod tests {
         );
         assert_eq!(request.header(DELIVERY_HEADER), Some("29443212804096000:phone"));
         assert_eq!(request.header("content-type"), Some("application/json"));
+    }
+
+    /// `includeText: false` (the ChatCluster's default): the receiver learns who wrote where.
+    #[test]
+    fn without_include_text_the_webhook_gets_no_text() {
+        let target = PushTarget::new("phone", Platform::Webhook, "opaque");
+        let config = WebhookConfig::new("https://hooks.example/p", SecretSource::Value(String::new()));
+        let body = webhook_request(&config, b"0123456789abcdef", &job(), &target).json_body().expect("json");
+        assert_eq!(body.get("summary"), None, "{body}");
+        assert_eq!(body["sender"], "alice");
     }
 
     #[test]

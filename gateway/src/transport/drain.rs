@@ -34,7 +34,17 @@ pub struct DrainParams {
 
 impl Default for DrainParams {
     fn default() -> Self {
-        Self { deadline: Duration::from_secs(60), max_reconnects_per_second: 500 }
+        Self::from(&kubechat_config::Drain::default())
+    }
+}
+
+/// The config file's drain settings (zeros mean the smallest drain there is).
+impl From<&kubechat_config::Drain> for DrainParams {
+    fn from(settings: &kubechat_config::Drain) -> Self {
+        Self {
+            deadline: Duration::from_secs(u64::from(settings.window_seconds.max(1))),
+            max_reconnects_per_second: settings.max_reconnects_per_second.max(1),
+        }
     }
 }
 

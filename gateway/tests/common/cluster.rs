@@ -221,6 +221,39 @@ pub struct ClusterSpec {
 }
 
 impl ClusterSpec {
+    /// The config file a gateway of this cluster reads (the operator's format).
+    pub fn gateway_config(&self, websocket: u16, admin: u16) -> kubechat_config::GatewayConfig {
+        use kubechat_config as config;
+        config::GatewayConfig {
+            listen: config::Listen { websocket, admin },
+            max_connections: 10_000,
+            chat: config::Chat {
+                max_group_members: 100,
+                max_message_chars: 100_000,
+                heartbeat_seconds: self.heartbeat_seconds,
+                offline_after_seconds: self.offline_after_seconds,
+                presence_fanout_max_members: config::DEFAULT_PRESENCE_FANOUT_MAX_MEMBERS,
+                send_retry_window_seconds: config::DEFAULT_SEND_RETRY_WINDOW_SECONDS,
+            },
+            redis: config::Redis { url: self.redis_url.clone(), password_env: None },
+            scylla: config::Scylla {
+                contact_points: vec![self.cql_node.clone()],
+                keyspace: self.keyspace.clone(),
+                replication_factor: 1,
+                local_datacenter: None,
+                credentials_env: None,
+            },
+            auth: config::Auth { signing_key_file: self.dir.path().join("signing-key") },
+            drain: config::Drain {
+                window_seconds: self.drain_window_seconds,
+                max_reconnects_per_second: self.drain_rate,
+            },
+            admin: config::Admin { token_file: Some(self.dir.path().join("admin-token")) },
+            push: config::Push::default(),
+            discovery: None,
+        }
+    }
+
     /// Creates the keyspace once, before gateways start (concurrent schema
     /// changes from several processes would race).
     pub async fn new(redis_url: String, offline_after_seconds: u32) -> Self {
@@ -344,26 +377,15 @@ impl GatewayProcess {
     ) -> Self {
         let (ws_port, admin_port) = (free_port(), free_port());
         let name = name.to_string();
-        let mut config = json!({
-            "listen": {"websocket": ws_port, "admin": admin_port},
-            "maxConnections": 10_000,
-            "chat": {
-                "maxGroupMembers": 100,
-                "maxMessageChars": 100_000,
-                "heartbeatSeconds": spec.heartbeat_seconds,
-                "offlineAfterSeconds": spec.offline_after_seconds,
-            },
-            "redis": {"url": redis_url.unwrap_or(&spec.redis_url), "passwordEnv": null},
-            "scylla": {"contactPoints": [spec.cql_node], "keyspace": spec.keyspace, "replicationFactor": 1,
-                       "localDatacenter": null, "credentialsEnv": null},
-            "auth": {"signingKeyFile": spec.dir.path().join("signing-key")},
-            "drain": {"windowSeconds": spec.drain_window_seconds, "maxReconnectsPerSecond": spec.drain_rate},
-        });
-        if admin_token {
-            config["admin"] = json!({"tokenFile": spec.dir.path().join("admin-token")});
+        let mut config = spec.gateway_config(ws_port, admin_port);
+        if let Some(url) = redis_url {
+            config.redis.url = url.to_string();
+        }
+        if !admin_token {
+            config.admin.token_file = None;
         }
         let config_path = spec.dir.path().join(format!("{name}.json"));
-        std::fs::write(&config_path, config.to_string()).expect("write the gateway config");
+        std::fs::write(&config_path, config.to_json_pretty()).expect("write the gateway config");
         let log = spec.dir.path().join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).expect("gateway log file");
         let child = Command::new(env!("CARGO_BIN_EXE_kubechat-gateway"))

@@ -3,16 +3,16 @@
 //! once per ChatCluster and never re-applied, like the signing key; the
 //! gateways read it from a mounted file, the operator from its Secret cache.
 
+use std::path::{Path, PathBuf};
+
 use kube::ResourceExt;
 use kubechat_crds::ChatCluster;
 
 use super::Names;
 use super::secrets::GeneratedSecret;
 
-/// Key of the Secret, and the file name it is mounted as.
+/// Key of the Secret.
 pub const TOKEN_KEY: &str = "token";
-/// Where gateways find the token (only gateways: push workers serve no drain).
-pub const TOKEN_DIR: &str = "/var/run/kubechat/admin";
 
 /// The admin-token Secret every ChatCluster gets.
 pub fn generated(cc: &ChatCluster) -> GeneratedSecret {
@@ -24,9 +24,9 @@ pub fn generated(cc: &ChatCluster) -> GeneratedSecret {
     }
 }
 
-/// The file the gateway config names.
-pub fn token_file() -> String {
-    format!("{TOKEN_DIR}/{TOKEN_KEY}")
+/// The file the gateway config names (only gateways mount it: push workers serve no drain).
+pub fn token_file() -> PathBuf {
+    Path::new(kubechat_config::ADMIN_TOKEN_DIR).join(kubechat_config::ADMIN_TOKEN_FILE)
 }
 
 #[cfg(test)]

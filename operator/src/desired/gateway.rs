@@ -3,6 +3,7 @@
 //! mount, the endpoint ConfigMap for discovery and a PodDisruptionBudget.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::Affinity;
@@ -16,21 +17,18 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
+use kubechat_config::{self as config, GatewayConfig};
 use kubechat_crds::ChatCluster;
-use serde_json::json;
 
 use super::{
     CONFIG_HASH_ANNOTATION, DesiredObject, Names, content_hash, owned_meta, resources_or,
     restricted_container_security, restricted_pod_security, selector_labels,
 };
-use crate::desired::{admin_token, auth, redis, scylla};
+use crate::desired::{admin_token, auth, push, redis, scylla};
 
 pub const COMPONENT: &str = "gateway";
-/// Where the gateway reads its config file.
-pub const CONFIG_DIR: &str = "/etc/kubechat";
-pub const CONFIG_FILE: &str = "gateway.json";
-/// Where the token-signing key is mounted.
-pub const AUTH_DIR: &str = "/var/run/kubechat/auth";
+/// Where the gateway reads its config file, and where the token-signing key is mounted.
+pub use kubechat_config::{AUTH_DIR, CONFIG_DIR, CONFIG_FILE};
 /// Key of the endpoint ConfigMap that lists the gateways.
 pub const ENDPOINTS_KEY: &str = "endpoints.json";
 /// The pod's IP, for the gateway to bind and advertise.
@@ -56,49 +54,59 @@ pub fn objects(cc: &ChatCluster, replicas: i32) -> Vec<DesiredObject> {
 }
 
 /// The config every gateway and push worker reads (no secrets: those are
-/// mounted files or environment variables from Secrets).
-pub fn config_json(cc: &ChatCluster) -> serde_json::Value {
+/// mounted files or environment variables from Secrets). Its types are the
+/// gateway's own (`kubechat_config`): a field renamed on one side fails to
+/// compile on the other.
+pub fn gateway_config(cc: &ChatCluster) -> GatewayConfig {
     let spec = &cc.spec;
-    let ns = cc.namespace().unwrap_or_default();
-    json!({
-        "listen": {"websocket": spec.gateway.ports.websocket, "admin": spec.gateway.ports.admin},
-        "maxConnections": spec.gateway.max_connections_per_pod,
-        "drain": {
-            "windowSeconds": spec.gateway.drain.window_seconds,
-            "maxReconnectsPerSecond": spec.gateway.drain.max_reconnects_per_second,
+    // The CRD schema bounds every one of these; a negative value never gets here.
+    let count = |value: i32| u32::try_from(value).unwrap_or(0);
+    let external_scylla = spec.scylla.external.as_ref();
+    GatewayConfig {
+        listen: config::Listen {
+            websocket: u16::try_from(spec.gateway.ports.websocket).unwrap_or(0),
+            admin: u16::try_from(spec.gateway.ports.admin).unwrap_or(0),
         },
-        "chat": {
-            "maxGroupMembers": spec.chat.max_group_members,
-            "maxMessageChars": spec.chat.max_message_chars,
-            "heartbeatSeconds": spec.chat.heartbeat_seconds,
-            "offlineAfterSeconds": spec.chat.offline_after_seconds,
-            "presenceFanoutMaxMembers": spec.chat.presence_fanout_max_members,
+        max_connections: usize::try_from(spec.gateway.max_connections_per_pod).unwrap_or(0),
+        drain: config::Drain {
+            window_seconds: count(spec.gateway.drain.window_seconds),
+            max_reconnects_per_second: count(spec.gateway.drain.max_reconnects_per_second),
         },
-        "redis": {"url": redis::url(cc), "passwordEnv": redis::password_ref(cc).map(|_| redis::PASSWORD_ENV)},
-        "scylla": {
-            "contactPoints": scylla::contact_points(cc),
-            "keyspace": spec.scylla.keyspace,
-            "replicationFactor": scylla::replication_factor(cc),
-            "localDatacenter": spec.scylla.external.as_ref().and_then(|e| e.local_datacenter.clone()),
-            "credentialsEnv": spec.scylla.external.as_ref().and_then(|e| e.credentials_secret.as_ref())
-                .map(|_| json!({"username": scylla::USERNAME_ENV, "password": scylla::PASSWORD_ENV})),
+        chat: config::Chat {
+            max_group_members: count(spec.chat.max_group_members) as usize,
+            max_message_chars: count(spec.chat.max_message_chars) as usize,
+            heartbeat_seconds: count(spec.chat.heartbeat_seconds),
+            offline_after_seconds: count(spec.chat.offline_after_seconds),
+            presence_fanout_max_members: count(spec.chat.presence_fanout_max_members) as usize,
+            send_retry_window_seconds: config::DEFAULT_SEND_RETRY_WINDOW_SECONDS,
         },
-        "auth": {"signingKeyFile": format!("{AUTH_DIR}/{}", auth::SIGNING_KEY_KEY)},
-        "admin": {"tokenFile": admin_token::token_file()},
-        "push": {
-            "maxAttempts": spec.push_workers.max_attempts,
-            "providers": spec.push_workers.providers,
+        redis: config::Redis {
+            url: redis::url(cc),
+            password_env: redis::password_ref(cc).map(|_| redis::PASSWORD_ENV.into()),
         },
-        "discovery": {"endpointConfigMap": Names(&cc.name_any()).endpoints(), "namespace": ns},
-    })
+        scylla: config::Scylla {
+            contact_points: scylla::contact_points(cc),
+            keyspace: spec.scylla.keyspace.clone(),
+            replication_factor: count(scylla::replication_factor(cc)),
+            local_datacenter: external_scylla.and_then(|e| e.local_datacenter.clone()),
+            credentials_env: external_scylla.and_then(|e| e.credentials_secret.as_ref()).map(|_| {
+                config::CredentialsEnv { username: scylla::USERNAME_ENV.into(), password: scylla::PASSWORD_ENV.into() }
+            }),
+        },
+        auth: config::Auth { signing_key_file: Path::new(AUTH_DIR).join(config::SIGNING_KEY_FILE) },
+        admin: config::Admin { token_file: Some(admin_token::token_file()) },
+        push: push::config(&spec.push_workers),
+        discovery: Some(config::Discovery {
+            endpoint_config_map: Names(&cc.name_any()).endpoints(),
+            namespace: cc.namespace().unwrap_or_default(),
+        }),
+    }
 }
 
 pub fn config_map(cc: &ChatCluster) -> ConfigMap {
-    // Pretty and key-sorted (serde_json's map is a BTreeMap): stable text, stable hash.
-    let text = serde_json::to_string_pretty(&config_json(cc)).unwrap_or_default();
     ConfigMap {
         metadata: owned_meta(cc, Names(&cc.name_any()).gateway_config(), COMPONENT),
-        data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), text)])),
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), gateway_config(cc).to_json_pretty())])),
         ..Default::default()
     }
 }
@@ -128,7 +136,7 @@ pub fn common_env(cc: &ChatCluster) -> Vec<EnvVar> {
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("POD_IP", "status.podIP"),
         EnvVar {
-            name: "KUBECHAT_CONFIG".into(),
+            name: config::CONFIG_PATH_ENV.into(),
             value: Some(format!("{CONFIG_DIR}/{CONFIG_FILE}")),
             ..Default::default()
         },
@@ -169,7 +177,7 @@ pub fn common_volumes(cc: &ChatCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
                 secret_name: Some(signing.name),
                 items: Some(vec![KeyToPath {
                     key: signing.key,
-                    path: auth::SIGNING_KEY_KEY.into(),
+                    path: config::SIGNING_KEY_FILE.into(),
                     ..Default::default()
                 }]),
                 ..Default::default()
@@ -228,14 +236,18 @@ pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap, replicas: i32) -> Stat
         name: "admin-token".into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(token.name),
-            items: Some(vec![KeyToPath { key: token.key.into(), path: token.key.into(), ..Default::default() }]),
+            items: Some(vec![KeyToPath {
+                key: token.key.into(),
+                path: config::ADMIN_TOKEN_FILE.into(),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         ..Default::default()
     });
     volume_mounts.push(VolumeMount {
         name: "admin-token".into(),
-        mount_path: admin_token::TOKEN_DIR.into(),
+        mount_path: config::ADMIN_TOKEN_DIR.into(),
         read_only: Some(true),
         ..Default::default()
     });
@@ -393,13 +405,13 @@ mod tests {
     #[test]
     fn config_carries_limits_and_backend_addresses() {
         let cc = ChatCluster::test().with_spec(|s| s.chat.max_message_chars = 5000);
-        let config = config_json(&cc);
-        assert_eq!(config["chat"]["maxMessageChars"], 5000);
-        assert_eq!(config["chat"]["maxGroupMembers"], 100);
-        assert_eq!(config["chat"]["presenceFanoutMaxMembers"], 50, "the gateway reads it; the default");
-        assert_eq!(config["redis"]["url"], "redis://chat-redis.team-a.svc:6379");
-        assert_eq!(config["scylla"]["contactPoints"][0], "chat-scylla.team-a.svc:9042");
-        assert_eq!(config["scylla"]["replicationFactor"], 1);
+        let config = gateway_config(&cc);
+        assert_eq!(config.chat.max_message_chars, 5000);
+        assert_eq!(config.chat.max_group_members, 100);
+        assert_eq!(config.chat.presence_fanout_max_members, 50, "the default");
+        assert_eq!(config.redis.url, "redis://chat-redis.team-a.svc:6379");
+        assert_eq!(config.scylla.contact_points, ["chat-scylla.team-a.svc:9042"]);
+        assert_eq!(config.scylla.replication_factor, 1);
     }
 
     #[test]
@@ -421,7 +433,7 @@ mod tests {
     #[test]
     fn gateways_mount_the_admin_token_their_config_names_and_push_workers_do_not() {
         let cc = ChatCluster::test();
-        assert_eq!(config_json(&cc)["admin"]["tokenFile"], "/var/run/kubechat/admin/token");
+        assert_eq!(gateway_config(&cc).admin.token_file, Some("/var/run/kubechat/admin/token".into()));
         let pod = stateful_set(&cc, &config_map(&cc), 2).spec.template.spec.expect("pod spec");
         let volume = pod.volumes.unwrap_or_default().into_iter().find(|v| v.name == "admin-token").expect("volume");
         let secret = volume.secret.expect("a Secret volume");
