@@ -58,8 +58,13 @@ pub fn gateway_binary() -> PathBuf {
             path.display()
         )
     });
-    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/src");
-    if let Some((newest, changed)) = newest_file(&sources)
+    // The binary is built from the gateway crate and the two it links.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let newest = ["gateway/src", "push/src", "config/src"]
+        .iter()
+        .filter_map(|dir| newest_file(&root.join(dir)))
+        .max_by_key(|(_, changed)| *changed);
+    if let Some((newest, changed)) = newest
         && changed > built
     {
         panic!(

@@ -17,8 +17,8 @@ use kubechat_crds::{
     ApnsProvider, ChatCluster, ExternalRedis, ExternalScylla, FcmProvider, SecretKeyRef, WebhookProvider,
 };
 use kubechat_gateway::config::{GatewayConfig, chat_config};
-use kubechat_gateway::push::{PushWorkerConfig, SecretSource};
 use kubechat_operator::desired::{admin_token, auth, gateway, push, redis, scylla};
+use kubechat_push::{PushWorkerConfig, SecretSource};
 
 /// What a mounted Secret key or a Secret-sourced variable holds here: its name.
 fn from_secret(name: &str, key: &str) -> String {

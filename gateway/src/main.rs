@@ -279,9 +279,9 @@ async fn main() -> anyhow::Result<()> {
             running.stop(Duration::from_secs(10)).await;
         }
         Command::PushWorker { config, consumer } => {
-            let config = kubechat_gateway::push::PushWorkerConfig::load(&config, &consumer)?;
+            let config = kubechat_push::PushWorkerConfig::load(&config, &consumer)?;
             let shutdown = tokio_util::sync::CancellationToken::new();
-            let worker = tokio::spawn(kubechat_gateway::push::run_push_worker(config, shutdown.clone()));
+            let worker = tokio::spawn(kubechat_push::run_push_worker(config, shutdown.clone()));
             wait_for_signal().await;
             shutdown.cancel();
             worker.await.context("push worker task")??;

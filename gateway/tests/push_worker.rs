@@ -18,10 +18,9 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use kubechat_gateway::chat::push::{PUSH_STREAM, PushJob};
-use kubechat_gateway::push::{
-    self, ApnsConfig, FcmConfig, Platform, ProvidersConfig, PushMetrics, PushTarget, PushWorkerConfig, SecretSource,
-    WebhookConfig,
+use kubechat_push::{
+    self as push, ApnsConfig, FcmConfig, PUSH_STREAM, Platform, ProvidersConfig, PushJob, PushMetrics, PushTarget,
+    PushWorkerConfig, SecretSource, WebhookConfig,
 };
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
@@ -590,8 +589,8 @@ async fn a_dead_workers_jobs_are_claimed_and_delivered_once() {
     fx.cleanup().await;
 }
 
-const TEST_RSA_KEY: &str = include_str!("../src/push/testdata/rsa-test-key.pem");
-const TEST_EC_KEY: &str = include_str!("../src/push/testdata/ec-test-key.p8");
+const TEST_RSA_KEY: &str = include_str!("../../push/src/testdata/rsa-test-key.pem");
+const TEST_EC_KEY: &str = include_str!("../../push/src/testdata/ec-test-key.p8");
 
 #[tokio::test]
 async fn fcm_and_apns_requests_go_to_configurable_hosts() {

@@ -168,8 +168,8 @@ fn storage_error(e: StoreError) -> ProtocolError {
     ProtocolError::new(ErrorCode::StorageUnavailable, format!("{e}; nothing was stored, retry with the same key"))
 }
 
-fn push_target_error(e: crate::push::PushTargetError) -> ProtocolError {
-    use crate::push::PushTargetError;
+fn push_target_error(e: kubechat_push::PushTargetError) -> ProtocolError {
+    use kubechat_push::PushTargetError;
     let code = match e {
         PushTargetError::Invalid(_) | PushTargetError::TooMany => ErrorCode::InvalidArgument,
         PushTargetError::NotConfigured | PushTargetError::Redis(_) => ErrorCode::Unavailable,
@@ -375,7 +375,7 @@ impl ChatService {
                 Ok(ServerFrame::Ok { req: req.clone() })
             }
             ClientFrame::RegisterPush { platform, token, .. } => {
-                let target = crate::push::PushTarget::new(session.device.clone(), platform, token);
+                let target = kubechat_push::PushTarget::new(session.device.clone(), platform, token);
                 match self.push.register_target(&session.user, &target).await {
                     Ok(()) => Ok(ServerFrame::Ok { req: req.clone() }),
                     Err(e) => Err(push_target_error(e)),

@@ -7,40 +7,18 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use backon::{ConstantBuilder, Retryable};
-use serde::{Deserialize, Serialize};
 
-use crate::push::{PushTarget, PushTargetError};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Message, StoreError};
+use kubechat_push::{JOB_FIELD, MessageRef, PushTarget, PushTargetError};
 
-/// Stream the push workers consume.
-pub const PUSH_STREAM: &str = "kubechat:push";
+pub use kubechat_push::{PUSH_STREAM, PushJob};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PushJob {
-    pub user: String,
-    /// Decimal message id (JSON-safe).
-    pub message_id: String,
-    pub channel: String,
-    pub sender: String,
-    /// The start of the text only: notifications travel through third parties.
-    pub summary: String,
-}
-
-impl PushJob {
-    pub fn new(user: &str, message: &Message, summary_chars: usize) -> Self {
-        let mut summary: String = message.text.chars().take(summary_chars).collect();
-        if message.text.chars().count() > summary_chars {
-            summary.push('…');
-        }
-        Self {
-            user: user.to_string(),
-            message_id: message.id.to_string(),
-            channel: message.channel.clone(),
-            sender: message.sender.clone(),
-            summary,
-        }
-    }
+/// The job telling `user` about `message`, its text cut to `summary_chars` characters.
+pub fn job_for(user: &str, message: &Message, summary_chars: usize) -> PushJob {
+    let message =
+        MessageRef { id: message.id, channel: &message.channel, sender: &message.sender, text: &message.text };
+    PushJob::new(user, message, summary_chars)
 }
 
 /// Where push jobs and the devices' push targets go.
@@ -115,15 +93,14 @@ impl PushQueue for RedisPushQueue {
         }
         let mut pipe = redis::pipe();
         for job in jobs {
-            let payload = serde_json::to_string(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             pipe.cmd("XADD")
                 .arg(PUSH_STREAM)
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(self.max_len)
                 .arg("*")
-                .arg("job")
-                .arg(payload)
+                .arg(JOB_FIELD)
+                .arg(job.to_payload())
                 .ignore();
         }
         let write = || async { pipe.query_async::<()>(&mut self.connection.clone()).await };
@@ -143,11 +120,11 @@ impl PushQueue for RedisPushQueue {
     }
 
     async fn register_target(&self, user: &str, target: &PushTarget) -> Result<(), PushTargetError> {
-        crate::push::register_target(&mut self.connection.clone(), user, target).await
+        kubechat_push::register_target(&mut self.connection.clone(), user, target).await
     }
 
     async fn unregister_target(&self, user: &str, device: &str) -> Result<(), PushTargetError> {
-        crate::push::unregister_target(&mut self.connection.clone(), user, device).await.map(|_| ())
+        kubechat_push::unregister_target(&mut self.connection.clone(), user, device).await.map(|_| ())
     }
 }
 
@@ -156,7 +133,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_summary_is_cut_short() {
+    fn a_job_carries_the_message_and_the_start_of_its_text() {
         let message = Message {
             id: 7,
             channel: "dm:a:b".into(),
@@ -165,8 +142,8 @@ mod tests {
             text: "héllo wörld".into(),
             created_at_ms: 0,
         };
-        assert_eq!(PushJob::new("b", &message, 5).summary, "héllo…");
-        assert_eq!(PushJob::new("b", &message, 50).summary, "héllo wörld");
-        assert_eq!(PushJob::new("b", &message, 5).message_id, "7");
+        let job = job_for("b", &message, 5);
+        assert_eq!((job.user.as_str(), job.message_id.as_str(), job.channel.as_str()), ("b", "7", "dm:a:b"));
+        assert_eq!((job.sender.as_str(), job.summary.as_str()), ("a", "héllo…"));
     }
 }

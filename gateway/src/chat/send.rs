@@ -245,7 +245,7 @@ impl ChatService {
                 let jobs: Vec<PushJob> = members
                     .iter()
                     .filter(|m| **m != session.user && routed.offline.contains(*m))
-                    .map(|m| PushJob::new(m, &message, self.config.push_summary_chars))
+                    .map(|m| super::push::job_for(m, &message, self.config.push_summary_chars))
                     .collect();
                 match routed.unsettled_for {
                     None => self.enqueue_push(jobs).await,

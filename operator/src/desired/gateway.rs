@@ -3,7 +3,6 @@
 //! mount, the endpoint ConfigMap for discovery and a PodDisruptionBudget.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::Affinity;
@@ -17,18 +16,20 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use kubechat_config::{self as config, GatewayConfig};
+use kubechat_config as config;
 use kubechat_crds::ChatCluster;
 
 use super::{
     CONFIG_HASH_ANNOTATION, DesiredObject, Names, content_hash, owned_meta, resources_or,
     restricted_container_security, restricted_pod_security, selector_labels,
 };
-use crate::desired::{admin_token, auth, push, redis, scylla};
+use crate::desired::{admin_token, auth, redis, scylla};
 
 pub const COMPONENT: &str = "gateway";
 /// Where the gateway reads its config file, and where the token-signing key is mounted.
 pub use kubechat_config::{AUTH_DIR, CONFIG_DIR, CONFIG_FILE};
+
+pub use super::config::gateway_config;
 /// Key of the endpoint ConfigMap that lists the gateways.
 pub const ENDPOINTS_KEY: &str = "endpoints.json";
 /// The pod's IP, for the gateway to bind and advertise.
@@ -51,56 +52,6 @@ pub fn objects(cc: &ChatCluster, replicas: i32) -> Vec<DesiredObject> {
         DesiredObject::Service(headless_service(cc)),
         DesiredObject::PodDisruptionBudget(disruption_budget(cc)),
     ]
-}
-
-/// The config every gateway and push worker reads (no secrets: those are
-/// mounted files or environment variables from Secrets). Its types are the
-/// gateway's own (`kubechat_config`): a field renamed on one side fails to
-/// compile on the other.
-pub fn gateway_config(cc: &ChatCluster) -> GatewayConfig {
-    let spec = &cc.spec;
-    // The CRD schema bounds every one of these; a negative value never gets here.
-    let count = |value: i32| u32::try_from(value).unwrap_or(0);
-    let external_scylla = spec.scylla.external.as_ref();
-    GatewayConfig {
-        listen: config::Listen {
-            websocket: u16::try_from(spec.gateway.ports.websocket).unwrap_or(0),
-            admin: u16::try_from(spec.gateway.ports.admin).unwrap_or(0),
-        },
-        max_connections: usize::try_from(spec.gateway.max_connections_per_pod).unwrap_or(0),
-        drain: config::Drain {
-            window_seconds: count(spec.gateway.drain.window_seconds),
-            max_reconnects_per_second: count(spec.gateway.drain.max_reconnects_per_second),
-        },
-        chat: config::Chat {
-            max_group_members: count(spec.chat.max_group_members) as usize,
-            max_message_chars: count(spec.chat.max_message_chars) as usize,
-            heartbeat_seconds: count(spec.chat.heartbeat_seconds),
-            offline_after_seconds: count(spec.chat.offline_after_seconds),
-            presence_fanout_max_members: count(spec.chat.presence_fanout_max_members) as usize,
-            send_retry_window_seconds: config::DEFAULT_SEND_RETRY_WINDOW_SECONDS,
-        },
-        redis: config::Redis {
-            url: redis::url(cc),
-            password_env: redis::password_ref(cc).map(|_| redis::PASSWORD_ENV.into()),
-        },
-        scylla: config::Scylla {
-            contact_points: scylla::contact_points(cc),
-            keyspace: spec.scylla.keyspace.clone(),
-            replication_factor: count(scylla::replication_factor(cc)),
-            local_datacenter: external_scylla.and_then(|e| e.local_datacenter.clone()),
-            credentials_env: external_scylla.and_then(|e| e.credentials_secret.as_ref()).map(|_| {
-                config::CredentialsEnv { username: scylla::USERNAME_ENV.into(), password: scylla::PASSWORD_ENV.into() }
-            }),
-        },
-        auth: config::Auth { signing_key_file: Path::new(AUTH_DIR).join(config::SIGNING_KEY_FILE) },
-        admin: config::Admin { token_file: Some(admin_token::token_file()) },
-        push: push::config(&spec.push_workers),
-        discovery: Some(config::Discovery {
-            endpoint_config_map: Names(&cc.name_any()).endpoints(),
-            namespace: cc.namespace().unwrap_or_default(),
-        }),
-    }
 }
 
 pub fn config_map(cc: &ChatCluster) -> ConfigMap {

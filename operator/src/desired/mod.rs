@@ -14,6 +14,7 @@
 
 pub mod admin_token;
 pub mod auth;
+pub mod config;
 pub mod gateway;
 pub mod network;
 pub mod push;

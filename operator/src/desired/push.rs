@@ -11,45 +11,16 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use kubechat_config as config;
-use kubechat_crds::{ChatCluster, PushWorkersSpec};
+use kubechat_crds::ChatCluster;
 
 use super::gateway::{KUBECHAT_UID, common_env, common_volumes};
 use super::{Names, owned_meta, resources_or, restricted_container_security, restricted_pod_security, selector_labels};
 
 pub const COMPONENT: &str = "push-worker";
 
-/// Where the worker reads provider secrets, and the file names it expects.
+/// Where the worker reads provider secrets, and the file names it expects
+/// (`super::config::push_section` names no file: the worker looks here).
 pub use kubechat_config::{APNS_SIGNING_KEY_FILE, FCM_CREDENTIALS_FILE, PUSH_SECRETS_DIR, WEBHOOK_SIGNING_KEY_FILE};
-
-/// The `push` section of the gateway config: the providers without their
-/// Secret references (a pod cannot read a Secret by name: the secrets are
-/// mounted under [`PUSH_SECRETS_DIR`] by [`provider_secrets`]).
-pub fn config(spec: &PushWorkersSpec) -> config::Push {
-    let providers = &spec.providers;
-    config::Push {
-        max_attempts: u32::try_from(spec.max_attempts).unwrap_or(1),
-        secrets_dir: None,
-        providers: config::PushProviders {
-            webhook: providers.webhook.as_ref().map(|w| config::Webhook {
-                url: w.url.clone(),
-                include_text: w.include_text,
-                signing_key_file: None,
-            }),
-            fcm: providers
-                .fcm
-                .as_ref()
-                .map(|f| config::Fcm { project_id: f.project_id.clone(), credentials_file: None }),
-            apns: providers.apns.as_ref().map(|a| config::Apns {
-                team_id: a.team_id.clone(),
-                key_id: a.key_id.clone(),
-                topic: a.topic.clone(),
-                sandbox: a.sandbox,
-                signing_key_file: None,
-            }),
-        },
-    }
-}
 
 /// One projected volume with the secret of each configured provider under
 /// the file name the worker reads; `None` without providers.

@@ -1,6 +1,6 @@
-//! The vocabulary the protocol and the push workers share: user and device
-//! ids and how a device is reached. A leaf: it depends on nothing in the
-//! crate, so both sides import it without importing each other.
+//! The vocabulary the gateway's protocol and the push workers share: user
+//! and device ids and how a device is reached. A leaf: it depends on nothing
+//! in the crate.
 
 use std::fmt;
 use std::str::FromStr;
@@ -93,5 +93,22 @@ impl PushTarget {
             return Err(InvalidTarget("the token must not contain control characters".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_validated() {
+        assert!(PushTarget::new("phone", Platform::Apns, "ab12").validate().is_ok());
+        assert!(PushTarget::new("", Platform::Apns, "ab12").validate().is_err());
+        assert!(PushTarget::new("a:b", Platform::Apns, "ab12").validate().is_err());
+        assert!(PushTarget::new("phone", Platform::Apns, "").validate().is_err());
+        assert!(PushTarget::new("phone", Platform::Apns, "a\nb").validate().is_err());
+        assert!(PushTarget::new("phone", Platform::Apns, "x".repeat(MAX_TOKEN_LEN + 1)).validate().is_err());
+        assert_eq!("apns".parse::<Platform>().expect("parse"), Platform::Apns);
+        assert!("sms".parse::<Platform>().is_err());
     }
 }

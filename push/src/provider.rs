@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use super::config::{ApnsConfig, FcmConfig, ProvidersConfig, WebhookConfig};
 use super::credentials::{ApnsTokenSigner, FcmTokenSource};
 pub use super::http::{HttpRequest, HttpResponse, ProviderError, execute, http_client};
-use super::{Platform, PushTarget};
-use crate::chat::push::PushJob;
+use crate::job::PushJob;
+use crate::names::{Platform, PushTarget};
 
 pub const SIGNATURE_HEADER: &str = "X-Kubechat-Signature";
 pub const DELIVERY_HEADER: &str = "X-Kubechat-Delivery";
@@ -371,7 +371,7 @@ impl Provider for ApnsProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::push::SecretSource;
+    use crate::config::SecretSource;
 
     fn job() -> PushJob {
         PushJob {

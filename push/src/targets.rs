@@ -1,55 +1,13 @@
-//! Push workers: notifications for recipients with no connected device.
-//!
-//! The gateway XADDs a [`PushJob`] to the stream [`PUSH_STREAM`] (field
-//! `job`, JSON). Push workers (the same binary in `push-worker` mode) read it
-//! through a consumer group and send one notification per registered device
-//! of the recipient, through a webhook, FCM or APNs.
-//!
-//! Layout:
-//! - this file: device registration ([`PushTarget`], [`register_target`]).
-//! - [`config`]: [`PushWorkerConfig`] and its loading from the operator's config file.
-//! - [`worker`]: the consumer-group loop ([`run_push_worker`]).
-//! - [`provider`]: the [`Provider`] trait, the webhook/FCM/APNs request shapes and senders.
-//! - [`credentials`]: the APNs provider token (ES256 JWT) and the FCM OAuth access token.
-//! - [`http`]: the request shape, the shared client, sending and classifying failures.
-//! - [`metrics`]: the Prometheus metrics ([`PushMetrics`]).
-//! - [`admin`]: `/healthz` and `/metrics` of a running worker.
-//!
-//! Redis keys:
-//! - `kubechat:push-targets:{user}`: hash, device id → `{"platform":"webhook"|"fcm"|"apns","token":"…"}`.
-//! - `kubechat:push` ([`PushWorkerConfig::stream`]): the job stream, consumer group `push-workers`.
-//! - `kubechat:push:dead` ([`PushWorkerConfig::dead_letter_stream`]): jobs given up on, one entry
-//!   per (job, device) with the error and the attempt count.
-//! - `{stream}-attempts:{entry id}` (`kubechat:push-attempts:{entry id}`): hash per stream entry,
-//!   fields `{device}` (attempts made), `{device}:error` (last error), `{device}:dead` (dead-lettered).
-//!   Deleted when the entry is acked; expires after 7 days otherwise.
-//! - `kubechat:pushed:{message id}:{device}`: set (NX, 7 days) after a successful send; checked
-//!   before every send, so a redelivered or re-enqueued job notifies each device at most once
-//!   (barring a crash between the provider's acceptance and this SET).
-//!
-//! [`PushJob`]: crate::chat::push::PushJob
-//! [`PUSH_STREAM`]: crate::chat::push::PUSH_STREAM
-
-pub mod admin;
-pub mod config;
-pub mod credentials;
-pub mod http;
-pub mod metrics;
-pub mod provider;
-pub mod worker;
+//! Device registration: which devices of a user get notifications, kept in
+//! Redis. The gateway registers and unregisters them (`register_push`,
+//! `logout`); the workers read them and drop the ones a provider rejected.
 
 use std::collections::HashMap;
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-pub use config::{ApnsConfig, FcmConfig, ProvidersConfig, PushWorkerConfig, SecretSource, WebhookConfig};
-pub use metrics::PushMetrics;
-pub use provider::{ApnsProvider, FcmProvider, HttpRequest, Provider, ProviderError, Providers, WebhookProvider};
-pub use worker::{run_push_worker, run_push_worker_with};
-
-use crate::names::{InvalidTarget, valid_name};
-pub use crate::names::{MAX_TOKEN_LEN, Platform, PushTarget};
+use crate::names::{InvalidTarget, Platform, PushTarget, valid_name};
 
 /// Devices one user may register; more are refused.
 pub const MAX_TARGETS_PER_USER: usize = 32;
@@ -196,17 +154,5 @@ mod tests {
         assert_eq!(json, r#"{"platform":"fcm","token":"tok-1"}"#);
         assert_eq!(PushTarget::from_json("phone", &json).expect("parse"), target);
         assert!(PushTarget::from_json("phone", r#"{"platform":"pager","token":"x"}"#).is_err());
-    }
-
-    #[test]
-    fn targets_are_validated() {
-        assert!(PushTarget::new("phone", Platform::Apns, "ab12").validate().is_ok());
-        assert!(PushTarget::new("", Platform::Apns, "ab12").validate().is_err());
-        assert!(PushTarget::new("a:b", Platform::Apns, "ab12").validate().is_err());
-        assert!(PushTarget::new("phone", Platform::Apns, "").validate().is_err());
-        assert!(PushTarget::new("phone", Platform::Apns, "a\nb").validate().is_err());
-        assert!(PushTarget::new("phone", Platform::Apns, "x".repeat(MAX_TOKEN_LEN + 1)).validate().is_err());
-        assert_eq!("apns".parse::<Platform>().expect("parse"), Platform::Apns);
-        assert!("sms".parse::<Platform>().is_err());
     }
 }

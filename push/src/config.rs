@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use kubechat_config::GatewayConfig;
 
-use crate::chat::push::PUSH_STREAM;
+use crate::job::PUSH_STREAM;
 
 pub const DEFAULT_CONSUMER_GROUP: &str = "push-workers";
 pub const DEFAULT_DEAD_LETTER_STREAM: &str = "kubechat:push:dead";
