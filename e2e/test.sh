@@ -6,7 +6,8 @@
 #
 #   KUBECHAT_KEEP_UP=1   leave the components running afterwards
 #   KUBECHAT_NO_UP=1     use components that are already running (do not start or stop them)
-#   extra arguments      are passed to `cargo test` (e.g. a test name filter)
+#   KUBECHAT_TEST_JOBS=N test binaries run N at a time (default 3; e2e/local/run-tests.sh)
+#   extra arguments      are passed to every test binary (e.g. a test name filter)
 source "$(dirname "${BASH_SOURCE[0]}")/local/lib.sh"
 cd "$REPO_ROOT"
 
@@ -66,5 +67,5 @@ fi
 source e2e/local/env.sh
 bash e2e/local/status.sh
 
-step "cargo test"
-cargo test --workspace --locked --no-fail-fast -- "$@"
+step "tests (e2e/local/run-tests.sh)"
+bash e2e/local/run-tests.sh "$@"

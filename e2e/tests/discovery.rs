@@ -6,190 +6,29 @@
 //! local control plane. kwok gives the gateway Pods loopback IPs and the
 //! process kubelet (`kubechat_e2e::kubelet`) runs a `kubechat-gateway` for
 //! each, from the Pod's spec, bound to that IP. Clients are real WebSocket
-//! connections. A test binary of its own: its processes and minute of idle
-//! observation do not overlap the other suites.
+//! connections. The store-outage case is `discovery_store.rs` (it stops the
+//! shared Cassandra, so it runs alone).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+mod discovery_harness;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
 use kubechat_crds::ChatCluster;
-use kubechat_e2e::client::{LoadClient, Tokens};
-use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
-use kubechat_e2e::components::{PrivateRedis, connect_cql, connect_kube, redis_url};
-use kubechat_e2e::gateways::{new_keyspace, spec};
-use kubechat_e2e::kubelet::{ProcessKubelet, RunningPod};
+use kubechat_e2e::client::LoadClient;
+use kubechat_e2e::cluster::{RunningOperator, wait_for};
+use kubechat_e2e::components::PrivateRedis;
 use kubechat_e2e::tools::run_tool;
 use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
-use kubechat_operator::discovery::endpoints::{Endpoints, Policy};
-use kubechat_operator::discovery::poll::read_load;
+use kubechat_operator::discovery::endpoints::Endpoints;
 use serde_json::json;
 
-const GATEWAYS: usize = 3;
-const INTERVAL: Duration = Duration::from_secs(2);
-/// Small, so a few clients are a meaningful move (5 % of 100 = 5 connections).
-const CAPACITY: u64 = 100;
-const HEARTBEAT: Duration = Duration::from_secs(5);
-
-/// Redis databases 1-15 are for suites that run gateways (their keys, such
-/// as worker-id leases, are not per test); one per test of this binary.
-fn redis_database() -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(1);
-    let db = NEXT.fetch_add(1, Ordering::Relaxed);
-    assert!(db <= 15, "more tests than Redis databases");
-    db
-}
-
-/// The tests share the local Cassandra; the one that stops it holds this
-/// exclusively, the others share it for as long as their gateways run.
-static CASSANDRA: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
-enum CassandraUse {
-    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
-    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
-}
-
-struct Harness {
-    _cassandra: CassandraUse,
-    client: Client,
-    namespace: String,
-    name: String,
-    keyspace: String,
-    operator: RunningOperator,
-    kubelet: ProcessKubelet,
-    tokens: Tokens,
-    pods: Vec<RunningPod>,
-}
-
-impl Harness {
-    /// A cluster on a database of the shared Redis.
-    async fn start(prefix: &str) -> Self {
-        Self::start_on_shared_redis(prefix, CassandraUse::Shared(CASSANDRA.read().await)).await
-    }
-
-    async fn start_on_shared_redis(prefix: &str, cassandra: CassandraUse) -> Self {
-        let db = redis_database();
-        let redis = format!("{}/{db}", redis_url());
-        let mut conn = redis::Client::open(redis.as_str()).and_then(|c| c.get_connection()).unwrap_or_else(|e| {
-            panic!("Redis is not reachable at {redis}: {e}; start it with `e2e/local/redis.sh start`")
-        });
-        redis::cmd("FLUSHDB").exec(&mut conn).expect("FLUSHDB");
-        Self::start_with_redis(prefix, redis, cassandra).await
-    }
-
-    async fn start_with_redis(prefix: &str, redis: String, cassandra: CassandraUse) -> Self {
-        let client = connect_kube().await;
-        install_crd(&client).await;
-        let namespace = create_namespace(&client, prefix).await;
-        let name = "chat".to_string();
-
-        let keyspace = new_keyspace(prefix).await;
-        let mut spec = spec(redis, &keyspace, GATEWAYS);
-        spec.gateway.max_connections_per_pod = CAPACITY as i64;
-        spec.gateway.discovery.interval_seconds = INTERVAL.as_secs() as i32;
-
-        let operator = RunningOperator::start(&client, &namespace, None);
-        let kubelet = ProcessKubelet::start(&client, &namespace, &name);
-        Api::<ChatCluster>::namespaced(client.clone(), &namespace)
-            .create(&PostParams::default(), &ChatCluster::new(&name, spec))
-            .await
-            .expect("create the ChatCluster");
-        let pods = kubelet.wait_ready(GATEWAYS, Duration::from_secs(120)).await;
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-        let key = secrets
-            .get(&format!("{name}-auth"))
-            .await
-            .expect("the generated signing key")
-            .data
-            .unwrap_or_default()["signing-key"]
-            .0
-            .clone();
-        Self {
-            _cassandra: cassandra,
-            client,
-            namespace,
-            name,
-            keyspace,
-            operator,
-            kubelet,
-            tokens: Tokens::new(&key),
-            pods,
-        }
-    }
-
-    fn config_maps(&self) -> Api<ConfigMap> {
-        Api::namespaced(self.client.clone(), &self.namespace)
-    }
-
-    fn endpoints_name(&self) -> String {
-        format!("{}-endpoints", self.name)
-    }
-
-    /// The published list and the ConfigMap's resourceVersion.
-    async fn endpoints(&self) -> Option<(Endpoints, String)> {
-        let cm = self.config_maps().get(&self.endpoints_name()).await.ok()?;
-        let version = cm.resource_version()?;
-        Some((Endpoints::parse(cm.data?.get(ENDPOINTS_KEY)?)?, version))
-    }
-
-    /// Polls the ConfigMap until `check` holds; panics with the last list.
-    async fn wait_endpoints(&self, timeout: Duration, what: &str, check: impl Fn(&Endpoints) -> bool) -> Endpoints {
-        let found = wait_for(timeout, || async { self.endpoints().await.map(|(e, _)| e).filter(|e| check(e)) }).await;
-        match found {
-            Some(endpoints) => endpoints,
-            None => {
-                let last = self.endpoints().await.map(|(e, _)| e);
-                panic!(
-                    "endpoint list not {what} within {timeout:?}; last: {last:#?}\ngateways: {}",
-                    self.kubelet.describe()
-                )
-            }
-        }
-    }
-
-    async fn cluster(&self) -> ChatCluster {
-        Api::<ChatCluster>::namespaced(self.client.clone(), &self.namespace).get(&self.name).await.expect("ChatCluster")
-    }
-
-    /// Connections each gateway reports itself (0 for one that does not answer).
-    async fn real_connections(&self) -> Vec<u64> {
-        let mut counts = Vec::new();
-        for pod in &self.pods {
-            counts.push(read_load(pod.admin, Duration::from_secs(2)).await.map_or(0, |l| l.connections));
-        }
-        counts
-    }
-
-    async fn connect(&self, pod: usize, user: &str) -> LoadClient {
-        let url = self.pods[pod].url();
-        let token = self.tokens.mint(user, "load");
-        LoadClient::connect(&url, &token, HEARTBEAT).await.unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    async fn stop(self) {
-        assert_eq!(self.operator.errors(), 0, "reconcile errors");
-        self.kubelet.stop().await;
-        self.operator.stop().await;
-        delete_namespace(&self.client, &self.namespace).await;
-        let session = connect_cql().await;
-        let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), ()).await;
-    }
-}
-
-fn connections(e: &Endpoints) -> Vec<u64> {
-    e.gateways.iter().map(|g| g.connections).collect()
-}
-
-/// How long a list may lag behind a load that moved by less than the
-/// threshold: the policy's wait for small moves, plus a round and a write.
-fn small_move_bound() -> Duration {
-    Policy::new(INTERVAL).small_change_every + INTERVAL * 2
-}
+use discovery_harness::*;
 
 #[tokio::test]
 async fn the_list_shows_each_gateways_real_load_and_drops_a_killed_one_within_two_intervals() {
@@ -403,15 +242,10 @@ async fn writes_follow_the_load_at_most_once_per_interval_and_stop_when_idle() {
     h.stop().await;
 }
 
-fn degraded(cc: &ChatCluster) -> Option<(String, String, String)> {
-    let c = cc.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Degraded")?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
 #[tokio::test]
 async fn a_redis_the_gateways_lose_shows_as_degraded_until_it_returns() {
     let mut redis = PrivateRedis::start().await;
-    let h = Harness::start_with_redis("disc-backend", redis.url(), CassandraUse::Shared(CASSANDRA.read().await)).await;
+    let h = Harness::start_with_redis("disc-backend", redis.url()).await;
     h.wait_endpoints(INTERVAL * 5, "listing 3 ready gateways seeing Redis up", |e| {
         e.gateways.len() == GATEWAYS
             && e.gateways.iter().all(|g| g.ready && g.backends.as_ref().is_some_and(|b| b.redis == "up"))
@@ -440,56 +274,5 @@ async fn a_redis_the_gateways_lose_shows_as_degraded_until_it_returns() {
     let recovered =
         wait_for(Duration::from_secs(30), || async { degraded(&h.cluster().await).filter(|d| d.0 == "False") }).await;
     assert!(recovered.is_some(), "still Degraded after Redis came back: {:#?}", h.cluster().await.status);
-    h.stop().await;
-}
-
-fn cassandra(action: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/local/cassandra.sh");
-    let status =
-        std::process::Command::new("bash").arg(script).arg(action).status().expect("run e2e/local/cassandra.sh");
-    assert!(status.success(), "e2e/local/cassandra.sh {action} failed");
-}
-
-/// Starts Cassandra again if the test fails while it is stopped: the tests
-/// after this one need it.
-struct StartCassandraOnPanic;
-
-impl Drop for StartCassandraOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            cassandra("start");
-        }
-    }
-}
-
-#[tokio::test]
-async fn a_store_the_gateways_lose_shows_as_degraded_until_it_returns() {
-    let h = Harness::start_on_shared_redis("disc-store", CassandraUse::Exclusive(CASSANDRA.write().await)).await;
-    h.wait_endpoints(INTERVAL * 5, "listing 3 ready gateways seeing the store up", |e| {
-        e.gateways.len() == GATEWAYS
-            && e.gateways.iter().all(|g| g.ready && g.backends.as_ref().is_some_and(|b| b.store == "up"))
-    })
-    .await;
-
-    let _restart = StartCassandraOnPanic;
-    cassandra("stop");
-    let lost = Instant::now();
-    // Gateways find out when they next touch the store; a probe every
-    // heartbeat at the latest (clients are idle here).
-    let shown =
-        wait_for(Duration::from_secs(60), || async { degraded(&h.cluster().await).filter(|d| d.0 == "True") }).await;
-    let Some((_, reason, message)) = shown else {
-        panic!("not Degraded with Cassandra stopped: {:#?}", h.cluster().await.status);
-    };
-    println!("Cassandra stopped: Degraded after {} ms: {message}", lost.elapsed().as_millis());
-    assert_eq!(reason, "BackendUnavailable");
-    assert!(message.contains("store unavailable from"), "{message}");
-
-    cassandra("start");
-    let back = Instant::now();
-    let recovered =
-        wait_for(Duration::from_secs(60), || async { degraded(&h.cluster().await).filter(|d| d.0 == "False") }).await;
-    assert!(recovered.is_some(), "still Degraded after Cassandra came back: {:#?}", h.cluster().await.status);
-    println!("Cassandra started again: Degraded False {} ms after it answered", back.elapsed().as_millis());
     h.stop().await;
 }

@@ -22,7 +22,9 @@ async fn the_chart_lints_installs_and_uninstalls() {
     assert!(lint.status.success(), "helm lint: {}{}", lint.stdout, lint.stderr);
 
     let namespace = unique_name("helm");
-    let release = "kc";
+    // Its own release name: the ClusterRole is named after it, and other
+    // suites install the chart as `kc` meanwhile.
+    let release = "kc-helm";
     let install = run_tool(
         "helm",
         &[
@@ -43,14 +45,14 @@ async fn the_chart_lints_installs_and_uninstalls() {
     let available = wait_for(Duration::from_secs(30), || {
         let deployments = deployments.clone();
         async move {
-            let d = deployments.get("kc-operator").await.ok()?;
+            let d = deployments.get("kc-helm-operator").await.ok()?;
             (d.status?.available_replicas? == 2).then_some(())
         }
     })
     .await;
     assert!(available.is_some(), "the operator Deployment did not get 2 available replicas");
     let roles: Api<ClusterRole> = Api::all(client.clone());
-    let role = roles.get("kc-operator").await.expect("the operator's ClusterRole");
+    let role = roles.get("kc-helm-operator").await.expect("the operator's ClusterRole");
     let rules = role.rules.unwrap_or_default();
     assert!(
         rules.iter().all(|r| !r.verbs.iter().any(|v| v == "*") && !r.resources.iter().flatten().any(|x| x == "*")),
@@ -59,6 +61,6 @@ async fn the_chart_lints_installs_and_uninstalls() {
 
     let uninstall = run_tool("helm", &["uninstall", release, "--namespace", &namespace, "--wait"]);
     assert!(uninstall.status.success(), "helm uninstall: {}", uninstall.stderr);
-    assert!(roles.get_opt("kc-operator").await.expect("get ClusterRole").is_none());
+    assert!(roles.get_opt("kc-helm-operator").await.expect("get ClusterRole").is_none());
     delete_namespace(&client, &namespace).await;
 }

@@ -4,6 +4,10 @@
 //! SIGTERM) with a 10 s window at 100 reconnects/s. Every client it held
 //! moves to the other two within the window, never faster than the bound,
 //! no acknowledged message is lost, and nothing is stored twice.
+//!
+//! It measures pacing with 1,000 clients, which needs the machine to
+//! itself: `e2e/test.sh` runs it alone, after the suites that share it.
+//! kubechat-test: exclusive
 
 mod common;
 

@@ -4,8 +4,9 @@
 //! Cassandra answering again, and writes work from then on (the driver's
 //! own pool would take up to 10 s: the store opens a new session instead).
 //!
-//! Its own test binary: it stops the shared Cassandra, and test binaries run
-//! one after another.
+//! Its own test binary: it stops the shared Cassandra, so `e2e/test.sh`
+//! runs it alone, after the suites that share it:
+//! kubechat-test: exclusive
 
 mod common;
 

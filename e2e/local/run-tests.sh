@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Runs every test binary of the workspace (built beforehand by `cargo test
+# --no-run`), several at once: most suites spend their time waiting on
+# processes, timers and the control plane, not on the CPU, and they already
+# share the components by namespace, keyspace and key prefix.
+#
+#   1. the suites that share the components: KUBECHAT_TEST_JOBS at once
+#      (default 3), longest first by the previous run's times;
+#   2. alone, after them, the suites whose source says
+#      `//! kubechat-test: exclusive` (they stop a component the others use,
+#      or measure timing that other suites' load would distort);
+#   3. the doc tests.
+#
+# Each binary runs from its package's directory, as `cargo test` runs it; its
+# output is printed whole when it ends. Arguments go to every test binary
+# (libtest's: a name filter, `--nocapture`, ...). Exits non-zero if any
+# binary failed, listing which.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO_ROOT"
+
+jobs_at_once="${KUBECHAT_TEST_JOBS:-3}"
+times_file="$KUBECHAT_CACHE/test-times.tsv"
+out="$(mktemp -d "${TMPDIR:-/tmp}/kubechat-tests.XXXXXX")"
+touch "$times_file" "$out/results"
+
+# name, executable, package directory, exclusive (0/1), one per line.
+cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, os, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") != "compiler-artifact" or not msg.get("executable") or not msg["profile"]["test"]:
+        continue
+    target = msg["target"]
+    package_dir = os.path.dirname(msg["manifest_path"])
+    name = os.path.basename(package_dir) + "/" + target["name"]
+    if target["kind"] != ["test"]:
+        name += " (unit)"
+    with open(target["src_path"], encoding="utf-8") as source:
+        exclusive = any(l.strip() == "//! kubechat-test: exclusive" for l in source)
+    print("\t".join([name, msg["executable"], package_dir, str(int(exclusive))]))
+' >"$out/binaries"
+[[ -s "$out/binaries" ]] || die "no test binaries: did \`cargo test --workspace --no-run\` succeed?"
+
+# Each rebuild of a suite leaves its previous executable behind (200-400 MB
+# each: the cached target dir grew past the disk). Keep only the current ones.
+while IFS=$'\t' read -r _ exe _ _; do
+  prefix="${exe%-*}"
+  for old in "$prefix"-????????????????; do
+    if [[ -x "$old" && "$old" != "$exe" ]] && ! grep -qF "$old" "$out/binaries"; then
+      rm -f "$old" "$old.d"
+    fi
+  done
+done <"$out/binaries"
+
+# Longest first (a suite not timed yet counts as long: it starts early).
+ordered() {
+  local exclusive="$1"
+  awk -F'\t' -v want="$exclusive" 'FILENAME == ARGV[1] { secs[$1] = $2; next }
+    $4 == want { print ((($1 in secs) ? secs[$1] : 600) "\t" $0) }' "$times_file" "$out/binaries" |
+    sort -t$'\t' -k1,1nr | cut -f2-
+}
+
+run_one() {
+  local name="$1" exe="$2" dir="$3"
+  shift 3
+  local log="$out/$(printf '%s' "$name" | tr -c 'A-Za-z0-9_.-' '_').log"
+  local started=$SECONDS code=0
+  (cd "$dir" && "$exe" "$@") >"$log" 2>&1 || code=$?
+  local took=$((SECONDS - started))
+  printf '%s\t%s\t%s\n' "$name" "$code" "$took" >>"$out/results"
+  # One binary's output at a time, whole.
+  {
+    flock 9
+    printf '\n---- %s (%s s, exit %s)\n' "$name" "$took" "$code"
+    cat "$log"
+  } 9>"$out/print.lock"
+}
+
+run_all() {
+  local at_once="$1" exclusive="$2"
+  shift 2
+  local name exe dir _
+  while IFS=$'\t' read -r name exe dir _; do
+    while (($(jobs -rp | wc -l) >= at_once)); do wait -n || true; done
+    run_one "$name" "$exe" "$dir" "$@" &
+  done < <(ordered "$exclusive")
+  wait
+}
+
+started=$SECONDS
+run_all "$jobs_at_once" 0 "$@"
+shared_done=$SECONDS
+run_all 1 1 "$@"
+doc_code=0
+cargo test --workspace --locked --doc -- "$@" >"$out/doc.log" 2>&1 || doc_code=$?
+printf '\n---- doc tests (exit %s)\n' "$doc_code"
+cat "$out/doc.log"
+
+# The times of this run order the next one (failed runs included: they took that long).
+awk -F'\t' 'FILENAME == ARGV[1] { secs[$1] = $3; next } !($1 in secs) { print } END { for (n in secs) print n "\t" secs[n] }' \
+  "$out/results" "$times_file" >"$out/times" && cp "$out/times" "$times_file"
+
+# libtest's summary lines: `test result: ok. 12 passed; 0 failed; ...`.
+read -r passed failed < <(cat "$out"/*.log | awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }')
+echo
+echo "==== $(wc -l <"$out/results") test binaries and the doc tests: $passed tests passed, $failed failed" \
+  "($((shared_done - started)) s with $jobs_at_once at once, then $((SECONDS - shared_done)) s alone and doc tests)"
+echo "==== slowest:" $(sort -t$'\t' -k3,3nr "$out/results" | head -5 | awk -F'\t' '{ printf "%s %s s; ", $1, $3 }')
+bad=$(awk -F'\t' '$2 != 0 { print "  " $1 " (exit " $2 ")" }' "$out/results")
+if [[ -n "$bad" || "$doc_code" != 0 ]]; then
+  echo "==== FAILED:"
+  [[ -n "$bad" ]] && echo "$bad"
+  [[ "$doc_code" != 0 ]] && echo "  doc tests (exit $doc_code)"
+  echo "==== logs in $out"
+  exit 1
+fi
+rm -rf "$out"
