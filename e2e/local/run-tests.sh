@@ -4,11 +4,11 @@
 # processes, timers and the control plane, not on the CPU, and they already
 # share the components by namespace, keyspace and key prefix.
 #
-#   1. the suites that share the components: KUBECHAT_TEST_JOBS at once
+#   1. one at a time, while the machine is quiet, the suites whose source
+#      says `//! kubechat-test: exclusive` (they stop a component the others
+#      use, or measure pacing that other suites' load would distort);
+#   2. the suites that share the components: KUBECHAT_TEST_JOBS at once
 #      (default 3), longest first by the previous run's times;
-#   2. alone, after them, the suites whose source says
-#      `//! kubechat-test: exclusive` (they stop a component the others use,
-#      or measure timing that other suites' load would distort);
 #   3. the doc tests.
 #
 # Each binary runs from its package's directory, as `cargo test` runs it; its
@@ -88,9 +88,9 @@ run_all() {
 }
 
 started=$SECONDS
-run_all "$jobs_at_once" 0 "$@"
-shared_done=$SECONDS
 run_all 1 1 "$@"
+alone_done=$SECONDS
+run_all "$jobs_at_once" 0 "$@"
 doc_code=0
 cargo test --workspace --locked --doc -- "$@" >"$out/doc.log" 2>&1 || doc_code=$?
 printf '\n---- doc tests (exit %s)\n' "$doc_code"
@@ -104,7 +104,7 @@ awk -F'\t' 'FILENAME == ARGV[1] { secs[$1] = $3; next } !($1 in secs) { print } 
 read -r passed failed < <(cat "$out"/*.log | awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }')
 echo
 echo "==== $(wc -l <"$out/results") test binaries and the doc tests: $passed tests passed, $failed failed" \
-  "($((shared_done - started)) s with $jobs_at_once at once, then $((SECONDS - shared_done)) s alone and doc tests)"
+  "($((alone_done - started)) s alone, then $((SECONDS - alone_done)) s with $jobs_at_once at once and doc tests)"
 echo "==== slowest:" $(sort -t$'\t' -k3,3nr "$out/results" | head -5 | awk -F'\t' '{ printf "%s %s s; ", $1, $3 }')
 bad=$(awk -F'\t' '$2 != 0 { print "  " $1 " (exit " $2 ")" }' "$out/results")
 if [[ -n "$bad" || "$doc_code" != 0 ]]; then

@@ -6,7 +6,7 @@
 //! no acknowledged message is lost, and nothing is stored twice.
 //!
 //! It measures pacing with 1,000 clients, which needs the machine to
-//! itself: `e2e/test.sh` runs it alone, after the suites that share it.
+//! itself: `e2e/test.sh` runs it alone, before the suites that share it.
 //! kubechat-test: exclusive
 
 mod common;

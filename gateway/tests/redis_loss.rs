@@ -5,6 +5,10 @@
 //! presence was unknown go only to users still offline, none lost.
 //! Needs Cassandra (`e2e/local/cassandra.sh start`) and Debian's
 //! `redis-server` on PATH.
+//!
+//! It measures resync pacing with 3,000 clients, which needs the machine to
+//! itself: `e2e/test.sh` runs it alone.
+//! kubechat-test: exclusive
 
 mod common;
 

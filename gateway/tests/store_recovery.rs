@@ -5,7 +5,7 @@
 //! own pool would take up to 10 s: the store opens a new session instead).
 //!
 //! Its own test binary: it stops the shared Cassandra, so `e2e/test.sh`
-//! runs it alone, after the suites that share it:
+//! runs it alone, before the suites that share it:
 //! kubechat-test: exclusive
 
 mod common;
