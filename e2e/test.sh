@@ -21,9 +21,11 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 step() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
 
 up_pid=""
+release_pid=""
 cleanup() {
   local code=$?
   [[ -n "$up_pid" ]] && kill "$up_pid" 2>/dev/null
+  [[ -n "$release_pid" ]] && kill "$release_pid" 2>/dev/null
   if [[ -z "${KUBECHAT_NO_UP:-}" && -z "${KUBECHAT_KEEP_UP:-}" ]]; then
     step "tearing down components"
     bash e2e/local/down.sh || true
@@ -43,13 +45,25 @@ step "cargo fmt --check"
 cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-step "building tests"
+step "building tests, and alongside them the release binaries for the container images (e2e/tests/image.rs)"
+# Two profiles, two build directories: the release build fills the core the
+# test build leaves idle while it links (at a lower priority: the tests wait
+# for the debug build first).
+release_log="$KUBECHAT_RUN/release-build.log"
+nice -n 10 cargo build --release --locked -p kubechat-gateway -p kubechat-operator >"$release_log" 2>&1 &
+release_pid=$!
 cargo test --workspace --locked --no-run
 # Suites that run the operator and gateway as processes start these binaries
 # (a package's binaries are built only for its own integration tests).
 cargo build --workspace --bins --locked
-step "release binaries for the container images (e2e/tests/image.rs)"
-cargo build --release --locked -p kubechat-gateway -p kubechat-operator
+step "waiting for the release build"
+if ! wait "$release_pid"; then
+  release_pid=""
+  cat "$release_log" >&2
+  echo "ERROR: the release build failed (above)" >&2
+  exit 1
+fi
+release_pid=""
 
 if [[ -n "$up_pid" ]]; then
   step "waiting for components"
