@@ -6,7 +6,7 @@
 #
 #   KUBECHAT_KEEP_UP=1   leave the components running afterwards
 #   KUBECHAT_NO_UP=1     use components that are already running (do not start or stop them)
-#   KUBECHAT_TEST_JOBS=N test binaries run N at a time (default 3; e2e/local/run-tests.sh)
+#   KUBECHAT_TEST_JOBS=N test binaries run N at a time (default 2; e2e/local/run-tests.sh)
 #   extra arguments      are passed to every test binary (e.g. a test name filter)
 source "$(dirname "${BASH_SOURCE[0]}")/local/lib.sh"
 cd "$REPO_ROOT"
@@ -21,11 +21,9 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 step() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
 
 up_pid=""
-release_pid=""
 cleanup() {
   local code=$?
   [[ -n "$up_pid" ]] && kill "$up_pid" 2>/dev/null
-  [[ -n "$release_pid" ]] && kill "$release_pid" 2>/dev/null
   if [[ -z "${KUBECHAT_NO_UP:-}" && -z "${KUBECHAT_KEEP_UP:-}" ]]; then
     step "tearing down components"
     bash e2e/local/down.sh || true
@@ -45,25 +43,13 @@ step "cargo fmt --check"
 cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-step "building tests, and alongside them the release binaries for the container images (e2e/tests/image.rs)"
-# Two profiles, two build directories: the release build fills the core the
-# test build leaves idle while it links (at a lower priority: the tests wait
-# for the debug build first).
-release_log="$KUBECHAT_RUN/release-build.log"
-nice -n 10 cargo build --release --locked -p kubechat-gateway -p kubechat-operator >"$release_log" 2>&1 &
-release_pid=$!
+step "building tests"
 cargo test --workspace --locked --no-run
 # Suites that run the operator and gateway as processes start these binaries
 # (a package's binaries are built only for its own integration tests).
 cargo build --workspace --bins --locked
-step "waiting for the release build"
-if ! wait "$release_pid"; then
-  release_pid=""
-  cat "$release_log" >&2
-  echo "ERROR: the release build failed (above)" >&2
-  exit 1
-fi
-release_pid=""
+step "release binaries for the container images (e2e/tests/image.rs)"
+cargo build --release --locked -p kubechat-gateway -p kubechat-operator
 
 if [[ -n "$up_pid" ]]; then
   step "waiting for components"

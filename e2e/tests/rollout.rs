@@ -10,6 +10,10 @@
 //!   lifted; an image the kubelet refuses to start stops the rollout
 //!   (`Degraded`) without draining the next pod, even when a replicas edit
 //!   removes the broken pod, and a fixed spec resumes it.
+//!
+//! Drains of 1,000 clients within their window need the machine to
+//! themselves: `e2e/test.sh` runs this suite alone.
+//! kubechat-test: exclusive
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -2,6 +2,10 @@
 //! Cassandra: cross-gateway delivery, presence timing, a gateway killed
 //! under traffic, and Redis restarted under traffic. Needs Cassandra
 //! (`e2e/local/cassandra.sh start`) and Debian's `redis-server` on PATH.
+//!
+//! Its leases and presence windows are seconds long and asserted: under the
+//! load of other suites they stretch, so `e2e/test.sh` runs it alone.
+//! kubechat-test: exclusive
 
 mod common;
 
