@@ -146,17 +146,17 @@ fn watch_changes(api: Api<ConfigMap>, name: &str) -> (Changes, tokio::task::Join
 
 /// The `updatedAt` of the lists the watch saw between `from` and `to`.
 fn stamps_between(changes: &Changes, from: Instant, to: Instant) -> Vec<k8s_openapi::jiff::Timestamp> {
-    let changes = changes.lock().unwrap_or_else(|e| e.into_inner());
-    changes
-        .iter()
-        .filter(|(at, _, _)| *at > from && *at <= to)
-        .filter_map(|(_, _, doc)| doc.as_ref()?.updated_at())
-        .collect()
+    seen_between(changes, from, to).iter().filter_map(|(_, doc)| doc.as_ref()?.updated_at()).collect()
 }
 
 fn changes_between(changes: &Changes, from: Instant, to: Instant) -> Vec<Instant> {
+    seen_between(changes, from, to).into_iter().map(|(at, _)| at).collect()
+}
+
+/// When the watch saw each change between `from` and `to`, and the list it carried.
+fn seen_between(changes: &Changes, from: Instant, to: Instant) -> Vec<(Instant, Option<Endpoints>)> {
     let changes = changes.lock().unwrap_or_else(|e| e.into_inner());
-    changes.iter().map(|(at, _, _)| *at).filter(|at| *at > from && *at <= to).collect()
+    changes.iter().filter(|(at, _, _)| *at > from && *at <= to).map(|(at, _, doc)| (*at, doc.clone())).collect()
 }
 
 fn polls_ok(operator: &RunningOperator) -> u64 {

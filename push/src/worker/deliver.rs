@@ -73,25 +73,7 @@ async fn give_up_on_entry(
     error: &str,
 ) -> redis::RedisResult<EntryOutcome> {
     tracing::warn!(entry = %entry.id, error, "dead-lettering an unusable push job");
-    let config = &ctx.config;
-    let _: Value = redis::cmd("XADD")
-        .arg(&config.dead_letter_stream)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(config.dead_letter_max_len)
-        .arg("*")
-        .arg(JOB_FIELD)
-        .arg(entry.job.as_deref().unwrap_or(""))
-        .arg("error")
-        .arg(error)
-        .arg("attempts")
-        .arg(0)
-        .arg("entry")
-        .arg(&entry.id)
-        .arg("failed_at_ms")
-        .arg(now_ms())
-        .query_async(conn)
-        .await?;
+    let _: Value = dead_letter_entry(ctx, entry, &[], error, 0).query_async(conn).await?;
     ctx.metrics.dead_lettered.with_label_values(&["none"]).inc();
     ack(ctx, conn, &entry.id, &ctx.attempts_key(&entry.id)).await?;
     Ok(EntryOutcome::Acked)
@@ -250,33 +232,12 @@ async fn dead_letter(
     attempts: u32,
     error: &str,
 ) -> redis::RedisResult<()> {
-    let config = &ctx.config;
     let attempts_key = ctx.attempts_key(&entry.id);
     tracing::warn!(entry = %entry.id, user = %job.user, device = %target.device, attempts, error, "push dead-lettered");
+    let about = [("user", job.user.as_str()), ("device", &target.device), ("platform", target.platform.as_str())];
     let _: () = redis::pipe()
         .atomic()
-        .cmd("XADD")
-        .arg(&config.dead_letter_stream)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(config.dead_letter_max_len)
-        .arg("*")
-        .arg(JOB_FIELD)
-        .arg(entry.job.as_deref().unwrap_or(""))
-        .arg("user")
-        .arg(&job.user)
-        .arg("device")
-        .arg(&target.device)
-        .arg("platform")
-        .arg(target.platform.as_str())
-        .arg("error")
-        .arg(error)
-        .arg("attempts")
-        .arg(attempts)
-        .arg("entry")
-        .arg(&entry.id)
-        .arg("failed_at_ms")
-        .arg(now_ms())
+        .add_command(dead_letter_entry(ctx, entry, &about, error, attempts))
         .ignore()
         .hset(&attempts_key, format!("{}:dead", target.device), 1)
         .ignore()
@@ -286,6 +247,21 @@ async fn dead_letter(
         .await?;
     ctx.metrics.dead_lettered.with_label_values(&[target.platform.as_str()]).inc();
     Ok(())
+}
+
+/// The XADD of one dead letter: the job as it was read, `about` (which
+/// device, when one), the error, the attempts made and when it gave up.
+fn dead_letter_entry(ctx: &Ctx, entry: &Entry, about: &[(&str, &str)], error: &str, attempts: u32) -> redis::Cmd {
+    let config = &ctx.config;
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(&config.dead_letter_stream).arg("MAXLEN").arg("~").arg(config.dead_letter_max_len).arg("*");
+    xadd.arg(JOB_FIELD).arg(entry.job.as_deref().unwrap_or(""));
+    for (field, value) in about {
+        xadd.arg(*field).arg(*value);
+    }
+    xadd.arg("error").arg(error).arg("attempts").arg(attempts).arg("entry").arg(&entry.id);
+    xadd.arg("failed_at_ms").arg(now_ms());
+    xadd
 }
 
 #[cfg(test)]
