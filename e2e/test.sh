@@ -39,6 +39,14 @@ if [[ -z "${KUBECHAT_NO_UP:-}" ]]; then
   up_pid=$!
 fi
 
+# One run's builds at a time: the cached target dir and the source stamps
+# below are shared by every clone on the machine.
+exec 8>"$KUBECHAT_CACHE/build.lock"
+flock 8
+# Sources unchanged since the last run's builds get back the mtimes they had
+# then, so a fresh clone rebuilds only the crates that changed.
+python3 e2e/local/source-stamps.py restore "$REPO_ROOT" "$CARGO_TARGET_DIR" "$KUBECHAT_CACHE"
+
 step "cargo fmt --check"
 cargo fmt --all --check
 step "cargo clippy"
@@ -50,6 +58,8 @@ cargo test --workspace --locked --no-run
 cargo build --workspace --bins --locked
 step "release binaries for the container images (e2e/tests/image.rs)"
 cargo build --release --locked -p kubechat-gateway -p kubechat-operator
+python3 e2e/local/source-stamps.py record "$REPO_ROOT" "$CARGO_TARGET_DIR" "$KUBECHAT_CACHE"
+flock -u 8
 
 if [[ -n "$up_pid" ]]; then
   step "waiting for components"

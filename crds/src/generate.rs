@@ -22,9 +22,12 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     Ok(format!("{HEADER}{}", serde_yaml::to_string(&ChatCluster::crd())?))
 }
 
-/// The workspace root (the parent of this crate).
+/// The workspace root (the parent of this crate). From the runtime
+/// `CARGO_MANIFEST_DIR` (`cargo run` and `cargo test` set it) rather than the
+/// path compiled in: a cached build may come from a clone elsewhere.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    let package = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    Path::new(&package).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ pub fn gateway_binary() -> PathBuf {
         )
     });
     // The binary is built from the gateway crate and the two it links.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = crate::repo_root();
     let newest = ["gateway/src", "push/src", "config/src"]
         .iter()
         .filter_map(|dir| newest_file(&root.join(dir)))

@@ -24,6 +24,15 @@ pub mod kubelet;
 pub mod operator_process;
 pub mod tools;
 
+/// The repository root. From the runtime `CARGO_MANIFEST_DIR` (set by `cargo
+/// test` and `e2e/local/run-tests.sh`) rather than the path compiled in: the
+/// cached target dir is shared by clones, so a test binary may have been
+/// built in another one.
+pub fn repo_root() -> std::path::PathBuf {
+    let package = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    std::path::Path::new(&package).join("..")
+}
+
 /// A name unique to this test process and call, for namespaces, keys and
 /// keyspaces, so concurrent tests and repeated runs never collide.
 pub fn unique_name(prefix: &str) -> String {

@@ -37,7 +37,7 @@ pub fn operator_binary() -> PathBuf {
             path.display()
         )
     });
-    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/src");
+    let sources = crate::repo_root().join("operator/src");
     if let Some((newest, changed)) = crate::kubelet::newest_file(&sources)
         && changed > built
     {

@@ -19,7 +19,7 @@ use kubechat_e2e::tools::{ToolOutput, run_tool};
 use serde::Deserialize;
 
 fn chart_dir() -> String {
-    format!("{}/../charts/kubechat", env!("CARGO_MANIFEST_DIR"))
+    format!("{}/charts/kubechat", kubechat_e2e::repo_root().display())
 }
 
 fn example_path(name: &str) -> String {

@@ -133,7 +133,7 @@ impl Sees {
 }
 
 fn example(name: &str) -> ChatCluster {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds/examples").join(name);
+    let path = kubechat_e2e::repo_root().join("crds/examples").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }

@@ -14,7 +14,7 @@ use kubechat_e2e::components::PrivateRedis;
 use discovery_harness::*;
 
 fn cassandra(action: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/local/cassandra.sh");
+    let script = kubechat_e2e::repo_root().join("e2e/local/cassandra.sh");
     let status =
         std::process::Command::new("bash").arg(script).arg(action).status().expect("run e2e/local/cassandra.sh");
     assert!(status.success(), "e2e/local/cassandra.sh {action} failed");

@@ -33,11 +33,11 @@ use kubechat_e2e::unique_name;
 use kubechat_operator::desired::{LABEL_COMPONENT, LABEL_INSTANCE, redis};
 
 fn chart_dir() -> String {
-    format!("{}/../charts/kubechat", env!("CARGO_MANIFEST_DIR"))
+    format!("{}/charts/kubechat", kubechat_e2e::repo_root().display())
 }
 
 fn example(name: &str) -> ChatCluster {
-    let path = format!("{}/../crds/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/crds/examples/{name}", kubechat_e2e::repo_root().display());
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parse {path}: {e}"))
 }

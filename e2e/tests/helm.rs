@@ -12,7 +12,7 @@ use kubechat_e2e::tools::run_tool;
 use kubechat_e2e::unique_name;
 
 fn chart_dir() -> String {
-    format!("{}/../charts/kubechat", env!("CARGO_MANIFEST_DIR"))
+    format!("{}/charts/kubechat", kubechat_e2e::repo_root().display())
 }
 
 #[tokio::test]

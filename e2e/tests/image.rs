@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 const NONROOT: &str = "65532:65532";
 
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    kubechat_e2e::repo_root()
 }
 
 fn read(path: &str) -> String {

@@ -25,7 +25,7 @@ use kubechat_operator::leader::LeaderConfig;
 use serde_json::json;
 
 fn examples_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds/examples")
+    kubechat_e2e::repo_root().join("crds/examples")
 }
 
 fn example(name: &str) -> ChatCluster {

@@ -22,8 +22,7 @@ const SERVER_TYPES: [&str; 13] = [
 ];
 
 fn doc() -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    include_str!("../../docs/protocol.md").to_owned()
 }
 
 #[test]

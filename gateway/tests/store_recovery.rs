@@ -21,7 +21,7 @@ use kubechat_gateway::store::{Group, Store};
 use tokio_util::sync::CancellationToken;
 
 fn cassandra(action: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../e2e/local/cassandra.sh");
+    let script = common::repo_root().join("e2e/local/cassandra.sh");
     let status = Command::new("bash").arg(script).arg(action).status().expect("run e2e/local/cassandra.sh");
     assert!(status.success(), "e2e/local/cassandra.sh {action} failed");
 }

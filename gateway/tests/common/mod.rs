@@ -25,6 +25,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub const KEY: &[u8] = b"test-signing-key-0123456789abcdef";
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The repository root, from the runtime `CARGO_MANIFEST_DIR` (`cargo test`
+/// and `e2e/local/run-tests.sh` set it): the cached target dir is shared by
+/// clones, so the path compiled into this binary may be another clone's.
+pub fn repo_root() -> std::path::PathBuf {
+    let package = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    std::path::Path::new(&package).join("..")
+}
+
 pub fn cql_node() -> String {
     std::env::var("KUBECHAT_CQL_NODE").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "127.0.0.1:19042".into())
 }
