@@ -53,9 +53,12 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "building tests"
 cargo test --workspace --locked --no-run
-# Suites that run the operator and gateway as processes start these binaries
-# (a package's binaries are built only for its own integration tests).
-cargo build --workspace --bins --locked
+# Suites that run the operator as a process start its binary (a package's
+# binaries are built only for its own integration tests: the gateway's and the
+# benchmark's are built above). Only this one: `cargo build` resolves features
+# without the dev-dependencies, and a binary built both ways was rebuilt by
+# each command in turn on every run.
+cargo build --locked -p kubechat-operator --bin kubechat-operator
 step "release binaries for the container images (e2e/tests/image.rs)"
 cargo build --release --locked -p kubechat-gateway -p kubechat-operator
 python3 e2e/local/source-stamps.py record "$REPO_ROOT" "$CARGO_TARGET_DIR" "$KUBECHAT_CACHE"

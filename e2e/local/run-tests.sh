@@ -46,10 +46,12 @@ for line in sys.stdin:
 
 # Each rebuild of a suite leaves its previous executable behind (200-400 MB
 # each: the cached target dir grew past the disk). Keep only the current ones.
+# A package's binary shares its test executable's prefix; cargo hard-links it
+# to target/<profile>/<name>, so a second link marks it as in use.
 while IFS=$'\t' read -r _ exe _ _; do
   prefix="${exe%-*}"
   for old in "$prefix"-????????????????; do
-    if [[ -x "$old" && "$old" != "$exe" ]] && ! grep -qF "$old" "$out/binaries"; then
+    if [[ -x "$old" && "$old" != "$exe" && "$(stat -c %h "$old")" == 1 ]] && ! grep -qF "$old" "$out/binaries"; then
       rm -f "$old" "$old.d"
     fi
   done
