@@ -8,12 +8,14 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{ConfigMap, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalScylla, ManagedRedis, ManagedScylla, ScyllaSpec};
 use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
 use kubechat_e2e::components::connect_kube;
+use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
+use kubechat_operator::discovery::endpoints::Endpoints;
 use serde_json::json;
 
 /// How long the idle period lasts: the "idle minute".
@@ -72,6 +74,21 @@ async fn non_canonical_quantities_cause_no_writes_when_idle() {
     let claim = &redis.spec.volume_claim_templates.clone().expect("claims")[0];
     let storage = claim.spec.as_ref().and_then(|s| s.resources.as_ref()).and_then(|r| r.requests.clone());
     assert_eq!(storage.expect("storage")["storage"].0, "1Gi");
+
+    // The world settles first: the gateway pod is placed and the endpoint
+    // list names it (a loaded control plane placed it 10 s after creation,
+    // and that one legitimate write landed in the idle period).
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let listed = wait_for(Duration::from_secs(90), || {
+        let api = config_maps.clone();
+        async move {
+            let cm = api.get_opt("q-endpoints").await.ok().flatten()?;
+            let endpoints = Endpoints::parse(cm.data?.get(ENDPOINTS_KEY)?)?;
+            (endpoints.gateways.len() == 1).then_some(())
+        }
+    })
+    .await;
+    assert!(listed.is_some(), "the endpoint list never named the gateway pod");
 
     // Settled: every reconcile started has finished, and none wrote for 10 s.
     // Only waiting can show quiet: sleeps on purpose.
