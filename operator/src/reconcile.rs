@@ -29,6 +29,10 @@ use crate::{Error, FIELD_MANAGER, Result, observe, rollout, scale, status, time}
 const RESYNC: Duration = Duration::from_secs(300);
 /// Re-check sooner while something is missing that no watch reports (a user's Secret).
 const RECHECK_DEGRADED: Duration = Duration::from_secs(15);
+/// Re-check a component short of ready pods this often: why its pods do not
+/// come (a quota's `FailedCreate` Event) is reported by nothing the operator
+/// watches, and may arrive after the reconcile that looked.
+const RECHECK_UNSETTLED: Duration = Duration::from_secs(10);
 
 /// Entry point for the controller: metrics, tracing span and failure events
 /// around [`reconcile_cluster`].
@@ -190,6 +194,8 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     ctx.reset_failures(&key(cc));
     let action = if !observed.missing_secrets.is_empty() || !observed.stuck.is_empty() {
         Action::requeue(RECHECK_DEGRADED)
+    } else if observed.short_of_ready() {
+        Action::requeue(RECHECK_UNSETTLED)
     } else {
         Action::requeue(RESYNC)
     };

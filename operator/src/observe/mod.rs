@@ -50,6 +50,16 @@ pub struct Observed {
     pub gateways_wanted: Option<i32>,
 }
 
+impl Observed {
+    /// Some component has fewer ready pods than it asks for.
+    pub fn short_of_ready(&self) -> bool {
+        [&self.gateway, &self.redis, &self.scylla, &self.push_workers]
+            .into_iter()
+            .flatten()
+            .any(|w| w.ready < w.desired)
+    }
+}
+
 /// The gateway list the discovery loop last published, from the cache
 /// (`None`: not published yet, or unreadable).
 pub fn published_endpoints(owned: &Owned, cc: &ChatCluster, namespace: &str) -> Option<Endpoints> {
@@ -179,6 +189,16 @@ mod tests {
 
     fn key(name: &str, key: &str) -> SecretKeyRef {
         SecretKeyRef { name: name.into(), key: key.into() }
+    }
+
+    #[test]
+    fn a_component_short_of_ready_pods_is_unsettled() {
+        let workload = |desired, ready| Some(Workload { desired, ready, updated: ready, current: true });
+        let settled = Observed { gateway: workload(3, 3), push_workers: workload(1, 1), ..Observed::default() };
+        assert!(!settled.short_of_ready());
+        let waiting = Observed { scylla: workload(3, 2), ..settled.clone() };
+        assert!(waiting.short_of_ready(), "a store node not ready yet");
+        assert!(!Observed::default().short_of_ready(), "nothing created yet is not a shortfall");
     }
 
     #[test]
