@@ -173,8 +173,8 @@ impl ChatService {
     }
 
     /// Presence is uncertain (Redis lost its data and gateways are still
-    /// re-registering their sessions): a recipient without a session may be
-    /// connected. The jobs wait until it is certain (the broker answers
+    /// re-registering their sessions, or routing failed): a recipient without
+    /// a session may be connected. The jobs wait until it is certain (the broker answers
     /// presence only once every live gateway has registered its sessions
     /// again), then go only to those still offline. Bounded: past
     /// [`MAX_DEFERRED`] waiting, or when presence stays unknown for twice the
@@ -254,9 +254,18 @@ impl ChatService {
             }
             Err(e) => {
                 // Stored and acked: the broker sends the recipients a resync
-                // once Redis answers again.
+                // once Redis answers again. Who is offline is unknown, so
+                // their notifications wait for presence to answer, as after
+                // a Redis loss (they were dropped: an offline recipient
+                // heard nothing until it next connected).
                 self.metrics.forward_failures.inc();
                 crate::warn_throttled!(error = %e, "live forwarding to other gateways failed; recipients will be told to resync");
+                let jobs: Vec<PushJob> = members
+                    .iter()
+                    .filter(|m| **m != session.user)
+                    .map(|m| super::push::job_for(m, &message, self.config.push_summary_chars))
+                    .collect();
+                self.defer_push(jobs, std::time::Duration::ZERO);
             }
         }
 

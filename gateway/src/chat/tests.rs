@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 
+use super::push::PushJob;
 use super::*;
 use crate::broker::LocalBroker;
 use crate::protocol::Recipient;
@@ -59,50 +60,82 @@ impl Store for FailNextWrite {
     }
 }
 
-/// A broker that has lost this gateway's worker id.
-struct WorkerIdLost(LocalBroker);
+/// The in-memory broker with faults to switch on: this gateway's worker id
+/// lost to another, or its next route failing (Redis out of reach).
+#[derive(Default)]
+struct FaultyBroker {
+    inner: LocalBroker,
+    worker_id_lost: bool,
+    fail_next_route: AtomicBool,
+}
 
 #[async_trait]
-impl Broker for WorkerIdLost {
+impl Broker for FaultyBroker {
     async fn route(
         &self,
         users: &[String],
         frame: &Frame,
     ) -> Result<crate::broker::Routed, crate::broker::BrokerError> {
-        self.0.route(users, frame).await
+        if self.fail_next_route.swap(false, Ordering::Relaxed) {
+            return Err(crate::broker::BrokerError("injected: Redis unreachable".into()));
+        }
+        self.inner.route(users, frame).await
     }
     async fn session_added(&self, user: &str, device: &str) -> Result<bool, crate::broker::BrokerError> {
-        self.0.session_added(user, device).await
+        self.inner.session_added(user, device).await
     }
     async fn session_removed(&self, user: &str, device: &str) -> Result<bool, crate::broker::BrokerError> {
-        self.0.session_removed(user, device).await
+        self.inner.session_removed(user, device).await
     }
     async fn online(&self, users: &[String]) -> Result<std::collections::HashSet<String>, crate::broker::BrokerError> {
-        self.0.online(users).await
+        self.inner.online(users).await
     }
     async fn last_active(&self, users: &[String]) -> Result<Vec<Option<i64>>, crate::broker::BrokerError> {
-        self.0.last_active(users).await
+        self.inner.last_active(users).await
     }
     async fn group_changed(&self, group: &str) -> Result<(), crate::broker::BrokerError> {
-        self.0.group_changed(group).await
+        self.inner.group_changed(group).await
     }
     fn healthy(&self) -> bool {
         true
     }
     fn may_mint_ids(&self) -> bool {
-        false
+        !self.worker_id_lost
     }
     fn report_load(&self, load: crate::broker::GatewayLoad) {
-        self.0.report_load(load);
+        self.inner.report_load(load);
     }
     async fn gateway_loads(&self) -> Result<Vec<crate::broker::GatewayLoad>, crate::broker::BrokerError> {
-        self.0.gateway_loads().await
+        self.inner.gateway_loads().await
+    }
+}
+
+/// Push jobs as queued, in order.
+#[derive(Default)]
+struct RecordedPushes(std::sync::Mutex<Vec<PushJob>>);
+
+#[async_trait]
+impl PushQueue for RecordedPushes {
+    async fn enqueue(&self, jobs: &[PushJob]) -> Result<(), StoreError> {
+        self.0.lock().expect("lock").extend_from_slice(jobs);
+        Ok(())
+    }
+    async fn register_target(
+        &self,
+        _user: &str,
+        _target: &kubechat_push::PushTarget,
+    ) -> Result<(), kubechat_push::PushTargetError> {
+        Err(kubechat_push::PushTargetError::NotConfigured)
+    }
+    async fn unregister_target(&self, _user: &str, _device: &str) -> Result<(), kubechat_push::PushTargetError> {
+        Ok(())
     }
 }
 
 struct Fixture {
     chat: Arc<ChatService>,
     store: Arc<FailNextWrite>,
+    pushes: Arc<RecordedPushes>,
     _dir: tempfile::TempDir,
 }
 
@@ -122,9 +155,10 @@ fn fixture(broker: Arc<dyn Broker>) -> Fixture {
         &TaskTracker::new(),
         CancellationToken::new(),
     );
+    let pushes = Arc::new(RecordedPushes::default());
     let parts = ChatParts {
         store: store.clone(),
-        push: Arc::new(inner),
+        push: pushes.clone(),
         hub,
         presence,
         broker,
@@ -134,7 +168,7 @@ fn fixture(broker: Arc<dyn Broker>) -> Fixture {
         metrics,
     };
     let chat = ChatService::start(parts, remote_offline, &TaskTracker::new(), CancellationToken::new());
-    Fixture { chat, store, _dir: dir }
+    Fixture { chat, store, pushes, _dir: dir }
 }
 
 fn session(user: &str) -> Session {
@@ -181,12 +215,36 @@ async fn a_retried_key_acks_the_first_message_and_asks_for_a_resync() {
 
 #[tokio::test]
 async fn without_its_worker_id_a_gateway_stores_nothing() {
-    let f = fixture(Arc::new(WorkerIdLost(LocalBroker::default())));
+    let f = fixture(Arc::new(FaultyBroker { worker_id_lost: true, ..FaultyBroker::default() }));
     let refused = f.chat.handle(&session("alice"), send("bob", "k1")).await;
     assert_eq!(code_of(refused.reply), Some(ErrorCode::Unavailable));
     let group = ClientFrame::CreateGroup { req: None, name: "g".into(), members: vec!["bob".into()] };
     assert_eq!(code_of(f.chat.handle(&session("alice"), group).await.reply), Some(ErrorCode::Unavailable));
     assert!(f.store.inbox_after("bob", 0, 10).await.expect("inbox").is_empty());
+}
+
+#[tokio::test]
+async fn a_send_whose_routing_fails_still_notifies_its_offline_recipient() {
+    let broker = Arc::new(FaultyBroker::default());
+    let f = fixture(broker.clone());
+    broker.fail_next_route.store(true, Ordering::Relaxed);
+    let sent = f.chat.handle(&session("alice"), send("bob", "k1")).await;
+    let Some(ServerFrame::Ack { id, .. }) = sent.reply else { panic!("ack: {:?}", sent.reply) };
+    f.chat.fan_out(&session("alice"), sent.fan_out.expect("a fan-out")).await;
+    // The notification waits for presence, which answers at once here.
+    let queued = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let jobs = f.pushes.0.lock().expect("lock").clone();
+            if !jobs.is_empty() {
+                return jobs;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("bob's notification was dropped with the failed route");
+    let to: Vec<(&str, String)> = queued.iter().map(|j| (j.user.as_str(), j.message_id.clone())).collect();
+    assert_eq!(to, [("bob", id.to_string())], "one notification, to the offline recipient only");
 }
 
 #[tokio::test]
