@@ -48,6 +48,9 @@ async fn create(client: &Client, namespace: &str, cc: &ChatCluster) -> ChatClust
         .unwrap_or_else(|e| panic!("create ChatCluster {}: {e}", cc.name_any()))
 }
 
+/// How many objects [`missing_objects`] looks for with managed backends.
+const OWNED_OBJECTS: usize = 15;
+
 /// Owned objects of a cluster that are missing or not owned by it (empty: all there).
 async fn missing_objects(
     client: &Client,
@@ -93,6 +96,7 @@ async fn missing_objects(
         check::<Service>(client, namespace, n("redis"), uid, &mut missing).await;
         check::<StatefulSet>(client, namespace, n("scylla"), uid, &mut missing).await;
         check::<Service>(client, namespace, n("scylla"), uid, &mut missing).await;
+        check::<PodDisruptionBudget>(client, namespace, n("scylla"), uid, &mut missing).await;
     }
     missing
 }
@@ -361,10 +365,10 @@ async fn deleting_the_cluster_garbage_collects_its_objects() {
         .expect("delete ChatCluster");
     let gone = wait_for(Duration::from_secs(60), || {
         let (client, namespace, uid) = (&client, &namespace, &uid);
-        async move { (missing_objects(client, namespace, "chat", uid, true).await.len() == 14).then_some(()) }
+        async move { (missing_objects(client, namespace, "chat", uid, true).await.len() == OWNED_OBJECTS).then_some(()) }
     })
     .await;
-    let left = 14 - missing_objects(&client, &namespace, "chat", &uid, true).await.len();
+    let left = OWNED_OBJECTS - missing_objects(&client, &namespace, "chat", &uid, true).await.len();
     assert!(gone.is_some(), "{left} owned objects survived their ChatCluster for 60 s (garbage collector running?)");
     operator.stop().await;
     delete_namespace(&client, &namespace).await;

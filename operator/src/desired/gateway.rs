@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
     PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume,
     VolumeMount, WeightedPodAffinityTerm,
 };
-use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -318,15 +318,7 @@ pub fn headless_service(cc: &ChatCluster) -> Service {
 
 /// Voluntary disruptions (node drains) take one gateway at a time.
 pub fn disruption_budget(cc: &ChatCluster) -> PodDisruptionBudget {
-    PodDisruptionBudget {
-        metadata: owned_meta(cc, Names(&cc.name_any()).gateway(), COMPONENT),
-        spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector { match_labels: Some(selector_labels(cc, COMPONENT)), ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    super::one_at_a_time_budget(cc, Names(&cc.name_any()).gateway(), COMPONENT)
 }
 
 #[cfg(test)]

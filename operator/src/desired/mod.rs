@@ -211,6 +211,23 @@ pub fn owned_meta(cc: &ChatCluster, name: String, component: &str) -> ObjectMeta
     }
 }
 
+/// A budget that lets voluntary disruptions (node drains, evictions) take
+/// one of a component's pods at a time.
+pub fn one_at_a_time_budget(cc: &ChatCluster, name: String, component: &str) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: owned_meta(cc, name, component),
+        spec: Some(k8s_openapi::api::policy::v1::PodDisruptionBudgetSpec {
+            max_unavailable: Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)),
+            selector: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: Some(selector_labels(cc, component)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Hardened container settings: non-root, read-only root filesystem, no
 /// privilege escalation, no capabilities.
 pub fn restricted_container_security() -> SecurityContext {
@@ -335,6 +352,7 @@ mod tests {
             ("chat-redis", "Service"),
             ("chat-scylla", "StatefulSet"),
             ("chat-scylla", "Service"),
+            ("chat-scylla", "PodDisruptionBudget"),
             ("chat-gateway-config", "ConfigMap"),
             ("chat-endpoints", "ConfigMap"),
             ("chat-gateway", "StatefulSet"),
@@ -348,7 +366,7 @@ mod tests {
         ] {
             assert!(kinds.contains(&(expected.0.to_string(), expected.1)), "missing {expected:?} in {kinds:?}");
         }
-        assert_eq!(kinds.len(), 14, "{kinds:?}");
+        assert_eq!(kinds.len(), 15, "{kinds:?}");
     }
 
     #[test]

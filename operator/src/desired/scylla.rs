@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{
     Container, ContainerPort, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, Service,
     ServicePort, ServiceSpec, TCPSocketAction, VolumeMount,
 };
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -33,10 +34,22 @@ pub const SCYLLA_UID: i64 = 999;
 pub fn objects(cc: &ChatCluster) -> Vec<DesiredObject> {
     match cc.spec.scylla.effective_managed() {
         Some(managed) => {
-            vec![DesiredObject::Service(service(cc)), DesiredObject::StatefulSet(stateful_set(cc, &managed))]
+            vec![
+                DesiredObject::Service(service(cc)),
+                DesiredObject::StatefulSet(stateful_set(cc, &managed)),
+                DesiredObject::PodDisruptionBudget(disruption_budget(cc)),
+            ]
         }
         None => Vec::new(),
     }
+}
+
+/// Node drains take one store node at a time: with three nodes and
+/// replication factor 3, a quorum (two) stays up and chat goes on. (With
+/// one node, a budget of one still lets a drain evict it: a laptop's
+/// `kubectl drain` must not hang.)
+pub fn disruption_budget(cc: &ChatCluster) -> PodDisruptionBudget {
+    super::one_at_a_time_budget(cc, Names(&cc.name_any()).scylla(), COMPONENT)
 }
 
 pub fn contact_points(cc: &ChatCluster) -> Vec<String> {
@@ -176,6 +189,19 @@ mod tests {
     use super::*;
     use crate::desired::fixtures::ChatClusterExt;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn drains_take_one_store_node_at_a_time() {
+        let cc = ChatCluster::test();
+        let kinds: Vec<&str> = objects(&cc).iter().map(DesiredObject::kind).collect();
+        assert_eq!(kinds, ["Service", "StatefulSet", "PodDisruptionBudget"]);
+        let pdb = disruption_budget(&cc);
+        assert_eq!(pdb.metadata.name.as_deref(), Some("chat-scylla"));
+        let spec = pdb.spec.expect("spec");
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)), "a quorum of three stays up");
+        let selector = spec.selector.and_then(|s| s.match_labels).expect("selector");
+        assert_eq!(selector, selector_labels(&cc, COMPONENT), "it selects the store's pods, and only them");
+    }
 
     #[test]
     fn smp_and_memory_follow_the_limits() {
