@@ -37,8 +37,13 @@ pub fn operator_binary() -> PathBuf {
             path.display()
         )
     });
-    let sources = crate::repo_root().join("operator/src");
-    if let Some((newest, changed)) = crate::kubelet::newest_file(&sources)
+    // The binary is built from the operator crate and the two it links.
+    let root = crate::repo_root();
+    let newest = ["operator/src", "crds/src", "config/src"]
+        .iter()
+        .filter_map(|dir| crate::kubelet::newest_file(&root.join(dir)))
+        .max_by_key(|(_, changed)| *changed);
+    if let Some((newest, changed)) = newest
         && changed > built
     {
         panic!(
