@@ -7,7 +7,10 @@ version. Exit 0 on success, 1 with a one-line reason on stderr otherwise.
 
 Standard library only, so it runs before anything else is installed.
 
-usage: cqlping.py [--host H] [--port P] [--timeout S]
+With --peers N, also checks that the node lists exactly N peers in
+system.peers (cassandra-cluster.sh: every node sees the other two).
+
+usage: cqlping.py [--host H] [--port P] [--timeout S] [--peers N]
 """
 
 import argparse
@@ -140,8 +143,8 @@ def expect(opcode, body, wanted):
                                                       OPCODE_NAMES.get(opcode, hex(opcode))))
 
 
-def first_cell(body):
-    """First column of the first row of a RESULT Rows body, as text."""
+def rows(body):
+    """A reader positioned at the first row of a RESULT Rows body, the row count and the column count."""
     r = Reader(body)
     kind = r.int()
     if kind != RESULT_ROWS:
@@ -161,8 +164,13 @@ def first_cell(body):
                 r.string()
             r.string()
             r.option()
-    rows = r.int()
-    if rows < 1 or columns < 1:
+    return r, r.int(), columns
+
+
+def first_cell(body):
+    """First column of the first row of a RESULT Rows body, as text."""
+    r, count, columns = rows(body)
+    if count < 1 or columns < 1:
         raise CqlError("query returned no rows")
     value = r.bytes()
     if value is None:
@@ -170,7 +178,14 @@ def first_cell(body):
     return value.decode("utf-8", "replace")
 
 
-def ping(host, port, timeout):
+def query(sock, stream, text):
+    sock.sendall(frame(stream, OP_QUERY, long_string(text) + struct.pack(">HB", CONSISTENCY_ONE, 0)))
+    opcode, body = recv_frame(sock, stream)
+    expect(opcode, body, OP_RESULT)
+    return body
+
+
+def ping(host, port, timeout, peers=None):
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
@@ -180,10 +195,12 @@ def ping(host, port, timeout):
         try:
             sock.sendall(frame(1, OP_STARTUP, string_map({"CQL_VERSION": "3.0.0"})))
             expect(*recv_frame(sock, 1), OP_READY)
-            sock.sendall(frame(2, OP_QUERY, long_string(QUERY) + struct.pack(">HB", CONSISTENCY_ONE, 0)))
-            opcode, body = recv_frame(sock, 2)
-            expect(opcode, body, OP_RESULT)
-            return first_cell(body)
+            version = first_cell(query(sock, 2, QUERY))
+            if peers is not None:
+                _, seen, _ = rows(query(sock, 3, "SELECT peer FROM system.peers"))
+                if seen != peers:
+                    raise CqlError("%s:%d lists %d peers, not %d" % (host, port, seen, peers))
+            return version
         except socket.timeout:
             raise CqlError("no answer from %s:%d within %gs" % (host, port, timeout))
         except OSError as e:
@@ -195,9 +212,10 @@ def main():
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=int(os.environ.get("CQL_PORT", "19042")))
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per network operation")
+    p.add_argument("--peers", type=int, help="also require exactly this many peers in system.peers")
     a = p.parse_args()
     try:
-        print(ping(a.host, a.port, a.timeout))
+        print(ping(a.host, a.port, a.timeout, a.peers))
     except CqlError as e:
         print("cqlping: %s" % e, file=sys.stderr)
         return 1

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Installs (if missing) and starts every local component in parallel:
-# Redis, Cassandra, the Kubernetes control plane and the Centrifugo binary
-# (the benchmark's peer; the bench crate's tests run it). Fails naming each
+# Redis, Cassandra, the three-node Cassandra cluster (store-node failure
+# tests), the Kubernetes control plane and the Centrifugo binary (the
+# benchmark's peer; the bench crate's tests run it). Fails naming each
 # component that did not come up.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 HERE="$(dirname "${BASH_SOURCE[0]}")"
 
-components=(redis cassandra control-plane centrifugo)
+components=(redis cassandra cassandra-cluster control-plane centrifugo)
 declare -A pids
 for c in "${components[@]}"; do
   args=(start)
   # A test run's Cassandra and etcd start empty (see their `start --fresh`).
-  [[ "$c" == cassandra || "$c" == control-plane ]] && args+=(--fresh)
+  [[ "$c" == cassandra* || "$c" == control-plane ]] && args+=(--fresh)
   bash "$HERE/$c.sh" "${args[@]}" &
   pids[$c]=$!
 done

@@ -13,8 +13,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    ClusterClient, ClusterSpec, CuttableProxy, GatewayProcess, PrivateRedis, Received, http_get, wait_all_online,
+    ClusterClient, ClusterSpec, CuttableProxy, GatewayProcess, PrivateRedis, http_get, wait_all_online,
 };
+use common::traffic::traffic_through;
 use serde_json::{Value, json};
 
 /// A hung scenario fails instead of stalling CI.
@@ -348,206 +349,6 @@ async fn a_killed_gateway_leaves_discovery_within_two_publish_intervals_scenario
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!("a killed gateway left discovery {:?} after the kill", killed.elapsed());
-}
-
-/// Connects to the first gateway that answers, trying `urls` from `first` on.
-async fn connect_any(urls: &[String], first: usize, user: &str, device: &str) -> ClusterClient {
-    let started = Instant::now();
-    let mut attempt = 0;
-    loop {
-        let url = &urls[(first + attempt) % urls.len()];
-        match ClusterClient::try_connect(url, user, device).await {
-            Ok(client) => return client,
-            Err(e) => {
-                assert!(started.elapsed() < Duration::from_secs(30), "{user}/{device}: no gateway accepts ({e})");
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// What one sender did: keys tried and the ids acked for them.
-struct Sent {
-    sent: usize,
-    acked: Vec<String>,
-    retries: usize,
-}
-
-/// Sends `count` messages to `to`, one at a time; on a lost connection or
-/// an error, reconnects (to another gateway if its own is gone) and retries
-/// with the same key, as a real client does.
-async fn send_loop(urls: Vec<String>, home: usize, user: String, to: String, count: usize) -> Sent {
-    let mut client = connect_any(&urls, home, &user, "phone").await;
-    let mut result = Sent { sent: 0, acked: Vec::new(), retries: 0 };
-    let mut next_gateway = home + 1;
-    for n in 0..count {
-        result.sent += 1;
-        let frame = json!({"type":"send","to":{"user":to},"text":format!("{user} #{n}"),"key":format!("{user}-{n}")});
-        loop {
-            match client.try_request(frame.clone(), Duration::from_secs(8)).await {
-                Some(ack) if ack["type"] == "ack" => {
-                    result.acked.push(ack["id"].as_str().expect("ack id").to_string());
-                    break;
-                }
-                reply => {
-                    result.retries += 1;
-                    if client.closed.is_some() || reply.is_none() {
-                        client = connect_any(&urls, next_gateway, &user, "phone").await;
-                        next_gateway += 1;
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    result
-}
-
-/// What one receiving device got.
-struct Got {
-    received: Received,
-    /// Messages it got only from its last sync, after the traffic stopped:
-    /// neither delivered live nor announced by a `resync` while it was
-    /// connected (it would have waited for its next reconnect).
-    stranded: std::collections::HashSet<String>,
-    reconnects: usize,
-    resyncs: usize,
-    /// Every cursor stored, with when (for diagnosing a loss).
-    cursors: Vec<(String, u128)>,
-}
-
-/// Receives until `stop`: live messages, a sync on `resync`, a reconnect
-/// (elsewhere) and a sync from its cursor when the connection drops; then a
-/// last sync from the cursor it kept, as a device does on its next start.
-async fn receive_loop(urls: Vec<String>, home: usize, user: String, stop: tokio_util::sync::CancellationToken) -> Got {
-    let mut client = connect_any(&urls, home, &user, "phone").await;
-    let mut got = Got {
-        received: Received::default(),
-        stranded: Default::default(),
-        reconnects: 0,
-        resyncs: 0,
-        cursors: Vec::new(),
-    };
-    let (entries, mut cursor) = client.sync_all("0").await.expect("first sync");
-    got.received.note_synced(&entries);
-    let mut next_gateway = home + 1;
-    let mut finishing = false;
-    loop {
-        if stop.is_cancelled() && !finishing {
-            finishing = true;
-            client.drain_for(Duration::from_secs(1)).await;
-        }
-        if !finishing {
-            client.receive_one(Duration::from_millis(200)).await;
-        }
-        got.received.note_live(client.take("message"));
-        let resync = !client.take("resync").is_empty();
-        // Presence changes and late replies are of no interest here.
-        client.backlog.clear();
-        got.resyncs += usize::from(resync);
-        if client.closed.is_some() {
-            got.reconnects += 1;
-            client = connect_any(&urls, next_gateway, &user, "phone").await;
-            next_gateway += 1;
-        } else if !resync && !finishing {
-            continue;
-        }
-        match client.sync_all(&cursor).await {
-            Some((entries, next)) => {
-                if finishing {
-                    let ids = entries.iter().filter_map(|e| e["message"]["id"].as_str());
-                    got.stranded.extend(ids.filter(|id| !got.received.has(id)).map(str::to_string));
-                }
-                got.received.note_synced(&entries);
-                cursor = next;
-                got.cursors.push((
-                    cursor.clone(),
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()),
-                ));
-                if finishing {
-                    return got;
-                }
-            }
-            None => continue,
-        }
-    }
-}
-
-/// What a run of [`traffic_through`] came to.
-#[derive(Debug, Default)]
-struct Totals {
-    sent: usize,
-    acked: usize,
-    live: usize,
-    /// Got by a sync (after a reconnect or a `resync`, or the last one).
-    recovered: usize,
-    /// Got only by the last sync (see [`Got::stranded`]).
-    stranded: usize,
-    lost: usize,
-}
-
-/// Traffic between pairs across gateways while `disrupt` runs.
-async fn traffic_through<F: std::future::Future<Output = ()>>(
-    urls: &[String],
-    pairs: &[(usize, usize)],
-    per_sender: usize,
-    disrupt: F,
-) -> Totals {
-    let stop = tokio_util::sync::CancellationToken::new();
-    let mut receivers = Vec::new();
-    let mut senders = Vec::new();
-    for (i, &(from, to)) in pairs.iter().enumerate() {
-        receivers.push(tokio::spawn(receive_loop(urls.to_vec(), to, format!("rcpt{i}"), stop.clone())));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        senders.push(tokio::spawn(send_loop(urls.to_vec(), from, format!("sndr{i}"), format!("rcpt{i}"), per_sender)));
-    }
-    disrupt.await;
-    let mut sent = Vec::new();
-    for sender in senders {
-        sent.push(sender.await.expect("sender task"));
-    }
-    stop.cancel();
-    let mut totals = Totals::default();
-    for (i, receiver) in receivers.into_iter().enumerate() {
-        let got = receiver.await.expect("receiver task");
-        let sender = &sent[i];
-        totals.sent += sender.sent;
-        totals.acked += sender.acked.len();
-        for id in &sender.acked {
-            if got.received.live.contains_key(id) {
-                totals.live += 1;
-            } else if got.received.synced.contains(id) {
-                totals.recovered += 1;
-                if got.stranded.contains(id) {
-                    totals.stranded += 1;
-                    let at = id.parse::<u64>().map(kubechat_gateway::ids::timestamp_ms).unwrap_or_default();
-                    let (from, to) = pairs[i];
-                    println!(
-                        "STRANDED {id} (stored at {at} ms) for rcpt{i}: sender on gateway {from}, receiver on {to}"
-                    );
-                }
-            } else {
-                totals.lost += 1;
-                let mut audit = ClusterClient::connect(&urls[0], &format!("rcpt{i}"), "audit").await;
-                let (all, _) = audit.sync_all("0").await.expect("audit sync");
-                let position = all.iter().find(|e| e["message"]["id"] == json!(id)).map(|e| e["position"].clone());
-                println!("LOST {id} for rcpt{i}: inbox position {position:?}; cursors stored: {:?}", got.cursors);
-            }
-        }
-        println!(
-            "pair {i}: sent {}, acked {}, sender retries {}, receiver reconnects {}, resyncs {}, stranded {}",
-            sender.sent,
-            sender.acked.len(),
-            sender.retries,
-            got.reconnects,
-            got.resyncs,
-            got.stranded.len()
-        );
-    }
-    totals
 }
 
 /// Test 3: a gateway SIGKILLed under traffic. Its clients reconnect to the
@@ -903,9 +704,10 @@ async fn a_store_outage_logs_the_drivers_warnings_once_per_interval() {
     const OUTAGE: Duration = Duration::from_secs(12);
     let redis = PrivateRedis::start().await;
     let mut spec = ClusterSpec::new(redis.url(), 30).await;
-    let cql_port: u16 = spec.cql_node.rsplit(':').next().and_then(|p| p.parse().ok()).expect("the CQL node's port");
+    let cql_port: u16 =
+        spec.contact_points[0].rsplit(':').next().and_then(|p| p.parse().ok()).expect("the CQL node's port");
     let proxy = CuttableProxy::start(cql_port).await;
-    spec.cql_node = format!("127.0.0.1:{}", proxy.port);
+    spec.contact_points = vec![format!("127.0.0.1:{}", proxy.port)];
     let gateway = GatewayProcess::start(&spec, 0).await;
     let mut alice = ClusterClient::connect(&gateway.url(), "alice", "phone").await;
     let first = json!({"type":"send","to":{"user":"bob"},"text":"before","key":"k-0"});

@@ -216,7 +216,8 @@ pub struct ClusterSpec {
     pub drain_window_seconds: u32,
     pub drain_rate: u32,
     /// Where the gateways reach Cassandra (e.g. through a [`CuttableProxy`]).
-    pub cql_node: String,
+    pub contact_points: Vec<String>,
+    pub replication_factor: u32,
     pub dir: tempfile::TempDir,
 }
 
@@ -237,9 +238,9 @@ impl ClusterSpec {
             },
             redis: config::Redis { url: self.redis_url.clone(), password_env: None },
             scylla: config::Scylla {
-                contact_points: vec![self.cql_node.clone()],
+                contact_points: self.contact_points.clone(),
                 keyspace: self.keyspace.clone(),
-                replication_factor: 1,
+                replication_factor: self.replication_factor,
                 local_datacenter: None,
                 credentials_env: None,
             },
@@ -257,20 +258,32 @@ impl ClusterSpec {
     /// Creates the keyspace once, before gateways start (concurrent schema
     /// changes from several processes would race).
     pub async fn new(redis_url: String, offline_after_seconds: u32) -> Self {
+        Self::on_store(redis_url, offline_after_seconds, vec![cql_node()], 1).await
+    }
+
+    /// The same on a store of several nodes, with a keyspace replicated
+    /// `replication_factor` times.
+    pub async fn on_store(
+        redis_url: String,
+        offline_after_seconds: u32,
+        contact_points: Vec<String>,
+        replication_factor: u32,
+    ) -> Self {
         // Unique per test even when several start in the same millisecond.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let keyspace = format!("cluster_{}_{n}_{}", std::process::id(), kubechat_gateway::ids::now_ms() % 1_000_000);
         let config = kubechat_gateway::store::scylla::ScyllaConfig {
-            contact_points: vec![cql_node()],
+            contact_points: contact_points.clone(),
             keyspace: keyspace.clone(),
-            replication_factor: 1,
+            replication_factor,
             ..Default::default()
         };
         kubechat_gateway::store::scylla::ScyllaStore::connect(config).await.unwrap_or_else(|e| {
             panic!(
-                "Cassandra (CQL) is not reachable at {}: {e}; start it with `e2e/local/cassandra.sh start`",
-                cql_node()
+                "Cassandra (CQL) is not reachable at {}: {e}; start it with `e2e/local/cassandra.sh start` \
+                 (three nodes: `e2e/local/cassandra-cluster.sh start`)",
+                contact_points.join(", ")
             )
         });
         let dir = tempfile::tempdir().expect("temp dir");
@@ -283,7 +296,8 @@ impl ClusterSpec {
             offline_after_seconds,
             drain_window_seconds: 10,
             drain_rate: 100,
-            cql_node: cql_node(),
+            contact_points,
+            replication_factor,
             dir,
         }
     }

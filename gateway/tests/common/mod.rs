@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod traffic;
 
 use std::sync::Arc;
 use std::time::Duration;
