@@ -786,9 +786,31 @@ pub async fn wait_all_online(asker: &mut ClusterClient, query: Value) {
 
 /// Every push job in the stream, oldest first.
 pub async fn push_jobs(connection: &mut (impl redis::aio::ConnectionLike + Send)) -> Vec<Value> {
+    push_jobs_after(connection, "-").await
+}
+
+/// The id of the newest entry of the push stream (`0-0` when empty): jobs
+/// queued later are read with [`push_jobs_after`].
+pub async fn push_stream_end(connection: &mut (impl redis::aio::ConnectionLike + Send)) -> String {
+    let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(kubechat_gateway::chat::push::PUSH_STREAM)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(connection)
+        .await
+        .expect("XREVRANGE");
+    newest.into_iter().next().map_or_else(|| "0-0".to_string(), |(id, _)| format!("({id}"))
+}
+
+/// Push jobs queued after `start` (an XRANGE start: `-`, or `(id` from
+/// [`push_stream_end`]), oldest first. The shared Redis' stream holds every
+/// suite's jobs: reading it whole timed out under load.
+pub async fn push_jobs_after(connection: &mut (impl redis::aio::ConnectionLike + Send), start: &str) -> Vec<Value> {
     let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg(kubechat_gateway::chat::push::PUSH_STREAM)
-        .arg("-")
+        .arg(start)
         .arg("+")
         .query_async(connection)
         .await

@@ -105,7 +105,8 @@ impl Backend {
                         panic!("Redis is not reachable at {}; start it with `e2e/local/redis.sh start`", redis_url())
                     });
                 let queue = Arc::new(RedisPushQueue::new(redis.clone(), 1_000_000));
-                (Arc::new(store), queue, PushInspector::Redis(redis), 0)
+                let start = cluster::push_stream_end(&mut redis.clone()).await;
+                (Arc::new(store), queue, PushInspector::Redis { connection: redis, start }, 0)
             }
         }
     }
@@ -128,15 +129,18 @@ impl Backend {
 pub enum PushInspector {
     /// The standalone gateway keeps none (it has no push workers).
     Standalone,
-    Redis(redis::aio::ConnectionManager),
+    /// Jobs queued after `start` (the stream's end when the gateway started).
+    Redis { connection: redis::aio::ConnectionManager, start: String },
 }
 
 impl PushInspector {
-    /// Push jobs for `user` (all of them, oldest first).
+    /// Push jobs for `user` since the gateway started, oldest first.
     pub async fn jobs_for(&self, user: &str) -> Vec<Value> {
         let all: Vec<Value> = match self {
             PushInspector::Standalone => Vec::new(),
-            PushInspector::Redis(connection) => cluster::push_jobs(&mut connection.clone()).await,
+            PushInspector::Redis { connection, start } => {
+                cluster::push_jobs_after(&mut connection.clone(), start).await
+            }
         };
         all.into_iter().filter(|job| job["user"] == user).collect()
     }
