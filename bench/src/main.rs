@@ -81,6 +81,8 @@ enum Workload {
     Group(workload::group::GroupArgs),
     /// Raw CQL writes against the store itself (the ceiling of the clustered send path).
     Cql(workload::cql::CqlArgs),
+    /// The broker alone: one Redis driven as gateways drive it per send (docs/capacity.md).
+    Broker(workload::broker::BrokerArgs),
 }
 
 /// Durations are bounded: a benchmark always ends by itself.
@@ -129,7 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let endpoints = urls.iter().map(|u| net::Endpoint::parse(u)).collect::<anyhow::Result<Vec<_>>>()?;
     // The raw CQL workload signs nothing.
-    let key = if matches!(cli.workload, Workload::Cql(_)) { Vec::new() } else { key(&cli)? };
+    let key = if matches!(cli.workload, Workload::Cql(_) | Workload::Broker(_)) { Vec::new() } else { key(&cli)? };
     let client = Client { server: cli.server, key, timeout: Duration::from_secs_f64(cli.timeout) };
     let run_id = run_id();
     let ctx = Context {
@@ -147,6 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Workload::Pairs(args) => ("pairs", workload::pairs::run(&ctx, args).await?),
         Workload::Group(args) => ("group", workload::group::run(&ctx, args).await?),
         Workload::Cql(args) => ("cql", workload::cql::run(&ctx, args).await?),
+        Workload::Broker(args) => ("broker", workload::broker::run(&ctx, args).await?),
     };
     let mut report = json!({
         "tool": "kubechat-bench",

@@ -201,3 +201,32 @@ fn the_tool_runs_against_a_standalone_gateway() {
 fn the_tool_runs_against_centrifugo() {
     small_workloads(&Server::centrifugo());
 }
+
+/// The broker workload on a Redis of its own: every send is routed across
+/// gateways and delivered once, and the report carries Redis' CPU per send.
+#[test]
+fn the_broker_workload_routes_and_delivers_every_send() {
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut command = Command::new("redis-server");
+    command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+    let redis = Server::spawn("redis-server", command, port, format!("redis://127.0.0.1:{port}"), dir);
+    let output = Command::new(env!("CARGO_BIN_EXE_kubechat-bench"))
+        .args(["broker", "--redis", &redis.url, "--gateways", "3", "--users", "300"])
+        .args(["--rates", "200,400", "--duration", "1", "--warmup", "0.5", "--in-flight", "16"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubechat-bench broker");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kubechat-bench broker failed: {stderr}\nredis log:\n{}", redis.log());
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"));
+    assert!(report["raw_publish"]["rate"].as_f64().unwrap_or(0.0) > 0.0, "no raw PUBLISH rate: {report}");
+    let steps = report["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{report}");
+    for step in steps {
+        assert_eq!(step["errors"], 0, "{step}");
+        assert!(step["sends"].as_u64().unwrap_or(0) > 0, "nothing measured: {step}");
+        assert_eq!(step["routed_in_step"], step["delivered_in_step"], "a routed send was not delivered: {step}");
+        assert!(step["redis_cpu_us_per_send"].as_f64().is_some(), "{step}");
+    }
+}

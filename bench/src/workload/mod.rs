@@ -1,6 +1,7 @@
 //! The workloads, and what they share: opening many connections, and running
 //! timed steps of messages over them.
 
+pub mod broker;
 pub mod connect;
 pub mod cql;
 pub mod group;
