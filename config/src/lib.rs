@@ -128,9 +128,29 @@ impl Chat {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Redis {
+    /// One Redis server (`redis://host:port`), or with `cluster` one node of
+    /// a Redis Cluster to learn the topology from.
     pub url: String,
     /// The environment variable holding the password, if any.
     pub password_env: Option<String>,
+    /// `url` (and `seedUrls`) are nodes of a Redis Cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
+    /// More nodes of the Redis Cluster, tried when `url` does not answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seed_urls: Vec<String>,
+}
+
+impl Redis {
+    /// A single Redis server at `url`.
+    pub fn single(url: impl Into<String>, password_env: Option<String>) -> Self {
+        Self { url: url.into(), password_env, cluster: false, seed_urls: Vec::new() }
+    }
+
+    /// Every node address given, `url` first.
+    pub fn seeds(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.seed_urls.iter().map(String::as_str))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,6 +314,7 @@ mod tests {
         assert_eq!(config.admin.token_file, None, "no token: admin drains refused");
         assert_eq!(config.push.max_attempts, DEFAULT_PUSH_MAX_ATTEMPTS);
         assert_eq!(config.push.secrets_dir(), PathBuf::from(PUSH_SECRETS_DIR));
+        assert_eq!(config.redis, Redis::single("redis://chat-redis.ns.svc:6379", None), "one Redis unless told");
     }
 
     #[test]
@@ -301,7 +322,7 @@ mod tests {
         let text = r#"{
             "listen": {"websocket": 8080, "admin": 9090}, "maxConnections": 10,
             "chat": {"maxGroupMembers": 100, "maxMessageChars": 10, "heartbeatSeconds": 50, "offlineAfterSeconds": 30},
-            "redis": {"url": "redis://r:6379", "passwordEnv": "P"},
+            "redis": {"url": "redis://r:6379", "passwordEnv": "P", "cluster": true, "seedUrls": ["redis://r2:6379"]},
             "scylla": {"contactPoints": ["s:9042"], "keyspace": "k", "replicationFactor": 3,
                        "localDatacenter": "dc1", "credentialsEnv": {"username": "U", "password": "W"}},
             "auth": {"signingKeyFile": "/k"},
@@ -314,6 +335,7 @@ mod tests {
         let again: GatewayConfig = serde_json::from_str(&config.to_json_pretty()).expect("reparse");
         assert_eq!(again, config);
         assert!(matches!(&config.push.providers.webhook, Some(Webhook { include_text: true, .. })));
+        assert_eq!(config.redis.seeds().collect::<Vec<_>>(), ["redis://r:6379", "redis://r2:6379"]);
     }
 
     #[test]

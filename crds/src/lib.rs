@@ -447,6 +447,9 @@ const REDIS_URL_PATTERN: &str = concat!(
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.seedUrls) || size(self.seedUrls) == 0 || (has(self.cluster) && self.cluster)")
+    .message("redis.external.seedUrls name more nodes of a Redis Cluster: set redis.external.cluster: true, or remove them")
+    .field_path(".seedUrls"))]
 pub struct ExternalRedis {
     /// `redis://host:port[/db]`, or `rediss://…` for TLS. Prefer
     /// `passwordSecret` to a password in the URL.
@@ -459,6 +462,17 @@ pub struct ExternalRedis {
     /// Secret key holding the Redis password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret: Option<SecretKeyRef>,
+    /// `url` is a node of a Redis Cluster (Redis 7 or later: delivery uses
+    /// sharded pub/sub); the gateways learn the other nodes from it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
+    /// More nodes of the Redis Cluster (same form as `url`), tried when
+    /// `url` does not answer. Only with `cluster`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new(format!("self.all(u, u.matches(r'{REDIS_URL_PATTERN}'))"))
+        .message("redis.external.seedUrls must each be redis[s]://[user:password@]host[:port], e.g. redis://redis-1.prod.svc:6379"))]
+    pub seed_urls: Vec<String>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -165,7 +165,12 @@ impl RunningOperator {
 pub fn external_redis() -> RedisSpec {
     RedisSpec {
         managed: None,
-        external: Some(ExternalRedis { url: "redis://redis.example:6379".into(), password_secret: None }),
+        external: Some(ExternalRedis {
+            url: "redis://redis.example:6379".into(),
+            password_secret: None,
+            cluster: false,
+            seed_urls: Vec::new(),
+        }),
     }
 }
 

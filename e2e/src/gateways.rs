@@ -64,7 +64,10 @@ pub async fn new_keyspace(prefix: &str) -> String {
 /// every second, no push workers.
 pub fn spec(redis: String, keyspace: &str, gateways: usize) -> ChatClusterSpec {
     let mut spec = ChatClusterSpec {
-        redis: RedisSpec { managed: None, external: Some(ExternalRedis { url: redis, password_secret: None }) },
+        redis: RedisSpec {
+            managed: None,
+            external: Some(ExternalRedis { url: redis, password_secret: None, cluster: false, seed_urls: Vec::new() }),
+        },
         scylla: ScyllaSpec {
             managed: None,
             external: Some(ExternalScylla {

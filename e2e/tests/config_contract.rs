@@ -160,6 +160,8 @@ fn everything_external() -> ChatCluster {
     spec.redis.external = Some(ExternalRedis {
         url: "rediss://redis.example:6380/2".into(),
         password_secret: Some(secret("redis", "pw")),
+        cluster: true,
+        seed_urls: vec!["rediss://redis-2.example:6380".into()],
     });
     spec.scylla.managed = None;
     spec.scylla.external = Some(ExternalScylla {
@@ -237,6 +239,9 @@ fn the_gateway_reads_the_config_the_operator_writes() {
         assert_eq!(chat.presence_fanout_max_members, as_usize(spec.chat.presence_fanout_max_members), "{name}");
 
         assert_eq!(file.redis.url, redis::url(&cc), "{name}");
+        let external = cc.spec.redis.external.as_ref();
+        assert_eq!(file.redis.cluster, external.is_some_and(|e| e.cluster), "{name}: a Redis Cluster");
+        assert_eq!(file.redis.seed_urls, external.map(|e| e.seed_urls.clone()).unwrap_or_default(), "{name}");
         let redis_password = file.redis.password_env.as_ref().map(|var| sees.env.get(var).cloned());
         let expected = redis::password_ref(&cc).map(|r| Some(from_secret(&r.name, &r.key)));
         assert_eq!(redis_password, expected, "{name}: the Redis password variable the gateway reads");
@@ -281,7 +286,8 @@ fn the_push_worker_reads_the_config_the_operator_writes() {
             .unwrap_or_else(|e| panic!("{name}: the push worker refuses the operator's config: {e:#}"));
 
         let spec = &cc.spec;
-        assert_eq!(config.redis_url, redis::url(&cc), "{name}");
+        assert_eq!(config.redis.url, redis::url(&cc), "{name}");
+        assert_eq!(config.redis.cluster, cc.spec.redis.external.as_ref().is_some_and(|e| e.cluster), "{name}");
         let expected = redis::password_ref(&cc).map(|r| SecretSource::Value(from_secret(&r.name, &r.key)));
         assert_eq!(config.redis_password, expected, "{name}: the Redis password");
         let admin = u16::try_from(Sees::port(&container, "admin")).expect("a port");

@@ -397,6 +397,8 @@ async fn redis_started_as_its_pod_starts_it_refuses_clients_without_the_password
         external: Some(ExternalRedis {
             url: redis_server.url(),
             password_secret: Some(SecretKeyRef { name: "redis-auth".into(), key: "pw".into() }),
+            cluster: false,
+            seed_urls: Vec::new(),
         }),
     };
     cc.spec.scylla = ScyllaSpec {

@@ -77,7 +77,7 @@ pub enum BrokerSetup {
     /// Alone (standalone mode): every session is here.
     Local,
     /// One of many sharing Redis.
-    Redis { client: Box<redis::Client>, config: RedisBrokerConfig },
+    Redis { endpoint: Box<kubechat_redis::Endpoint>, config: RedisBrokerConfig },
 }
 
 /// A started gateway.
@@ -146,8 +146,8 @@ pub async fn start(
         GatewayLocal::new(hub.clone(), presence.clone(), members.clone(), metrics.clone(), &tasks, shutdown.clone());
     let broker: Arc<dyn Broker> = match broker {
         BrokerSetup::Local => Arc::new(LocalBroker::default()),
-        BrokerSetup::Redis { client, config } => {
-            RedisBroker::start(*client, config, local, &tasks, shutdown.clone()).await?
+        BrokerSetup::Redis { endpoint, config } => {
+            RedisBroker::start(*endpoint, config, local, &tasks, shutdown.clone()).await?
         }
     };
     let parts = ChatParts {

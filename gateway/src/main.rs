@@ -197,27 +197,17 @@ async fn main() -> anyhow::Result<()> {
             })
             .await
             .context("connecting to ScyllaDB")?;
-            let mut redis_info: redis::ConnectionInfo =
-                redis::IntoConnectionInfo::into_connection_info(file.redis.url.as_str())
-                    .context("parsing the Redis URL")?;
-            if let Some(password) = env(&file.redis.password_env) {
-                let settings = redis_info.redis_settings().clone().set_password(password);
-                redis_info = redis_info.set_redis_settings(settings);
-            }
-            let redis_client = redis::Client::open(redis_info).context("configuring Redis")?;
-            // Bounded like the broker's: a black-holed Redis costs a command
-            // two seconds, not a hang (the push queue and the send keys share it).
-            let bounded = redis::aio::ConnectionManagerConfig::new()
-                .set_response_timeout(Some(Duration::from_secs(2)))
-                .set_connection_timeout(Some(Duration::from_secs(2)));
-            let redis = redis::aio::ConnectionManager::new_with_config(redis_client.clone(), bounded)
-                .await
-                .context("connecting to Redis")?;
+            let endpoint = kubechat_redis::Endpoint::new(&file.redis, env(&file.redis.password_env))
+                .context("configuring Redis")?
+                // Bounded like the broker's: a black-holed Redis costs a command
+                // two seconds, not a hang (the push queue and the send keys share it).
+                .with_timeout(Duration::from_secs(2));
+            let redis = endpoint.connect().await?;
             // Idempotency keys are reserved in Redis: no Paxos round per send.
             let send_keys = RedisSendKeys::start(redis.clone(), SendKeyNames::default(), retry_window);
             let store = store.with_send_keys(send_keys);
             let broker = BrokerSetup::Redis {
-                client: Box::new(redis_client),
+                endpoint: Box::new(endpoint),
                 config: RedisBrokerConfig {
                     gateway_id: gateway_id.clone(),
                     // A dead gateway's users go offline when its lease runs out.

@@ -52,8 +52,8 @@ async fn broker(
         command_timeout: Duration::from_secs(1),
         worker_id,
     };
-    let client = redis::Client::open(redis.url()).expect("Redis URL");
-    RedisBroker::start(client, config, local, &TaskTracker::new(), shutdown.clone())
+    let endpoint = kubechat_redis::Endpoint::single(&redis.url()).expect("Redis URL");
+    RedisBroker::start(endpoint, config, local, &TaskTracker::new(), shutdown.clone())
         .await
         .unwrap_or_else(|e| panic!("private Redis not reachable: {e}"))
 }

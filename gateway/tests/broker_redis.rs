@@ -34,18 +34,18 @@ impl LocalDelivery for Recorder {
     }
 }
 
-fn redis_client() -> redis::Client {
-    let url = std::env::var("KUBECHAT_REDIS_URL")
+fn redis_url() -> String {
+    std::env::var("KUBECHAT_REDIS_URL")
         .ok()
         .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "redis://127.0.0.1:16379".into());
-    redis::Client::open(url).expect("Redis URL")
+        .unwrap_or_else(|| "redis://127.0.0.1:16379".into())
 }
 
 async fn broker(id: &str, lease: Duration, recorder: Arc<Recorder>, shutdown: &CancellationToken) -> Arc<RedisBroker> {
     let config =
         RedisBrokerConfig { gateway_id: id.into(), lease, command_timeout: Duration::from_secs(2), worker_id: None };
-    RedisBroker::start(redis_client(), config, recorder, &TaskTracker::new(), shutdown.clone())
+    let endpoint = kubechat_redis::Endpoint::single(&redis_url()).expect("Redis URL");
+    RedisBroker::start(endpoint, config, recorder, &TaskTracker::new(), shutdown.clone())
         .await
         .unwrap_or_else(|e| panic!("Redis is not reachable: {e}; start it with `e2e/local/redis.sh start`"))
 }

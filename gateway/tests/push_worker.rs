@@ -221,7 +221,7 @@ impl Fixture {
 
     fn config(&self, consumer: &str, webhook_url: &str) -> PushWorkerConfig {
         PushWorkerConfig {
-            redis_url: redis_url(),
+            redis: kubechat_config::Redis::single(redis_url(), None),
             stream: self.stream.clone(),
             dead_letter_stream: self.dead.clone(),
             consumer_name: consumer.into(),
@@ -274,7 +274,7 @@ impl Fixture {
             .await
             .expect("XADD");
         let mut keys = self.keys.lock().expect("lock");
-        keys.push(push::pushed_key(&job.message_id, "*"));
+        keys.push(push::pushed_key(&self.stream, &job.message_id, "*"));
     }
 
     /// Entries delivered to the group and not acked.

@@ -144,7 +144,12 @@ mod tests {
     fn to_external_redis(cc: ChatCluster) -> ChatCluster {
         cc.with_spec(|s| {
             s.redis.managed = None;
-            s.redis.external = Some(ExternalRedis { url: "redis://cache:6379".into(), password_secret: None });
+            s.redis.external = Some(ExternalRedis {
+                url: "redis://cache:6379".into(),
+                password_secret: None,
+                cluster: false,
+                seed_urls: Vec::new(),
+            });
         })
     }
 

@@ -447,7 +447,12 @@ mod tests {
     fn external_backends_count_as_zero_pods() {
         let cc = ChatCluster::test().with_spec(|s| {
             s.redis.managed = None;
-            s.redis.external = Some(kubechat_crds::ExternalRedis { url: "redis://x:1".into(), password_secret: None });
+            s.redis.external = Some(kubechat_crds::ExternalRedis {
+                url: "redis://x:1".into(),
+                password_secret: None,
+                cluster: false,
+                seed_urls: Vec::new(),
+            });
         });
         let mut observed = all_ready(&cc);
         observed.redis = None;

@@ -17,7 +17,7 @@ use kubechat_config::GatewayConfig;
 use crate::job::PUSH_STREAM;
 
 pub const DEFAULT_CONSUMER_GROUP: &str = "push-workers";
-pub const DEFAULT_DEAD_LETTER_STREAM: &str = "kubechat:push:dead";
+pub const DEFAULT_DEAD_LETTER_STREAM: &str = "kubechat:{push}:dead";
 pub use kubechat_config::{APNS_SIGNING_KEY_FILE, FCM_CREDENTIALS_FILE, PUSH_SECRETS_DIR, WEBHOOK_SIGNING_KEY_FILE};
 pub const FCM_BASE_URL: &str = "https://fcm.googleapis.com";
 pub const APNS_PRODUCTION_URL: &str = "https://api.push.apple.com";
@@ -161,7 +161,8 @@ pub struct ProvidersConfig {
 pub struct PushWorkerConfig {
     /// `/healthz` and `/metrics` (the gateway config's admin port).
     pub admin: Option<std::net::SocketAddr>,
-    pub redis_url: String,
+    /// The gateway config's `redis` section (one server or a cluster).
+    pub redis: kubechat_config::Redis,
     /// Overrides the URL's password.
     pub redis_password: Option<SecretSource>,
     /// The job stream ([`PUSH_STREAM`]).
@@ -204,7 +205,7 @@ impl Default for PushWorkerConfig {
     fn default() -> Self {
         Self {
             admin: None,
-            redis_url: "redis://127.0.0.1:6379".into(),
+            redis: kubechat_config::Redis::single("redis://127.0.0.1:6379", None),
             redis_password: None,
             stream: PUSH_STREAM.into(),
             dead_letter_stream: DEFAULT_DEAD_LETTER_STREAM.into(),
@@ -249,7 +250,7 @@ impl PushWorkerConfig {
         let providers = &file.push.providers;
         let config = Self {
             admin: Some(std::net::SocketAddr::from(([0, 0, 0, 0], file.listen.admin))),
-            redis_url: file.redis.url.clone(),
+            redis: file.redis.clone(),
             redis_password: file.redis.password_env.as_deref().and_then(env).map(SecretSource::Value),
             consumer_name: consumer_name.to_string(),
             max_attempts: file.push.max_attempts,

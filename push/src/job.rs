@@ -3,8 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The stream the push workers consume.
-pub const PUSH_STREAM: &str = "kubechat:push";
+/// The stream the push workers consume. Its hash tag `{push}` is shared by
+/// every key the workers keep about its entries (attempts, sent markers,
+/// the dead-letter stream), so that one step touching several of them runs
+/// on one node of a Redis Cluster.
+pub const PUSH_STREAM: &str = "kubechat:{push}";
 /// The stream entry's field holding the job (JSON).
 pub const JOB_FIELD: &str = "job";
 

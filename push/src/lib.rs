@@ -20,14 +20,17 @@
 //! - [`worker`]: the consumer-group loop ([`run_push_worker`]).
 //!
 //! Redis keys:
-//! - `kubechat:push-targets:{user}`: hash, device id → `{"platform":"webhook"|"fcm"|"apns","token":"…"}`.
-//! - `kubechat:push` ([`PushWorkerConfig::stream`]): the job stream, consumer group `push-workers`.
-//! - `kubechat:push:dead` ([`PushWorkerConfig::dead_letter_stream`]): jobs given up on, one entry
+//! The keys about the stream's entries carry its hash tag (`{push}`): one
+//! slot, so the atomic steps over several of them work on a Redis Cluster.
+//! - `kubechat:push-targets:{user}`: hash, device id → `{"platform":"webhook"|"fcm"|"apns","token":"…"}`
+//!   (tagged with the user, as the broker's keys of the user).
+//! - `kubechat:{push}` ([`PushWorkerConfig::stream`]): the job stream, consumer group `push-workers`.
+//! - `kubechat:{push}:dead` ([`PushWorkerConfig::dead_letter_stream`]): jobs given up on, one entry
 //!   per (job, device) with the error and the attempt count.
-//! - `{stream}-attempts:{entry id}` (`kubechat:push-attempts:{entry id}`): hash per stream entry,
+//! - `{stream}-attempts:{entry id}` (`kubechat:{push}-attempts:{entry id}`): hash per stream entry,
 //!   fields `{device}` (attempts made), `{device}:error` (last error), `{device}:dead` (dead-lettered).
 //!   Deleted when the entry is acked; expires after 7 days otherwise.
-//! - `kubechat:pushed:{message id}:{device}`: set (NX, 7 days) after a successful send; checked
+//! - `{stream}-pushed:{message id}:{device}`: set (NX, 7 days) after a successful send; checked
 //!   before every send, so a redelivered or re-enqueued job notifies each device at most once
 //!   (barring a crash between the provider's acceptance and this SET).
 

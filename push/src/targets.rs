@@ -13,13 +13,15 @@ use crate::names::{InvalidTarget, Platform, PushTarget, valid_name};
 pub const MAX_TARGETS_PER_USER: usize = 32;
 
 /// Redis hash of a user's push targets.
+/// Tagged with the user id, as the broker's keys of the user are.
 pub fn targets_key(user: &str) -> String {
-    format!("kubechat:push-targets:{user}")
+    format!("kubechat:push-targets:{{{user}}}")
 }
 
-/// Marker set once `message_id` was delivered to `device`.
-pub fn pushed_key(message_id: &str, device: &str) -> String {
-    format!("kubechat:pushed:{message_id}:{device}")
+/// Marker set once `message_id` was delivered to `device` from `stream`
+/// (in the stream's slot: checked in one step with the entry's attempts).
+pub fn pushed_key(stream: &str, message_id: &str, device: &str) -> String {
+    format!("{stream}-pushed:{message_id}:{device}")
 }
 
 /// The value stored in the targets hash.

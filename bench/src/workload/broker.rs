@@ -113,7 +113,8 @@ pub async fn run(ctx: &Context, args: &BrokerArgs) -> anyhow::Result<Value> {
             command_timeout: Duration::from_secs(2),
             worker_id: None,
         };
-        let broker = RedisBroker::start(client.clone(), config, local.clone(), &tasks, shutdown.clone())
+        let endpoint = kubechat_redis::Endpoint::single(&args.redis)?;
+        let broker = RedisBroker::start(endpoint, config, local.clone(), &tasks, shutdown.clone())
             .await
             .map_err(|e| anyhow::anyhow!("starting broker {g}: {e}"))?;
         gateways.push(Gateway { broker, local });

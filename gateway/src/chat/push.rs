@@ -62,7 +62,7 @@ impl PushQueue for Arc<EmbeddedStore> {
 /// written twice is sent once (workers send at most once per message and
 /// device), a job dropped is a lost notification.
 pub struct RedisPushQueue {
-    connection: redis::aio::ConnectionManager,
+    connection: kubechat_redis::Connection,
     max_len: usize,
 }
 
@@ -72,8 +72,8 @@ const ENQUEUE_ATTEMPTS: u32 = 3;
 const ENQUEUE_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl RedisPushQueue {
-    pub fn new(connection: redis::aio::ConnectionManager, max_len: usize) -> Self {
-        Self { connection, max_len }
+    pub fn new(connection: impl Into<kubechat_redis::Connection>, max_len: usize) -> Self {
+        Self { connection: connection.into(), max_len }
     }
 }
 

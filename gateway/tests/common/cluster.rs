@@ -208,7 +208,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// Settings shared by every gateway of a test cluster.
 pub struct ClusterSpec {
-    pub redis_url: String,
+    /// One Redis or a Redis Cluster.
+    pub redis: kubechat_config::Redis,
     pub keyspace: String,
     pub heartbeat_seconds: u32,
     pub offline_after_seconds: u32,
@@ -236,7 +237,7 @@ impl ClusterSpec {
                 presence_fanout_max_members: config::DEFAULT_PRESENCE_FANOUT_MAX_MEMBERS,
                 send_retry_window_seconds: config::DEFAULT_SEND_RETRY_WINDOW_SECONDS,
             },
-            redis: config::Redis { url: self.redis_url.clone(), password_env: None },
+            redis: self.redis.clone(),
             scylla: config::Scylla {
                 contact_points: self.contact_points.clone(),
                 keyspace: self.keyspace.clone(),
@@ -269,6 +270,17 @@ impl ClusterSpec {
         contact_points: Vec<String>,
         replication_factor: u32,
     ) -> Self {
+        let redis = kubechat_config::Redis::single(redis_url, None);
+        Self::on(redis, offline_after_seconds, contact_points, replication_factor).await
+    }
+
+    /// The same with any Redis (a Redis Cluster).
+    pub async fn on(
+        redis: kubechat_config::Redis,
+        offline_after_seconds: u32,
+        contact_points: Vec<String>,
+        replication_factor: u32,
+    ) -> Self {
         // Unique per test even when several start in the same millisecond.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -290,7 +302,7 @@ impl ClusterSpec {
         std::fs::write(dir.path().join("signing-key"), KEY).expect("write the signing key");
         std::fs::write(dir.path().join("admin-token"), format!("{ADMIN_TOKEN}\n")).expect("write the admin token");
         ClusterSpec {
-            redis_url,
+            redis,
             keyspace,
             heartbeat_seconds: 1,
             offline_after_seconds,

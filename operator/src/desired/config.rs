@@ -41,6 +41,8 @@ pub fn gateway_config(cc: &ChatCluster) -> GatewayConfig {
         redis: config::Redis {
             url: redis::url(cc),
             password_env: redis::password_ref(cc).map(|_| redis::PASSWORD_ENV.into()),
+            cluster: spec.redis.external.as_ref().is_some_and(|e| e.cluster),
+            seed_urls: spec.redis.external.as_ref().map(|e| e.seed_urls.clone()).unwrap_or_default(),
         },
         scylla: config::Scylla {
             contact_points: scylla::contact_points(cc),

@@ -284,7 +284,12 @@ mod tests {
     fn external_backends_get_no_policy() {
         let cc = ChatCluster::test().with_spec(|s| {
             s.redis.managed = None;
-            s.redis.external = Some(ExternalRedis { url: "redis://r.example:6379".into(), password_secret: None });
+            s.redis.external = Some(ExternalRedis {
+                url: "redis://r.example:6379".into(),
+                password_secret: None,
+                cluster: false,
+                seed_urls: Vec::new(),
+            });
             s.scylla.managed = None;
             s.scylla.external = Some(ExternalScylla {
                 contact_points: vec!["s.example:9042".into()],

@@ -249,8 +249,12 @@ mod tests {
     fn external_redis_url_is_used_verbatim() {
         let cc = ChatCluster::test().with_spec(|s| {
             s.redis.managed = None;
-            s.redis.external =
-                Some(kubechat_crds::ExternalRedis { url: "rediss://cache:6380/2".into(), password_secret: None });
+            s.redis.external = Some(kubechat_crds::ExternalRedis {
+                url: "rediss://cache:6380/2".into(),
+                password_secret: None,
+                cluster: false,
+                seed_urls: Vec::new(),
+            });
         });
         assert_eq!(url(&cc), "rediss://cache:6380/2");
         assert!(objects(&cc).is_empty());

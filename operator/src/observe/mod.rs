@@ -211,8 +211,12 @@ mod tests {
         let cc = ChatCluster::test().with_spec(|s| {
             s.auth.signing_key_secret = Some(key("jwt", "hs256"));
             s.redis.managed = None;
-            s.redis.external =
-                Some(ExternalRedis { url: "redis://r:6379".into(), password_secret: Some(key("redis-pw", "pw")) });
+            s.redis.external = Some(ExternalRedis {
+                url: "redis://r:6379".into(),
+                password_secret: Some(key("redis-pw", "pw")),
+                cluster: false,
+                seed_urls: Vec::new(),
+            });
             s.scylla.managed = None;
             s.scylla.external = Some(ExternalScylla {
                 contact_points: vec!["s:9042".into()],

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use kubechat_redis::Connection;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::stream::{Entry, now_ms};
@@ -68,7 +68,7 @@ pub(super) async fn process_entry(
 /// An entry no target can be derived from: dead-lettered as a whole, then acked.
 async fn give_up_on_entry(
     ctx: &Ctx,
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     entry: &Entry,
     error: &str,
 ) -> redis::RedisResult<EntryOutcome> {
@@ -79,7 +79,7 @@ async fn give_up_on_entry(
     Ok(EntryOutcome::Acked)
 }
 
-async fn ack(ctx: &Ctx, conn: &mut ConnectionManager, id: &str, attempts_key: &str) -> redis::RedisResult<()> {
+async fn ack(ctx: &Ctx, conn: &mut Connection, id: &str, attempts_key: &str) -> redis::RedisResult<()> {
     let _: () = redis::pipe()
         .atomic()
         .cmd("XACK")
@@ -122,7 +122,7 @@ async fn deliver(
     let mut conn = ctx.conn.clone();
     let device = target.device.as_str();
     let platform = target.platform.as_str();
-    let pushed = pushed_key(&job.message_id, device);
+    let pushed = pushed_key(&config.stream, &job.message_id, device);
     let error_field = format!("{device}:error");
     let dead_field = format!("{device}:dead");
     loop {
@@ -225,7 +225,7 @@ async fn deliver(
 /// XADD to the dead-letter stream and mark the (entry, device) dead, atomically.
 async fn dead_letter(
     ctx: &Ctx,
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     job: &PushJob,
     entry: &Entry,
     target: &PushTarget,

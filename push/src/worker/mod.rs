@@ -32,8 +32,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kubechat_redis::{Connection, Endpoint};
 use redis::Value;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -85,11 +85,11 @@ pub async fn run_push_worker_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let client = redis_client(&config)?;
-    let Some(conn) = connect(&client, config.command_timeout, &metrics, &shutdown).await else {
+    let endpoint = redis_endpoint(&config)?;
+    let Some(conn) = connect(&endpoint, config.command_timeout, &metrics, &shutdown).await else {
         return Ok(());
     };
-    let Some(read_conn) = connect(&client, config.command_timeout + config.block, &metrics, &shutdown).await else {
+    let Some(read_conn) = connect(&endpoint, config.command_timeout + config.block, &metrics, &shutdown).await else {
         return Ok(());
     };
     let sends = tokio::sync::Semaphore::new(config.max_concurrent_sends);
@@ -113,7 +113,7 @@ struct Ctx {
     providers: Providers,
     metrics: PushMetrics,
     /// For everything but the blocking read.
-    conn: ConnectionManager,
+    conn: Connection,
     /// Entry ids being worked on by this worker.
     in_flight: Mutex<HashSet<String>>,
     /// Bounds the provider requests under way.
@@ -142,40 +142,30 @@ impl Drop for InFlight {
     }
 }
 
-fn redis_client(config: &PushWorkerConfig) -> anyhow::Result<redis::Client> {
-    use anyhow::Context as _;
-    let mut info = redis::IntoConnectionInfo::into_connection_info(config.redis_url.as_str())
-        .context("push: parsing the Redis URL")?;
-    if let Some(password) = &config.redis_password {
-        let password = match password {
-            SecretSource::Value(value) => value.clone(),
-            file @ SecretSource::File(_) => {
-                let bytes = file.load().map_err(|e| anyhow::anyhow!("push: Redis password: {e}"))?;
-                String::from_utf8_lossy(bytes.trim_ascii()).into_owned()
-            }
-        };
-        let settings = info.redis_settings().clone().set_password(password);
-        info = info.set_redis_settings(settings);
-    }
-    redis::Client::open(info).context("push: configuring Redis")
+fn redis_endpoint(config: &PushWorkerConfig) -> anyhow::Result<Endpoint> {
+    let password = match &config.redis_password {
+        None => None,
+        Some(SecretSource::Value(value)) => Some(value.clone()),
+        Some(file @ SecretSource::File(_)) => {
+            let bytes = file.load().map_err(|e| anyhow::anyhow!("push: Redis password: {e}"))?;
+            Some(String::from_utf8_lossy(bytes.trim_ascii()).into_owned())
+        }
+    };
+    Endpoint::new(&config.redis, password).map_err(|e| anyhow::anyhow!("push: {e}"))
 }
 
-/// A connection manager (it reconnects by itself later); retried until it connects or
+/// A connection (it reconnects by itself later); retried until it connects or
 /// `shutdown` is cancelled (then `None`).
 async fn connect(
-    client: &redis::Client,
+    endpoint: &Endpoint,
     timeout: Duration,
     metrics: &PushMetrics,
     shutdown: &CancellationToken,
-) -> Option<ConnectionManager> {
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2));
+) -> Option<Connection> {
+    let endpoint = endpoint.clone().with_timeout(timeout);
     let mut failures = 0;
     loop {
-        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+        match endpoint.connect().await {
             Ok(conn) => return Some(conn),
             Err(e) => {
                 metrics.redis_errors.inc();
@@ -200,7 +190,7 @@ async fn pause(failures: u32, shutdown: &CancellationToken) -> bool {
 
 /// XGROUP CREATE … 0 MKSTREAM: a new group starts at the beginning, so jobs enqueued before
 /// the first worker ran are sent too. An existing group is fine.
-async fn ensure_group(conn: &mut ConnectionManager, config: &PushWorkerConfig) -> redis::RedisResult<()> {
+async fn ensure_group(conn: &mut Connection, config: &PushWorkerConfig) -> redis::RedisResult<()> {
     let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&config.stream)
@@ -217,7 +207,7 @@ async fn ensure_group(conn: &mut ConnectionManager, config: &PushWorkerConfig) -
 }
 
 /// The main loop; returns after shutdown, once in-flight entries finished or the grace ran out.
-async fn consume(ctx: Arc<Ctx>, mut read_conn: ConnectionManager, shutdown: CancellationToken) {
+async fn consume(ctx: Arc<Ctx>, mut read_conn: Connection, shutdown: CancellationToken) {
     let config = &ctx.config;
     let mut tasks: JoinSet<(String, redis::RedisResult<EntryOutcome>)> = JoinSet::new();
     let mut group_ready = false;

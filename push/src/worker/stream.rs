@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use kubechat_redis::Connection;
 use redis::Value;
-use redis::aio::ConnectionManager;
 
 use super::{CONSUMER_REAP_IDLE, Ctx};
 use crate::config::PushWorkerConfig;
@@ -75,7 +75,7 @@ fn parse_read_reply(value: &Value) -> Vec<Entry> {
 
 pub(super) async fn read_new(
     config: &PushWorkerConfig,
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     count: usize,
 ) -> redis::RedisResult<Vec<Entry>> {
     let reply: Value = redis::cmd("XREADGROUP")
@@ -97,7 +97,7 @@ pub(super) async fn read_new(
 /// XAUTOCLAIM from `cursor`: (next cursor, entries now owned by this worker).
 pub(super) async fn autoclaim(
     ctx: &Ctx,
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     cursor: &str,
     count: usize,
 ) -> redis::RedisResult<(String, Vec<Entry>)> {
@@ -126,7 +126,7 @@ pub(super) async fn autoclaim(
 
 /// Removes consumers (other than this one) with nothing pending that have been idle long:
 /// workers of pods long gone.
-pub(super) async fn reap_consumers(ctx: &Ctx, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+pub(super) async fn reap_consumers(ctx: &Ctx, conn: &mut Connection) -> redis::RedisResult<()> {
     let config = &ctx.config;
     let reply: redis::streams::StreamInfoConsumersReply =
         redis::cmd("XINFO").arg("CONSUMERS").arg(&config.stream).arg(&config.consumer_group).query_async(conn).await?;

@@ -1,30 +1,39 @@
-//! The broker of a gateway cluster, on Redis.
+//! The broker of a gateway cluster, on Redis: one server or a Redis
+//! Cluster, one code path ([`kubechat_redis`]).
 //!
-//! Keys (all under `kubechat:`, names in [`wire`]):
-//! - `gateways`: sorted set, gateway id → lease expiry (ms). A gateway
-//!   renews its lease every [`RedisBrokerConfig::renew_every`]; one that stops
-//!   renewing (SIGKILL, partition) is dead once the lease runs out.
-//! - `sessions:{user}`: hash, `{gateway}|{device}` → connected-at (ms).
-//!   Written on transitions only (a device's session starts or ends here),
-//!   never per heartbeat. Entries of dead gateways are ignored, then reaped.
+//! Keys (names in [`wire`]). Whatever one script or pipeline touches shares
+//! a hash tag, so each runs on one node of a cluster:
+//! - `{control}`: what every gateway shares, in one slot: `gateways` (sorted
+//!   set, gateway id → lease expiry, ms; a gateway renews every
+//!   [`RedisBrokerConfig::renew_every`], one that stops is dead once its lease
+//!   runs out), `epoch` (when Redis' data began, see [`wire::EPOCH`]),
+//!   `registered` (gateway → the epoch its sessions were last registered
+//!   for), `gateway-load`, and `reaping:{gateway}` while a reaper works.
+//! - Per user, tagged with the user id: `sessions:{user}` (hash,
+//!   `{gateway}|{device}` → connected-at, ms; written on transitions only,
+//!   never per heartbeat; fields of dead gateways are ignored, then reaped)
+//!   and `seen:{user}` (last time a session started or ended, ms).
 //! - `gateway-sessions:{gateway}`: set of users with sessions there (for reaping).
-//! - `seen:{user}`: last time a session of the user started or ended (ms).
-//! - `epoch`: when Redis' data began (see [`wire::EPOCH`]).
-//! - `registered`: hash, gateway → the epoch its sessions were last
-//!   registered for (see [`wire::REGISTERED`]).
-//! - `worker-id:{n}`: the gateway holding id-generator worker id `n`.
-//! - Pub/sub channel `deliver:{gateway}`: `user1,user2,…\n{frame}`, each
-//!   gateway subscribed to its own. User ids never hold `,` or a newline, and
-//!   the frame travels as is (no second JSON encoding).
-//! - Pub/sub channel `groups-changed`: a group id whose members changed;
-//!   every gateway subscribes and drops its cached members of that group.
-//! - Pub/sub channel `resync`: users whose forwards may have been lost.
+//! - `worker-id:{n}`: the process holding id-generator worker id `n`.
 //!
-//! Losing Redis degrades, never corrupts: commands time out and fail (the
-//! chat layer still stores and acks), and [`upkeep`] brings the gateway back:
-//! subscription, lease, sessions, and a `resync` for everyone a forward may
-//! have missed (this gateway's connections, and the recipients of forwards
-//! this gateway failed to send).
+//! Channels are sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`): a message goes to
+//! the master of its channel's slot only, where classic `PUBLISH` on a
+//! cluster reaches every node. Each gateway listens on
+//! [`wire::DELIVERY_PARTITIONS`] channels `deliver:{partition}:{gateway}`,
+//! the partitions' tags spread evenly over the slots; a sender publishes on
+//! the partition its own id picks, so forwards from one gateway to another
+//! stay in order, and many senders spread over every master. A forward is
+//! `user1,user2,…\n{frame}` (user ids never hold `,` or a newline; the frame
+//! travels as is). `{control}:groups-changed` carries group ids whose
+//! members changed; `{control}:resync` users whose forwards may have been lost.
+//! [`upkeep`] holds one subscriber connection per master (see
+//! `subscribe_loop`) and follows failovers and slot moves.
+//!
+//! Losing Redis (or a shard of it) degrades, never corrupts: commands time
+//! out and fail (the chat layer still stores and acks), and [`upkeep`] brings
+//! the gateway back: subscriptions, lease, sessions, and a `resync` for
+//! everyone a forward may have missed (this gateway's connections, and the
+//! recipients of forwards this gateway failed to send).
 
 pub mod send_keys;
 mod upkeep;
@@ -36,15 +45,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use kubechat_redis::{Connection, Endpoint, SlotTags, query_by_slot};
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Broker, BrokerError, Frame, GatewayLoad, LocalDelivery, Routed};
 use crate::ids::now_ms;
-use wire::{GATEWAYS, ResyncScope, gateway_sessions_key, seen_key, sessions_key};
+use wire::{ResyncScope, field_gateway, gateway_sessions_key, seen_key, sessions_key};
 
 #[derive(Clone, Debug)]
 pub struct RedisBrokerConfig {
@@ -127,11 +136,22 @@ impl OwedResyncs {
     }
 }
 
+/// The shared state as [`wire::CONTROL_STATE_SCRIPT`] read it.
+struct ControlState {
+    epoch: i64,
+    live: HashSet<String>,
+    unregistered: i64,
+}
+
 pub struct RedisBroker {
     config: RedisBrokerConfig,
+    /// Where Redis is (and how to reach one of its nodes).
+    endpoint: Endpoint,
     /// Where Redis was looked for (no password), for error messages.
     address: String,
-    connection: ConnectionManager,
+    connection: Connection,
+    /// The delivery partitions' hash tags.
+    partitions: SlotTags,
     subscribed: AtomicBool,
     lease_ok: AtomicBool,
     /// The lease entry was written once (a later renewal that adds it again found it lost).
@@ -164,13 +184,13 @@ pub struct RedisBroker {
     load_changed: Notify,
     /// Every live gateway's load, read at most every second.
     loads: RwLock<(tokio::time::Instant, Vec<GatewayLoad>)>,
-    /// Live gateways, refreshed at most every second (for transitions and
-    /// reaping; routing reads leases and sessions atomically instead).
+    /// Live gateways, read at most every second (routing, transitions and
+    /// reaping; presence reads them afresh).
     alive: RwLock<(tokio::time::Instant, HashSet<String>)>,
-    live_sessions: redis::Script,
-    route_script: redis::Script,
-    reap_script: redis::Script,
-    gateway_sessions_script: redis::Script,
+    control_state: redis::Script,
+    begin_reap_script: redis::Script,
+    end_reap_script: redis::Script,
+    drop_sessions_script: redis::Script,
     renew_lease_script: redis::Script,
     renew_worker_script: redis::Script,
 }
@@ -179,25 +199,22 @@ impl RedisBroker {
     /// Connects and starts the lease, subscription, repair and reaper tasks
     /// on `tasks`; they stop with `shutdown`.
     pub async fn start(
-        client: redis::Client,
+        endpoint: Endpoint,
         config: RedisBrokerConfig,
         local: Arc<dyn LocalDelivery>,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BrokerError> {
-        let address = client.get_connection_info().addr().to_string();
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.command_timeout))
-            .set_connection_timeout(Some(config.command_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_with_config(client.clone(), manager_config)
-            .await
-            .map_err(|e| BrokerError(format!("connecting to Redis at {address}: {e}")))?;
+        let endpoint = endpoint.with_timeout(config.command_timeout);
+        let address = endpoint.describe();
+        let connection = endpoint.connect().await.map_err(|e| BrokerError(e.to_string()))?;
+        let partitions = wire::delivery_partitions();
         let broker = Arc::new(Self {
             config,
+            endpoint,
             address,
             connection,
+            partitions,
             subscribed: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
             lease_written: AtomicBool::new(false),
@@ -215,10 +232,10 @@ impl RedisBroker {
             load_changed: Notify::new(),
             loads: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), Vec::new())),
             alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), HashSet::new())),
-            live_sessions: redis::Script::new(wire::LIVE_SESSIONS_SCRIPT),
-            route_script: redis::Script::new(wire::ROUTE_SCRIPT),
-            reap_script: redis::Script::new(wire::REAP_SCRIPT),
-            gateway_sessions_script: redis::Script::new(wire::GATEWAY_SESSIONS_SCRIPT),
+            control_state: redis::Script::new(wire::CONTROL_STATE_SCRIPT),
+            begin_reap_script: redis::Script::new(wire::BEGIN_REAP_SCRIPT),
+            end_reap_script: redis::Script::new(wire::END_REAP_SCRIPT),
+            drop_sessions_script: redis::Script::new(wire::DROP_SESSIONS_SCRIPT),
             renew_lease_script: redis::Script::new(wire::RENEW_LEASE_SCRIPT),
             renew_worker_script: redis::Script::new(wire::RENEW_WORKER_SCRIPT),
         });
@@ -233,7 +250,7 @@ impl RedisBroker {
         }
         broker.renew_lease().await.map_err(|e| BrokerError(format!("{e} (Redis at {})", broker.address)))?;
         tasks.spawn(broker.clone().keep_lease(shutdown.clone()));
-        tasks.spawn(broker.clone().subscribe_loop(client, local.clone(), shutdown.clone()));
+        tasks.spawn(broker.clone().subscribe_loop(local.clone(), shutdown.clone()));
         tasks.spawn(broker.clone().repair_loop(local.clone(), shutdown.clone()));
         tasks.spawn(broker.clone().reap_loop(local, shutdown));
         // Forwards published before the subscription exists would be lost.
@@ -281,8 +298,18 @@ impl RedisBroker {
         self.repair.notify_one();
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Connection {
         self.connection.clone()
+    }
+
+    /// This gateway's delivery channels, one per partition.
+    fn delivery_channels(&self) -> Vec<String> {
+        self.partitions.iter().map(|tag| wire::deliver_channel(tag, &self.config.gateway_id)).collect()
+    }
+
+    /// The channel this gateway forwards to `gateway` on.
+    fn channel_to(&self, gateway: &str) -> String {
+        wire::forward_channel(&self.partitions, &self.config.gateway_id, gateway)
     }
 
     /// How long until presence is certain again after Redis lost its data
@@ -310,30 +337,46 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// For each user, the live gateways holding a session (one atomic
-    /// script); refreshes the epoch on the way. Fails while a live gateway
-    /// has not registered its sessions since Redis lost its data (up to
-    /// [`RedisBrokerConfig::registration_deadline`] after it): its users
-    /// would look offline.
-    async fn live_sessions_of(&self, users: &[String]) -> Result<Vec<Vec<String>>, BrokerError> {
-        let mut invocation = self.live_sessions.prepare_invoke();
-        invocation.key(wire::EPOCH).key(GATEWAYS).key(wire::REGISTERED);
-        for user in users {
-            invocation.key(sessions_key(user));
-        }
-        let now = now_ms();
-        let (epoch, gateways, unregistered): (i64, Vec<Vec<String>>, i64) =
-            invocation.arg(now).invoke_async(&mut self.conn()).await.map_err(unavailable("reading sessions"))?;
+    /// Reads the shared state in one step and refreshes the epoch and the
+    /// cache of live gateways from it.
+    async fn read_control(&self) -> Result<ControlState, BrokerError> {
+        let (epoch, live, unregistered): (i64, Vec<String>, i64) = self
+            .control_state
+            .key(wire::EPOCH)
+            .key(wire::GATEWAYS)
+            .key(wire::REGISTERED)
+            .arg(now_ms())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable("reading the gateways' leases"))?;
         self.epoch_ms.store(epoch, Ordering::Relaxed);
-        let deadline = i64::try_from(self.config.registration_deadline().as_millis()).unwrap_or(i64::MAX);
-        if unregistered > 0 && now < epoch.saturating_add(deadline) {
-            return Err(BrokerError(format!(
-                "Redis lost its data; {unregistered} gateway(s) still re-registering their sessions"
-            )));
-        }
-        Ok(gateways)
+        let live: HashSet<String> = live.into_iter().collect();
+        *self.alive.write().await = (tokio::time::Instant::now(), live.clone());
+        Ok(ControlState { epoch, live, unregistered })
     }
 
+    /// For each user, the live gateways holding a session. Fails while a
+    /// live gateway has not registered its sessions since Redis lost its
+    /// data (up to [`RedisBrokerConfig::registration_deadline`] after it):
+    /// its users would look offline.
+    async fn live_sessions_of(&self, users: &[String]) -> Result<Vec<Vec<String>>, BrokerError> {
+        let now = now_ms();
+        let control = self.read_control().await?;
+        let deadline = i64::try_from(self.config.registration_deadline().as_millis()).unwrap_or(i64::MAX);
+        if control.unregistered > 0 && now < control.epoch.saturating_add(deadline) {
+            return Err(BrokerError(format!(
+                "Redis lost its data; {} gateway(s) still re-registering their sessions",
+                control.unregistered
+            )));
+        }
+        let sessions = self.sessions_of(users).await?;
+        Ok(sessions
+            .iter()
+            .map(|fields| Self::live_gateways(fields, &control.live).into_iter().map(str::to_string).collect())
+            .collect())
+    }
+
+    /// Gateways whose lease has not run out, as read within the last second.
     async fn alive_gateways(&self) -> Result<HashSet<String>, BrokerError> {
         {
             let cached = self.alive.read().await;
@@ -341,56 +384,123 @@ impl RedisBroker {
                 return Ok(cached.1.clone());
             }
         }
-        let alive: Vec<String> =
-            self.conn().zrangebyscore(GATEWAYS, now_ms(), "+inf").await.map_err(unavailable("listing gateways"))?;
-        let alive: HashSet<String> = alive.into_iter().collect();
-        *self.alive.write().await = (tokio::time::Instant::now(), alive.clone());
+        Ok(self.read_control().await?.live)
+    }
+
+    /// As [`Self::alive_gateways`], read afresh when a session names a
+    /// gateway the cache does not know: one that started within the second
+    /// must not have its users taken for offline.
+    async fn alive_including<'a>(
+        &self,
+        named: impl IntoIterator<Item = &'a str>,
+    ) -> Result<HashSet<String>, BrokerError> {
+        let alive = self.alive_gateways().await?;
+        let fresh = self.alive.read().await.0.elapsed() < Duration::from_millis(50);
+        if !fresh && named.into_iter().any(|g| !alive.contains(g)) {
+            return Ok(self.read_control().await?.live);
+        }
         Ok(alive)
     }
 
-    /// Session fields of each user, in one round trip.
+    /// Session fields of each user (one pipeline per slot, concurrently).
     async fn sessions_of(&self, users: &[String]) -> Result<Vec<Vec<String>>, BrokerError> {
-        let mut pipe = redis::pipe();
-        for user in users {
-            pipe.hkeys(sessions_key(user));
-        }
-        pipe.query_async(&mut self.conn()).await.map_err(unavailable("reading sessions"))
+        let commands = users.iter().map(|u| (sessions_key(u), redis::cmd("HKEYS").arg(sessions_key(u)).clone()));
+        let replies =
+            query_by_slot(&self.connection, commands.collect()).await.map_err(unavailable("reading sessions"))?;
+        replies
+            .into_iter()
+            .map(|reply| redis::from_redis_value(reply).map_err(|e| BrokerError(format!("reading sessions: {e}"))))
+            .collect()
     }
 
     /// Gateways (alive) holding a session of the user, from its fields.
     fn live_gateways<'a>(fields: &'a [String], alive: &HashSet<String>) -> HashSet<&'a str> {
-        fields.iter().filter_map(|f| f.split_once('|').map(|(g, _)| g)).filter(|g| alive.contains(*g)).collect()
+        fields.iter().filter_map(|f| field_gateway(f)).filter(|g| alive.contains(*g)).collect()
+    }
+
+    /// Publishes `payload` on a sharded channel; returns how many listened.
+    async fn spublish(&self, channel: &str, payload: &str) -> redis::RedisResult<i64> {
+        redis::cmd("SPUBLISH").arg(channel).arg(payload).query_async(&mut self.conn()).await
+    }
+
+    /// Adds or removes this gateway's session of `user` (its slot) and keeps
+    /// the gateway's user set in step (its own slot); returns the user's
+    /// session fields as they were before.
+    async fn write_session(&self, user: &str, device: &str, added: bool) -> Result<Vec<String>, BrokerError> {
+        let field = format!("{}|{device}", self.config.gateway_id);
+        let now = now_ms();
+        let mut in_user_slot = redis::pipe();
+        in_user_slot.hkeys(sessions_key(user));
+        if added {
+            in_user_slot.hset(sessions_key(user), &field, now).ignore();
+        } else {
+            in_user_slot.hdel(sessions_key(user), &field).ignore();
+        }
+        in_user_slot.set(seen_key(user), now).ignore();
+        let set = gateway_sessions_key(&self.config.gateway_id);
+        let (mut user_conn, mut set_conn) = (self.conn(), self.conn());
+        let written = if added {
+            // The gateway's set gains the user whatever the fields were: both at once.
+            let (fields, listed) = futures::join!(
+                in_user_slot.query_async::<(Vec<String>,)>(&mut user_conn),
+                set_conn.sadd::<_, _, ()>(&set, user)
+            );
+            listed.and(fields)
+        } else {
+            in_user_slot.query_async::<(Vec<String>,)>(&mut user_conn).await
+        };
+        let (fields,) = written.map_err(|e| self.dirty(unavailable("writing a session")(e)))?;
+        if !added {
+            let mine = format!("{}|", self.config.gateway_id);
+            let still_here = fields.iter().any(|f| f.starts_with(&mine) && *f != field);
+            let listed: redis::RedisResult<()> =
+                if still_here { set_conn.sadd(&set, user).await } else { set_conn.srem(&set, user).await };
+            listed.map_err(|e| self.dirty(unavailable("writing a session")(e)))?;
+        }
+        Ok(fields)
     }
 }
 
 #[async_trait]
 impl Broker for RedisBroker {
-    /// One round trip: the route script looks the sessions up and publishes
-    /// one forward per other gateway holding a recipient.
+    /// Looks the recipients' sessions up (one pipeline per slot), then
+    /// publishes one forward per other gateway holding a recipient.
     async fn route(&self, users: &[String], frame: &Frame) -> Result<Routed, BrokerError> {
         let result = async {
             self.check_reachable()?;
-            let mut invocation = self.route_script.prepare_invoke();
-            invocation.key(wire::EPOCH).key(GATEWAYS);
-            for user in users {
-                invocation.key(sessions_key(user));
+            let sessions = self.sessions_of(users).await?;
+            let alive = self.alive_including(sessions.iter().flatten().filter_map(|f| field_gateway(f))).await?;
+            let mut offline = HashSet::new();
+            let mut by_gateway: HashMap<&str, Vec<String>> = HashMap::new();
+            for (user, fields) in users.iter().zip(&sessions) {
+                let live = Self::live_gateways(fields, &alive);
+                if live.is_empty() {
+                    offline.insert(user.clone());
+                }
+                for gateway in live.into_iter().filter(|g| *g != self.config.gateway_id) {
+                    by_gateway.entry(gateway).or_default().push(user.clone());
+                }
             }
-            invocation.arg(now_ms()).arg(&self.config.gateway_id).arg(frame.as_str()).arg(wire::DELIVER_PREFIX);
-            for user in users {
-                invocation.arg(user);
+            let forwards = by_gateway.iter().map(|(gateway, recipients)| async move {
+                let payload = wire::encode_forward(recipients, frame);
+                (recipients, self.spublish(&self.channel_to(gateway), &payload).await)
+            });
+            let mut failed = None;
+            for (recipients, published) in futures::future::join_all(forwards).await {
+                match published {
+                    // Their gateway is reconnecting to Redis: they resync once it is back.
+                    Ok(0) => self.owe_resync(recipients),
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.owe_resync(recipients);
+                        failed = Some(unavailable("forwarding")(e));
+                    }
+                }
             }
-            let (epoch, offline, unheard): (i64, Vec<usize>, Vec<usize>) =
-                invocation.invoke_async(&mut self.conn()).await.map_err(unavailable("routing"))?;
-            self.epoch_ms.store(epoch, Ordering::Relaxed);
-            let named = |indices: Vec<usize>| -> Vec<String> {
-                indices.into_iter().filter_map(|i| users.get(i.wrapping_sub(1)).cloned()).collect()
-            };
-            let unheard = named(unheard);
-            if !unheard.is_empty() {
-                // Their gateway is reconnecting to Redis: they resync once it is back.
-                self.owe_resync(&unheard);
+            if let Some(error) = failed {
+                return Err(error);
             }
-            Ok(Routed { offline: named(offline).into_iter().collect(), unsettled_for: self.unsettled_for() })
+            Ok(Routed { offline, unsettled_for: self.unsettled_for() })
         }
         .await;
         if result.is_err() {
@@ -401,46 +511,20 @@ impl Broker for RedisBroker {
 
     async fn session_added(&self, user: &str, device: &str) -> Result<bool, BrokerError> {
         self.check_reachable().map_err(|e| self.dirty(e))?;
+        let fields = self.write_session(user, device, true).await?;
         let field = format!("{}|{device}", self.config.gateway_id);
-        let now = now_ms();
-        let (fields,): (Vec<String>,) = redis::pipe()
-            .hkeys(sessions_key(user))
-            .hset(sessions_key(user), &field, now)
-            .ignore()
-            .sadd(gateway_sessions_key(&self.config.gateway_id), user)
-            .ignore()
-            .set(seen_key(user), now)
-            .ignore()
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.dirty(unavailable("registering a session")(e)))?;
-        let alive = self.alive_gateways().await?;
         let others: Vec<String> = fields.into_iter().filter(|f| *f != field).collect();
+        let alive = self.alive_including(others.iter().filter_map(|f| field_gateway(f))).await?;
         Ok(Self::live_gateways(&others, &alive).is_empty())
     }
 
     async fn session_removed(&self, user: &str, device: &str) -> Result<bool, BrokerError> {
         self.check_reachable().map_err(|e| self.dirty(e))?;
+        let fields = self.write_session(user, device, false).await?;
         let field = format!("{}|{device}", self.config.gateway_id);
-        let (fields,): (Vec<String>,) = redis::pipe()
-            .hdel(sessions_key(user), &field)
-            .ignore()
-            .hkeys(sessions_key(user))
-            .set(seen_key(user), now_ms())
-            .ignore()
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.dirty(unavailable("removing a session")(e)))?;
-        let prefix = format!("{}|", self.config.gateway_id);
-        if !fields.iter().any(|f| f.starts_with(&prefix)) {
-            let _: () = self
-                .conn()
-                .srem(gateway_sessions_key(&self.config.gateway_id), user)
-                .await
-                .map_err(|e| self.dirty(unavailable("removing a session")(e)))?;
-        }
+        let left: Vec<String> = fields.into_iter().filter(|f| *f != field).collect();
         let alive = self.alive_gateways().await?;
-        Ok(Self::live_gateways(&fields, &alive).is_empty())
+        Ok(Self::live_gateways(&left, &alive).is_empty())
     }
 
     async fn online(&self, users: &[String]) -> Result<HashSet<String>, BrokerError> {
@@ -455,22 +539,18 @@ impl Broker for RedisBroker {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = users.iter().map(|u| seen_key(u)).collect();
-        let values: Vec<Option<i64>> = redis::cmd("MGET")
-            .arg(keys)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable("reading last seen"))?;
-        Ok(values)
+        let commands = users.iter().map(|u| (seen_key(u), redis::cmd("GET").arg(seen_key(u)).clone()));
+        let replies =
+            query_by_slot(&self.connection, commands.collect()).await.map_err(unavailable("reading last seen"))?;
+        replies
+            .into_iter()
+            .map(|reply| redis::from_redis_value(reply).map_err(|e| BrokerError(format!("reading last seen: {e}"))))
+            .collect()
     }
 
     async fn group_changed(&self, group: &str) -> Result<(), BrokerError> {
         self.check_reachable()?;
-        let _: () = self
-            .conn()
-            .publish(wire::GROUPS_CHANGED, group)
-            .await
-            .map_err(unavailable("announcing a membership change"))?;
+        self.spublish(wire::GROUPS_CHANGED, group).await.map_err(unavailable("announcing a membership change"))?;
         Ok(())
     }
 

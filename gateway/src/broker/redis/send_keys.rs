@@ -9,9 +9,11 @@
 //!   Redis never did (a new cluster: 0). For one retry window after it, a
 //!   reservation is uncertain and the store looks for earlier attempts.
 //!
-//! A reservation is one pipeline of plain commands, no script: `SET … NX
-//! GET PX` (the record held, if any), then `GET` of the two markers. The
-//! order matters: a wipe between the two can only make the answer
+//! A reservation is plain commands, no script: `SET … NX GET PX` (the
+//! record held, if any), then `GET` of the two markers, written in that
+//! order (on one server one connection keeps it; on a Redis Cluster the key
+//! and the markers live on different shards, each shard's loss its own).
+//! The order matters: a wipe between the two can only make the answer
 //! uncertain (the markers are gone), never certain by mistake.
 //!
 //! Completions (the record marked done) are not on the ack's path: they are
@@ -28,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
+use kubechat_redis::Connection;
 use tokio::sync::Notify;
 
 use crate::ids::now_ms;
@@ -61,13 +63,15 @@ impl SendKeyNames {
         format!("{}send:{{{sender}}}:{key}", self.prefix)
     }
 
+    /// In the broker's `{control}` slot, beside the epoch: both are read
+    /// in one step.
     pub fn since(&self) -> String {
-        format!("{}send-keys-since", self.prefix)
+        format!("{}{{control}}:send-keys-since", self.prefix)
     }
 
     /// The broker's [`super::wire::EPOCH`] under the same prefix.
     pub fn epoch(&self) -> String {
-        format!("{}epoch", self.prefix)
+        format!("{}{{control}}:epoch", self.prefix)
     }
 }
 
@@ -101,7 +105,7 @@ impl Queued {
 }
 
 pub struct RedisSendKeys {
-    connection: ConnectionManager,
+    connection: Connection,
     names: SendKeyNames,
     window: Duration,
     queued: Mutex<Queued>,
@@ -114,9 +118,9 @@ impl RedisSendKeys {
     /// Reservations on `connection` that last `window` (the documented
     /// retry window); a background task writes completions and the backlog
     /// until the keys are dropped.
-    pub fn start(connection: ConnectionManager, names: SendKeyNames, window: Duration) -> Arc<Self> {
+    pub fn start(connection: impl Into<Connection>, names: SendKeyNames, window: Duration) -> Arc<Self> {
         let keys = Arc::new(Self {
-            connection,
+            connection: connection.into(),
             names,
             window,
             queued: Mutex::default(),
@@ -156,17 +160,19 @@ impl RedisSendKeys {
         if completions.is_empty() && backlog.is_empty() && !overflowed {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        // One pipeline per slot (a cluster refuses them across slots).
+        let mut commands = Vec::with_capacity(completions.len() + backlog.len() + 1);
         for (key, value) in &completions {
-            pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(self.window_ms()).ignore();
+            commands.push((key.clone(), redis::cmd("SET").arg(key).arg(value).arg("PX").arg(self.window_ms()).clone()));
         }
         for (key, value) in &backlog {
-            pipe.cmd("SET").arg(key).arg(value).arg("NX").arg("PX").arg(self.window_ms()).ignore();
+            let set = redis::cmd("SET").arg(key).arg(value).arg("NX").arg("PX").arg(self.window_ms()).clone();
+            commands.push((key.clone(), set));
         }
         if overflowed {
-            pipe.cmd("SET").arg(self.names.since()).arg(now_ms()).ignore();
+            commands.push((self.names.since(), redis::cmd("SET").arg(self.names.since()).arg(now_ms()).clone()));
         }
-        match pipe.query_async::<()>(&mut self.connection.clone()).await {
+        match kubechat_redis::query_by_slot(&self.connection, commands).await.map(drop) {
             Ok(()) => {
                 if !backlog.is_empty() || overflowed {
                     tracing::info!(
@@ -190,20 +196,16 @@ impl RedisSendKeys {
 
     /// Reserves with plain commands (module docs).
     async fn try_reserve(&self, key: &str, candidate: &SendRecord) -> Result<Reservation, redis::RedisError> {
-        let (held, since, epoch): (Option<String>, Option<i64>, Option<String>) = redis::pipe()
-            .cmd("SET")
-            .arg(key)
-            .arg(candidate.encode())
-            .arg("NX")
-            .arg("GET")
-            .arg("PX")
-            .arg(self.window_ms())
-            .cmd("GET")
-            .arg(self.names.since())
-            .cmd("GET")
-            .arg(self.names.epoch())
-            .query_async(&mut self.connection.clone())
-            .await?;
+        let (mut key_conn, mut marker_conn) = (self.connection.clone(), self.connection.clone());
+        let mut set = redis::cmd("SET");
+        set.arg(key).arg(candidate.encode()).arg("NX").arg("GET").arg("PX").arg(self.window_ms());
+        let mut get = redis::pipe();
+        get.cmd("GET").arg(self.names.since()).cmd("GET").arg(self.names.epoch());
+        let reserve = set.query_async::<Option<String>>(&mut key_conn);
+        let markers = get.query_async::<(Option<i64>, Option<String>)>(&mut marker_conn);
+        // Polled in this order: the SET is written first.
+        let (held, markers) = futures::join!(reserve, markers);
+        let (held, (since, epoch)) = (held?, markers?);
         if let Some(held) = held {
             return Ok(match SendRecord::decode(&held) {
                 Some(record) => Reservation::Existing(record),
@@ -303,7 +305,7 @@ mod tests {
     fn a_users_keys_share_a_hash_tag() {
         let names = SendKeyNames::default();
         assert_eq!(names.send("alice", "k:1"), "kubechat:send:{alice}:k:1");
-        assert_eq!(names.since(), "kubechat:send-keys-since");
+        assert_eq!(names.since(), "kubechat:{control}:send-keys-since");
         assert_eq!(names.epoch(), super::super::wire::EPOCH);
     }
 

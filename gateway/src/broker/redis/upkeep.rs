@@ -16,13 +16,15 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::StreamExt;
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
+use kubechat_redis::{Shard, query_by_slot, slot};
+use redis::{PushKind, Value};
+
 use super::wire::{
-    self, EPOCH, GATEWAYS, GROUPS_CHANGED, REGISTERED, RESYNC, ResyncScope, WorkerClaim, deliver_channel,
-    gateway_sessions_key, seen_key, sessions_key, worker_key,
+    self, EPOCH, GATEWAYS, GROUPS_CHANGED, REGISTERED, RESYNC, ResyncScope, WorkerClaim, gateway_sessions_key,
+    reaping_key, seen_key, sessions_key, worker_key,
 };
 use super::{RedisBroker, unavailable};
 use crate::broker::{BrokerError, LocalDelivery};
@@ -39,8 +41,11 @@ fn retry_delays() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Users a reaper takes per atomic step (bounds how long Redis is busy with one).
+/// Users a reaper takes per step.
 const REAP_CHUNK: usize = 500;
+
+/// How long a reaper's marker lasts if the reaper dies midway (ms).
+const REAP_MARKER_MS: i64 = 30_000;
 
 /// How long a worker-id key outlives its claim: a successor reads its
 /// predecessor's `until` from it.
@@ -251,33 +256,78 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// Subscribes to this gateway's channel, membership changes and resync
-    /// notices; on any failure retries (see [`retry_delays`]). A subscription
-    /// that returns means forwards may have been lost: the repair task
+    /// The channels this gateway listens on (its delivery partitions,
+    /// membership changes and resync notices), grouped by the master that
+    /// serves their slot: one subscriber connection per master.
+    fn subscriptions_by_master(&self, shards: &[Shard]) -> Vec<(String, Vec<String>)> {
+        let mut channels = self.delivery_channels();
+        channels.push(GROUPS_CHANGED.to_string());
+        channels.push(RESYNC.to_string());
+        let mut by_master: Vec<(String, Vec<String>)> =
+            shards.iter().map(|s| (s.address.clone(), Vec::new())).collect();
+        for channel in channels {
+            let slot = slot(channel.as_bytes());
+            if let Some(i) = shards.iter().position(|s| s.owns(slot)) {
+                by_master[i].1.push(channel);
+            }
+        }
+        by_master.retain(|(_, channels)| !channels.is_empty());
+        by_master
+    }
+
+    /// Opens one RESP3 connection per master that serves one of this
+    /// gateway's channels and subscribes there (`SSUBSCRIBE`). Fails unless
+    /// every channel is subscribed: a partition nobody listens on loses forwards.
+    async fn subscribe_all(
+        &self,
+        shards: &[Shard],
+        pushes: &tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> Result<Vec<redis::aio::MultiplexedConnection>, String> {
+        let by_master = self.subscriptions_by_master(shards);
+        let covered: usize = by_master.iter().map(|(_, channels)| channels.len()).sum();
+        if covered < self.delivery_channels().len() + 2 {
+            return Err("some slots have no master (a failover under way)".into());
+        }
+        let mut held = Vec::with_capacity(by_master.len());
+        for (master, channels) in by_master {
+            let mut node = self.endpoint.node_connection(&master, pushes.clone()).await.map_err(|e| e.to_string())?;
+            // One command per channel: the channels of one `SSUBSCRIBE` must share a slot.
+            let mut subscribe = redis::pipe();
+            for channel in &channels {
+                subscribe.cmd("SSUBSCRIBE").arg(channel).ignore();
+            }
+            let _: () = subscribe.query_async(&mut node).await.map_err(|e| {
+                format!("SSUBSCRIBE at {}: {e}", if master.is_empty() { &self.address } else { &master })
+            })?;
+            held.push(node);
+        }
+        Ok(held)
+    }
+
+    /// Subscribes to this gateway's channels and keeps them: on a failure
+    /// retries (see [`retry_delays`]); on a dropped node connection, a slot
+    /// the server moved (it unsubscribes its listeners), or a changed
+    /// topology (read every renewal) subscribes afresh. A subscription that
+    /// was interrupted means forwards may have been lost: the repair task
     /// re-registers sessions, then asks every connection to resync.
-    pub(super) async fn subscribe_loop(
-        self: Arc<Self>,
-        client: redis::Client,
-        local: Arc<dyn LocalDelivery>,
-        shutdown: CancellationToken,
-    ) {
-        let channel = deliver_channel(&self.config.gateway_id);
+    pub(super) async fn subscribe_loop(self: Arc<Self>, local: Arc<dyn LocalDelivery>, shutdown: CancellationToken) {
         let mut delays = retry_delays();
         let mut first = true;
         let mut failures = 0_u32;
         while !shutdown.is_cancelled() {
-            let subscribed = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&[channel.as_str(), GROUPS_CHANGED, RESYNC]).await?;
-                Ok::<_, redis::RedisError>(pubsub)
+            let (pushes, mut received) = tokio::sync::mpsc::unbounded_channel();
+            let attempt = async {
+                let shards = self.conn().shards().await.map_err(|e| format!("reading the cluster's slots: {e}"))?;
+                let held = self.subscribe_all(&shards, &pushes).await?;
+                Ok::<_, String>((shards, held))
             };
-            let pubsub = match tokio::time::timeout(self.config.command_timeout, subscribed).await {
-                Ok(Ok(pubsub)) => pubsub,
+            let (shards, held) = match tokio::time::timeout(self.config.command_timeout * 2, attempt).await {
+                Ok(Ok(subscribed)) => subscribed,
                 failed => {
                     self.subscribed.store(false, Ordering::Relaxed);
                     let error = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => format!("no answer within {:?}", self.config.command_timeout),
+                        Ok(Err(e)) => e,
+                        _ => format!("no answer within {:?}", self.config.command_timeout * 2),
                     };
                     let delay = delays.next().unwrap_or(Duration::from_secs(1));
                     failures += 1;
@@ -295,29 +345,69 @@ impl RedisBroker {
             delays = retry_delays();
             self.subscribed.store(true, Ordering::Relaxed);
             if !first {
-                tracing::info!(failures, "Redis subscription restored");
+                tracing::info!(failures, masters = held.len(), "Redis subscription restored");
                 self.mark_sessions_lost(true);
             }
             first = false;
             failures = 0;
-            let mut messages = pubsub.into_on_message();
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    message = messages.next() => match message {
-                        Some(message) => self.on_message(&message, local.as_ref()),
-                        None => break,
-                    },
-                }
+            let why = self.listen(&mut received, &shards, local.as_ref(), &shutdown).await;
+            drop(held);
+            if shutdown.is_cancelled() {
+                return;
             }
             self.subscribed.store(false, Ordering::Relaxed);
-            tracing::warn!(redis = %self.address, "Redis subscription lost");
+            tracing::warn!(redis = %self.address, why, "Redis subscription lost; subscribing again");
         }
     }
 
-    fn on_message(&self, message: &redis::Msg, local: &dyn LocalDelivery) {
-        let Ok(payload) = message.get_payload::<String>() else { return };
-        match message.get_channel_name() {
+    /// Delivers what the subscriptions receive until one of them is lost
+    /// (or shutdown); returns why.
+    async fn listen(
+        &self,
+        received: &mut tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+        shards: &[Shard],
+        local: &dyn LocalDelivery,
+        shutdown: &CancellationToken,
+    ) -> &'static str {
+        let mut topology_check = tokio::time::interval(self.config.renew_every());
+        topology_check.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return "shutdown",
+                push = received.recv() => match push {
+                    Some(push) => match push.kind {
+                        PushKind::SMessage | PushKind::Message => self.on_push(&push.data, local),
+                        PushKind::Disconnection => return "a node connection dropped",
+                        // Never asked for: the server moved the channel's slot.
+                        PushKind::SUnsubscribe | PushKind::Unsubscribe => return "a slot moved",
+                        _ => {}
+                    },
+                    None => return "every node connection closed",
+                },
+                _ = topology_check.tick() => {
+                    if let Ok(now) = self.conn().shards().await
+                        && self.subscriptions_by_master(&now) != self.subscriptions_by_master(shards)
+                    {
+                        return "the cluster's slots moved";
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_push(&self, data: &[Value], local: &dyn LocalDelivery) {
+        let (Some(channel), Some(payload)) = (data.first(), data.get(1)) else { return };
+        let (Ok(channel), Ok(payload)) =
+            (redis::from_redis_value_ref::<String>(channel), redis::from_redis_value_ref::<String>(payload))
+        else {
+            tracing::warn!("unreadable sharded pub/sub message ignored");
+            return;
+        };
+        self.on_message(&channel, payload, local);
+    }
+
+    fn on_message(&self, channel: &str, payload: String, local: &dyn LocalDelivery) {
+        match channel {
             GROUPS_CHANGED => local.group_changed(&payload),
             RESYNC => match wire::decode_resync(&payload) {
                 // This gateway delivered those messages to its own connections.
@@ -383,7 +473,7 @@ impl RedisBroker {
         let owed = self.owed.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(scope) = owed {
             let notice = wire::encode_resync(&self.config.gateway_id, &scope);
-            let published: Result<(), _> = self.conn().publish(RESYNC, notice).await;
+            let published = self.spublish(RESYNC, &notice).await;
             if let Err(e) = published {
                 self.owed.lock().unwrap_or_else(|p| p.into_inner()).restore(scope);
                 return Err(unavailable("publishing a resync notice")(e));
@@ -426,6 +516,16 @@ impl RedisBroker {
         local: &dyn LocalDelivery,
         sessions_here: &HashSet<(String, String)>,
     ) -> Result<Vec<String>, BrokerError> {
+        // A reaper that took this gateway for dead may still be removing its
+        // sessions: registering them before it is done would lose them.
+        let reaped: bool = self
+            .conn()
+            .exists(reaping_key(&self.config.gateway_id))
+            .await
+            .map_err(unavailable("checking for a reaper"))?;
+        if reaped {
+            return Err(BrokerError("a reaper is removing this gateway's earlier sessions; waiting for it".into()));
+        }
         self.renew_lease().await?;
         // The epoch these sessions are registered for (a later loss moves it).
         let epoch = self.epoch_ms.load(Ordering::Relaxed);
@@ -434,11 +534,9 @@ impl RedisBroker {
         for (user, device) in sessions_here {
             devices_here.entry(user.clone()).or_default().insert(device.clone());
         }
-        let mut users: HashSet<String> = self
-            .conn()
-            .smembers(gateway_sessions_key(&self.config.gateway_id))
-            .await
-            .map_err(unavailable("reading this gateway's sessions"))?;
+        let users_key = gateway_sessions_key(&self.config.gateway_id);
+        let mut users: HashSet<String> =
+            self.conn().smembers(&users_key).await.map_err(unavailable("reading this gateway's sessions"))?;
         users.extend(devices_here.keys().cloned());
         let users: Vec<String> = users.into_iter().collect();
         let alive = self.alive_gateways().await?;
@@ -446,40 +544,42 @@ impl RedisBroker {
         let mut readded = Vec::new();
         for chunk in users.chunks(500) {
             let sessions = self.sessions_of(chunk).await?;
-            let mut pipe = redis::pipe();
+            // (key naming the slot, command): a cluster runs one pipeline per slot.
+            let mut commands: Vec<(String, redis::Cmd)> = Vec::new();
             let mut gone = Vec::new();
             for (user, fields) in chunk.iter().zip(&sessions) {
+                let key = sessions_key(user);
                 let here = devices_here.get(user);
                 let is_here = |device: &str| here.is_some_and(|devices| devices.contains(device));
                 let (stale, left): (Vec<&String>, Vec<&String>) =
                     fields.iter().partition(|f| f.strip_prefix(&mine).is_some_and(|device| !is_here(device)));
                 if !stale.is_empty() {
-                    pipe.hdel(sessions_key(user), stale).ignore();
+                    commands.push((key.clone(), redis::cmd("HDEL").arg(&key).arg(stale).clone()));
                 }
                 let mut missing = false;
                 for device in here.into_iter().flatten() {
                     let field = format!("{mine}{device}");
                     missing |= !fields.contains(&field);
-                    pipe.hset(sessions_key(user), field, now).ignore();
+                    commands.push((key.clone(), redis::cmd("HSET").arg(&key).arg(field).arg(now).clone()));
                 }
                 if missing {
                     readded.push(user.clone());
                 }
                 if here.is_some() {
-                    pipe.sadd(gateway_sessions_key(&self.config.gateway_id), user).ignore();
+                    commands.push((users_key.clone(), redis::cmd("SADD").arg(&users_key).arg(user).clone()));
                     // A Redis that lost its data lost when users were last
                     // seen; for the ones connected here it is now.
-                    pipe.cmd("SET").arg(seen_key(user)).arg(now).arg("NX").ignore();
+                    commands.push((key.clone(), redis::cmd("SET").arg(seen_key(user)).arg(now).arg("NX").clone()));
                 } else {
-                    pipe.srem(gateway_sessions_key(&self.config.gateway_id), user).ignore();
+                    commands.push((users_key.clone(), redis::cmd("SREM").arg(&users_key).arg(user).clone()));
                     let left: Vec<String> = left.into_iter().cloned().collect();
                     if fields.len() != left.len() && Self::live_gateways(&left, &alive).is_empty() {
-                        pipe.set(seen_key(user), now).ignore();
+                        commands.push((key.clone(), redis::cmd("SET").arg(seen_key(user)).arg(now).clone()));
                         gone.push(user.clone());
                     }
                 }
             }
-            let _: () = pipe.query_async(&mut self.conn()).await.map_err(unavailable("re-registering sessions"))?;
+            query_by_slot(&self.connection, commands).await.map_err(unavailable("re-registering sessions"))?;
             gone.into_iter().for_each(|user| local.remote_user_offline(user));
         }
         // Last: other gateways take this gateway's users as known once it is written.
@@ -504,42 +604,43 @@ impl RedisBroker {
         }
     }
 
-    /// Reaps every dead gateway (one whose lease ran out) in chunks of
-    /// [`REAP_CHUNK`] users per atomic step: each step first checks that the
-    /// gateway is still dead, so one that comes back is never reaped, and
-    /// any number of gateways may reap at once without announcing a user
-    /// offline twice (the users a step takes are gone for the next).
+    /// Reaps every dead gateway (one whose lease ran out), one reaper per
+    /// gateway at a time ([`wire::BEGIN_REAP_SCRIPT`]: checked with the
+    /// lease in one step, so one that comes back first is never reaped, and
+    /// one that comes back during it waits before registering again). Users
+    /// are taken from the gateway's set in chunks of [`REAP_CHUNK`] (`SPOP`:
+    /// a user is announced offline once), each user's sessions changed in
+    /// one step in its own slot.
     async fn reap_once(&self, local: &dyn LocalDelivery) -> Result<(), BrokerError> {
         let mut conn = self.conn();
         let dead: Vec<String> =
             conn.zrangebyscore(GATEWAYS, "-inf", now_ms()).await.map_err(unavailable("listing dead gateways"))?;
         for gateway in dead.into_iter().filter(|g| *g != self.config.gateway_id) {
-            let mut offline = 0;
-            loop {
-                let step: Vec<redis::Value> = self
-                    .reap_script
-                    .key(GATEWAYS)
-                    .key(wire::GATEWAY_LOADS)
-                    .key(gateway_sessions_key(&gateway))
-                    .arg(&gateway)
-                    .arg(now_ms())
-                    .arg(wire::SESSIONS_PREFIX)
-                    .arg(wire::SEEN_PREFIX)
-                    .arg(REAP_CHUNK)
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(unavailable("reaping a dead gateway"))?;
-                let done = matches!(step.first(), Some(redis::Value::Int(1)));
-                for user in step.iter().skip(1) {
-                    if let Ok(user) = redis::from_redis_value::<String>(user.clone()) {
-                        offline += 1;
-                        local.remote_user_offline(user);
-                    }
-                }
-                if done {
-                    break;
-                }
+            let marker = reaping_key(&gateway);
+            let taken: i64 = self
+                .begin_reap_script
+                .key(GATEWAYS)
+                .key(&marker)
+                .arg(&gateway)
+                .arg(now_ms())
+                .arg(REAP_MARKER_MS)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable("reaping a dead gateway"))?;
+            if taken != 1 {
+                continue;
             }
+            let offline = self.reap_sessions(&gateway, local).await?;
+            let _: i64 = self
+                .end_reap_script
+                .key(GATEWAYS)
+                .key(wire::GATEWAY_LOADS)
+                .key(&marker)
+                .arg(&gateway)
+                .arg(now_ms())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable("reaping a dead gateway"))?;
             if offline > 0 {
                 tracing::info!(%gateway, offline, "reaped a dead gateway's sessions");
             }
@@ -547,17 +648,54 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// Ends every session `gateway` left; returns how many users went offline.
+    async fn reap_sessions(&self, gateway: &str, local: &dyn LocalDelivery) -> Result<usize, BrokerError> {
+        let mut offline = 0;
+        loop {
+            let users: Vec<String> = redis::cmd("SPOP")
+                .arg(gateway_sessions_key(gateway))
+                .arg(REAP_CHUNK)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable("reaping a dead gateway"))?;
+            if users.is_empty() {
+                return Ok(offline);
+            }
+            let alive: Vec<String> = self.read_control().await?.live.into_iter().collect();
+            let drops = users.iter().map(|user| {
+                let mut invocation = self.drop_sessions_script.key(sessions_key(user));
+                invocation.key(seen_key(user)).arg(gateway).arg(now_ms()).arg(&alive);
+                let mut conn = self.conn();
+                async move { (user, invocation.invoke_async::<i64>(&mut conn).await) }
+            });
+            for (user, dropped) in futures::future::join_all(drops).await {
+                if dropped.map_err(unavailable("reaping a dead gateway"))? == 1 {
+                    offline += 1;
+                    local.remote_user_offline(user.clone());
+                }
+            }
+        }
+    }
+
     /// Sessions an earlier process of this gateway id left registered
-    /// (a crash or fast restart under the same pod name), in one step.
+    /// (a crash or fast restart under the same pod name).
     pub(super) async fn inherited_sessions(&self) -> Result<Vec<(String, String)>, BrokerError> {
-        let flat: Vec<String> = self
-            .gateway_sessions_script
-            .key(gateway_sessions_key(&self.config.gateway_id))
-            .arg(&self.config.gateway_id)
-            .arg(wire::SESSIONS_PREFIX)
-            .invoke_async(&mut self.conn())
+        let users: Vec<String> = self
+            .conn()
+            .smembers(gateway_sessions_key(&self.config.gateway_id))
             .await
             .map_err(unavailable("reading this gateway's earlier sessions"))?;
-        Ok(flat.chunks_exact(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect())
+        let mine = format!("{}|", self.config.gateway_id);
+        let mut inherited = Vec::new();
+        for chunk in users.chunks(500) {
+            for (user, fields) in chunk.iter().zip(self.sessions_of(chunk).await?) {
+                for field in fields {
+                    if let Some(device) = field.strip_prefix(&mine) {
+                        inherited.push((user.clone(), device.to_string()));
+                    }
+                }
+            }
+        }
+        Ok(inherited)
     }
 }

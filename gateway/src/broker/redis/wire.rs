@@ -3,38 +3,81 @@
 
 use super::super::Frame;
 
-pub const GATEWAYS: &str = "kubechat:gateways";
+/// The hash tag of the keys and channels every gateway shares (leases,
+/// the epoch, loads, membership and resync notices): one slot, so that the
+/// scripts that touch several of them run on one node of a Redis Cluster.
+macro_rules! control {
+    ($name:literal) => {
+        concat!("kubechat:{control}:", $name)
+    };
+}
+
+/// Sorted set: gateway id → lease expiry (ms).
+pub const GATEWAYS: &str = control!("gateways");
 /// When Redis last lost data that live gateways had written (ms; 0 when it
 /// never did). Set by the first gateway to notice (its own lease gone, or
 /// this key gone). Until every gateway had the time to re-register, a user
 /// without sessions may just not be re-registered yet: presence is unknown.
-pub const EPOCH: &str = "kubechat:epoch";
+pub const EPOCH: &str = control!("epoch");
 /// Hash: gateway id → the [`EPOCH`] its sessions were last registered for
 /// (ms). After Redis lost its data, presence is known again once every live
 /// gateway's entry has caught up with the epoch: a gateway slow to
 /// re-register holds it unknown instead of having its users look offline.
-pub const REGISTERED: &str = "kubechat:registered";
+pub const REGISTERED: &str = control!("registered");
 /// Hash: gateway id → its [`GatewayLoad`](crate::broker::GatewayLoad) as JSON.
-pub const GATEWAY_LOADS: &str = "kubechat:gateway-load";
-pub const GROUPS_CHANGED: &str = "kubechat:groups-changed";
-/// Pub/sub: `{gateway}\n{user1,user2,…}` (or `*`): forwards from that gateway
-/// to these users may have been lost; their connections should sync.
-pub const RESYNC: &str = "kubechat:resync";
+pub const GATEWAY_LOADS: &str = control!("gateway-load");
+/// Sharded pub/sub: a group id whose members changed.
+pub const GROUPS_CHANGED: &str = control!("groups-changed");
+/// Sharded pub/sub: `{gateway}\n{user1,user2,…}` (or `*`): forwards from
+/// that gateway to these users may have been lost; their connections should sync.
+pub const RESYNC: &str = control!("resync");
+/// Prefix of `reaping:{gateway}`: set while a reaper removes that dead
+/// gateway's sessions (the gateway, back, waits for it before registering).
+pub const REAPING_PREFIX: &str = control!("reaping:");
 
+/// A user's keys carry the user id as their hash tag: sessions, last seen,
+/// send keys and push targets of one user share a slot.
 pub fn sessions_key(user: &str) -> String {
-    format!("{SESSIONS_PREFIX}{user}")
-}
-pub fn gateway_sessions_key(gateway: &str) -> String {
-    format!("kubechat:gateway-sessions:{gateway}")
+    format!("kubechat:sessions:{{{user}}}")
 }
 pub fn seen_key(user: &str) -> String {
-    format!("{SEEN_PREFIX}{user}")
+    format!("kubechat:seen:{{{user}}}")
 }
-pub fn deliver_channel(gateway: &str) -> String {
-    format!("{DELIVER_PREFIX}{gateway}")
+pub fn gateway_sessions_key(gateway: &str) -> String {
+    format!("kubechat:gateway-sessions:{{{gateway}}}")
+}
+pub fn reaping_key(gateway: &str) -> String {
+    format!("{REAPING_PREFIX}{gateway}")
+}
+/// Partition `tag`'s channel of `gateway`: a gateway listens on one channel
+/// per partition, the partitions' tags spread over the slots (and so over a
+/// cluster's masters).
+pub fn deliver_channel(tag: &str, gateway: &str) -> String {
+    format!("kubechat:deliver:{{{tag}}}:{gateway}")
 }
 pub fn worker_key(worker_id: u16) -> String {
     format!("kubechat:worker-id:{worker_id}")
+}
+
+/// How many partitions each gateway's delivery is spread over.
+pub const DELIVERY_PARTITIONS: u16 = 16;
+
+/// The delivery partitions' hash tags (the same in every process).
+pub fn delivery_partitions() -> kubechat_redis::SlotTags {
+    kubechat_redis::SlotTags::new(DELIVERY_PARTITIONS)
+}
+
+/// The channel `from` forwards to `to` on: always the same partition for
+/// one sender (forwards between two gateways stay in order), any spread
+/// over senders will do.
+pub fn forward_channel(partitions: &kubechat_redis::SlotTags, from: &str, to: &str) -> String {
+    let partition = usize::from(kubechat_redis::slot(from.as_bytes())) % partitions.len();
+    deliver_channel(partitions.tag(partition), to)
+}
+
+/// The gateway id a session field `{gateway}|{device}` names.
+pub fn field_gateway(field: &str) -> Option<&str> {
+    field.split_once('|').map(|(gateway, _)| gateway)
 }
 
 /// A forward on the wire: the recipients, a newline, the encoded frame.
@@ -100,156 +143,85 @@ if ARGV[3] == '0' then redis.call('HSET', KEYS[3], ARGV[1], epoch) end
 return {lost, tonumber(epoch)}
 ";
 
-/// Presence lookup, atomic: for each user, the gateways holding a session
-/// whose lease has not run out; the epoch (now, if it was missing: Redis
-/// lost its data); and how many live gateways have not registered their
-/// sessions since that epoch ([`REGISTERED`] behind it; 0 while the epoch
-/// is 0, Redis never lost data).
-/// KEYS: [EPOCH, GATEWAYS, REGISTERED, sessions:{user}…]; ARGV: [now ms].
-/// Reading sessions, leases and registrations in one step leaves no window
-/// in which a gateway that just re-registered looks dead from a stale cache,
-/// or registered with its sessions not yet read.
-pub const LIVE_SESSIONS_SCRIPT: &str = r"
+/// The shared state presence and routing read, in one step: the epoch (now,
+/// if it was missing: Redis lost its data), the gateways whose lease has
+/// not run out, and how many of them have not registered their sessions
+/// since that epoch ([`REGISTERED`] behind it; 0 while the epoch is 0).
+/// Sessions live in their users' slots and are read after it: a gateway
+/// that re-registers in between was counted as not yet registered (presence
+/// stays unknown a moment longer), never as registered too early.
+/// KEYS: [EPOCH, GATEWAYS, REGISTERED]; ARGV: [now ms].
+/// Returns {epoch, live gateways, unregistered count}.
+pub const CONTROL_STATE_SCRIPT: &str = r"
 local now = tonumber(ARGV[1])
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   redis.call('SET', KEYS[1], ARGV[1])
   epoch = ARGV[1]
 end
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')
 local unregistered = 0
 if tonumber(epoch) > 0 then
-  for _, gateway in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')) do
+  for _, gateway in ipairs(live) do
     local at = redis.call('HGET', KEYS[3], gateway)
     if not at or tonumber(at) < tonumber(epoch) then unregistered = unregistered + 1 end
   end
 end
-local users = {}
-for i = 4, #KEYS do
-  local live = {}
-  for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
-    local gateway = string.match(field, '^([^|]*)|')
-    if gateway then
-      local expiry = redis.call('ZSCORE', KEYS[2], gateway)
-      if expiry and tonumber(expiry) > now then
-        live[#live + 1] = gateway
-      end
-    end
-  end
-  users[#users + 1] = live
-end
-return {tonumber(epoch), users, unregistered}
+return {tonumber(epoch), live, unregistered}
 ";
 
-/// Routing a frame in one round trip: for each user, the gateways holding
-/// a live session (lease not run out), read atomically with the leases as
-/// in [`LIVE_SESSIONS_SCRIPT`]; then one `PUBLISH` per other gateway with
-/// every recipient there (`users\n{frame}`, as [`encode_forward`]).
-/// KEYS: [EPOCH, GATEWAYS, sessions:{user}…]; ARGV: [now ms, this gateway,
-/// frame, deliver channel prefix, user…] (users in the order of their keys).
-/// Returns {epoch, indices (1-based) of users with no live session,
-/// indices of users on gateways nobody was subscribed for}.
-pub const ROUTE_SCRIPT: &str = r"
-local now = tonumber(ARGV[1])
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  redis.call('SET', KEYS[1], ARGV[1])
-  epoch = ARGV[1]
-end
-local offline, by_gateway, order = {}, {}, {}
-for i = 3, #KEYS do
-  local user, live, seen = i - 2, false, {}
-  for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
-    local gateway = string.match(field, '^([^|]*)|')
-    if gateway and not seen[gateway] then
-      seen[gateway] = true
-      local expiry = redis.call('ZSCORE', KEYS[2], gateway)
-      if expiry and tonumber(expiry) > now then
-        live = true
-        if gateway ~= ARGV[2] then
-          if not by_gateway[gateway] then
-            by_gateway[gateway] = {}
-            order[#order + 1] = gateway
-          end
-          table.insert(by_gateway[gateway], user)
-        end
-      end
-    end
-  end
-  if not live then offline[#offline + 1] = user end
-end
-local unheard = {}
-for _, gateway in ipairs(order) do
-  local names = {}
-  for _, user in ipairs(by_gateway[gateway]) do names[#names + 1] = ARGV[4 + user] end
-  local receivers = redis.call('PUBLISH', ARGV[4] .. gateway, table.concat(names, ',') .. '\n' .. ARGV[3])
-  if receivers == 0 then
-    for _, user in ipairs(by_gateway[gateway]) do unheard[#unheard + 1] = user end
-  end
-end
-return {tonumber(epoch), offline, unheard}
+/// A reaper takes a dead gateway: only while its lease has run out, and only
+/// one reaper at a time (the marker expires if that reaper dies). Checked
+/// and marked in one step with the lease, so a gateway that renews first is
+/// never reaped, and one that renews after finds the marker and waits for it
+/// to go before registering its sessions again.
+/// KEYS: [GATEWAYS, reaping:{gateway}]; ARGV: [gateway, now ms, marker ttl ms].
+/// Returns 1 when this caller reaps it.
+pub const BEGIN_REAP_SCRIPT: &str = r"
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry or tonumber(expiry) > tonumber(ARGV[2]) then return 0 end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
+return 0
 ";
 
-/// The sessions registered under a gateway id, read in one step:
-/// `(user, device)` pairs (flattened).
-/// KEYS: [gateway-sessions:{gateway}]; ARGV: [gateway, sessions key prefix].
-pub const GATEWAY_SESSIONS_SCRIPT: &str = r"
+/// The end of a reap with no session left: the gateway's lease and load go
+/// (unless it renewed meanwhile), and the marker.
+/// KEYS: [GATEWAYS, GATEWAY_LOADS, reaping:{gateway}]; ARGV: [gateway, now ms].
+pub const END_REAP_SCRIPT: &str = r"
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if expiry and tonumber(expiry) <= tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+redis.call('DEL', KEYS[3])
+return 1
+";
+
+/// Ends a dead gateway's sessions of one user, in the user's slot: its
+/// fields go; if no field of a live gateway is left, the user is offline
+/// now (last seen: now).
+/// KEYS: [sessions:{user}, seen:{user}]; ARGV: [dead gateway, now ms, live gateway…].
+/// Returns 1 when the user went offline.
+pub const DROP_SESSIONS_SCRIPT: &str = r"
 local prefix = ARGV[1] .. '|'
-local out = {}
-for _, user in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  for _, field in ipairs(redis.call('HKEYS', ARGV[2] .. user)) do
-    if string.sub(field, 1, #prefix) == prefix then
-      out[#out + 1] = user
-      out[#out + 1] = string.sub(field, #prefix + 1)
-    end
+local live = {}
+for i = 3, #ARGV do live[ARGV[i]] = true end
+local online, dropped = false, false
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, #prefix) == prefix then
+    redis.call('HDEL', KEYS[1], field)
+    dropped = true
+  else
+    local other = string.match(field, '^([^|]*)|')
+    if other and live[other] then online = true end
   end
 end
-return out
+if dropped and not online then
+  redis.call('SET', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
 ";
-
-/// Reaps up to ARGV[5] users of a dead gateway in one atomic step, and the
-/// gateway itself once none is left. Nothing happens if the gateway renewed
-/// its lease meanwhile (it came back): the check and the removal are one
-/// step. Chunks keep one call short however many users a gateway had.
-/// KEYS: [GATEWAYS, GATEWAY_LOADS, gateway-sessions:{gateway}];
-/// ARGV: [gateway, now ms, sessions key prefix, seen key prefix, chunk].
-/// Returns {done (0/1), users now offline everywhere…}.
-pub const REAP_SCRIPT: &str = r"
-local gateway, now = ARGV[1], tonumber(ARGV[2])
-local expiry = redis.call('ZSCORE', KEYS[1], gateway)
-if not expiry or tonumber(expiry) > now then return {1} end
-local prefix = gateway .. '|'
-local out = {0}
-for _, user in ipairs(redis.call('SPOP', KEYS[3], tonumber(ARGV[5]))) do
-  local key = ARGV[3] .. user
-  local live = false
-  for _, field in ipairs(redis.call('HKEYS', key)) do
-    if string.sub(field, 1, #prefix) == prefix then
-      redis.call('HDEL', key, field)
-    else
-      local other = string.match(field, '^([^|]*)|')
-      local lease = other and redis.call('ZSCORE', KEYS[1], other)
-      if lease and tonumber(lease) > now then live = true end
-    end
-  end
-  if not live then
-    redis.call('SET', ARGV[4] .. user, ARGV[2])
-    out[#out + 1] = user
-  end
-end
-if redis.call('SCARD', KEYS[3]) == 0 then
-  redis.call('HDEL', KEYS[2], gateway)
-  redis.call('ZREM', KEYS[1], gateway)
-  out[1] = 1
-end
-return out
-";
-
-/// Key prefixes the scripts build keys from.
-pub const SESSIONS_PREFIX: &str = "kubechat:sessions:";
-pub const SEEN_PREFIX: &str = "kubechat:seen:";
-
-/// The prefix of [`deliver_channel`], for [`ROUTE_SCRIPT`].
-pub const DELIVER_PREFIX: &str = "kubechat:deliver:";
 
 /// Worker-id claim, compare-and-set. The value is
 /// `{gateway}|{instance}|{until ms}`: the process holding the id (a pod
@@ -311,6 +283,18 @@ mod tests {
         let (users, decoded) = decode_forward(payload).expect("decodes");
         assert_eq!(users, vec!["a".to_string(), "b".to_string()]);
         assert_eq!(decoded.as_str(), frame.as_str(), "the frame travels as is, newlines and commas included");
+    }
+
+    #[test]
+    fn what_a_script_touches_shares_a_slot() {
+        use kubechat_redis::slot;
+        let control = slot(GATEWAYS.as_bytes());
+        for key in [EPOCH, REGISTERED, GATEWAY_LOADS, GROUPS_CHANGED, RESYNC, reaping_key("gw-0").as_str()] {
+            assert_eq!(slot(key.as_bytes()), control, "{key}");
+        }
+        assert_eq!(slot(sessions_key("alice").as_bytes()), slot(seen_key("alice").as_bytes()));
+        assert_eq!(field_gateway("gw-1|phone"), Some("gw-1"));
+        assert_eq!(field_gateway("garbage"), None);
     }
 
     #[test]
