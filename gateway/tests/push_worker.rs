@@ -223,6 +223,7 @@ impl Fixture {
         PushWorkerConfig {
             redis: kubechat_config::Redis::single(redis_url(), None),
             stream: self.stream.clone(),
+            partitions: 1,
             dead_letter_stream: self.dead.clone(),
             consumer_name: consumer.into(),
             max_attempts: 5,
@@ -785,13 +786,16 @@ async fn a_gateway_and_a_push_worker_process_notify_an_offline_device() {
         .get_multiplexed_async_connection()
         .await
         .expect("the private Redis");
-    let jobs: redis::streams::StreamRangeReply =
-        redis::cmd("XRANGE").arg(PUSH_STREAM).arg("-").arg("+").query_async(&mut queue).await.expect("XRANGE");
-    let queued: Vec<PushJob> = jobs
-        .ids
-        .iter()
-        .map(|entry| serde_json::from_str(&entry.get::<String>("job").expect("a job field")).expect("a job"))
-        .collect();
+    let mut queued: Vec<PushJob> = Vec::new();
+    for stream in push::partition_streams(PUSH_STREAM, push::PUSH_PARTITIONS) {
+        let jobs: redis::streams::StreamRangeReply =
+            redis::cmd("XRANGE").arg(&stream).arg("-").arg("+").query_async(&mut queue).await.expect("XRANGE");
+        queued.extend(
+            jobs.ids
+                .iter()
+                .map(|entry| serde_json::from_str(&entry.get::<String>("job").expect("a job field")).expect("a job")),
+        );
+    }
     assert_eq!(queued.len(), 1, "one push job, none for the live message: {queued:?}");
     assert_eq!(queued[0].message_id, ack["id"].as_str().expect("an id"));
     // Stopped, the worker can send nothing more: the count below is final.

@@ -17,7 +17,7 @@ use kubechat_config::GatewayConfig;
 use crate::job::PUSH_STREAM;
 
 pub const DEFAULT_CONSUMER_GROUP: &str = "push-workers";
-pub const DEFAULT_DEAD_LETTER_STREAM: &str = "kubechat:{push}:dead";
+pub const DEFAULT_DEAD_LETTER_STREAM: &str = "kubechat:push:dead";
 pub use kubechat_config::{APNS_SIGNING_KEY_FILE, FCM_CREDENTIALS_FILE, PUSH_SECRETS_DIR, WEBHOOK_SIGNING_KEY_FILE};
 pub const FCM_BASE_URL: &str = "https://fcm.googleapis.com";
 pub const APNS_PRODUCTION_URL: &str = "https://api.push.apple.com";
@@ -165,8 +165,10 @@ pub struct PushWorkerConfig {
     pub redis: kubechat_config::Redis,
     /// Overrides the URL's password.
     pub redis_password: Option<SecretSource>,
-    /// The job stream ([`PUSH_STREAM`]).
+    /// The job streams' base name ([`PUSH_STREAM`]).
     pub stream: String,
+    /// Partitions of the job and dead-letter streams ([`crate::partition_streams`]).
+    pub partitions: u16,
     /// Where given-up jobs go ([`DEFAULT_DEAD_LETTER_STREAM`]).
     pub dead_letter_stream: String,
     /// Approximate cap of the dead-letter stream (`MAXLEN ~`).
@@ -208,6 +210,7 @@ impl Default for PushWorkerConfig {
             redis: kubechat_config::Redis::single("redis://127.0.0.1:6379", None),
             redis_password: None,
             stream: PUSH_STREAM.into(),
+            partitions: crate::job::PUSH_PARTITIONS,
             dead_letter_stream: DEFAULT_DEAD_LETTER_STREAM.into(),
             dead_letter_max_len: 100_000,
             consumer_group: DEFAULT_CONSUMER_GROUP.into(),
@@ -284,6 +287,7 @@ impl PushWorkerConfig {
         anyhow::ensure!(!self.stream.is_empty(), "push: the stream name is empty");
         anyhow::ensure!(!self.dead_letter_stream.is_empty(), "push: the dead-letter stream name is empty");
         anyhow::ensure!(self.stream != self.dead_letter_stream, "push: the dead-letter stream is the job stream");
+        anyhow::ensure!((1..=256).contains(&self.partitions), "push: the stream partitions must be 1–256");
         anyhow::ensure!(!self.consumer_group.is_empty(), "push: the consumer group is empty");
         anyhow::ensure!(!self.consumer_name.is_empty(), "push: the consumer name (pod name) is empty");
         anyhow::ensure!((1..=1000).contains(&self.max_attempts), "push: maxAttempts must be 1–1000");

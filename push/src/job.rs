@@ -3,11 +3,28 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The stream the push workers consume. Its hash tag `{push}` is shared by
-/// every key the workers keep about its entries (attempts, sent markers,
-/// the dead-letter stream), so that one step touching several of them runs
-/// on one node of a Redis Cluster.
-pub const PUSH_STREAM: &str = "kubechat:{push}";
+/// The job streams' base name: jobs go to [`PUSH_PARTITIONS`] streams
+/// `kubechat:push:{tag}` ([`partition_streams`]), one consumer group each.
+pub const PUSH_STREAM: &str = "kubechat:push";
+/// How many streams the jobs are spread over: on a Redis Cluster their tags
+/// spread them over the masters (one stream would put every job on one).
+pub const PUSH_PARTITIONS: u16 = 8;
+
+/// The streams of `base` in `partitions` partitions: `base` itself for one,
+/// `base:{tag}` for more, the tags spread evenly over the slots. Every key a
+/// worker keeps about a stream's entries (attempts, sent markers, its
+/// dead-letter stream) starts with the stream's name and so shares its slot.
+pub fn partition_streams(base: &str, partitions: u16) -> Vec<String> {
+    if partitions <= 1 {
+        return vec![base.to_string()];
+    }
+    kubechat_redis::SlotTags::new(partitions).iter().map(|tag| format!("{base}:{{{tag}}}")).collect()
+}
+
+/// The partition of `user`'s jobs (a user's jobs stay in order on one stream).
+pub fn partition_of(user: &str, partitions: u16) -> usize {
+    usize::from(kubechat_redis::slot(user.as_bytes())) % usize::from(partitions.max(1))
+}
 /// The stream entry's field holding the job (JSON).
 pub const JOB_FIELD: &str = "job";
 
@@ -61,6 +78,21 @@ impl PushJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_share_their_tag_with_their_dead_letter_stream() {
+        assert_eq!(partition_streams("s", 1), vec!["s".to_string()]);
+        let streams = partition_streams(PUSH_STREAM, PUSH_PARTITIONS);
+        let dead = partition_streams("kubechat:push:dead", PUSH_PARTITIONS);
+        assert_eq!(streams.len(), 8);
+        for (stream, dead) in streams.iter().zip(&dead) {
+            let slot = kubechat_redis::slot(stream.as_bytes());
+            assert_eq!(kubechat_redis::slot(dead.as_bytes()), slot, "{stream} and {dead}");
+            assert_eq!(kubechat_redis::slot(format!("{stream}-attempts:1-0").as_bytes()), slot);
+        }
+        assert!(partition_of("alice", PUSH_PARTITIONS) < 8);
+        assert_eq!(partition_of("alice", 1), 0);
+    }
 
     #[test]
     fn the_summary_is_cut_short() {

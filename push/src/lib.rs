@@ -20,14 +20,17 @@
 //! - [`worker`]: the consumer-group loop ([`run_push_worker`]).
 //!
 //! Redis keys:
-//! The keys about the stream's entries carry its hash tag (`{push}`): one
-//! slot, so the atomic steps over several of them work on a Redis Cluster.
+//! Jobs are spread over [`PUSH_PARTITIONS`] streams by user (`kubechat:push:{tag}`, the tags
+//! spread over the slots, so a Redis Cluster spreads them over its masters); each worker
+//! consumes every partition. The keys about a stream's entries start with its name and so
+//! carry its tag: one slot, so the atomic steps over several of them work on a cluster.
 //! - `kubechat:push-targets:{user}`: hash, device id → `{"platform":"webhook"|"fcm"|"apns","token":"…"}`
 //!   (tagged with the user, as the broker's keys of the user).
-//! - `kubechat:{push}` ([`PushWorkerConfig::stream`]): the job stream, consumer group `push-workers`.
-//! - `kubechat:{push}:dead` ([`PushWorkerConfig::dead_letter_stream`]): jobs given up on, one entry
-//!   per (job, device) with the error and the attempt count.
-//! - `{stream}-attempts:{entry id}` (`kubechat:{push}-attempts:{entry id}`): hash per stream entry,
+//! - `kubechat:push:{tag}` ([`PushWorkerConfig::stream`] and a partition's tag): a job stream,
+//!   consumer group `push-workers`.
+//! - `kubechat:push:dead:{tag}` ([`PushWorkerConfig::dead_letter_stream`]): jobs given up on,
+//!   one entry per (job, device) with the error and the attempt count.
+//! - `{stream}-attempts:{entry id}`: hash per stream entry,
 //!   fields `{device}` (attempts made), `{device}:error` (last error), `{device}:dead` (dead-lettered).
 //!   Deleted when the entry is acked; expires after 7 days otherwise.
 //! - `{stream}-pushed:{message id}:{device}`: set (NX, 7 days) after a successful send; checked
@@ -46,7 +49,7 @@ pub mod targets;
 pub mod worker;
 
 pub use config::{ApnsConfig, FcmConfig, ProvidersConfig, PushWorkerConfig, SecretSource, WebhookConfig};
-pub use job::{JOB_FIELD, MessageRef, PUSH_STREAM, PushJob};
+pub use job::{JOB_FIELD, MessageRef, PUSH_PARTITIONS, PUSH_STREAM, PushJob, partition_of, partition_streams};
 pub use metrics::PushMetrics;
 pub use names::{MAX_TOKEN_LEN, Platform, PushTarget};
 pub use provider::{ApnsProvider, FcmProvider, HttpRequest, Provider, ProviderError, Providers, WebhookProvider};

@@ -12,7 +12,7 @@ use crate::store::embedded::EmbeddedStore;
 use crate::store::{Message, StoreError};
 use kubechat_push::{JOB_FIELD, MessageRef, PushTarget, PushTargetError};
 
-pub use kubechat_push::{PUSH_STREAM, PushJob};
+pub use kubechat_push::{PUSH_PARTITIONS, PUSH_STREAM, PushJob, partition_streams};
 
 /// The job telling `user` about `message`, its text cut to `summary_chars` characters.
 pub fn job_for(user: &str, message: &Message, summary_chars: usize) -> PushJob {
@@ -52,8 +52,8 @@ impl PushQueue for Arc<EmbeddedStore> {
     }
 }
 
-/// XADD to [`PUSH_STREAM`], capped (approximately) so an absent consumer
-/// cannot grow Redis without bound.
+/// XADD to the user's partition of [`PUSH_STREAM`] (every partition capped,
+/// approximately, so an absent consumer cannot grow Redis without bound).
 ///
 /// The connection may have died unnoticed (Redis restarted while the queue
 /// was idle: the first write meets `broken pipe`). The connection manager
@@ -63,6 +63,7 @@ impl PushQueue for Arc<EmbeddedStore> {
 /// device), a job dropped is a lost notification.
 pub struct RedisPushQueue {
     connection: kubechat_redis::Connection,
+    streams: Vec<String>,
     max_len: usize,
 }
 
@@ -73,7 +74,9 @@ const ENQUEUE_RETRY_DELAY: std::time::Duration = std::time::Duration::from_milli
 
 impl RedisPushQueue {
     pub fn new(connection: impl Into<kubechat_redis::Connection>, max_len: usize) -> Self {
-        Self { connection: connection.into(), max_len }
+        let streams = partition_streams(PUSH_STREAM, PUSH_PARTITIONS);
+        let max_len = max_len.div_ceil(streams.len());
+        Self { connection: connection.into(), streams, max_len }
     }
 }
 
@@ -91,19 +94,17 @@ impl PushQueue for RedisPushQueue {
         if jobs.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for job in jobs {
-            pipe.cmd("XADD")
-                .arg(PUSH_STREAM)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.max_len)
-                .arg("*")
-                .arg(JOB_FIELD)
-                .arg(job.to_payload())
-                .ignore();
-        }
-        let write = || async { pipe.query_async::<()>(&mut self.connection.clone()).await };
+        // One pipeline per partition's slot (a cluster refuses them across slots).
+        let commands: Vec<(String, redis::Cmd)> = jobs
+            .iter()
+            .map(|job| {
+                let stream = &self.streams[kubechat_push::partition_of(&job.user, PUSH_PARTITIONS)];
+                let mut xadd = redis::cmd("XADD");
+                xadd.arg(stream).arg("MAXLEN").arg("~").arg(self.max_len).arg("*").arg(JOB_FIELD).arg(job.to_payload());
+                (stream.clone(), xadd)
+            })
+            .collect();
+        let write = || async { kubechat_redis::query_by_slot(&self.connection, commands.clone()).await.map(drop) };
         let retries =
             ConstantBuilder::default().with_delay(ENQUEUE_RETRY_DELAY).with_max_times(ENQUEUE_ATTEMPTS as usize - 1);
         write

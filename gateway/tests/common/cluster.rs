@@ -796,39 +796,53 @@ pub async fn wait_all_online(asker: &mut ClusterClient, query: Value) {
     }
 }
 
-/// Every push job in the stream, oldest first.
+/// The push job streams (every partition).
+fn push_streams() -> Vec<String> {
+    use kubechat_gateway::chat::push::{PUSH_PARTITIONS, PUSH_STREAM, partition_streams};
+    partition_streams(PUSH_STREAM, PUSH_PARTITIONS)
+}
+
+/// Every push job in the streams, oldest first.
 pub async fn push_jobs(connection: &mut (impl redis::aio::ConnectionLike + Send)) -> Vec<Value> {
-    push_jobs_after(connection, "-").await
+    push_jobs_after(connection, &vec!["-".to_string(); push_streams().len()]).await
 }
 
-/// The id of the newest entry of the push stream (`0-0` when empty): jobs
-/// queued later are read with [`push_jobs_after`].
-pub async fn push_stream_end(connection: &mut (impl redis::aio::ConnectionLike + Send)) -> String {
-    let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg(kubechat_gateway::chat::push::PUSH_STREAM)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(connection)
-        .await
-        .expect("XREVRANGE");
-    newest.into_iter().next().map_or_else(|| "0-0".to_string(), |(id, _)| format!("({id}"))
+/// Where each push stream ends (`(id` of its newest entry, `0-0` when
+/// empty): jobs queued later are read with [`push_jobs_after`].
+pub async fn push_stream_end(connection: &mut (impl redis::aio::ConnectionLike + Send)) -> Vec<String> {
+    let mut ends = Vec::new();
+    for stream in push_streams() {
+        let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+            .arg(&stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(connection)
+            .await
+            .expect("XREVRANGE");
+        ends.push(newest.into_iter().next().map_or_else(|| "0-0".to_string(), |(id, _)| format!("({id}")));
+    }
+    ends
 }
 
-/// Push jobs queued after `start` (an XRANGE start: `-`, or `(id` from
-/// [`push_stream_end`]), oldest first. The shared Redis' stream holds every
-/// suite's jobs: reading it whole timed out under load.
-pub async fn push_jobs_after(connection: &mut (impl redis::aio::ConnectionLike + Send), start: &str) -> Vec<Value> {
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(kubechat_gateway::chat::push::PUSH_STREAM)
-        .arg(start)
-        .arg("+")
-        .query_async(connection)
-        .await
-        .expect("XRANGE");
-    entries
-        .into_iter()
-        .flat_map(|(_, fields)| fields.into_iter().map(|(_, v)| serde_json::from_str(&v).expect("job JSON")))
-        .collect()
+/// Push jobs queued after `starts` (per stream, an XRANGE start: `-`, or
+/// `(id` from [`push_stream_end`]), oldest first. The shared Redis' streams
+/// hold every suite's jobs: reading them whole timed out under load.
+pub async fn push_jobs_after(
+    connection: &mut (impl redis::aio::ConnectionLike + Send),
+    starts: &[String],
+) -> Vec<Value> {
+    let mut entries: Vec<((u64, u64), Value)> = Vec::new();
+    for (stream, start) in push_streams().iter().zip(starts) {
+        let read: Vec<(String, Vec<(String, String)>)> =
+            redis::cmd("XRANGE").arg(stream).arg(start).arg("+").query_async(connection).await.expect("XRANGE");
+        for (id, fields) in read {
+            let (ms, seq) = id.split_once('-').expect("a stream entry id");
+            let order = (ms.parse().expect("entry id ms"), seq.parse().expect("entry id seq"));
+            entries.extend(fields.into_iter().map(|(_, v)| (order, serde_json::from_str(&v).expect("job JSON"))));
+        }
+    }
+    entries.sort_by_key(|(order, _)| *order);
+    entries.into_iter().map(|(_, job)| job).collect()
 }

@@ -129,8 +129,8 @@ impl Backend {
 pub enum PushInspector {
     /// The standalone gateway keeps none (it has no push workers).
     Standalone,
-    /// Jobs queued after `start` (the stream's end when the gateway started).
-    Redis { connection: redis::aio::ConnectionManager, start: String },
+    /// Jobs queued after `start` (the streams' ends when the gateway started).
+    Redis { connection: redis::aio::ConnectionManager, start: Vec<String> },
 }
 
 impl PushInspector {

@@ -89,22 +89,49 @@ pub async fn run_push_worker_with(
     let Some(conn) = connect(&endpoint, config.command_timeout, &metrics, &shutdown).await else {
         return Ok(());
     };
-    let Some(read_conn) = connect(&endpoint, config.command_timeout + config.block, &metrics, &shutdown).await else {
-        return Ok(());
-    };
-    let sends = tokio::sync::Semaphore::new(config.max_concurrent_sends);
-    let ctx = Arc::new(Ctx { config, providers, metrics, conn, in_flight: Mutex::new(HashSet::new()), sends });
+    // Every partition is consumed here: one loop each, on a connection of its own for the
+    // blocking read, sharing the rest (the connection for other commands, the bound on sends).
+    let streams = crate::job::partition_streams(&config.stream, config.partitions);
+    let dead = crate::job::partition_streams(&config.dead_letter_stream, config.partitions);
+    let sends = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_sends));
+    let per_partition_in_flight = config.max_in_flight.div_ceil(streams.len()).max(1);
+    let mut partitions = Vec::with_capacity(streams.len());
+    for (stream, dead) in streams.into_iter().zip(dead) {
+        let Some(read_conn) = connect(&endpoint, config.command_timeout + config.block, &metrics, &shutdown).await
+        else {
+            return Ok(());
+        };
+        let config = PushWorkerConfig {
+            stream,
+            dead_letter_stream: dead,
+            max_in_flight: per_partition_in_flight,
+            ..config.clone()
+        };
+        let ctx = Arc::new(Ctx {
+            config,
+            providers: providers.clone(),
+            metrics: metrics.clone(),
+            conn: conn.clone(),
+            in_flight: Mutex::new(HashSet::new()),
+            sends: sends.clone(),
+        });
+        let shutdown = shutdown.clone();
+        partitions.push(async move {
+            tokio::select! {
+                () = consume(ctx.clone(), read_conn, shutdown) => {}
+                () = renew_in_flight(ctx.clone()) => {}
+            }
+        });
+    }
     tracing::info!(
-        stream = %ctx.config.stream,
-        group = %ctx.config.consumer_group,
-        consumer = %ctx.config.consumer_name,
+        stream = %config.stream,
+        partitions = partitions.len(),
+        group = %config.consumer_group,
+        consumer = %config.consumer_name,
         "push worker started"
     );
-    tokio::select! {
-        () = consume(ctx.clone(), read_conn, shutdown.clone()) => {}
-        () = renew_in_flight(ctx.clone()) => {}
-    }
-    tracing::info!(consumer = %ctx.config.consumer_name, "push worker stopped");
+    futures::future::join_all(partitions).await;
+    tracing::info!(consumer = %config.consumer_name, "push worker stopped");
     Ok(())
 }
 
@@ -117,7 +144,7 @@ struct Ctx {
     /// Entry ids being worked on by this worker.
     in_flight: Mutex<HashSet<String>>,
     /// Bounds the provider requests under way.
-    sends: tokio::sync::Semaphore,
+    sends: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ctx {

@@ -469,7 +469,15 @@ impl Broker for RedisBroker {
         let result = async {
             self.check_reachable()?;
             let sessions = self.sessions_of(users).await?;
-            let alive = self.alive_including(sessions.iter().flatten().filter_map(|f| field_gateway(f))).await?;
+            let mut alive = self.alive_including(sessions.iter().flatten().filter_map(|f| field_gateway(f))).await?;
+            // "Offline" owes a push notification: decided on leases and an
+            // epoch at most 100 ms old (a Redis that just lost its data makes
+            // it a guess, see `Routed::unsettled_for`). At most ten reads of
+            // the shared slot a second per gateway, whatever the send rate.
+            let someone_offline = sessions.iter().any(|fields| Self::live_gateways(fields, &alive).is_empty());
+            if someone_offline && self.alive.read().await.0.elapsed() > Duration::from_millis(100) {
+                alive = self.read_control().await?.live;
+            }
             let mut offline = HashSet::new();
             let mut by_gateway: HashMap<&str, Vec<String>> = HashMap::new();
             for (user, fields) in users.iter().zip(&sessions) {
