@@ -220,7 +220,7 @@ fn the_broker_workload_routes_and_delivers_every_send() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "kubechat-bench broker failed: {stderr}\nredis log:\n{}", redis.log());
     let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"));
-    assert!(report["raw_publish"]["rate"].as_f64().unwrap_or(0.0) > 0.0, "no raw PUBLISH rate: {report}");
+    assert!(report["raw_spublish"]["rate"].as_f64().unwrap_or(0.0) > 0.0, "no raw SPUBLISH rate: {report}");
     let steps = report["steps"].as_array().expect("steps");
     assert_eq!(steps.len(), 2, "{report}");
     for step in steps {

@@ -469,9 +469,9 @@ pub struct ExternalRedis {
     /// More nodes of the Redis Cluster (same form as `url`), tried when
     /// `url` does not answer. Only with `cluster`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
-    #[x_kube(validation = Rule::new(format!("self.all(u, u.matches(r'{REDIS_URL_PATTERN}'))"))
-        .message("redis.external.seedUrls must each be redis[s]://[user:password@]host[:port], e.g. redis://redis-1.prod.svc:6379"))]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 256)))]
+    #[x_kube(validation = Rule::new("self.all(u, u.startsWith('redis://') || u.startsWith('rediss://'))")
+        .message("redis.external.seedUrls must each start with redis:// or rediss://, e.g. redis://redis-1.prod.svc:6379"))]
     pub seed_urls: Vec<String>,
 }
 
@@ -788,6 +788,11 @@ pub struct ChatClusterStatus {
     /// by pod name. Always serialized (a merge patch must be able to empty it).
     #[serde(default)]
     pub gateway_pods: Vec<GatewayPodStatus>,
+    /// The shards of an external Redis Cluster as the gateways report them
+    /// (empty for a single Redis). Always serialized (a merge patch must be
+    /// able to empty it).
+    #[serde(default)]
+    pub redis_shards: Vec<RedisShardStatus>,
     /// ConfigMap that lists the gateways for service discovery.
     #[serde(default)]
     pub endpoint_config_map: String,
@@ -858,6 +863,20 @@ pub struct GatewayPodStatus {
     /// Accepting new clients (its readiness, and the operator could read its load).
     pub ready: bool,
     pub draining: bool,
+}
+
+/// One master of the Redis Cluster and who listens on it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisShardStatus {
+    /// `host:port` as the cluster announces it.
+    pub master: String,
+    /// Slots it serves (16,384 over all shards).
+    pub slots: i32,
+    pub replicas: Vec<String>,
+    /// Gateways holding their subscriptions on it: fewer than the serving
+    /// gateways while one resubscribes (a failover, a slot move).
+    pub gateways_subscribed: i32,
 }
 
 /// Desired and ready pods of one component (both 0 for an external one).

@@ -114,6 +114,28 @@ impl Drop for PrivateRedisCluster {
     }
 }
 
+/// The masters a gateway reports on its admin API (`backends.redisShards`):
+/// (master, slots, subscribed), ordered by address.
+async fn reported_shards(gateway: &GatewayProcess) -> Vec<(String, u64, bool)> {
+    let (status, body) = gateway.admin_get("/v1/admin/load").await.expect("the admin API answers");
+    assert_eq!(status, 200, "{body}");
+    let load: serde_json::Value = serde_json::from_str(&body).expect("load JSON");
+    let mut shards: Vec<(String, u64, bool)> = load["backends"]["redisShards"]
+        .as_array()
+        .map(|shards| {
+            shards
+                .iter()
+                .map(|s| {
+                    let master = s["master"].as_str().unwrap_or_default().to_string();
+                    (master, s["slots"].as_u64().unwrap_or(0), s["subscribed"] == true)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    shards.sort();
+    shards
+}
+
 /// Users whose keys live on each master (two per master).
 async fn users_on_every_shard(cluster: &PrivateRedisCluster) -> Vec<(String, String)> {
     let masters = cluster.masters().await;
@@ -138,6 +160,15 @@ async fn routing_presence_and_push_work_with_users_on_every_shard() {
     let spec = ClusterSpec::on(cluster.config(), 3, vec![common::cql_node()], 1).await;
     let gateways = [GatewayProcess::start(&spec, 0).await, GatewayProcess::start(&spec, 1).await];
     let users = users_on_every_shard(&cluster).await;
+    let masters: Vec<String> = cluster.masters().await.into_iter().map(|m| m.address).collect();
+    let reported = reported_shards(&gateways[0]).await;
+    assert_eq!(
+        reported.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
+        masters,
+        "every master reported: {reported:?}"
+    );
+    assert_eq!(reported.iter().map(|s| s.1).sum::<u64>(), 16_384, "{reported:?}");
+    assert!(reported.iter().all(|s| s.2), "subscribed on every master: {reported:?}");
 
     // Each user connects to one gateway, alternating.
     let mut clients = Vec::new();
@@ -293,6 +324,12 @@ async fn a_master_killed_under_traffic_fails_over_with_no_acked_message_lost() {
         victim.address
     );
     assert!(back_after < Duration::from_secs(15), "live delivery back only {back_after:?} after the kill");
+    // The admin API (and so the operator's status) names the new master, subscribed.
+    let reported = reported_shards(&gateways[1]).await;
+    assert!(
+        reported.iter().any(|(master, _, subscribed)| Some(master) == promoted.as_ref() && *subscribed),
+        "gateway 1 reports {promoted:?} subscribed: {reported:?}"
+    );
     assert!(
         probes.last().is_some_and(|(_, live)| *live),
         "the last probes arrive live: {:?}",

@@ -3,10 +3,10 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
-use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus, GatewayPodStatus};
+use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus, GatewayPodStatus, RedisShardStatus};
 
 use crate::desired::Names;
-use crate::discovery::endpoints::Backends;
+use crate::discovery::endpoints::{Backends, RedisShard};
 use crate::observe::{Observed, Workload};
 use crate::scale::{self, NO_LOAD_REPORT};
 
@@ -171,6 +171,7 @@ pub fn compute(
                 draining: g.draining,
             })
             .collect(),
+        redis_shards: redis_shards(observed),
         // Filled in by the rollout driver (`rollout::Report`) and the reconcile (`scale::Scale`).
         rollout: None,
         autoscale: None,
@@ -224,6 +225,40 @@ fn backends_down(observed: &Observed) -> Vec<String> {
         problems.push(format!("store unavailable from {}", store.join(", ")));
     }
     problems
+}
+
+/// A Redis Cluster's masters as the gateways report them (ordered by
+/// address): the topology of the gateway that saw the most slots served
+/// (one mid-failover may list a master that is gone), and how many gateways
+/// hold their subscriptions on each.
+fn redis_shards(observed: &Observed) -> Vec<RedisShardStatus> {
+    let reports: Vec<&Vec<RedisShard>> = observed
+        .endpoints
+        .iter()
+        .flat_map(|e| &e.gateways)
+        .filter_map(|g| g.backends.as_ref().map(|b| &b.redis_shards))
+        .filter(|shards| !shards.is_empty())
+        .collect();
+    let Some(topology) = reports.iter().max_by_key(|shards| shards.iter().map(|s| s.slots).sum::<u32>()) else {
+        return Vec::new();
+    };
+    let mut shards: Vec<RedisShardStatus> = topology
+        .iter()
+        .map(|shard| RedisShardStatus {
+            master: shard.master.clone(),
+            slots: i32::try_from(shard.slots).unwrap_or(i32::MAX),
+            replicas: shard.replicas.clone(),
+            gateways_subscribed: saturating_i32(
+                reports.iter().filter(|r| r.iter().any(|s| s.master == shard.master && s.subscribed)).count(),
+            ),
+        })
+        .collect();
+    shards.sort_by(|a, b| a.master.cmp(&b.master));
+    shards
+}
+
+fn saturating_i32(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 /// Condition messages stay readable (and far below the API's 32 KiB limit).
@@ -409,13 +444,46 @@ mod tests {
     }
 
     #[test]
+    fn redis_shards_come_from_the_gateways_reports() {
+        use crate::discovery::endpoints::{Endpoints, GatewayEndpoint};
+        let cc = ChatCluster::test();
+        let shard = |master: &str, slots, subscribed| RedisShard {
+            master: master.into(),
+            slots,
+            replicas: vec![format!("{master}-replica")],
+            subscribed,
+        };
+        let gateway = |pod: &str, shards: Vec<RedisShard>| GatewayEndpoint {
+            pod: pod.into(),
+            ready: true,
+            backends: Some(Backends { redis: "up".into(), store: "up".into(), redis_shards: shards }),
+            ..Default::default()
+        };
+        let mut observed = all_ready(&cc);
+        assert!(compute(&cc, &observed, None, &time(1)).redis_shards.is_empty(), "one Redis: no shards");
+        observed.endpoints = Some(Endpoints {
+            updated_at: "2025-01-01T00:00:00.000Z".into(),
+            gateways: vec![
+                // Mid-failover: b's master is gone from this gateway's view, and it resubscribes.
+                gateway("chat-gateway-0", vec![shard("a:6379", 8192, true), shard("b:6379", 4096, false)]),
+                gateway("chat-gateway-1", vec![shard("a:6379", 8192, true), shard("b:6379", 8192, true)]),
+            ],
+        });
+        let status = compute(&cc, &observed, None, &time(1));
+        let listed: Vec<(&str, i32, i32)> =
+            status.redis_shards.iter().map(|s| (s.master.as_str(), s.slots, s.gateways_subscribed)).collect();
+        assert_eq!(listed, vec![("a:6379", 8192, 2), ("b:6379", 8192, 1)], "the fullest view, subscribers counted");
+        assert_eq!(status.redis_shards[0].replicas, vec!["a:6379-replica".to_string()]);
+    }
+
+    #[test]
     fn a_backend_a_gateway_sees_down_is_degraded_but_still_ready() {
         use crate::discovery::endpoints::{Endpoints, GatewayEndpoint};
         let cc = ChatCluster::test();
         let gateway = |pod: &str, redis: &str, store: &str| GatewayEndpoint {
             pod: pod.into(),
             ready: true,
-            backends: Some(Backends { redis: redis.into(), store: store.into() }),
+            backends: Some(Backends { redis: redis.into(), store: store.into(), redis_shards: Vec::new() }),
             ..Default::default()
         };
         let mut observed = all_ready(&cc);

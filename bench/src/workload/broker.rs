@@ -5,12 +5,13 @@
 //! It runs the gateway's own code: `--gateways` `RedisBroker`s in this
 //! process, each with its users' sessions registered, and per send exactly
 //! what a gateway asks of Redis for a one-to-one message to a user on
-//! another gateway: reserve the idempotency key (`SET NX GET`), route (one
-//! script: the recipient's live sessions, one `PUBLISH` to its gateway), and
-//! mark the key done (queued, written in batches). Deliveries are counted
+//! another gateway: reserve the idempotency key (`SET NX GET`, beside a read
+//! of the two markers), route (the users' sessions, `HKEYS` per user slot,
+//! then one `SPUBLISH` to the recipient's gateway), and mark the key done
+//! (queued, written in batches). Deliveries are counted
 //! where the recipient's broker receives them.
 //!
-//! First the raw component in the same run: closed-loop `PUBLISH` with the
+//! First the raw component in the same run: closed-loop `SPUBLISH` with the
 //! same number of requests in flight, the ceiling of one Redis. Then, per
 //! `--rates` step, sends at that rate (open loop: latency from each send's
 //! scheduled time). Redis' CPU is read from `/proc` (its pid from `INFO`).
@@ -47,7 +48,7 @@ pub struct BrokerArgs {
     /// Users with a registered session, spread over the gateways.
     #[arg(long, default_value_t = 10_000)]
     pub users: usize,
-    /// Sends in flight at once (and requests in flight for the raw PUBLISH step).
+    /// Sends in flight at once (and requests in flight for the raw SPUBLISH step).
     #[arg(long = "in-flight", default_value_t = 64)]
     pub in_flight: usize,
     /// Offered sends/s, one step each, comma-separated.
@@ -98,9 +99,9 @@ pub async fn run(ctx: &Context, args: &BrokerArgs) -> anyhow::Result<Value> {
         .and_then(|p| p.trim().parse().ok())
         .context("no process_id in INFO server")?;
 
-    eprintln!("broker: raw PUBLISH, {} in flight, {} s", args.in_flight, args.duration);
-    let raw = raw_publish(&connection, redis_pid, args).await;
-    eprintln!("broker: raw PUBLISH {:.0}/s", raw["rate"].as_f64().unwrap_or(0.0));
+    eprintln!("broker: raw SPUBLISH, {} in flight, {} s", args.in_flight, args.duration);
+    let raw = raw_spublish(&connection, redis_pid, args).await;
+    eprintln!("broker: raw SPUBLISH {:.0}/s", raw["rate"].as_f64().unwrap_or(0.0));
 
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
@@ -159,14 +160,14 @@ pub async fn run(ctx: &Context, args: &BrokerArgs) -> anyhow::Result<Value> {
     Ok(json!({
         "params": {"redis": args.redis, "gateways": args.gateways, "users": args.users,
                    "in_flight": args.in_flight, "duration_s": args.duration, "warmup_s": args.warmup},
-        "raw_publish": raw,
+        "raw_spublish": raw,
         "steps": steps,
     }))
 }
 
-/// Closed-loop `PUBLISH` to a channel nobody listens on: the most one Redis
-/// does for the cheapest command a send needs.
-async fn raw_publish(connection: &redis::aio::MultiplexedConnection, redis_pid: u32, args: &BrokerArgs) -> Value {
+/// Closed-loop `SPUBLISH` (what a forward costs) to a channel nobody
+/// listens on: the most one Redis does for the cheapest command a send needs.
+async fn raw_spublish(connection: &redis::aio::MultiplexedConnection, redis_pid: u32, args: &BrokerArgs) -> Value {
     let done = AtomicU64::new(0);
     let measure_from = Instant::now() + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
@@ -187,7 +188,7 @@ async fn raw_publish(connection: &redis::aio::MultiplexedConnection, redis_pid: 
                     *b = procfs::sample(&[redis_pid]).ok();
                 }
                 let sent: redis::RedisResult<i64> =
-                    redis::cmd("PUBLISH").arg("bench:raw").arg("x").query_async(&mut connection).await;
+                    redis::cmd("SPUBLISH").arg("bench:raw").arg("x").query_async(&mut connection).await;
                 if sent.is_ok() && now >= measure_from {
                     done.fetch_add(1, Relaxed);
                 }

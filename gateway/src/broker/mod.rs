@@ -76,6 +76,19 @@ fn is_zero(ms: &i64) -> bool {
     *ms == 0
 }
 
+/// One master of a Redis Cluster as this gateway sees it (the admin API
+/// reports them; the operator puts them in the ChatCluster's status).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisShardView {
+    /// `host:port` as the cluster announces it.
+    pub master: String,
+    pub slots: u32,
+    pub replicas: Vec<String>,
+    /// This gateway holds its subscriptions there now.
+    pub subscribed: bool,
+}
+
 /// What routing a frame found out.
 #[derive(Debug, Default)]
 pub struct Routed {
@@ -121,6 +134,10 @@ pub trait Broker: Send + Sync + 'static {
     /// True for a broker backed by Redis (the admin API reports its health).
     fn uses_redis(&self) -> bool {
         false
+    }
+    /// A Redis Cluster's masters as last read (empty for one Redis).
+    fn redis_shards(&self) -> Vec<RedisShardView> {
+        Vec::new()
     }
     /// This gateway's load, published for discovery (soon after `ready` or
     /// `draining` change, otherwise with the lease).

@@ -53,9 +53,13 @@ pub struct AdminLoad {
 
 /// Backend health as this gateway sees it: `up`, `down`, or `none` (not used).
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Backends {
     pub redis: &'static str,
     pub store: &'static str,
+    /// A Redis Cluster's masters (absent for one Redis).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub redis_shards: Vec<crate::broker::RedisShardView>,
 }
 
 /// What `DELETE /v1/admin/drain` answers with 200.
@@ -183,7 +187,11 @@ async fn load(State(gateway): State<Arc<Gateway>>) -> Response {
     let store = if gateway.store_health.status() == StoreStatus::Up { "up" } else { "down" };
     json(
         StatusCode::OK,
-        &AdminLoad { load, started_at: rfc3339(gateway.identity.started_at_ms), backends: Backends { redis, store } },
+        &AdminLoad {
+            load,
+            started_at: rfc3339(gateway.identity.started_at_ms),
+            backends: Backends { redis, store, redis_shards: gateway.broker.redis_shards() },
+        },
     )
 }
 

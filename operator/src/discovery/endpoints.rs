@@ -40,9 +40,25 @@ pub struct GatewayEndpoint {
 
 /// Backend health as one gateway reports it: `up`, `down`, or `none` (not used).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Backends {
     pub redis: String,
     pub store: String,
+    /// A Redis Cluster's masters as the gateway sees them (empty for one Redis).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redis_shards: Vec<RedisShard>,
+}
+
+/// One master of a Redis Cluster as one gateway sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisShard {
+    pub master: String,
+    pub slots: u32,
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// The gateway holds its subscriptions there now.
+    pub subscribed: bool,
 }
 
 impl Backends {
@@ -255,7 +271,7 @@ mod tests {
             ready: true,
             draining: false,
             version: "0.1.0".into(),
-            backends: Some(Backends { redis: "up".into(), store: "up".into() }),
+            backends: Some(Backends { redis: "up".into(), store: "up".into(), redis_shards: Vec::new() }),
             load_error: None,
         }
     }
@@ -341,7 +357,8 @@ mod tests {
         assert_eq!(change(|o| o[0].url = "ws://elsewhere/v1/ws".into()), Some(Reason::Address));
         assert_eq!(change(|o| o[0].capacity = 2000), Some(Reason::Address));
         assert_eq!(
-            change(|o| o[1].backends = Some(Backends { redis: "down".into(), store: "up".into() })),
+            change(|o| o[1].backends =
+                Some(Backends { redis: "down".into(), store: "up".into(), redis_shards: Vec::new() })),
             Some(Reason::Backends)
         );
         assert_eq!(change(|o| o[0].connections = 150), Some(Reason::Load), "+50 of 1000 is 5 %");

@@ -169,7 +169,7 @@ mod tests {
             ready: true,
             draining: false,
             version: "0.1.0".into(),
-            backends: Some(endpoints::Backends { redis: "up".into(), store: "up".into() }),
+            backends: Some(endpoints::Backends { redis: "up".into(), store: "up".into(), redis_shards: Vec::new() }),
         }
     }
 

@@ -250,7 +250,10 @@ mod tests {
         assert_eq!(report.pod, "chat-gateway-0");
         assert_eq!((report.connections, report.capacity, report.ready, report.draining), (12, 100, true, false));
         assert_eq!(report.url, "ws://127.1.0.1:8080/v1/ws");
-        assert_eq!(report.backends, Some(Backends { redis: "up".into(), store: "up".into() }));
+        assert_eq!(
+            report.backends,
+            Some(Backends { redis: "up".into(), store: "up".into(), redis_shards: Vec::new() })
+        );
     }
 
     #[tokio::test]

@@ -51,7 +51,7 @@ use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Broker, BrokerError, Frame, GatewayLoad, LocalDelivery, Routed};
+use super::{Broker, BrokerError, Frame, GatewayLoad, LocalDelivery, RedisShardView, Routed};
 use crate::ids::now_ms;
 use wire::{ResyncScope, field_gateway, gateway_sessions_key, seen_key, sessions_key};
 
@@ -184,6 +184,8 @@ pub struct RedisBroker {
     load_changed: Notify,
     /// Every live gateway's load, read at most every second.
     loads: RwLock<(tokio::time::Instant, Vec<GatewayLoad>)>,
+    /// A Redis Cluster's masters as the subscriptions last found them.
+    shards: Mutex<Vec<RedisShardView>>,
     /// Live gateways, read at most every second (routing, transitions and
     /// reaping; presence reads them afresh).
     alive: RwLock<(tokio::time::Instant, HashSet<String>)>,
@@ -232,6 +234,7 @@ impl RedisBroker {
             load_changed: Notify::new(),
             loads: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), Vec::new())),
             alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), HashSet::new())),
+            shards: Mutex::default(),
             control_state: redis::Script::new(wire::CONTROL_STATE_SCRIPT),
             begin_reap_script: redis::Script::new(wire::BEGIN_REAP_SCRIPT),
             end_reap_script: redis::Script::new(wire::END_REAP_SCRIPT),
@@ -590,6 +593,10 @@ impl Broker for RedisBroker {
 
     fn uses_redis(&self) -> bool {
         true
+    }
+
+    fn redis_shards(&self) -> Vec<RedisShardView> {
+        self.shards.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn report_load(&self, load: GatewayLoad) {

@@ -27,6 +27,7 @@ use super::wire::{
     reaping_key, seen_key, sessions_key, worker_key,
 };
 use super::{RedisBroker, unavailable};
+use crate::broker::RedisShardView;
 use crate::broker::{BrokerError, LocalDelivery};
 use crate::ids::now_ms;
 
@@ -343,6 +344,7 @@ impl RedisBroker {
                 }
             };
             delays = retry_delays();
+            self.note_shards(&shards, true);
             self.subscribed.store(true, Ordering::Relaxed);
             if !first {
                 tracing::info!(failures, masters = held.len(), "Redis subscription restored");
@@ -356,8 +358,25 @@ impl RedisBroker {
                 return;
             }
             self.subscribed.store(false, Ordering::Relaxed);
+            self.note_shards(&shards, false);
             tracing::warn!(redis = %self.address, why, "Redis subscription lost; subscribing again");
         }
+    }
+
+    /// Records a Redis Cluster's masters for the admin API (a single
+    /// server, one shard with no address, is not listed).
+    fn note_shards(&self, shards: &[Shard], subscribed: bool) {
+        let views = shards
+            .iter()
+            .filter(|s| !s.address.is_empty())
+            .map(|s| RedisShardView {
+                master: s.address.clone(),
+                slots: s.slots.iter().map(|(low, high)| u32::from(high - low) + 1).sum(),
+                replicas: s.replicas.clone(),
+                subscribed,
+            })
+            .collect();
+        *self.shards.lock().unwrap_or_else(|p| p.into_inner()) = views;
     }
 
     /// Delivers what the subscriptions receive until one of them is lost
