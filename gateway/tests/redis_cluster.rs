@@ -288,7 +288,9 @@ async fn a_master_killed_under_traffic_fails_over_with_no_acked_message_lost() {
     let pairs = [(0, 1), (1, 0), (0, 0), (1, 1)];
     let started = Instant::now();
     let mut killed_at = None;
-    let totals = traffic_through(&urls, &pairs, 300, async {
+    // 500 sends a pair (about 20 s): the failover and the resync after it
+    // (5-7 s here) happen while the receivers are connected.
+    let totals = traffic_through(&urls, &pairs, 500, async {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         cluster.script(&["kill", &victim_node.to_string()]);
         killed_at = Some(Instant::now());
@@ -318,6 +320,7 @@ async fn a_master_killed_under_traffic_fails_over_with_no_acked_message_lost() {
     assert_eq!(totals.acked, totals.sent, "every send is acked in the end: {totals:?}");
     assert_eq!(totals.lost, 0, "acked messages lost: {totals:?}");
     assert_eq!(totals.live + totals.recovered, totals.acked, "{totals:?}");
+    assert_eq!(totals.stranded, 0, "every message missed live was synced on a resync while connected: {totals:?}");
     assert!(
         promoted.as_ref().is_some_and(|p| *p != victim.address && !other_masters.contains(p)),
         "a replica of {} serves its slots now: {masters:?}",
@@ -388,6 +391,7 @@ async fn a_slot_moved_under_traffic_loses_no_subscription_and_no_send() {
     assert_eq!(totals.lost, 0, "acked messages lost: {totals:?}");
     assert_eq!(totals.live + totals.recovered, totals.acked, "{totals:?}");
     assert_eq!(totals.retries, 0, "a client saw an error or no answer (MOVED/CROSSSLOT must stay inside): {totals:?}");
+    assert_eq!(totals.stranded, 0, "every message missed live was synced on a resync while connected: {totals:?}");
     // The subscription followed the slot: probes after the move arrive live.
     let after: Vec<bool> =
         probes.iter().filter(|(at, _)| *at > moved_at + took + Duration::from_secs(2)).map(|p| p.1).collect();
