@@ -238,6 +238,15 @@ async fn routing_presence_and_push_work_with_users_on_every_shard() {
     }
 }
 
+/// Gateway processes `gw-0` and `gw-1` on `cluster` (offline after 30 s),
+/// and their URLs; the spec holds their files.
+async fn two_gateways(cluster: &PrivateRedisCluster) -> (ClusterSpec, [GatewayProcess; 2], Vec<String>) {
+    let spec = ClusterSpec::on(cluster.config(), 30, vec![common::cql_node()], 1).await;
+    let gateways = [GatewayProcess::start(&spec, 0).await, GatewayProcess::start(&spec, 1).await];
+    let urls = gateways.iter().map(GatewayProcess::url).collect();
+    (spec, gateways, urls)
+}
+
 /// A user on gateway 0 sending to one on gateway 1 every 100 ms until
 /// `stop`: when each message was sent, and whether it arrived live.
 async fn probe(from: String, to: String, stop: CancellationToken) -> Vec<(Instant, bool)> {
@@ -273,9 +282,7 @@ fn live_back_after(probes: &[(Instant, bool)], from: Instant) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_master_killed_under_traffic_fails_over_with_no_acked_message_lost() {
     let cluster = PrivateRedisCluster::start().await;
-    let spec = ClusterSpec::on(cluster.config(), 30, vec![common::cql_node()], 1).await;
-    let gateways = [GatewayProcess::start(&spec, 0).await, GatewayProcess::start(&spec, 1).await];
-    let urls: Vec<String> = gateways.iter().map(GatewayProcess::url).collect();
+    let (_spec, gateways, urls) = two_gateways(&cluster).await;
     // The master that carries forwards from gateway 0 to gateway 1.
     let channel = wire::forward_channel(&wire::delivery_partitions(), "gw-0", "gw-1");
     let victim = cluster.owner(&channel).await;
@@ -343,9 +350,7 @@ async fn a_master_killed_under_traffic_fails_over_with_no_acked_message_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_moved_under_traffic_loses_no_subscription_and_no_send() {
     let cluster = PrivateRedisCluster::start().await;
-    let spec = ClusterSpec::on(cluster.config(), 30, vec![common::cql_node()], 1).await;
-    let gateways = [GatewayProcess::start(&spec, 0).await, GatewayProcess::start(&spec, 1).await];
-    let urls: Vec<String> = gateways.iter().map(GatewayProcess::url).collect();
+    let (_spec, gateways, urls) = two_gateways(&cluster).await;
     // Move the slot of the channel gateway 1 hears gateway 0 on (and the
     // owner's slots before it: `reshard` takes them from the start).
     let channel = wire::forward_channel(&wire::delivery_partitions(), "gw-0", "gw-1");

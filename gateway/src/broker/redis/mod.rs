@@ -407,12 +407,23 @@ impl RedisBroker {
 
     /// Session fields of each user (one pipeline per slot, concurrently).
     async fn sessions_of(&self, users: &[String]) -> Result<Vec<Vec<String>>, BrokerError> {
-        let commands = users.iter().map(|u| (sessions_key(u), redis::cmd("HKEYS").arg(sessions_key(u)).clone()));
-        let replies =
-            query_by_slot(&self.connection, commands.collect()).await.map_err(unavailable("reading sessions"))?;
+        self.read_per_user(users, "HKEYS", sessions_key, "reading sessions").await
+    }
+
+    /// `command key` for each user's key, in one pipeline per slot, the
+    /// replies in the order of `users`.
+    async fn read_per_user<T: redis::FromRedisValue>(
+        &self,
+        users: &[String],
+        command: &str,
+        key: fn(&str) -> String,
+        what: &str,
+    ) -> Result<Vec<T>, BrokerError> {
+        let commands = users.iter().map(|u| (key(u), redis::cmd(command).arg(key(u)).clone())).collect();
+        let replies = query_by_slot(&self.connection, commands).await.map_err(unavailable(what))?;
         replies
             .into_iter()
-            .map(|reply| redis::from_redis_value(reply).map_err(|e| BrokerError(format!("reading sessions: {e}"))))
+            .map(|reply| redis::from_redis_value(reply).map_err(|e| BrokerError(format!("{what}: {e}"))))
             .collect()
     }
 
@@ -550,13 +561,7 @@ impl Broker for RedisBroker {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let commands = users.iter().map(|u| (seen_key(u), redis::cmd("GET").arg(seen_key(u)).clone()));
-        let replies =
-            query_by_slot(&self.connection, commands.collect()).await.map_err(unavailable("reading last seen"))?;
-        replies
-            .into_iter()
-            .map(|reply| redis::from_redis_value(reply).map_err(|e| BrokerError(format!("reading last seen: {e}"))))
-            .collect()
+        self.read_per_user(users, "GET", seen_key, "reading last seen").await
     }
 
     async fn group_changed(&self, group: &str) -> Result<(), BrokerError> {
