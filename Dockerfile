@@ -28,23 +28,29 @@ ENV CARGO_TERM_COLOR=never
 # Dependencies first: this layer is rebuilt only when a manifest or the lock
 # file changes. Every workspace member needs its manifest and a target.
 COPY Cargo.toml Cargo.lock ./
+COPY config/Cargo.toml config/
 COPY crds/Cargo.toml crds/
+COPY redis/Cargo.toml redis/
+COPY push/Cargo.toml push/
 COPY operator/Cargo.toml operator/
 COPY gateway/Cargo.toml gateway/
 COPY e2e/Cargo.toml e2e/
 COPY bench/Cargo.toml bench/
-RUN for member in crds operator gateway e2e bench; do \
+RUN for member in config crds redis push operator gateway e2e bench; do \
       mkdir -p "$member/src" && echo 'fn main() {}' >"$member/src/main.rs" && : >"$member/src/lib.rs"; \
     done \
  && cargo build --release --locked -p kubechat-gateway -p kubechat-operator \
- && rm -rf crds/src operator/src gateway/src e2e/src bench/src
+ && rm -rf config/src crds/src redis/src push/src operator/src gateway/src e2e/src bench/src
 
 # The sources. COPY keeps the files' own modification times, which may be
 # older than the stubs above, so touch them or cargo keeps the stubs' build.
+COPY config/ config/
 COPY crds/ crds/
+COPY redis/ redis/
+COPY push/ push/
 COPY operator/ operator/
 COPY gateway/ gateway/
-RUN find crds operator gateway -name '*.rs' -exec touch {} + \
+RUN find config crds redis push operator gateway -name '*.rs' -exec touch {} + \
  && cargo build --release --locked -p kubechat-gateway -p kubechat-operator \
  && mkdir -p /out \
  && cp target/release/kubechat-gateway target/release/kubechat-operator /out/ \

@@ -376,4 +376,25 @@ fn image_names_and_tags_line_up_with_the_chart_and_the_crd() {
         assert!(stage.contains("USER 65532:65532"), "stage {target}: non-root user");
         assert!(stage.contains(&format!("ARG VERSION={version}")), "stage {target}: version label");
     }
+    // The build stage stubs every workspace member (cargo needs them all to
+    // read the workspace), and copies the sources of those the binaries use.
+    let manifest = read("Cargo.toml");
+    let members: Vec<&str> = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("members = ["))
+        .and_then(|l| l.strip_suffix(']'))
+        .expect("a one-line `members = [...]` in Cargo.toml")
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .collect();
+    assert!(members.len() >= 8, "{members:?}");
+    for member in &members {
+        assert!(
+            dockerfile.contains(&format!("COPY {member}/Cargo.toml {member}/")),
+            "the Dockerfile copies {member}/Cargo.toml"
+        );
+    }
+    for used in ["config", "crds", "redis", "push", "operator", "gateway"] {
+        assert!(dockerfile.contains(&format!("COPY {used}/ {used}/")), "the Dockerfile copies the sources of {used}");
+    }
 }

@@ -6,7 +6,8 @@
 //! - [`app`]: wiring of the parts into a running gateway.
 //! - [`config`]: the config file the operator mounts.
 //! - [`client`]: a line-based terminal client.
-//! - [`broker`]: cross-gateway routing and presence state (trait; local and Redis).
+//! - [`broker`]: cross-gateway routing and presence state (trait; local, and Redis
+//!   or a Redis Cluster through `kubechat_redis`).
 //! - [`chat`]: sending, sync, history, groups, presence; the local connection hub (no sockets).
 //! - [`transport`]: hyper + WebSocket, auth, per-connection limits.
 //! - [`ids`]: time-ordered 64-bit ids for messages and inbox positions.
