@@ -411,6 +411,43 @@ async fn an_offline_recipient_gets_one_signed_webhook_per_job() {
 }
 
 #[tokio::test]
+async fn partitioned_streams_and_an_earlier_versions_stream_are_all_consumed() {
+    let fx = Fixture::new().await;
+    let receiver = Receiver::start().await;
+    let bob = fx.user("bob");
+    fx.register(&bob, "phone", Platform::Webhook, "opaque-token").await;
+    // One job on the unpartitioned stream (as an earlier version queued it),
+    // one on each of two partitions.
+    let legacy = fx.enqueue(&bob, &message_id()).await;
+    let partitions = push::partition_streams(&fx.stream, 2);
+    let mut conn = fx.redis.clone();
+    let mut queued = vec![legacy.message_id.clone()];
+    for stream in &partitions {
+        let job = PushJob { message_id: message_id(), ..legacy.clone() };
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("job")
+            .arg(serde_json::to_string(&job).expect("json"))
+            .query_async(&mut conn)
+            .await
+            .expect("XADD");
+        queued.push(job.message_id);
+    }
+    let config = PushWorkerConfig { partitions: 2, ..fx.config("w1", &format!("{}/ok", receiver.url)) };
+    let worker = Worker::start(config);
+    poll_until("3 webhook POSTs", || receiver.delivered().len() >= 3).await;
+    let _ = worker.stop().await;
+    let mut sent: Vec<String> =
+        receiver.requests().iter().map(|r| r.json()["message_id"].as_str().unwrap_or_default().to_string()).collect();
+    sent.sort();
+    queued.sort();
+    assert_eq!(sent, queued, "each job once, from every stream");
+    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&partitions).query_async(&mut conn).await;
+    fx.cleanup().await;
+}
+
+#[tokio::test]
 async fn each_device_is_notified_once_per_message() {
     let fx = Fixture::new().await;
     let receiver = Receiver::start().await;

@@ -22,8 +22,10 @@
 //! Redis keys:
 //! Jobs are spread over [`PUSH_PARTITIONS`] streams by user (`kubechat:push:{tag}`, the tags
 //! spread over the slots, so a Redis Cluster spreads them over its masters); each worker
-//! consumes every partition. The keys about a stream's entries start with its name and so
-//! carry its tag: one slot, so the atomic steps over several of them work on a cluster.
+//! consumes every partition, and the unpartitioned `kubechat:push` too while an earlier version
+//! left jobs there (an upgrade sends them rather than leaving them behind). The keys about a
+//! stream's entries start with its name and so carry its tag: one slot, so the atomic steps over
+//! several of them work on a cluster.
 //! - `kubechat:push-targets:{user}`: hash, device id → `{"platform":"webhook"|"fcm"|"apns","token":"…"}`
 //!   (tagged with the user, as the broker's keys of the user).
 //! - `kubechat:push:{tag}` ([`PushWorkerConfig::stream`] and a partition's tag): a job stream,

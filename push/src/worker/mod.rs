@@ -91,8 +91,15 @@ pub async fn run_push_worker_with(
     };
     // Every partition is consumed here: one loop each, on a connection of its own for the
     // blocking read, sharing the rest (the connection for other commands, the bound on sends).
-    let streams = crate::job::partition_streams(&config.stream, config.partitions);
-    let dead = crate::job::partition_streams(&config.dead_letter_stream, config.partitions);
+    let mut streams = crate::job::partition_streams(&config.stream, config.partitions);
+    let mut dead = crate::job::partition_streams(&config.dead_letter_stream, config.partitions);
+    if config.partitions > 1 && legacy_stream_exists(&conn, &config.stream).await {
+        // An earlier version queued every job on the unpartitioned stream:
+        // its jobs are sent too, not left behind by an upgrade.
+        tracing::info!(stream = %config.stream, "consuming the jobs an earlier version queued unpartitioned");
+        streams.push(config.stream.clone());
+        dead.push(config.dead_letter_stream.clone());
+    }
     let sends = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_sends));
     let per_partition_in_flight = config.max_in_flight.div_ceil(streams.len()).max(1);
     let mut partitions = Vec::with_capacity(streams.len());
@@ -204,6 +211,13 @@ async fn connect(
             }
         }
     }
+}
+
+/// The unpartitioned stream of an earlier version holds entries (an error
+/// counts as no: its jobs then wait for the next start).
+async fn legacy_stream_exists(conn: &Connection, stream: &str) -> bool {
+    let len: redis::RedisResult<u64> = redis::cmd("XLEN").arg(stream).query_async(&mut conn.clone()).await;
+    len.is_ok_and(|n| n > 0)
 }
 
 /// Sleeps after the `failures`-th consecutive error; false if shut down meanwhile.
