@@ -264,16 +264,15 @@ impl Fixture {
     }
 
     async fn enqueue_job(&self, job: &PushJob) {
+        self.enqueue_job_on(&self.stream, job).await;
+    }
+
+    /// Queues `job` on `stream` (a partition of the test's stream).
+    async fn enqueue_job_on(&self, stream: &str, job: &PushJob) {
         let mut conn = self.redis.clone();
         let payload = serde_json::to_string(job).expect("json");
-        let _: String = redis::cmd("XADD")
-            .arg(&self.stream)
-            .arg("*")
-            .arg("job")
-            .arg(payload)
-            .query_async(&mut conn)
-            .await
-            .expect("XADD");
+        let _: String =
+            redis::cmd("XADD").arg(stream).arg("*").arg("job").arg(payload).query_async(&mut conn).await.expect("XADD");
         let mut keys = self.keys.lock().expect("lock");
         keys.push(push::pushed_key(&self.stream, &job.message_id, "*"));
     }
@@ -424,14 +423,7 @@ async fn partitioned_streams_and_an_earlier_versions_stream_are_all_consumed() {
     let mut queued = vec![legacy.message_id.clone()];
     for stream in &partitions {
         let job = PushJob { message_id: message_id(), ..legacy.clone() };
-        let _: String = redis::cmd("XADD")
-            .arg(stream)
-            .arg("*")
-            .arg("job")
-            .arg(serde_json::to_string(&job).expect("json"))
-            .query_async(&mut conn)
-            .await
-            .expect("XADD");
+        fx.enqueue_job_on(stream, &job).await;
         queued.push(job.message_id);
     }
     let config = PushWorkerConfig { partitions: 2, ..fx.config("w1", &format!("{}/ok", receiver.url)) };

@@ -139,7 +139,7 @@ impl OwedResyncs {
 /// The shared state as [`wire::CONTROL_STATE_SCRIPT`] read it.
 struct ControlState {
     epoch: i64,
-    live: HashSet<String>,
+    live: Arc<HashSet<String>>,
     unregistered: i64,
 }
 
@@ -188,7 +188,8 @@ pub struct RedisBroker {
     shards: Mutex<Vec<RedisShardView>>,
     /// Live gateways, read at most every second (routing, transitions and
     /// reaping; presence reads them afresh).
-    alive: RwLock<(tokio::time::Instant, HashSet<String>)>,
+    /// Shared, not copied: every send reads it.
+    alive: RwLock<(tokio::time::Instant, Arc<HashSet<String>>)>,
     control_state: redis::Script,
     begin_reap_script: redis::Script,
     end_reap_script: redis::Script,
@@ -233,7 +234,7 @@ impl RedisBroker {
             load: Mutex::new(None),
             load_changed: Notify::new(),
             loads: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), Vec::new())),
-            alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), HashSet::new())),
+            alive: RwLock::new((tokio::time::Instant::now() - Duration::from_secs(60), Arc::default())),
             shards: Mutex::default(),
             control_state: redis::Script::new(wire::CONTROL_STATE_SCRIPT),
             begin_reap_script: redis::Script::new(wire::BEGIN_REAP_SCRIPT),
@@ -353,7 +354,7 @@ impl RedisBroker {
             .await
             .map_err(unavailable("reading the gateways' leases"))?;
         self.epoch_ms.store(epoch, Ordering::Relaxed);
-        let live: HashSet<String> = live.into_iter().collect();
+        let live: Arc<HashSet<String>> = Arc::new(live.into_iter().collect());
         *self.alive.write().await = (tokio::time::Instant::now(), live.clone());
         Ok(ControlState { epoch, live, unregistered })
     }
@@ -380,7 +381,7 @@ impl RedisBroker {
     }
 
     /// Gateways whose lease has not run out, as read within the last second.
-    async fn alive_gateways(&self) -> Result<HashSet<String>, BrokerError> {
+    async fn alive_gateways(&self) -> Result<Arc<HashSet<String>>, BrokerError> {
         {
             let cached = self.alive.read().await;
             if cached.0.elapsed() < Duration::from_secs(1) {
@@ -396,7 +397,7 @@ impl RedisBroker {
     async fn alive_including<'a>(
         &self,
         named: impl IntoIterator<Item = &'a str>,
-    ) -> Result<HashSet<String>, BrokerError> {
+    ) -> Result<Arc<HashSet<String>>, BrokerError> {
         let alive = self.alive_gateways().await?;
         let fresh = self.alive.read().await.0.elapsed() < Duration::from_millis(50);
         if !fresh && named.into_iter().any(|g| !alive.contains(g)) {
@@ -419,7 +420,14 @@ impl RedisBroker {
         key: fn(&str) -> String,
         what: &str,
     ) -> Result<Vec<T>, BrokerError> {
-        let commands = users.iter().map(|u| (key(u), redis::cmd(command).arg(key(u)).clone())).collect();
+        let commands = users
+            .iter()
+            .map(|u| {
+                let key = key(u);
+                let cmd = redis::cmd(command).arg(&key).clone();
+                (key, cmd)
+            })
+            .collect();
         let replies = query_by_slot(&self.connection, commands).await.map_err(unavailable(what))?;
         replies
             .into_iter()

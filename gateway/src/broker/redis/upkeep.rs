@@ -680,7 +680,7 @@ impl RedisBroker {
             if users.is_empty() {
                 return Ok(offline);
             }
-            let alive: Vec<String> = self.read_control().await?.live.into_iter().collect();
+            let alive: Vec<String> = self.read_control().await?.live.iter().cloned().collect();
             let drops = users.iter().map(|user| {
                 let mut invocation = self.drop_sessions_script.key(sessions_key(user));
                 invocation.key(seen_key(user)).arg(gateway).arg(now_ms()).arg(&alive);
