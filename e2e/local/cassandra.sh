@@ -67,6 +67,16 @@ cmd_install() {
     log "cassandra $CASSANDRA_VERSION already installed in $C_HOME"
     return 0
   fi
+  # The single node and the cluster's three start at once: one installs,
+  # the others wait for it (they used to copy into one folder together).
+  mkdir -p "$C_HOME"
+  exec {install_lock}>"$C_HOME.install.lock"
+  flock -w 1800 "$install_lock" || die "another cassandra.sh install held $C_HOME.install.lock for 30 minutes"
+  if installed; then
+    log "cassandra $CASSANDRA_VERSION installed meanwhile by another start"
+    exec {install_lock}>&-
+    return 0
+  fi
   command -v mvn >/dev/null 2>&1 || apt_install maven
   command -v mvn >/dev/null 2>&1 || die "mvn not found after installing maven"
   log "fetching org.apache.cassandra:cassandra-all:$CASSANDRA_VERSION and its runtime dependencies from Maven Central"
@@ -104,6 +114,7 @@ EOF
   mv "$tmp" "$C_LIB"
   echo "$CASSANDRA_VERSION $(find "$C_LIB" -name '*.jar' | wc -l) jars" >"$C_MARKER"
   log "installed $(cat "$C_MARKER") in $C_LIB"
+  exec {install_lock}>&-
 }
 
 # ---------------------------------------------------------------------------

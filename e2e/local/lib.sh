@@ -95,7 +95,12 @@ apt_install() {
   ((${#missing[@]} == 0)) && return 0
   log "installing Debian packages: ${missing[*]}"
   local sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
-  $sudo apt-get update -qq || die "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \
+  # Components start in parallel: one apt at a time (dpkg's own lock refuses the second).
+  mkdir -p "$KUBECHAT_CACHE"
+  exec {apt_lock}>"$KUBECHAT_CACHE/apt.lock"
+  flock "$apt_lock"
+  $sudo apt-get -o DPkg::Lock::Timeout=300 update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
+  exec {apt_lock}>&-
 }
