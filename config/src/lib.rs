@@ -64,6 +64,9 @@ pub struct GatewayConfig {
     /// Informational: where the operator publishes the gateways' endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Discovery>,
+    /// Serve the web client at `/` on the WebSocket port.
+    #[serde(default)]
+    pub web_client: bool,
 }
 
 impl GatewayConfig {

@@ -115,6 +115,10 @@ pub struct GatewaySpec {
     /// How the operator replaces gateways when their pod template changes.
     #[serde(default)]
     pub rollout: RolloutSpec,
+    /// Serve the web client at `/` on the client port. It signs in with a
+    /// token from your login service (a clustered gateway mints none).
+    #[serde(default)]
+    pub web_client: bool,
 }
 
 impl Default for GatewaySpec {
@@ -129,6 +133,7 @@ impl Default for GatewaySpec {
             autoscale: None,
             discovery: DiscoverySpec::default(),
             rollout: RolloutSpec::default(),
+            web_client: false,
         }
     }
 }

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs (if missing) and starts every local component in parallel:
 # Redis, Cassandra, the three-node Cassandra cluster (store-node failure
-# tests), the Kubernetes control plane and the Centrifugo binary (the
-# benchmark's peer; the bench crate's tests run it). Fails naming each
+# tests), the Kubernetes control plane, the Centrifugo binary (the
+# benchmark's peer; the bench crate's tests run it) and Chromium with its
+# WebDriver (the web client's browser tests). Fails naming each
 # component that did not come up.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 HERE="$(dirname "${BASH_SOURCE[0]}")"
 
-components=(redis cassandra cassandra-cluster control-plane centrifugo)
+components=(redis cassandra cassandra-cluster control-plane centrifugo chromium)
 declare -A pids
 for c in "${components[@]}"; do
   args=(start)

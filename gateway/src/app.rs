@@ -42,6 +42,8 @@ pub struct GatewayOptions {
     pub limits: ConnectionLimits,
     pub max_connections: usize,
     pub dev_tokens: bool,
+    /// Serve the web client at `/` (standalone: always; clustered: `webClient`).
+    pub web_client: bool,
     /// Unique among running gateways (the StatefulSet ordinal).
     pub worker_id: u16,
     /// The gateway id (the pod name) discovery and the operator know it by.
@@ -63,6 +65,7 @@ impl Default for GatewayOptions {
             limits: ConnectionLimits::default(),
             max_connections: 100_000,
             dev_tokens: false,
+            web_client: false,
             worker_id: 0,
             gateway_id: "standalone".into(),
             advertise_url: None,
@@ -193,6 +196,7 @@ pub async fn start(
         max_frame_bytes,
         websocket: Gateway::websocket_config(max_frame_bytes),
         dev_tokens: options.dev_tokens,
+        web_client: options.web_client,
         admin_token: options.admin_token.clone(),
         ready: Arc::new(AtomicBool::new(true)),
         connection_slots: Arc::new(Semaphore::new(options.max_connections)),

@@ -38,9 +38,11 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, default_value = DEFAULT_LISTEN)]
         listen: SocketAddr,
-        /// Serve GET /dev/token?user=…&device=… (development only).
-        #[arg(long)]
-        dev_tokens: bool,
+        /// Serve GET /dev/token?user=…&device=…, which mints a token for
+        /// anyone who asks (development only). Default: on when listening on
+        /// a loopback address (the web client signs in with it), else off.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        dev_tokens: Option<bool>,
     },
     /// A gateway of a ChatCluster (ScyllaDB + Redis), configured by the operator's file.
     Gateway {
@@ -165,12 +167,19 @@ async fn main() -> anyhow::Result<()> {
             let key = local_signing_key(&data_dir)?;
             let store = Arc::new(EmbeddedStore::open(&data_dir).context("opening the embedded store")?);
             let floor = store.max_id().await.context("reading the newest stored id")?;
-            let options = GatewayOptions { listen, dev_tokens, ..GatewayOptions::default() };
+            let dev_tokens = dev_tokens.unwrap_or(listen.ip().is_loopback());
+            let options = GatewayOptions { listen, dev_tokens, web_client: true, ..GatewayOptions::default() };
             let auth = Authenticator::new(&key).context("loading the signing key")?;
             let running = app::start(store.clone(), Arc::new(store), BrokerSetup::Local, auth, floor, options)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             println!("kubechat standalone gateway on {} (data in {})", running.ws_url(), data_dir.display());
+            let web = format!("http://{listen}/");
+            if dev_tokens {
+                println!("web client: open {web} in two browser tabs and sign in as two users");
+            } else {
+                println!("web client: {web} (no development tokens: paste a token to sign in)");
+            }
             let from_here = if data_dir == Path::new(DEFAULT_DATA_DIR) { " (from this directory)" } else { "" };
             println!("chat from two terminals{from_here}:");
             println!("  {}", chat_command("alice", listen, &data_dir));
@@ -247,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
                 limits: ConnectionLimits { idle_timeout: file.chat.idle_timeout(), ..ConnectionLimits::default() },
                 max_connections: file.max_connections,
                 dev_tokens: false,
+                web_client: file.web_client,
                 worker_id,
             };
             let auth = Authenticator::new(&key).context("loading the signing key")?;

@@ -31,6 +31,10 @@ pub struct Metrics {
     /// Live forwards to other gateways that failed (Redis unreachable); the
     /// recipients are sent a `resync` once Redis answers.
     pub forward_failures: IntCounter,
+    /// `mark` requests that moved a read or delivery marker forward.
+    pub markers_moved: IntCounter,
+    /// `typing` frames relayed to a channel's other members.
+    pub typing_relayed: IntCounter,
     /// Presence transitions or offline announcements dropped because their
     /// queue was full (the sessions are reconciled with Redis instead).
     pub presence_dropped: IntCounter,
@@ -105,6 +109,8 @@ impl Metrics {
                 "Fan-outs that waited for a backlogged receiver, slowing their sender",
             ),
             forward_failures: counter("forward_failures_total", "Live forwards to other gateways that failed"),
+            markers_moved: counter("markers_moved_total", "Read or delivery markers moved forward"),
+            typing_relayed: counter("typing_relayed_total", "Typing indicators relayed to a channel's members"),
             presence_dropped: counter(
                 "presence_dropped_total",
                 "Presence transitions or offline announcements dropped from a full queue",
@@ -154,6 +160,8 @@ impl Metrics {
             Box::new(metrics.slow_consumers.clone()),
             Box::new(metrics.backpressure_waits.clone()),
             Box::new(metrics.forward_failures.clone()),
+            Box::new(metrics.markers_moved.clone()),
+            Box::new(metrics.typing_relayed.clone()),
             Box::new(metrics.presence_changes.clone()),
             Box::new(metrics.broker_healthy.clone()),
             Box::new(metrics.store_up.clone()),

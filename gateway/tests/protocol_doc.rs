@@ -5,7 +5,7 @@
 use kubechat_gateway::protocol::frames::CLIENT_TYPES;
 use kubechat_gateway::protocol::{ErrorCode, Limits, decode};
 
-const SERVER_TYPES: [&str; 13] = [
+const SERVER_TYPES: [&str; 17] = [
     "hello",
     "reconnect",
     "ack",
@@ -19,6 +19,10 @@ const SERVER_TYPES: [&str; 13] = [
     "ok",
     "error",
     "resync",
+    "receipt",
+    "receipts",
+    "typing",
+    "overview",
 ];
 
 fn doc() -> String {

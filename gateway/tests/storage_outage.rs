@@ -16,7 +16,7 @@ use common::{Client, KEY};
 use kubechat_gateway::app::{self, BrokerSetup, GatewayOptions};
 use kubechat_gateway::store::embedded::EmbeddedStore;
 use kubechat_gateway::store::{
-    Group, InboxEntry, Join, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored,
+    Group, InboxEntry, Join, Markers, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored,
 };
 use kubechat_gateway::transport::auth::Authenticator;
 use serde_json::json;
@@ -102,6 +102,18 @@ impl Store for FlakyStore {
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
         self.check()?;
         self.inner.channels_of(user).await
+    }
+    async fn advance_markers(&self, user: &str, channel: &str, markers: Markers) -> StoreResult<()> {
+        self.check()?;
+        self.inner.advance_markers(user, channel, markers).await
+    }
+    async fn markers_of(&self, user: &str) -> StoreResult<std::collections::HashMap<String, Markers>> {
+        self.check()?;
+        self.inner.markers_of(user).await
+    }
+    async fn channel_markers(&self, channel: &str, users: &[String]) -> StoreResult<Vec<Markers>> {
+        self.check()?;
+        self.inner.channel_markers(channel, users).await
     }
 }
 

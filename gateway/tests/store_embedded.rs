@@ -29,6 +29,12 @@ async fn one_to_one_round_trip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markers_only_move_forward() {
+    let (_dir, store) = open();
+    store_suite::markers_only_move_forward(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_key_is_stored_once() {
     let (_dir, store) = open();
     store_suite::a_retried_key_is_stored_once(&store).await;

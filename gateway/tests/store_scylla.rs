@@ -270,6 +270,14 @@ async fn suite_the_member_limit_holds_under_racing_joins() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_markers_only_move_forward() {
+    with_keyspace(|node, ks| async move {
+        store_suite::markers_only_move_forward(&connect(&node, &ks).await).await;
+    })
+    .await;
+}
+
 // What only the CQL store has.
 
 /// Several gateways (independent stores on one keyspace, each with its own

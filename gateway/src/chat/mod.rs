@@ -9,6 +9,7 @@
 //! - [`presence`]: sessions for presence (heartbeat grace window), status
 //!   fan-out to friends and presence requests.
 //! - [`push`]: the queue of notifications for users with no connected device.
+//! - [`receipts`]: read markers, typing indicators and the channel overview.
 //!
 //! Other gateways are reached through the [`Broker`].
 
@@ -18,6 +19,7 @@ pub mod hub;
 pub mod members;
 pub mod presence;
 pub mod push;
+pub mod receipts;
 pub mod resync;
 pub mod send;
 
@@ -375,6 +377,15 @@ impl ChatService {
                 self.hub.kick_device(&session.user, &session.device, Kick::LoggedOut);
                 Ok(ServerFrame::Ok { req: req.clone() })
             }
+            ClientFrame::Mark { channel, delivered_up_to, read_up_to, .. } => {
+                self.mark(session, req.clone(), channel, delivered_up_to, read_up_to).await
+            }
+            ClientFrame::Receipts { channel, .. } => self.receipts(session, req.clone(), channel).await,
+            ClientFrame::Typing { channel, typing, .. } => match self.typing(session, &channel, typing).await {
+                Ok(()) => return Handled { reply: None, fan_out: None },
+                Err(e) => Err(e),
+            },
+            ClientFrame::Overview { .. } => self.overview(session, req.clone()).await,
             ClientFrame::RegisterPush { platform, token, .. } => {
                 let target = kubechat_push::PushTarget::new(session.device.clone(), platform, token);
                 match self.push.register_target(&session.user, &target).await {

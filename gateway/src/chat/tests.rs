@@ -9,7 +9,7 @@ use super::*;
 use crate::broker::LocalBroker;
 use crate::protocol::Recipient;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{Group, InboxEntry, Join, Message, NewMessage, StoreResult, Stored};
+use crate::store::{Group, InboxEntry, Join, Markers, Message, NewMessage, StoreResult, Stored};
 
 /// The real embedded store, whose next message write can be made to fail.
 struct FailNextWrite {
@@ -57,6 +57,15 @@ impl Store for FailNextWrite {
     }
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
         self.inner.channels_of(user).await
+    }
+    async fn advance_markers(&self, user: &str, channel: &str, markers: Markers) -> StoreResult<()> {
+        self.inner.advance_markers(user, channel, markers).await
+    }
+    async fn markers_of(&self, user: &str) -> StoreResult<std::collections::HashMap<String, Markers>> {
+        self.inner.markers_of(user).await
+    }
+    async fn channel_markers(&self, channel: &str, users: &[String]) -> StoreResult<Vec<Markers>> {
+        self.inner.channel_markers(channel, users).await
     }
 }
 

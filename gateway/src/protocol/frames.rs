@@ -9,7 +9,7 @@ use crate::names::{Platform, PushTarget, valid_name};
 use crate::store::{InboxEntry, Message};
 
 /// Every `type` a client may send.
-pub const CLIENT_TYPES: [&str; 12] = [
+pub const CLIENT_TYPES: [&str; 16] = [
     "send",
     "sync",
     "history",
@@ -22,12 +22,19 @@ pub const CLIENT_TYPES: [&str; 12] = [
     "heartbeat",
     "logout",
     "register_push",
+    "mark",
+    "receipts",
+    "typing",
+    "overview",
 ];
 
 /// Longest group name, in characters.
 pub const MAX_GROUP_NAME_CHARS: usize = 100;
 /// Most users one `presence` request may ask about.
 pub const MAX_PRESENCE_USERS: usize = 500;
+/// How long a `typing` indicator shows unless repeated (clients repeat it
+/// every [`TYPING_TTL_MS`] / 2 while the user types).
+pub const TYPING_TTL_MS: u64 = 6_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -106,6 +113,38 @@ pub enum ClientFrame {
         platform: Platform,
         token: String,
     },
+    /// Moves this user's markers in `channel` forward: up to which message
+    /// it was delivered to a device, and up to which it was read.
+    Mark {
+        req: Option<String>,
+        channel: String,
+        #[serde(default, deserialize_with = "opt_id_or_string")]
+        delivered_up_to: Option<u64>,
+        #[serde(default, deserialize_with = "opt_id_or_string")]
+        read_up_to: Option<u64>,
+    },
+    /// Every member's markers in `channel` (on demand: groups push receipts
+    /// to a message's sender only).
+    Receipts {
+        req: Option<String>,
+        channel: String,
+    },
+    /// This user is typing in `channel` (or stopped: `typing: false`).
+    /// Ephemeral: relayed to the other members online, never stored.
+    Typing {
+        req: Option<String>,
+        channel: String,
+        #[serde(default = "yes")]
+        typing: bool,
+    },
+    /// Every channel of this user with its last message, unread count and markers.
+    Overview {
+        req: Option<String>,
+    },
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ClientFrame {
@@ -122,7 +161,11 @@ impl ClientFrame {
             | ClientFrame::Presence { req, .. }
             | ClientFrame::Heartbeat { req }
             | ClientFrame::Logout { req }
-            | ClientFrame::RegisterPush { req, .. } => req.as_deref(),
+            | ClientFrame::RegisterPush { req, .. }
+            | ClientFrame::Mark { req, .. }
+            | ClientFrame::Receipts { req, .. }
+            | ClientFrame::Typing { req, .. }
+            | ClientFrame::Overview { req } => req.as_deref(),
         }
     }
 
@@ -136,6 +179,13 @@ impl ClientFrame {
         };
         let check_user = |user: &str| {
             if valid_name(user) { Ok(()) } else { invalid(format!("{user:?} is not a valid user id")) }
+        };
+        let check_channel = |channel: &str| {
+            if channel.is_empty() || channel.len() > 160 {
+                invalid("channel must be 1 to 160 bytes".into())
+            } else {
+                Ok(())
+            }
         };
         let check_group = |group: &str| {
             if is_group_channel(group) && group.len() <= 64 {
@@ -171,9 +221,7 @@ impl ClientFrame {
                 if before.is_some() && after.is_some() {
                     return invalid("give before or after, not both".into());
                 }
-                if channel.is_empty() || channel.len() > 160 {
-                    return invalid("channel must be 1 to 160 bytes".into());
-                }
+                check_channel(channel)?;
                 check_page(limit)
             }
             ClientFrame::CreateGroup { name, members, .. } => {
@@ -208,7 +256,19 @@ impl ClientFrame {
                     .validate()
                     .or_else(|e| invalid(format!("invalid push target: {e}")))
             }
-            ClientFrame::ListChannels { .. } | ClientFrame::Heartbeat { .. } | ClientFrame::Logout { .. } => Ok(()),
+            ClientFrame::Mark { channel, delivered_up_to, read_up_to, .. } => {
+                check_channel(channel)?;
+                match (delivered_up_to, read_up_to) {
+                    (None, None) => invalid("give delivered_up_to, read_up_to or both".into()),
+                    (Some(0), _) | (_, Some(0)) => invalid("a marker names a message id, not 0".into()),
+                    _ => Ok(()),
+                }
+            }
+            ClientFrame::Receipts { channel, .. } | ClientFrame::Typing { channel, .. } => check_channel(channel),
+            ClientFrame::ListChannels { .. }
+            | ClientFrame::Heartbeat { .. }
+            | ClientFrame::Logout { .. }
+            | ClientFrame::Overview { .. } => Ok(()),
         }
     }
 }
@@ -302,6 +362,37 @@ pub struct WirePresence {
     pub last_active_ms: Option<i64>,
 }
 
+/// One user's markers in a channel (message ids; `"0"`: none yet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WireReceipt {
+    pub user: String,
+    #[serde(serialize_with = "id_string")]
+    pub delivered_up_to: u64,
+    #[serde(serialize_with = "id_string")]
+    pub read_up_to: u64,
+}
+
+/// One channel of the `overview`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WireChannel {
+    pub channel: String,
+    /// A group's name (`null` for a direct channel: name it by the peer).
+    pub name: Option<String>,
+    /// The newest message (`null` for a channel without any yet).
+    pub last: Option<WireMessage>,
+    /// Messages from others after the read marker, counted up to
+    /// [`MAX_UNREAD`]; `unread_capped` says there are more.
+    pub unread: usize,
+    pub unread_capped: bool,
+    #[serde(serialize_with = "id_string")]
+    pub delivered_up_to: u64,
+    #[serde(serialize_with = "id_string")]
+    pub read_up_to: u64,
+}
+
+/// Unread messages counted per channel at most (shown as "99+").
+pub const MAX_UNREAD: usize = 99;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
@@ -385,6 +476,33 @@ pub enum ServerFrame {
     /// Live delivery may have skipped messages: sync from your cursor.
     Resync {
         reason: String,
+    },
+    /// A user's markers in a channel moved: the reply to `mark` (with its
+    /// `req`), and live to the user's other devices and to the sender of
+    /// the message they name.
+    Receipt {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        req: Option<String>,
+        channel: String,
+        #[serde(flatten)]
+        receipt: WireReceipt,
+    },
+    Receipts {
+        req: Option<String>,
+        channel: String,
+        receipts: Vec<WireReceipt>,
+    },
+    /// Someone in `channel` is typing (until `expires_ms` from now unless
+    /// repeated), or stopped.
+    Typing {
+        channel: String,
+        user: String,
+        typing: bool,
+        expires_ms: u64,
+    },
+    Overview {
+        req: Option<String>,
+        channels: Vec<WireChannel>,
     },
 }
 

@@ -10,7 +10,7 @@ pub mod frames;
 
 pub use crate::names::{MAX_NAME_LEN, valid_name};
 pub use errors::{ErrorCode, ProtocolError};
-pub use frames::{ClientFrame, Recipient, ServerFrame, WireInboxEntry, WireMessage};
+pub use frames::{ClientFrame, Recipient, ServerFrame, WireChannel, WireInboxEntry, WireMessage, WireReceipt};
 
 /// Version spoken on `/v1/ws`.
 pub const PROTOCOL_VERSION: u32 = 1;

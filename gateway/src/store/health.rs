@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use prometheus::IntGauge;
 use tokio_util::sync::CancellationToken;
 
-use super::{Group, InboxEntry, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
+use super::{Group, InboxEntry, Markers, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
 
 /// How the store looked at the last operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +160,15 @@ impl Store for CheckedStore {
     }
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>> {
         self.seen(self.inner.channels_of(user).await)
+    }
+    async fn advance_markers(&self, user: &str, channel: &str, markers: Markers) -> StoreResult<()> {
+        self.seen(self.inner.advance_markers(user, channel, markers).await)
+    }
+    async fn markers_of(&self, user: &str) -> StoreResult<std::collections::HashMap<String, Markers>> {
+        self.seen(self.inner.markers_of(user).await)
+    }
+    async fn channel_markers(&self, channel: &str, users: &[String]) -> StoreResult<Vec<Markers>> {
+        self.seen(self.inner.channel_markers(channel, users).await)
     }
     async fn ping(&self) -> StoreResult<()> {
         self.seen(self.inner.ping().await)

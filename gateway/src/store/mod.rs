@@ -15,6 +15,9 @@
 //! - sends: `(sender, idempotency key) → message id`, so a retried send is
 //!   stored once.
 //! - groups and memberships, both directions (members of a group; channels of a user).
+//! - read markers: `(user, channel) → (delivered_up_to, read_up_to)`, one row
+//!   per user per channel that only moves forward (no counters: unread
+//!   counts derive from the read marker and the history).
 //!
 //! Contract shared by both implementations (and checked by one test suite
 //! run against each): a write returns only once it is durable; reads see
@@ -110,6 +113,26 @@ pub enum Join {
     },
 }
 
+/// Where a user has got to in one channel: the newest message delivered to
+/// one of their devices and the newest they read, "up to" markers as
+/// Matrix's `m.read` and XMPP's chat markers (XEP-0333) define them. Message
+/// ids; 0 for none yet. They only move forward, and read implies delivered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Markers {
+    pub delivered_up_to: u64,
+    pub read_up_to: u64,
+}
+
+impl Markers {
+    /// Both markers at least as far as `other`'s (and delivered at least as
+    /// far as read): the order of merges never matters, so racing devices
+    /// and retried writes end in the same place.
+    pub fn merge(self, other: Markers) -> Markers {
+        let read_up_to = self.read_up_to.max(other.read_up_to);
+        Markers { delivered_up_to: self.delivered_up_to.max(other.delivered_up_to).max(read_up_to), read_up_to }
+    }
+}
+
 /// Which side of a message id a history page lies on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Page {
@@ -182,6 +205,14 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Channels a user takes part in (groups and direct chats), sorted.
     async fn channels_of(&self, user: &str) -> StoreResult<Vec<String>>;
+
+    /// Moves `user`'s markers in `channel` forward to `markers` (each
+    /// stored marker becomes the larger: [`Markers::merge`]); never back.
+    async fn advance_markers(&self, user: &str, channel: &str, markers: Markers) -> StoreResult<()>;
+    /// `user`'s markers in every channel where they have any.
+    async fn markers_of(&self, user: &str) -> StoreResult<std::collections::HashMap<String, Markers>>;
+    /// The markers of each of `users` in `channel` (the default for none), in order.
+    async fn channel_markers(&self, channel: &str, users: &[String]) -> StoreResult<Vec<Markers>>;
 
     /// A cheap read that succeeds while the store answers (health probes).
     async fn ping(&self) -> StoreResult<()> {

@@ -118,6 +118,12 @@ impl RateLimiter {
     }
 }
 
+/// `typing` frames a connection may send per second, and in a burst: a
+/// client repeats one every few seconds while its user types (protocol
+/// docs), so more is a flood, refused with `rate_limited`.
+const TYPING_PER_SECOND: f64 = 1.0;
+const TYPING_BURST: f64 = 3.0;
+
 /// The heartbeat as docs/protocol.md spells it: recognised without decoding.
 const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
 
@@ -259,6 +265,8 @@ type Slot<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
 struct State {
     session: Arc<Session>,
     limiter: RateLimiter,
+    /// `typing` frames, on top of `limiter` (a relay reaches every member).
+    typing: RateLimiter,
     /// When the client last sent a frame: any frame counts as a heartbeat.
     last_heard: Instant,
     /// The request being handled, the fan-out running and those waiting.
@@ -317,6 +325,13 @@ impl State {
     fn request(&mut self, text: Utf8Bytes, chat: &Arc<ChatService>) -> Step {
         let reply = match protocol::decode(text.as_str(), &chat.config().limits) {
             Ok(ClientFrame::Heartbeat { .. }) => None,
+            Ok(ClientFrame::Typing { req, .. })
+                if !self.typing.allow(Instant::now(), TYPING_PER_SECOND, TYPING_BURST) =>
+            {
+                let refused =
+                    ProtocolError::new(ErrorCode::RateLimited, "too many typing frames; send one every few seconds");
+                Some(ServerFrame::from(refused.with_req(req)))
+            }
             Ok(frame) => {
                 let (chat, session) = (Arc::clone(chat), Arc::clone(&self.session));
                 self.pending = Some(Box::pin(async move { chat.handle(&session, frame).await }));
@@ -489,6 +504,7 @@ pub fn serve(mut accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
         let mut state = State {
             session,
             limiter: RateLimiter::new(gateway.limits.burst),
+            typing: RateLimiter::new(TYPING_BURST),
             last_heard: Instant::now(),
             pending: None,
             fanning: None,

@@ -1,6 +1,6 @@
 //! HTTP and WebSocket: hyper serves `/v1/ws` (upgraded to a WebSocket after
-//! the token checks out), `/healthz`, `/readyz`, `/metrics` and, in
-//! development mode only, `/dev/token`.
+//! the token checks out), `/healthz`, `/readyz`, `/metrics`, the web client
+//! ([`web`], where enabled) and, in development mode only, `/dev/token`.
 //!
 //! - [`auth`]: token verification (and minting for development).
 //! - [`connection`]: the loop of one WebSocket connection.
@@ -13,6 +13,7 @@ pub mod connection;
 pub mod discovery;
 pub mod drain;
 pub mod socket;
+pub mod web;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -70,6 +71,8 @@ pub struct Gateway {
     pub websocket: WebSocketConfig,
     /// Serve `/dev/token` (never in production).
     pub dev_tokens: bool,
+    /// Serve the web client at `/`.
+    pub web_client: bool,
     /// Required by the admin API's state-changing requests (`None`: refused).
     pub admin_token: Option<Arc<admin::AdminToken>>,
     pub ready: Arc<AtomicBool>,
@@ -217,6 +220,9 @@ async fn route(request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
         (&Method::GET, "/metrics") => metrics(&gateway),
         (&Method::GET, "/dev/token") if gateway.dev_tokens => dev_token(&request, &gateway),
         (&Method::GET, "/v1/discovery") => discover(&gateway).await,
+        (&Method::GET, path) if gateway.web_client => {
+            web::asset(path).unwrap_or_else(|| json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"))
+        }
         _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }
 }

@@ -253,6 +253,8 @@ impl ClusterSpec {
             admin: config::Admin { token_file: Some(self.dir.path().join("admin-token")) },
             push: config::Push::default(),
             discovery: None,
+            // The web client in cluster mode (`gateway.webClient`).
+            web_client: true,
         }
     }
 

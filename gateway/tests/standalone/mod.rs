@@ -49,7 +49,11 @@ impl Gateway {
     /// Starts a gateway on the data folder in `root`; its log goes to a
     /// file there. Returns at once: [`Gateway::connect`] waits for it.
     pub fn start(root: &Path) -> Self {
-        let port = free_port();
+        Self::start_on(root, free_port())
+    }
+
+    /// [`Gateway::start`] on a given port (a restart where clients expect it).
+    pub fn start_on(root: &Path, port: u16) -> Self {
         let log = root.join(format!("gateway-{port}.log"));
         let stderr = std::fs::File::create(&log).expect("log file");
         let child = command(root, port).stderr(stderr).spawn().expect("start the gateway");

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kubechat_gateway::ids::{self, IdGenerator};
-use kubechat_gateway::store::{Group, InboxEntry, Join, Message, NewMessage, Page, Store, StoreError, Stored};
+use kubechat_gateway::store::{Group, InboxEntry, Join, Markers, Message, NewMessage, Page, Store, StoreError, Stored};
 
 pub fn message(id: u64, channel: &str, sender: &str, text: &str) -> Message {
     Message {
@@ -301,4 +301,39 @@ pub async fn concurrent_senders_all_land(store: Arc<dyn Store>, tasks: usize, pe
     }
     assert_eq!(all_ids.len(), tasks * per_task);
     assert_eq!(store.inbox_after("peer", 0, tasks * per_task + 1).await.expect("peer inbox").len(), tasks * per_task);
+}
+
+/// Read markers only move forward, read implies delivered, and each user's
+/// and each channel's markers read back as written.
+pub async fn markers_only_move_forward(store: &dyn Store) {
+    let mark = |delivered_up_to, read_up_to| Markers { delivered_up_to, read_up_to };
+    let idgen = IdGenerator::new(1, 0);
+    let (first, second, third) = (idgen.next_id(), idgen.next_id(), idgen.next_id());
+    let channel = "dm:alice:bob";
+    assert!(store.markers_of("bob").await.expect("none yet").is_empty());
+
+    store.advance_markers("bob", channel, mark(second, 0)).await.expect("delivered");
+    store.advance_markers("bob", channel, mark(first, first)).await.expect("read the first");
+    assert_eq!(store.markers_of("bob").await.expect("markers")[channel], mark(second, first));
+
+    // Backwards: nothing changes.
+    store.advance_markers("bob", channel, mark(first, 0)).await.expect("delivered backwards");
+    assert_eq!(store.markers_of("bob").await.expect("markers")[channel], mark(second, first));
+
+    // Read past delivered: delivered follows.
+    store.advance_markers("bob", channel, mark(0, third)).await.expect("read the third");
+    assert_eq!(store.markers_of("bob").await.expect("markers")[channel], mark(third, third));
+
+    store.advance_markers("alice", channel, mark(first, 0)).await.expect("alice");
+    store.advance_markers("alice", "g:1", mark(second, second)).await.expect("alice in a group");
+    let alice = store.markers_of("alice").await.expect("alice's markers");
+    assert_eq!(alice.len(), 2, "{alice:?}");
+    assert_eq!(alice["g:1"], mark(second, second));
+    let users = ["bob".to_string(), "carol".to_string(), "alice".to_string()];
+    assert_eq!(
+        store.channel_markers(channel, &users).await.expect("channel markers"),
+        vec![mark(third, third), Markers::default(), mark(first, 0)],
+        "in the order asked, the default for a user without markers"
+    );
+    assert!(store.channel_markers(channel, &[]).await.expect("nobody").is_empty());
 }

@@ -26,6 +26,7 @@ pub fn gateway_config(cc: &ChatCluster) -> GatewayConfig {
             admin: u16::try_from(spec.gateway.ports.admin).unwrap_or(0),
         },
         max_connections: usize::try_from(spec.gateway.max_connections_per_pod).unwrap_or(0),
+        web_client: spec.gateway.web_client,
         drain: config::Drain {
             window_seconds: count(spec.gateway.drain.window_seconds),
             max_reconnects_per_second: count(spec.gateway.drain.max_reconnects_per_second),

@@ -25,6 +25,8 @@
 //! - `sends`: `(sender, idempotency key) → (id, channel)`.
 //! - `groups`: `group id → Group JSON`.
 //! - `members`: `(group, user) → ()`; `user_channels`: `(user, channel) → ()`.
+//! - `markers`: `(user, channel) → (delivered_up_to, read_up_to)`, merged
+//!   forward by the writer.
 //! - `meta`: `name → u64` counters kept in the same transactions as the data
 //!   (`max_id`, `next_user`, and `wal_seq`: the last log record applied), so
 //!   they never disagree with it after a crash; and the log's `store_id`
@@ -48,7 +50,9 @@ use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Group, InboxEntry, Join, Message, NewMessage, Page, SendCost, Store, StoreError, StoreResult, Stored};
+use super::{
+    Group, InboxEntry, Join, Markers, Message, NewMessage, Page, SendCost, Store, StoreError, StoreResult, Stored,
+};
 use ops::{Done, Op, Request};
 pub use pipeline::{CHECKPOINT_EVERY, MAX_BATCH};
 use pipeline::{Progress, Threads};
@@ -84,6 +88,7 @@ const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const MEMBERS: TableDefinition<Link, ()> = TableDefinition::new("members");
 const USER_CHANNELS: TableDefinition<Link, ()> = TableDefinition::new("user_channels");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const MARKERS: TableDefinition<Link, (u64, u64)> = TableDefinition::new("markers");
 
 const META_MAX_ID: &str = "max_id";
 const META_NEXT_USER: &str = "next_user";
@@ -389,6 +394,49 @@ impl Store for EmbeddedStore {
         self.read(move |txn| {
             let table = txn.open_table(USER_CHANNELS).map_err(storage("opening user_channels"))?;
             second_keys(&table, &user, "reading user_channels")
+        })
+        .await
+    }
+
+    async fn advance_markers(&self, user: &str, channel: &str, markers: Markers) -> StoreResult<()> {
+        let Markers { delivered_up_to, read_up_to } = markers;
+        let op = Op::AdvanceMarkers { user: user.into(), channel: channel.into(), delivered_up_to, read_up_to };
+        self.write(op).await.map(drop)
+    }
+
+    async fn markers_of(&self, user: &str) -> StoreResult<std::collections::HashMap<String, Markers>> {
+        let user = user.to_owned();
+        self.read(move |txn| {
+            let table = txn.open_table(MARKERS).map_err(storage("opening markers"))?;
+            let mut out = std::collections::HashMap::new();
+            for row in table.range((user.as_str(), "")..).map_err(storage("reading markers"))? {
+                let (key, value) = row.map_err(storage("reading markers"))?;
+                let (owner, channel) = key.value();
+                if owner != user {
+                    break;
+                }
+                let (delivered_up_to, read_up_to) = value.value();
+                out.insert(channel.to_owned(), Markers { delivered_up_to, read_up_to });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn channel_markers(&self, channel: &str, users: &[String]) -> StoreResult<Vec<Markers>> {
+        let (channel, users) = (channel.to_owned(), users.to_vec());
+        self.read(move |txn| {
+            let table = txn.open_table(MARKERS).map_err(storage("opening markers"))?;
+            users
+                .iter()
+                .map(|user| {
+                    let found = table.get((user.as_str(), channel.as_str())).map_err(storage("reading markers"))?;
+                    Ok(found.map_or_else(Markers::default, |v| {
+                        let (delivered_up_to, read_up_to) = v.value();
+                        Markers { delivered_up_to, read_up_to }
+                    }))
+                })
+                .collect()
         })
         .await
     }

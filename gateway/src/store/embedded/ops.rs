@@ -36,6 +36,13 @@ pub enum Op {
         group: String,
         user: String,
     },
+    /// Moves a user's markers in a channel forward (never back).
+    AdvanceMarkers {
+        user: String,
+        channel: String,
+        delivered_up_to: u64,
+        read_up_to: u64,
+    },
 }
 
 /// What a committed write answers.
@@ -53,7 +60,9 @@ pub struct Request {
 /// Log payload: the batch's writes, each a tag byte and its fields
 /// (integers little-endian, strings and byte strings length-prefixed).
 /// Tags 5 and 6 were the push queue's writes (a job, an ack): logs of
-/// earlier versions may hold them, and they are read past.
+/// earlier versions may hold them, and they are read past. Tag 7 (markers)
+/// is new in this version: an earlier version reads a log holding one as
+/// damaged, so a downgrade must start from a checkpointed store (a clean stop).
 impl Op {
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
         let put_u64 = |out: &mut Vec<u8>, n: u64| out.extend_from_slice(&n.to_le_bytes());
@@ -89,6 +98,13 @@ impl Op {
                 out.push(if matches!(self, Op::AddMember { .. }) { 3 } else { 4 });
                 put_bytes(out, group.as_bytes());
                 put_bytes(out, user.as_bytes());
+            }
+            Op::AdvanceMarkers { user, channel, delivered_up_to, read_up_to } => {
+                out.push(7);
+                put_bytes(out, user.as_bytes());
+                put_bytes(out, channel.as_bytes());
+                put_u64(out, *delivered_up_to);
+                put_u64(out, *read_up_to);
             }
         }
     }
@@ -154,6 +170,12 @@ pub(super) fn decode_ops(payload: &[u8], format: u32) -> Option<Vec<Op>> {
             2 => Op::CreateGroup { id: reader.string()?, json: reader.bytes()?, members: reader.strings()? },
             3 => Op::AddMember { group: reader.string()?, user: reader.string()? },
             4 => Op::RemoveMember { group: reader.string()?, user: reader.string()? },
+            7 => Op::AdvanceMarkers {
+                user: reader.string()?,
+                channel: reader.string()?,
+                delivered_up_to: reader.u64()?,
+                read_up_to: reader.u64()?,
+            },
             5 => {
                 // Push jobs: numbered (`first_seq`) from format 1 on, then the jobs.
                 if format > 0 {
@@ -199,6 +221,7 @@ mod tests {
             Op::CreateGroup { id: "g:2".into(), json: b"{}".to_vec(), members: vec!["a".into(), "b".into()] },
             Op::AddMember { group: "g:2".into(), user: "c".into() },
             Op::RemoveMember { group: "g:2".into(), user: "a".into() },
+            Op::AdvanceMarkers { user: "bob".into(), channel: "g:2".into(), delivered_up_to: 44, read_up_to: 42 },
         ]
     }
 

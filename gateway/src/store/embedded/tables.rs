@@ -8,10 +8,10 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::ops::{Done, Op};
 use super::{
-    GROUPS, Link, MEMBERS, MESSAGES, META, META_MAX_ID, META_NEXT_USER, META_WAL_SEQ, POSITIONS, Pair, SENDS,
+    GROUPS, Link, MARKERS, MEMBERS, MESSAGES, META, META_MAX_ID, META_NEXT_USER, META_WAL_SEQ, POSITIONS, Pair, SENDS,
     USER_CHANNELS, USERS, inbox_key, storage,
 };
-use crate::store::{StoreError, StoreResult};
+use crate::store::{Markers, StoreError, StoreResult};
 
 /// User ids → the numbers their inbox keys start with, as committed. Only
 /// the writer assigns numbers, so this cache of the `users` table is exact;
@@ -73,6 +73,7 @@ struct Tables<'t> {
     groups: Table<'t, &'static str, &'static [u8]>,
     members: Table<'t, Link, ()>,
     user_channels: Table<'t, Link, ()>,
+    markers: Table<'t, Link, (u64, u64)>,
     meta: Table<'t, &'static str, u64>,
 }
 
@@ -87,6 +88,7 @@ impl<'t> Tables<'t> {
             groups: txn.open_table(GROUPS).map_err(storage("opening groups"))?,
             members: txn.open_table(MEMBERS).map_err(storage("opening members"))?,
             user_channels: txn.open_table(USER_CHANNELS).map_err(storage("opening user_channels"))?,
+            markers: txn.open_table(MARKERS).map_err(storage("opening markers"))?,
             meta: txn.open_table(META).map_err(storage("opening meta"))?,
         })
     }
@@ -155,6 +157,22 @@ impl<'t> Tables<'t> {
             Op::RemoveMember { group, user } => {
                 self.members.remove((group.as_str(), user.as_str())).map_err(storage("writing members"))?;
                 self.user_channels.remove((user.as_str(), group.as_str())).map_err(storage("writing user_channels"))?;
+                Ok(Done::Unit)
+            }
+            Op::AdvanceMarkers { user, channel, delivered_up_to, read_up_to } => {
+                let key = (user.as_str(), channel.as_str());
+                let stored = self.markers.get(key).map_err(storage("reading markers"))?.map(|v| {
+                    let (delivered_up_to, read_up_to) = v.value();
+                    Markers { delivered_up_to, read_up_to }
+                });
+                let merged = stored
+                    .unwrap_or_default()
+                    .merge(Markers { delivered_up_to: *delivered_up_to, read_up_to: *read_up_to });
+                if stored != Some(merged) {
+                    self.markers
+                        .insert(key, (merged.delivered_up_to, merged.read_up_to))
+                        .map_err(storage("writing markers"))?;
+                }
                 Ok(Done::Unit)
             }
         }

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction};
 
 use super::{
-    GROUPS, INBOX, MEMBERS, MESSAGES, META, META_NEXT_USER, POSITIONS, Pair, SENDS, USER_CHANNELS, USERS, decode,
-    inbox_key, storage,
+    GROUPS, INBOX, MARKERS, MEMBERS, MESSAGES, META, META_NEXT_USER, POSITIONS, Pair, SENDS, USER_CHANNELS, USERS,
+    decode, inbox_key, storage,
 };
 use crate::store::{Message, StoreResult};
 
@@ -42,6 +42,7 @@ pub(super) fn create_tables(db: &Database) -> StoreResult<()> {
         txn.open_table(MEMBERS).map_err(storage("creating members"))?;
         txn.open_table(USER_CHANNELS).map_err(storage("creating user_channels"))?;
         txn.open_table(META).map_err(storage("creating meta"))?;
+        txn.open_table(MARKERS).map_err(storage("creating markers"))?;
     }
     if !old_entries.is_empty() {
         let converted = old_entries.len();

@@ -14,6 +14,7 @@
 //! user_channels   ((user_id), channel_id)
 //! sends           ((sender, idem_key))               message_id, channel_id (earlier versions' keys, read only)
 //! store_meta      ((name))                           value
+//! markers         ((user_id), channel_id)            delivered_up_to, read_up_to
 //! ```
 //!
 //! `bucket` is [`bucket_of`] the id (history) or the position (inbox), so a
@@ -25,6 +26,12 @@
 //! - `reads.rs`: inbox and history pages, lists, and dropping repeats.
 //! - `schema.rs`: tables, migrations, prepared statements, consistency.
 //! - `cql.rs`: ids, write timestamps and rows on the wire.
+//!
+//! Markers move forward without reading first: each is written with the
+//! write timestamp of the message it names ([`write_timestamp`]), so the
+//! cell of a newer message wins; two messages of one millisecond share a
+//! timestamp, and then the larger value (the newer id) wins, as CQL breaks
+//! ties between live cells by value.
 //!
 //! Consistency: every statement runs at QUORUM (LOCAL_QUORUM when a local
 //! datacenter is set, so no request waits for another datacenter), with a
@@ -57,7 +64,7 @@ use scylla::statement::Consistency;
 use scylla::statement::batch::{Batch, BatchType};
 
 use super::send_keys::{Reservation, SendKeys, SendRecord};
-use super::{Group, InboxEntry, Join, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
+use super::{Group, InboxEntry, Join, Markers, Message, NewMessage, Page, Store, StoreError, StoreResult, Stored};
 pub use cql::{from_cql, to_cql, write_timestamp};
 pub use reads::{LEGACY_LISTED, READ_CONCURRENCY, drop_repeats};
 pub use send::{Plan, REUSE_POSITION_WITHIN_MS, SendRows, Write, group_writes, plan};
@@ -485,6 +492,42 @@ impl Store for ScyllaStore {
         channels.sort();
         Ok(channels)
     }
+
+    async fn advance_markers(&self, user: &str, channel: &str, markers: Markers) -> StoreResult<()> {
+        let Markers { delivered_up_to, read_up_to } = Markers::default().merge(markers);
+        let p = &self.prepared;
+        let writes = [(&p.advance_delivered, delivered_up_to), (&p.advance_read, read_up_to)]
+            .into_iter()
+            .filter(|(_, id)| *id > 0)
+            .map(|(statement, id)| {
+                self.run(statement, (write_timestamp(id), to_cql(id), user, channel), "advance markers")
+            });
+        futures::future::try_join_all(writes).await.map(drop)
+    }
+
+    async fn markers_of(&self, user: &str) -> StoreResult<HashMap<String, Markers>> {
+        let rows: Vec<(String, Option<i64>, Option<i64>)> =
+            self.read_pages(&self.prepared.select_markers_of, (user,), "read markers").await?;
+        Ok(rows.into_iter().map(|(channel, delivered, read)| (channel, markers_from(delivered, read))).collect())
+    }
+
+    async fn channel_markers(&self, channel: &str, users: &[String]) -> StoreResult<Vec<Markers>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, Option<i64>, Option<i64>)> = self
+            .read_pages(&self.prepared.select_channel_markers, (users.to_vec(), channel), "read channel markers")
+            .await?;
+        let found: HashMap<String, Markers> =
+            rows.into_iter().map(|(user, delivered, read)| (user, markers_from(delivered, read))).collect();
+        Ok(users.iter().map(|user| found.get(user).copied().unwrap_or_default()).collect())
+    }
+}
+
+/// A `markers` row's columns (either may be unset: only one was written).
+fn markers_from(delivered: Option<i64>, read: Option<i64>) -> Markers {
+    let id = |v: Option<i64>| v.map_or(0, from_cql);
+    Markers { delivered_up_to: id(delivered), read_up_to: id(read) }.merge(Markers::default())
 }
 
 #[cfg(test)]

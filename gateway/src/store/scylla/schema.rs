@@ -135,6 +135,10 @@ pub async fn create_schema(session: &Session, config: &ScyllaConfig) -> StoreRes
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.store_meta (name text PRIMARY KEY, value bigint) WITH default_time_to_live = 0"
         ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.markers (user_id text, channel_id text, delivered_up_to bigint, \
+             read_up_to bigint, PRIMARY KEY ((user_id), channel_id)) WITH default_time_to_live = 0"
+        ),
     ];
     // Schema changes are slow (every node applies them), hence a longer timeout.
     let ddl_timeout = config.request_timeout.max(Duration::from_secs(60));
@@ -249,6 +253,10 @@ pub struct Prepared {
     pub insert_user_channel: PreparedStatement,
     pub delete_user_channel: PreparedStatement,
     pub select_user_channels: PreparedStatement,
+    pub advance_delivered: PreparedStatement,
+    pub advance_read: PreparedStatement,
+    pub select_markers_of: PreparedStatement,
+    pub select_channel_markers: PreparedStatement,
 }
 
 pub async fn prepare_all(session: &Session, config: &ScyllaConfig) -> StoreResult<Prepared> {
@@ -363,6 +371,24 @@ pub async fn prepare_all(session: &Session, config: &ScyllaConfig) -> StoreResul
         delete_user_channel: prepare(format!("DELETE FROM {ks}.user_channels WHERE user_id = ? AND channel_id = ?"))
             .await?,
         select_user_channels: prepare(format!("SELECT channel_id FROM {ks}.user_channels WHERE user_id = ?")).await?,
+        // A marker is written with its message's write timestamp, so the
+        // newest message wins whatever order the writes arrive in (`cql.rs`).
+        advance_delivered: prepare(format!(
+            "UPDATE {ks}.markers USING TIMESTAMP ? SET delivered_up_to = ? WHERE user_id = ? AND channel_id = ?"
+        ))
+        .await?,
+        advance_read: prepare(format!(
+            "UPDATE {ks}.markers USING TIMESTAMP ? SET read_up_to = ? WHERE user_id = ? AND channel_id = ?"
+        ))
+        .await?,
+        select_markers_of: prepare(format!(
+            "SELECT channel_id, delivered_up_to, read_up_to FROM {ks}.markers WHERE user_id = ?"
+        ))
+        .await?,
+        select_channel_markers: prepare(format!(
+            "SELECT user_id, delivered_up_to, read_up_to FROM {ks}.markers WHERE user_id IN ? AND channel_id = ?"
+        ))
+        .await?,
     })
 }
 

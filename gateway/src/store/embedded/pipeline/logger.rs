@@ -136,7 +136,9 @@ impl Logger {
                 fresh_keys.push(id);
                 Ok(Done::Unit)
             }
-            Op::CreateGroup { .. } | Op::AddMember { .. } | Op::RemoveMember { .. } => Ok(Done::Unit),
+            Op::CreateGroup { .. } | Op::AddMember { .. } | Op::RemoveMember { .. } | Op::AdvanceMarkers { .. } => {
+                Ok(Done::Unit)
+            }
         }
     }
 
