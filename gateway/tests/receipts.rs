@@ -213,3 +213,34 @@ async fn typing_reaches_the_other_members_and_a_flood_is_limited(backend: Backen
         assert_eq!(typing["channel"], "dm:alice:bob", "{typing}");
     }
 }
+
+/// Across gateways: two real gateway processes on one Redis and Cassandra
+/// (`gateway.webClient` on); typing and receipts travel through the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_and_receipts_cross_gateways_and_a_cluster_serves_the_web_client() {
+    use common::cluster::{ClusterClient, ClusterSpec, GatewayProcess, PrivateRedis, http_get};
+
+    let redis = PrivateRedis::start().await;
+    let spec = ClusterSpec::new(redis.url(), 30).await;
+    let (one, two) = tokio::join!(GatewayProcess::start(&spec, 0), GatewayProcess::start(&spec, 1));
+    let mut alice = ClusterClient::connect(&one.url(), "alice", "phone").await;
+    let mut bob = ClusterClient::connect(&two.url(), "bob", "phone").await;
+    let wait = Duration::from_secs(10);
+
+    let ack = alice.request(json!({"type": "send", "to": {"user": "bob"}, "text": "hi", "key": "k1"})).await;
+    let message = id(&ack);
+    bob.wait_for(wait, |f| f["type"] == "message").await.expect("bob gets the message on the other gateway");
+
+    alice.send(json!({"type": "typing", "channel": "dm:alice:bob"}));
+    let typing = bob.wait_for(wait, |f| f["type"] == "typing").await.expect("typing crosses gateways");
+    assert_eq!((typing["user"].clone(), typing["typing"].clone()), (json!("alice"), json!(true)), "{typing}");
+
+    let reply = bob.request(json!({"type": "mark", "channel": "dm:alice:bob", "read_up_to": message})).await;
+    assert_eq!(reply["type"], "receipt", "{reply}");
+    let receipt = alice.wait_for(wait, |f| f["type"] == "receipt").await.expect("the receipt crosses gateways");
+    assert_eq!((receipt["user"].clone(), receipt["read_up_to"].clone()), (json!("bob"), json!(message)));
+
+    let (status, page) = http_get(one.ws_port, "/").await.expect("the web client answers");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("/web/app.js"), "the web client's page: {page}");
+}

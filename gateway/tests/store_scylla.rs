@@ -1080,7 +1080,17 @@ async fn tables_have_no_default_ttl() {
         names.sort_unstable();
         assert_eq!(
             names,
-            ["channel_buckets", "groups", "inbox", "members", "messages", "sends", "store_meta", "user_channels"]
+            [
+                "channel_buckets",
+                "groups",
+                "inbox",
+                "markers",
+                "members",
+                "messages",
+                "sends",
+                "store_meta",
+                "user_channels"
+            ]
         );
         for (name, ttl) in &tables {
             assert_eq!(*ttl, 0, "table {name} has a default TTL");
