@@ -2,6 +2,7 @@
 //! with the embedded store and with Cassandra (+ Redis for push jobs), and
 //! push jobs, which only a cluster queues, with Cassandra.
 
+#[macro_use]
 mod common;
 
 use std::collections::{BTreeSet, HashSet};
@@ -9,18 +10,6 @@ use std::time::Duration;
 
 use common::{Backend, Client, token};
 use serde_json::{Value, json};
-
-/// Runs each scenario once per store.
-macro_rules! for_both_stores {
-    ($($scenario:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Backend::embedded()).await })*
-        }
-        mod cassandra {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Backend::cassandra()).await })*
-        }
-    };
-}
 
 for_both_stores!(
     one_to_one_round_trip,

@@ -3,23 +3,13 @@
 //! only move forward and reach whom they should, bad input gets an error
 //! frame and the connection stays, a typing flood is rate limited.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
 use common::{Backend, Client};
 use serde_json::{Value, json};
-
-macro_rules! for_both_stores {
-    ($($scenario:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Backend::embedded()).await })*
-        }
-        mod cassandra {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Backend::cassandra()).await })*
-        }
-    };
-}
 
 for_both_stores!(
     direct_receipts_reach_the_peer_and_the_other_devices,

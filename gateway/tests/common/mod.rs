@@ -2,7 +2,7 @@
 //! (embedded redb in a temp folder, or Cassandra with a keyspace per test)
 //! and WebSocket clients that speak protocol v1.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 pub mod cluster;
 pub mod traffic;
@@ -22,6 +22,19 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Runs each scenario (an `async fn(Backend)` of the suite) once per store,
+/// as `embedded::<name>` and `cassandra::<name>`. Needs `#[macro_use] mod common;`.
+macro_rules! for_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Backend::embedded()).await })*
+        }
+        mod cassandra {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Backend::cassandra()).await })*
+        }
+    };
+}
 
 pub const KEY: &[u8] = b"test-signing-key-0123456789abcdef";
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
