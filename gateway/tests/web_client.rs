@@ -297,6 +297,22 @@ async fn two_people_chat_in_a_real_browser() {
         alice.wait_for(".message .text", "hi alice", STEP).await;
         alice.wait_gone("#typing", "bob is typing").await;
 
+        // A second device of alice's (another browser): it starts where the
+        // first one is, and the two stay in sync both ways.
+        let tablet = Page { name: "alice-tablet", client: driver.session(&dir.path().join("profile-tablet")).await };
+        tablet.sign_in(&base, "alice", "tablet").await;
+        tablet.wait_for(".channel[data-channel=\"dm:alice:bob\"] .preview", "bob: hi alice", STEP).await;
+        bob.say("are you there").await;
+        tablet.wait_for(".channel[data-channel=\"dm:alice:bob\"] .preview", "bob: are you there", STEP).await;
+        alice.wait_for(".message .text", "are you there", STEP).await;
+        // Read on the laptop (its conversation is open): the tablet's count clears.
+        tablet.wait_gone(".channel[data-channel=\"dm:alice:bob\"] .unread", "1").await;
+        tablet.open("dm:alice:bob").await;
+        tablet.say("from the tablet").await;
+        alice.wait_for(".message.mine .text", "from the tablet", STEP).await;
+        bob.wait_for(".message .text", "from the tablet", STEP).await;
+        tablet.client.close().await.expect("close the tablet's browser");
+
         // A group round trip.
         alice.fill("#new-group-name", "team").await;
         alice.fill("#new-group-members", "bob").await;
