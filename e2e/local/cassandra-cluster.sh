@@ -85,10 +85,13 @@ cmd_status() {
 }
 
 cmd_stop() {
-  local n status=0
+  # The three nodes stop together: each takes seconds to flush and exit.
+  local n status=0 pids=()
   for n in 1 2 3; do
-    node "$n" stop "$@" || status=1
+    node "$n" stop "$@" &
+    pids+=($!)
   done
+  for n in "${pids[@]}"; do wait "$n" || status=1; done
   return $status
 }
 

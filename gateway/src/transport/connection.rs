@@ -265,8 +265,9 @@ type Slot<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
 struct State {
     session: Arc<Session>,
     limiter: RateLimiter,
-    /// `typing` frames, on top of `limiter` (a relay reaches every member).
-    typing: RateLimiter,
+    /// `typing` frames, on top of `limiter` (a relay reaches every member);
+    /// boxed on first use: most connections never send one (8 bytes, not 24).
+    typing: Option<Box<RateLimiter>>,
     /// When the client last sent a frame: any frame counts as a heartbeat.
     last_heard: Instant,
     /// The request being handled, the fan-out running and those waiting.
@@ -326,7 +327,11 @@ impl State {
         let reply = match protocol::decode(text.as_str(), &chat.config().limits) {
             Ok(ClientFrame::Heartbeat { .. }) => None,
             Ok(ClientFrame::Typing { req, .. })
-                if !self.typing.allow(Instant::now(), TYPING_PER_SECOND, TYPING_BURST) =>
+                if !self.typing.get_or_insert_with(|| Box::new(RateLimiter::new(TYPING_BURST))).allow(
+                    Instant::now(),
+                    TYPING_PER_SECOND,
+                    TYPING_BURST,
+                ) =>
             {
                 let refused =
                     ProtocolError::new(ErrorCode::RateLimited, "too many typing frames; send one every few seconds");
@@ -504,7 +509,7 @@ pub fn serve(mut accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
         let mut state = State {
             session,
             limiter: RateLimiter::new(gateway.limits.burst),
-            typing: RateLimiter::new(TYPING_BURST),
+            typing: None,
             last_heard: Instant::now(),
             pending: None,
             fanning: None,
