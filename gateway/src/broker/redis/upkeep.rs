@@ -492,10 +492,21 @@ impl RedisBroker {
         let owed = self.owed.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(scope) = owed {
             let notice = wire::encode_resync(&self.config.gateway_id, &scope);
-            let published = self.spublish(RESYNC, &notice).await;
-            if let Err(e) = published {
+            let received = match self.spublish(RESYNC, &notice).await {
+                Ok(received) => usize::try_from(received).unwrap_or(0),
+                Err(e) => {
+                    self.owed.lock().unwrap_or_else(|p| p.into_inner()).restore(scope);
+                    return Err(unavailable("publishing a resync notice")(e));
+                }
+            };
+            // Every live gateway (this one too) subscribes to the notices. One
+            // that did not get it is subscribing again (a failover moved the
+            // channel's slot, and it has not seen the new map yet): published
+            // again at the next repair, until every live gateway takes it.
+            let gateways = self.alive_gateways().await.map_or(0, |alive| alive.len());
+            if received < gateways {
                 self.owed.lock().unwrap_or_else(|p| p.into_inner()).restore(scope);
-                return Err(unavailable("publishing a resync notice")(e));
+                return Err(BrokerError(format!("{received} of {gateways} gateways took the resync notice")));
             }
             tracing::info!(
                 users = match &scope {
