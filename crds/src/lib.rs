@@ -255,6 +255,8 @@ fn default_pod_ready_timeout_seconds() -> i32 {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
     .message("gateway.autoscale.minReplicas must be less than or equal to maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.buffer) || (type(self.buffer) == int ? self.buffer >= 0 : self.buffer.matches('^[0-9]{1,4}%$'))")
+    .message("gateway.autoscale.buffer must be a count of connections (0 or more) or a percent such as \"20%\""))]
 pub struct AutoscaleSpec {
     /// Fewest gateways, whatever the load.
     #[schemars(range(min = 1, max = 1000))]
@@ -272,6 +274,13 @@ pub struct AutoscaleSpec {
     #[serde(default = "default_scale_down_cooldown_seconds")]
     #[schemars(range(min = 0, max = 86_400))]
     pub scale_down_cooldown_seconds: i32,
+    /// Spare connection capacity kept ready on top of the connections: a
+    /// count (`5000`) or a percent of the connections (`"20%"`). The
+    /// autoscaler runs ceil((connections + buffer) / target) gateways, so
+    /// a burst of new clients lands on gateways already running instead of
+    /// waiting for one to start. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
 }
 
 fn default_scale_down_cooldown_seconds() -> i32 {

@@ -436,6 +436,7 @@ async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down
             max_replicas: 4,
             target_connections_per_pod: TARGET,
             scale_down_cooldown_seconds: COOLDOWN_SECONDS,
+            buffer: None,
         });
     })
     .await;
@@ -538,5 +539,69 @@ async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down
     assert_eq!(events.iter().filter(|(r, _)| r == "ScaledUp").count(), 2, "{events:#?}");
     let status = status.expect("status.autoscale");
     assert_eq!((status.current_replicas, status.desired_replicas), (1, 1), "{status:?}");
+    h.stop().await;
+}
+
+/// A ready buffer of 50 spare connections: 60 clients already run two
+/// gateways (60 + 50 > 100), so a burst of 100 more lands at once on
+/// gateways that are serving, none refused, none waiting for a gateway to
+/// start; 160 (+ 50) then call for a third. Without the buffer the burst
+/// would meet one gateway of capacity 150.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_buffer_absorbs_a_burst_before_a_new_gateway_is_ready() {
+    const BUFFER: i32 = 50;
+    let setup = Setup { prefix: "buffer", gateways: 1, leaders: &[], lease: Duration::ZERO };
+    let h = RealGateways::start(setup, |spec| {
+        spec.gateway.replicas = 1;
+        spec.gateway.max_connections_per_pod = CAPACITY as i64;
+        spec.gateway.autoscale = Some(kubechat_crds::AutoscaleSpec {
+            min_replicas: 1,
+            max_replicas: 4,
+            target_connections_per_pod: TARGET,
+            scale_down_cooldown_seconds: 300,
+            buffer: Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(BUFFER)),
+        });
+    })
+    .await;
+    let Scene { world, seen, started, watcher } = Scene::start(&h, 1).await;
+
+    // 60 clients and the buffer call for a second gateway before any burst.
+    let mut clients = start_clients(&world, &h.tokens, 0..60);
+    wait_for(Duration::from_secs(30), || connected(&world, 60)).await.expect("60 clients connected");
+    let ramped = started.elapsed();
+    let second = wait_for(Duration::from_secs(15), || async { reached(&seen, 2, Duration::ZERO) }).await;
+    let second = second.unwrap_or_else(|| panic!("no second gateway for 60 + {BUFFER}; {}", h.kubelet.describe()));
+    h.wait_listed(2, Duration::from_secs(60)).await;
+    let serving = started.elapsed();
+    wait_for(Duration::from_secs(10), || async { (world.listed.lock().expect("lock").len() == 2).then_some(()) })
+        .await
+        .expect("clients see the second gateway");
+
+    // The burst: 100 at once, on the two gateways already serving.
+    let refused_before = world.refused.load(Ordering::Relaxed);
+    let burst_at = Instant::now();
+    clients.extend(start_clients(&world, &h.tokens, 60..160));
+    let absorbed = wait_for(Duration::from_secs(30), || connected(&world, 160)).await;
+    let burst_took = burst_at.elapsed();
+    let refused = world.refused.load(Ordering::Relaxed) - refused_before;
+    let third = wait_for(Duration::from_secs(15), || async { reached(&seen, 3, Duration::ZERO) }).await;
+    let status = h.cluster().await.status.and_then(|s| s.autoscale);
+    stop_clients(clients).await;
+    watcher.cancel();
+    let most = seen.lock().expect("lock").most_on_one.clone();
+    println!(
+        "ready buffer {BUFFER}: 60 clients connected at {ramped:.1?}, second gateway asked for at {second:.1?} and \
+         listed ready at {serving:.1?}; a burst of 100 connected in {burst_took:.1?} with {refused} attempts refused; \
+         third gateway at {third:?}; most on one gateway {most:?} (capacity {CAPACITY}); status {status:?}"
+    );
+
+    assert!(absorbed.is_some(), "{} of 160 clients connected", world.connected.load(Ordering::Relaxed));
+    assert_eq!(refused, 0, "the burst met gateways without room");
+    assert!(third.is_some(), "160 + {BUFFER} connections call for a third gateway; {}", h.kubelet.describe());
+    for (pod, held) in &most {
+        assert!(*held <= CAPACITY, "{pod} held {held} connections, over its capacity {CAPACITY}");
+    }
+    let status = status.expect("status.autoscale");
+    assert!(status.message.contains(&format!("with a buffer of {BUFFER}")), "{status:?}");
     h.stop().await;
 }

@@ -1,9 +1,10 @@
 //! How many gateways to run. Pure: no clock, no I/O, every case a unit test.
 //!
 //! Without `gateway.autoscale` the answer is `gateway.replicas`. With it,
-//! ceil(connections / targetConnectionsPerPod) within min..max, where the
-//! connections are the endpoint list's total (what the discovery loop
-//! last published):
+//! ceil((connections + buffer) / targetConnectionsPerPod) within min..max,
+//! where the connections are the endpoint list's total (what the discovery
+//! loop last published) and the buffer is spare capacity kept ready for a
+//! burst (`buffer`: a count, or a percent of the connections):
 //!
 //! - more gateways are added at once;
 //! - fewer are wanted only after the connections kept calling for fewer for
@@ -19,6 +20,7 @@
 
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kubechat_crds::{AutoscaleSpec, AutoscaleStatus, GatewaySpec};
 
 use crate::time;
@@ -78,11 +80,32 @@ pub fn initial_replicas(gateway: &GatewaySpec) -> i32 {
     }
 }
 
-/// Gateways `connections` call for at `target` each, within the bounds.
+/// Spare connections `buffer` asks for beside `connections`: a count, or a
+/// percent of the connections rounded up (the schema admits nothing else;
+/// anything else counts as none).
+pub fn buffer(autoscale: &AutoscaleSpec, connections: u64) -> u64 {
+    match &autoscale.buffer {
+        None => 0,
+        Some(IntOrString::Int(count)) => u64::try_from(*count).unwrap_or(0),
+        Some(IntOrString::String(percent)) => {
+            let percent: u64 = percent.strip_suffix('%').and_then(|p| p.parse().ok()).unwrap_or(0);
+            connections.saturating_mul(percent).div_ceil(100)
+        }
+    }
+}
+
+/// Gateways `connections` (and the buffer beside them) call for at
+/// `target` each, within the bounds.
 pub fn needed(autoscale: &AutoscaleSpec, connections: u64) -> i32 {
+    i32::try_from(unbounded(autoscale, connections))
+        .unwrap_or(i32::MAX)
+        .clamp(autoscale.min_replicas, autoscale.max_replicas.max(autoscale.min_replicas))
+}
+
+/// [`needed`] before the bounds.
+fn unbounded(autoscale: &AutoscaleSpec, connections: u64) -> u64 {
     let target = u64::try_from(autoscale.target_connections_per_pod).unwrap_or(1).max(1);
-    let wanted = i32::try_from(connections.div_ceil(target)).unwrap_or(i32::MAX);
-    wanted.clamp(autoscale.min_replicas, autoscale.max_replicas.max(autoscale.min_replicas))
+    connections.saturating_add(buffer(autoscale, connections)).div_ceil(target)
 }
 
 pub fn decide(input: &Input) -> Scale {
@@ -97,7 +120,8 @@ pub fn decide(input: &Input) -> Scale {
     let target = autoscale.target_connections_per_pod;
     let connections = input.connections.unwrap_or(0);
     let shown = i64::try_from(connections).unwrap_or(i64::MAX);
-    let unbounded = connections.div_ceil(u64::try_from(target).unwrap_or(1).max(1));
+    let unbounded = unbounded(autoscale, connections);
+    let spare = buffer(autoscale, connections);
     // Without a load report, only the bounds move the count.
     let desired = match input.connections {
         Some(c) => needed(autoscale, c),
@@ -119,7 +143,8 @@ pub fn decide(input: &Input) -> Scale {
             last_scale_time,
         })
     };
-    let need = format!("{connections} connections need {desired} at {target} per gateway");
+    let with_buffer = if spare > 0 { format!(" with a buffer of {spare}") } else { String::new() };
+    let need = format!("{connections} connections{with_buffer} need {desired} at {target} per gateway");
 
     if desired > current {
         let change = format!("{current} → {desired}: {need}");
@@ -146,7 +171,8 @@ pub fn decide(input: &Input) -> Scale {
                 current,
                 AT_MAXIMUM,
                 format!(
-                    "{connections} connections would need {unbounded} at {target} per gateway; held at maxReplicas {max}"
+                    "{connections} connections{with_buffer} would need {unbounded} at {target} per gateway; held at \
+                     maxReplicas {max}"
                 ),
                 None,
                 None,
@@ -219,6 +245,7 @@ mod tests {
                 max_replicas: max,
                 target_connections_per_pod: target,
                 scale_down_cooldown_seconds: cooldown,
+                buffer: None,
             }),
             ..GatewaySpec::default()
         }
@@ -254,6 +281,30 @@ mod tests {
         assert_eq!(needed(a, 300), 3);
         assert_eq!(needed(a, 301), 4, "rounded up");
         assert_eq!(needed(a, 5_000), 10, "maximum");
+    }
+
+    #[test]
+    fn a_buffer_keeps_spare_capacity_ready_as_a_count_or_a_percent() {
+        let mut spec = autoscaled(1, 10, 100, 300);
+        let with = |spec: &mut GatewaySpec, buffer: IntOrString| {
+            spec.autoscale.as_mut().expect("autoscale").buffer = Some(buffer);
+            spec.autoscale.clone().expect("autoscale")
+        };
+        let count = with(&mut spec, IntOrString::Int(50));
+        assert_eq!((buffer(&count, 60), needed(&count, 60)), (50, 2), "60 + 50 spare need two");
+        assert_eq!(needed(&count, 50), 1, "50 + 50 fit one");
+        assert_eq!(needed(&count, 0), 1);
+        let percent = with(&mut spec, IntOrString::String("25%".into()));
+        assert_eq!((buffer(&percent, 300), needed(&percent, 300)), (75, 4), "300 + 75");
+        assert_eq!(buffer(&percent, 1), 1, "rounded up");
+        assert_eq!(needed(&percent, 80), 1, "80 + 20 fit one");
+        assert_eq!(needed(&percent, 81), 2, "81 + 21 do not");
+        let huge = with(&mut spec, IntOrString::String("1000%".into()));
+        assert_eq!(needed(&huge, 500), 10, "within the bounds");
+
+        let up = decide(&input(&spec, 1, 60, 1_000));
+        let message = up.status.expect("status").message;
+        assert!(message.contains("with a buffer of 600"), "{message}");
     }
 
     #[test]
