@@ -14,7 +14,8 @@
 //!   (the gateway config names the signing key by its container path).
 //!
 //! A Pod whose image contains [`BROKEN_IMAGE_MARK`] is never started (an
-//! image that cannot be pulled). A Pod that is deleted gets SIGTERM, then SIGKILL after its grace period
+//! image that cannot be pulled); one whose tag ends in
+//! [`FAILPOINT_IMAGE_MARK`]`<name>` starts with that gateway failpoint armed. A Pod that is deleted gets SIGTERM, then SIGKILL after its grace period
 //! (at most [`MAX_GRACE`]). A process that exits (or that a test kills) is
 //! not restarted: a test sees exactly what it did.
 
@@ -37,6 +38,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Pods whose image contains this are never started (see [`ProcessKubelet`]).
 pub const BROKEN_IMAGE_MARK: &str = "broken";
+/// Pods whose image tag ends in `failpoint-<name>` start with the gateway
+/// failpoint `<name>` armed (`KUBECHAT_FAILPOINTS`), e.g.
+/// `kubechat:0.4.0-failpoint-refuse-websocket`.
+pub const FAILPOINT_IMAGE_MARK: &str = "failpoint-";
 /// How long a deleted Pod's process may take to stop after SIGTERM.
 pub const MAX_GRACE: Duration = Duration::from_secs(30);
 const SYNC_EVERY: Duration = Duration::from_millis(100);
@@ -396,6 +401,9 @@ impl Sync {
         let mut env = BTreeMap::new();
         for var in container.env.iter().flatten() {
             env.insert(var.name.clone(), map_paths(&self.env_value(pod, var).await?, &mounts));
+        }
+        if let Some(failpoint) = container.image.as_deref().and_then(|i| i.rsplit_once(FAILPOINT_IMAGE_MARK)) {
+            env.insert("KUBECHAT_FAILPOINTS".into(), failpoint.1.to_string());
         }
         // The image's entrypoint is the gateway binary; a command would name
         // a path inside the image.

@@ -698,6 +698,43 @@ async fn pause_holds_a_rollout_at_a_pod_boundary_and_a_replacement_that_never_st
     let degraded = cc.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded").cloned());
     assert_eq!(degraded.map(|c| c.status), Some("False".into()), "still degraded after the fix");
     h.wait_listed(Duration::from_secs(30)).await;
+
+    // A replacement that starts, reports ready and is listed, but refuses
+    // every WebSocket upgrade (the failpoint): it does not count as up,
+    // the next pod is not drained, and the status says what failed.
+    let before = h.gateway_pods().await;
+    h.set_image("ghcr.io/kubechat/kubechat:0.4.0-failpoint-refuse-websocket").await;
+    let stuck = wait_for(Duration::from_secs(120), || async {
+        let status = h.cluster().await.status?;
+        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True")?.clone();
+        degraded.message.contains("WebSocket connect").then_some(degraded)
+    })
+    .await;
+    let Some(stuck) = stuck else {
+        let status = h.cluster().await.status;
+        panic!("the rollout did not stop at the refusing pod; status: {status:?}; {}", h.kubelet.describe());
+    };
+    let refusing = h.kubelet.running().into_iter().find(|p| p.name == gateway(2)).expect("the refusing pod runs");
+    let refusing_url = refusing.url();
+    assert!(stuck.message.contains(&gateway(2)), "{}", stuck.message);
+    assert!(
+        stuck.message.contains(&format!("does not answer a WebSocket connect at {refusing_url}")),
+        "{}",
+        stuck.message
+    );
+    assert!(stuck.message.contains("HTTP 503"), "{}", stuck.message);
+    let listed = h.endpoints().await.expect("the endpoint list");
+    let entry = listed.gateways.iter().find(|g| g.pod == gateway(2));
+    assert!(entry.is_some_and(|g| g.ready), "the refusing gateway reports ready, yet: {entry:?}");
+    assert_eq!(
+        h.drain_annotated().await,
+        Vec::<String>::new(),
+        "a pod was drained past a replacement that serves no one"
+    );
+    let after = h.gateway_pods().await;
+    for n in [0, 1] {
+        assert_eq!(uid_of(&after, n), uid_of(&before, n), "{} was replaced past a pod that serves no one", gateway(n));
+    }
     h.stop().await;
 }
 

@@ -1,6 +1,7 @@
-//! Named points where a gateway can be made to stop, so that tests can kill
-//! it between two steps of a send (`KUBECHAT_FAILPOINTS=send-after-reserve`,
-//! comma-separated). Unset in production: then a check is one read of an
+//! Named points where a gateway can be made to stop or misbehave, so that
+//! tests can kill it between two steps of a send, or see what the operator
+//! does with a gateway that serves no one
+//! (`KUBECHAT_FAILPOINTS=send-after-reserve`, comma-separated). Unset in production: then a check is one read of an
 //! empty list.
 
 use std::sync::OnceLock;
@@ -9,6 +10,9 @@ use std::sync::OnceLock;
 pub const SEND_AFTER_RESERVE: &str = "send-after-reserve";
 /// After every row of a send is written, before it is acknowledged.
 pub const SEND_BEFORE_ACK: &str = "send-before-ack";
+/// Every WebSocket upgrade is refused (503) while the admin port and the
+/// readiness probe report ready: a gateway that looks up but serves no one.
+pub const REFUSE_WEBSOCKET: &str = "refuse-websocket";
 
 fn armed() -> &'static [String] {
     static ARMED: OnceLock<Vec<String>> = OnceLock::new();
@@ -19,10 +23,15 @@ fn armed() -> &'static [String] {
     })
 }
 
+/// Whether `name` is armed.
+pub fn is_armed(name: &str) -> bool {
+    armed().iter().any(|p| p == name)
+}
+
 /// Never returns when `name` is armed (the task waits until the process is
 /// killed); returns at once otherwise.
 pub async fn pause(name: &str) {
-    if armed().iter().any(|p| p == name) {
+    if is_armed(name) {
         tracing::warn!(failpoint = name, "paused at a failpoint (KUBECHAT_FAILPOINTS)");
         std::future::pending::<()>().await;
     }

@@ -314,6 +314,9 @@ fn upgrade(mut request: Request<Incoming>, gateway: Arc<Gateway>) -> HttpRespons
     if gateway.shutdown.is_cancelled() {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "going_away", "gateway shutting down; use another");
     }
+    if crate::failpoint::is_armed(crate::failpoint::REFUSE_WEBSOCKET) {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "refused by the failpoint refuse-websocket");
+    }
     if gateway.drain.is_draining() {
         return json_error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -107,6 +107,17 @@ pub fn admin_addr(pod: &Pod, cc: &ChatCluster, loopback_only: bool) -> Result<So
     Ok(addr)
 }
 
+/// The pod's WebSocket (client) port, where the rollout's synthetic
+/// client connects (`crate::rollout::probe`).
+pub fn websocket_addr(pod: &Pod, cc: &ChatCluster, loopback_only: bool) -> Result<SocketAddr, PollError> {
+    let not_dialed = |why: &str| PollError::NotDialed(why.to_string());
+    let addr = pod_port(pod, "websocket", cc.spec.gateway.ports.websocket).ok_or_else(|| not_dialed("no pod IP"))?;
+    if loopback_only && !addr.ip().is_loopback() {
+        return Err(not_dialed("not a loopback address (loopback-only mode)"));
+    }
+    Ok(addr)
+}
+
 /// An address can be reused by another pod: only its own gateway counts.
 pub(super) fn same_pod(pod: &Pod, report: LoadReport) -> Result<LoadReport, PollError> {
     if report.pod == pod.name_any() { Ok(report) } else { Err(PollError::OtherPod(report.pod)) }

@@ -39,7 +39,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use self::gateways::{admin_addr, endpoint, gateway_pods};
+pub use self::gateways::{admin_addr, endpoint, gateway_pods, websocket_addr};
 use self::round::{LastWrite, Round};
 use crate::Result;
 use crate::desired::gateway::COMPONENT;

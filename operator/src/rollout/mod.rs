@@ -25,15 +25,17 @@
 //! revision the draining pod runs. The drain requests carry the cluster's
 //! admin token (`desired::admin_token`), read from the Secret cache.
 //!
-//! "Listed" means the endpoint ConfigMap lists the pod ready and the pod's
+//! "Listed" means the endpoint ConfigMap lists the pod ready, the pod's
 //! own gateway answers ready at the listed URL (the list is by pod name, so
-//! a stale entry of the pod it replaced does not count).
+//! a stale entry of the pod it replaced does not count), and a synthetic
+//! client's WebSocket connect at that URL is answered ([`probe`]).
 //!
 //! Pods are not in the watch caches: they are listed only while the
 //! StatefulSet shows a rollout or a pod short of ready, a rollout is in
 //! the status, or the cluster shrinks.
 
 pub mod plan;
+pub mod probe;
 
 use std::time::Duration;
 
@@ -51,7 +53,7 @@ use self::plan::{Input, Plan, PodState, Step};
 use crate::calls::{Verb, counted};
 use crate::context::Context;
 use crate::desired::gateway::{COMPONENT, SERVING_CONDITION};
-use crate::desired::{LABEL_COMPONENT, LABEL_INSTANCE, Names, admin_token};
+use crate::desired::{LABEL_COMPONENT, LABEL_INSTANCE, Names, admin_token, auth};
 use crate::discovery::endpoints::Endpoints;
 use crate::discovery::{self, poll};
 use crate::status::{DEGRADED, PROGRESSING};
@@ -74,6 +76,8 @@ const REQUEUE_ACTIVE: Duration = Duration::from_secs(1);
 /// triggers a reconcile anyway).
 const REQUEUE_IDLE: Duration = Duration::from_secs(10);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// A probe's connect, token check and session start (Redis included).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the rollout did this reconcile, for the status and the requeue.
 #[derive(Debug, Default)]
@@ -203,6 +207,7 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str, keep: i32) 
     let drain = &cc.spec.gateway.drain;
 
     let mut states = Vec::with_capacity(pods.len());
+    let mut probe_token = None;
     for pod in &pods {
         let mut state = pod_state(pod, endpoints.as_ref());
         if state.drain_started.is_some() && !state.deleting {
@@ -213,7 +218,14 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str, keep: i32) 
             // The list is by pod name: an entry may still describe the pod
             // this one replaced. Only its own gateway, at the listed URL, counts.
             let url = endpoints.as_ref().and_then(|e| e.gateways.iter().find(|g| g.pod == state.name)).map(|g| &g.url);
-            state.listed_ready = serves_at(ctx, cc, pod, url).await;
+            if probe_token.is_none() {
+                probe_token = Some(mint_probe_token(ctx, cc).await);
+            }
+            let token = probe_token.as_ref().map_or(Err("not minted"), |t| t.as_deref().map_err(String::as_str));
+            if let Err(why) = serves_at(ctx, cc, pod, url, token).await {
+                state.listed_ready = false;
+                state.serve_error = Some(why);
+            }
         }
         if shrinking && state.ordinal == replicas - 1 && state.drain_started.is_none() && !state.deleting {
             // Removed without a drain if it holds no one: ask it, rather
@@ -420,19 +432,54 @@ fn gateway_admin_token(ctx: &Context, cc: &ChatCluster) -> Option<String> {
     token
 }
 
-/// Whether the pod's own gateway answers ready (not draining) and
-/// advertises `listed_url`.
-async fn serves_at(ctx: &Context, cc: &ChatCluster, pod: &Pod, listed_url: Option<&String>) -> bool {
-    let Ok(addr) = discovery::admin_addr(pod, cc, ctx.admin_loopback_only) else { return false };
-    match poll::read_load(addr, ADMIN_TIMEOUT).await {
-        Ok(load) => {
-            load.pod == pod.name_any()
-                && load.ready
-                && !load.draining
-                && (load.url.is_empty() || Some(&load.url) == listed_url)
-        }
-        Err(_) => false,
+/// Whether the pod's own gateway answers ready (not draining), advertises
+/// `listed_url`, and answers a client's WebSocket connect there; else why not.
+async fn serves_at(
+    ctx: &Context,
+    cc: &ChatCluster,
+    pod: &Pod,
+    listed_url: Option<&String>,
+    probe_token: std::result::Result<&str, &str>,
+) -> std::result::Result<(), String> {
+    let addr = discovery::admin_addr(pod, cc, ctx.admin_loopback_only).map_err(|e| e.to_string())?;
+    let load = poll::read_load(addr, ADMIN_TIMEOUT).await.map_err(|e| format!("its load could not be read ({e})"))?;
+    if load.pod != pod.name_any() {
+        return Err(format!("its address answers as {}", load.pod));
     }
+    if !load.ready || load.draining {
+        return Err("its gateway reports not ready".into());
+    }
+    let Some(url) = listed_url else { return Err("it is not in the endpoint list".into()) };
+    if !load.url.is_empty() && load.url != *url {
+        return Err(format!("it advertises {} but is listed at {url}", load.url));
+    }
+    let client_addr = discovery::websocket_addr(pod, cc, ctx.admin_loopback_only).map_err(|e| e.to_string())?;
+    let token = probe_token.map_err(|e| format!("no WebSocket connect tried at {url}: {e}"))?;
+    probe::connect(url, client_addr, token, PROBE_TIMEOUT)
+        .await
+        .map_err(|e| format!("it does not answer a WebSocket connect at {url}: {e}"))
+}
+
+/// A token for the probe, signed with the key the gateways mount: the
+/// generated Secret from the cache, a Secret the spec names read directly.
+async fn mint_probe_token(ctx: &Context, cc: &ChatCluster) -> std::result::Result<String, String> {
+    let key_ref = auth::signing_key_ref(cc);
+    let namespace = cc.namespace().unwrap_or_default();
+    let secret = match ctx.owned.get::<Secret>(&namespace, &key_ref.name) {
+        Some(secret) => (*secret).clone(),
+        None => {
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+            counted(Verb::Get, api.get(&key_ref.name))
+                .await
+                .map_err(|e| format!("reading the signing key Secret {}: {e}", key_ref.name))?
+        }
+    };
+    let key = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&key_ref.key))
+        .ok_or_else(|| format!("the Secret {} has no key {}", key_ref.name, key_ref.key))?;
+    probe::token(&key.0).map_err(|e| e.to_string())
 }
 
 /// An Event about the rollout; `pod` is its related object, so each pod's
@@ -477,6 +524,7 @@ fn pod_state(pod: &Pod, endpoints: Option<&Endpoints>) -> PodState {
         connections: listed.map(|g| g.connections),
         replacement_reported: pod.annotations().contains_key(REPLACEMENT_REPORTED_ANNOTATION),
         load_error: listed.and_then(|g| g.load_error.clone()),
+        serve_error: None,
         name,
     }
 }

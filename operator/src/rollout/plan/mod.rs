@@ -42,7 +42,8 @@ pub struct PodState {
     pub serving: Option<bool>,
     /// When the operator started draining it (its annotation), Unix seconds.
     pub drain_started: Option<i64>,
-    /// Listed as ready in the endpoint ConfigMap.
+    /// Listed as ready in the endpoint ConfigMap and, when the driver
+    /// looked, serving there: its own gateway, a WebSocket connect answered.
     pub listed_ready: bool,
     /// Connections it holds: the drain's count for a draining pod, else the
     /// endpoint list's (`None`: unknown).
@@ -51,6 +52,8 @@ pub struct PodState {
     pub replacement_reported: bool,
     /// Why the operator could not read its gateway's load (endpoint list).
     pub load_error: Option<String>,
+    /// Why the driver found it not serving at its listed URL.
+    pub serve_error: Option<String>,
 }
 
 impl PodState {
@@ -70,9 +73,10 @@ impl PodState {
         if self.serving != Some(true) {
             return "its serving gate is not open".into();
         }
-        match &self.load_error {
-            Some(error) => format!("its load could not be read ({error})"),
-            None => "its gateway reports not ready".into(),
+        match (&self.serve_error, &self.load_error) {
+            (Some(why), _) => why.clone(),
+            (None, Some(error)) => format!("its load could not be read ({error})"),
+            (None, None) => "its gateway reports not ready".into(),
         }
     }
 }

@@ -20,6 +20,7 @@ fn pod(ordinal: i32, revision: &str) -> PodState {
         connections: Some(100),
         replacement_reported: false,
         load_error: None,
+        serve_error: None,
     }
 }
 
@@ -155,6 +156,27 @@ fn a_replacement_that_never_comes_up_stops_the_rollout() {
     let message = p.stuck.expect("Degraded");
     assert!(message.contains("chat-gateway-2"), "{message}");
     assert_eq!(p.rollout.expect("status").phase, STUCK);
+}
+
+/// A replacement whose gateway reports ready and is listed, but refuses a
+/// client's WebSocket connect, is not up: the next pod waits, and the
+/// status says why once the limit passes.
+#[test]
+fn a_replacement_that_refuses_clients_holds_the_rollout_and_says_why() {
+    let mut refusing = pod(2, NEW);
+    refusing.listed_ready = false;
+    refusing.connections = Some(0);
+    refusing.created = 1_900;
+    refusing.serve_error = Some("it does not answer a WebSocket connect at ws://10.0.0.3:8080/v1/ws: 503".into());
+    let pods = vec![pod(0, OLD), pod(1, OLD), refusing];
+    let waiting = plan(&Input { previous: previous(REPLACING, "chat-gateway-2"), ..input(pods.clone()) });
+    assert_eq!(waiting.step, Step::Wait, "the next pod is not drained");
+    assert_eq!(waiting.rollout.expect("status").phase, REPLACING);
+
+    let later = plan(&Input { previous: previous(REPLACING, "chat-gateway-2"), now: 2_300, ..input(pods) });
+    assert_eq!(later.step, Step::Wait);
+    let message = later.stuck.expect("Degraded");
+    assert!(message.contains("does not answer a WebSocket connect at ws://10.0.0.3:8080/v1/ws: 503"), "{message}");
 }
 
 /// A replicas edit during a stuck rollout (3 → 2) removes the broken
