@@ -877,6 +877,11 @@ pub struct GatewayPodStatus {
     /// Accepting new clients (its readiness, and the operator could read its load).
     pub ready: bool,
     pub draining: bool,
+    /// Why Kubernetes is taking the pod away (its `DisruptionTarget`
+    /// reason, e.g. `EvictionByEvictionAPI` for `kubectl drain`); its
+    /// gateway drains meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption: Option<String>,
 }
 
 /// One master of the Redis Cluster and who listens on it.

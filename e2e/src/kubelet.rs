@@ -15,8 +15,13 @@
 //!
 //! A Pod whose image contains [`BROKEN_IMAGE_MARK`] is never started (an
 //! image that cannot be pulled); one whose tag ends in
-//! [`FAILPOINT_IMAGE_MARK`]`<name>` starts with that gateway failpoint armed. A Pod that is deleted gets SIGTERM, then SIGKILL after its grace period
-//! (at most [`MAX_GRACE`]). A process that exits (or that a test kills) is
+//! [`FAILPOINT_IMAGE_MARK`]`<name>` starts with that gateway failpoint armed.
+//! A Pod that is deleted gets SIGTERM, then SIGKILL after its grace period
+//! (at most [`MAX_GRACE`]), and stays (Terminating) until its process has
+//! exited, as with a real kubelet: the kubelet holds a finalizer
+//! ([`PROCESS_FINALIZER`]) on every Pod whose process it started (kwok
+//! deletes a deleted Pod at once otherwise, and the StatefulSet would start
+//! its successor beside a gateway still draining). A process that exits (or that a test kills) is
 //! not restarted: a test sees exactly what it did.
 
 use std::collections::BTreeMap;
@@ -28,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, Secret};
-use kube::api::Api;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -42,6 +47,8 @@ pub const BROKEN_IMAGE_MARK: &str = "broken";
 /// failpoint `<name>` armed (`KUBECHAT_FAILPOINTS`), e.g.
 /// `kubechat:0.4.0-failpoint-refuse-websocket`.
 pub const FAILPOINT_IMAGE_MARK: &str = "failpoint-";
+/// Held on every Pod whose process runs, until that process has exited.
+pub const PROCESS_FINALIZER: &str = "e2e.kubechat.dev/process";
 /// How long a deleted Pod's process may take to stop after SIGTERM.
 pub const MAX_GRACE: Duration = Duration::from_secs(30);
 const SYNC_EVERY: Duration = Duration::from_millis(100);
@@ -140,6 +147,8 @@ impl RunningPods {
 /// Runs the gateway Pods of one ChatCluster as local processes.
 pub struct ProcessKubelet {
     processes: Processes,
+    pods_api: Api<Pod>,
+    selector: String,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -155,9 +164,10 @@ impl ProcessKubelet {
         let selector = format!("app.kubernetes.io/instance={cluster},app.kubernetes.io/component=gateway");
         let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let (pods, writer) = reflector::store::<Pod>();
-        let events = watcher(pods_api, watcher::Config::default().labels(&selector)).default_backoff();
+        let events = watcher(pods_api.clone(), watcher::Config::default().labels(&selector)).default_backoff();
         let sync = Sync {
             client: client.clone(),
+            pods_api: pods_api.clone(),
             namespace: namespace.to_string(),
             binary,
             root: dir.path().to_path_buf(),
@@ -174,7 +184,7 @@ impl ProcessKubelet {
                 }
             }
         });
-        Self { processes, stop, task: Some(task), _dir: dir }
+        Self { processes, pods_api, selector, stop, task: Some(task), _dir: dir }
     }
 
     /// Waits until `count` Pods have a running process that says it is
@@ -261,7 +271,8 @@ impl ProcessKubelet {
             .join("\n")
     }
 
-    /// Kills every process and stops watching.
+    /// Kills every process, stops watching and lets go of the Pods (their
+    /// namespace can then be deleted).
     pub async fn stop(mut self) {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
@@ -270,6 +281,10 @@ impl ProcessKubelet {
         let children: Vec<Child> = self.with(|p| p.values_mut().filter_map(|p| p.child.take()).collect());
         for mut child in children {
             let _ = child.kill().await;
+        }
+        let held = self.pods_api.list(&ListParams::default().labels(&self.selector)).await;
+        for pod in held.map(|l| l.items).unwrap_or_default() {
+            release(&self.pods_api, &pod.name_any(), pod.uid().as_deref().unwrap_or_default()).await;
         }
     }
 
@@ -289,6 +304,7 @@ impl Drop for ProcessKubelet {
 /// The sync loop: the processes follow the Pods.
 struct Sync {
     client: Client,
+    pods_api: Api<Pod>,
     namespace: String,
     binary: PathBuf,
     root: PathBuf,
@@ -313,7 +329,7 @@ impl Sync {
                 }
             }
             // Stop the processes of Pods that are gone or being deleted.
-            let doomed: Vec<(Child, Duration)> = self.with(|processes| {
+            let doomed: Vec<(Child, Duration, String, String)> = self.with(|processes| {
                 let mut doomed = Vec::new();
                 processes.retain(|name, process| {
                     let pod = live.iter().find(|p| p.name_any() == *name && p.uid().as_deref() == Some(&process.uid));
@@ -322,14 +338,18 @@ impl Sync {
                         let grace = pod
                             .and_then(|p| p.spec.as_ref()?.termination_grace_period_seconds)
                             .map_or(MAX_GRACE, |s| Duration::from_secs(u64::try_from(s).unwrap_or(0)).min(MAX_GRACE));
-                        doomed.push((child, grace));
+                        doomed.push((child, grace, name.clone(), process.uid.clone()));
                     }
                     !deleted
                 });
                 doomed
             });
-            for (child, grace) in doomed {
-                tokio::spawn(stop_child(child, grace));
+            for (child, grace, name, uid) in doomed {
+                let api = self.pods_api.clone();
+                tokio::spawn(async move {
+                    stop_child(child, grace).await;
+                    release(&api, &name, &uid).await;
+                });
             }
             tokio::time::sleep(SYNC_EVERY).await;
         }
@@ -367,7 +387,10 @@ impl Sync {
                 return;
             }
         };
-        self.with(|p| p.insert(name, Process { uid, pod: running, child: Some(child), exit: None, log }));
+        self.with(|p| {
+            p.insert(name.clone(), Process { uid: uid.clone(), pod: running, child: Some(child), exit: None, log })
+        });
+        hold(&self.pods_api, pod, &uid).await;
     }
 
     async fn launch(&self, pod: &Pod, dir: &Path, log: &Path) -> Result<(Child, RunningPod), String> {
@@ -509,6 +532,49 @@ impl Sync {
 fn refused(pod: &Pod) -> bool {
     let image = pod.spec.as_ref().and_then(|s| s.containers.first()).and_then(|c| c.image.as_deref());
     image.is_some_and(|i| i.contains(BROKEN_IMAGE_MARK))
+}
+
+/// Adds [`PROCESS_FINALIZER`] to the Pod whose process just started (the
+/// patch names its uid: a successor of the same name is not touched). A
+/// Pod deleted meanwhile refuses new finalizers: its process is stopped at
+/// the next sync anyway.
+async fn hold(api: &Api<Pod>, pod: &Pod, uid: &str) {
+    let mut finalizers = pod.finalizers().to_vec();
+    if finalizers.iter().any(|f| f == PROCESS_FINALIZER) {
+        return;
+    }
+    finalizers.push(PROCESS_FINALIZER.to_string());
+    let patch = serde_json::json!({"metadata": {"uid": uid, "finalizers": finalizers}});
+    if let Err(e) = api.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        tracing::debug!(pod = %pod.name_any(), error = %e, "finalizer not added");
+    }
+}
+
+/// Removes [`PROCESS_FINALIZER`] from the Pod `name` with `uid`, once its
+/// process has exited; the Pod then goes. A JSON patch that tests the uid
+/// and the entry, retried when the Pod changed in between.
+async fn release(api: &Api<Pod>, name: &str, uid: &str) {
+    for _ in 0..5 {
+        let Ok(pod) = api.get(name).await else { return };
+        if pod.uid().as_deref() != Some(uid) {
+            return;
+        }
+        let Some(index) = pod.finalizers().iter().position(|f| f == PROCESS_FINALIZER) else { return };
+        let path = format!("/metadata/finalizers/{index}");
+        let patch: json_patch::Patch = match serde_json::from_value(serde_json::json!([
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "test", "path": path, "value": PROCESS_FINALIZER},
+            {"op": "remove", "path": path},
+        ])) {
+            Ok(patch) => patch,
+            Err(_) => return,
+        };
+        match api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+            Ok(_) => return,
+            Err(e) => tracing::debug!(pod = name, error = %e, "finalizer not removed yet"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn stop_child(mut child: Child, grace: Duration) {

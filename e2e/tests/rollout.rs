@@ -6,10 +6,15 @@
 //!   while the image changes on three gateways. The pods are replaced 2, 1, 0, each
 //!   after its drain finished; no acknowledged message is lost; reconnects
 //!   stay under the drain's bound; the status and Events show each step.
+//!   Then a node drain's eviction of one gateway (the Eviction API): a paced
+//!   drain, reported in the status and an Event, the pod back and listed.
 //! - Without load: a pause holds the rollout at a pod boundary until it is
 //!   lifted; an image the kubelet refuses to start stops the rollout
 //!   (`Degraded`) without draining the next pod, even when a replicas edit
-//!   removes the broken pod, and a fixed spec resumes it.
+//!   removes the broken pod, and a fixed spec resumes it; a replacement
+//!   that is ready and listed but refuses every WebSocket upgrade (a
+//!   gateway failpoint) holds the rollout too, the status naming the
+//!   connect that failed.
 //!
 //! Drains of 1,000 clients within their window need the machine to
 //! themselves: `e2e/test.sh` runs this suite alone.
@@ -23,7 +28,7 @@ use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
 use kubechat_crds::ChatCluster;
 use kubechat_e2e::client::Tokens;
 use kubechat_e2e::cluster::{RunningOperator, wait_for};
@@ -110,6 +115,15 @@ impl Harness {
     /// The rollout Events (reason, note), oldest first.
     async fn rollout_events(&self) -> Vec<(String, String)> {
         self.rollout_occurrences().await.into_iter().map(|(reason, note, _)| (reason, note)).collect()
+    }
+
+    /// The notes of the Events with `reason`.
+    async fn events_with_reason(&self, reason: &str) -> Vec<String> {
+        let events = Api::<Event>::namespaced(self.client.clone(), &self.namespace)
+            .list(&ListParams::default())
+            .await
+            .expect("list Events");
+        events.items.into_iter().filter(|e| e.reason.as_deref() == Some(reason)).filter_map(|e| e.note).collect()
     }
 
     /// Whether a rollout Event `reason` about gateway pod `n` was published.
@@ -504,6 +518,7 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
             let clusters: Api<ChatCluster> = Api::namespaced(client, &namespace);
             let mut fewest_ready = GATEWAYS;
             let mut phases: Vec<String> = Vec::new();
+            let mut disruptions: HashSet<(String, String)> = HashSet::new();
             while !stop.is_cancelled() {
                 if let Ok(cm) = config_maps.get(&format!("{NAME}-endpoints")).await
                     && let Some(e) =
@@ -514,16 +529,23 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
                     *world.urls.lock().expect("lock") = ready;
                 }
                 if let Ok(cc) = clusters.get(NAME).await
-                    && let Some(rollout) = cc.status.and_then(|s| s.rollout)
+                    && let Some(status) = cc.status
                 {
-                    let line = format!("{} {}", rollout.phase, rollout.pod);
-                    if phases.last() != Some(&line) {
-                        phases.push(line);
+                    for g in &status.gateway_pods {
+                        if let Some(reason) = &g.disruption {
+                            disruptions.insert((g.pod.clone(), reason.clone()));
+                        }
+                    }
+                    if let Some(rollout) = status.rollout {
+                        let line = format!("{} {}", rollout.phase, rollout.pod);
+                        if phases.last() != Some(&line) {
+                            phases.push(line);
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            (fewest_ready, phases)
+            (fewest_ready, phases, disruptions)
         })
     };
     wait_for(Duration::from_secs(10), || async { (world.urls.lock().expect("lock").len() == GATEWAYS).then_some(()) })
@@ -550,13 +572,46 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
     h.set_image("ghcr.io/kubechat/kubechat:0.2.0").await;
     let cc = h.wait_rollout_finished("ghcr.io/kubechat/kubechat:0.2.0", Duration::from_secs(240)).await;
     let took = started.elapsed();
+
+    // A node drain's eviction of a gateway pod (the Eviction API, which
+    // the PDB allows for one pod at a time): the pod stays Terminating while
+    // its gateway drains on SIGTERM within the pod's grace period, the
+    // status and an Event say so, and the StatefulSet brings it back.
+    let evicted = gateway(1);
+    let old_uid = h.gateway_pods().await.iter().find(|p| p.name_any() == evicted).and_then(|p| p.uid());
+    let moved_before = world.seen.lock().expect("lock").sent_away.len();
+    let eviction_started = Instant::now();
+    let accepted = wait_for(Duration::from_secs(60), || async {
+        match h.pods().evict(&evicted, &EvictParams::default()).await {
+            Ok(_) => Some(()),
+            // 429 until the disruption controller has counted the pods healthy.
+            Err(e) => {
+                println!("eviction of {evicted} refused for now: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        }
+    })
+    .await;
+    assert!(accepted.is_some(), "the eviction of {evicted} was never admitted");
+    let back = wait_for(Duration::from_secs(90), || async {
+        let pods = h.gateway_pods().await;
+        let new = pods.iter().find(|p| p.name_any() == evicted).and_then(|p| p.uid());
+        let listed = world.urls.lock().expect("lock").len() == GATEWAYS;
+        (new.is_some() && new != old_uid && listed).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "{evicted} did not come back after its eviction; {}", h.kubelet.describe());
+    let eviction_took = eviction_started.elapsed();
+    let moved_by_eviction = world.seen.lock().expect("lock").sent_away.len() - moved_before;
+
     // Traffic goes on a little, then everyone settles.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.cancel();
     for d in devices {
         let _ = d.await;
     }
-    let (fewest_ready, phases) = watcher.await.expect("watcher");
+    let (fewest_ready, phases, disruptions) = watcher.await.expect("watcher");
 
     let events = h.rollout_events().await;
     assert_steps(&events);
@@ -580,6 +635,23 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
             gateway(n)
         );
     }
+    // The eviction: reported, and a paced drain rather than a cut.
+    assert!(
+        disruptions.contains(&(evicted.clone(), "EvictionByEvictionAPI".to_string())),
+        "the status never showed {evicted} evicted: {disruptions:?}"
+    );
+    let evictions = h.events_with_reason("GatewayEvicted").await;
+    assert_eq!(evictions.len(), 1, "one GatewayEvicted Event: {evictions:?}");
+    assert!(evictions[0].starts_with(&format!("{evicted} is being evicted")), "{evictions:?}");
+    assert!(
+        moved_by_eviction >= CLIENTS / GATEWAYS / 2,
+        "only {moved_by_eviction} paced reconnect frames during the eviction: was the gateway drained?"
+    );
+    println!(
+        "eviction of {evicted}: {moved_by_eviction} clients sent away paced, back and listed after {eviction_took:.1?}; \
+         {evictions:?}"
+    );
+
     // Never two down at once is what the Events order shows (a drain starts
     // only after the previous replacement came up); the list's ready count
     // also drops when a poll times out under this load, so it is only reported.

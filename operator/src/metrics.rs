@@ -28,6 +28,9 @@ pub struct Metrics {
     pub api_requests_per_reconcile: Histogram,
     /// ChatClusters whose reconcile is backing off after failures.
     pub backoff_clusters: IntGauge,
+    /// Gateway pods Kubernetes took away (evictions, preemptions), by the
+    /// reason of their `DisruptionTarget` condition.
+    pub gateway_disruptions: IntCounterVec,
 }
 
 impl Metrics {
@@ -76,6 +79,14 @@ impl Metrics {
         let backoff_clusters =
             IntGauge::new("reconcile_backoff_clusters", "ChatClusters retried with backoff after failures")
                 .expect("valid metric");
+        let gateway_disruptions = IntCounterVec::new(
+            Opts::new(
+                "gateway_disruptions_total",
+                "Gateway pods Kubernetes took away (an eviction, e.g. kubectl drain; a preemption), by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -90,6 +101,7 @@ impl Metrics {
             Box::new(api_requests.clone()),
             Box::new(api_requests_per_reconcile.clone()),
             Box::new(backoff_clusters.clone()),
+            Box::new(gateway_disruptions.clone()),
         ] {
             // Registration only fails on duplicate names, which these are not.
             let _ = registry.register(collector);
@@ -109,6 +121,7 @@ impl Metrics {
             api_requests,
             api_requests_per_reconcile,
             backoff_clusters,
+            gateway_disruptions,
         }
     }
 

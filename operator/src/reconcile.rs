@@ -12,7 +12,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use kubechat_crds::ChatCluster;
+use kubechat_crds::{ChatCluster, GatewayPodStatus};
 use serde_json::json;
 
 use crate::apply::{self, Outcome};
@@ -66,6 +66,39 @@ pub fn error_policy(cc: Arc<ChatCluster>, error: &Error, ctx: Arc<Context>) -> A
 
 fn warning(reason: &str, action: &str, note: String) -> Event {
     Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action: action.into(), secondary: None }
+}
+
+/// A gateway pod Kubernetes is taking away (an eviction by `kubectl drain`,
+/// a preemption): its gateway drains on SIGTERM within the pod's grace
+/// period, which the desired StatefulSet sets past the drain window.
+async fn publish_disruption(cc: &ChatCluster, ctx: &Context, namespace: &str, gateway: &GatewayPodStatus) {
+    let cause = gateway.disruption.as_deref().unwrap_or_default();
+    ctx.metrics.gateway_disruptions.with_label_values(&[cause]).inc();
+    let drain = &cc.spec.gateway.drain;
+    let (reason, what) = match cause {
+        "EvictionByEvictionAPI" => ("GatewayEvicted", "is being evicted (the Eviction API, e.g. kubectl drain)".into()),
+        other => ("GatewayDisrupted", format!("is being taken away ({other})")),
+    };
+    let note = format!(
+        "{} {what}: its gateway drains its {} connections within {} s, at most {} reconnects/s, before it stops",
+        gateway.pod, gateway.connections, drain.window_seconds, drain.max_reconnects_per_second
+    );
+    tracing::info!(pod = %gateway.pod, cause, "gateway pod disrupted");
+    let pod = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(gateway.pod.clone()),
+        namespace: Some(namespace.to_string()),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Drain".into(),
+        secondary: Some(pod),
+    };
+    ctx.publish(cc, event).await;
 }
 
 async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
@@ -168,6 +201,8 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
             .find(|c| c.type_ == status::DEGRADED && c.status == "True")
             .filter(|c| cc.status.as_ref().is_none_or(|old| !same_condition(&old.conditions, c)))
             .map(|c| (c.reason.clone(), c.message.clone()));
+        let disrupted: Vec<GatewayPodStatus> =
+            status::newly_disrupted(cc.status.as_ref(), &new_status).into_iter().cloned().collect();
         let api = Api::<ChatCluster>::namespaced(ctx.client.clone(), &namespace);
         let patch = Patch::Merge(json!({ "status": new_status }));
         match counted(Verb::Patch, api.patch_status(&cc.name_any(), &PatchParams::default(), &patch)).await {
@@ -180,6 +215,9 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         ctx.metrics.status_updates.inc();
         if let Some((reason, message)) = became_degraded {
             ctx.publish(cc, warning(&reason, "Observe", message)).await;
+        }
+        for gateway in disrupted {
+            publish_disruption(cc, ctx, &namespace, &gateway).await;
         }
     }
 

@@ -169,6 +169,7 @@ pub fn compute(
                 connections: saturating_i64(g.connections),
                 ready: g.ready,
                 draining: g.draining,
+                disruption: g.disruption.clone(),
             })
             .collect(),
         redis_shards: redis_shards(observed),
@@ -177,6 +178,15 @@ pub fn compute(
         autoscale: None,
         endpoint_config_map: Names(&cc.name_any()).endpoints(),
     }
+}
+
+/// Gateway pods the new status shows Kubernetes taking away that the old
+/// one did not (each is reported once: the status remembers).
+pub fn newly_disrupted<'a>(old: Option<&ChatClusterStatus>, new: &'a ChatClusterStatus) -> Vec<&'a GatewayPodStatus> {
+    let known = |pod: &GatewayPodStatus| {
+        old.into_iter().flat_map(|s| &s.gateway_pods).any(|o| o.pod == pod.pod && o.disruption == pod.disruption)
+    };
+    new.gateway_pods.iter().filter(|g| g.disruption.is_some() && !known(g)).collect()
 }
 
 /// Gateways that should take clients and do not, as the endpoint list
@@ -310,6 +320,25 @@ mod tests {
         }
     }
 
+    /// An eviction shows in the gateway's status entry and is reported once.
+    #[test]
+    fn a_disruption_is_in_the_status_and_new_only_once() {
+        let cc = ChatCluster::test();
+        let mut observed = all_ready(&cc);
+        let before = compute(&cc, &observed, None, &time(1));
+        assert!(newly_disrupted(None, &before).is_empty());
+        let gateways = &mut observed.endpoints.as_mut().expect("endpoints").gateways;
+        gateways[0].disruption = Some("EvictionByEvictionAPI".into());
+        gateways[0].draining = true;
+        let during = compute(&cc, &observed, Some(&before), &time(2));
+        assert_eq!(during.gateway_pods[0].disruption.as_deref(), Some("EvictionByEvictionAPI"));
+        let new: Vec<&str> = newly_disrupted(Some(&before), &during).iter().map(|g| g.pod.as_str()).collect();
+        assert_eq!(new, ["chat-gateway-0"]);
+        assert!(newly_disrupted(Some(&during), &during).is_empty(), "reported once");
+        let ready = during.conditions.iter().find(|c| c.type_ == READY).expect("Ready");
+        assert_eq!(ready.status, "True", "a gateway draining for an eviction is on its way out, not a fault");
+    }
+
     /// Pods ready is not enough: gateways whose load cannot be read (or
     /// that say they are not ready) serve no one, and Ready says so.
     #[test]
@@ -431,8 +460,20 @@ mod tests {
         assert_eq!(
             status.gateway_pods,
             vec![
-                GatewayPodStatus { pod: "chat-gateway-0".into(), connections: 12, ready: true, draining: false },
-                GatewayPodStatus { pod: "chat-gateway-1".into(), connections: 30, ready: false, draining: true },
+                GatewayPodStatus {
+                    pod: "chat-gateway-0".into(),
+                    connections: 12,
+                    ready: true,
+                    draining: false,
+                    disruption: None
+                },
+                GatewayPodStatus {
+                    pod: "chat-gateway-1".into(),
+                    connections: 30,
+                    ready: false,
+                    draining: true,
+                    disruption: None
+                },
             ]
         );
         let unpublished = compute(&cc, &Observed { endpoints: None, ..all_ready(&cc) }, Some(&status), &time(2));

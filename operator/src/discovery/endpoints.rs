@@ -36,6 +36,12 @@ pub struct GatewayEndpoint {
     /// gateway is gone (see [`super::endpoint`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_error: Option<String>,
+    /// Why Kubernetes is taking the pod away, from its `DisruptionTarget`
+    /// condition (`EvictionByEvictionAPI`: an eviction, e.g. `kubectl
+    /// drain`; `PreemptionByScheduler`, `DeletionByTaintManager`, …);
+    /// absent otherwise. Its gateway drains on SIGTERM meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption: Option<String>,
 }
 
 /// Backend health as one gateway reports it: `up`, `down`, or `none` (not used).
@@ -201,7 +207,7 @@ pub fn classify(published: &[GatewayEndpoint], observed: &[GatewayEndpoint], pol
     let first = |differs: fn(&GatewayEndpoint, &GatewayEndpoint) -> bool| pairs().any(|(p, o)| differs(p, o));
     if first(|p, o| p.ready != o.ready) {
         Some(Reason::Ready)
-    } else if first(|p, o| p.draining != o.draining) {
+    } else if first(|p, o| p.draining != o.draining || p.disruption != o.disruption) {
         Some(Reason::Draining)
     } else if first(|p, o| p.version != o.version) {
         Some(Reason::Version)
@@ -273,6 +279,7 @@ mod tests {
             version: "0.1.0".into(),
             backends: Some(Backends { redis: "up".into(), store: "up".into(), redis_shards: Vec::new() }),
             load_error: None,
+            disruption: None,
         }
     }
 

@@ -52,6 +52,15 @@ fn pod_is_ready(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none() && conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
+/// The reason of the pod's `DisruptionTarget` condition (set by the
+/// apiserver on an eviction, by the scheduler on a preemption, …): why
+/// Kubernetes is taking it away.
+fn disruption(pod: &Pod) -> Option<String> {
+    let conditions = pod.status.as_ref()?.conditions.as_deref()?;
+    let target = conditions.iter().find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
+    Some(target.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "DisruptionTarget".into()))
+}
+
 /// One gateway's entry from its poll result. `previous` is what was
 /// published for the same pod: a gateway that could not be read keeps its
 /// address, capacity and version, is not ready, and says why its load is
@@ -80,6 +89,7 @@ pub fn endpoint(
             version: report.version,
             backends: report.backends,
             load_error: None,
+            disruption: disruption(pod),
             pod: name,
         },
         Err(e) => GatewayEndpoint {
@@ -91,6 +101,7 @@ pub fn endpoint(
             draining: false,
             version: previous.map(|p| p.version.clone()).unwrap_or_default(),
             backends: None,
+            disruption: disruption(pod),
             pod: name,
         },
     }
@@ -275,6 +286,23 @@ mod tests {
         assert_eq!(never_read.url, "ws://127.1.0.1:7000/v1/ws");
         assert_eq!(never_read.capacity, 50_000, "the spec's maxConnectionsPerPod");
         assert_eq!(never_read.version, "");
+    }
+
+    #[test]
+    fn an_evicted_pod_says_so_in_its_entry() {
+        let cc = ChatCluster::test();
+        let mut evicted = pod("chat-gateway-0", Some("127.1.0.1"));
+        assert_eq!(endpoint(&evicted, Ok(report("chat-gateway-0", 1)), None, &cc).disruption, None);
+        evicted.status.as_mut().and_then(|s| s.conditions.as_mut()).expect("conditions").push(PodCondition {
+            type_: "DisruptionTarget".into(),
+            status: "True".into(),
+            reason: Some("EvictionByEvictionAPI".into()),
+            ..PodCondition::default()
+        });
+        let entry = endpoint(&evicted, Ok(report("chat-gateway-0", 1)), None, &cc);
+        assert_eq!(entry.disruption.as_deref(), Some("EvictionByEvictionAPI"));
+        let unread = endpoint(&evicted, Err(refused()), Some(&entry), &cc);
+        assert_eq!(unread.disruption.as_deref(), Some("EvictionByEvictionAPI"), "read from the pod, not the poll");
     }
 
     #[test]
