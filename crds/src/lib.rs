@@ -71,6 +71,69 @@ pub struct ChatClusterSpec {
     /// Where the gateways find the key that signs client tokens.
     #[serde(default)]
     pub auth: AuthSpec,
+    /// How the gateways, the managed Redis and ScyllaDB and the push
+    /// workers spread over zones (a topology spread constraint each).
+    #[serde(default)]
+    pub topology_spread: TopologySpreadSpec,
+}
+
+// --------------------------------------------------------------- topology --
+
+/// One topology spread constraint per component, over `zoneKey`: at most
+/// `maxSkew` more of its pods in one zone than in another.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TopologySpreadSpec {
+    /// The node label that names a node's zone.
+    #[serde(default = "default_zone_key")]
+    #[schemars(length(min = 1, max = 317))]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{LABEL_KEY_PATTERN}')"))
+        .message("topologySpread.zoneKey must be a label key: an optional DNS subdomain prefix and '/', then 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit, e.g. topology.kubernetes.io/zone"))]
+    pub zone_key: String,
+    /// The largest difference in pods of one component between two zones.
+    #[serde(default = "default_max_skew")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_skew: i32,
+    /// `ScheduleAnyway` (default: a preference; a cluster with one zone, or
+    /// a zone out of capacity, still runs every pod) or `DoNotSchedule` (a
+    /// pod that would break the spread stays Pending).
+    #[serde(default)]
+    pub when_unsatisfiable: WhenUnsatisfiable,
+}
+
+impl Default for TopologySpreadSpec {
+    fn default() -> Self {
+        Self { zone_key: default_zone_key(), max_skew: default_max_skew(), when_unsatisfiable: Default::default() }
+    }
+}
+
+/// A label key: `[prefix/]name` (the prefix a DNS subdomain, the name 1-63
+/// characters). Lengths beyond the name's are left to the apiserver.
+const LABEL_KEY_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
+fn default_zone_key() -> String {
+    "topology.kubernetes.io/zone".into()
+}
+fn default_max_skew() -> i32 {
+    1
+}
+
+/// What the scheduler does with a pod that would break the spread.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenUnsatisfiable {
+    #[default]
+    ScheduleAnyway,
+    DoNotSchedule,
+}
+
+impl WhenUnsatisfiable {
+    /// The value Kubernetes uses in `topologySpreadConstraints`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ScheduleAnyway => "ScheduleAnyway",
+            Self::DoNotSchedule => "DoNotSchedule",
+        }
+    }
 }
 
 // ---------------------------------------------------------------- gateway --
@@ -239,12 +302,23 @@ pub struct RolloutSpec {
     #[serde(default = "default_pod_ready_timeout_seconds")]
     #[schemars(range(min = 10, max = 86_400))]
     pub pod_ready_timeout_seconds: i32,
+    /// Gateways added at the new revision before the first old one is
+    /// drained, and removed (drained) once every old one is replaced: the
+    /// cluster never serves with fewer gateways than before the rollout.
+    /// 0: drain first, one gateway fewer while each is replaced.
+    #[serde(default = "default_max_surge")]
+    #[schemars(range(min = 0, max = 10))]
+    pub max_surge: i32,
 }
 
 impl Default for RolloutSpec {
     fn default() -> Self {
-        Self { pod_ready_timeout_seconds: default_pod_ready_timeout_seconds() }
+        Self { pod_ready_timeout_seconds: default_pod_ready_timeout_seconds(), max_surge: default_max_surge() }
     }
+}
+
+fn default_max_surge() -> i32 {
+    1
 }
 
 fn default_pod_ready_timeout_seconds() -> i32 {
@@ -802,6 +876,11 @@ pub struct ChatClusterStatus {
     /// by pod name. Always serialized (a merge patch must be able to empty it).
     #[serde(default)]
     pub gateway_pods: Vec<GatewayPodStatus>,
+    /// Gateways per zone (the `spec.topologySpread.zoneKey` label of each
+    /// gateway pod's node), sorted by zone; empty when no node names a
+    /// zone. Always serialized (a merge patch must be able to empty it).
+    #[serde(default)]
+    pub zones: Vec<ZoneStatus>,
     /// The shards of an external Redis Cluster as the gateways report them
     /// (empty for a single Redis). Always serialized (a merge patch must be
     /// able to empty it).
@@ -818,6 +897,18 @@ pub struct ChatClusterStatus {
     /// Always serialized (a merge patch must be able to clear it).
     #[serde(default)]
     pub autoscale: Option<AutoscaleStatus>,
+}
+
+/// The gateways of one zone.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ZoneStatus {
+    pub zone: String,
+    /// Gateway pods whose node is in this zone.
+    pub gateways: i32,
+    /// Of those, listed ready.
+    pub ready: i32,
+    pub connections: i64,
 }
 
 /// The autoscaler's view: gateways running, gateways the connections call
@@ -854,7 +945,9 @@ pub struct RolloutStatus {
     /// The pod the current phase is about.
     #[serde(default)]
     pub pod: String,
-    /// `Draining`, `Replacing` (waiting for the new pod), `Stuck`, `Paused` or `Waiting`.
+    /// `Surging` (adding the surge gateways), `Draining`, `Replacing`
+    /// (waiting for the new pod), `WaitingForRoom` (until the others can
+    /// take the next one's clients), `Stuck`, `Paused` or `Waiting`.
     pub phase: String,
     /// When the rollout started (RFC 3339).
     pub started: String,
@@ -882,6 +975,9 @@ pub struct GatewayPodStatus {
     /// gateway drains meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disruption: Option<String>,
+    /// The zone of its node (absent when the node names none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 /// One master of the Redis Cluster and who listens on it.
@@ -917,6 +1013,16 @@ mod tests {
 
     // The apiserver's CEL uses RE2; these patterns use only syntax RE2 and the
     // `regex` crate read alike. The e2e admission suite checks the apiserver itself.
+    #[test]
+    fn zone_keys_must_be_label_keys() {
+        for good in ["topology.kubernetes.io/zone", "zone", "example.com/rack_1", "a", "Zone.Name"] {
+            assert!(matches(LABEL_KEY_PATTERN, good), "{good} refused");
+        }
+        for bad in ["", "/zone", "example.com/", "zone/", "-zone", "zone-", "a b", "Example.com/zone", "a/b/c"] {
+            assert!(!matches(LABEL_KEY_PATTERN, bad), "{bad} accepted");
+        }
+    }
+
     #[test]
     fn sizes_must_be_positive_quantities() {
         for good in ["1Gi", "10Gi", "1024Mi", "1.5Gi", "0.5Gi", ".5Gi", "500M", "1e9", "2E3", "1", "01Gi", "1.Gi"] {

@@ -14,7 +14,8 @@
 # Contract for other scripts and the Rust tests: once `start` returns, the
 # cluster is reachable with the admin kubeconfig $KUBECHAT_RUN/kube/admin.kubeconfig
 # (https://127.0.0.1:$APISERVER_PORT, user CN=kubechat-admin in system:masters,
-# certificates embedded), 2 Ready fake nodes labelled type=kwok exist, and the
+# certificates embedded), 2 Ready fake nodes labelled type=kwok exist (in zones
+# zone-a and zone-b: topology.kubernetes.io/zone), and the
 # default ServiceAccount in namespace "default" exists.
 #
 # Binaries are built from source (the machines this runs on reach the Go module
@@ -43,6 +44,8 @@ SERVICE_IP="10.0.0.1"      # first address of SERVICE_CIDR: the "kubernetes" Ser
 # loopback addresses), so Services have no endpoints; nothing here uses them.
 POD_CIDR="127.1.0.0/16"
 FAKE_NODES=(kwok-node-0 kwok-node-1)
+# One zone per fake node (the zone spread tests: status.zones).
+FAKE_ZONES=(zone-a zone-b)
 KWOK_PORT="${KWOK_PORT:-20247}"  # kwok's /healthz; nothing else uses it
 
 # Start order; stop runs it backwards.
@@ -525,8 +528,9 @@ start_kwok() {
 }
 
 fake_nodes_manifest() {
-  local node
-  for node in "${FAKE_NODES[@]}"; do
+  local i node
+  for i in "${!FAKE_NODES[@]}"; do
+    node="${FAKE_NODES[$i]}"
     cat <<EOF
 ---
 apiVersion: v1
@@ -539,6 +543,7 @@ metadata:
   labels:
     type: kwok
     kubernetes.io/hostname: $node
+    topology.kubernetes.io/zone: ${FAKE_ZONES[$i]}
     kubernetes.io/os: linux
     kubernetes.io/arch: amd64
     node-role.kubernetes.io/agent: ""

@@ -9,7 +9,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use kubechat_crds::{ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, GatewayPorts, RedisSpec, ScyllaSpec};
+use kubechat_crds::{
+    ChatCluster, ChatClusterSpec, ExternalRedis, ExternalScylla, GatewayPorts, RedisSpec, ScyllaSpec, ZoneStatus,
+};
 use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
 use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
 use kubechat_operator::discovery::endpoints::Endpoints;
@@ -204,6 +206,27 @@ impl RealGateways {
         delete_namespace(&self.client, &self.namespace).await;
         let session = connect_cql().await;
         let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), ()).await;
+    }
+
+    /// Waits until `status.zones` counts `gateways` over the control
+    /// plane's two zones, and checks the spread (`spec.topologySpread`'s
+    /// default skew of 1); the zones.
+    pub async fn wait_spread(&self, gateways: i32, timeout: Duration) -> Vec<ZoneStatus> {
+        let zones = wait_for(timeout, || async {
+            let zones = self.cluster().await.status?.zones;
+            (zones.iter().map(|z| z.gateways).sum::<i32>() == gateways).then_some(zones)
+        })
+        .await;
+        let zones = zones
+            .unwrap_or_else(|| panic!("status.zones never counted {gateways} gateways; {}", self.kubelet.describe()));
+        let names: Vec<&str> = zones.iter().map(|z| z.zone.as_str()).collect();
+        let counts: Vec<i32> = zones.iter().map(|z| z.gateways).collect();
+        if gateways >= 2 {
+            assert_eq!(names, ["zone-a", "zone-b"], "{zones:?}");
+        }
+        let skew = counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0);
+        assert!(skew <= 1, "{gateways} gateways spread {zones:?} (skew over 1)");
+        zones
     }
 
     /// The names of the gateway pods, sorted (terminating ones included).

@@ -229,6 +229,8 @@ async fn only_the_operator_drains_gateways_and_it_cancels_a_drain_on_pause_and_r
     let h = RealGateways::start(setup, |spec| {
         spec.gateway.drain.window_seconds = WINDOW_SECONDS;
         spec.gateway.drain.max_reconnects_per_second = RATE;
+        // Drain first: the pause and the rollback must meet a drain under way.
+        spec.gateway.rollout.max_surge = 0;
     })
     .await;
     let original_image = h.cluster().await.spec.gateway.image;

@@ -4,7 +4,8 @@
 //!
 //! Clients find gateways the way real ones do, in the endpoint list, and
 //! follow `reconnect` frames. Load over the target adds gateways within a
-//! discovery interval or so; once it falls, after the cool-down the highest
+//! discovery interval or so, spread over the control plane's two zones
+//! (`status.zones`); once it falls, after the cool-down the highest
 //! gateway is drained and only then removed, one at a time, and no gateway
 //! ever holds more than its capacity (each one's own count, read every 100 ms).
 //! Lowering `replicas` by hand removes gateways the same way, and a standby
@@ -474,6 +475,9 @@ async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down
     tokio::time::sleep(Duration::from_secs(2)).await;
     let spread: Vec<(String, u64)> =
         h.endpoints().await.into_iter().flat_map(|e| e.gateways).map(|g| (g.pod, g.connections)).collect();
+    // The gateways it added kept the zone spread (each placed by the
+    // scheduler under the ChatCluster's spread constraint).
+    let zones = h.wait_spread(3, Duration::from_secs(10)).await;
 
     // Down: three in five leave, from every gateway; 100 need one gateway.
     // Nothing is removed during the cool-down.
@@ -519,7 +523,7 @@ async fn gateways_follow_the_connections_up_at_once_and_down_after_the_cool_down
          {first_serving:.1?} after; 250 clients spread {spread:?}; scale-down 3 → 2 at {:.1?} and 2 → 1 at {:.1?} \
          after the load fell (cool-down {COOLDOWN_SECONDS} s, drain window {WINDOW_SECONDS} s); most connections any \
          gateway held: {most_before:?} before the load fell and {most:?} while the cluster shrank (capacity {CAPACITY}); {} reconnect frames followed, {} attempts refused; replicas \
-         over time {replicas:?}; events {events:#?}",
+         over time {replicas:?}; zones at 3 gateways {zones:?}; events {events:#?}",
         two.saturating_sub(dropped),
         one.saturating_sub(dropped),
         world.moved.load(Ordering::Relaxed),

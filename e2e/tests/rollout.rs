@@ -6,8 +6,9 @@
 //!   while the image changes on three gateways. The pods are replaced 2, 1, 0, each
 //!   after its drain finished; no acknowledged message is lost; reconnects
 //!   stay under the drain's bound; the status and Events show each step.
-//!   Then a node drain's eviction of one gateway (the Eviction API): a paced
-//!   drain, reported in the status and an Event, the pod back and listed.
+//!   The replacements keep the zone spread (`status.zones`). Then a node
+//!   drain's eviction of one gateway (the Eviction API): a paced drain,
+//!   reported in the status and an Event, the pod back, listed, spread.
 //! - Without load: a pause holds the rollout at a pod boundary until it is
 //!   lifted; an image the kubelet refuses to start stops the rollout
 //!   (`Degraded`) without draining the next pod, even when a replicas edit
@@ -29,7 +30,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
 use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
-use kubechat_crds::ChatCluster;
+use kubechat_crds::{ChatCluster, ChatClusterSpec};
 use kubechat_e2e::client::Tokens;
 use kubechat_e2e::cluster::{RunningOperator, wait_for};
 use kubechat_e2e::gateways::{NAME, RealGateways, Setup};
@@ -78,12 +79,19 @@ impl Harness {
     /// With `leaders` empty, one operator without leader election; else one
     /// operator per identity, sharing a Lease, the first one leading.
     async fn start_with(prefix: &str, leaders: &[&str]) -> Self {
+        // Drain first: these follow each drained pod's replacement step by
+        // step (a surge: `a_surge_gateway_keeps_every_gateway_serving_through_a_rollout`).
+        Self::start_with_spec(prefix, leaders, |spec| spec.gateway.rollout.max_surge = 0).await
+    }
+
+    async fn start_with_spec(prefix: &str, leaders: &[&str], edit: impl FnOnce(&mut ChatClusterSpec)) -> Self {
         let setup = Setup { prefix, gateways: GATEWAYS, leaders, lease: LEASE };
         Self(
             RealGateways::start(setup, |spec| {
                 spec.gateway.drain.window_seconds = WINDOW_SECONDS;
                 spec.gateway.drain.max_reconnects_per_second = RATE as i32;
                 spec.gateway.rollout.pod_ready_timeout_seconds = READY_TIMEOUT_SECONDS;
+                edit(spec);
             })
             .await,
         )
@@ -242,6 +250,8 @@ struct Seen {
     sent_away: Vec<Duration>,
     /// Connections opened after the first (reconnects).
     reconnects: usize,
+    /// Connection attempts that failed (refused, e.g. `gateway_full`, or unanswered).
+    failed_connects: usize,
     /// Group messages acknowledged (each is in `acked` once per other member).
     group_messages: usize,
     connected: HashSet<String>,
@@ -308,6 +318,7 @@ async fn device(world: Arc<World>, tokens: Arc<Tokens>, n: usize, stop: Cancella
         )
         .await
         else {
+            world.seen.lock().expect("lock").failed_connects += 1;
             tokio::time::sleep(Duration::from_millis(200) + jitter(n, attempt, 300)).await;
             continue;
         };
@@ -572,6 +583,8 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
     h.set_image("ghcr.io/kubechat/kubechat:0.2.0").await;
     let cc = h.wait_rollout_finished("ghcr.io/kubechat/kubechat:0.2.0", Duration::from_secs(240)).await;
     let took = started.elapsed();
+    // Each replacement was placed by the scheduler under the spread constraint.
+    let zones_after_rollout = h.wait_spread(GATEWAYS as i32, Duration::from_secs(10)).await;
 
     // A node drain's eviction of a gateway pod (the Eviction API, which
     // the PDB allows for one pod at a time): the pod stays Terminating while
@@ -603,6 +616,7 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
     .await;
     assert!(back.is_some(), "{evicted} did not come back after its eviction; {}", h.kubelet.describe());
     let eviction_took = eviction_started.elapsed();
+    let zones_after_eviction = h.wait_spread(GATEWAYS as i32, Duration::from_secs(10)).await;
     let moved_by_eviction = world.seen.lock().expect("lock").sent_away.len() - moved_before;
 
     // Traffic goes on a little, then everyone settles.
@@ -649,7 +663,7 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
     );
     println!(
         "eviction of {evicted}: {moved_by_eviction} clients sent away paced, back and listed after {eviction_took:.1?}; \
-         {evictions:?}"
+         {evictions:?}; zones after the rollout {zones_after_rollout:?}, after the eviction {zones_after_eviction:?}"
     );
 
     // Never two down at once is what the Events order shows (a drain starts
@@ -864,6 +878,150 @@ fn watch_drain_annotations(
         }
         seen
     })
+}
+
+/// Endpoint-list samples during a rollout: (since the start, gateways listed
+/// ready, most connections on one gateway), every 200 ms; the ready URLs go
+/// to the clients.
+fn sample_endpoints(
+    h: &Harness,
+    world: Arc<World>,
+    stop: CancellationToken,
+) -> JoinHandle<Vec<(Duration, usize, u64)>> {
+    let config_maps: Api<ConfigMap> = Api::namespaced(h.client.clone(), &h.namespace);
+    tokio::spawn(async move {
+        let mut samples = Vec::new();
+        while !stop.is_cancelled() {
+            if let Ok(cm) = config_maps.get(&format!("{NAME}-endpoints")).await
+                && let Some(e) = cm.data.as_ref().and_then(|d| d.get(ENDPOINTS_KEY)).and_then(|t| Endpoints::parse(t))
+            {
+                let ready: Vec<String> = e.gateways.iter().filter(|g| g.ready).map(|g| g.url.clone()).collect();
+                let most = e.gateways.iter().map(|g| g.connections).max().unwrap_or(0);
+                samples.push((world.started.elapsed(), ready.len(), most));
+                *world.urls.lock().expect("lock") = ready;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        samples
+    })
+}
+
+/// Fewest gateways listed ready, and most connections on one, between two instants.
+fn during(samples: &[(Duration, usize, u64)], from: Duration, to: Duration) -> (usize, u64) {
+    let window = samples.iter().filter(|(at, ..)| *at >= from && *at <= to);
+    let fewest = window.clone().map(|(_, ready, _)| *ready).min().unwrap_or(0);
+    (fewest, window.map(|(.., most)| *most).max().unwrap_or(0))
+}
+
+/// With `gateway.rollout.maxSurge: 1` (the default) a fourth gateway at the
+/// new revision comes up before the first old one is drained, and is
+/// drained and removed after the last one: the cluster never serves with
+/// fewer gateways than before, no gateway holds more than its capacity, no
+/// acknowledged message is lost. The same rollout without a surge, timed
+/// beside it, has one gateway fewer while each is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surge_gateway_keeps_every_gateway_serving_through_a_rollout() {
+    const SURGE_CLIENTS: usize = 240;
+    const SURGE_CAPACITY: u64 = 150;
+    let h = Harness::start_with_spec("rollout-surge", &[], |spec| {
+        spec.gateway.max_connections_per_pod = SURGE_CAPACITY as i64;
+    })
+    .await;
+    let world = Arc::new(World {
+        seen: Mutex::default(),
+        urls: Mutex::default(),
+        started: Instant::now(),
+        groups: HashMap::new(),
+        group_of: HashMap::new(),
+    });
+    let stop = CancellationToken::new();
+    let sampler = sample_endpoints(&h, world.clone(), stop.clone());
+    wait_for(Duration::from_secs(10), || async { (world.urls.lock().expect("lock").len() == GATEWAYS).then_some(()) })
+        .await
+        .expect("three gateways listed ready");
+    let tokens = Arc::new(Tokens::new(&h.key));
+    let devices: Vec<JoinHandle<()>> =
+        (0..SURGE_CLIENTS).map(|n| tokio::spawn(device(world.clone(), tokens.clone(), n, stop.clone()))).collect();
+    let connected = wait_for(Duration::from_secs(60), || async {
+        (world.seen.lock().expect("lock").connected.len() == SURGE_CLIENTS).then_some(())
+    })
+    .await;
+    assert!(connected.is_some(), "not all {SURGE_CLIENTS} clients connected");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // With the surge: over when every pod runs the image and the surge
+    // gateway is gone again.
+    let three_left = || async {
+        let pods = h.gateway_pods().await;
+        (pods.len() == GATEWAYS && world.urls.lock().expect("lock").len() == GATEWAYS).then_some(())
+    };
+    let surge_from = world.started.elapsed();
+    h.set_image("ghcr.io/kubechat/kubechat:0.2.0").await;
+    let surged = wait_for(Duration::from_secs(60), || async {
+        h.gateway_pods().await.iter().any(|p| p.name_any() == gateway(GATEWAYS)).then_some(())
+    })
+    .await;
+    assert!(
+        surged.is_some(),
+        "no surge gateway {} was added; status {:?}",
+        gateway(GATEWAYS),
+        h.cluster().await.status
+    );
+    h.wait_rollout_finished("ghcr.io/kubechat/kubechat:0.2.0", Duration::from_secs(180)).await;
+    wait_for(Duration::from_secs(60), three_left).await.expect("the surge gateway removed after the rollout");
+    let surge_to = world.started.elapsed();
+
+    // Without: the old way, timed the same way.
+    let patch = json!({"spec": {"gateway": {"image": "ghcr.io/kubechat/kubechat:0.3.0", "rollout": {"maxSurge": 0}}}});
+    h.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+    h.wait_rollout_finished("ghcr.io/kubechat/kubechat:0.3.0", Duration::from_secs(180)).await;
+    wait_for(Duration::from_secs(30), three_left).await.expect("three gateways after the rollout without surge");
+    let plain_to = world.started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    for d in devices {
+        let _ = d.await;
+    }
+    let samples = sampler.await.expect("sampler");
+    let events = h.events_with_reason("ScaledDown").await;
+
+    let (fewest_with, most_with) = during(&samples, surge_from, surge_to);
+    let (fewest_without, most_without) = during(&samples, surge_to, plain_to);
+    let seen = std::mem::take(&mut *world.seen.lock().expect("lock"));
+    let url = world.pick(0).expect("a gateway");
+    let mut lost = Vec::new();
+    let mut audited: HashMap<String, HashSet<String>> = HashMap::new();
+    for (to, id) in &seen.acked {
+        if seen.got.get(to).is_some_and(|ids| ids.contains(id)) {
+            continue;
+        }
+        if !audited.contains_key(to) {
+            audited.insert(to.clone(), sync_everything(&url, &h.tokens, to).await);
+        }
+        if !audited[to].contains(id) {
+            lost.push((to.clone(), id.clone()));
+        }
+    }
+    println!(
+        "surge rollout of {GATEWAYS} gateways with {SURGE_CLIENTS} clients (capacity {SURGE_CAPACITY}): \
+         {:.1?} until the surge gateway was removed, fewest listed ready {fewest_with}, most on one gateway \
+         {most_with}; without surge {:.1?}, fewest listed ready {fewest_without}, most on one {most_without}; \
+         acked {}, lost {}; failed connect attempts {}; ScaledDown {events:?}",
+        surge_to - surge_from,
+        plain_to - surge_to,
+        seen.acked.len(),
+        lost.len(),
+        seen.failed_connects,
+    );
+    assert!(fewest_with >= GATEWAYS, "with a surge, only {fewest_with} gateways were listed ready at one point");
+    assert!(most_with <= SURGE_CAPACITY && most_without <= SURGE_CAPACITY, "a gateway passed its capacity");
+    assert!(lost.is_empty(), "acked messages lost: {lost:?}");
+    assert!(seen.acked.len() > SENDERS * 10, "too little traffic to tell: {} acked", seen.acked.len());
+    assert!(
+        events.iter().any(|n| n.contains(&format!("removed {}", gateway(GATEWAYS)))),
+        "the surge gateway was not drained and removed: {events:?}"
+    );
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

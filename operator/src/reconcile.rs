@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -130,10 +131,14 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         let live = observe::gateway_replicas(&ctx.owned, cc, &namespace);
         live.unwrap_or_else(|| scale::initial_replicas(&cc.spec.gateway))
     });
+    // A rollout's surge gateways come on top of what the scale keeps.
+    let surge = driven.as_ref().map_or(0, rollout::Report::surge);
+    let gateways = if surge > 0 { gateways.max(scale.keep + surge) } else { gateways };
 
     // Desired → apply. One object the apiserver refuses does not hold back
     // the others: each failure is reported in the status instead.
-    let desired = desired::desired_objects(cc, gateways, &ctx.operator_pods);
+    let mut desired = desired::desired_objects(cc, gateways, &ctx.operator_pods);
+    desired::gateway::mark_surge(&mut desired, cc, surge);
     let gateway_set = Names(&cc.name_any()).gateway();
     let mut gateways_applied = true;
     let mut refused = Vec::new();
@@ -245,7 +250,9 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
 /// What the gateway count depends on, from the caches: the StatefulSet's
 /// replicas and the connections the endpoint list publishes.
 fn scale_input<'a>(cc: &'a ChatCluster, ctx: &Context, namespace: &str, now: i64) -> scale::Input<'a> {
-    let current = observe::gateway_replicas(&ctx.owned, cc, namespace);
+    // A rollout's surge gateways are not the load's.
+    let sts = ctx.owned.get::<StatefulSet>(namespace, &Names(&cc.name_any()).gateway());
+    let current = sts.as_deref().and_then(|s| Some(s.spec.replicas? - rollout::surge_of(s)));
     let endpoints = observe::published_endpoints(&ctx.owned, cc, namespace);
     let connections = endpoints.as_ref().map(|e| e.total_connections());
     let unread = endpoints.iter().flat_map(|e| e.unread()).map(|g| g.pod.clone()).collect();

@@ -1,9 +1,11 @@
 //! The ChatCluster status, computed from what was observed. Pure: the same
 //! observation gives the same status, so an idle reconcile writes nothing.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
-use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus, GatewayPodStatus, RedisShardStatus};
+use kubechat_crds::{ChatCluster, ChatClusterStatus, ComponentStatus, GatewayPodStatus, RedisShardStatus, ZoneStatus};
 
 use crate::desired::Names;
 use crate::discovery::endpoints::{Backends, RedisShard};
@@ -170,14 +172,29 @@ pub fn compute(
                 ready: g.ready,
                 draining: g.draining,
                 disruption: g.disruption.clone(),
+                zone: g.zone.clone(),
             })
             .collect(),
+        zones: zones(observed),
         redis_shards: redis_shards(observed),
         // Filled in by the rollout driver (`rollout::Report`) and the reconcile (`scale::Scale`).
         rollout: None,
         autoscale: None,
         endpoint_config_map: Names(&cc.name_any()).endpoints(),
     }
+}
+
+/// Gateways per zone, from the endpoint list (pods of no known zone left out).
+fn zones(observed: &Observed) -> Vec<ZoneStatus> {
+    let mut zones: BTreeMap<&str, ZoneStatus> = BTreeMap::new();
+    for g in observed.endpoints.iter().flat_map(|e| &e.gateways) {
+        let Some(zone) = g.zone.as_deref() else { continue };
+        let entry = zones.entry(zone).or_insert_with(|| ZoneStatus { zone: zone.to_string(), ..ZoneStatus::default() });
+        entry.gateways += 1;
+        entry.ready += i32::from(g.ready);
+        entry.connections = entry.connections.saturating_add(saturating_i64(g.connections));
+    }
+    zones.into_values().collect()
 }
 
 /// Gateway pods the new status shows Kubernetes taking away that the old
@@ -318,6 +335,25 @@ mod tests {
             }),
             ..Observed::default()
         }
+    }
+
+    /// Gateways are counted per zone of their node; unknown zones are not a zone.
+    #[test]
+    fn gateways_are_counted_per_zone() {
+        let cc = ChatCluster::test().with_gateway_replicas(4);
+        let mut observed = all_ready(&cc);
+        let gateways = &mut observed.endpoints.as_mut().expect("endpoints").gateways;
+        for (g, zone) in gateways.iter_mut().zip([Some("b"), Some("a"), Some("b"), None]) {
+            g.zone = zone.map(str::to_string);
+            g.connections = 10;
+        }
+        gateways[2].ready = false;
+        let status = compute(&cc, &observed, None, &time(1));
+        let zone =
+            |zone: &str, gateways, ready, connections| ZoneStatus { zone: zone.into(), gateways, ready, connections };
+        assert_eq!(status.zones, [zone("a", 1, 1, 10), zone("b", 2, 1, 20)]);
+        assert_eq!(status.gateway_pods[0].zone.as_deref(), Some("b"));
+        assert!(compute(&cc, &all_ready(&cc), None, &time(1)).zones.is_empty(), "no zone known: none listed");
     }
 
     /// An eviction shows in the gateway's status entry and is reported once.
@@ -465,14 +501,14 @@ mod tests {
                     connections: 12,
                     ready: true,
                     draining: false,
-                    disruption: None
+                    ..GatewayPodStatus::default()
                 },
                 GatewayPodStatus {
                     pod: "chat-gateway-1".into(),
                     connections: 30,
                     ready: false,
                     draining: true,
-                    disruption: None
+                    ..GatewayPodStatus::default()
                 },
             ]
         );

@@ -42,6 +42,24 @@ pub const SERVING_CONDITION: &str = "kubechat.dev/serving";
 pub const KUBECHAT_UID: i64 = 65532;
 
 /// `replicas`: the StatefulSet's, as `crate::scale` decided.
+/// On the gateway StatefulSet: of its replicas, how many a rollout added
+/// beyond the scale's (`gateway.rollout.maxSurge`; absent: none), so the
+/// autoscaler does not count them as gateways the load asked for.
+pub const SURGE_ANNOTATION: &str = "kubechat.dev/surge";
+
+/// Records `surge` on the gateway StatefulSet among `objects` (nothing for 0).
+pub fn mark_surge(objects: &mut [DesiredObject], cc: &ChatCluster, surge: i32) {
+    let name = Names(&cc.name_any()).gateway();
+    for object in objects {
+        if let DesiredObject::StatefulSet(sts) = object
+            && surge > 0
+            && sts.name_any() == name
+        {
+            sts.annotations_mut().insert(SURGE_ANNOTATION.into(), surge.to_string());
+        }
+    }
+}
+
 pub fn objects(cc: &ChatCluster, replicas: i32) -> Vec<DesiredObject> {
     let config = config_map(cc);
     vec![
@@ -246,6 +264,7 @@ pub fn stateful_set(cc: &ChatCluster, config: &ConfigMap, replicas: i32) -> Stat
                     termination_grace_period_seconds: Some(i64::from(gateway.drain.window_seconds) + 30),
                     automount_service_account_token: Some(false),
                     affinity: Some(spread_over_nodes(selector)),
+                    topology_spread_constraints: Some(super::zone_spread(cc, COMPONENT)),
                     readiness_gates: Some(vec![PodReadinessGate { condition_type: SERVING_CONDITION.into() }]),
                     ..Default::default()
                 }),

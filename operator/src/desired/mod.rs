@@ -211,6 +211,23 @@ pub fn owned_meta(cc: &ChatCluster, name: String, component: &str) -> ObjectMeta
     }
 }
 
+/// Spreads a component's pods over zones (`spec.topologySpread`). Nodes
+/// without the zone label count as no zone: with `DoNotSchedule` no pod
+/// of the component lands there.
+pub fn zone_spread(cc: &ChatCluster, component: &str) -> Vec<k8s_openapi::api::core::v1::TopologySpreadConstraint> {
+    let spread = &cc.spec.topology_spread;
+    vec![k8s_openapi::api::core::v1::TopologySpreadConstraint {
+        max_skew: spread.max_skew,
+        topology_key: spread.zone_key.clone(),
+        when_unsatisfiable: spread.when_unsatisfiable.as_str().into(),
+        label_selector: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some(selector_labels(cc, component)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]
+}
+
 /// A budget that lets voluntary disruptions (node drains, evictions) take
 /// one of a component's pods at a time.
 pub fn one_at_a_time_budget(cc: &ChatCluster, name: String, component: &str) -> PodDisruptionBudget {
@@ -339,6 +356,7 @@ mod tests {
     use super::fixtures::ChatClusterExt;
     use super::network::OperatorPods;
     use super::*;
+    use k8s_openapi::api::core::v1::TopologySpreadConstraint;
     use kubechat_crds::{ExternalRedis, ExternalScylla};
 
     #[test]
@@ -367,6 +385,56 @@ mod tests {
             assert!(kinds.contains(&(expected.0.to_string(), expected.1)), "missing {expected:?} in {kinds:?}");
         }
         assert_eq!(kinds.len(), 15, "{kinds:?}");
+    }
+
+    /// Every component's pods spread over zones, each over its own pods, by
+    /// default as a preference; the spec's key, skew and rule when given.
+    #[test]
+    fn every_component_spreads_its_pods_over_zones() {
+        let spread_of = |cc: &ChatCluster| -> Vec<(String, TopologySpreadConstraint)> {
+            desired_objects(cc, 2, &OperatorPods::default())
+                .into_iter()
+                .filter_map(|o| {
+                    let (name, pod) = match o {
+                        DesiredObject::StatefulSet(s) => (s.name_any(), s.spec.template.spec?),
+                        DesiredObject::Deployment(d) => (d.name_any(), d.spec.template.spec?),
+                        _ => return None,
+                    };
+                    let constraints = pod.topology_spread_constraints.unwrap_or_default();
+                    assert_eq!(constraints.len(), 1, "{name}: {constraints:?}");
+                    Some((name, constraints.into_iter().next()?))
+                })
+                .collect()
+        };
+        let defaults = spread_of(&ChatCluster::test());
+        let spreading: Vec<(&str, &str)> = defaults
+            .iter()
+            .map(|(name, c)| {
+                let labels = c.label_selector.as_ref().and_then(|s| s.match_labels.as_ref());
+                (name.as_str(), labels.and_then(|l| l.get(LABEL_COMPONENT)).map_or("", String::as_str))
+            })
+            .collect();
+        let expected = [("chat-redis", "redis"), ("chat-scylla", "scylla"), ("chat-gateway", "gateway")];
+        assert_eq!(spreading, [&expected[..], &[("chat-push", "push-worker")]].concat(), "each over its own pods");
+        for (name, c) in &defaults {
+            assert_eq!(
+                (c.topology_key.as_str(), c.max_skew, c.when_unsatisfiable.as_str()),
+                ("topology.kubernetes.io/zone", 1, "ScheduleAnyway"),
+                "{name}"
+            );
+        }
+        let strict = ChatCluster::test().with_spec(|s| {
+            s.topology_spread.zone_key = "example.com/rack".into();
+            s.topology_spread.max_skew = 2;
+            s.topology_spread.when_unsatisfiable = kubechat_crds::WhenUnsatisfiable::DoNotSchedule;
+        });
+        for (name, c) in spread_of(&strict) {
+            assert_eq!(
+                (c.topology_key.as_str(), c.max_skew, c.when_unsatisfiable.as_str()),
+                ("example.com/rack", 2, "DoNotSchedule"),
+                "{name}"
+            );
+        }
     }
 
     #[test]

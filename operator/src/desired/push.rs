@@ -114,6 +114,7 @@ pub fn deployment(cc: &ChatCluster) -> Deployment {
                     volumes: Some(volumes),
                     security_context: Some(restricted_pod_security(KUBECHAT_UID)),
                     automount_service_account_token: Some(false),
+                    topology_spread_constraints: Some(super::zone_spread(cc, COMPONENT)),
                     ..Default::default()
                 }),
             },

@@ -177,6 +177,7 @@ pub fn stateful_set(cc: &ChatCluster, managed: &ManagedRedis) -> StatefulSet {
                     containers: vec![container],
                     security_context: Some(restricted_pod_security(REDIS_UID)),
                     automount_service_account_token: Some(false),
+                    topology_spread_constraints: Some(super::zone_spread(cc, COMPONENT)),
                     volumes: Some(vec![Volume {
                         name: "tmp".into(),
                         empty_dir: Some(EmptyDirVolumeSource::default()),

@@ -173,6 +173,7 @@ pub fn stateful_set(cc: &ChatCluster, managed: &ManagedScylla) -> StatefulSet {
                     containers: vec![container],
                     security_context: Some(restricted_pod_security(SCYLLA_UID)),
                     automount_service_account_token: Some(false),
+                    topology_spread_constraints: Some(super::zone_spread(cc, COMPONENT)),
                     ..Default::default()
                 }),
             },

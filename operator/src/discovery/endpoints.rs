@@ -42,6 +42,10 @@ pub struct GatewayEndpoint {
     /// absent otherwise. Its gateway drains on SIGTERM meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disruption: Option<String>,
+    /// The zone of the pod's node (`spec.topologySpread.zoneKey`); absent
+    /// when the node names none or is not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 /// Backend health as one gateway reports it: `up`, `down`, or `none` (not used).
@@ -211,7 +215,7 @@ pub fn classify(published: &[GatewayEndpoint], observed: &[GatewayEndpoint], pol
         Some(Reason::Draining)
     } else if first(|p, o| p.version != o.version) {
         Some(Reason::Version)
-    } else if first(|p, o| p.url != o.url || p.capacity != o.capacity) {
+    } else if first(|p, o| p.url != o.url || p.capacity != o.capacity || p.zone != o.zone) {
         Some(Reason::Address)
     } else if first(|p, o| p.backends != o.backends) {
         Some(Reason::Backends)
@@ -280,6 +284,7 @@ mod tests {
             backends: Some(Backends { redis: "up".into(), store: "up".into(), redis_shards: Vec::new() }),
             load_error: None,
             disruption: None,
+            zone: None,
         }
     }
 

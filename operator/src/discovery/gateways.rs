@@ -90,6 +90,7 @@ pub fn endpoint(
             backends: report.backends,
             load_error: None,
             disruption: disruption(pod),
+            zone: None,
             pod: name,
         },
         Err(e) => GatewayEndpoint {
@@ -102,6 +103,7 @@ pub fn endpoint(
             version: previous.map(|p| p.version.clone()).unwrap_or_default(),
             backends: None,
             disruption: disruption(pod),
+            zone: None,
             pod: name,
         },
     }

@@ -24,12 +24,13 @@ mod gateways;
 pub mod poll;
 mod round;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -98,17 +99,39 @@ pub async fn run(
     let config_map_events = watcher(scope.api::<ConfigMap>(client.clone()), config)
         .default_backoff()
         .modify(|cm| cm.managed_fields_mut().clear());
-    let watches = futures::future::join(
+    // Nodes for their zone label only: metadata, cluster-wide. Not waited
+    // for: without it (no RBAC for nodes) the list just names no zones.
+    let (nodes, nodes_writer) = reflector::store::<PartialObjectMeta<Node>>();
+    let node_events = watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|node| node.managed_fields_mut().clear());
+    let watches = futures::future::join3(
         reflector::reflector(pods_writer, pod_events).for_each(log_watch_error),
         reflector::reflector(config_maps_writer, config_map_events).for_each(log_watch_error),
+        reflector::reflector(nodes_writer, node_events).for_each(log_watch_error),
     );
-    let caches = Caches { clusters, pods, config_maps };
+    let caches = Caches { clusters, pods, config_maps, nodes };
     let loop_ = Loop { client, metrics, options, caches };
     tokio::select! {
         () = shutdown.cancelled() => {}
         _ = watches => tracing::warn!("discovery watches ended; no more endpoint lists are published"),
         () = loop_.run() => tracing::warn!("the ChatCluster cache went away; no more endpoint lists are published"),
     }
+}
+
+/// Each pod's zone: the `zone_key` label of its node (pods whose node is
+/// not known, or names no zone, are left out).
+fn zones_of(
+    pods: &[Arc<Pod>],
+    zone_key: &str,
+    node: impl Fn(&str) -> Option<Arc<PartialObjectMeta<Node>>>,
+) -> BTreeMap<String, String> {
+    pods.iter()
+        .filter_map(|pod| {
+            let node = node(pod.spec.as_ref()?.node_name.as_deref()?)?;
+            Some((pod.name_any(), node.labels().get(zone_key)?.clone()))
+        })
+        .collect()
 }
 
 async fn log_watch_error<T>(event: Result<T, watcher::Error>) {
@@ -124,6 +147,7 @@ struct Caches {
     clusters: Store<ChatCluster>,
     pods: Store<Pod>,
     config_maps: Store<ConfigMap>,
+    nodes: Store<PartialObjectMeta<Node>>,
 }
 
 struct Loop {
@@ -143,7 +167,7 @@ struct ClusterState {
 
 impl Loop {
     async fn run(self) {
-        let Caches { clusters, pods, config_maps } = &self.caches;
+        let Caches { clusters, pods, config_maps, .. } = &self.caches;
         // A round on an empty cache would publish an empty list.
         if clusters.wait_until_ready().await.is_err()
             || pods.wait_until_ready().await.is_err()
@@ -166,10 +190,14 @@ impl Loop {
                 }
                 state.busy = true;
                 state.next_due = Some(now + interval(cc));
+                let pods = gateway_pods(cc, &self.caches.pods.state());
                 let round = Round {
                     client: self.client.clone(),
                     cc: cc.clone(),
-                    pods: gateway_pods(cc, &self.caches.pods.state()),
+                    zones: zones_of(&pods, &cc.spec.topology_spread.zone_key, |node| {
+                        self.caches.nodes.get(&ObjectRef::new(node))
+                    }),
+                    pods,
                     config_map: self.caches.config_maps.get(&endpoints_ref(cc)),
                     last_write: state.last_write.clone(),
                     permits: permits.clone(),

@@ -55,6 +55,8 @@ pub(super) struct Round {
     pub(super) client: Client,
     pub(super) cc: Arc<ChatCluster>,
     pub(super) pods: Vec<Arc<Pod>>,
+    /// Each pod's zone, by pod name (from its node's labels).
+    pub(super) zones: BTreeMap<String, String>,
     pub(super) config_map: Option<Arc<ConfigMap>>,
     pub(super) last_write: Option<LastWrite>,
     pub(super) permits: Arc<Semaphore>,
@@ -95,7 +97,9 @@ impl Round {
                 if let Err(e) = &polled {
                     tracing::debug!(pod = %pod.name_any(), error = %e, "gateway load not read");
                 }
-                endpoint(pod, polled, previous.get(pod.name_any().as_str()).copied(), &this.cc)
+                let mut entry = endpoint(pod, polled, previous.get(pod.name_any().as_str()).copied(), &this.cc);
+                entry.zone = this.zones.get(&entry.pod).cloned();
+                entry
             }
         });
         let mut observed: Vec<GatewayEndpoint> = futures::future::join_all(polls).await;

@@ -67,6 +67,7 @@ pub const DRAIN_STARTED_ANNOTATION: &str = "kubechat.dev/drain-started";
 /// leader, or a reconcile reading a stale status, does not repeat it).
 pub const REPLACEMENT_REPORTED_ANNOTATION: &str = "kubechat.dev/replacement-reported";
 const REVISION_LABEL: &str = "controller-revision-hash";
+pub use crate::desired::gateway::SURGE_ANNOTATION;
 /// A drain counts as over this long after its window, emptied or not (the
 /// gateway closes whoever is left at the window's end, over a second).
 const DRAIN_MARGIN_SECONDS: i64 = 5;
@@ -85,9 +86,18 @@ pub struct Report {
     plan: Option<Plan>,
     /// The StatefulSet's replicas before this reconcile.
     replicas: i32,
+    /// Gateways the rollout keeps beyond the scale's while old pods remain
+    /// (`gateway.rollout.maxSurge`); recorded on the StatefulSet
+    /// ([`SURGE_ANNOTATION`]) so the scale does not count them.
+    surge: i32,
 }
 
 impl Report {
+    /// Surge gateways wanted now (see [`SURGE_ANNOTATION`]).
+    pub fn surge(&self) -> i32 {
+        self.surge
+    }
+
     /// The StatefulSet's replicas after a drained pod is removed (`None`:
     /// no removal this reconcile).
     pub fn replicas(&self) -> Option<i32> {
@@ -177,13 +187,15 @@ fn set_condition(
 
 /// Observes the gateway pods when something may need doing, and takes the
 /// next rollout or scale-down step. `keep`: the gateways to keep
-/// (`crate::scale`), below the StatefulSet's replicas when it shrinks.
+/// (`crate::scale`), below the StatefulSet's replicas when it shrinks; a
+/// rollout keeps `gateway.rollout.maxSurge` more while old pods remain.
 pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str, keep: i32) -> Result<Report> {
     let names = Names(&cc.name_any());
     let Some(sts) = ctx.owned.get::<StatefulSet>(namespace, &names.gateway()) else {
         return Ok(Report::default());
     };
     let replicas = sts.spec.replicas.unwrap_or(1);
+    let live_surge = surge_of(&sts);
     let status = sts.status.clone().unwrap_or_default();
     let current = status.observed_generation.is_some_and(|g| Some(g) >= sts.metadata.generation);
     let rolling = cc.status.as_ref().is_some_and(|s| s.rollout.is_some());
@@ -238,10 +250,21 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str, keep: i32) 
         }
         states.push(state);
     }
+    let update_revision = if current { status.update_revision.clone() } else { None };
+    // Surge while pods of an older revision remain (as before while the
+    // StatefulSet has not caught up with its spec).
+    let surge = match &update_revision {
+        Some(revision) => {
+            let old_left = states.iter().any(|p| p.ordinal < replicas && p.revision != *revision);
+            if old_left { cc.spec.gateway.rollout.max_surge.max(0) } else { 0 }
+        }
+        None => live_surge,
+    };
     let input = Input {
         replicas,
-        keep,
-        update_revision: if current { status.update_revision.clone() } else { None },
+        keep: keep + surge,
+        surge,
+        update_revision,
         pods: states,
         paused: crate::desired::paused(cc),
         previous: cc.status.as_ref().and_then(|s| s.rollout.clone()),
@@ -273,7 +296,12 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str, keep: i32) 
         let took = started.map_or_else(String::new, |s| format!(" in {} s", now - s));
         publish(ctx, cc, "RolloutFinished", format!("every gateway runs the new revision{took}"), None).await;
     }
-    Ok(Report { plan: Some(plan), replicas })
+    Ok(Report { plan: Some(plan), replicas, surge })
+}
+
+/// The surge a StatefulSet was last given ([`SURGE_ANNOTATION`]; 0 when none).
+pub fn surge_of(sts: &StatefulSet) -> i32 {
+    sts.annotations().get(SURGE_ANNOTATION).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// Takes `step`. `purpose` ("replacing", "removing") goes into the `DrainStarted` Event.
@@ -522,6 +550,7 @@ fn pod_state(pod: &Pod, endpoints: Option<&Endpoints>) -> PodState {
         drain_started: pod.annotations().get(DRAIN_STARTED_ANNOTATION).and_then(|t| time::parse(t)),
         listed_ready: listed.is_some_and(|g| g.ready),
         connections: listed.map(|g| g.connections),
+        capacity: listed.map(|g| g.capacity),
         replacement_reported: pod.annotations().contains_key(REPLACEMENT_REPORTED_ANNOTATION),
         load_error: listed.and_then(|g| g.load_error.clone()),
         serve_error: None,
@@ -603,6 +632,7 @@ mod tests {
                 shrinking: None,
             }),
             replicas: 3,
+            surge: 0,
         };
         let mut status = ChatClusterStatus::default();
         report.apply(&mut status, None, &now);
@@ -632,6 +662,7 @@ mod tests {
                 shrinking: Some("draining chat-gateway-2 before removing it (3 → 2 gateways)".into()),
             }),
             replicas: 3,
+            surge: 0,
         };
         let mut status = ChatClusterStatus::default();
         removing.apply(&mut status, None, &Time(Timestamp::UNIX_EPOCH));

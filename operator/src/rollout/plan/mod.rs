@@ -24,6 +24,10 @@ pub const REPLACING: &str = "Replacing";
 pub const STUCK: &str = "Stuck";
 pub const PAUSED: &str = "Paused";
 pub const WAITING: &str = "Waiting";
+/// Waiting for the surge gateways to be added and come up.
+pub const SURGING: &str = "Surging";
+/// Waiting until the other gateways have room for the next one's clients.
+pub const WAITING_FOR_ROOM: &str = "WaitingForRoom";
 
 /// One gateway pod as observed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,6 +52,8 @@ pub struct PodState {
     /// Connections it holds: the drain's count for a draining pod, else the
     /// endpoint list's (`None`: unknown).
     pub connections: Option<u64>,
+    /// Connections it accepts at most (the endpoint list's; `None`: not listed).
+    pub capacity: Option<u64>,
     /// Its `PodReplaced` Event was already published (its annotation).
     pub replacement_reported: bool,
     /// Why the operator could not read its gateway's load (endpoint list).
@@ -86,9 +92,12 @@ impl PodState {
 pub struct Input {
     /// The StatefulSet's replicas.
     pub replicas: i32,
-    /// Gateways to keep (`crate::scale`); below `replicas`, the highest
-    /// ordinals are drained and removed one at a time.
+    /// Gateways to keep (`crate::scale`, plus `surge`); below `replicas`,
+    /// the highest ordinals are drained and removed one at a time.
     pub keep: i32,
+    /// Of `keep`, gateways a rollout adds before it drains an old one
+    /// (`gateway.rollout.maxSurge` while old pods remain, else 0).
+    pub surge: i32,
     /// The StatefulSet's `updateRevision`; `None` while its status does not
     /// describe the current spec yet.
     pub update_revision: Option<String>,
@@ -328,6 +337,13 @@ pub fn plan(input: &Input) -> Plan {
         return result(Step::Wait, status(REPLACING, &p.name, None), None);
     }
 
+    // 3b. Surge first: the added gateways come up before an old one goes
+    //     (the reconcile raises the StatefulSet's replicas to `keep`).
+    if input.surge > 0 && !outdated.is_empty() && input.replicas < input.keep {
+        let name = format!("ordinal {}", input.replicas);
+        return result(Step::Wait, status(SURGING, &name, None), None);
+    }
+
     // 4. A pod boundary: stop here while paused (a scale-down too).
     if input.paused {
         let doing = shrinking.then(|| scaling(format!("paused by the annotation {}", super::PAUSED_ANNOTATION)));
@@ -353,10 +369,22 @@ pub fn plan(input: &Input) -> Plan {
         return result(step, status(REPLACING, &p.name, None), None);
     }
     match outdated.iter().max_by_key(|p| p.ordinal) {
+        // Only when the others can take its clients without passing their capacity.
+        Some(p) if p.connections.unwrap_or(0) > room_beside(&pods, p) => {
+            result(Step::Wait, status(WAITING_FOR_ROOM, &p.name, p.connections), None)
+        }
         Some(p) => result(Step::StartDrain(p.name.clone()), status(DRAINING, &p.name, p.connections), None),
         // Every pod is at the new revision but some is not up: waited for above.
         None => result(Step::Wait, status(WAITING, "", None), None),
     }
+}
+
+/// Connections the gateways that serve, other than `pod`, can still take.
+fn room_beside(pods: &[&PodState], pod: &PodState) -> u64 {
+    pods.iter()
+        .filter(|p| p.name != pod.name && p.up())
+        .map(|p| p.capacity.unwrap_or(0).saturating_sub(p.connections.unwrap_or(0)))
+        .sum()
 }
 
 /// The pod the previous status was replacing, if its replacement is now up.

@@ -18,6 +18,7 @@ fn pod(ordinal: i32, revision: &str) -> PodState {
         drain_started: None,
         listed_ready: true,
         connections: Some(100),
+        capacity: Some(1000),
         replacement_reported: false,
         load_error: None,
         serve_error: None,
@@ -28,6 +29,7 @@ fn input(pods: Vec<PodState>) -> Input {
     Input {
         replicas: 3,
         keep: 3,
+        surge: 0,
         update_revision: Some(NEW.into()),
         pods,
         paused: false,
@@ -447,4 +449,44 @@ fn the_started_time_is_kept_across_steps() {
         ..input(vec![pod(0, OLD), pod(1, OLD), pod(2, NEW)])
     });
     assert_eq!(p.rollout.expect("status").started, "2025-01-01T00:00:00Z");
+}
+
+/// With a surge, the added gateway comes first: nothing is drained until
+/// the StatefulSet has it and it is up; then the highest old pod, and the
+/// surge pod itself is never drained while old pods remain.
+#[test]
+fn a_surge_gateway_comes_up_before_the_first_drain() {
+    let surging = Input { keep: 4, surge: 1, ..input(vec![pod(0, OLD), pod(1, OLD), pod(2, OLD)]) };
+    let waiting = plan(&surging);
+    assert_eq!(waiting.step, Step::Wait, "no drain before the surge gateway exists");
+    assert_eq!(waiting.rollout.expect("status").phase, SURGING);
+
+    let mut added = pod(3, NEW);
+    added.listed_ready = false;
+    added.connections = Some(0);
+    let coming = plan(&Input {
+        replicas: 4,
+        keep: 4,
+        surge: 1,
+        ..input(vec![pod(0, OLD), pod(1, OLD), pod(2, OLD), added.clone()])
+    });
+    assert_eq!(coming.step, Step::Wait, "no drain before the surge gateway is up");
+
+    added.listed_ready = true;
+    let draining =
+        plan(&Input { replicas: 4, keep: 4, surge: 1, ..input(vec![pod(0, OLD), pod(1, OLD), pod(2, OLD), added]) });
+    assert_eq!(draining.step, Step::StartDrain("chat-gateway-2".into()), "the highest old pod, not the surge pod");
+}
+
+/// An old gateway is drained only when the others that serve have room for
+/// its clients; until then the rollout waits and says why.
+#[test]
+fn a_drain_waits_until_the_others_have_room_for_its_clients() {
+    let full = |ordinal: i32| PodState { connections: Some(950), ..pod(ordinal, OLD) };
+    let crowded = plan(&input(vec![full(0), full(1), full(2)]));
+    assert_eq!(crowded.step, Step::Wait, "50 + 50 free cannot take 950");
+    assert_eq!(crowded.rollout.expect("status").phase, WAITING_FOR_ROOM);
+
+    let roomy = plan(&input(vec![pod(0, OLD), pod(1, OLD), full(2)]));
+    assert_eq!(roomy.step, Step::StartDrain("chat-gateway-2".into()), "900 + 900 free take 950");
 }
