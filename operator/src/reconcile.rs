@@ -131,8 +131,16 @@ async fn reconcile_cluster(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         let live = observe::gateway_replicas(&ctx.owned, cc, &namespace);
         live.unwrap_or_else(|| scale::initial_replicas(&cc.spec.gateway))
     });
-    // A rollout's surge gateways come on top of what the scale keeps.
-    let surge = driven.as_ref().map_or(0, rollout::Report::surge);
+    // A rollout's surge gateways come on top of what the scale keeps. A
+    // driver that failed this time keeps the surge as recorded: dropping
+    // the record would make the scale count the surge gateway as load.
+    let surge = match &driven {
+        Ok(report) => report.surge(),
+        Err(_) => ctx
+            .owned
+            .get::<StatefulSet>(&namespace, &Names(&cc.name_any()).gateway())
+            .map_or(0, |s| rollout::surge_of(&s)),
+    };
     let gateways = if surge > 0 { gateways.max(scale.keep + surge) } else { gateways };
 
     // Desired → apply. One object the apiserver refuses does not hold back
