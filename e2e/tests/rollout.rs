@@ -492,6 +492,25 @@ async fn sync_everything(url: &str, tokens: &Tokens, user: &str) -> HashSet<Stri
     }
 }
 
+/// Acknowledged messages that reached neither their recipient (live or by
+/// sync) nor, by a final sync, its inbox; and the inboxes that were read.
+async fn audit(seen: &Seen, url: &str, tokens: &Tokens) -> (Vec<(String, String)>, HashMap<String, HashSet<String>>) {
+    let mut lost = Vec::new();
+    let mut audited: HashMap<String, HashSet<String>> = HashMap::new();
+    for (to, id) in &seen.acked {
+        if seen.got.get(to).is_some_and(|ids| ids.contains(id)) {
+            continue;
+        }
+        if !audited.contains_key(to) {
+            audited.insert(to.clone(), sync_everything(url, tokens, to).await);
+        }
+        if !audited[to].contains(id) {
+            lost.push((to.clone(), id.clone()));
+        }
+    }
+    (lost, audited)
+}
+
 /// Paced `reconnect` frames per whole second.
 fn per_second(times: &[Duration]) -> BTreeMap<u64, usize> {
     let mut counts = BTreeMap::new();
@@ -675,19 +694,7 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
     // synced set, or at least in its inbox now.
     let seen = std::mem::take(&mut *world.seen.lock().expect("lock"));
     let url = world.pick(0).expect("a gateway");
-    let mut lost = Vec::new();
-    let mut audited: HashMap<String, HashSet<String>> = HashMap::new();
-    for (to, id) in &seen.acked {
-        if seen.got.get(to).is_some_and(|ids| ids.contains(id)) {
-            continue;
-        }
-        if !audited.contains_key(to) {
-            audited.insert(to.clone(), sync_everything(&url, &h.tokens, to).await);
-        }
-        if !audited[to].contains(id) {
-            lost.push((to.clone(), id.clone()));
-        }
-    }
+    let (lost, audited) = audit(&seen, &url, &h.tokens).await;
     let delivered_live_or_synced = seen.acked.len() - audited.len().min(seen.acked.len());
     let bursts = per_second(&seen.sent_away);
     let max_per_second = bursts.values().copied().max().unwrap_or(0);
@@ -989,19 +996,7 @@ async fn a_surge_gateway_keeps_every_gateway_serving_through_a_rollout() {
     let (fewest_without, most_without) = during(&samples, surge_to, plain_to);
     let seen = std::mem::take(&mut *world.seen.lock().expect("lock"));
     let url = world.pick(0).expect("a gateway");
-    let mut lost = Vec::new();
-    let mut audited: HashMap<String, HashSet<String>> = HashMap::new();
-    for (to, id) in &seen.acked {
-        if seen.got.get(to).is_some_and(|ids| ids.contains(id)) {
-            continue;
-        }
-        if !audited.contains_key(to) {
-            audited.insert(to.clone(), sync_everything(&url, &h.tokens, to).await);
-        }
-        if !audited[to].contains(id) {
-            lost.push((to.clone(), id.clone()));
-        }
-    }
+    let (lost, _) = audit(&seen, &url, &h.tokens).await;
     println!(
         "surge rollout of {GATEWAYS} gateways with {SURGE_CLIENTS} clients (capacity {SURGE_CAPACITY}): \
          {:.1?} until the surge gateway was removed, fewest listed ready {fewest_with}, most on one gateway \

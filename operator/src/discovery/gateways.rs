@@ -112,19 +112,18 @@ pub fn endpoint(
 /// The gateway's admin address (its pod IP); with `loopback_only`, only a
 /// loopback one (see [`super::Options::loopback_only`]).
 pub fn admin_addr(pod: &Pod, cc: &ChatCluster, loopback_only: bool) -> Result<SocketAddr, PollError> {
-    let not_dialed = |why: &str| PollError::NotDialed(why.to_string());
-    let addr = pod_port(pod, "admin", cc.spec.gateway.ports.admin).ok_or_else(|| not_dialed("no pod IP"))?;
-    if loopback_only && !addr.ip().is_loopback() {
-        return Err(not_dialed("not a loopback address (loopback-only mode)"));
-    }
-    Ok(addr)
+    dialed(pod, "admin", cc.spec.gateway.ports.admin, loopback_only)
 }
 
-/// The pod's WebSocket (client) port, where the rollout's synthetic
-/// client connects (`crate::rollout::probe`).
+/// The pod's WebSocket (client) address, where the rollout's synthetic
+/// client connects (`crate::rollout::probe`); the same rules.
 pub fn websocket_addr(pod: &Pod, cc: &ChatCluster, loopback_only: bool) -> Result<SocketAddr, PollError> {
+    dialed(pod, "websocket", cc.spec.gateway.ports.websocket, loopback_only)
+}
+
+fn dialed(pod: &Pod, port: &str, fallback: i32, loopback_only: bool) -> Result<SocketAddr, PollError> {
     let not_dialed = |why: &str| PollError::NotDialed(why.to_string());
-    let addr = pod_port(pod, "websocket", cc.spec.gateway.ports.websocket).ok_or_else(|| not_dialed("no pod IP"))?;
+    let addr = pod_port(pod, port, fallback).ok_or_else(|| not_dialed("no pod IP"))?;
     if loopback_only && !addr.ip().is_loopback() {
         return Err(not_dialed("not a loopback address (loopback-only mode)"));
     }
