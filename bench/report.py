@@ -31,6 +31,16 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def cpu_us_per_message(step):
+    """The server's CPU per message it delivered in a step (to all its
+    recipients), in µs; None when not measured. Delivered, not offered: a
+    server that falls behind is not credited with what it did not do."""
+    cores = (step.get("server_usage") or {}).get("cores")
+    recipients = step.get("recipients_per_message") or 1
+    rate = (step.get("deliveries_per_s") or 0) / recipients
+    return cores / rate * 1e6 if cores and rate else None
+
+
 def load(work):
     results = {s: {} for s in SERVERS}
     for server in SERVERS:
@@ -130,7 +140,8 @@ def rows(results, stored):
                 return "–"
             dpc = (s.get("server_usage") or {}).get("deliveries_per_cpu_second")
             return (f"{num(s['deliveries_per_s'])} deliveries/s, p99 {ms(s['latency'].get('p99_us'))}, "
-                    f"{num(dpc)} per CPU-s{problems(s)}")
+                    f"p99.9 {ms(s['latency'].get('p999_us'))}, {num(dpc)} per CPU-s, "
+                    f"{num(cpu_us_per_message(s), 1)} µs CPU per message{problems(s)}")
 
         p99 = [s["latency"].get("p99_us") if s else None for s in (a, b)]
         out.append((f"{members}-member group, {num(rate)} msg/s offered", cell(a), cell(b),
@@ -158,7 +169,8 @@ def rows(results, stored):
             s = steps[0]
             cores = (s.get("server_usage") or {}).get("cores")
             return (f"p50 {ms(s['latency'].get('p50_us'))}, p99 {ms(s['latency'].get('p99_us'))}, "
-                    f"{num(cores, 2)} core{problems(s)}")
+                    f"p99.9 {ms(s['latency'].get('p999_us'))}, {num(cores, 2)} core, "
+                    f"{num(cpu_us_per_message(s), 1)} µs CPU per message{problems(s)}")
 
         p99 = [s[0]["latency"].get("p99_us") if s else None for s in (a, b)]
         out.append((f"1:1, {params['pairs']:,} pairs, {num(params['rate'])} msg/s total", cell(a), cell(b),
