@@ -299,9 +299,12 @@ pub async fn drive(cc: &ChatCluster, ctx: &Context, namespace: &str, keep: i32) 
     Ok(Report { plan: Some(plan), replicas, surge })
 }
 
-/// The surge a StatefulSet was last given ([`SURGE_ANNOTATION`]; 0 when none).
+/// The surge a StatefulSet was last given ([`SURGE_ANNOTATION`]; 0 when
+/// none), within what `maxSurge` admits (a hand-edited value cannot make
+/// the scale count fewer gateways than run, or more).
 pub fn surge_of(sts: &StatefulSet) -> i32 {
-    sts.annotations().get(SURGE_ANNOTATION).and_then(|v| v.parse().ok()).unwrap_or(0)
+    let recorded: i32 = sts.annotations().get(SURGE_ANNOTATION).and_then(|v| v.parse().ok()).unwrap_or(0);
+    recorded.clamp(0, sts.spec.replicas.unwrap_or(0).min(10))
 }
 
 /// Takes `step`. `purpose` ("replacing", "removing") goes into the `DrainStarted` Event.
@@ -643,6 +646,24 @@ mod tests {
         assert_eq!((find(DEGRADED).status.as_str(), find(DEGRADED).reason.as_str()), ("True", "RolloutStuck"));
         assert!(find(DEGRADED).message.contains("chat-gateway-2"));
         assert_eq!(report.requeue(), Some(REQUEUE_IDLE));
+    }
+
+    #[test]
+    fn the_recorded_surge_is_read_within_bounds() {
+        let sts = |replicas: i32, surge: Option<&str>| {
+            let mut sts = StatefulSet::default();
+            sts.spec.replicas = Some(replicas);
+            if let Some(value) = surge {
+                sts.annotations_mut().insert(SURGE_ANNOTATION.into(), value.into());
+            }
+            sts
+        };
+        assert_eq!(surge_of(&sts(4, None)), 0);
+        assert_eq!(surge_of(&sts(4, Some("1"))), 1);
+        assert_eq!(surge_of(&sts(4, Some("-3"))), 0, "never more gateways counted than run");
+        assert_eq!(surge_of(&sts(2, Some("5"))), 2, "never below zero gateways");
+        assert_eq!(surge_of(&sts(40, Some("25"))), 10, "maxSurge's bound");
+        assert_eq!(surge_of(&sts(4, Some("one"))), 0);
     }
 
     #[test]
