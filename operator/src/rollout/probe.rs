@@ -32,6 +32,8 @@ pub enum ProbeError {
     ShortKey,
     #[error("signing the probe token: {0}")]
     Token(#[from] jsonwebtoken::errors::Error),
+    #[error("the probe token is not a valid Authorization header value")]
+    TokenHeader,
     #[error("{url} is not a ws:// URL at the pod's own address {addr}")]
     NotThePod { url: String, addr: SocketAddr },
     #[error("connecting to {addr}: {source}")]
@@ -76,8 +78,7 @@ pub async fn connect(url: &str, addr: SocketAddr, token: &str, timeout: Duration
         return Err(not_the_pod());
     }
     let mut request = uri.into_client_request().map_err(ProbeError::Handshake)?;
-    let bearer =
-        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ProbeError::Unexpected("token".into()))?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ProbeError::TokenHeader)?;
     request.headers_mut().insert(AUTHORIZATION, bearer);
 
     tokio::time::timeout(timeout, async {
