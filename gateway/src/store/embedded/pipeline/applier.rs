@@ -2,14 +2,14 @@
 //! module above).
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc as std_mpsc;
+use std::sync::mpsc::{self as std_mpsc, TryRecvError};
 use std::time::Instant;
 
 use redb::Database;
 
 use super::super::ops::Op;
 use super::super::tables::{UserNumbers, apply};
-use super::{CHECKPOINT_EVERY, Logged, Progress, checkpoint};
+use super::{APPLY_EVERY, APPLY_MOST, CHECKPOINT_EVERY, Logged, Progress, checkpoint};
 
 /// Records up to `seq` are applied: visible to reads begun from now on.
 pub(super) fn applied_through(progress: &Progress, seq: u64) {
@@ -25,11 +25,7 @@ pub(super) fn run_applier(
 ) {
     let mut last_checkpoint = Instant::now();
     while let Ok(first) = queue.recv() {
-        // Everything logged meanwhile goes into one transaction.
-        let mut records = vec![first];
-        while let Ok(next) = queue.try_recv() {
-            records.push(next);
-        }
+        let records = gather(first, &queue, progress);
         let seq = records.last().map_or(0, |(seq, _)| *seq);
         let ops: Vec<&Op> = records.iter().flat_map(|(_, ops)| ops.iter()).collect();
         // One transaction: a failure applies none of them and records no
@@ -57,5 +53,68 @@ pub(super) fn run_applier(
     match checkpoint(db) {
         Ok(()) => progress.durable.store(progress.applied.load(Ordering::Acquire), Ordering::Release),
         Err(err) => tracing::error!(error = %err, "embedded store checkpoint at shutdown failed; the log is replayed"),
+    }
+}
+
+/// The batches for one transaction: `first` and what is logged after it,
+/// until a read waits, [`APPLY_EVERY`] has passed, [`APPLY_MOST`] writes
+/// are in, or the logger stops.
+fn gather(first: Logged, queue: &std_mpsc::Receiver<Logged>, progress: &Progress) -> Vec<Logged> {
+    let due = Instant::now() + APPLY_EVERY;
+    let mut writes = first.1.len();
+    let mut records = vec![first];
+    loop {
+        loop {
+            match queue.try_recv() {
+                Ok(next) => {
+                    writes += next.1.len();
+                    records.push(next);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return records,
+            }
+        }
+        let now = Instant::now();
+        if progress.read_waiting.swap(false, Ordering::AcqRel) || now >= due || writes >= APPLY_MOST {
+            return records;
+        }
+        // Woken early by a read that waits (see `Progress::caught_up`).
+        std::thread::park_timeout(due - now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_logged_meanwhile_go_into_one_transaction() {
+        let (to_applier, queue) = std_mpsc::sync_channel(8);
+        for seq in 2..=4 {
+            to_applier.send((seq, Vec::new())).expect("queued");
+        }
+        let progress = Progress::new(0);
+        let records = gather((1, Vec::new()), &queue, &progress);
+        assert_eq!(records.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_waiting_read_is_served_and_its_request_consumed() {
+        let (to_applier, queue) = std_mpsc::sync_channel(8);
+        let progress = Progress::new(0);
+        progress.read_waiting.store(true, Ordering::Release);
+        to_applier.send((2, Vec::new())).expect("queued");
+        let records = gather((1, Vec::new()), &queue, &progress);
+        assert_eq!(records.len(), 2, "what was queued is applied with it");
+        assert!(!progress.read_waiting.load(Ordering::Acquire), "the next transaction may gather again");
+    }
+
+    #[test]
+    fn a_stopped_logger_ends_the_gathering() {
+        let (to_applier, queue) = std_mpsc::sync_channel(8);
+        to_applier.send((2, Vec::new())).expect("queued");
+        drop(to_applier);
+        let records = gather((1, Vec::new()), &queue, &Progress::new(0));
+        assert_eq!(records.len(), 2);
     }
 }
