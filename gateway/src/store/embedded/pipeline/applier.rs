@@ -23,6 +23,7 @@ pub(super) fn run_applier(
     progress: &Progress,
     mut users: UserNumbers,
 ) {
+    lower_priority();
     let mut last_checkpoint = Instant::now();
     while let Ok(first) = queue.recv() {
         let records = gather(first, &queue, progress);
@@ -53,6 +54,22 @@ pub(super) fn run_applier(
     match checkpoint(db) {
         Ok(()) => progress.durable.store(progress.applied.load(Ordering::Acquire), Ordering::Release),
         Err(err) => tracing::error!(error = %err, "embedded store checkpoint at shutdown failed; the log is replayed"),
+    }
+}
+
+/// The applier's work is never what a client waits for (a read that waits
+/// wakes it), but on a gateway given one core its gathered transactions and
+/// checkpoints would take turns with the threads that answer clients. A
+/// niceness of 10 lets those run first whenever they are ready; the
+/// applier still gets the core when they idle, and the logger waits if it
+/// falls [`APPLY_QUEUE`](super::APPLY_QUEUE) batches behind.
+const APPLIER_NICENESS: i32 = 10;
+
+fn lower_priority() {
+    // On Linux a thread id names one thread for `setpriority`.
+    let thread = rustix::thread::gettid();
+    if let Err(err) = rustix::process::setpriority_process(Some(thread), APPLIER_NICENESS) {
+        tracing::warn!(error = %err, "could not lower the embedded store applier's priority");
     }
 }
 
