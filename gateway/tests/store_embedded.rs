@@ -161,20 +161,34 @@ async fn data_survives_reopening() {
 }
 
 /// Folders written by earlier layouts of the inbox open with it converted,
-/// nothing lost: entries holding the message JSON (table `inbox`) and
-/// entries holding `(channel, id)` (table `inbox_refs`).
+/// nothing lost: entries holding the message JSON (table `inbox`), entries
+/// holding `(channel, id)` (table `inbox_refs`), and one 16-byte key per
+/// entry (table `inbox_entries`, before inboxes were kept in chunks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn older_inboxes_are_converted_on_open() {
     type Pair = (&'static str, u64);
     let m = message(700, "g:1", "alice", "from before");
     let json = serde_json::to_vec(&m).expect("json");
-    let write_old = |dir: &std::path::Path, with_refs: bool| {
+    let write_old = |dir: &std::path::Path, layout: u8| {
         let db = redb::Database::create(dir.join(DB_FILE)).expect("create");
         let txn = db.begin_write().expect("write");
         {
             let mut messages = txn.open_table(redb::TableDefinition::<Pair, &[u8]>::new("messages")).expect("messages");
             messages.insert(("g:1", 700), json.as_slice()).expect("insert");
-            if with_refs {
+            if layout == 3 {
+                let mut users = txn.open_table(redb::TableDefinition::<&str, u64>::new("users")).expect("users");
+                users.insert("bob", 0).expect("insert");
+                users.insert("carol", 1).expect("insert");
+                let mut meta = txn.open_table(redb::TableDefinition::<&str, u64>::new("meta")).expect("meta");
+                meta.insert("next_user", 2).expect("insert");
+                let mut positions = txn.open_table(redb::TableDefinition::<u64, Pair>::new("positions")).expect("pos");
+                positions.insert(701, ("g:1", 700)).expect("insert");
+                positions.insert(702, ("g:1", 700)).expect("insert");
+                let mut inbox =
+                    txn.open_table(redb::TableDefinition::<u128, ()>::new("inbox_entries")).expect("entries");
+                inbox.insert(701_u128, ()).expect("insert");
+                inbox.insert((1_u128 << 64) | 702, ()).expect("insert");
+            } else if layout == 2 {
                 let mut inbox = txn.open_table(redb::TableDefinition::<Pair, Pair>::new("inbox_refs")).expect("refs");
                 inbox.insert(("bob", 701), ("g:1", 700)).expect("insert");
                 inbox.insert(("carol", 702), ("g:1", 700)).expect("insert");
@@ -186,14 +200,14 @@ async fn older_inboxes_are_converted_on_open() {
         }
         txn.commit().expect("commit");
     };
-    for with_refs in [false, true] {
+    for layout in [1, 2, 3] {
         let dir = tempfile::tempdir().expect("tempdir");
-        write_old(dir.path(), with_refs);
+        write_old(dir.path(), layout);
         let store = EmbeddedStore::open(dir.path()).expect("open converts");
         assert_eq!(
             store.inbox_after("bob", 0, 10).await.expect("bob"),
             vec![InboxEntry { position: 701, message: m.clone() }],
-            "layout with_refs={with_refs}"
+            "layout {layout}"
         );
         assert_eq!(store.inbox_after("carol", 0, 10).await.expect("carol").len(), 1);
         assert_eq!(store.history("g:1", Page::Latest, 10).await.expect("history"), vec![m.clone()]);

@@ -17,10 +17,11 @@
 //! - `messages`: `(channel, id) → Message JSON`, a channel's history in id order.
 //! - `positions`: `position → (channel, id)`: the message an inbox position
 //!   holds (every recipient of a message gets the same position).
-//! - `inbox_entries`: `user number << 64 | position → ()`: one fixed-width
-//!   16-byte key per recipient and message, so the rows a group message
-//!   adds for 100 members are cheap to insert, compare and store; the text
-//!   is stored once.
+//! - `inbox_chunks`: `user number << 64 | first position → positions`: each
+//!   user's inbox positions in chunks of up to 64 ([`inbox`]), so a
+//!   transaction adds all of a user's entries with one rewrite instead of
+//!   one insert each (a group message has 100 recipients); the text is
+//!   stored once.
 //! - `users`: `user → number`, assigned by the writer on first use.
 //! - `sends`: `(sender, idempotency key) → (id, channel)`.
 //! - `groups`: `group id → Group JSON`.
@@ -36,6 +37,7 @@
 //! ([`upgrade`]); that includes dropping the push jobs they queued, which
 //! nothing consumed (a standalone gateway has no push workers).
 
+mod inbox;
 mod ops;
 mod pipeline;
 mod tables;
@@ -81,7 +83,6 @@ type Link = (&'static str, &'static str);
 
 const MESSAGES: TableDefinition<Pair, &[u8]> = TableDefinition::new("messages");
 const POSITIONS: TableDefinition<u64, Pair> = TableDefinition::new("positions");
-const INBOX: TableDefinition<u128, ()> = TableDefinition::new("inbox_entries");
 const USERS: TableDefinition<&str, u64> = TableDefinition::new("users");
 const SENDS: TableDefinition<Link, (u64, &str)> = TableDefinition::new("sends");
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
@@ -264,15 +265,11 @@ impl Store for EmbeddedStore {
                 return Ok(Vec::new());
             };
             let number = number.value();
-            let inbox = txn.open_table(INBOX).map_err(storage("opening inbox"))?;
+            let inbox = txn.open_table(inbox::INBOX_CHUNKS).map_err(storage("opening inbox"))?;
             let positions = txn.open_table(POSITIONS).map_err(storage("opening positions"))?;
             let messages = txn.open_table(MESSAGES).map_err(storage("opening messages"))?;
-            let range = inbox_key(number, after + 1)..=inbox_key(number, u64::MAX);
             let mut entries = Vec::new();
-            for row in inbox.range(range).map_err(storage("reading inbox"))?.take(limit) {
-                let (key, _) = row.map_err(storage("reading inbox"))?;
-                // The low 64 bits of the key; the high ones are the user's number.
-                let position = key.value() as u64;
+            for position in inbox::after(&inbox, number, after, limit)? {
                 // Written in the same transaction as their inbox entries, so
                 // only a damaged file lacks them: skip rather than wedge the sync.
                 let Some(reference) = positions.get(position).map_err(storage("reading positions"))? else {

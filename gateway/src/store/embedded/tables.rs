@@ -6,10 +6,11 @@ use std::collections::HashMap;
 
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
+use super::inbox::{self, INBOX_CHUNKS};
 use super::ops::{Done, Op};
 use super::{
     GROUPS, Link, MARKERS, MEMBERS, MESSAGES, META, META_MAX_ID, META_NEXT_USER, META_WAL_SEQ, POSITIONS, Pair, SENDS,
-    USER_CHANNELS, USERS, inbox_key, storage,
+    USER_CHANNELS, USERS, storage,
 };
 use crate::store::{Markers, StoreError, StoreResult};
 
@@ -43,9 +44,9 @@ pub fn apply(db: &Database, ops: &[&Op], users: &mut UserNumbers, seq: u64) -> S
     txn.set_durability(Durability::None).map_err(storage("starting a write"))?;
     let (done, fresh) = {
         let mut tables = Tables::open(&txn)?;
-        let mut batch = Batch { max_id: 0, users, fresh: HashMap::new(), next_user: None };
+        let mut batch = Batch { max_id: 0, users, fresh: HashMap::new(), next_user: None, inbox: HashMap::new() };
         let done = ops.iter().map(|op| tables.apply(op, &mut batch)).collect::<StoreResult<Vec<_>>>()?;
-        tables.finish(&batch, seq)?;
+        tables.finish(&mut batch, seq)?;
         (done, batch.fresh)
     };
     txn.commit().map_err(storage("committing"))?;
@@ -61,13 +62,15 @@ struct Batch<'a> {
     fresh: HashMap<String, u64>,
     /// The next user number to assign, read from `meta` when first needed.
     next_user: Option<u64>,
+    /// Inbox positions by user number, added together at the end.
+    inbox: HashMap<u64, Vec<u64>>,
 }
 
 /// The tables a batch writes, opened once per transaction.
 struct Tables<'t> {
     messages: Table<'t, Pair, &'static [u8]>,
     positions: Table<'t, u64, Pair>,
-    inbox: Table<'t, u128, ()>,
+    inbox: Table<'t, u128, &'static [u8]>,
     users: Table<'t, &'static str, u64>,
     sends: Table<'t, Link, (u64, &'static str)>,
     groups: Table<'t, &'static str, &'static [u8]>,
@@ -82,7 +85,7 @@ impl<'t> Tables<'t> {
         Ok(Self {
             messages: txn.open_table(MESSAGES).map_err(storage("opening messages"))?,
             positions: txn.open_table(POSITIONS).map_err(storage("opening positions"))?,
-            inbox: txn.open_table(super::INBOX).map_err(storage("opening inbox"))?,
+            inbox: txn.open_table(INBOX_CHUNKS).map_err(storage("opening inbox"))?,
             users: txn.open_table(USERS).map_err(storage("opening users"))?,
             sends: txn.open_table(SENDS).map_err(storage("opening sends"))?,
             groups: txn.open_table(GROUPS).map_err(storage("opening groups"))?,
@@ -136,7 +139,7 @@ impl<'t> Tables<'t> {
                 self.positions.insert(*position, (channel.as_str(), *id)).map_err(storage("writing positions"))?;
                 for user in recipients.iter() {
                     let number = self.user_number(user, batch)?;
-                    self.inbox.insert(inbox_key(number, *position), ()).map_err(storage("writing inbox"))?;
+                    batch.inbox.entry(number).or_default().push(*position);
                     if *link_channel {
                         self.user_channels
                             .insert((user.as_str(), channel.as_str()), ())
@@ -184,8 +187,12 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Counters kept in the same transaction as the rows they describe.
-    fn finish(&mut self, batch: &Batch<'_>, seq: u64) -> StoreResult<()> {
+    /// The batch's inbox entries, then the counters kept in the same
+    /// transaction as the rows they describe.
+    fn finish(&mut self, batch: &mut Batch<'_>, seq: u64) -> StoreResult<()> {
+        for (user, positions) in &mut batch.inbox {
+            inbox::add(&mut self.inbox, *user, positions)?;
+        }
         self.meta.insert(META_WAL_SEQ, seq).map_err(storage("writing meta"))?;
         if batch.max_id > self.meta(META_MAX_ID)? {
             self.meta.insert(META_MAX_ID, batch.max_id).map_err(storage("writing meta"))?;

@@ -6,16 +6,18 @@
 //! Inbox layouts so far:
 //! 1. `inbox`: `(user, position) → message JSON` (a copy per recipient).
 //! 2. `inbox_refs`: `(user, position) → (channel, id)`.
-//! 3. now: `inbox_entries`: `user number << 64 | position → ()` and
-//!    `positions`: `position → (channel, id)` (see the module docs).
+//! 3. `inbox_entries`: `user number << 64 | position → ()` and
+//!    `positions`: `position → (channel, id)`.
+//! 4. now: `inbox_chunks` ([`inbox`](super::inbox)) and `positions`.
 
 use std::collections::HashMap;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction};
 
+use super::inbox::{self, INBOX_CHUNKS};
 use super::{
-    GROUPS, INBOX, MARKERS, MEMBERS, MESSAGES, META, META_NEXT_USER, POSITIONS, Pair, SENDS, USER_CHANNELS, USERS,
-    decode, inbox_key, storage,
+    GROUPS, MARKERS, MEMBERS, MESSAGES, META, META_NEXT_USER, POSITIONS, Pair, SENDS, USER_CHANNELS, USERS, decode,
+    storage,
 };
 use crate::store::{Message, StoreResult};
 
@@ -23,6 +25,8 @@ use crate::store::{Message, StoreResult};
 const INBOX_V1: TableDefinition<Pair, &[u8]> = TableDefinition::new("inbox");
 /// Layout 2.
 const INBOX_V2: TableDefinition<Pair, Pair> = TableDefinition::new("inbox_refs");
+/// Layout 3.
+const INBOX_V3: TableDefinition<u128, ()> = TableDefinition::new("inbox_entries");
 /// The push queue of earlier versions: `seq → job JSON`, and its counter in `meta`.
 const OLD_PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
 const OLD_PUSH_SEQ: &str = "push_seq";
@@ -35,7 +39,7 @@ pub(super) fn create_tables(db: &Database) -> StoreResult<()> {
         // Opening a table in a write transaction creates it if missing.
         txn.open_table(MESSAGES).map_err(storage("creating messages"))?;
         txn.open_table(POSITIONS).map_err(storage("creating positions"))?;
-        txn.open_table(INBOX).map_err(storage("creating inbox"))?;
+        txn.open_table(INBOX_CHUNKS).map_err(storage("creating inbox"))?;
         txn.open_table(USERS).map_err(storage("creating users"))?;
         txn.open_table(SENDS).map_err(storage("creating sends"))?;
         txn.open_table(GROUPS).map_err(storage("creating groups"))?;
@@ -49,6 +53,7 @@ pub(super) fn create_tables(db: &Database) -> StoreResult<()> {
         write_entries(&txn, old_entries)?;
         tracing::info!(entries = converted, "converted the embedded store's inbox to the current layout");
     }
+    chunk_inbox_entries(&txn)?;
     txn.commit().map_err(storage("creating tables"))
 }
 
@@ -99,8 +104,9 @@ fn drop_old_push_jobs(txn: &WriteTransaction) -> StoreResult<()> {
 fn write_entries(txn: &WriteTransaction, entries: Vec<(String, u64, String, u64)>) -> StoreResult<()> {
     let mut users = txn.open_table(USERS).map_err(storage("opening users"))?;
     let mut meta = txn.open_table(META).map_err(storage("opening meta"))?;
-    let mut inbox = txn.open_table(INBOX).map_err(storage("opening inbox"))?;
+    let mut inbox = txn.open_table(INBOX_CHUNKS).map_err(storage("opening inbox"))?;
     let mut positions = txn.open_table(POSITIONS).map_err(storage("opening positions"))?;
+    let mut by_user: HashMap<u64, Vec<u64>> = HashMap::new();
     let mut next = meta.get(META_NEXT_USER).map_err(storage("reading meta"))?.map_or(0, |v| v.value());
     let mut numbers: HashMap<String, u64> = HashMap::new();
     for (user, position, channel, id) in entries {
@@ -120,9 +126,44 @@ fn write_entries(txn: &WriteTransaction, entries: Vec<(String, u64, String, u64)
                 number
             }
         };
-        inbox.insert(inbox_key(number, position), ()).map_err(storage("writing inbox"))?;
+        by_user.entry(number).or_default().push(position);
         positions.insert(position, (channel.as_str(), id)).map_err(storage("writing positions"))?;
     }
+    for (user, positions) in &mut by_user {
+        inbox::add(&mut inbox, *user, positions)?;
+    }
     meta.insert(META_NEXT_USER, next).map_err(storage("writing meta"))?;
+    Ok(())
+}
+
+/// Layout 3 to 4: the entries of each user (adjacent, as the key starts with
+/// the user's number) become that user's chunks.
+fn chunk_inbox_entries(txn: &WriteTransaction) -> StoreResult<()> {
+    let found = txn.list_tables().map_err(storage("listing tables"))?.any(|t| t.name() == INBOX_V3.name());
+    if !found {
+        return Ok(());
+    }
+    let old = txn.open_table(INBOX_V3).map_err(storage("opening the old inbox"))?;
+    let mut chunks = txn.open_table(INBOX_CHUNKS).map_err(storage("opening inbox"))?;
+    let (mut user, mut positions, mut converted) = (None, Vec::new(), 0usize);
+    for row in old.iter().map_err(storage("reading the old inbox"))? {
+        let key = row.map_err(storage("reading the old inbox"))?.0.value();
+        // The high 64 bits are the user's number, the low ones the position.
+        let (owner, position) = ((key >> 64) as u64, key as u64);
+        if user != Some(owner) {
+            if let Some(done) = user {
+                inbox::add(&mut chunks, done, &mut positions)?;
+            }
+            (user, positions) = (Some(owner), Vec::new());
+        }
+        positions.push(position);
+        converted += 1;
+    }
+    if let Some(done) = user {
+        inbox::add(&mut chunks, done, &mut positions)?;
+    }
+    drop((old, chunks));
+    txn.delete_table(INBOX_V3).map_err(storage("removing the old inbox"))?;
+    tracing::info!(entries = converted, "converted the embedded store's inbox to chunks");
     Ok(())
 }
