@@ -310,7 +310,8 @@ def main():
                     "memory_kib": int(next((l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()
                                             if l.startswith("MemTotal:")), "0"))},
         "pinning": os.environ.get("BENCH_PINNING", ""),
-        "versions": {"kubechat": sh("git", "rev-parse", "--short", "HEAD")
+        "versions": {"kubechat": os.environ.get("BENCH_KUBECHAT_VERSION")
+                     or sh("git", "rev-parse", "--short", "HEAD")
                      + ("" if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "gateway"]).returncode == 0
                         else " (with uncommitted gateway/ changes)"),
                      "rustc": sh("rustc", "--version"), "go": sh("go", "version"),

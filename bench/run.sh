@@ -3,7 +3,7 @@
 # back to back, driven by the same load tool (kubechat-bench), each server
 # started fresh for each workload and pinned to core 0, the client to core 1.
 #
-#   bench/run.sh                 full run (idle 19.9k, connect 10k, group, pairs 5k/20k, two gateways)
+#   bench/run.sh                 full run (idle 19.9k, connect 10k, group up to 5k msg/s, pairs 5k/20k, two gateways)
 #   bench/run.sh --quick         small sizes and short steps (a few minutes)
 #   bench/run.sh --no-cluster    skip the two-gateway run (Redis + Cassandra)
 #   bench/run.sh --only group,pairs5k   a subset: idle connect group pairs5k pairs20k cluster
@@ -11,6 +11,10 @@
 #   bench/run.sh --baseline REV  also run the two-gateway row with the gateway
 #                                built at git REV (the code before a change), same run
 #                                (or BENCH_BASELINE_GATEWAY=/path/to/kubechat-gateway)
+#   BENCH_GATEWAY=/path/to/kubechat-gateway BENCH_GATEWAY_LABEL=a8bb0f2 bench/run.sh ...
+#                                every kubechat row with that build (e.g. the
+#                                code before a change) instead of this tree's;
+#                                the label names it in the report
 #
 # Writes DIR/latest.json (every raw result, the machine, versions, command)
 # and DIR/latest.md (the table with kubechat, Centrifugo and their ratio).
@@ -41,7 +45,7 @@ if [[ -n "$QUICK" ]]; then
 else
   # One-to-one rows run a minute: stalls on a minute's scale (the store's
   # checkpoint) fall inside the window.
-  IDLE_N=19900; IDLE_HOLD=30; CONNECT_N=10000; GROUP_RATES=500,750,1000,2000; STEP_S=10; PAIRS=500; PAIRS_S=20
+  IDLE_N=19900; IDLE_HOLD=30; CONNECT_N=10000; GROUP_RATES=500,750,1000,2000,5000; STEP_S=10; PAIRS=500; PAIRS_S=20
   ONE_TO_ONE_S=60
 fi
 KUBECHAT_PORT="${BENCH_KUBECHAT_PORT:-18080}"
@@ -56,7 +60,8 @@ command -v curl >/dev/null || die "curl is missing (readiness checks)"
 
 log "building kubechat-gateway and kubechat-bench (release)"
 cargo build --release --locked -p kubechat-gateway -p kubechat-bench
-GATEWAY="$CARGO_TARGET_DIR/release/kubechat-gateway"
+GATEWAY="${BENCH_GATEWAY:-$CARGO_TARGET_DIR/release/kubechat-gateway}"
+[[ -x "$GATEWAY" ]] || die "no gateway binary at $GATEWAY"
 BENCH="$CARGO_TARGET_DIR/release/kubechat-bench"
 bash e2e/local/centrifugo.sh install
 CENTRIFUGO="$KUBECHAT_BIN/centrifugo"
@@ -298,6 +303,7 @@ mkdir -p "$OUT"
 BENCH_COMMAND="$COMMAND" BENCH_DATE="$STARTED_AT" BENCH_QUICK="$QUICK" BENCH_FAILED="${FAILED[*]}" \
   BENCH_PINNING="server: taskset -c $SERVER_CPU; client: taskset -c $CLIENT_CPU" \
   BENCH_CENTRIFUGO_VERSION="$("$CENTRIFUGO" version | head -n1)" \
+  BENCH_KUBECHAT_VERSION="${BENCH_GATEWAY:+${BENCH_GATEWAY_LABEL:-a build at $BENCH_GATEWAY}}" \
   python3 bench/report.py "$WORK" "$OUT"
 log "wrote $OUT/latest.json and $OUT/latest.md (raw results and server logs in $WORK)"
 cat "$OUT/latest.md"
