@@ -58,8 +58,13 @@ command -v taskset >/dev/null || die "taskset is missing (Debian's util-linux)"
 command -v python3 >/dev/null || die "python3 is missing (it writes the report)"
 command -v curl >/dev/null || die "curl is missing (readiness checks)"
 
-log "building kubechat-gateway and kubechat-bench (release)"
-cargo build --release --locked -p kubechat-gateway -p kubechat-bench
+if [[ -n "${BENCH_GATEWAY:-}" ]]; then
+  log "building kubechat-bench (release); the gateway is $BENCH_GATEWAY"
+  cargo build --release --locked -p kubechat-bench
+else
+  log "building kubechat-gateway and kubechat-bench (release)"
+  cargo build --release --locked -p kubechat-gateway -p kubechat-bench
+fi
 GATEWAY="${BENCH_GATEWAY:-$CARGO_TARGET_DIR/release/kubechat-gateway}"
 [[ -x "$GATEWAY" ]] || die "no gateway binary at $GATEWAY"
 BENCH="$CARGO_TARGET_DIR/release/kubechat-bench"

@@ -74,43 +74,60 @@ struct Home {
 
 fn home(table: &impl ReadableTable<u128, &'static [u8]>, user: u64, position: u64) -> StoreResult<Home> {
     // Usually an append: the position is past the user's last chunk's start.
-    let last =
-        table.range(inbox_key(user, 0)..=inbox_key(user, u64::MAX)).map_err(storage("reading inbox"))?.next_back();
-    if let Some(row) = last {
-        let (key, value) = row.map_err(storage("reading inbox"))?;
-        if start(key.value()) <= position {
-            return Ok(Home { key: Some(key.value()), chunk: decode(value.value())?, limit: None });
-        }
+    if let Some((key, chunk)) = last_chunk(table, user, u64::MAX)?
+        && start(key) <= position
+    {
+        return Ok(Home { key: Some(key), chunk, limit: None });
     }
-    let read = storage("reading inbox");
     // The last chunk starting at or before `position`, else the user's first
     // chunk (which then starts above it and takes it).
-    let found = match table.range(inbox_key(user, 0)..=inbox_key(user, position)).map_err(read)?.next_back() {
-        Some(row) => Some(row),
-        None => {
-            table.range(inbox_key(user, position)..=inbox_key(user, u64::MAX)).map_err(storage("reading inbox"))?.next()
-        }
+    let found = match last_chunk(table, user, position)? {
+        Some(found) => Some(found),
+        None => first_chunk(table, user, position)?,
     };
     let (key, chunk) = match found {
-        Some(row) => {
-            let (key, value) = row.map_err(storage("reading inbox"))?;
-            (Some(key.value()), decode(value.value())?)
-        }
+        Some((key, chunk)) => (Some(key), chunk),
         None => (None, Vec::new()),
     };
     let from = key.map_or(position, |key| start(key).max(position));
     let limit = match from.checked_add(1) {
-        Some(after) => match table
-            .range(inbox_key(user, after)..=inbox_key(user, u64::MAX))
-            .map_err(storage("reading inbox"))?
-            .next()
-        {
-            Some(row) => Some(start(row.map_err(storage("reading inbox"))?.0.value())),
-            None => None,
-        },
+        Some(after) => first_chunk(table, user, after)?.map(|(key, _)| start(key)),
         None => None,
     };
     Ok(Home { key, chunk, limit })
+}
+
+/// The user's last chunk starting at or before `position`.
+fn last_chunk(
+    table: &impl ReadableTable<u128, &'static [u8]>,
+    user: u64,
+    position: u64,
+) -> StoreResult<Option<(u128, Vec<u64>)>> {
+    let mut rows = table.range(inbox_key(user, 0)..=inbox_key(user, position)).map_err(storage("reading inbox"))?;
+    match rows.next_back() {
+        Some(row) => {
+            let (key, value) = row.map_err(storage("reading inbox"))?;
+            Ok(Some((key.value(), decode(value.value())?)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The user's first chunk starting at or after `position`.
+fn first_chunk(
+    table: &impl ReadableTable<u128, &'static [u8]>,
+    user: u64,
+    position: u64,
+) -> StoreResult<Option<(u128, Vec<u64>)>> {
+    let mut rows =
+        table.range(inbox_key(user, position)..=inbox_key(user, u64::MAX)).map_err(storage("reading inbox"))?;
+    match rows.next() {
+        Some(row) => {
+            let (key, value) = row.map_err(storage("reading inbox"))?;
+            Ok(Some((key.value(), decode(value.value())?)))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Up to `limit` positions above `after` in the inbox of user number
@@ -123,11 +140,7 @@ pub(super) fn after(
 ) -> StoreResult<Vec<u64>> {
     let Some(above) = after.checked_add(1) else { return Ok(Vec::new()) };
     // The chunk holding `above` may start below it.
-    let first =
-        match table.range(inbox_key(user, 0)..=inbox_key(user, above)).map_err(storage("reading inbox"))?.next_back() {
-            Some(row) => row.map_err(storage("reading inbox"))?.0.value(),
-            None => inbox_key(user, above),
-        };
+    let first = last_chunk(table, user, above)?.map_or(inbox_key(user, above), |(key, _)| key);
     let mut positions = Vec::new();
     for row in table.range(first..=inbox_key(user, u64::MAX)).map_err(storage("reading inbox"))? {
         let (_, chunk) = row.map_err(storage("reading inbox"))?;
