@@ -6,7 +6,11 @@
 #
 #   1. one at a time, while the machine is quiet, the suites whose source
 #      says `//! kubechat-test: exclusive` (they stop a component the others
-#      use, or measure pacing that other suites' load would distort);
+#      use, or measure pacing that other suites' load would distort); beside
+#      them, one at a time, the suites that say `//! kubechat-test: idle`
+#      (they spend their time watching for writes that must not happen and
+#      use a few per cent of the machine: moved here from phase 2, whose
+#      two slots they held for 180 s);
 #   2. the suites that share the components: KUBECHAT_TEST_JOBS at once
 #      (default 2), longest first by the previous run's times. On two cores,
 #      2 at once halves this phase (533 s -> 297 s); 3 stretched timed
@@ -21,15 +25,22 @@
 # output is printed whole when it ends. Arguments go to every test binary
 # (libtest's: a name filter, `--nocapture`, ...). Exits non-zero if any
 # binary failed, listing which.
+#
+#   KUBECHAT_TEST_TIMES=1  each test's time in its result line (`ok <4.6s>`):
+#                          libtest's `--report-time`, unstable, so it is
+#                          enabled with RUSTC_BOOTSTRAP for the test binaries
+#                          (not for Cargo: it would rebuild everything)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
 
 jobs_at_once="${KUBECHAT_TEST_JOBS:-2}"
+timed=()
+[[ -n "${KUBECHAT_TEST_TIMES:-}" ]] && timed=(env RUSTC_BOOTSTRAP=1)
 times_file="$KUBECHAT_CACHE/test-times.tsv"
 out="$(mktemp -d "${TMPDIR:-/tmp}/kubechat-tests.XXXXXX")"
 touch "$times_file" "$out/results"
 
-# name, executable, package directory, exclusive (0/1), one per line.
+# name, executable, package directory, lane (exclusive, idle or shared), one per line.
 cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, os, sys
 for line in sys.stdin:
@@ -41,9 +52,12 @@ for line in sys.stdin:
     name = os.path.basename(package_dir) + "/" + target["name"]
     if target["kind"] != ["test"]:
         name += " (unit)"
+    lane = "shared"
     with open(target["src_path"], encoding="utf-8") as source:
-        exclusive = any(l.strip() == "//! kubechat-test: exclusive" for l in source)
-    print("\t".join([name, msg["executable"], package_dir, str(int(exclusive))]))
+        for l in source:
+            if l.strip() in ("//! kubechat-test: exclusive", "//! kubechat-test: idle"):
+                lane = l.split(":")[1].strip()
+    print("\t".join([name, msg["executable"], package_dir, lane]))
 ' >"$out/binaries"
 [[ -s "$out/binaries" ]] || die "no test binaries: did \`cargo test --workspace --no-run\` succeed?"
 
@@ -62,8 +76,8 @@ done <"$out/binaries"
 
 # Longest first (a suite not timed yet counts as long: it starts early).
 ordered() {
-  local exclusive="$1"
-  awk -F'\t' -v want="$exclusive" 'FILENAME == ARGV[1] { secs[$1] = $2; next }
+  local lane="$1"
+  awk -F'\t' -v want="$lane" 'FILENAME == ARGV[1] { secs[$1] = $2; next }
     $4 == want { print ((($1 in secs) ? secs[$1] : 600) "\t" $0) }' "$times_file" "$out/binaries" |
     sort -t$'\t' -k1,1nr | cut -f2-
 }
@@ -75,7 +89,8 @@ run_one() {
   local started=$SECONDS code=0
   # As `cargo test` runs it: the binary may have been built in another clone,
   # so its sources are found through the runtime CARGO_MANIFEST_DIR.
-  (cd "$dir" && CARGO_MANIFEST_DIR="$dir" "$exe" "$@") >"$log" 2>&1 || code=$?
+  if ((${#timed[@]})); then set -- -Z unstable-options --report-time "$@"; fi
+  (cd "$dir" && CARGO_MANIFEST_DIR="$dir" "${timed[@]}" "$exe" "$@") >"$log" 2>&1 || code=$?
   local took=$((SECONDS - started))
   printf '%s\t%s\t%s\n' "$name" "$code" "$took" >>"$out/results"
   # One binary's output at a time, whole.
@@ -87,20 +102,22 @@ run_one() {
 }
 
 run_all() {
-  local at_once="$1" exclusive="$2"
+  local at_once="$1" lane="$2"
   shift 2
   local name exe dir _
   while IFS=$'\t' read -r name exe dir _; do
     while (($(jobs -rp | wc -l) >= at_once)); do wait -n || true; done
     run_one "$name" "$exe" "$dir" "$@" &
-  done < <(ordered "$exclusive")
+  done < <(ordered "$lane")
   wait
 }
 
 started=$SECONDS
-run_all 1 1 "$@"
+run_all 1 exclusive "$@" &
+run_all 1 idle "$@" &
+wait
 alone_done=$SECONDS
-run_all "$jobs_at_once" 0 "$@"
+run_all "$jobs_at_once" shared "$@"
 doc_code=0
 cargo test --workspace --locked --doc -- "$@" >"$out/doc.log" 2>&1 || doc_code=$?
 printf '\n---- doc tests (exit %s)\n' "$doc_code"
@@ -114,7 +131,7 @@ awk -F'\t' 'FILENAME == ARGV[1] { secs[$1] = $3; next } !($1 in secs) { print } 
 read -r passed failed < <(cat "$out"/*.log | awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }')
 echo
 echo "==== $(wc -l <"$out/results") test binaries and the doc tests: $passed tests passed, $failed failed" \
-  "($((alone_done - started)) s alone, then $((SECONDS - alone_done)) s with $jobs_at_once at once and doc tests)"
+  "($((alone_done - started)) s exclusive with the idle ones beside them, then $((SECONDS - alone_done)) s with $jobs_at_once at once and doc tests)"
 echo "==== slowest:" $(sort -t$'\t' -k3,3nr "$out/results" | head -5 | awk -F'\t' '{ printf "%s %s s; ", $1, $3 }')
 bad=$(awk -F'\t' '$2 != 0 { print "  " $1 " (exit " $2 ")" }' "$out/results")
 if [[ -n "$bad" || "$doc_code" != 0 ]]; then

@@ -8,6 +8,10 @@
 //! each, from the Pod's spec, bound to that IP. Clients are real WebSocket
 //! connections. The store-outage case is `discovery_store.rs` (it stops the
 //! shared Cassandra, so it runs alone).
+//!
+//! Most of its time is issue 14's idle minute and a light churn (14 % of the
+//! machine), so `e2e/test.sh` runs it beside the exclusive suites:
+//! kubechat-test: idle
 
 mod discovery_harness;
 
@@ -172,7 +176,7 @@ fn triangle(elapsed: Duration, period: Duration, phase: f64, peak: f64) -> usize
 
 #[tokio::test]
 async fn writes_follow_the_load_at_most_once_per_interval_and_stop_when_idle() {
-    const LOAD: Duration = Duration::from_secs(30);
+    const LOAD: Duration = Duration::from_secs(20);
     const IDLE: Duration = Duration::from_secs(60);
     let h = Harness::start("disc-rate").await;
     h.wait_endpoints(INTERVAL * 5, "listing 3 ready gateways", |e| {

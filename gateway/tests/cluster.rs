@@ -72,9 +72,12 @@ async fn messages_cross_gateways_once_and_in_order_scenario() {
             assert_eq!(ack["type"], "ack", "{ack}");
         }
     }
+    let is_direct =
+        |f: &Value| f["type"] == "message" && f["message"]["text"].as_str().is_some_and(|t| t.starts_with('m'));
+    let receivers = pairs.iter_mut().flat_map(|(_, laptop, bob)| [bob, laptop]);
+    collect_everywhere(receivers.map(|device| (device, DIRECT)).collect(), is_direct).await;
     for (i, (_, laptop, bob)) in pairs.iter_mut().enumerate() {
         for device in [bob, laptop] {
-            device.drain_for(Duration::from_millis(1500)).await;
             let got: Vec<String> = device
                 .take("message")
                 .iter()
@@ -87,10 +90,11 @@ async fn messages_cross_gateways_once_and_in_order_scenario() {
     }
 
     // A group of 100 spread over the gateways; three members (one per gateway) send at once.
-    let mut members = Vec::new();
-    for m in 0..100 {
-        members.push(ClusterClient::connect(&url(m), &format!("member{m:03}"), "phone").await);
-    }
+    let names: Vec<String> = (0..100).map(|m| format!("member{m:03}")).collect();
+    let mut members = futures::future::join_all(
+        names.iter().enumerate().map(|(m, name)| async move { ClusterClient::connect(&url(m), name, "phone").await }),
+    )
+    .await;
     let others: Vec<String> = (1..100).map(|m| format!("member{m:03}")).collect();
     let created = members[0].request(json!({"type":"create_group","name":"all","members":others})).await;
     let group = created["group"]["id"].as_str().expect("group id").to_string();
@@ -123,14 +127,13 @@ async fn messages_cross_gateways_once_and_in_order_scenario() {
     }
     let total: usize = sent.values().map(Vec::len).sum();
     assert_eq!(total, PER_SENDER * senders.len());
+    let expected_by = |member: &ClusterClient| -> usize {
+        sent.iter().filter(|(who, _)| **who != member.user).map(|(_, ids)| ids.len()).sum()
+    };
+    let expected: Vec<usize> = members.iter().map(expected_by).collect();
+    collect_everywhere(members.iter_mut().zip(expected).collect(), |f| f["type"] == "message").await;
     let mut delivered = 0;
     for member in &mut members {
-        let expected: usize = sent.iter().filter(|(who, _)| **who != member.user).map(|(_, ids)| ids.len()).sum();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while member.backlog.iter().filter(|f| f["type"] == "message").count() < expected && Instant::now() < deadline {
-            member.drain_for(Duration::from_millis(200)).await;
-        }
-        member.drain_for(Duration::from_millis(100)).await;
         let frames = member.take("message");
         let mut by_sender: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for frame in &frames {
@@ -153,6 +156,21 @@ async fn messages_cross_gateways_once_and_in_order_scenario() {
         "cluster: 3 gateways; 1:1 {} messages x 2 devices, group 100 members: {total} sent, {delivered} delivered",
         3 * DIRECT
     );
+}
+
+/// Collects frames on every client at once until each holds its expected
+/// number of frames matching `counted` (10 s at most), then half a second
+/// more, so that a duplicate arriving just behind the last one is seen too.
+async fn collect_everywhere(clients: Vec<(&mut ClusterClient, usize)>, counted: impl Fn(&Value) -> bool + Copy) {
+    futures::future::join_all(clients.into_iter().map(|(client, expected)| collect(client, expected, counted))).await;
+}
+
+async fn collect(client: &mut ClusterClient, expected: usize, counted: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.backlog.iter().filter(|f| counted(f)).count() < expected && Instant::now() < deadline {
+        client.drain_for(Duration::from_millis(100)).await;
+    }
+    client.drain_for(Duration::from_millis(500)).await;
 }
 
 fn is_presence_of(user: &'static str, online: bool) -> impl Fn(&Value) -> bool {
