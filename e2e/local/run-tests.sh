@@ -112,6 +112,10 @@ run_all() {
   wait
 }
 
+# The machine's busy CPU time (every process: the components too), in
+# hundredths of a second: how near the suite runs to the cores it has.
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+busy_before=$(busy_ticks)
 started=$SECONDS
 run_all 1 exclusive "$@" &
 run_all 1 idle "$@" &
@@ -123,6 +127,8 @@ cargo test --workspace --locked --doc -- "$@" >"$out/doc.log" 2>&1 || doc_code=$
 printf '\n---- doc tests (exit %s)\n' "$doc_code"
 cat "$out/doc.log"
 
+busy=$((($(busy_ticks) - busy_before) / 100))
+
 # The times of this run order the next one (failed runs included: they took that long).
 awk -F'\t' 'FILENAME == ARGV[1] { secs[$1] = $3; next } !($1 in secs) { print } END { for (n in secs) print n "\t" secs[n] }' \
   "$out/results" "$times_file" >"$out/times" && cp "$out/times" "$times_file"
@@ -132,6 +138,8 @@ read -r passed failed < <(cat "$out"/*.log | awk '/^test result:/ { p += $4; f +
 echo
 echo "==== $(wc -l <"$out/results") test binaries and the doc tests: $passed tests passed, $failed failed" \
   "($((alone_done - started)) s exclusive with the idle ones beside them, then $((SECONDS - alone_done)) s with $jobs_at_once at once and doc tests)"
+echo "==== CPU busy: $busy core-seconds in $((SECONDS - started)) s on $(nproc) cores" \
+  "($((100 * busy / ((SECONDS - started) * $(nproc) + 1))) %)"
 echo "==== slowest:" $(sort -t$'\t' -k3,3nr "$out/results" | head -5 | awk -F'\t' '{ printf "%s %s s; ", $1, $3 }')
 bad=$(awk -F'\t' '$2 != 0 { print "  " $1 " (exit " $2 ")" }' "$out/results")
 if [[ -n "$bad" || "$doc_code" != 0 ]]; then
