@@ -464,6 +464,11 @@ start_apiserver() {
     --v=1
 }
 
+# Client-side rate limits well above the defaults (controller-manager 20/s,
+# scheduler 50/s): with one client for every controller, a suite deleting a
+# hundred clusters' namespaces queued the others' pod creations and Events
+# for tens of seconds behind it (a quota's FailedCreate and a claim's
+# FailedBinding came after the tests' bounds).
 start_controller_manager() {
   start_component kube-controller-manager 60 \
     --kubeconfig="$ADMIN_KUBECONFIG" \
@@ -480,6 +485,8 @@ start_controller_manager() {
     --cluster-signing-key-file="$PKI_DIR/ca.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --cluster-name=kubechat \
+    --kube-api-qps=400 \
+    --kube-api-burst=800 \
     --profiling=false \
     --v=1
 }
@@ -492,6 +499,8 @@ start_scheduler() {
     --bind-address=127.0.0.1 \
     --secure-port="$SCHEDULER_PORT" \
     --leader-elect=false \
+    --kube-api-qps=400 \
+    --kube-api-burst=800 \
     --profiling=false \
     --v=1
 }
