@@ -6,11 +6,11 @@
 #
 #   1. one at a time, while the machine is quiet, the suites whose source
 #      says `//! kubechat-test: exclusive` (they stop a component the others
-#      use, or measure pacing that other suites' load would distort); beside
-#      them, one at a time, the suites that say `//! kubechat-test: idle`
-#      (they spend their time watching for writes that must not happen and
-#      use a few per cent of the machine: moved here from phase 2, whose
-#      two slots they held for 180 s);
+#      use, or measure pacing that other suites' load would distort). Nothing
+#      runs beside them: the idle-minute suites (discovery, quantities: 6-14 %
+#      of the machine) did once, and a 1,000-client rollout drained too
+#      slowly beside discovery's churn; both also use the Cassandra that two
+#      exclusive suites stop;
 #   2. the suites that share the components: KUBECHAT_TEST_JOBS at once
 #      (default 2), longest first by the previous run's times. On two cores,
 #      2 at once halves this phase (533 s -> 297 s); 3 stretched timed
@@ -40,7 +40,7 @@ times_file="$KUBECHAT_CACHE/test-times.tsv"
 out="$(mktemp -d "${TMPDIR:-/tmp}/kubechat-tests.XXXXXX")"
 touch "$times_file" "$out/results"
 
-# name, executable, package directory, lane (exclusive, idle or shared), one per line.
+# name, executable, package directory, lane (exclusive or shared), one per line.
 cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, os, sys
 for line in sys.stdin:
@@ -52,11 +52,9 @@ for line in sys.stdin:
     name = os.path.basename(package_dir) + "/" + target["name"]
     if target["kind"] != ["test"]:
         name += " (unit)"
-    lane = "shared"
     with open(target["src_path"], encoding="utf-8") as source:
-        for l in source:
-            if l.strip() in ("//! kubechat-test: exclusive", "//! kubechat-test: idle"):
-                lane = l.split(":")[1].strip()
+        exclusive = any(l.strip() == "//! kubechat-test: exclusive" for l in source)
+    lane = "exclusive" if exclusive else "shared"
     print("\t".join([name, msg["executable"], package_dir, lane]))
 ' >"$out/binaries"
 [[ -s "$out/binaries" ]] || die "no test binaries: did \`cargo test --workspace --no-run\` succeed?"
@@ -117,9 +115,7 @@ run_all() {
 busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
 busy_before=$(busy_ticks)
 started=$SECONDS
-run_all 1 exclusive "$@" &
-run_all 1 idle "$@" &
-wait
+run_all 1 exclusive "$@"
 alone_done=$SECONDS
 run_all "$jobs_at_once" shared "$@"
 doc_code=0
@@ -137,7 +133,7 @@ awk -F'\t' 'FILENAME == ARGV[1] { secs[$1] = $3; next } !($1 in secs) { print } 
 read -r passed failed < <(cat "$out"/*.log | awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }')
 echo
 echo "==== $(wc -l <"$out/results") test binaries and the doc tests: $passed tests passed, $failed failed" \
-  "($((alone_done - started)) s exclusive with the idle ones beside them, then $((SECONDS - alone_done)) s with $jobs_at_once at once and doc tests)"
+  "($((alone_done - started)) s alone, then $((SECONDS - alone_done)) s with $jobs_at_once at once and doc tests)"
 echo "==== CPU busy: $busy core-seconds in $((SECONDS - started)) s on $(nproc) cores" \
   "($((100 * busy / ((SECONDS - started) * $(nproc) + 1))) %)"
 echo "==== slowest:" $(sort -t$'\t' -k3,3nr "$out/results" | head -5 | awk -F'\t' '{ printf "%s %s s; ", $1, $3 }')

@@ -8,10 +8,6 @@
 //! each, from the Pod's spec, bound to that IP. Clients are real WebSocket
 //! connections. The store-outage case is `discovery_store.rs` (it stops the
 //! shared Cassandra, so it runs alone).
-//!
-//! Most of its time is issue 14's idle minute and a light churn (14 % of the
-//! machine), so `e2e/test.sh` runs it beside the exclusive suites:
-//! kubechat-test: idle
 
 mod discovery_harness;
 

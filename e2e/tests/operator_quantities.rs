@@ -4,10 +4,6 @@
 //! StatefulSets on every reconcile. An in-process operator reconciles a
 //! ChatCluster written that way; once it has settled, reconciles over an
 //! idle minute write nothing.
-//!
-//! It waits most of its time (6 % of the machine), so `e2e/test.sh` runs
-//! it beside the exclusive suites rather than in a slot of its own:
-//! kubechat-test: idle
 
 use std::time::{Duration, Instant};
 
