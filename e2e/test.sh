@@ -47,6 +47,8 @@ flock 8
 # then, so a fresh clone rebuilds only the crates that changed.
 python3 e2e/local/source-stamps.py restore "$REPO_ROOT" "$CARGO_TARGET_DIR" "$KUBECHAT_CACHE"
 
+# jemalloc (the gateway's allocator) is built from C with make.
+command -v make >/dev/null || apt_install make
 step "cargo fmt --check"
 cargo fmt --all --check
 step "cargo clippy"
