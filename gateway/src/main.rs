@@ -24,7 +24,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// jemalloc instead of glibc's malloc: the store's threads free what the
 /// connections' thread allocated (and back), which glibc's per-thread arenas
-/// pay for in locking and consolidation (a tenth of the log thread's samples
+/// pay for in locking and consolidation (a quarter of the log thread's samples
 /// at 5,000 messages a second). Measured in docs/benchmarks.md: less CPU per
 /// message and per idle connection, the same memory per connection.
 #[global_allocator]
