@@ -12,7 +12,7 @@ use kubechat_gateway::broker::redis::RedisBrokerConfig;
 use kubechat_gateway::broker::redis::send_keys::{RedisSendKeys, SendKeyNames};
 use kubechat_gateway::chat::push::RedisPushQueue;
 use kubechat_gateway::config::{GatewayConfig, chat_config};
-use kubechat_gateway::store::embedded::EmbeddedStore;
+use kubechat_gateway::store::embedded::{CHECKPOINT_EVERY, EmbeddedStore};
 use kubechat_gateway::store::scylla::{ScyllaConfig, ScyllaStore};
 use kubechat_gateway::transport::admin::AdminToken;
 use kubechat_gateway::transport::auth::Authenticator;
@@ -51,6 +51,13 @@ enum Command {
         /// a loopback address (the web client signs in with it), else off.
         #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         dev_tokens: Option<bool>,
+        /// Longest time between checkpoints of the store's database, which
+        /// bound what a restart replays from the log. Longer: fewer bytes
+        /// written; shorter: smaller write-back bursts, which the acks
+        /// waiting on the log's fsyncs feel.
+        #[arg(long, value_name = "SECONDS", default_value_t = CHECKPOINT_EVERY.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_every: u64,
     },
     /// A gateway of a ChatCluster (ScyllaDB + Redis), configured by the operator's file.
     Gateway {
@@ -171,9 +178,11 @@ async fn main() -> anyhow::Result<()> {
     let filter = levels.and(kubechat_gateway::throttle::DriverLogThrottle);
     tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_filter(filter)).init();
     match Cli::parse().command {
-        Command::Standalone { data_dir, listen, dev_tokens } => {
+        Command::Standalone { data_dir, listen, dev_tokens, checkpoint_every } => {
             let key = local_signing_key(&data_dir)?;
-            let store = Arc::new(EmbeddedStore::open(&data_dir).context("opening the embedded store")?);
+            let checkpoint_every = Duration::from_secs(checkpoint_every);
+            let store =
+                Arc::new(EmbeddedStore::open_with(&data_dir, checkpoint_every).context("opening the embedded store")?);
             let floor = store.max_id().await.context("reading the newest stored id")?;
             let dev_tokens = dev_tokens.unwrap_or(listen.ip().is_loopback());
             let options = GatewayOptions { listen, dev_tokens, web_client: true, ..GatewayOptions::default() };

@@ -54,9 +54,25 @@ impl Gateway {
 
     /// [`Gateway::start`] on a given port (a restart where clients expect it).
     pub fn start_on(root: &Path, port: u16) -> Self {
+        Self::start_with(root, port, &[])
+    }
+
+    /// [`Gateway::start`] with checkpoints only when half a log file waits
+    /// for one (none on a timer): for tests that need their writes to be in
+    /// the log alone, however slowly the machine runs them.
+    pub fn start_without_timed_checkpoints(root: &Path) -> Self {
+        Self::start_checkpointing_every(root, 86_400)
+    }
+
+    /// [`Gateway::start`] with a checkpoint at least every `seconds`.
+    pub fn start_checkpointing_every(root: &Path, seconds: u64) -> Self {
+        Self::start_with(root, free_port(), &["--checkpoint-every", &seconds.to_string()])
+    }
+
+    fn start_with(root: &Path, port: u16, args: &[&str]) -> Self {
         let log = root.join(format!("gateway-{port}.log"));
         let stderr = std::fs::File::create(&log).expect("log file");
-        let child = command(root, port).stderr(stderr).spawn().expect("start the gateway");
+        let child = command(root, port).args(args).stderr(stderr).spawn().expect("start the gateway");
         Self { root: root.to_path_buf(), port, child, log }
     }
 

@@ -136,10 +136,17 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store in `dir`. Blocking: call it at startup
-    /// (or from `spawn_blocking`); after an unclean shutdown redb repairs the
-    /// file here, which can take a while for a large database.
+    /// Opens (or creates) the store in `dir`, checkpointing every
+    /// [`CHECKPOINT_EVERY`]. Blocking: call it at startup (or from
+    /// `spawn_blocking`); after an unclean shutdown redb repairs the file
+    /// here, which can take a while for a large database.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, CHECKPOINT_EVERY)
+    }
+
+    /// [`EmbeddedStore::open`] with checkpoints at most `checkpoint_every`
+    /// apart (and whenever half a log file is waiting for one).
+    pub fn open_with(dir: &Path, checkpoint_every: std::time::Duration) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|err| StoreError::Unavailable(format!("creating {}: {err}", dir.display())))?;
         let db = Database::builder()
@@ -149,7 +156,7 @@ impl EmbeddedStore {
         upgrade::create_tables(&db)?;
         let db = Arc::new(db);
         let (writes, queue) = mpsc::channel(QUEUE);
-        let (progress, threads) = pipeline::start(Arc::clone(&db), &dir.join(LOG_FILE), queue)?;
+        let (progress, threads) = pipeline::start(Arc::clone(&db), &dir.join(LOG_FILE), queue, checkpoint_every)?;
         Ok(Self { db, membership: tokio::sync::Mutex::new(()), writes: Some(writes), progress, threads: Some(threads) })
     }
 

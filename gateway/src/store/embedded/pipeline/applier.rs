@@ -9,7 +9,7 @@ use redb::Database;
 
 use super::super::ops::Op;
 use super::super::tables::{UserNumbers, apply};
-use super::{APPLY_EVERY, APPLY_MOST, CHECKPOINT_EVERY, Logged, Progress, checkpoint};
+use super::{APPLY_EVERY, APPLY_MOST, Logged, Progress, checkpoint};
 
 /// Records up to `seq` are applied: visible to reads begun from now on.
 pub(super) fn applied_through(progress: &Progress, seq: u64) {
@@ -22,6 +22,7 @@ pub(super) fn run_applier(
     queue: std_mpsc::Receiver<Logged>,
     progress: &Progress,
     mut users: UserNumbers,
+    checkpoint_every: std::time::Duration,
 ) {
     lower_priority();
     let mut last_checkpoint = Instant::now();
@@ -39,7 +40,7 @@ pub(super) fn run_applier(
             return;
         }
         applied_through(progress, seq);
-        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY || progress.checkpoint_wanted.swap(false, Ordering::AcqRel) {
+        if last_checkpoint.elapsed() >= checkpoint_every || progress.checkpoint_wanted.swap(false, Ordering::AcqRel) {
             if let Err(err) = checkpoint(db) {
                 // redb refuses every write after a failed one (it may have
                 // written part of it); the log keeps what was acknowledged.

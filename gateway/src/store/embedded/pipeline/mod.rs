@@ -15,7 +15,7 @@
 //!   [`APPLY_EVERY`] unless a read is waiting (a redb transaction's cost is
 //!   mostly per commit: the copied and re-hashed pages of every tree it
 //!   touches), and takes a checkpoint every
-//!   [`CHECKPOINT_EVERY`] or when the log asks for one. A checkpoint writes
+//!   [`CHECKPOINT_EVERY`] (or as configured) or when the log asks for one. A checkpoint writes
 //!   back every page touched since the last one, tens of milliseconds at
 //!   thousands of messages a second: nobody's answer waits for it. A batch
 //!   it cannot apply, or a checkpoint that fails (a full disk), stops it:
@@ -52,11 +52,13 @@ use crate::store::{StoreError, StoreResult};
 /// behind others while still amortizing the fsync.
 pub const MAX_BATCH: usize = 512;
 
-/// The longest the B-trees go without a checkpoint (which bounds how much a
-/// restart replays from the log). Rare on purpose: a checkpoint's burst of
-/// page write-back slows the log's fsyncs while it lasts (150 ms at 5,000
-/// messages a second after a minute), so acks around it wait that long.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// The longest the B-trees go without a checkpoint by default (which bounds
+/// how much a restart replays from the log). A checkpoint's burst of page
+/// write-back slows the log's fsyncs while it lasts, so acks around it wait:
+/// at one a minute that was 40-75 ms of p99.9; every 10 s the bursts are
+/// small enough to stay out of the tail, for ~11 % more bytes written
+/// (pages rewritten more often). docs/benchmarks.md has the runs.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
 /// Logged batches the applier may lag behind by before the logger waits.
 const APPLY_QUEUE: usize = 1024;
@@ -154,7 +156,12 @@ pub struct Threads {
 }
 
 /// Replays the log into redb, checkpoints, and starts the two threads.
-pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> StoreResult<(Arc<Progress>, Threads)> {
+pub fn start(
+    db: Arc<Database>,
+    log: &Path,
+    queue: mpsc::Receiver<Request>,
+    checkpoint_every: Duration,
+) -> StoreResult<(Arc<Progress>, Threads)> {
     let Replayed { wal, last, users } = replay::replay(&db, log)?;
     let progress = Arc::new(Progress::new(last));
     let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
@@ -162,7 +169,7 @@ pub fn start(db: Arc<Database>, log: &Path, queue: mpsc::Receiver<Request>) -> S
         let (db, progress) = (Arc::clone(&db), Arc::clone(&progress));
         std::thread::Builder::new()
             .name("kubechat-store-apply".into())
-            .spawn(move || applier::run_applier(&db, applier_queue, &progress, users))
+            .spawn(move || applier::run_applier(&db, applier_queue, &progress, users, checkpoint_every))
             .map_err(|err| StoreError::Unavailable(format!("starting the embedded store applier: {err}")))?
     };
     // Set once, before any read can wait.
