@@ -6,6 +6,8 @@
 
 mod standalone;
 
+use std::path::Path;
+
 use serde_json::json;
 use standalone::{Gateway, inbox, request, send, send_acked};
 
@@ -19,13 +21,7 @@ async fn acked_messages_survive_a_sigkill() {
     // Killed at once: no shutdown, no checkpoint; only the log holds the last writes.
     gateway.kill();
 
-    let mut gateway = Gateway::start(dir.path());
-    let mut bob = gateway.connect("bob").await;
-    assert_eq!(inbox(&mut bob).await, acked, "every acked message once, in order, after the restart");
-
-    let history = request(&mut bob, json!({"type": "history", "channel": "dm:alice:bob", "limit": 200}), "h").await;
-    assert_eq!(history["messages"].as_array().map(Vec::len), Some(90), "{history}");
-
+    let mut gateway = restarted_with_all_of(dir.path(), &acked).await;
     let mut alice = gateway.connect("alice").await;
     let ack = send(&mut alice, "bob", "m 89", "m89").await;
     assert_eq!((ack["duplicate"].clone(), ack["id"].clone()), (json!(true), json!(acked[89])), "{ack}");
@@ -50,11 +46,16 @@ async fn acked_messages_survive_a_sigkill_between_checkpoints() {
         acked.extend(send_acked(&mut alice, "bob", &format!("r{round}-"), 30).await);
     }
     gateway.kill();
+    restarted_with_all_of(dir.path(), &acked).await.kill();
+}
 
-    let mut gateway = Gateway::start(dir.path());
+/// Restarts the gateway on `root` and checks that bob's inbox holds exactly
+/// `acked`, in order, and the conversation's history as many messages.
+async fn restarted_with_all_of(root: &Path, acked: &[String]) -> Gateway {
+    let mut gateway = Gateway::start(root);
     let mut bob = gateway.connect("bob").await;
     assert_eq!(inbox(&mut bob).await, acked, "every acked message once, in order, after the restart");
     let history = request(&mut bob, json!({"type": "history", "channel": "dm:alice:bob", "limit": 200}), "h").await;
-    assert_eq!(history["messages"].as_array().map(Vec::len), Some(90), "{history}");
-    gateway.kill();
+    assert_eq!(history["messages"].as_array().map(Vec::len), Some(acked.len()), "{history}");
+    gateway
 }
