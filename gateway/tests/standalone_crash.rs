@@ -22,6 +22,9 @@ async fn acked_messages_survive_a_sigkill() {
     gateway.kill();
 
     let mut gateway = restarted_with_all_of(dir.path(), &acked).await;
+    // One record per send (each waited for its ack), all after the last checkpoint.
+    let replayed = gateway.replayed_records();
+    assert!(replayed >= 90, "replayed {replayed} log records, not every send's");
     let mut alice = gateway.connect("alice").await;
     let ack = send(&mut alice, "bob", "m 89", "m89").await;
     assert_eq!((ack["duplicate"].clone(), ack["id"].clone()), (json!(true), json!(acked[89])), "{ack}");
@@ -46,7 +49,12 @@ async fn acked_messages_survive_a_sigkill_between_checkpoints() {
         acked.extend(send_acked(&mut alice, "bob", &format!("r{round}-"), 30).await);
     }
     gateway.kill();
-    restarted_with_all_of(dir.path(), &acked).await.kill();
+    let gateway = restarted_with_all_of(dir.path(), &acked).await;
+    // One record per send here (one sender waiting for each ack): a timed
+    // checkpoint held the first two rounds, so at most the last one replayed.
+    let replayed = gateway.replayed_records();
+    assert!(replayed < 30, "replayed {replayed} log records: no timed checkpoint was taken");
+    gateway.kill();
 }
 
 /// Restarts the gateway on `root` and checks that bob's inbox holds exactly

@@ -72,7 +72,9 @@ impl Gateway {
     fn start_with(root: &Path, port: u16, args: &[&str]) -> Self {
         let log = root.join(format!("gateway-{port}.log"));
         let stderr = std::fs::File::create(&log).expect("log file");
-        let child = command(root, port).args(args).stderr(stderr).spawn().expect("start the gateway");
+        // Its log lines go to stdout, panics to stderr: both into the file.
+        let stdout = stderr.try_clone().expect("log file");
+        let child = command(root, port).args(args).stdout(stdout).stderr(stderr).spawn().expect("start the gateway");
         Self { root: root.to_path_buf(), port, child, log }
     }
 
@@ -99,6 +101,25 @@ impl Gateway {
     /// What the gateway logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log records this gateway replayed when it started (0 when its log
+    /// says nothing about a replay: the last checkpoint had them all).
+    pub fn replayed_records(&self) -> u64 {
+        let text = self.log_text();
+        let Some(line) = text.lines().find(|l| l.contains("replayed the embedded store's log")) else { return 0 };
+        // Drop colour codes (`ESC [ … m`): the field reads `records=N`.
+        let mut plain = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                chars.by_ref().find(|&c| c == 'm');
+            } else {
+                plain.push(c);
+            }
+        }
+        let count = plain.split("records=").nth(1).and_then(|rest| rest.split_whitespace().next());
+        count.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no record count in {plain:?}"))
     }
 
     /// SIGKILL: no shutdown, no checkpoint.

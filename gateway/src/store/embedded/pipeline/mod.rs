@@ -14,9 +14,9 @@
 //!   once, durable at the next checkpoint), gathering them for up to
 //!   [`APPLY_EVERY`] unless a read is waiting (a redb transaction's cost is
 //!   mostly per commit: the copied and re-hashed pages of every tree it
-//!   touches), and takes a checkpoint every
-//!   [`CHECKPOINT_EVERY`] (or as configured) or when the log asks for one. A checkpoint writes
-//!   back every page touched since the last one, tens of milliseconds at
+//!   touches), and takes a checkpoint every [`CHECKPOINT_EVERY`] (or as
+//!   configured) or when the log asks for one. A checkpoint writes back
+//!   every page touched since the last one, tens of milliseconds at
 //!   thousands of messages a second: nobody's answer waits for it. A batch
 //!   it cannot apply, or a checkpoint that fails (a full disk), stops it:
 //!   no write is accepted until a restart replays the log, and the restart
@@ -55,9 +55,9 @@ pub const MAX_BATCH: usize = 512;
 /// The longest the B-trees go without a checkpoint by default (which bounds
 /// how much a restart replays from the log). A checkpoint's burst of page
 /// write-back slows the log's fsyncs while it lasts, so acks around it wait:
-/// at one a minute that was 40-75 ms of p99.9; every 10 s the bursts are
-/// small enough to stay out of the tail, for ~11 % more bytes written
-/// (pages rewritten more often). docs/benchmarks.md has the runs.
+/// at one a minute p99.9 was 40-75 ms, every 10 s 8-20 ms, for ~11 % more
+/// bytes written (hot pages written back more often). docs/benchmarks.md
+/// has the runs.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
 /// Logged batches the applier may lag behind by before the logger waits.
