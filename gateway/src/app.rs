@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -177,7 +178,9 @@ pub async fn start(
         }
     });
     let max_frame_bytes = options.chat.limits.max_frame_bytes();
-    let listener = TcpListener::bind(options.listen).await?;
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("listening for WebSocket clients on {}", options.listen))?;
     let addr = listener.local_addr()?;
     let identity = Identity {
         pod: options.gateway_id.clone(),
@@ -210,7 +213,8 @@ pub async fn start(
     tasks.spawn(report_load_every_second(gateway.clone()));
     let (admin_addr, admin) = match options.admin {
         Some(admin) => {
-            let listener = TcpListener::bind(admin).await?;
+            let listener =
+                TcpListener::bind(admin).await.with_context(|| format!("listening for the admin API on {admin}"))?;
             let admin_addr = listener.local_addr()?;
             (Some(admin_addr), Some(tokio::spawn(crate::transport::admin::serve(listener, gateway.clone()))))
         }

@@ -346,18 +346,38 @@ impl GatewayProcess {
         env: &[(&str, &str)],
         redis_url: Option<&str>,
     ) -> Self {
-        let mut gateway = Self::spawn_custom(spec, ordinal, name, env, redis_url, true);
-        gateway.wait_ready().await;
-        // A port taken meanwhile by another test would make it exit while
-        // that test's process answered the readiness check.
-        let exited = gateway.child.as_mut().map(|c| c.try_wait());
-        assert!(
-            matches!(exited, Some(Ok(None))),
-            "{} exited after starting ({exited:?}); log:\n{}",
-            gateway.name,
-            gateway.log_tail()
-        );
-        gateway
+        Self::spawn_until_ready(|| Self::spawn_custom(spec, ordinal, name, env, redis_url, true)).await
+    }
+
+    /// Spawns with `spawn` until a gateway is ready. The ports come from
+    /// [`free_port`] and are bound later by the child, so a test starting
+    /// gateways beside it can take one meanwhile: a gateway that exits for
+    /// a port in use is spawned again on fresh ports.
+    async fn spawn_until_ready(spawn: impl Fn() -> Self) -> Self {
+        for _ in 0..3 {
+            let mut gateway = spawn();
+            match gateway.ready_or_exited().await {
+                Ok(()) => {
+                    // A port taken after readiness would show up here.
+                    let exited = gateway.child.as_mut().map(|c| c.try_wait());
+                    assert!(
+                        matches!(exited, Some(Ok(None))),
+                        "{} exited after starting ({exited:?}); log:\n{}",
+                        gateway.name,
+                        gateway.log_text()
+                    );
+                    return gateway;
+                }
+                Err(status) if gateway.log_text().contains("Address already in use") => {
+                    eprintln!(
+                        "{} exited ({status}): a port was taken meanwhile; starting it on fresh ports",
+                        gateway.name
+                    );
+                }
+                Err(status) => panic!("{} exited at start ({status}); log:\n{}", gateway.name, gateway.log_text()),
+            }
+        }
+        panic!("a gateway could not get free ports in three attempts")
     }
 
     /// Starts a gateway named `name` with worker id `ordinal` that must refuse
@@ -380,9 +400,8 @@ impl GatewayProcess {
 
     /// Starts a gateway whose config names no admin token, and waits until it is ready.
     pub async fn start_without_admin_token(spec: &ClusterSpec, ordinal: u16) -> Self {
-        let gateway = Self::spawn_custom(spec, ordinal, &format!("gw-{ordinal}"), &[], None, false);
-        gateway.wait_ready().await;
-        gateway
+        let name = format!("gw-{ordinal}");
+        Self::spawn_until_ready(|| Self::spawn_custom(spec, ordinal, &name, &[], None, false)).await
     }
 
     fn spawn(spec: &ClusterSpec, ordinal: u16, name: &str) -> Self {
@@ -452,14 +471,38 @@ impl GatewayProcess {
         http_get(self.admin_port, path).await
     }
 
+    /// The whole log.
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(log unreadable: {e})"))
+    }
+
+    /// Whether `/readyz` says fully ready (not degraded).
+    async fn is_ready(&self) -> bool {
+        matches!(self.admin_get("/readyz").await, Some((200, body)) if body == "ready\n")
+    }
+
     /// Waits until `/readyz` says fully ready (not degraded).
     pub async fn wait_ready(&self) {
         let started = Instant::now();
-        loop {
-            if let Some((200, body)) = self.admin_get("/readyz").await
-                && body == "ready\n"
-            {
-                return;
+        while !self.is_ready().await {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} not ready within 30 s; log:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// As [`Self::wait_ready`] for a process just spawned: the exit status
+    /// if it exits first.
+    async fn ready_or_exited(&mut self) -> Result<(), std::process::ExitStatus> {
+        let started = Instant::now();
+        while !self.is_ready().await {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Err(status);
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
@@ -469,6 +512,7 @@ impl GatewayProcess {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        Ok(())
     }
 
     /// SIGTERM: the gateway drains, then exits.
