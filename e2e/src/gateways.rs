@@ -19,7 +19,7 @@ use kubechat_operator::leader::LeaderConfig;
 
 use crate::client::Tokens;
 use crate::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
-use crate::components::{PrivateRedis, connect_cql, connect_kube, cql_node};
+use crate::components::{PrivateRedis, connect_kube, cql_node};
 use crate::kubelet::ProcessKubelet;
 use crate::unique_name;
 
@@ -47,6 +47,9 @@ pub fn lease(namespace: &str, identity: &str, duration: Duration) -> LeaderConfi
 
 /// A keyspace name of its own, its schema created in Cassandra before any
 /// gateway starts (gateways starting together would race on creating it).
+/// Tests leave it behind (`e2e/local/up.sh` starts Cassandra empty): a
+/// `DROP KEYSPACE` makes Cassandra flush every table with unflushed writes,
+/// and those flushes and their compactions were most of its CPU in a run.
 pub async fn new_keyspace(prefix: &str) -> String {
     let keyspace = unique_name(prefix).replace('-', "_");
     let config = ScyllaConfig {
@@ -194,7 +197,7 @@ impl RealGateways {
     }
 
     /// Asserts no operator failed a reconcile, then stops everything and
-    /// drops the namespace and keyspace.
+    /// deletes the namespace (the keyspace stays: see [`new_keyspace`]).
     pub async fn stop(self) {
         for operator in &self.operators {
             assert_eq!(operator.errors(), 0, "reconcile errors");
@@ -204,8 +207,6 @@ impl RealGateways {
             operator.stop().await;
         }
         delete_namespace(&self.client, &self.namespace).await;
-        let session = connect_cql().await;
-        let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), ()).await;
     }
 
     /// Waits until `status.zones` counts `gateways` over the control

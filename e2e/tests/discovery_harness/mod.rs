@@ -13,7 +13,7 @@ use kube::{Client, ResourceExt};
 use kubechat_crds::ChatCluster;
 use kubechat_e2e::client::{LoadClient, Tokens};
 use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
-use kubechat_e2e::components::{connect_cql, connect_kube, redis_url};
+use kubechat_e2e::components::{connect_kube, redis_url};
 use kubechat_e2e::gateways::{new_keyspace, spec};
 use kubechat_e2e::kubelet::{ProcessKubelet, RunningPod};
 use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
@@ -143,8 +143,6 @@ impl Harness {
         self.kubelet.stop().await;
         self.operator.stop().await;
         delete_namespace(&self.client, &self.namespace).await;
-        let session = connect_cql().await;
-        let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), ()).await;
     }
 }
 
