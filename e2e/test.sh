@@ -63,6 +63,9 @@ cargo test --workspace --locked --no-run
 cargo build --locked -p kubechat-operator --bin kubechat-operator
 step "release binaries for the container images (e2e/tests/image.rs)"
 cargo build --release --locked -p kubechat-gateway -p kubechat-operator
+# Tests that start gateway processes start this one: the binary that ships,
+# at half the CPU of the debug build (their in-process gateways stay debug).
+export KUBECHAT_GATEWAY_BIN="$CARGO_TARGET_DIR/release/kubechat-gateway"
 python3 e2e/local/source-stamps.py record "$REPO_ROOT" "$CARGO_TARGET_DIR" "$KUBECHAT_CACHE"
 flock -u 8
 

@@ -759,7 +759,7 @@ async fn a_gateway_and_a_push_worker_process_notify_an_offline_device() {
     });
     let config_file = spec.dir.path().join("push.json");
     std::fs::write(&config_file, config.to_json_pretty()).expect("write the push config");
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_kubechat-gateway"))
+    let mut worker = std::process::Command::new(common::binary::gateway_binary())
         .args(["push-worker", "--config"])
         .arg(&config_file)
         .args(["--consumer", "worker-1"])

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::binary::gateway_binary;
 use super::{KEY, cql_node, token};
 
 /// A free port on loopback (bound, read, released).
@@ -435,7 +436,7 @@ impl GatewayProcess {
         std::fs::write(&config_path, config.to_json_pretty()).expect("write the gateway config");
         let log = spec.dir.path().join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).expect("gateway log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_kubechat-gateway"))
+        let child = Command::new(gateway_binary())
             .args(["gateway", "--config"])
             .arg(&config_path)
             .args(["--worker-id", &ordinal.to_string(), "--gateway-id", &name])

@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unused_macros)]
 
+pub mod binary;
 pub mod cluster;
 pub mod traffic;
 
