@@ -21,6 +21,11 @@
 #      exposed (a quota's refusal reported late, a push job dropped);
 #   3. the doc tests.
 #
+# A suite's `//! kubechat-test: threads N` runs N of its tests at once
+# (libtest's default is one per core): the exclusive suites' tests wait on
+# timers, leases and drains far more than they use a core (the rollout
+# suite: 139 s at 2, 62 s at 5, with release gateways).
+#
 # Each binary runs from its package's directory, as `cargo test` runs it; its
 # output is printed whole when it ends. Arguments go to every test binary
 # (libtest's: a name filter, `--nocapture`, ...). Exits non-zero if any
@@ -40,7 +45,9 @@ times_file="$KUBECHAT_CACHE/test-times.tsv"
 out="$(mktemp -d "${TMPDIR:-/tmp}/kubechat-tests.XXXXXX")"
 touch "$times_file" "$out/results"
 
-# name, executable, package directory, lane (exclusive or shared), one per line.
+# name, executable, package directory, lane (exclusive or shared), test
+# threads (from `//! kubechat-test: threads N`; empty: libtest's default, one
+# per core), one per line.
 cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, os, sys
 for line in sys.stdin:
@@ -53,9 +60,10 @@ for line in sys.stdin:
     if target["kind"] != ["test"]:
         name += " (unit)"
     with open(target["src_path"], encoding="utf-8") as source:
-        exclusive = any(l.strip() == "//! kubechat-test: exclusive" for l in source)
-    lane = "exclusive" if exclusive else "shared"
-    print("\t".join([name, msg["executable"], package_dir, lane]))
+        marks = [l.strip().removeprefix("//! kubechat-test:").strip() for l in source if l.startswith("//! kubechat-test:")]
+    lane = "exclusive" if "exclusive" in marks else "shared"
+    threads = next((m.split()[1] for m in marks if m.startswith("threads ")), "")
+    print("\t".join([name, msg["executable"], package_dir, lane, threads]))
 ' >"$out/binaries"
 [[ -s "$out/binaries" ]] || die "no test binaries: did \`cargo test --workspace --no-run\` succeed?"
 
@@ -81,14 +89,15 @@ ordered() {
 }
 
 run_one() {
-  local name="$1" exe="$2" dir="$3"
-  shift 3
+  local name="$1" exe="$2" dir="$3" threads="$4"
+  shift 4
   local log="$out/$(printf '%s' "$name" | tr -c 'A-Za-z0-9_.-' '_').log"
   local started=$SECONDS code=0
   # As `cargo test` runs it: the binary may have been built in another clone,
   # so its sources are found through the runtime CARGO_MANIFEST_DIR.
   if ((${#timed[@]})); then set -- -Z unstable-options --report-time "$@"; fi
-  (cd "$dir" && CARGO_MANIFEST_DIR="$dir" "${timed[@]}" "$exe" "$@") >"$log" 2>&1 || code=$?
+  (cd "$dir" && export CARGO_MANIFEST_DIR="$dir" && if [[ -n "$threads" ]]; then export RUST_TEST_THREADS="$threads"; fi &&
+    "${timed[@]}" "$exe" "$@") >"$log" 2>&1 || code=$?
   local took=$((SECONDS - started))
   printf '%s\t%s\t%s\n' "$name" "$code" "$took" >>"$out/results"
   # One binary's output at a time, whole.
@@ -102,10 +111,10 @@ run_one() {
 run_all() {
   local at_once="$1" lane="$2"
   shift 2
-  local name exe dir _
-  while IFS=$'\t' read -r name exe dir _; do
+  local name exe dir threads
+  while IFS=$'\t' read -r name exe dir _ threads; do
     while (($(jobs -rp | wc -l) >= at_once)); do wait -n || true; done
-    run_one "$name" "$exe" "$dir" "$@" &
+    run_one "$name" "$exe" "$dir" "$threads" "$@" &
   done < <(ordered "$lane")
   wait
 }

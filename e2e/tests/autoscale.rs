@@ -15,6 +15,7 @@
 //! another suite on two cores (the failover case missed its listing once),
 //! so `e2e/test.sh` runs it alone.
 //! kubechat-test: exclusive
+//! kubechat-test: threads 4
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -20,6 +20,7 @@
 //! Drains of 1,000 clients within their window need the machine to
 //! themselves: `e2e/test.sh` runs this suite alone.
 //! kubechat-test: exclusive
+//! kubechat-test: threads 5
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -228,6 +229,11 @@ fn expected_steps() -> Vec<(&'static str, String)> {
 }
 
 /// The gateway pod an Event's note is about ("" for none).
+/// The UID of gateway `n` among `pods` (a replaced pod has a new one).
+fn uid_of(pods: &[Pod], n: usize) -> Option<String> {
+    pods.iter().find(|p| p.name_any() == gateway(n)).and_then(|p| p.uid())
+}
+
 fn pod_of(note: &str) -> String {
     (0..GATEWAYS).map(gateway).find(|g| note.contains(&format!("{g} ")) || note.starts_with(g)).unwrap_or_default()
 }
@@ -733,8 +739,8 @@ async fn an_image_change_replaces_gateways_one_drained_pod_at_a_time_without_los
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_holds_a_rollout_at_a_pod_boundary_and_a_replacement_that_never_starts_stops_it() {
-    let h = Harness::start("rollout-stop").await;
+async fn pause_holds_a_rollout_at_a_pod_boundary() {
+    let h = Harness::start("rollout-pause").await;
 
     // Pause while the first pod drains: it is still replaced, the next is not drained.
     h.set_image("ghcr.io/kubechat/kubechat:0.2.0").await;
@@ -758,10 +764,15 @@ async fn pause_holds_a_rollout_at_a_pod_boundary_and_a_replacement_that_never_st
     assert_eq!(h.cluster().await.status.and_then(|s| s.rollout).map(|r| r.phase), Some("Paused".into()));
     h.set_paused(false).await;
     h.wait_rollout_finished("ghcr.io/kubechat/kubechat:0.2.0", Duration::from_secs(120)).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_that_never_starts_stops_the_rollout_until_the_spec_is_fixed() {
+    let h = Harness::start("rollout-stuck").await;
     h.wait_listed(Duration::from_secs(30)).await;
 
     // An image that never starts: the first replacement never comes up.
-    let uid_of = |pods: &[Pod], n: usize| pods.iter().find(|p| p.name_any() == gateway(n)).and_then(|p| p.uid());
     let before = h.gateway_pods().await;
     h.set_image("ghcr.io/kubechat/kubechat:broken").await;
     let stuck = wait_for(Duration::from_secs(120), || async {
@@ -804,11 +815,16 @@ async fn pause_holds_a_rollout_at_a_pod_boundary_and_a_replacement_that_never_st
     let cc = h.cluster().await;
     let degraded = cc.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded").cloned());
     assert_eq!(degraded.map(|c| c.status), Some("False".into()), "still degraded after the fix");
-    h.wait_listed(Duration::from_secs(30)).await;
+    h.stop().await;
+}
 
-    // A replacement that starts, reports ready and is listed, but refuses
-    // every WebSocket upgrade (the failpoint): it does not count as up,
-    // the next pod is not drained, and the status says what failed.
+/// A replacement that starts, reports ready and is listed, but refuses
+/// every WebSocket upgrade (the failpoint): it does not count as up, the
+/// next pod is not drained, and the status says what failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_that_refuses_websockets_stops_the_rollout() {
+    let h = Harness::start("rollout-refuse").await;
+    h.wait_listed(Duration::from_secs(30)).await;
     let before = h.gateway_pods().await;
     h.set_image("ghcr.io/kubechat/kubechat:0.4.0-failpoint-refuse-websocket").await;
     let stuck = wait_for(Duration::from_secs(120), || async {

@@ -6,6 +6,7 @@
 //! Its leases and presence windows are seconds long and asserted: under the
 //! load of other suites they stretch, so `e2e/test.sh` runs it alone.
 //! kubechat-test: exclusive
+//! kubechat-test: threads 4
 
 mod common;
 

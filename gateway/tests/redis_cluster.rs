@@ -10,6 +10,7 @@
 //! A failover waits out the cluster's node timeout under load, so
 //! `e2e/test.sh` runs it alone.
 //! kubechat-test: exclusive
+//! kubechat-test: threads 3
 
 mod common;
 
