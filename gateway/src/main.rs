@@ -1,5 +1,6 @@
 //! kubechat gateway: WebSocket chat server, push worker and a small client.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -176,7 +177,10 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // The driver's warnings repeat for every attempt during a store outage: throttled.
     let filter = levels.and(kubechat_gateway::throttle::DriverLogThrottle);
-    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_filter(filter)).init();
+    // Colour only for a terminal: a pod's log (`kubectl logs`) shows the codes as text.
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let lines = tracing_subscriber::fmt::layer().with_ansi(colour);
+    tracing_subscriber::registry().with(lines.with_filter(filter)).init();
     match Cli::parse().command {
         Command::Standalone { data_dir, listen, dev_tokens, checkpoint_every } => {
             let key = local_signing_key(&data_dir)?;

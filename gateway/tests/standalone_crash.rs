@@ -7,6 +7,7 @@
 mod standalone;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use standalone::{Gateway, inbox, request, send, send_acked};
@@ -14,7 +15,7 @@ use standalone::{Gateway, inbox, request, send, send_acked};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_survive_a_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut gateway = Gateway::start(dir.path());
+    let mut gateway = Gateway::start_without_timed_checkpoints(dir.path());
     let mut alice = gateway.connect("alice").await;
     // 90: within the per-connection burst of frames (100).
     let acked = send_acked(&mut alice, "bob", "m", 90).await;
@@ -36,24 +37,22 @@ async fn acked_messages_survive_a_sigkill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_survive_a_sigkill_between_checkpoints() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut gateway = Gateway::start_checkpointing_every(dir.path(), 1);
+    let mut gateway = Gateway::start_checkpointing_every(dir.path(), 3);
     let mut alice = gateway.connect("alice").await;
-    let mut acked = Vec::new();
-    // Three rounds 1.2 s apart: the first write of a round is applied more
-    // than a second after the last checkpoint, so a checkpoint follows it
-    // and holds the rounds before; the rest of the last round is only logged.
-    for round in 0..3 {
-        if round > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-        }
-        acked.extend(send_acked(&mut alice, "bob", &format!("r{round}-"), 30).await);
+    // One record per send (one sender waiting for each ack): records 1-30.
+    let mut acked = send_acked(&mut alice, "bob", "r0-", 30).await;
+    // A timed checkpoint holds them within 3 s (no write needs to follow),
+    // then the next 30 go in well before the one after it: only the log
+    // holds those.
+    let started = Instant::now();
+    while gateway.checkpointed_through() < 30 {
+        assert!(started.elapsed() < Duration::from_secs(20), "no checkpoint of the first 30 records in 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    acked.extend(send_acked(&mut alice, "bob", "r1-", 30).await);
     gateway.kill();
     let gateway = restarted_with_all_of(dir.path(), &acked).await;
-    // One record per send here (one sender waiting for each ack): a timed
-    // checkpoint held the first two rounds, so at most the last one replayed.
-    let replayed = gateway.replayed_records();
-    assert!(replayed < 30, "replayed {replayed} log records: no timed checkpoint was taken");
+    assert_eq!(gateway.replayed_records(), 30, "the records after the checkpoint, each replayed once");
     gateway.kill();
 }
 

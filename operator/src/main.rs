@@ -1,5 +1,6 @@
 //! kubechat operator: reconciles ChatCluster resources.
 
+use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -56,7 +57,9 @@ const DEFAULT_LOG_FILTER: &str = "info,kube=warn,kubechat_operator=info";
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour only for a terminal: a pod's log (`kubectl logs`) shows the codes as text.
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colour);
     if json { builder.json().init() } else { builder.init() }
 }
 

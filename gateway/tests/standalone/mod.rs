@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/binary.rs"]
+mod binary;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,10 +32,12 @@ pub fn data_dir(root: &Path) -> PathBuf {
 }
 
 fn command(root: &Path, port: u16) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kubechat-gateway"));
+    let mut command = Command::new(binary::gateway_binary());
     command
         .args(["standalone", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(data_dir(root))
+        // The store's debug lines say when a checkpoint was taken.
+        .env("RUST_LOG", "info,kubechat_gateway::store=debug")
         .stdout(Stdio::null());
     command
 }
@@ -108,18 +113,14 @@ impl Gateway {
     pub fn replayed_records(&self) -> u64 {
         let text = self.log_text();
         let Some(line) = text.lines().find(|l| l.contains("replayed the embedded store's log")) else { return 0 };
-        // Drop colour codes (`ESC [ … m`): the field reads `records=N`.
-        let mut plain = String::new();
-        let mut chars = line.chars();
-        while let Some(c) = chars.next() {
-            if c == '\x1b' {
-                chars.by_ref().find(|&c| c == 'm');
-            } else {
-                plain.push(c);
-            }
-        }
-        let count = plain.split("records=").nth(1).and_then(|rest| rest.split_whitespace().next());
-        count.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no record count in {plain:?}"))
+        field(line, "records").unwrap_or_else(|| panic!("no record count in {line:?}"))
+    }
+
+    /// The newest record a checkpoint holds, by the log (0: none yet).
+    pub fn checkpointed_through(&self) -> u64 {
+        let text = self.log_text();
+        let lines = text.lines().filter(|l| l.contains("embedded store checkpoint taken"));
+        lines.filter_map(|line| field(line, "through")).max().unwrap_or(0)
     }
 
     /// SIGKILL: no shutdown, no checkpoint.
@@ -280,4 +281,11 @@ pub fn log_record(seq: u64, payload: &[u8]) -> Vec<u8> {
     record.extend_from_slice(&seq.to_le_bytes());
     record.extend_from_slice(payload);
     record
+}
+
+/// The number a log line gives as `name=N` (the log is plain text: its
+/// output is not a terminal).
+fn field(line: &str, name: &str) -> Option<u64> {
+    let value = line.split(&format!(" {name}=")).nth(1)?;
+    value.split_whitespace().next()?.parse().ok()
 }

@@ -2,7 +2,7 @@
 //! module above).
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self as std_mpsc, TryRecvError};
+use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError, TryRecvError};
 use std::time::Instant;
 
 use redb::Database;
@@ -26,31 +26,48 @@ pub(super) fn run_applier(
 ) {
     lower_priority();
     let mut last_checkpoint = Instant::now();
-    while let Ok(first) = queue.recv() {
-        let records = gather(first, &queue, progress);
-        let seq = records.last().map_or(0, |(seq, _)| *seq);
-        let ops: Vec<&Op> = records.iter().flat_map(|(_, ops)| ops.iter()).collect();
-        // One transaction: a failure applies none of them and records no
-        // progress, so nothing is ever checkpointed past a write not applied.
-        if let Err(err) = apply(db, &ops, &mut users, seq) {
-            // Acknowledged writes are in the log, so a restart applies them;
-            // until then nothing more is accepted.
-            tracing::error!(error = %err, "embedded store could not apply logged writes; refusing writes until restart");
-            progress.fail(err.to_string());
-            return;
-        }
-        applied_through(progress, seq);
-        if last_checkpoint.elapsed() >= checkpoint_every || progress.checkpoint_wanted.swap(false, Ordering::AcqRel) {
-            if let Err(err) = checkpoint(db) {
-                // redb refuses every write after a failed one (it may have
-                // written part of it); the log keeps what was acknowledged.
-                tracing::error!(error = %err, "embedded store checkpoint failed; refusing writes until restart");
+    loop {
+        // Woken by a batch, or when a checkpoint is due: what was applied
+        // is checkpointed on time even if no write follows it.
+        let first = match queue.recv_timeout(checkpoint_every.saturating_sub(last_checkpoint.elapsed())) {
+            Ok(first) => Some(first),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        if let Some(first) = first {
+            let records = gather(first, &queue, progress);
+            let seq = records.last().map_or(0, |(seq, _)| *seq);
+            let ops: Vec<&Op> = records.iter().flat_map(|(_, ops)| ops.iter()).collect();
+            // One transaction: a failure applies none of them and records no
+            // progress, so nothing is ever checkpointed past a write not applied.
+            if let Err(err) = apply(db, &ops, &mut users, seq) {
+                // Acknowledged writes are in the log, so a restart applies them;
+                // until then nothing more is accepted.
+                tracing::error!(error = %err, "embedded store could not apply logged writes; refusing writes until restart");
                 progress.fail(err.to_string());
                 return;
             }
-            progress.durable.store(seq, Ordering::Release);
-            last_checkpoint = Instant::now();
+            applied_through(progress, seq);
         }
+        let wanted = progress.checkpoint_wanted.swap(false, Ordering::AcqRel);
+        let due = wanted || last_checkpoint.elapsed() >= checkpoint_every;
+        if !due {
+            continue;
+        }
+        last_checkpoint = Instant::now();
+        let applied = progress.applied.load(Ordering::Acquire);
+        if applied == progress.durable.load(Ordering::Acquire) {
+            continue;
+        }
+        if let Err(err) = checkpoint(db) {
+            // redb refuses every write after a failed one (it may have
+            // written part of it); the log keeps what was acknowledged.
+            tracing::error!(error = %err, "embedded store checkpoint failed; refusing writes until restart");
+            progress.fail(err.to_string());
+            return;
+        }
+        progress.durable.store(applied, Ordering::Release);
+        tracing::debug!(through = applied, "embedded store checkpoint taken");
     }
     match checkpoint(db) {
         Ok(()) => progress.durable.store(progress.applied.load(Ordering::Acquire), Ordering::Release),
