@@ -6,7 +6,7 @@
 #
 #   KUBECHAT_KEEP_UP=1   leave the components running afterwards
 #   KUBECHAT_NO_UP=1     use components that are already running (do not start or stop them)
-#   KUBECHAT_TEST_JOBS=N shared test binaries run N at a time (default 2; e2e/local/run-tests.sh)
+#   KUBECHAT_TEST_JOBS=N shared test binaries run N at a time (default 3; e2e/local/run-tests.sh)
 #   extra arguments      are passed to every test binary (e.g. a test name filter)
 source "$(dirname "${BASH_SOURCE[0]}")/local/lib.sh"
 cd "$REPO_ROOT"
