@@ -55,17 +55,14 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "building tests"
 cargo test --workspace --locked --no-run
-# Suites that run the operator as a process start its binary (a package's
-# binaries are built only for its own integration tests: the gateway's and the
-# benchmark's are built above). Only this one: `cargo build` resolves features
-# without the dev-dependencies, and a binary built both ways was rebuilt by
-# each command in turn on every run.
-cargo build --locked -p kubechat-operator --bin kubechat-operator
 step "release binaries for the container images (e2e/tests/image.rs)"
 cargo build --release --locked -p kubechat-gateway -p kubechat-operator
-# Tests that start gateway processes start this one: the binary that ships,
-# at half the CPU of the debug build (their in-process gateways stay debug).
+# Tests that start gateway or operator processes start these: the binaries
+# that ship, at half the CPU of the debug builds (in-process gateways and
+# operators stay debug). The operator's debug binary is then not needed (a
+# package's binaries are built only for its own integration tests).
 export KUBECHAT_GATEWAY_BIN="$CARGO_TARGET_DIR/release/kubechat-gateway"
+export KUBECHAT_OPERATOR_BIN="$CARGO_TARGET_DIR/release/kubechat-operator"
 python3 e2e/local/source-stamps.py record "$REPO_ROOT" "$CARGO_TARGET_DIR" "$KUBECHAT_CACHE"
 flock -u 8
 

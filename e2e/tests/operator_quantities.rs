@@ -110,7 +110,9 @@ async fn non_canonical_quantities_cause_no_writes_when_idle() {
     }
 
     // The idle period: reconciles triggered by metadata changes (no spec change).
+    let status_before = clusters.get("q").await.expect("read the ChatCluster").status;
     let reconciles = operator.metrics.reconciles.get();
+    let status_writes = operator.metrics.status_updates.get();
     let started = Instant::now();
     for i in 0..TRIGGERS {
         let patch = json!({"metadata": {"annotations": {"touched": i.to_string()}}});
@@ -130,7 +132,13 @@ async fn non_canonical_quantities_cause_no_writes_when_idle() {
         idle_reconciles >= u64::from(TRIGGERS),
         "only {idle_reconciles} reconciles: the annotations did not trigger"
     );
-    assert_eq!(idle_writes, 0, "{idle_writes} writes in {idle_reconciles} idle reconciles");
+    let status_writes = operator.metrics.status_updates.get() - status_writes;
+    let status_after = clusters.get("q").await.expect("read the ChatCluster").status;
+    assert_eq!(
+        idle_writes, 0,
+        "{idle_writes} writes ({status_writes} of the status) in {idle_reconciles} idle reconciles; \
+         status before: {status_before:#?}, after: {status_after:#?}"
+    );
     operator.stop().await;
     delete_namespace(&client, &namespace).await;
 }

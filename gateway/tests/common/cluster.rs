@@ -486,13 +486,7 @@ impl GatewayProcess {
     pub async fn wait_ready(&self) {
         let started = Instant::now();
         while !self.is_ready().await {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "{} not ready within 30 s; log:\n{}",
-                self.name,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.wait_a_little_more(started).await;
         }
     }
 
@@ -505,15 +499,16 @@ impl GatewayProcess {
                 self.child = None;
                 return Err(status);
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "{} not ready within 30 s; log:\n{}",
-                self.name,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.wait_a_little_more(started).await;
         }
         Ok(())
+    }
+
+    /// Sleeps before the next readiness check; panics 30 s after `started`.
+    async fn wait_a_little_more(&self, started: Instant) {
+        let late = started.elapsed() >= Duration::from_secs(30);
+        assert!(!late, "{} not ready within 30 s; log:\n{}", self.name, self.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     /// SIGTERM: the gateway drains, then exits.
