@@ -92,21 +92,31 @@ async fn non_canonical_quantities_cause_no_writes_when_idle() {
     .await;
     assert!(listed.is_some(), "the endpoint list never named the gateway pod");
 
-    // Settled: every reconcile started has finished, and none wrote for 10 s.
-    // Only waiting can show quiet: sleeps on purpose.
+    // Settled: the status names both unbound volume claims (this control
+    // plane has no storage class; under load the volume controller's Event
+    // came 10 s after the last write, and the status write that added it
+    // landed in the idle period), every reconcile started has finished, and
+    // none wrote for 10 s. Only waiting can show quiet: sleeps on purpose.
     let settle_deadline = Instant::now() + Duration::from_secs(90);
     let mut quiet_since = Instant::now();
     let mut writes = operator.metrics.writes.get();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = operator.metrics.writes.get();
-        if now != writes || finished(&operator) != operator.metrics.reconciles.get() {
+        let status = clusters.get("q").await.expect("read the ChatCluster").status.unwrap_or_default();
+        let claims_reported = ["data-q-redis-0", "data-q-scylla-0"].iter().all(|claim| {
+            status.conditions.iter().any(|c| c.message.contains(&format!("PersistentVolumeClaim {claim} is not bound")))
+        });
+        if now != writes || finished(&operator) != operator.metrics.reconciles.get() || !claims_reported {
             quiet_since = Instant::now();
             writes = now;
         } else if quiet_since.elapsed() >= Duration::from_secs(10) {
             break;
         }
-        assert!(Instant::now() < settle_deadline, "the operator kept writing for 90 s after creation");
+        assert!(
+            Instant::now() < settle_deadline,
+            "not settled 90 s after creation (writes, reconciles or the claims not reported); status: {status:#?}"
+        );
     }
 
     // The idle period: reconciles triggered by metadata changes (no spec change).
