@@ -389,8 +389,7 @@ impl GatewayProcess {
         loop {
             let status = gateway.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = status {
-                let log = std::fs::read(&gateway.log).map(|b| String::from_utf8_lossy(&b).into_owned());
-                let log = log.unwrap_or_else(|e| format!("(log unreadable: {e})"));
+                let log = gateway.log_text();
                 assert!(!status.success(), "{name} exited successfully; log:\n{log}");
                 return format!("{name} exited with {status}; log:\n{log}");
             }
@@ -456,7 +455,7 @@ impl GatewayProcess {
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
@@ -474,7 +473,8 @@ impl GatewayProcess {
 
     /// The whole log.
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(log unreadable: {e})"))
+        let text = std::fs::read(&self.log).map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        text.unwrap_or_else(|e| format!("(log unreadable: {e})"))
     }
 
     /// Whether `/readyz` says fully ready (not degraded).

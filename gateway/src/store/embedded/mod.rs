@@ -47,6 +47,7 @@ mod wal;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
@@ -146,7 +147,7 @@ impl EmbeddedStore {
 
     /// [`EmbeddedStore::open`] with checkpoints at most `checkpoint_every`
     /// apart (and whenever half a log file is waiting for one).
-    pub fn open_with(dir: &Path, checkpoint_every: std::time::Duration) -> Result<Self, StoreError> {
+    pub fn open_with(dir: &Path, checkpoint_every: Duration) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|err| StoreError::Unavailable(format!("creating {}: {err}", dir.display())))?;
         let db = Database::builder()
