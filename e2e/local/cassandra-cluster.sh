@@ -35,6 +35,7 @@ node() {
     CASSANDRA_JMX_PORT=$((17201 + i)) \
     CASSANDRA_HEAP="$CLUSTER_HEAP" \
     CASSANDRA_RUN_DIR="$CLUSTER_RUN/node$n" \
+    CASSANDRA_FLUSH_SCHEMA=true \
     bash "$HERE/cassandra.sh" "$@"
 }
 

@@ -299,8 +299,11 @@ jvm_flags() {
     "-Dcassandra.triggers_dir=$C_CONF/triggers"
     # Schema changes stay in the commitlog instead of flushing the schema
     # tables on each: a test keyspace (9 tables) cost ~80 flushes and ~25
-    # compactions, the bulk of this node's CPU in the suite.
-    -Dcassandra.test.flush_local_schema_changes=false
+    # compactions, the bulk of this node's CPU in the suite. Only for a node
+    # that is never killed: the schema loads before the commitlog replays, so
+    # a SIGKILLed node restarts without the keyspaces made since its last
+    # flush (the cluster's nodes set CASSANDRA_FLUSH_SCHEMA=true).
+    "-Dcassandra.test.flush_local_schema_changes=${CASSANDRA_FLUSH_SCHEMA:-false}"
   )
   # Nodes of a new cluster join at the same time (no data to move yet).
   if [[ -n "$CASSANDRA_INITIAL_TOKEN" ]]; then
