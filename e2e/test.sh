@@ -26,7 +26,7 @@ cleanup() {
   [[ -n "$up_pid" ]] && kill "$up_pid" 2>/dev/null
   if [[ -z "${KUBECHAT_NO_UP:-}" && -z "${KUBECHAT_KEEP_UP:-}" ]]; then
     step "tearing down components"
-    bash e2e/local/down.sh || true
+    bash e2e/local/down.sh --wipe-stores || true
   fi
   step "finished with exit code $code"
   exit "$code"

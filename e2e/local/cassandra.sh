@@ -212,15 +212,22 @@ cassandra_alive() {
 # proc_gone PID: PID has exited (gone, or a zombie: its sockets are closed).
 proc_gone() { [[ ! -e "/proc/$1" ]] || grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
 
-# stop_cassandra: TERM (Cassandra drains: flushes memtables, closes the
-# commitlog), KILL after 30 s. Like lib.sh's stop_pid, but with a longer grace
+# stop_cassandra [GRACE]: TERM (Cassandra drains: flushes memtables, closes
+# the commitlog), KILL after GRACE seconds (default 30; 0: KILL at once, for
+# data about to be wiped). Like lib.sh's stop_pid, but with a longer grace
 # and without waiting on a zombie.
 stop_cassandra() {
+  local grace="${1:-30}"
   cassandra_alive || { rm -f "$C_PID"; return 0; }
   local pid; pid="$(cat "$C_PID")"
-  kill "$pid" 2>/dev/null || true
-  if ! wait_until 30 "cassandra to exit" proc_gone "$pid"; then
-    log "cassandra (pid $pid) still running 30 s after TERM; killing it"
+  if ((grace > 0)); then
+    kill "$pid" 2>/dev/null || true
+    if ! wait_until "$grace" "cassandra to exit" proc_gone "$pid"; then
+      log "cassandra (pid $pid) still running $grace s after TERM; killing it"
+      grace=0
+    fi
+  fi
+  if ((grace == 0)); then
     kill -9 "$pid" 2>/dev/null || true
     wait_until 10 "cassandra to die" proc_gone "$pid" \
       || die "cassandra (pid $pid) survived kill -9"
@@ -428,7 +435,8 @@ cmd_stop() {
   esac
   lock
   if cassandra_alive; then
-    stop_cassandra
+    # Wiped data needs no drain (seconds of flushing every test table).
+    if $wipe; then stop_cassandra 0; else stop_cassandra; fi
   else
     [[ -f "$C_PID" ]] && log "removing stale pid file $C_PID"
     rm -f "$C_PID"

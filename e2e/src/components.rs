@@ -154,3 +154,87 @@ impl Drop for PrivateRedis {
         self.kill();
     }
 }
+
+/// A TCP forwarder on a loopback port of its own in front of a shared
+/// component, for a test that takes the component away from its gateways
+/// without stopping it for every other suite. Closed, it drops every
+/// connection through it and resets new ones at once (to a client, a server
+/// that is down); opened, it forwards again. The listener stays bound while
+/// closed, so no other socket takes the port meanwhile.
+pub struct TcpGate {
+    port: u16,
+    state: std::sync::Arc<std::sync::Mutex<GateState>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+#[derive(Default)]
+struct GateState {
+    closed: bool,
+    /// Cancelled by `close`: ends the connections forwarded until then.
+    forwarded: tokio_util::sync::CancellationToken,
+}
+
+impl TcpGate {
+    /// Opened, forwarding to `target` (`host:port`).
+    pub async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the gate");
+        let port = listener.local_addr().expect("gate address").port();
+        let gate = Self { port, state: Default::default(), stop: tokio_util::sync::CancellationToken::new() };
+        let (state, stop) = (gate.state.clone(), gate.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut client, _)) = accepted else { continue };
+                let ended = {
+                    let state = state.lock().expect("gate lock");
+                    (!state.closed).then(|| state.forwarded.clone())
+                };
+                let Some(ended) = ended else {
+                    // A reset, as from a port nobody listens on.
+                    let _ = client.set_zero_linger();
+                    continue;
+                };
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        () = ended.cancelled() => {
+                            let _ = client.set_zero_linger();
+                            let _ = server.set_zero_linger();
+                        }
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+        gate
+    }
+
+    /// `127.0.0.1:PORT`, for a contact point or a URL.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Resets every connection through the gate and each new one.
+    pub fn close(&self) {
+        let mut state = self.state.lock().expect("gate lock");
+        state.closed = true;
+        state.forwarded.cancel();
+        state.forwarded = tokio_util::sync::CancellationToken::new();
+    }
+
+    /// Forwards new connections again.
+    pub fn open(&self) {
+        self.state.lock().expect("gate lock").closed = false;
+    }
+}
+
+impl Drop for TcpGate {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.close();
+    }
+}

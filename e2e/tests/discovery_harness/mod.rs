@@ -13,7 +13,7 @@ use kube::{Client, ResourceExt};
 use kubechat_crds::ChatCluster;
 use kubechat_e2e::client::{LoadClient, Tokens};
 use kubechat_e2e::cluster::{RunningOperator, create_namespace, delete_namespace, install_crd, wait_for};
-use kubechat_e2e::components::{connect_kube, redis_url};
+use kubechat_e2e::components::{connect_kube, cql_node, redis_url};
 use kubechat_e2e::gateways::{new_keyspace, spec};
 use kubechat_e2e::kubelet::{ProcessKubelet, RunningPod};
 use kubechat_operator::desired::gateway::ENDPOINTS_KEY;
@@ -60,6 +60,12 @@ impl Harness {
 
     /// A cluster on the Redis at `redis` (e.g. a private one a test kills).
     pub async fn start_with_redis(prefix: &str, redis: String) -> Self {
+        Self::start_with_backends(prefix, redis, cql_node()).await
+    }
+
+    /// A cluster on the Redis at `redis` whose gateways reach Cassandra at
+    /// `store` (e.g. through a gate a test closes).
+    pub async fn start_with_backends(prefix: &str, redis: String, store: String) -> Self {
         let client = connect_kube().await;
         install_crd(&client).await;
         let namespace = create_namespace(&client, prefix).await;
@@ -67,6 +73,9 @@ impl Harness {
 
         let keyspace = new_keyspace(prefix).await;
         let mut spec = spec(redis, &keyspace, GATEWAYS);
+        if let Some(external) = spec.scylla.external.as_mut() {
+            external.contact_points = vec![store];
+        }
         spec.gateway.max_connections_per_pod = CAPACITY as i64;
         spec.gateway.discovery.interval_seconds = INTERVAL.as_secs() as i32;
 
