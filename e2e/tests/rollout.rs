@@ -20,7 +20,7 @@
 //! Drains of 1,000 clients within their window need the machine to
 //! themselves: `e2e/test.sh` runs this suite alone.
 //! kubechat-test: exclusive
-//! kubechat-test: threads 5
+//! kubechat-test: threads 6
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -950,18 +950,29 @@ fn during(samples: &[(Duration, usize, u64)], from: Duration, to: Duration) -> (
     (fewest, window.map(|(.., most)| *most).max().unwrap_or(0))
 }
 
-/// With `gateway.rollout.maxSurge: 1` (the default) a fourth gateway at the
-/// new revision comes up before the first old one is drained, and is
-/// drained and removed after the last one: the cluster never serves with
-/// fewer gateways than before, no gateway holds more than its capacity, no
-/// acknowledged message is lost. The same rollout without a surge, timed
-/// beside it, has one gateway fewer while each is replaced.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_surge_gateway_keeps_every_gateway_serving_through_a_rollout() {
-    const SURGE_CLIENTS: usize = 240;
-    const SURGE_CAPACITY: u64 = 150;
-    let h = Harness::start_with_spec("rollout-surge", &[], |spec| {
+/// What a rollout under load showed: the fewest gateways listed ready and
+/// the most clients on one while it ran, how long it took, the acked
+/// messages and those lost, and the `ScaledDown` Events.
+struct LoadedRollout {
+    took: Duration,
+    fewest_ready: usize,
+    most_on_one: u64,
+    acked: usize,
+    lost: usize,
+    failed_connects: usize,
+    scaled_down: Vec<String>,
+}
+
+const SURGE_CLIENTS: usize = 240;
+/// 240 clients fit on two of three gateways (a drain's), not on one.
+const SURGE_CAPACITY: u64 = 150;
+
+/// 240 clients on three gateways of capacity 150 with `gateway.rollout.maxSurge`
+/// at `max_surge`, through one image change, until three gateways are left.
+async fn loaded_rollout(prefix: &str, max_surge: i32) -> LoadedRollout {
+    let h = Harness::start_with_spec(prefix, &[], |spec| {
         spec.gateway.max_connections_per_pod = SURGE_CAPACITY as i64;
+        spec.gateway.rollout.max_surge = max_surge;
     })
     .await;
     let world = Arc::new(World {
@@ -986,67 +997,98 @@ async fn a_surge_gateway_keeps_every_gateway_serving_through_a_rollout() {
     assert!(connected.is_some(), "not all {SURGE_CLIENTS} clients connected");
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // With the surge: over when every pod runs the image and the surge
-    // gateway is gone again.
-    let three_left = || async {
+    let from = world.started.elapsed();
+    h.set_image("ghcr.io/kubechat/kubechat:0.2.0").await;
+    if max_surge > 0 {
+        let surged = wait_for(Duration::from_secs(60), || async {
+            h.gateway_pods().await.iter().any(|p| p.name_any() == gateway(GATEWAYS)).then_some(())
+        })
+        .await;
+        assert!(
+            surged.is_some(),
+            "no surge gateway {} was added; status {:?}",
+            gateway(GATEWAYS),
+            h.cluster().await.status
+        );
+    }
+    h.wait_rollout_finished("ghcr.io/kubechat/kubechat:0.2.0", Duration::from_secs(180)).await;
+    wait_for(Duration::from_secs(60), || async {
         let pods = h.gateway_pods().await;
         (pods.len() == GATEWAYS && world.urls.lock().expect("lock").len() == GATEWAYS).then_some(())
-    };
-    let surge_from = world.started.elapsed();
-    h.set_image("ghcr.io/kubechat/kubechat:0.2.0").await;
-    let surged = wait_for(Duration::from_secs(60), || async {
-        h.gateway_pods().await.iter().any(|p| p.name_any() == gateway(GATEWAYS)).then_some(())
     })
-    .await;
-    assert!(
-        surged.is_some(),
-        "no surge gateway {} was added; status {:?}",
-        gateway(GATEWAYS),
-        h.cluster().await.status
-    );
-    h.wait_rollout_finished("ghcr.io/kubechat/kubechat:0.2.0", Duration::from_secs(180)).await;
-    wait_for(Duration::from_secs(60), three_left).await.expect("the surge gateway removed after the rollout");
-    let surge_to = world.started.elapsed();
-
-    // Without: the old way, timed the same way.
-    let patch = json!({"spec": {"gateway": {"image": "ghcr.io/kubechat/kubechat:0.3.0", "rollout": {"maxSurge": 0}}}});
-    h.clusters().patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
-    h.wait_rollout_finished("ghcr.io/kubechat/kubechat:0.3.0", Duration::from_secs(180)).await;
-    wait_for(Duration::from_secs(30), three_left).await.expect("three gateways after the rollout without surge");
-    let plain_to = world.started.elapsed();
+    .await
+    .expect("three gateways listed after the rollout");
+    let to = world.started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
     for d in devices {
         let _ = d.await;
     }
     let samples = sampler.await.expect("sampler");
-    let events = h.events_with_reason("ScaledDown").await;
-
-    let (fewest_with, most_with) = during(&samples, surge_from, surge_to);
-    let (fewest_without, most_without) = during(&samples, surge_to, plain_to);
+    let scaled_down = h.events_with_reason("ScaledDown").await;
+    let (fewest_ready, most_on_one) = during(&samples, from, to);
     let seen = std::mem::take(&mut *world.seen.lock().expect("lock"));
     let url = world.pick(0).expect("a gateway");
     let (lost, _) = audit(&seen, &url, &h.tokens).await;
-    println!(
-        "surge rollout of {GATEWAYS} gateways with {SURGE_CLIENTS} clients (capacity {SURGE_CAPACITY}): \
-         {:.1?} until the surge gateway was removed, fewest listed ready {fewest_with}, most on one gateway \
-         {most_with}; without surge {:.1?}, fewest listed ready {fewest_without}, most on one {most_without}; \
-         acked {}, lost {}; failed connect attempts {}; ScaledDown {events:?}",
-        surge_to - surge_from,
-        plain_to - surge_to,
-        seen.acked.len(),
-        lost.len(),
-        seen.failed_connects,
-    );
-    assert!(fewest_with >= GATEWAYS, "with a surge, only {fewest_with} gateways were listed ready at one point");
-    assert!(most_with <= SURGE_CAPACITY && most_without <= SURGE_CAPACITY, "a gateway passed its capacity");
-    assert!(lost.is_empty(), "acked messages lost: {lost:?}");
-    assert!(seen.acked.len() > SENDERS * 10, "too little traffic to tell: {} acked", seen.acked.len());
-    assert!(
-        events.iter().any(|n| n.contains(&format!("removed {}", gateway(GATEWAYS)))),
-        "the surge gateway was not drained and removed: {events:?}"
-    );
     h.stop().await;
+    let rollout = LoadedRollout {
+        took: to - from,
+        fewest_ready,
+        most_on_one,
+        acked: seen.acked.len(),
+        lost: lost.len(),
+        failed_connects: seen.failed_connects,
+        scaled_down,
+    };
+    println!(
+        "rollout of {GATEWAYS} gateways with maxSurge {max_surge} and {SURGE_CLIENTS} clients (capacity \
+         {SURGE_CAPACITY}): {:.1?}, fewest listed ready {}, most on one gateway {}; acked {}, lost {}; failed \
+         connect attempts {}; ScaledDown {:?}",
+        rollout.took,
+        rollout.fewest_ready,
+        rollout.most_on_one,
+        rollout.acked,
+        rollout.lost,
+        rollout.failed_connects,
+        rollout.scaled_down,
+    );
+    assert!(rollout.most_on_one <= SURGE_CAPACITY, "a gateway passed its capacity");
+    assert_eq!(rollout.lost, 0, "acked messages lost: {lost:?}");
+    assert!(rollout.acked > SENDERS * 10, "too little traffic to tell: {} acked", rollout.acked);
+    rollout
+}
+
+/// With `gateway.rollout.maxSurge: 1` (the default) a fourth gateway at the
+/// new revision comes up before the first old one is drained, and is
+/// drained and removed after the last one: the cluster never serves with
+/// fewer gateways than before, no gateway holds more than its capacity, no
+/// acknowledged message is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surge_gateway_keeps_every_gateway_serving_through_a_rollout() {
+    let rollout = loaded_rollout("rollout-surge", 1).await;
+    assert!(
+        rollout.fewest_ready >= GATEWAYS,
+        "with a surge, only {} gateways were listed ready at one point",
+        rollout.fewest_ready
+    );
+    assert!(
+        rollout.scaled_down.iter().any(|n| n.contains(&format!("removed {}", gateway(GATEWAYS)))),
+        "the surge gateway was not drained and removed: {:?}",
+        rollout.scaled_down
+    );
+}
+
+/// The same rollout without a surge (`maxSurge: 0`), beside it: one gateway
+/// fewer while each is replaced, never two, and the clients of the one
+/// drained fit on the others within their capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_without_a_surge_serves_on_one_gateway_fewer_within_capacity() {
+    let rollout = loaded_rollout("rollout-nosurge", 0).await;
+    assert!(
+        rollout.fewest_ready >= GATEWAYS - 1,
+        "without a surge, only {} gateways were listed ready at one point",
+        rollout.fewest_ready
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
