@@ -9,8 +9,8 @@
 #      use, or measure pacing that other suites' load would distort). Nothing
 #      runs beside them: the idle-period suites (discovery, quantities: 6-14 %
 #      of the machine) did once, and a 1,000-client rollout drained too
-#      slowly beside discovery's churn; both also use the Cassandra that two
-#      exclusive suites stop;
+#      slowly beside discovery's churn; both also use the Cassandra that an
+#      exclusive suite stops (store_recovery);
 #   2. the suites that share the components: KUBECHAT_TEST_JOBS at once
 #      (default 3), longest first by the previous run's times. On two cores,
 #      2 at once halved this phase (533 s -> 297 s); 3 once stretched timed
@@ -26,7 +26,8 @@
 # A suite's `//! kubechat-test: threads N` runs N of its tests at once
 # (libtest's default is one per core): the exclusive suites' tests wait on
 # timers, leases and drains far more than they use a core (the rollout
-# suite: 139 s at 2, 62 s at 5, with release gateways).
+# suite: 139 s at 2, 62 s at 5, with release gateways; 47-50 s at 6 with
+# its surge test split in two).
 #
 # Each binary runs from its package's directory, as `cargo test` runs it; its
 # output is printed whole when it ends. Arguments go to every test binary
