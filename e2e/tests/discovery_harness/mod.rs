@@ -73,9 +73,7 @@ impl Harness {
 
         let keyspace = new_keyspace(prefix).await;
         let mut spec = spec(redis, &keyspace, GATEWAYS);
-        if let Some(external) = spec.scylla.external.as_mut() {
-            external.contact_points = vec![store];
-        }
+        spec.scylla.external.as_mut().expect("spec() names an external store").contact_points = vec![store];
         spec.gateway.max_connections_per_pod = CAPACITY as i64;
         spec.gateway.discovery.interval_seconds = INTERVAL.as_secs() as i32;
 
