@@ -65,9 +65,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// Bytes allocated for each of the two log files when they are created.
-/// Half of one is the most a restart replays (about 150,000 one-to-one
-/// messages, a few seconds).
+/// Bytes allocated for each of the store's two log files when they are
+/// created. Half of one is the most a restart replays (about 150,000
+/// one-to-one messages, a few seconds). [`recover`] takes the size, so this
+/// module's tests run on small files (an open scans both files whole).
 pub const FILE_BYTES: u64 = 128 * 1024 * 1024;
 
 /// The log format this version writes (and the newest it reads).
@@ -102,11 +103,11 @@ pub enum LogError {
         source: io::Error,
     },
     #[error(
-        "{} is {len} bytes, but log files are created with {FILE_BYTES}: it was truncated, and acknowledged \
+        "{} is {len} bytes, but log files are created with {expected}: it was truncated, and acknowledged \
          writes past the cut may be lost; {WAYS_OUT}",
         path.display()
     )]
-    Truncated { path: PathBuf, len: u64 },
+    Truncated { path: PathBuf, len: u64, expected: u64 },
     #[error(
         "{} has log format {found}, newer than this version reads ({FORMAT}): run the version that wrote it",
         path.display()
@@ -359,7 +360,7 @@ struct Found {
 }
 
 /// Reads a log file (`None` if missing) and checks it on its own.
-fn read_file(path: &Path, applied: u64, store: u64) -> Result<Option<Found>, LogError> {
+fn read_file(path: &Path, file_bytes: u64, applied: u64, store: u64) -> Result<Option<Found>, LogError> {
     let file = match File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -367,8 +368,8 @@ fn read_file(path: &Path, applied: u64, store: u64) -> Result<Option<Found>, Log
     };
     let reading = |source| LogError::Io { context: "reading", path: path.to_path_buf(), source };
     let mut window = Window::open(file).map_err(reading)?;
-    if window.len < FILE_BYTES {
-        return Err(LogError::Truncated { path: path.to_path_buf(), len: window.len });
+    if window.len < file_bytes {
+        return Err(LogError::Truncated { path: path.to_path_buf(), len: window.len, expected: file_bytes });
     }
     let start = window.get(0, HEADER_FIELDS).map_err(reading)?.map(<[u8]>::to_vec).unwrap_or_default();
     let (header, records, stop, step) = if start.starts_with(MAGIC) {
@@ -411,6 +412,7 @@ fn check_end(
 /// The log as found when the store opens, checked against the database.
 pub struct Recovery {
     base: PathBuf,
+    file_bytes: u64,
     found: [Option<Found>; 2],
     /// A format 0 log, removed once its records are checkpointed.
     single: Option<PathBuf>,
@@ -420,13 +422,14 @@ pub struct Recovery {
     pub pending: Vec<Record>,
 }
 
-/// Reads the log at `base` (`base.0`, `base.1`, or a format 0 `base`) for
-/// a database whose last checkpoint includes record `applied`, whose store
-/// id is `store` and whose last run was `last_run` (0: none recorded).
+/// Reads the log at `base` (`base.0`, `base.1`, or a format 0 `base`),
+/// whose files are created with `file_bytes` (the store's: [`FILE_BYTES`]),
+/// for a database whose last checkpoint includes record `applied`, whose
+/// store id is `store` and whose last run was `last_run` (0: none recorded).
 /// Fails unless the log continues that database exactly (module docs).
-pub fn recover(base: &Path, applied: u64, store: u64, last_run: u64) -> Result<Recovery, LogError> {
+pub fn recover(base: &Path, file_bytes: u64, applied: u64, store: u64, last_run: u64) -> Result<Recovery, LogError> {
     let [first, second] = paths(base);
-    let mut found = [read_file(&first, applied, store)?, read_file(&second, applied, store)?];
+    let mut found = [read_file(&first, file_bytes, applied, store)?, read_file(&second, file_bytes, applied, store)?];
     let single = match std::fs::metadata(base) {
         Ok(_) if found.iter().any(Option::is_some) => {
             return Err(LogError::EarlierLogBeside { path: base.to_path_buf() });
@@ -488,6 +491,7 @@ pub fn recover(base: &Path, applied: u64, store: u64, last_run: u64) -> Result<R
     }
     Ok(Recovery {
         base: base.to_path_buf(),
+        file_bytes,
         found,
         single,
         last_run,
@@ -524,7 +528,7 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 
 /// Creates a log file with its space allocated and a header saying it
 /// holds nothing yet; it appears under `path` only once complete.
-fn create(path: &Path, header: Header) -> Result<File, LogError> {
+fn create(path: &Path, header: Header, file_bytes: u64) -> Result<File, LogError> {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".new");
     let temporary = PathBuf::from(temporary);
@@ -536,7 +540,7 @@ fn create(path: &Path, header: Header) -> Result<File, LogError> {
             .truncate(true)
             .open(&temporary)
             .map_err(io_error("creating", &temporary))?;
-        preallocate(&file, FILE_BYTES).map_err(io_error("allocating the space of", &temporary))?;
+        preallocate(&file, file_bytes).map_err(io_error("allocating the space of", &temporary))?;
         header.write(&mut file, &temporary)?;
         file.sync_all().map_err(io_error("syncing", &temporary))?;
         std::fs::rename(&temporary, path).map_err(io_error("renaming into place", &temporary))?;
@@ -568,7 +572,7 @@ impl Recovery {
             let (file, newest_in_file, file_run) = match found {
                 None => {
                     changed_dir = true;
-                    (create(&path, empty)?, 0, run)
+                    (create(&path, empty, self.file_bytes)?, 0, run)
                 }
                 Some(found) => {
                     let mut file =
@@ -577,7 +581,7 @@ impl Recovery {
                         Some(header) => header.run,
                         None => {
                             // Format 1: its records are all checkpointed now.
-                            preallocate(&file, FILE_BYTES).map_err(io_error("allocating the space of", &path))?;
+                            preallocate(&file, self.file_bytes).map_err(io_error("allocating the space of", &path))?;
                             empty.write(&mut file, &path)?;
                             run
                         }
@@ -603,7 +607,8 @@ impl Recovery {
             (false, true) => 0,
             _ => usize::from(second.last_seq < first.last_seq),
         };
-        let mut wal = Wal { files: [first, second], active, next_seq: newest + 1, store, run };
+        let mut wal =
+            Wal { files: [first, second], file_bytes: self.file_bytes, active, next_seq: newest + 1, store, run };
         wal.start_over(active)?;
         Ok(wal)
     }
@@ -624,6 +629,8 @@ struct LogFile {
 /// The log, appending.
 pub struct Wal {
     files: [LogFile; 2],
+    /// Each file's allocated size; past half of it, a checkpoint is wanted.
+    file_bytes: u64,
     active: usize,
     next_seq: u64,
     store: u64,
@@ -660,7 +667,7 @@ impl Wal {
     /// Whether the active file is past half full: a checkpoint is wanted so
     /// that the other file can take over.
     pub fn wants_checkpoint(&self) -> bool {
-        self.files[self.active].offset >= FILE_BYTES / 2
+        self.files[self.active].offset >= self.file_bytes / 2
     }
 
     /// Records up to `durable` are in a checkpoint. Switches to the other
@@ -699,6 +706,8 @@ mod tests {
     use super::*;
 
     const STORE: u64 = 7;
+    /// Small files: an open reads both whole (128 MiB each in the store).
+    const FILE_BYTES: u64 = 8 * 1024 * 1024;
 
     /// Opens the log as the store does for a database whose checkpoint
     /// includes `applied` and whose last run is `last_run`: the records to
@@ -706,7 +715,7 @@ mod tests {
     type Pending = Vec<(u64, Vec<u8>)>;
 
     fn open(base: &Path, applied: u64, last_run: u64) -> Result<(Wal, Pending), LogError> {
-        let recovery = recover(base, applied, STORE, last_run)?;
+        let recovery = recover(base, FILE_BYTES, applied, STORE, last_run)?;
         let pending: Pending = recovery.pending.iter().map(|r| (r.seq, r.payload.clone())).collect();
         let newest = pending.last().map_or(applied, |(seq, _)| *seq);
         Ok((recovery.start(newest, STORE, last_run + 1)?, pending))
@@ -901,14 +910,14 @@ mod tests {
         wal.append(b"two").expect("append");
         drop(wal);
 
-        match recover(&base, 1, STORE + 1, 2) {
+        match recover(&base, FILE_BYTES, 1, STORE + 1, 2) {
             Err(LogError::OtherStore { found: STORE, .. }) => {}
             other => panic!("{:?}", other.err()),
         }
         for (path, bytes) in paths(&base).iter().zip(&older) {
             std::fs::write(path, bytes).expect("replace by the older copy");
         }
-        match recover(&base, 1, STORE, 2) {
+        match recover(&base, FILE_BYTES, 1, STORE, 2) {
             Err(LogError::Replaced { expected: 2, found }) => assert_eq!(found, vec![1, 1]),
             other => panic!("{:?}", other.err()),
         }
@@ -925,15 +934,18 @@ mod tests {
         let mut newer = original.clone();
         newer[8..12].copy_from_slice(&(FORMAT + 1).to_le_bytes());
         std::fs::write(&path, &newer).expect("write");
-        assert!(matches!(recover(&base, 0, STORE, 1), Err(LogError::NewerFormat { found: 3, .. })));
+        assert!(matches!(recover(&base, FILE_BYTES, 0, STORE, 1), Err(LogError::NewerFormat { found: 3, .. })));
 
         let mut damaged = original.clone();
         damaged[30] ^= 1;
         std::fs::write(&path, &damaged).expect("write");
-        assert!(matches!(recover(&base, 0, STORE, 1), Err(LogError::DamagedHeader { .. })));
+        assert!(matches!(recover(&base, FILE_BYTES, 0, STORE, 1), Err(LogError::DamagedHeader { .. })));
 
         std::fs::write(&path, &original[..1000]).expect("write");
-        assert!(matches!(recover(&base, 0, STORE, 1), Err(LogError::Truncated { len: 1000, .. })));
+        assert!(matches!(
+            recover(&base, FILE_BYTES, 0, STORE, 1),
+            Err(LogError::Truncated { len: 1000, expected: FILE_BYTES, .. })
+        ));
     }
 
     #[test]
@@ -945,7 +957,7 @@ mod tests {
         wal.append(b"one").expect("append");
         drop(wal);
         std::fs::remove_file(&other).expect("remove the empty one");
-        match recover(&base, 0, STORE, 1) {
+        match recover(&base, FILE_BYTES, 0, STORE, 1) {
             Err(LogError::Missing { path, other }) => {
                 assert_eq!((path, other), (paths(&base)[1].clone(), holding.clone()))
             }
@@ -970,7 +982,7 @@ mod tests {
         for path in [&first, &second] {
             OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(FILE_BYTES)).expect("length");
         }
-        let recovery = recover(&base, 1, STORE, 0).expect("read format 1");
+        let recovery = recover(&base, FILE_BYTES, 1, STORE, 0).expect("read format 1");
         assert_eq!(recovery.pending.iter().map(|r| (r.seq, r.format)).collect::<Vec<_>>(), vec![(2, 1), (3, 1)]);
         let mut wal = recovery.start(3, STORE, 1).expect("converted");
         assert_eq!(wal.append(b"four").expect("append"), 4);
@@ -990,7 +1002,7 @@ mod tests {
         let mut bytes = unpadded(1, b"one");
         bytes.extend(unpadded(2, b"two"));
         std::fs::write(&base, &bytes).expect("write format 0");
-        let recovery = recover(&base, 0, STORE, 0).expect("read format 0");
+        let recovery = recover(&base, FILE_BYTES, 0, STORE, 0).expect("read format 0");
         assert_eq!(recovery.pending.iter().map(|r| (r.seq, r.format)).collect::<Vec<_>>(), vec![(1, 0), (2, 0)]);
         let mut wal = recovery.start(2, STORE, 1).expect("start");
         assert!(!base.exists(), "removed once replayed");
@@ -998,6 +1010,6 @@ mod tests {
         drop(wal);
 
         std::fs::write(&base, &bytes).expect("write format 0 again");
-        assert!(matches!(recover(&base, 2, STORE, 1), Err(LogError::EarlierLogBeside { .. })));
+        assert!(matches!(recover(&base, FILE_BYTES, 2, STORE, 1), Err(LogError::EarlierLogBeside { .. })));
     }
 }

@@ -187,7 +187,7 @@ mod tests {
     fn logger(dir: &Path) -> (Arc<Database>, Logger, std_mpsc::Receiver<Logged>) {
         let db = Arc::new(Database::create(dir.join("db")).expect("db"));
         super::super::super::upgrade::create_tables(&db).expect("tables");
-        let wal = wal::recover(&dir.join("log"), 0, 1, 0).and_then(|r| r.start(0, 1, 1)).expect("log");
+        let wal = wal::recover(&dir.join("log"), wal::FILE_BYTES, 0, 1, 0).and_then(|r| r.start(0, 1, 1)).expect("log");
         let (to_applier, applier_queue) = std_mpsc::sync_channel(APPLY_QUEUE);
         let progress = Arc::new(Progress::new(0));
         let logger = Logger { db: Arc::clone(&db), wal, progress, pending: Pending::default(), to_applier };

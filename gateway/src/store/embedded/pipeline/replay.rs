@@ -40,7 +40,7 @@ pub fn replay(db: &Database, log: &Path) -> StoreResult<Replayed> {
             store
         }
     };
-    let recovery = wal::recover(log, applied, store, last_run).map_err(log_error)?;
+    let recovery = wal::recover(log, wal::FILE_BYTES, applied, store, last_run).map_err(log_error)?;
     let mut users = UserNumbers::new(1_000_000);
     let mut last = applied;
     let replayed = recovery.pending.len();
